@@ -1,0 +1,70 @@
+"""Checkpoints that survive kills and never execute pickled code.
+
+Writes go to a temp file in the same directory, fsync, then os.replace: a kill at any moment leaves
+either the old or the new file, never a truncated one. Loading uses weights_only=True.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import PixelsegError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise PixelsegError(f"{path}: no best.pt or last.pt in this run directory; pass a checkpoint file")
+    if not path.is_file():
+        raise PixelsegError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or contains non-tensor pickles
+        raise PixelsegError(f"{path}: not a readable pixelseg checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise PixelsegError(f"{path}: not a pixelseg checkpoint (missing 'model'/'model_config'); "
+                            "to start from plain encoder weights use --weights PATH")
+    ckpt["path"] = str(path)
+    return ckpt

@@ -1,0 +1,175 @@
+"""`pixelseg` command line: train, evaluate, predict, models.
+
+User-fixable problems (PixelsegError) print one line and exit 2; anything else is a bug and keeps
+its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import PixelsegError
+
+TRAIN_HELP = {
+    "dataset": "dataset name: oxford-pet, synthetic",
+    "data_root": "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/); omitted: download into "
+                 "$PIXELSEG_DATA or ~/.cache/pixelseg",
+    "train_split": "training split (default: the dataset's, trainval for pets)",
+    "val_split": "validation split, evaluated in full every epoch (default: test for pets)",
+    "model": "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3 (see `pixelseg models`)",
+    "backbone": "encoder, e.g. mobilenet_v2, resnet50, vgg16 (default: the architecture's own)",
+    "weights": "encoder weights: imagenet, none, or a path to a state-dict file",
+    "freeze_encoder": "auto (freeze iff pretrained weights are loaded, as the tutorial does), yes, no",
+    "epochs": "number of epochs",
+    "batch_size": "global batch size (all processes and accumulation steps together)",
+    "accumulate": "gradient accumulation steps per optimiser step",
+    "image_size": "training resolution (square)",
+    "lr": "peak learning rate",
+    "optimizer": "adam, adamw or sgd (momentum)",
+    "weight_decay": "weight decay (never applied to norm layers and biases)",
+    "momentum": "SGD momentum",
+    "schedule": "learning-rate schedule: constant, poly, cosine",
+    "warmup_epochs": "linear warm-up length in epochs (may be fractional)",
+    "loss": "ce, dice, focal, or a weighted sum like ce+dice or ce:1+dice:0.5",
+    "class_weighting": "cross-entropy class weights: none, uniform, inverse, median (SegNet's median frequency)",
+    "hflip": "random horizontal flip of image and mask together (the tutorial's augmentation)",
+    "seed": "random seed; with --deterministic a CPU run repeats exactly",
+    "deterministic": "use deterministic algorithms (slower on GPU)",
+    "limit": "use only the first N images of each split (quick tries)",
+    "device": "auto, cpu, cuda, cuda:N",
+    "precision": "auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16, fp16, fp32",
+    "channels_last": "NHWC memory layout (faster convolutions on CPU and tensor cores)",
+    "compile": "torch.compile the model (pays off only on long runs: the first step compiles for 30-80 s)",
+    "sync_bn": "SyncBatchNorm across processes (needs torchrun with several processes)",
+    "workers": "DataLoader worker processes",
+    "checkpoint_every": "also write last.pt every N optimiser steps (0: only at the end of each epoch)",
+    "figure_samples": "validation images in the per-epoch prediction figure",
+    "run_dir": "output directory (default runs/<model>-<backbone>-<dataset>-<time>)",
+    "resume": "continue the run in this directory from its last.pt",
+    "cache": "cache decoded, resized arrays on disk ($PIXELSEG_CACHE or ~/.cache/pixelseg/cache)",
+}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .train import DEFAULTS
+    p.add_argument("--config", type=Path, help="YAML file of options (keys as the flags, - or _); flags override it")
+    for key, default in DEFAULTS.items():
+        help_ = f"{TRAIN_HELP.get(key, '')} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif isinstance(default, int) and key not in ("limit",):
+            p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
+        elif isinstance(default, float):
+            p.add_argument(_flag(key), dest=key, type=float, default=None, help=help_)
+        elif key == "limit":
+            p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
+        else:
+            p.add_argument(_flag(key), dest=key, default=None, help=help_)
+
+
+def _load_yaml_config(path: Path) -> dict:
+    import yaml
+    from .train import DEFAULTS
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise PixelsegError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise PixelsegError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PixelsegError(f"--config {path}: expected a mapping of option: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if unknown:
+        raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see `pixelseg train --help`")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="pixelseg", description="Semantic segmentation: train, evaluate, predict.")
+    parser.add_argument("--version", action="version", version=f"pixelseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model", description="Train a segmentation model. Defaults are the "
+                       "TensorFlow tutorial's recipe (U-Net/MobileNetV2, Adam 1e-3, batch 64, 20 epochs, 128×128).")
+    _add_train_args(p)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a split",
+                       description="Score a checkpoint over a whole split; prints metrics, writes eval_<split>.json "
+                                   "and confusion_<split>.png next to the checkpoint (or in --out).")
+    p.add_argument("checkpoint", help="run directory (uses best.pt) or checkpoint file")
+    p.add_argument("--data-root", help="dataset directory (default: the one recorded in the run)")
+    p.add_argument("--dataset", help="dataset name (default: the one recorded in the run)")
+    p.add_argument("--split", help="split to score (default: the run's validation split)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default: 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    p.add_argument("--out", help="directory for the metrics JSON and confusion-matrix figure")
+
+    p = sub.add_parser("predict", help="segment image files",
+                       description="Write, for each image, its class mask at the original resolution (palette "
+                                   "PNG, values = class ids) and a colour overlay.")
+    p.add_argument("checkpoint", help="run directory (uses best.pt) or checkpoint file")
+    p.add_argument("images", nargs="+", help="image files or directories of images")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mc-samples", type=int, default=0,
+                   help="Monte-Carlo dropout samples (Bayesian SegNet): also writes <name>_entropy.png and "
+                        "<name>_variance.png uncertainty heatmaps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+
+    sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except PixelsegError as exc:
+        print(f"pixelseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "train":
+        from .train import DEFAULTS, train
+        overrides = _load_yaml_config(args.config) if args.config else {}
+        overrides.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
+        summary = train(overrides)
+        print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
+        return 0
+    if args.command == "evaluate":
+        from .inference import evaluate, format_scores
+        result = evaluate(args.checkpoint, data_root=args.data_root, split=args.split, dataset=args.dataset,
+                          limit=args.limit, device=args.device, precision=args.precision, out_dir=args.out,
+                          batch_size=args.batch_size)
+        print(format_scores(result))
+        print(f"wrote {result['out_dir']}/eval_{result['split']}.json and confusion_{result['split']}.png")
+        return 0
+    if args.command == "predict":
+        from .inference import predict
+        results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
+                          mc_samples=args.mc_samples)
+        print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out}")
+        return 0
+    if args.command == "models":
+        from .models import describe_models
+        rows = describe_models()
+        print(f"{'arch':<18}{'backbone':<14}{'params':>12}")
+        for r in rows:
+            print(f"{r['arch']:<18}{r['backbone']:<14}{r['params'] / 1e6:>11.2f}M")
+        return 0
+    raise AssertionError(args.command)

@@ -1,0 +1,57 @@
+"""Segmentation metrics from one confusion matrix accumulated over a whole split.
+
+Averaging per-batch IoUs is biased (small batches, absent classes); summing the confusion matrix
+first and computing the scores once is what the papers (FCN, SegNet, DeepLab) report.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ConfusionMatrix:
+    """Rows are true classes, columns predicted classes; pixels labelled `ignore_index` are skipped."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255, device="cpu"):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred = pred.reshape(-1).to(self.mat.device)
+        target = target.reshape(-1).to(self.mat.device).long()
+        keep = (target >= 0) & (target < self.num_classes)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        idx = target[keep] * self.num_classes + pred[keep].long()
+        self.mat += torch.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+
+    def reset(self) -> None:
+        self.mat.zero_()
+
+    def compute(self) -> dict:
+        return scores_from_confusion(self.mat)
+
+
+def scores_from_confusion(mat: torch.Tensor) -> dict:
+    """Pixel accuracy, mean class accuracy, per-class IoU/Dice, mIoU; classes absent from both the
+    target and the prediction get NaN and are left out of the means."""
+    m = mat.double().cpu()
+    tp = m.diag()
+    gt = m.sum(1)
+    pred = m.sum(0)
+    total = m.sum()
+    union = gt + pred - tp
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    dice = torch.where(gt + pred > 0, 2 * tp / (gt + pred).clamp(min=1), nan)
+    class_acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+    return {
+        "pixel_acc": float(tp.sum() / total) if total > 0 else float("nan"),
+        "mean_class_acc": float(class_acc.nanmean()),
+        "miou": float(iou.nanmean()),
+        "mean_dice": float(dice.nanmean()),
+        "iou": iou.tolist(),
+        "dice": dice.tolist(),
+        "class_acc": class_acc.tolist(),
+    }

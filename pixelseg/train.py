@@ -1,0 +1,436 @@
+"""The training loop, top to bottom in one file (torchvision references style).
+
+Defaults are the TensorFlow tutorial's recipe (Adam 1e-3, cross-entropy on logits, batch 64,
+20 epochs, 128×128, random horizontal flip) on the fast path (channels_last, bf16 autocast where
+the hardware has it). Runs under torchrun unchanged; only rank 0 writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from .data import collate_batch, default_split, load_split
+from .distributed import DistInfo, ShardSampler, all_reduce_sum, barrier, check_batch, cleanup, init_distributed
+from .errors import PixelsegError
+from .losses import build_loss, class_weights
+from .metrics import ConfusionMatrix
+from .models import create_model
+from .optim import build_optimizer, build_scheduler
+from .runtime import autocast, resolve_precision, seed_everything, select_device, to_model_input
+from . import viz
+
+# Single source of truth for training options; the CLI builds its flags from this dict.
+DEFAULTS = {
+    "dataset": "oxford-pet",
+    "data_root": None,
+    "train_split": None,          # dataset default (pets: trainval)
+    "val_split": None,            # dataset default (pets: test)
+    "model": "unet",
+    "backbone": None,             # architecture default
+    "weights": "imagenet",
+    "freeze_encoder": "auto",     # auto: freeze iff pretrained weights were loaded (the tutorial freezes)
+    "epochs": 20,
+    "batch_size": 64,             # global batch, across ranks and accumulation steps
+    "accumulate": 1,
+    "image_size": 128,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "momentum": 0.9,
+    "schedule": "constant",
+    "warmup_epochs": 0.0,
+    "loss": "ce",
+    "class_weighting": "none",    # none | uniform | inverse | median
+    "hflip": True,
+    "seed": 0,
+    "deterministic": False,
+    "limit": None,
+    "device": "auto",
+    "precision": "auto",          # auto: bf16 on CPUs with native bf16 and on CUDA, else fp32
+    "channels_last": True,
+    "compile": False,
+    "sync_bn": False,
+    "workers": 0,                 # in-memory decoded data needs no worker processes
+    "checkpoint_every": 0,        # also checkpoint every N optimiser steps (0: per epoch only)
+    "figure_samples": 3,
+    "run_dir": None,
+    "resume": None,
+    "cache": True,
+}
+
+
+def resolve_config(overrides: dict) -> dict:
+    cfg = dict(DEFAULTS)
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise PixelsegError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    cfg["train_split"] = cfg["train_split"] or default_split(cfg["dataset"], "train")
+    cfg["val_split"] = cfg["val_split"] or default_split(cfg["dataset"], "val")
+    if cfg["run_dir"] is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg["run_dir"] = str(Path("runs") / f"{cfg['model']}-{cfg['backbone'] or 'default'}-{cfg['dataset']}-{stamp}")
+    for key in ("data_root", "run_dir", "resume"):
+        if cfg[key] is not None:
+            cfg[key] = str(cfg[key])
+    if isinstance(cfg["weights"], str) and cfg["weights"].lower() in ("none", "null", ""):
+        cfg["weights"] = None
+    for key in ("epochs", "batch_size", "image_size"):
+        if int(cfg[key]) < 1:
+            raise PixelsegError(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 1")
+    return cfg
+
+
+class Logger:
+    def __init__(self, run_dir: Path | None):
+        self.file = open(run_dir / "train.log", "a", encoding="utf-8") if run_dir else None
+
+    def __call__(self, msg: str) -> None:
+        if self.file is None:
+            return
+        tqdm.write(msg)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    import ast
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flip_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator):
+    """The tutorial's augmentation: the same random horizontal flip for image and mask, per sample."""
+    flip = torch.rand(images.shape[0], generator=gen) < 0.5
+    if flip.any():
+        images, masks = images.clone(), masks.clone()
+        images[flip] = images[flip].flip(-1)
+        masks[flip] = masks[flip].flip(-1)
+    return images, masks
+
+
+@torch.no_grad()
+def evaluate_model(model, loader, device, amp_dtype, num_classes, ignore_index, channels_last=True,
+                   loss_fn=None, dist_info: DistInfo | None = None, progress: bool = True, desc: str = "val"):
+    """Confusion matrix (and mean loss) over the whole loader; summed across ranks before scoring."""
+    dist_info = dist_info or DistInfo()
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of per-pixel losses, pixels)
+    for images, masks in tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_info.is_main) or None):
+        x = to_model_input(images, device, channels_last)
+        y = masks.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        if loss_fn is not None:
+            valid = (y != ignore_index).sum()
+            loss_sum[0] += loss_fn(logits, y).double() * valid
+            loss_sum[1] += valid
+        cm.update(logits.argmax(1), y)
+    all_reduce_sum(cm.mat, dist_info)
+    all_reduce_sum(loss_sum, dist_info)
+    mean_loss = float(loss_sum[0] / loss_sum[1].clamp(min=1)) if loss_fn is not None else float("nan")
+    return cm, mean_loss
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=1))
+    scalar_keys = [k for k, v in history[0].items() if not isinstance(v, (list, dict))]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=scalar_keys, extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in scalar_keys})
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, step_in_epoch, global_step,
+                history, best_miou):
+    atomic_save({
+        "pixelseg_version": __version__,
+        "model": model.state_dict(),
+        "model_config": model.config,
+        "dataset": info.to_dict(),
+        "config": cfg,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,                  # completed epochs
+        "step_in_epoch": step_in_epoch,  # optimiser steps done inside `epoch` (0 at epoch end)
+        "global_step": global_step,
+        "history": history,
+        "best_miou": best_miou,
+        "rng": _rng_state(),
+    }, path)
+
+
+def train(overrides: dict) -> dict:
+    """Train from a config dict (CLI flags / YAML); returns the run summary."""
+    dist_info = init_distributed(overrides.get("device") or "auto")
+    try:
+        return _train(overrides, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _train(overrides: dict, dist_info: DistInfo) -> dict:
+    t_start = time.time()
+    ckpt = None
+    if overrides.get("resume"):
+        run_dir = Path(overrides["resume"])
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            raise PixelsegError(f"--resume {run_dir}: no last.pt there; nothing to resume")
+        ckpt = load_checkpoint(last)
+        cfg = dict(ckpt["config"])
+        for key in ("epochs", "device", "workers", "checkpoint_every"):  # safe to change on resume
+            if overrides.get(key) is not None:
+                cfg[key] = overrides[key]
+        cfg["resume"] = str(run_dir)
+    else:
+        cfg = resolve_config(overrides)
+        run_dir = Path(cfg["run_dir"])
+        if (run_dir / "last.pt").exists():
+            raise PixelsegError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
+                                "or choose another --run-dir")
+
+    main = dist_info.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "figures").mkdir(exist_ok=True)
+    barrier(dist_info)
+    log = Logger(run_dir if main else None)
+    device = select_device(cfg["device"])
+    amp_dtype = resolve_precision(cfg["precision"], device)
+    per_rank_batch = check_batch(cfg["batch_size"], dist_info.world_size, cfg["accumulate"])
+    seed_everything(cfg["seed"], cfg["deterministic"])
+
+    # ---- data -------------------------------------------------------------------------------
+    size = cfg["image_size"]
+    train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"], cfg["cache"])
+    val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], cfg["cache"])
+    info = train_ds.info
+    if getattr(train_ds, "transform", None) is None and cfg["hflip"]:
+        flip_in_loop = True
+    else:
+        flip_in_loop = False
+    train_sampler = torch.utils.data.DistributedSampler(
+        train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
+    loader_kw = dict(collate_fn=collate_batch, num_workers=cfg["workers"], pin_memory=device.type == "cuda",
+                     persistent_workers=cfg["workers"] > 0)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
+                                             sampler=ShardSampler(len(val_ds), dist_info), **loader_kw)
+
+    # ---- model ------------------------------------------------------------------------------
+    model = create_model(cfg["model"], backbone=cfg["backbone"], num_classes=info.num_classes, weights=cfg["weights"])
+    freeze = cfg["freeze_encoder"]
+    if freeze == "auto":
+        freeze = bool(model.pretrained)
+        if not model.pretrained:
+            log("encoder: random init (no pretrained weights), so it is trained, not frozen "
+                "(freezing a random encoder is pointless; pass --freeze-encoder yes to force it)")
+    elif isinstance(freeze, str):
+        freeze = freeze.lower() in ("yes", "true", "1")
+    model.set_encoder_frozen(bool(freeze))
+    cfg["backbone"] = model.backbone
+    model.to(device)
+    if cfg["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    if cfg["sync_bn"]:
+        if not dist_info.enabled:
+            raise PixelsegError("--sync-bn needs several processes (launch with torchrun --nproc_per_node=N); "
+                                "with one process plain BatchNorm is already exact")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    core = model
+    if dist_info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(model) if cfg["compile"] else model
+
+    weight = None
+    if cfg["class_weighting"] not in (None, "none"):
+        counts = np.stack([np.bincount(m.ravel(), minlength=256)[: info.num_classes] for m in train_ds.masks])
+        weight = class_weights(counts, cfg["class_weighting"]).to(device)
+        log(f"class weights ({cfg['class_weighting']}): " + ", ".join(
+            f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist())))
+    loss_fn = build_loss(cfg["loss"], info.num_classes, ignore_index=info.ignore_index, weight=weight)
+    optimizer = build_optimizer(core, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    micro_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg["accumulate"])
+    scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=cfg["epochs"] * steps_per_epoch,
+                                warmup_steps=int(cfg["warmup_epochs"] * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_epoch, skip_steps, global_step, history, best_miou = 0, 0, 0, [], -1.0
+    if ckpt is not None:
+        core.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, skip_steps = ckpt["epoch"], ckpt["step_in_epoch"]
+        global_step, history, best_miou = ckpt["global_step"], ckpt["history"], ckpt["best_miou"]
+        _set_rng_state(ckpt["rng"])
+        log(f"resumed {run_dir} at epoch {start_epoch + 1}, step {skip_steps} of {steps_per_epoch}")
+
+    if main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        n_params = sum(p.numel() for p in core.parameters())
+        n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+        log(f"pixelseg {__version__} | {cfg['model']}/{core.backbone} | {n_params / 1e6:.2f}M params "
+            f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if freeze else 'trained'}) | device {device} | "
+            f"precision {amp_dtype or torch.float32} | channels_last {cfg['channels_last']} | world {dist_info.world_size}")
+        log(f"data: {info.name} train={cfg['train_split']} ({len(train_ds)} images) val={cfg['val_split']} "
+            f"({len(val_ds)} images) at {size}×{size}; unreadable files skipped: "
+            f"{len(train_ds.skipped) + len(val_ds.skipped)}")
+        log(f"batch: global {cfg['batch_size']} = {per_rank_batch} per rank × {dist_info.world_size} ranks × "
+            f"{cfg['accumulate']} accumulation steps; {steps_per_epoch} optimiser steps per epoch")
+    fig_idx = list(range(min(cfg["figure_samples"], len(val_ds))))
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        train_sampler.set_epoch(epoch)
+        model.train()
+        t_epoch, data_time, seen = time.time(), 0.0, 0
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        train_cm = ConfusionMatrix(info.num_classes, info.ignore_index, device=device)
+        it = iter(train_loader)
+        step_in_epoch = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+                   disable=not main or None, unit="step")
+        if skip_steps:  # mid-epoch resume: the sampler order is a function of (seed, epoch), so skip ahead
+            for _ in range(min(skip_steps * cfg["accumulate"], micro_per_epoch)):
+                next(it)
+            step_in_epoch = skip_steps
+            bar.update(skip_steps)
+            skip_steps = 0
+        micro = step_in_epoch * cfg["accumulate"]
+        t_data = time.time()
+        for images, masks in it:
+            data_time += time.time() - t_data
+            if flip_in_loop:
+                gen = torch.Generator().manual_seed(hash((cfg["seed"], epoch, micro, dist_info.rank)) % 2**63)
+                images, masks = _flip_batch(images, masks, gen)
+            x = to_model_input(images, device, cfg["channels_last"])
+            y = masks.to(device, non_blocking=True)
+            last_micro = (micro + 1) % cfg["accumulate"] == 0 or micro + 1 == micro_per_epoch
+            sync_ctx = model.no_sync() if dist_info.enabled and not last_micro else contextlib.nullcontext()
+            with sync_ctx:
+                with autocast(device, amp_dtype):
+                    logits = fwd(x)
+                loss = loss_fn(logits.float(), y)
+                scaler.scale(loss / cfg["accumulate"]).backward()
+            if last_micro:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                global_step += 1
+                step_in_epoch += 1
+                bar.update(1)
+                if main and cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 \
+                        and step_in_epoch < steps_per_epoch:
+                    _checkpoint(run_dir / "last.pt", core, optimizer, scheduler, scaler, cfg, info, epoch,
+                                step_in_epoch, global_step, history, best_miou)
+            loss_sum += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64)
+            train_cm.update(logits.detach().argmax(1), y)
+            seen += x.shape[0]
+            micro += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            t_data = time.time()
+        bar.close()
+        train_time = time.time() - t_epoch
+        all_reduce_sum(train_cm.mat, dist_info)
+        loss_sum = all_reduce_sum(loss_sum.to(device), dist_info).cpu()
+        seen_t = all_reduce_sum(torch.tensor([seen], dtype=torch.float64, device=device), dist_info)
+
+        val_cm, val_loss = evaluate_model(fwd, val_loader, device, amp_dtype, info.num_classes, info.ignore_index,
+                                          cfg["channels_last"], loss_fn, dist_info)
+        scores, train_scores = val_cm.compute(), train_cm.compute()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)),
+            "val_loss": val_loss,
+            "train_miou": train_scores["miou"],
+            "val_miou": scores["miou"],
+            "val_pixel_acc": scores["pixel_acc"],
+            "val_mean_class_acc": scores["mean_class_acc"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_images_per_s": float(seen_t.item()) / train_time,
+            "data_time_frac": data_time / train_time,
+            "epoch_time_s": time.time() - t_epoch,
+            "val_iou": dict(zip(info.class_names, scores["iou"])),
+            "val_dice": dict(zip(info.class_names, scores["dice"])),
+        }
+        history.append(row)
+        if main:
+            is_best = row["val_miou"] > best_miou
+            best_miou = max(best_miou, row["val_miou"])
+            _checkpoint(run_dir / "last.pt", core, optimizer, scheduler, scaler, cfg, info, epoch + 1, 0,
+                        global_step, history, best_miou)
+            if is_best:
+                _checkpoint(run_dir / "best.pt", core, optimizer, scheduler, scaler, cfg, info, epoch + 1, 0,
+                            global_step, history, best_miou)
+            _write_history(run_dir, history)
+            viz.training_curves(history, run_dir / "curves.png")
+            _epoch_figure(core, val_ds, fig_idx, device, amp_dtype, cfg, run_dir / "figures" / f"epoch_{epoch + 1:03d}.png",
+                          f"epoch {epoch + 1}: val mIoU {row['val_miou']:.3f}")
+            log(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {row['train_loss']:.4f} | val loss {val_loss:.4f} | "
+                f"val mIoU {row['val_miou']:.4f} | pixel acc {row['val_pixel_acc']:.4f} | "
+                f"{row['train_images_per_s']:.1f} img/s | data {100 * row['data_time_frac']:.1f}% | "
+                f"{row['epoch_time_s']:.1f}s" + (" | best" if is_best else ""))
+        barrier(dist_info)
+
+    summary = {
+        "run_dir": str(run_dir),
+        "epochs": cfg["epochs"],
+        "best_val_miou": max((h["val_miou"] for h in history), default=float("nan")),
+        "final": {k: v for k, v in history[-1].items()} if history else {},
+        "skipped_files": list(train_ds.skipped) + list(val_ds.skipped),
+        "wall_time_s": time.time() - t_start,
+        "world_size": dist_info.world_size,
+    }
+    if main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        log(f"done: best val mIoU {summary['best_val_miou']:.4f}; run directory {run_dir}")
+    return summary
+
+
+@torch.no_grad()
+def _epoch_figure(model, ds, idx, device, amp_dtype, cfg, path, title):
+    if not idx:
+        return
+    model.eval()
+    images, masks = ds.__getitems__(idx)
+    with autocast(device, amp_dtype):
+        pred = model(to_model_input(images, device, cfg["channels_last"])).float().argmax(1).cpu().numpy()
+    viz.prediction_grid(images.permute(0, 2, 3, 1).numpy(), masks.numpy(), pred, ds.info.palette, path, title,
+                        ds.info.class_names)

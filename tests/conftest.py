@@ -1,0 +1,50 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PETS = SHARED_DATA / "oxford-iiit-pet-sample"
+CAMVID = SHARED_DATA / "camvid"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (full model matrix, long training)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Decode cache and data home in a per-session temp dir: tests never touch ~/.cache."""
+    old = {k: os.environ.get(k) for k in ("PIXELSEG_CACHE", "PIXELSEG_DATA")}
+    os.environ["PIXELSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["PIXELSEG_DATA"] = str(tmp_path_factory.mktemp("data_home"))
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pets_root():
+    if not (PETS / "annotations" / "trainval.txt").is_file():
+        pytest.skip(f"real Oxford-IIIT Pet sample not found at {PETS} (expected ../shared/data beside the repo)")
+    return PETS
+
+
+@pytest.fixture(scope="session")
+def camvid_root():
+    if not (CAMVID / "train.txt").is_file():
+        pytest.skip(f"CamVid not found at {CAMVID} (expected ../shared/data beside the repo)")
+    return CAMVID
