@@ -227,6 +227,8 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "figures").mkdir(exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # left by a run killed in the middle of a write
+            stale.unlink(missing_ok=True)
     barrier(dist_info)
     log = Logger(run_dir if main else None)
     device = select_device(cfg["device"])

@@ -47,7 +47,7 @@ def read_image(path: Path | str, size: tuple[int, int] | None = None) -> np.ndar
         img = img.convert("RGB")
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.BILINEAR, reducing_gap=None)
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # writable copy: torch.from_numpy warns on read-only arrays
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"{path}: image data is corrupt ({exc})") from exc
 
