@@ -1,0 +1,111 @@
+"""Optimisers and learning-rate schedules.
+
+`build_optimizer` splits the trainable parameters into two groups: weights of convs/linears get weight
+decay; biases and normalisation parameters (every tensor with ndim <= 1) do not, because decaying a
+BatchNorm scale or a bias only fights the normalisation and does not regularise (the convention of timm's
+`param_groups_weight_decay` and the DeepLab/ResNet training recipes). Frozen parameters
+(``requires_grad=False``, e.g. a frozen encoder) are left out.
+
+`build_scheduler` returns a `LambdaLR` stepped once per optimiser step, so its state_dict (``last_epoch``)
+checkpoints and resumes with the optimiser's. Schedules: ``constant``, ``poly`` (DeepLab:
+``(1 − t/T)^power``) and ``cosine``, each with an optional linear warm-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from pixelseg.errors import PixelsegError
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("constant", "poly", "cosine")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters as ``[{decay group}, {no-decay group}]``, empty groups dropped."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0,
+                    momentum: float = 0.9) -> Optimizer:
+    """``adam`` (L2-coupled decay), ``adamw`` (decoupled decay) or ``sgd`` (momentum, no Nesterov)."""
+    name = name.lower() if isinstance(name, str) else name
+    if name not in OPTIMIZERS:
+        raise PixelsegError(f"unknown optimizer {name!r} for --optimizer; choose one of: {', '.join(OPTIMIZERS)}")
+    if not lr > 0:
+        raise PixelsegError(f"--lr must be positive, got {lr}")
+    if weight_decay < 0:
+        raise PixelsegError(f"--weight-decay must be >= 0, got {weight_decay}")
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise PixelsegError("the model has no trainable parameters; unfreeze at least part of it")
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if not 0 <= momentum < 1:
+        raise PixelsegError(f"--momentum must be in [0, 1), got {momentum}")
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+
+
+def lr_factor(step: int, *, name: str, total_steps: int, warmup_steps: int, power: float,
+              min_lr_ratio: float) -> float:
+    """Multiplier of the base lr for the optimiser step with index ``step`` (0-based).
+
+    Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first step already moves,
+    with lr/warmup_steps, and the last warm-up step reaches the full lr). After it, with
+    ``p = (step − warmup_steps) / (total_steps − warmup_steps)`` clamped to [0, 1]:
+    constant 1; poly ``m + (1 − m)(1 − p)^power``; cosine ``m + (1 − m)(1 + cos πp)/2``, m = min_lr_ratio.
+    The decay spans the steps after warm-up, so it reaches ``m`` exactly after the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    progress = min(max((step - warmup_steps) / (total_steps - warmup_steps), 0.0), 1.0)
+    if name == "poly":
+        decay = (1.0 - progress) ** power
+    else:  # cosine
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, warmup_steps: int = 0,
+                    power: float = 0.9, min_lr_ratio: float = 0.0) -> LRScheduler:
+    """A `LambdaLR` over ``total_steps`` optimiser steps (warm-up included); call ``.step()`` after each
+    ``optimizer.step()``. Beyond ``total_steps`` the lr stays at its final value."""
+    name = name.lower() if isinstance(name, str) else name
+    if name not in SCHEDULERS:
+        raise PixelsegError(f"unknown scheduler {name!r} for --scheduler; choose one of: {', '.join(SCHEDULERS)}")
+    if warmup_steps < 0:
+        raise PixelsegError(f"--warmup-steps must be >= 0, got {warmup_steps}")
+    if total_steps <= warmup_steps:
+        raise PixelsegError(
+            f"total steps ({total_steps}) must exceed --warmup-steps ({warmup_steps}); "
+            "train for more epochs or shorten the warm-up"
+        )
+    if not power > 0:
+        raise PixelsegError(f"poly power must be positive, got {power}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise PixelsegError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    # functools.partial of a module-level function (not a lambda) so the scheduler pickles; LambdaLR
+    # then stores only last_epoch/base_lrs in its state_dict, and the schedule comes from these args.
+    factor = functools.partial(lr_factor, name=name, total_steps=int(total_steps), warmup_steps=int(warmup_steps),
+                               power=float(power), min_lr_ratio=float(min_lr_ratio))
+    return LambdaLR(optimizer, lr_lambda=factor)
