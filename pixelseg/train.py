@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from .data import collate_batch, default_split, load_split
+from .data import collate_batch, dataset_options, default_split, load_split
 from .distributed import DistInfo, ShardSampler, all_reduce_sum, barrier, check_batch, cleanup, init_distributed
 from .errors import PixelsegError
 from .losses import build_loss, class_weights
@@ -39,6 +39,9 @@ from . import viz
 DEFAULTS = {
     "dataset": "oxford-pet",
     "data_root": None,
+    "images_dir": None,           # folder dataset: images sub-folder (default images)
+    "masks_dir": None,            # folder dataset: masks sub-folder (default masks)
+    "val_fraction": None,         # folder dataset without a val split: share of pairs held out (default 0.2)
     "train_split": None,          # dataset default (pets: trainval)
     "val_split": None,            # dataset default (pets: test)
     "model": "unet",
@@ -66,6 +69,7 @@ DEFAULTS = {
     "channels_last": True,
     "compile": False,
     "sync_bn": False,
+    "freeze_bn": False,           # keep every BatchNorm on its running statistics (small per-device batches)
     "workers": 0,                 # in-memory decoded data needs no worker processes
     "checkpoint_every": 0,        # also checkpoint every N optimiser steps (0: per epoch only)
     "figure_samples": 3,
@@ -238,8 +242,10 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
 
     # ---- data -------------------------------------------------------------------------------
     size = cfg["image_size"]
-    train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"], cfg["cache"])
-    val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], cfg["cache"])
+    train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"], cfg["cache"],
+                          **dataset_options(cfg))
+    val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], cfg["cache"],
+                        **dataset_options(cfg))
     info = train_ds.info
     if getattr(train_ds, "transform", None) is None and cfg["hflip"]:
         flip_in_loop = True
@@ -272,6 +278,9 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         if not dist_info.enabled:
             raise PixelsegError("--sync-bn needs several processes (launch with torchrun --nproc_per_node=N); "
                                 "with one process plain BatchNorm is already exact")
+        if device.type != "cuda":
+            raise PixelsegError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); on CPU use "
+                                "--freeze-bn or a larger per-process batch")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
     if dist_info.enabled:
@@ -321,6 +330,10 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
     for epoch in range(start_epoch, cfg["epochs"]):
         train_sampler.set_epoch(epoch)
         model.train()
+        if cfg["freeze_bn"]:
+            for m in core.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         t_epoch, data_time, seen = time.time(), 0.0, 0
         loss_sum = torch.zeros(2, dtype=torch.float64)
         train_cm = ConfusionMatrix(info.num_classes, info.ignore_index, device=device)
