@@ -61,6 +61,10 @@ DEFAULTS = {
     "loss": "ce",
     "class_weighting": "none",    # none | uniform | inverse | median
     "hflip": True,
+    "scale_range": None,          # e.g. "0.5,2.0": random rescale of image and mask (needs --crop to restore size)
+    "crop": False,                # random crop back to --image-size, padding the mask with ignore_index
+    "vflip": False,
+    "color_jitter": 0.0,          # brightness/contrast/saturation strength, image only
     "seed": 0,
     "deterministic": False,
     "limit": None,
@@ -95,10 +99,43 @@ def resolve_config(overrides: dict) -> dict:
             cfg[key] = str(cfg[key])
     if isinstance(cfg["weights"], str) and cfg["weights"].lower() in ("none", "null", ""):
         cfg["weights"] = None
-    for key in ("epochs", "batch_size", "image_size"):
+    cfg["image_size"] = parse_size(cfg["image_size"])
+    if cfg["scale_range"] is not None:
+        cfg["scale_range"] = _parse_floats(cfg["scale_range"], "--scale-range", 2)
+    for key in ("epochs", "batch_size"):
         if int(cfg[key]) < 1:
             raise PixelsegError(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 1")
     return cfg
+
+
+def parse_size(value) -> int | list[int]:
+    """128, "128", "360x480" or [360, 480] -> int (square) or [h, w]."""
+    try:
+        if isinstance(value, str):
+            parts = [int(v) for v in value.lower().replace("×", "x").split("x")]
+        elif isinstance(value, (list, tuple)):
+            parts = [int(v) for v in value]
+        else:
+            parts = [int(value)]
+    except ValueError:
+        raise PixelsegError(f"--image-size {value!r}: give N or HxW, e.g. 128 or 360x480") from None
+    if len(parts) not in (1, 2) or min(parts) < 8:
+        raise PixelsegError(f"--image-size {value!r}: give N or HxW with sides >= 8, e.g. 128 or 360x480")
+    return parts[0] if len(parts) == 1 or parts[0] == parts[1] else parts
+
+
+def _parse_floats(value, flag, n):
+    try:
+        vals = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        vals = []
+    if len(vals) != n:
+        raise PixelsegError(f"{flag} {value!r}: expected {n} comma-separated numbers, e.g. 0.5,2.0")
+    return vals
+
+
+def _size_hw(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class Logger:
@@ -247,9 +284,14 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
     val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], cfg["cache"],
                         **dataset_options(cfg))
     info = train_ds.info
-    if getattr(train_ds, "transform", None) is None and cfg["hflip"]:
-        flip_in_loop = True
-    else:
+    # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
+    # richer goes through the per-sample torchvision.transforms.v2 pipeline.
+    flip_in_loop = cfg["hflip"]
+    if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"]:
+        from .data.augment import build_train_transform
+        train_ds.transform = build_train_transform(
+            _size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
+            hflip=cfg["hflip"], vflip=cfg["vflip"], color_jitter=cfg["color_jitter"], ignore_index=info.ignore_index)
         flip_in_loop = False
     train_sampler = torch.utils.data.DistributedSampler(
         train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
@@ -321,7 +363,7 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
             f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if freeze else 'trained'}) | device {device} | "
             f"precision {amp_dtype or torch.float32} | channels_last {cfg['channels_last']} | world {dist_info.world_size}")
         log(f"data: {info.name} train={cfg['train_split']} ({len(train_ds)} images) val={cfg['val_split']} "
-            f"({len(val_ds)} images) at {size}×{size}; unreadable files skipped: "
+            f"({len(val_ds)} images) at {'×'.join(map(str, _size_hw(size)))}; unreadable files skipped: "
             f"{len(train_ds.skipped) + len(val_ds.skipped)}")
         log(f"batch: global {cfg['batch_size']} = {per_rank_batch} per rank × {dist_info.world_size} ranks × "
             f"{cfg['accumulate']} accumulation steps; {steps_per_epoch} optimiser steps per epoch")
