@@ -1,0 +1,239 @@
+"""Encoders (backbones) taken from torchvision or timm, behind one small interface.
+
+Every encoder returns its stage features shallow-to-deep and declares their ``channels`` and
+``reductions`` (stride w.r.t. the input), so any decoder can be wired to any backbone without
+knowing where the features came from. Nothing here re-implements a network: torchvision
+models are tapped with ``create_feature_extractor`` and timm models are built with
+``features_only=True``.
+
+``BACKBONES`` is a plain dict ``name -> BackboneSpec`` (timm / segmentation_models_pytorch
+style); add an entry to register a new backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from pixelseg.errors import PixelsegError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Encoder(nn.Module):
+    """A backbone that returns a list of stage features, shallowest first.
+
+    ``body`` is the library module (an FX ``GraphModule`` for torchvision, a timm
+    ``features_only`` model for timm); its parameter names are the library's own, so
+    library state dicts load into it unchanged.
+    """
+
+    def __init__(self, body: nn.Module, channels, reductions, name: str, source: str,
+                 input_padding: int = 0):
+        super().__init__()
+        self.body = body
+        self.input_padding = int(input_padding)
+        self.channels = tuple(int(c) for c in channels)
+        self.reductions = tuple(int(r) for r in reductions)
+        self.name = name
+        self.source = source
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.input_padding:
+            p = self.input_padding
+            x = F.pad(x, (p, p, p, p))
+        out = self.body(x)
+        return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and what it returns.
+
+    ``channels``/``reductions`` describe the five stages at output stride 32 (strides
+    2, 4, 8, 16, 32). ``output_strides`` lists the output strides the library can build by
+    dilating the last stages (needed by DeepLabV3). ``max_pool_stages`` is true when every
+    downsampling is a 2x2 max-pool, i.e. SegNet's pooling indices exist.
+    """
+
+    name: str
+    source: str  # "torchvision" or "timm"
+    library_name: str  # torchvision builder name or timm model name
+    channels: tuple[int, ...]
+    reductions: tuple[int, ...] = (2, 4, 8, 16, 32)
+    output_strides: tuple[int, ...] = (32,)
+    max_pool_stages: bool = False
+    return_nodes: tuple[str, ...] = ()  # torchvision FX nodes, one per stage
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    note: str = ""
+    # Zero padding added around the (normalised) input so that stage sizes are exactly
+    # H / stride: needed when the library's stem convolutions are unpadded.
+    input_padding: int = 0
+    extra_kwargs: dict = field(default_factory=dict)
+
+    # -- construction ---------------------------------------------------------------
+    def build_library_model(self, output_stride: int = 32, weights_file=None,
+                            device=None) -> nn.Module:
+        """The full torchvision classifier (random init, or ImageNet weights when a
+        verified local copy of the official file is given). Used by SegNet, which needs the
+        raw ``features`` Sequential rather than tapped stages."""
+        if self.source != "torchvision":
+            raise AssertionError("build_library_model is for torchvision backbones")
+        kwargs = dict(self.extra_kwargs)
+        if output_stride != 32:
+            # torchvision resnets dilate instead of striding (layer3, layer4).
+            kwargs["replace_stride_with_dilation"] = [False, output_stride == 8, True]
+        weights = None
+        if weights_file is not None:
+            weights = torchvision.models.get_model_weights(self.library_name).DEFAULT
+        # torchvision's own loader finds the file in the torch-hub cache (weights.py put it
+        # there) and checks its hash, and it knows about old key layouts (DenseNet).
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return torchvision.models.get_model(self.library_name, weights=weights, **kwargs)
+
+    def build(self, output_stride: int = 32, weights_file=None, device=None) -> Encoder:
+        """The encoder at ``output_stride``; ``device="meta"`` builds it without memory (the
+        FX tracing then runs outside the device context, which would slow it ~3x)."""
+        if output_stride not in self.output_strides:
+            raise PixelsegError(
+                f"backbone {self.name!r} cannot run at output stride {output_stride}; "
+                f"it supports {list(self.output_strides)}"
+            )
+        reductions = tuple(min(r, output_stride) for r in self.reductions)
+        if self.source == "torchvision":
+            model = self.build_library_model(output_stride, weights_file, device)
+            nodes = {node: f"stage{i}" for i, node in enumerate(self.return_nodes)}
+            body = create_feature_extractor(model, return_nodes=nodes)
+            return Encoder(body, self.channels, reductions, self.name, self.source)
+        kwargs = dict(features_only=True, pretrained=weights_file is not None, **self.extra_kwargs)
+        if weights_file is not None:
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
+        if output_stride != 32:
+            kwargs["output_stride"] = output_stride
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            body = timm.create_model(self.library_name, **kwargs)
+        info = body.feature_info
+        return Encoder(body, info.channels(), info.reduction(), self.name, self.source,
+                       self.input_padding)
+
+
+def _timm_norm(name: str) -> dict:
+    """Mean/std from timm's pretrained config: what the timm weights were trained with."""
+    cfg = timm.get_pretrained_cfg(name)
+    return dict(mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+_RESNET_NODES = ("relu", "layer1", "layer2", "layer3", "layer4")
+_DENSENET_NODES = (
+    "features.relu0",
+    "features.denseblock1",
+    "features.denseblock2",
+    "features.denseblock3",
+    "relu",  # DenseNet's final F.relu after norm5
+)
+
+
+def _vgg_nodes(n_convs: tuple[int, ...]) -> tuple[str, ...]:
+    """Indices of the five MaxPool2d layers in torchvision's vgg*_bn ``features``."""
+    nodes, i = [], 0
+    for n in n_convs:
+        i += 3 * n  # conv, bn, relu per conv layer
+        nodes.append(f"features.{i}")
+        i += 1
+    return tuple(nodes)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    # VGG with BatchNorm (vgg16_bn/vgg19_bn): SegNet's encoder has BN, and without ImageNet
+    # weights (nothing is downloaded here) plain VGG barely trains from scratch.
+    "vgg16": BackboneSpec(
+        "vgg16", "torchvision", "vgg16_bn", (64, 128, 256, 512, 512),
+        max_pool_stages=True, return_nodes=_vgg_nodes((2, 2, 3, 3, 3)),
+        note="torchvision vgg16_bn; stages are pool1..pool5",
+    ),
+    "vgg19": BackboneSpec(
+        "vgg19", "torchvision", "vgg19_bn", (64, 128, 256, 512, 512),
+        max_pool_stages=True, return_nodes=_vgg_nodes((2, 2, 4, 4, 4)),
+        note="torchvision vgg19_bn; stages are pool1..pool5",
+    ),
+    "resnet50": BackboneSpec(
+        "resnet50", "torchvision", "resnet50", (64, 256, 512, 1024, 2048),
+        output_strides=(32, 16, 8), return_nodes=_RESNET_NODES,
+        note="torchvision; stem relu, layer1..layer4; dilation via replace_stride_with_dilation",
+    ),
+    "resnet101": BackboneSpec(
+        "resnet101", "torchvision", "resnet101", (64, 256, 512, 1024, 2048),
+        output_strides=(32, 16, 8), return_nodes=_RESNET_NODES, note="as resnet50",
+    ),
+    "resnet152": BackboneSpec(
+        "resnet152", "torchvision", "resnet152", (64, 256, 512, 1024, 2048),
+        output_strides=(32, 16, 8), return_nodes=_RESNET_NODES, note="as resnet50",
+    ),
+    "mobilenet_v1": BackboneSpec(
+        "mobilenet_v1", "timm", "mobilenetv1_100", (64, 128, 256, 512, 1024),
+        output_strides=(32, 16, 8), note="timm mobilenetv1_100 (torchvision has no MobileNetV1)",
+        **_timm_norm("mobilenetv1_100"),
+    ),
+    # The tutorial's taps: Keras block_{1,3,6,13}_expand_relu and block_16_project.
+    # torchvision features[i+1] is Keras block_i (features[0] is the stem conv).
+    "mobilenet_v2": BackboneSpec(
+        "mobilenet_v2", "torchvision", "mobilenet_v2", (96, 144, 192, 576, 320),
+        return_nodes=(
+            "features.2.conv.0",
+            "features.4.conv.0",
+            "features.7.conv.0",
+            "features.14.conv.0",
+            "features.17",
+        ),
+        note="torchvision; taps = Keras block_1/3/6/13_expand_relu + block_16_project",
+    ),
+    "densenet121": BackboneSpec(
+        "densenet121", "torchvision", "densenet121", (64, 256, 512, 1024, 1024),
+        return_nodes=_DENSENET_NODES, note="torchvision; relu0, denseblock1..3, final relu",
+    ),
+    "densenet169": BackboneSpec(
+        "densenet169", "torchvision", "densenet169", (64, 256, 512, 1280, 1664),
+        return_nodes=_DENSENET_NODES, note="as densenet121",
+    ),
+    "densenet201": BackboneSpec(
+        "densenet201", "torchvision", "densenet201", (64, 256, 512, 1792, 1920),
+        return_nodes=_DENSENET_NODES, note="as densenet121",
+    ),
+    "densenet264": BackboneSpec(
+        "densenet264", "timm", "densenet264d", (96, 384, 768, 3456, 4032),
+        note="timm densenet264d (deep stem; no ImageNet weights published, no dilation)",
+        **_timm_norm("densenet264d"),
+    ),
+    "xception": BackboneSpec(
+        "xception", "timm", "legacy_xception", (64, 128, 256, 728, 2048),
+        note="timm legacy_xception = Chollet's original Xception (Keras' Xception); no dilation",
+        # Its two stem convs are unpadded (as in Keras): 3 px restore exact strides.
+        input_padding=3,
+        **_timm_norm("legacy_xception"),
+    ),
+    "xception65": BackboneSpec(
+        "xception65", "timm", "xception65", (128, 256, 728, 1024, 2048),
+        output_strides=(32, 16, 8), note="timm xception65 = DeepLab's aligned Xception-65",
+        **_timm_norm("xception65"),
+    ),
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise PixelsegError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}"
+        ) from None
+
+

@@ -1,0 +1,168 @@
+"""``create_model`` and the architecture registry (timm / segmentation_models_pytorch style).
+
+``ARCHITECTURES`` maps a name to a ``SegmentationModel`` subclass. Each class declares
+``default_backbone``, ``options`` (its keyword options and their defaults) and
+``incompatibility(spec, **options)``, which returns why a backbone cannot be used (or None),
+so invalid combinations fail up front with a reason instead of deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+import torch
+
+from pixelseg.errors import PixelsegError
+
+from .backbones import BACKBONES, get_backbone
+from .base import SegmentationModel
+from .deeplabv3 import DeepLabV3
+from .fcn import FCN8s, FCN16s, FCN32s
+from .segnet import BayesianSegNet, SegNet
+from .unet import UNet
+from .weights import imagenet_file, load_state_dict_file
+
+ARCHITECTURES: dict[str, type[SegmentationModel]] = {
+    "unet": UNet,
+    "fcn8s": FCN8s,
+    "fcn16s": FCN16s,
+    "fcn32s": FCN32s,
+    "segnet": SegNet,
+    "bayesian_segnet": BayesianSegNet,
+    "deeplabv3": DeepLabV3,
+}
+
+
+def _arch(name: str) -> type[SegmentationModel]:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise PixelsegError(
+            f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}"
+        ) from None
+
+
+def _valid_backbones(cls, options: dict) -> list[str]:
+    return [b for b, spec in BACKBONES.items() if cls.incompatibility(spec, **options) is None]
+
+
+def _resolve_options(cls, arch: str, arch_options: dict) -> dict:
+    unknown = sorted(set(arch_options) - set(cls.options))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in cls.options.items()) or "none"
+        raise PixelsegError(
+            f"unknown option(s) {', '.join(unknown)} for {arch}; valid options: {valid}"
+        )
+    return {**cls.options, **arch_options}
+
+
+def create_model(
+    arch: str,
+    backbone: str | None = None,
+    num_classes: int = 3,
+    weights: str | PathLike | None = None,
+    freeze_encoder: bool = False,
+    **arch_options,
+) -> SegmentationModel:
+    """Build a segmentation model.
+
+    ``weights``: None / "none" (random init), "imagenet" (official ImageNet weights for the
+    encoder, from the torch-hub cache or downloaded once), or a path to a whole-model state
+    dict (e.g. a pixelseg checkpoint). ``arch_options`` are architecture specific, see
+    ``ARCHITECTURES[arch].options``.
+    """
+    cls = _arch(arch)
+    options = _resolve_options(cls, arch, arch_options)
+    backbone = backbone or cls.default_backbone
+    spec = get_backbone(backbone)
+    reason = cls.incompatibility(spec, **options)
+    if reason is not None:
+        raise PixelsegError(
+            f"{arch} cannot use backbone {backbone!r}: {reason}. "
+            f"Valid backbones for {arch}: {', '.join(_valid_backbones(cls, options))}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise PixelsegError(f"num_classes must be a positive integer (got {num_classes!r})")
+
+    weights_file, state_file = None, None
+    if isinstance(weights, str) and weights.lower() in ("none", ""):
+        weights = None
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        weights_file = imagenet_file(spec)
+    elif weights is not None:
+        state_file = weights
+
+    config = dict(arch=arch, backbone=backbone, num_classes=num_classes, **options)
+    try:
+        model = cls.from_spec(spec, num_classes, weights_file, config, **options)
+    except PixelsegError:
+        raise
+    except Exception as exc:
+        if weights_file is None:
+            raise
+        # A truncated or foreign file in the hub cache: say which one, not a deep traceback.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PixelsegError(
+            f"could not load ImageNet weights for backbone {backbone!r} from {weights_file} "
+            f"({reason}); delete that file so it is fetched again, or use --weights none"
+        ) from None
+    model.pretrained = weights_file is not None
+    if state_file is not None:
+        load_state_dict_file(model, state_file)
+        model.pretrained = True
+    if freeze_encoder:
+        model.set_encoder_frozen(True)
+    return model
+
+
+def list_models() -> list[tuple[str, str]]:
+    """Every valid ``(arch, backbone)`` pair with the architecture's default options."""
+    return [
+        (arch, backbone)
+        for arch, cls in ARCHITECTURES.items()
+        for backbone in _valid_backbones(cls, cls.options)
+    ]
+
+
+def describe_models() -> list[dict]:
+    """``{arch, backbone, params}`` for every valid pair with default options.
+
+    Built on the meta device (no memory, no initialisation). Each encoder is built once and
+    shared by every architecture using it - parameter counting does not mind - because
+    tracing torchvision encoders is what costs time.
+    """
+    encoders: dict = {}
+    rows = []
+    for arch, backbone in list_models():
+        cls = ARCHITECTURES[arch]
+        spec = _SharedEncoderSpec(BACKBONES[backbone], encoders)
+        if not getattr(cls, "uses_library_model", False):
+            spec.build(cls.encoder_output_stride(**cls.options))  # outside the meta context
+        config = dict(arch=arch, backbone=backbone, num_classes=3, **cls.options)
+        with torch.device("meta"):
+            model = cls.from_spec(spec, 3, None, config, **cls.options)
+        rows.append(dict(arch=arch, backbone=backbone,
+                         params=sum(p.numel() for p in model.parameters())))
+    return rows
+
+
+class _SharedEncoderSpec:
+    """A BackboneSpec whose (meta-device) builds are memoised, for describe_models only."""
+
+    def __init__(self, spec, cache: dict):
+        self._spec, self._cache = spec, cache
+
+    def __getattr__(self, name):
+        return getattr(self._spec, name)
+
+    def build(self, output_stride=32, weights_file=None):
+        key = ("encoder", self._spec.name, output_stride)
+        if key not in self._cache:
+            self._cache[key] = self._spec.build(output_stride, None, device="meta")
+        return self._cache[key]
+
+    def build_library_model(self, output_stride=32, weights_file=None):
+        key = ("library", self._spec.name, output_stride)
+        if key not in self._cache:
+            self._cache[key] = self._spec.build_library_model(output_stride, None, device="meta")
+        return self._cache[key]
