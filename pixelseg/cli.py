@@ -1,4 +1,4 @@
-"""`pixelseg` command line: train, evaluate, predict, models.
+"""`pixelseg` command line: train, evaluate, predict, models, export.
 
 User-fixable problems (PixelsegError) print one line and exit 2; anything else is a bug and keeps
 its traceback.
@@ -13,9 +13,15 @@ from pathlib import Path
 from .errors import PixelsegError
 
 TRAIN_HELP = {
-    "dataset": "dataset name: oxford-pet, synthetic",
-    "data_root": "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/); omitted: download into "
-                 "$PIXELSEG_DATA or ~/.cache/pixelseg",
+    "dataset": "dataset name: oxford-pet, camvid, folder (your own images/ + masks/), synthetic",
+    "data_root": "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/, downloaded into "
+                 "$PIXELSEG_DATA or ~/.cache/pixelseg when omitted; CamVid: the SegNet layout; folder: holds "
+                 "images/ and masks/, see docs/datasets.md)",
+    "images_dir": "folder dataset: sub-folder of --data-root holding the images (default: images)",
+    "masks_dir": "folder dataset: sub-folder of --data-root holding the masks, matched to images by file stem "
+                 "(default: masks)",
+    "val_fraction": "folder dataset without val/ or val.txt: share of the pairs held out for validation, chosen "
+                    "by a fixed seed (default: 0.2)",
     "train_split": "training split (default: the dataset's, trainval for pets)",
     "val_split": "validation split, evaluated in full every epoch (default: test for pets)",
     "model": "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3 (see `pixelseg models`)",
@@ -63,12 +69,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help_ = f"{TRAIN_HELP.get(key, '')} (default: {default})"
         if isinstance(default, bool):
             p.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif isinstance(default, int) and key not in ("limit",):
+        elif isinstance(default, int) and key not in ("limit", "image_size"):
             p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
         elif isinstance(default, float):
             p.add_argument(_flag(key), dest=key, type=float, default=None, help=help_)
         elif key == "limit":
             p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
+        elif key == "val_fraction":
+            p.add_argument(_flag(key), dest=key, type=float, default=None, help=help_)
         else:
             p.add_argument(_flag(key), dest=key, default=None, help=help_)
 
@@ -89,6 +97,14 @@ def _load_yaml_config(path: Path) -> dict:
     if unknown:
         raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see `pixelseg train --help`")
     return data
+
+
+def _add_resolution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", nargs="?", const=True, default=None, metavar="SIZE",
+                   help="sliding-window inference at the image's native scale: windows of the training size, or "
+                        "SIZE (512 or 360x480); default: resize to the training size and back")
+    p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of neighbouring windows (default: 0.25)")
+    p.add_argument("--tta", action="store_true", help="also run the horizontally flipped image and average")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
     p.add_argument("--out", help="directory for the metrics JSON and confusion-matrix figure")
+    p.add_argument("--full-res", action="store_true",
+                   help="score each image at its own resolution against its original-size mask (the honest number; "
+                        "writes eval_<split>_fullres.json); default: the training resolution, as training reports")
+    _add_resolution_args(p)
 
     p = sub.add_parser("predict", help="segment image files",
                        description="Write, for each image, its class mask at the original resolution (palette "
@@ -125,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "<name>_variance.png uncertainty heatmaps")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    _add_resolution_args(p)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
+                   help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime "
+                        "(needs pip install pixelseg[onnx]); auto (default): onnx for .onnx files")
+
+    p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, checked against PyTorch",
+                       description="Export a checkpoint with dynamic batch, height and width. The file is run on real "
+                                   "images and compared with PyTorch (max logit difference, argmax agreement); it "
+                                   "is kept only if they agree on >= 99.9%% of pixels.")
+    p.add_argument("checkpoint", help="run directory (uses best.pt) or checkpoint file")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="default: onnx")
+    p.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.ts.pt)")
+    p.add_argument("--check-images", nargs="+", metavar="PATH",
+                   help="images (files or directories) for the parity check (default: the run's validation images)")
+    p.add_argument("--check-limit", type=int, default=4, help="images used for the parity check (default: 4)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
 
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count")
     return parser
@@ -155,15 +191,25 @@ def _run(args) -> int:
         from .inference import evaluate, format_scores
         result = evaluate(args.checkpoint, data_root=args.data_root, split=args.split, dataset=args.dataset,
                           limit=args.limit, device=args.device, precision=args.precision, out_dir=args.out,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
+                          overlap=args.tile_overlap, tta=args.tta)
         print(format_scores(result))
-        print(f"wrote {result['out_dir']}/eval_{result['split']}.json and confusion_{result['split']}.png")
+        print(f"wrote {' and '.join(result['files'])}")
         return 0
     if args.command == "predict":
         from .inference import predict
         results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
-                          mc_samples=args.mc_samples)
-        print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out}")
+                          mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
+                          backend=args.backend)
+        print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out} ({results[0]['backend']}, "
+              f"{results[0]['mode']})")
+        return 0
+    if args.command == "export":
+        from .export import export, format_parity
+        r = export(args.checkpoint, args.format, args.out, check_images=args.check_images,
+                   check_limit=args.check_limit, opset=args.opset)
+        print(f"parity on {r['parity_source']} ({len(r['inputs'])} inputs incl. a batch of 2): {format_parity(r)}")
+        print(f"wrote {r['out']} ({r['format']}, {r['model']}, {r['bytes'] / 1e6:.1f} MB)")
         return 0
     if args.command == "models":
         from .models import describe_models

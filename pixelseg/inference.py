@@ -11,11 +11,13 @@ from tqdm import tqdm
 
 from . import viz
 from .checkpoint import atomic_write_text, load_checkpoint
-from .data import DatasetInfo, collate_batch, load_split
+from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
 from .data.io import UnreadableImage, read_image
 from .errors import PixelsegError
+from .metrics import ConfusionMatrix
 from .models import create_model
 from .runtime import autocast, resolve_precision, select_device, to_model_input
+from .tiling import FlipTTA, Predictor, torch_logits_fn
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -40,45 +42,96 @@ def _input_size(ckpt: dict) -> tuple[int, int]:
     return (s, s) if isinstance(s, int) else tuple(s)
 
 
+def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
+    """--tile: None (off), True/'' (windows of the training size) or N / 'HxW' (windows of that size)."""
+    if tile is None or tile is False:
+        return None
+    if tile is True or tile == "":
+        return tuple(train_size)
+    try:
+        parts = [int(v) for v in str(tile).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 8:
+        raise PixelsegError(f"--tile {tile}: give a window size in pixels (e.g. --tile 512 or --tile 360x480), "
+                            "at least 8, or --tile alone for the training size")
+    return (parts[0], parts[-1])
+
+
 def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, device="auto",
-             precision="auto", out_dir=None, batch_size=32, progress=True) -> dict:
+             precision="auto", out_dir=None, batch_size=32, progress=True, full_res=False, tile=None,
+             overlap=0.25, tta=False) -> dict:
+    """Score a checkpoint on a split: at the training resolution (default, what training reports), or with
+    `full_res` at each image's own resolution against the original-size masks (the honest number)."""
     ckpt = load_checkpoint(run_or_ckpt)
     cfg = ckpt["config"]
     dataset = dataset or cfg["dataset"]
     split = split or cfg["val_split"]
     root = data_root if data_root is not None else cfg.get("data_root")
+    options = dataset_options(cfg) if dataset == cfg["dataset"] else {}
     dev = select_device(device)
     amp = resolve_precision(precision, dev)
     size = _input_size(ckpt)
-    ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True))
+    window = tile_size(tile, size)
+    if window and not full_res:
+        raise PixelsegError("--tile needs --full-res: at the training resolution every image is already one window")
     num_classes = ckpt["model_config"]["num_classes"]
-    if ds.info.num_classes != num_classes:
-        raise PixelsegError(f"{ckpt['path']}: the model predicts {num_classes} classes but dataset {dataset} has "
-                            f"{ds.info.num_classes} ({', '.join(ds.info.class_names)}); evaluate it on the dataset "
-                            "it was trained for")
-    model = load_model(ckpt, dev)
-    from .train import evaluate_model
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
-    cm, _ = evaluate_model(model, loader, dev, amp, num_classes, ds.info.ignore_index,
-                           cfg.get("channels_last", True), progress=progress, desc=f"evaluate {split}")
+    channels_last = cfg.get("channels_last", True)
+    skipped: list[str] = []
+    if full_res:
+        info = dataset_info(dataset, root, **options)
+        _check_classes(ckpt, info, dataset, num_classes)
+        model = load_model(ckpt, dev)
+        predictor = Predictor(torch_logits_fn(model, dev, amp, channels_last), size, window, overlap, tta,
+                              batch_size=min(batch_size, 16), device=dev)
+        cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
+        n_images = 0
+        for _, img, target in tqdm(iter_full_res(dataset, root, split, size, limit, skipped, **options),
+                                   total=limit, desc=f"evaluate {split} (full resolution)", leave=False,
+                                   disable=not progress or None, unit="img"):
+            cm.update(predictor(img).argmax(1), torch.from_numpy(target).to(dev))
+            n_images += 1
+        if n_images == 0:
+            raise PixelsegError(f"dataset {dataset} split {split!r} at {root} has no readable images")
+        resolution = f"full resolution (each image's own size; {predictor.describe()})"
+        tag = f"{split}_fullres" + ("_tile" if window else "") + ("_tta" if tta else "")
+    else:
+        ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True), **options)
+        info, n_images, skipped = ds.info, len(ds), ds.skipped
+        _check_classes(ckpt, info, dataset, num_classes)
+        model = load_model(ckpt, dev)
+        from .train import evaluate_model
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
+        cm, _ = evaluate_model(FlipTTA(model) if tta else model, loader, dev, amp, num_classes, info.ignore_index,
+                               channels_last, progress=progress, desc=f"evaluate {split}")
+        resolution = f"{size[0]}x{size[1]} (training resolution{', flip TTA' if tta else ''})"
+        tag = split + ("_tta" if tta else "")
     scores = cm.compute()
     result = {
-        "checkpoint": ckpt["path"], "dataset": dataset, "split": split, "images": len(ds),
-        "resolution": f"{size[0]}x{size[1]} (training resolution)",
-        "skipped_files": ds.skipped,
+        "checkpoint": ckpt["path"], "dataset": dataset, "split": split, "images": n_images,
+        "resolution": resolution, "full_res": bool(full_res), "tile": list(window) if window else None,
+        "tta": bool(tta), "skipped_files": skipped,
         "pixel_acc": scores["pixel_acc"], "mean_class_acc": scores["mean_class_acc"], "miou": scores["miou"],
         "mean_dice": scores["mean_dice"],
         "per_class": {n: {"iou": i, "dice": d, "acc": a} for n, i, d, a in
-                      zip(ds.info.class_names, scores["iou"], scores["dice"], scores["class_acc"])},
+                      zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"])},
         "confusion_matrix": cm.mat.cpu().tolist(),
     }
     out = Path(out_dir) if out_dir else Path(ckpt["path"]).parent
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"eval_{split}.json", json.dumps(result, indent=1))
-    viz.confusion_figure(cm.mat.cpu().numpy(), ds.info.class_names, out / f"confusion_{split}.png",
-                         f"{dataset} {split}: mIoU {scores['miou']:.3f}")
+    atomic_write_text(out / f"eval_{tag}.json", json.dumps(result, indent=1))
+    viz.confusion_figure(cm.mat.cpu().numpy(), info.class_names, out / f"confusion_{tag}.png",
+                         f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if full_res else ""))
     result["out_dir"] = str(out)
+    result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png")]
     return result
+
+
+def _check_classes(ckpt: dict, info: DatasetInfo, dataset: str, num_classes: int) -> None:
+    if info.num_classes != num_classes:
+        raise PixelsegError(f"{ckpt['path']}: the model predicts {num_classes} classes but dataset {dataset} has "
+                            f"{info.num_classes} ({', '.join(info.class_names)}); evaluate it on the dataset "
+                            "it was trained for")
 
 
 def format_scores(result: dict) -> str:
@@ -105,34 +158,76 @@ def _collect_images(paths) -> list[Path]:
     return files
 
 
-@torch.no_grad()
-def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_samples=0, progress=True) -> list[dict]:
-    """For each image: class mask at the original resolution (palette PNG) + colour overlay
-    (+ uncertainty heatmaps with --mc-samples). All inputs are checked before anything is written."""
-    ckpt = load_checkpoint(run_or_ckpt)
-    info = DatasetInfo.from_dict(ckpt["dataset"])
-    files = _collect_images(images)
-    decoded = []
-    for f in files:  # decode everything first: a bad file fails the command before any output exists
+def _decode_all(files: list[Path], keep_bytes: int = 1 << 30) -> list:
+    """Decode every input before anything is written, so a bad file fails the command with no partial
+    output; arrays are kept for reuse only up to `keep_bytes` (big photos are decoded again later)."""
+    kept, total = [], 0
+    for f in files:
         try:
-            decoded.append(read_image(f))
+            img = read_image(f)
         except UnreadableImage as exc:
             raise PixelsegError(f"{exc}; pass only image files (JPEG, PNG, ...) to predict") from exc
+        total += img.nbytes
+        kept.append(img if total <= keep_bytes else None)
+    return kept
+
+
+def resolve_backend(backend: str, path) -> str:
+    suffix = Path(path).suffix.lower()
+    if backend == "auto":
+        return "onnx" if suffix == ".onnx" else "torch"
+    if backend not in ("torch", "onnx"):
+        raise PixelsegError(f"--backend {backend!r}: choose auto, torch or onnx")
+    if backend == "onnx" and suffix != ".onnx":
+        raise PixelsegError(f"--backend onnx runs an .onnx file, and {path} is not one; create it with "
+                            f"`pixelseg export {path} --format onnx --out model.onnx` and pass model.onnx")
+    if backend == "torch" and suffix == ".onnx":
+        raise PixelsegError(f"{path}: an ONNX file needs --backend onnx (or auto)")
+    return backend
+
+
+@torch.no_grad()
+def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_samples=0, progress=True,
+            tile=None, overlap=0.25, tta=False, backend="auto") -> list[dict]:
+    """For each image: class mask at the original resolution (palette PNG) + colour overlay
+    (+ uncertainty heatmaps with --mc-samples). All inputs are checked before anything is written.
+
+    Resolution: resize to the training size and back (default), or sliding windows at native scale
+    (`tile`), optionally averaged with the flipped image (`tta`). `backend="onnx"` runs a file written
+    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch."""
+    backend = resolve_backend(backend, run_or_ckpt)
+    mc = bool(mc_samples and mc_samples > 1)
+    if mc and (backend == "onnx" or tile or tta):
+        raise PixelsegError("--mc-samples runs the PyTorch model with dropout on, at the training resolution; it "
+                            "cannot be combined with " + ("--backend onnx (the exported graph has no dropout)"
+                                                           if backend == "onnx" else "--tile or --tta"))
     dev = select_device(device)
-    amp = resolve_precision(precision, dev)
-    model = load_model(ckpt, dev)
-    size = _input_size(ckpt)
+    if backend == "onnx":
+        from .export import load_onnx_predictor_parts
+        onnx_model, info, size = load_onnx_predictor_parts(run_or_ckpt, dev)
+        fn, model, mode_dev = onnx_model, None, (dev if dev.type == "cuda" else torch.device("cpu"))
+    else:
+        ckpt = load_checkpoint(run_or_ckpt)
+        info = DatasetInfo.from_dict(ckpt["dataset"])
+        size = _input_size(ckpt)
+    files = _collect_images(images)
+    decoded = _decode_all(files)
+    if backend == "torch":
+        amp = resolve_precision(precision, dev)
+        model = load_model(ckpt, dev)
+        fn, mode_dev = torch_logits_fn(model, dev, amp, True), dev
+    predictor = Predictor(fn, size, tile_size(tile, size), overlap, tta, device=mode_dev)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for f, img in tqdm(list(zip(files, decoded)), desc="predict", unit="img", disable=not progress or None):
+        img = img if img is not None else read_image(f)
         h, w = img.shape[:2]
-        x = torch.from_numpy(img).permute(2, 0, 1)[None]
-        x = to_model_input(x, dev, True)
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        entry = {"image": str(f)}
-        if mc_samples and mc_samples > 1:
+        entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
+        if mc:
             from .models import mc_predict
+            x = to_model_input(torch.from_numpy(img).permute(2, 0, 1)[None], dev, True)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
             with autocast(dev, amp):
                 r = mc_predict(model, x, mc_samples)
             probs = F.interpolate(r["mean"].float(), size=(h, w), mode="bilinear", align_corners=False)
@@ -142,9 +237,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
                 viz.heatmap_png(m.cpu().numpy(), out / f"{f.stem}_{key}.png", vmax=vmax)
                 entry[f"mean_{key}"] = float(m.mean())
         else:
-            with autocast(dev, amp):
-                logits = model(x)
-            probs = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            probs = predictor(img)
         mask = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
         viz.save_index_png(mask, info.palette, out / f"{f.stem}.png")
         viz.save_rgb_png(viz.overlay(img, mask, info.palette), out / f"{f.stem}_overlay.png")

@@ -1,21 +1,31 @@
 """Datasets: one name -> loader registry; every loader returns an ArrayDataset with DatasetInfo.
 
 `load_split(dataset, root, split, image_size, ...)` is the single entry point used by train,
-evaluate and predict alike.
+evaluate and predict alike; `iter_full_res` serves the same split at each image's own resolution
+(evaluate --full-res).
 """
 from __future__ import annotations
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import PixelsegError
-from . import pets, synthetic
+from . import camvid, folder, pets, synthetic
 from .base import ArrayDataset, DatasetInfo, collate_batch
 
-# name -> module with load(root, split, image_size, limit=..., use_cache=...), INFO, DEFAULT_SPLITS
+# name -> module with load(root, split, image_size, limit=..., use_cache=..., **OPTIONS), INFO, DEFAULT_SPLITS;
+# optional: OPTIONS (dataset-specific keyword options and defaults), full_res_samples(root, split, **OPTIONS)
 DATASETS = {
     "oxford-pet": pets,
+    "camvid": camvid,
+    "folder": folder,
     "synthetic": synthetic,
 }
+# Train-config keys that are dataset options (flags --images-dir, --masks-dir, --val-fraction).
+DATASET_OPTION_KEYS = ("images_dir", "masks_dir", "val_fraction")
 
 
 def get_dataset_module(name: str):
@@ -28,16 +38,108 @@ def default_split(name: str, role: str) -> str:
     return get_dataset_module(name).DEFAULT_SPLITS[role]
 
 
+def dataset_options(cfg: dict) -> dict:
+    """The dataset options set in a train config (None = the dataset's default)."""
+    return {k: cfg[k] for k in DATASET_OPTION_KEYS if cfg.get(k) is not None}
+
+
+def _check_options(name: str, kwargs: dict) -> dict:
+    accepted = getattr(get_dataset_module(name), "OPTIONS", {})
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    wrong = [k for k in given if k not in accepted]
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        users = [n for n, m in DATASETS.items() if set(wrong) <= set(getattr(m, "OPTIONS", {}))]
+        raise PixelsegError(f"{flags}: not an option of --dataset {name}"
+                            + (f" (only of {', '.join(users)})" if users else ""))
+    return given
+
+
 def load_split(name: str, root: str | Path | None, split: str, image_size, limit: int | None = None,
                use_cache: bool = True, **kwargs) -> ArrayDataset:
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
+    options = _check_options(name, kwargs)
     ds = get_dataset_module(name).load(Path(root) if root else None, split, tuple(image_size), limit=limit,
-                                       use_cache=use_cache, **kwargs)
+                                       use_cache=use_cache, **options)
     if len(ds) == 0:
         raise PixelsegError(f"dataset {name} split {split!r} at {root} has no usable samples")
     return ds
 
 
+def dataset_info(name: str, root, **kwargs) -> DatasetInfo:
+    """Class names and palette without decoding a split (a folder dataset's come from its masks)."""
+    options = _check_options(name, kwargs)
+    if name == "folder":
+        return folder.prepare(Path(root) if root else None, **options)[1].info
+    return get_dataset_module(name).INFO
+
+
+def _pets_full_res(root, split):
+    """Oxford-IIIT Pet at full resolution, from the loader's own listing and trimap table."""
+    from .io import read_mask
+    if root is None:
+        from .download import ensure_oxford_pet
+        root = ensure_oxford_pet(None, download=True)
+    root = Path(root)
+    pets.check_root(root)
+
+    def read_target(s):
+        mask = read_mask(s.mask)
+        bad = np.setdiff1d(np.unique(mask), (1, 2, 3))
+        if bad.size:
+            raise PixelsegError(f"{s.mask}: trimap values {bad.tolist()} are outside 1..3")
+        return pets.TRIMAP_TO_CLASS[mask]
+    return pets.list_samples(root, split), read_target
+
+
+def iter_full_res(name: str, root, split: str, image_size, limit: int | None = None, skipped: list | None = None,
+                  **kwargs):
+    """Yield (name, image uint8 H×W×3, target uint8 H×W class ids) at each file's own resolution.
+
+    One image is decoded ahead on a thread while the caller runs the model; nothing else is held,
+    so a split of 4000×3000 photos costs the memory of two. Unreadable images are skipped and
+    appended to `skipped`. Datasets without files (synthetic) yield their arrays as they are.
+    """
+    from .io import UnreadableImage, read_image
+    options = _check_options(name, kwargs)
+    module = get_dataset_module(name)
+    root = Path(root) if root else None
+    if name == "oxford-pet":
+        samples, read_target = _pets_full_res(root, split)
+    elif hasattr(module, "full_res_samples"):
+        samples, read_target = module.full_res_samples(root, split, **options)
+    else:
+        ds = load_split(name, root, split, image_size, limit, **options)
+        for i in range(len(ds)):
+            yield ds.names[i], np.asarray(ds.images[i]), np.asarray(ds.masks[i])
+        return
+    if limit:
+        samples = samples[:limit]
+
+    def work(s):
+        try:
+            img = read_image(s.image)
+        except UnreadableImage as exc:
+            return None, None, str(exc)
+        target = read_target(s)
+        if target.shape != img.shape[:2]:
+            raise PixelsegError(f"{s.mask}: mask is {target.shape[1]}×{target.shape[0]} but its image "
+                                f"{s.image.name} is {img.shape[1]}×{img.shape[0]}; they must have the same size")
+        return img, target, None
+
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(work, samples[0]) if samples else None
+        for i, s in enumerate(samples):
+            img, target, err = nxt.result()
+            nxt = pool.submit(work, samples[i + 1]) if i + 1 < len(samples) else None
+            if err is not None:
+                print(f"warning: skipping {err}", file=sys.stderr)
+                if skipped is not None:
+                    skipped.append(str(s.image))
+                continue
+            yield s.name, img, target
+
+
 __all__ = ["DATASETS", "ArrayDataset", "DatasetInfo", "collate_batch", "load_split", "default_split",
-           "get_dataset_module"]
+           "get_dataset_module", "dataset_options", "dataset_info", "iter_full_res", "DATASET_OPTION_KEYS"]

@@ -1,0 +1,533 @@
+"""Your own data: a folder of images and a folder of masks, matched by file stem.
+
+    ROOT/images/<stem>.jpg|png|...   ROOT/masks/<stem>.png      (--images-dir, --masks-dir rename them)
+    splits: images/train/, masks/train/, ... sub-folders; or ROOT/train.txt, val.txt, test.txt of stems;
+            or neither: a seeded, deterministic --val-fraction of the pairs becomes val (also when only
+            train/ or train.txt exists)
+    ROOT/classes.csv (optional): header id,name,r,g,b; maps mask colours (RGB masks) to class ids and
+            names the classes; rows with id 255 list colours to ignore.
+
+Masks are index images (8-bit grey or palette PNG whose values are class ids; 255 = ignore) or RGB
+colour-coded ones. Without classes.csv the classes are numbered from the values (or colours) found
+across all splits, so train and val always agree; 0/255 binary masks become 0/1 with a notice.
+Before anything trains, a report says what was found (pairs, files missing a partner, classes and
+their pixel frequencies); masks with values or colours that classes.csv does not list stop the run
+with the files named. The scan is cached like the decoded arrays.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import PixelsegError
+from .base import ArrayDataset, DatasetInfo, Sample, _cache_key, _write_cache, cache_dir
+from .io import UnreadableImage, _open, read_image
+
+# Dataset options (train flags --images-dir, --masks-dir, --val-fraction) and their defaults.
+OPTIONS = {"images_dir": "images", "masks_dir": "masks", "val_fraction": 0.2}
+DEFAULT_SPLITS = {"train": "train", "val": "val"}
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IGNORE = 255
+SPLIT_SEED = 0          # --val-fraction order: sha1(seed, stem), so it never depends on listing order
+MAX_AUTO_CLASSES = 64   # more distinct colours than this without classes.csv is almost surely JPEG/antialiasing
+SCAN_VERSION = 1
+_REPORTED: set[str] = set()  # one report per dataset per process, not one per split
+
+
+# ---- layout: which files, which split ---------------------------------------------------------------
+@dataclass
+class Layout:
+    root: Path
+    splits: dict[str, list[Sample]]
+    source: str
+    missing_mask: list[Path] = field(default_factory=list)    # images without a mask
+    missing_image: list[Path] = field(default_factory=list)   # masks without an image
+
+    @property
+    def all_samples(self) -> list[Sample]:
+        return [s for split in self.splits.values() for s in split]
+
+
+def _index(folder: Path, what: str) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if p.stem in by_stem:
+                raise PixelsegError(f"{folder}: two {what} files share the stem {p.stem!r} ({by_stem[p.stem].name}, "
+                                    f"{p.name}); stems pair images with masks, so each must be unique")
+            by_stem[p.stem] = p
+    return by_stem
+
+
+def _pair(img_dir: Path, mask_dir: Path) -> tuple[list[Sample], list[Path], list[Path]]:
+    images, masks = _index(img_dir, "image"), _index(mask_dir, "mask")
+    samples = [Sample(stem, images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
+    return (samples, [images[s] for s in sorted(set(images) - set(masks))],
+            [masks[s] for s in sorted(set(masks) - set(images))])
+
+
+def _fraction_split(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Val = the first round(n·fraction) stems in sha1 order: deterministic, independent of file order,
+    and adding files moves few existing ones across the boundary."""
+    if not 0 < fraction < 1:
+        raise PixelsegError(f"--val-fraction {fraction}: must be between 0 and 1 (exclusive)")
+    if len(samples) < 2:
+        raise PixelsegError(f"only {len(samples)} image/mask pair(s): --val-fraction needs at least 2 "
+                            "(one to train on, one to validate)")
+    order = sorted(samples, key=lambda s: hashlib.sha1(f"{SPLIT_SEED}:{s.name}".encode()).hexdigest())
+    n_val = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
+    val = {s.name for s in order[:n_val]}
+    return [s for s in samples if s.name not in val], [s for s in samples if s.name in val]
+
+
+def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "masks",
+             val_fraction: float = 0.2) -> Layout:
+    if root is None:
+        raise PixelsegError("--dataset folder needs --data-root: the folder that holds images/ and masks/")
+    root = Path(root)
+    if not root.is_dir():
+        raise PixelsegError(f"--data-root {root}: directory not found")
+    img_root, mask_root = root / images_dir, root / masks_dir
+    for d, flag in ((img_root, "--images-dir"), (mask_root, "--masks-dir")):
+        if not d.is_dir():
+            raise PixelsegError(f"{d}: folder not found; put the {'images' if flag == '--images-dir' else 'masks'} "
+                                f"in {d.name}/ under --data-root or name the folder with {flag}")
+    splits: dict[str, list[Sample]] = {}
+    missing_mask, missing_image = [], []
+    sub = [s for s in SPLITS if (img_root / s).is_dir()]
+    lists = [s for s in SPLITS if (root / f"{s}.txt").is_file()]
+    if sub:
+        source = f"sub-folders {', '.join(sub)}"
+        for s in sub:
+            if not (mask_root / s).is_dir():
+                raise PixelsegError(f"{mask_root / s}: folder not found, but {img_root / s} exists; split "
+                                    f"sub-folders must exist under both {images_dir}/ and {masks_dir}/")
+            splits[s], mm, mi = _pair(img_root / s, mask_root / s)
+            missing_mask += mm
+            missing_image += mi
+    else:
+        pairs, missing_mask, missing_image = _pair(img_root, mask_root)
+        if lists:
+            source = f"list files {', '.join(s + '.txt' for s in lists)}"
+            by_stem = {s.name: s for s in pairs}
+            owner: dict[str, str] = {}
+            for s in lists:
+                splits[s] = []
+                lst = root / f"{s}.txt"
+                for n, line in enumerate(lst.read_text().splitlines(), 1):
+                    stem = line.strip()
+                    if not stem or stem.startswith("#"):
+                        continue
+                    stem = Path(stem).stem if Path(stem).suffix.lower() in IMAGE_SUFFIXES else stem
+                    if stem not in by_stem:
+                        raise PixelsegError(f"{lst}:{n}: {stem!r} has no image/mask pair in {images_dir}/ and "
+                                            f"{masks_dir}/ (list files hold file stems, one per line)")
+                    if stem in owner:
+                        raise PixelsegError(f"{lst}:{n}: {stem!r} is also listed in {owner[stem]}.txt; a pair "
+                                            "must belong to one split")
+                    owner[stem] = s
+                    splits[s].append(by_stem[stem])
+        else:
+            source = "all pairs"
+            splits["train"] = pairs
+    if "train" in splits and "val" not in splits:
+        splits["train"], splits["val"] = _fraction_split(splits["train"], float(val_fraction))
+        source += f", val = --val-fraction {val_fraction} of them (seeded)"
+    if not any(splits.values()):
+        raise PixelsegError(f"{img_root}: no image has a mask with the same stem in {mask_root} "
+                            f"({len(missing_mask)} image(s), {len(missing_image)} mask(s) unmatched)")
+    return Layout(root, splits, source, missing_mask, missing_image)
+
+
+# ---- classes.csv --------------------------------------------------------------------------------
+@dataclass
+class ClassTable:
+    names: list[str]
+    palette: list[tuple[int, int, int]]
+    ignore_colors: list[tuple[int, int, int]]
+
+
+def read_classes_csv(path: Path) -> ClassTable:
+    expect = "expected a header id,name,r,g,b and one row per class, ids 0..K-1 (255 = ignore)"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PixelsegError(f"{path}: cannot read ({exc}); {expect}") from None
+    reader = csv.reader(text.splitlines())
+    header = [h.strip().lower() for h in next(reader, [])]
+    if sorted(header) != sorted(["id", "name", "r", "g", "b"]):
+        raise PixelsegError(f"{path}:1: header is {','.join(header) or '(empty)'}; {expect}")
+    col = {h: i for i, h in enumerate(header)}
+    rows: dict[int, tuple[str, tuple[int, int, int]]] = {}
+    ignore, seen_colors = [], {}
+    for n, row in enumerate(reader, 2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 5:
+            raise PixelsegError(f"{path}:{n}: {len(row)} fields, expected 5 (id,name,r,g,b)")
+        try:
+            cid = int(row[col["id"]])
+            rgb = tuple(int(row[col[k]]) for k in "rgb")
+        except ValueError:
+            raise PixelsegError(f"{path}:{n}: id, r, g and b must be integers (got {','.join(row)})") from None
+        name = row[col["name"]].strip()
+        if not name:
+            raise PixelsegError(f"{path}:{n}: empty class name")
+        if not all(0 <= c <= 255 for c in rgb):
+            raise PixelsegError(f"{path}:{n}: colour {rgb} out of range; r, g, b are 0..255")
+        if rgb in seen_colors:
+            raise PixelsegError(f"{path}:{n}: colour {rgb} already used on line {seen_colors[rgb]}; each colour "
+                                "must mean one class")
+        seen_colors[rgb] = n
+        if cid == IGNORE:
+            ignore.append(rgb)
+            continue
+        if not 0 <= cid < IGNORE:
+            raise PixelsegError(f"{path}:{n}: id {cid} out of range; ids are 0..254, or 255 for colours to ignore")
+        if cid in rows:
+            raise PixelsegError(f"{path}:{n}: id {cid} defined twice")
+        rows[cid] = (name, rgb)
+    if not rows:
+        raise PixelsegError(f"{path}: no classes; {expect}")
+    gaps = sorted(set(range(max(rows) + 1)) - set(rows))
+    if gaps:
+        raise PixelsegError(f"{path}: class ids must run 0..{max(rows)} without gaps; missing {gaps[:10]}")
+    return ClassTable([rows[i][0] for i in sorted(rows)], [rows[i][1] for i in sorted(rows)], ignore)
+
+
+# ---- mask scan: what values/colours occur where ----------------------------------------------------
+def _raw_mask(img: Image.Image, path: Path) -> tuple[str, np.ndarray]:
+    """('index', uint8/uint16 H×W) or ('rgb', int32 H×W of r<<16|g<<8|b): one code per pixel."""
+    if img.mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr"):
+        a = np.asarray(img.convert("RGB"), dtype=np.int32)
+        return "rgb", (a[..., 0] << 16) | (a[..., 1] << 8) | a[..., 2]
+    if img.mode in ("1", "LA", "La"):
+        img = img.convert("L")  # mode 1 becomes 0/255: a binary mask
+    if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise PixelsegError(f"{path}: mask has mode {img.mode}; use an index PNG (values = class ids) or an RGB "
+                            "PNG coloured as in classes.csv")
+    a = np.asarray(img)
+    if a.max(initial=0) > 255:
+        raise PixelsegError(f"{path}: mask values go up to {a.max()}; index masks hold class ids 0..254 "
+                            "(255 = ignore)")
+    return "index", a.astype(np.uint8)
+
+
+def _open_mask(path: Path) -> Image.Image:
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise PixelsegError(f"{path}: JPEG masks are lossy, so their class values and colours are corrupted at "
+                            "every edge; save masks as PNG")
+    return _open(path)
+
+
+def _scan_one(path: Path) -> dict:
+    img = _open_mask(path)
+    kind, raw = _raw_mask(img, path)
+    values, counts = np.unique(raw, return_counts=True)
+    pal = img.getpalette() if img.mode == "P" else None
+    return {"kind": kind, "values": values.tolist(), "counts": counts.tolist(), "size": list(img.size),
+            "palette": pal[:768] if pal else None}
+
+
+def _scan(samples: list[Sample], use_cache: bool) -> dict[str, dict]:
+    masks = sorted({s.mask for s in samples})
+    key = _cache_key([Sample(m.stem, m, None) for m in masks], "scan", f"folder-scan-v{SCAN_VERSION}")
+    cfile = cache_dir() / "folder-scan" / f"{key}.json"
+    if use_cache and cfile.is_file():
+        return json.loads(cfile.read_text())
+    with ThreadPoolExecutor(max(1, min(8, len(masks)))) as pool:
+        results = list(tqdm(pool.map(_scan_safe, masks), total=len(masks), desc="scanning masks", unit="mask",
+                            leave=False, disable=None))
+    out = {str(m): r for m, r in zip(masks, results)}
+    if use_cache:
+        try:
+            cfile.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cfile.with_suffix(f".{id(out)}.tmp")
+            tmp.write_text(json.dumps(out))
+            tmp.replace(cfile)
+        except OSError:
+            pass  # the scan is only a speed-up on the next run
+    return out
+
+
+def _scan_safe(path: Path) -> dict:
+    try:
+        return _scan_one(path)
+    except UnreadableImage as exc:
+        return {"error": str(exc)}
+
+
+def _fmt_code(kind: str, code: int) -> str:
+    return f"({code >> 16}, {(code >> 8) & 255}, {code & 255})" if kind == "rgb" else str(code)
+
+
+def _rgb_code(rgb) -> int:
+    return (int(rgb[0]) << 16) | (int(rgb[1]) << 8) | int(rgb[2])
+
+
+def _default_palette(n: int) -> list[tuple[int, int, int]]:
+    import matplotlib
+    colors = matplotlib.colormaps["tab20"].colors
+    return [tuple(int(round(255 * c)) for c in colors[i % len(colors)]) for i in range(n)]
+
+
+# ---- codec: raw mask values/colours -> class ids ----------------------------------------------------
+@dataclass
+class MaskCodec:
+    """How raw mask codes become class ids: a 256-entry table for index masks, a sorted code list for
+    RGB masks. Codes nothing maps are `UNKNOWN`; they are rejected before decoding starts."""
+    info: DatasetInfo
+    index_lut: np.ndarray                     # uint8[256]: raw value -> class id (255 = ignore)
+    index_known: np.ndarray                   # bool[256]: which raw values are expected
+    rgb_codes: np.ndarray                     # int32[k] sorted colour codes r<<16|g<<8|b
+    rgb_ids: np.ndarray                       # uint8[k] their class ids (255 = ignore)
+    description: str
+    notices: list[str] = field(default_factory=list)
+
+    UNKNOWN = -1
+
+    def signature(self) -> str:
+        return hashlib.sha1(self.index_lut.tobytes() + self.rgb_codes.tobytes() + self.rgb_ids.tobytes()
+                            + json.dumps(self.info.to_dict()).encode()).hexdigest()[:12]
+
+    def id_of(self, kind: str, code: int) -> int:
+        if kind == "index":
+            return int(self.index_lut[code]) if self.index_known[code] else self.UNKNOWN
+        i = int(np.searchsorted(self.rgb_codes, code))
+        return int(self.rgb_ids[i]) if i < len(self.rgb_codes) and self.rgb_codes[i] == code else self.UNKNOWN
+
+    def encode(self, kind: str, raw: np.ndarray) -> np.ndarray:
+        """Raw codes -> uint8 class ids; anything unexpected becomes ignore (the scan already refused it)."""
+        if kind == "index":
+            return np.where(self.index_known[raw], self.index_lut[raw], IGNORE).astype(np.uint8)
+        if not len(self.rgb_codes):
+            return np.full(raw.shape, IGNORE, np.uint8)
+        i = np.clip(np.searchsorted(self.rgb_codes, raw), 0, len(self.rgb_codes) - 1)
+        return np.where(self.rgb_codes[i] == raw, self.rgb_ids[i], IGNORE).astype(np.uint8)
+
+
+def build_codec(root: Path, scan: dict[str, dict]) -> MaskCodec:
+    kinds = {r["kind"] for r in scan.values() if "kind" in r}
+    csv_path = root / "classes.csv"
+    index_lut = np.full(256, IGNORE, np.uint8)
+    index_known = np.zeros(256, bool)
+    index_known[IGNORE] = True
+    notices: list[str] = []
+    if csv_path.is_file():
+        table = read_classes_csv(csv_path)
+        k = len(table.names)
+        index_lut[:k] = np.arange(k)
+        index_known[:k] = True
+        pairs = sorted([(_rgb_code(c), i) for i, c in enumerate(table.palette)]
+                       + [(_rgb_code(c), IGNORE) for c in table.ignore_colors])
+        codes = np.array([p[0] for p in pairs], np.int32)
+        ids = np.array([p[1] for p in pairs], np.uint8)
+        info = DatasetInfo("folder", table.names, table.palette, IGNORE)
+        desc = f"{'/'.join(sorted(kinds))} masks, {k} classes from {csv_path.name}"
+        if table.ignore_colors:
+            desc += f" (ignored colours: {', '.join(map(str, table.ignore_colors))})"
+        codec = MaskCodec(info, index_lut, index_known, codes, ids, desc, notices)
+        _check_unknown(codec, scan, csv_path)
+        return codec
+    if len(kinds) > 1:
+        rgb = next(p for p, r in scan.items() if r.get("kind") == "rgb")
+        idx = next(p for p, r in scan.items() if r.get("kind") == "index")
+        raise PixelsegError(f"masks mix RGB colour images (e.g. {rgb}) and index images (e.g. {idx}); without "
+                            f"{csv_path} the classes cannot be matched up: convert them to one kind, or write "
+                            "classes.csv (id,name,r,g,b)")
+    kind = kinds.pop() if kinds else "index"
+    found = sorted({v for r in scan.values() for v in r.get("values", [])})
+    if kind == "index":
+        values = [v for v in found if v != IGNORE]
+        if found and set(found) <= {0, IGNORE} and IGNORE in found:
+            values = [0, IGNORE]
+            names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
+            notices.append("masks hold only 0 and 255: read as a binary mask, 0 -> class 0 (background), "
+                           "255 -> class 1 (foreground)")
+        else:
+            if IGNORE in found:
+                notices.append("mask value 255 is read as 'ignore' (left out of loss and metrics)")
+            names = [f"class_{v}" for v in values]
+            pal = next((r["palette"] for r in scan.values() if r.get("palette")), None)
+            palette = ([tuple(pal[3 * v: 3 * v + 3]) for v in values] if pal and len(pal) >= 3 * (max(values) + 1)
+                       else _default_palette(len(values)))
+            if values != list(range(len(values))):
+                notices.append("mask values " + ", ".join(f"{v}->{i}" for i, v in enumerate(values))
+                               + " are renumbered to consecutive class ids (write classes.csv to fix the ids)")
+        for i, v in enumerate(values):
+            index_lut[v] = i
+            index_known[v] = True
+        codes, ids = np.zeros(0, np.int32), np.zeros(0, np.uint8)
+        desc = f"index masks, {len(names)} classes numbered from the values found"
+    else:
+        if len(found) > MAX_AUTO_CLASSES:
+            example = max(scan, key=lambda p: len(scan[p].get("values", [])))
+            raise PixelsegError(f"RGB masks hold {len(found)} distinct colours ({example} alone has "
+                                f"{len(scan[example]['values'])}): they look antialiased or JPEG-compressed; "
+                                f"save masks without smoothing, or list the class colours in {csv_path}")
+        if found == [0, _rgb_code((255, 255, 255))]:
+            names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
+            notices.append("masks are black/white: read as a binary mask, black -> class 0, white -> class 1")
+        else:
+            palette = [(c >> 16, (c >> 8) & 255, c & 255) for c in found]
+            names = [f"class_{i}" for i in range(len(found))]
+            notices.append(f"no {csv_path.name}: the {len(found)} mask colours found are numbered in RGB order "
+                           "(write classes.csv with id,name,r,g,b to name them and fix their ids)")
+        codes, ids = np.array(found, np.int32), np.arange(len(found), dtype=np.uint8)
+        desc = f"RGB masks, {len(names)} classes numbered from the colours found"
+    if len(names) > 254:
+        raise PixelsegError(f"masks hold {len(names)} distinct values; at most 254 classes are supported")
+    return MaskCodec(DatasetInfo("folder", names, list(palette), IGNORE), index_lut, index_known, codes, ids,
+                     desc, notices)
+
+
+def _check_unknown(codec: MaskCodec, scan: dict[str, dict], csv_path: Path) -> None:
+    bad: dict[str, list[str]] = {}
+    totals: dict[str, int] = {}
+    for path, r in scan.items():
+        if "kind" not in r:
+            continue
+        unknown = [(v, c) for v, c in zip(r["values"], r["counts"]) if codec.id_of(r["kind"], v) == codec.UNKNOWN]
+        if unknown:
+            bad[path] = [_fmt_code(r["kind"], v) for v, _ in unknown]
+            for v, c in unknown:
+                totals[_fmt_code(r["kind"], v)] = totals.get(_fmt_code(r["kind"], v), 0) + c
+    if bad:
+        what = "colours" if any(s.startswith("(") for s in totals) else "values"
+        top = ", ".join(f"{k} ({n} px)" for k, n in sorted(totals.items(), key=lambda kv: -kv[1])[:6])
+        files = ", ".join(Path(p).name for p in list(bad)[:5]) + (" ..." if len(bad) > 5 else "")
+        raise PixelsegError(f"{len(bad)} mask(s) hold {what} that {csv_path} does not list: {top}; in {files}. "
+                            "Add a row per class colour to classes.csv (id 255 to ignore a colour)")
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def _report(layout: Layout, codec: MaskCodec, scan: dict[str, dict]) -> str:
+    counts = np.zeros(codec.info.num_classes + 1, np.int64)  # last slot: ignored
+    for r in scan.values():
+        for v, c in zip(r.get("values", []), r.get("counts", [])):
+            cid = codec.id_of(r["kind"], v)
+            counts[-1 if cid in (IGNORE, codec.UNKNOWN) else cid] += c
+    total = max(int(counts.sum()), 1)
+    lines = [f"folder dataset {layout.root}: " + ", ".join(f"{s} {len(v)}" for s, v in layout.splits.items())
+             + f" image/mask pairs ({layout.source})"]
+    for paths, what in ((layout.missing_mask, "image(s) without a mask"), (layout.missing_image,
+                                                                            "mask(s) without an image")):
+        if paths:
+            names = ", ".join(p.name for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+            lines.append(f"  skipped {len(paths)} {what}: {names}")
+    unreadable = [p for p, r in scan.items() if "error" in r]
+    if unreadable:
+        lines.append(f"  {len(unreadable)} unreadable mask(s), skipped: {', '.join(Path(p).name for p in unreadable[:5])}")
+    lines.append(f"  {codec.description}; masks with unknown values/colours: 0")
+    lines += [f"  note: {n}" for n in codec.notices]
+    freq = ", ".join(f"{n} {100 * c / total:.1f}%" for n, c in zip(codec.info.class_names, counts))
+    lines.append(f"  class pixel frequencies: {freq}" + (f", ignored {100 * counts[-1] / total:.1f}%"
+                                                          if counts[-1] else ""))
+    return "\n".join(lines)
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+def prepare(root: Path | None, images_dir: str | None = None, masks_dir: str | None = None,
+            val_fraction: float | None = None, use_cache: bool = True) -> tuple[Layout, MaskCodec, dict]:
+    """Discover pairs, scan every mask (all splits: class numbering must not depend on the split),
+    build the codec and print the report once per process."""
+    layout = discover(root, images_dir or OPTIONS["images_dir"], masks_dir or OPTIONS["masks_dir"],
+                      OPTIONS["val_fraction"] if val_fraction is None else val_fraction)
+    scan = _scan(layout.all_samples, use_cache)
+    codec = build_codec(layout.root, scan)
+    report = _report(layout, codec, scan)
+    if report not in _REPORTED:
+        _REPORTED.add(report)
+        print(report, file=sys.stderr)
+    bad = {p: r["error"] for p, r in scan.items() if "error" in r}
+    if bad:
+        for split, samples in layout.splits.items():
+            layout.splits[split] = [s for s in samples if str(s.mask) not in bad]
+    return layout, codec, scan
+
+
+def _split(layout: Layout, split: str) -> list[Sample]:
+    if split not in layout.splits:
+        raise PixelsegError(f"--split {split}: the folder dataset at {layout.root} has splits "
+                            f"{', '.join(layout.splits)} ({layout.source}); add {split}/ sub-folders or "
+                            f"{split}.txt to define it")
+    return layout.splits[split]
+
+
+def read_target(sample: Sample, codec: MaskCodec, size: tuple[int, int] | None = None) -> np.ndarray:
+    img = _open_mask(sample.mask)
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.NEAREST)  # NEAREST keeps ids and colours exact
+    kind, raw = _raw_mask(img, sample.mask)
+    return codec.encode(kind, raw)
+
+
+def full_res_samples(root: Path | None, split: str, images_dir=None, masks_dir=None, val_fraction=None):
+    """Samples and a reader of their full-resolution targets (used by evaluate --full-res)."""
+    layout, codec, _ = prepare(root, images_dir, masks_dir, val_fraction)
+    return _split(layout, split), lambda s: read_target(s, codec)
+
+
+def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
+         use_cache: bool = True, images_dir: str | None = None, masks_dir: str | None = None,
+         val_fraction: float | None = None) -> ArrayDataset:
+    layout, codec, scan = prepare(root, images_dir, masks_dir, val_fraction, use_cache)
+    samples = _split(layout, split)
+    if limit:
+        samples = samples[:limit]
+    return _decode(samples, tuple(image_size), codec, scan, use_cache, split)
+
+
+def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan: dict, use_cache: bool,
+            split: str) -> ArrayDataset:
+    """decode_samples' job for masks it cannot read (RGB colour codes): same threads, same cache."""
+    info = codec.info
+    key = _cache_key(samples, size, f"folder|{codec.signature()}")
+    cfile = cache_dir() / "decoded" / f"folder-{size[0]}x{size[1]}-{key}"
+    if use_cache and (cfile / "meta.json").is_file():
+        meta = json.loads((cfile / "meta.json").read_text())
+        return ArrayDataset(np.load(cfile / "images.npy"), np.load(cfile / "masks.npy"), meta["names"], info,
+                            meta["skipped"])
+
+    def work(s: Sample):
+        msize = tuple(scan[str(s.mask)]["size"])
+        try:
+            isz = _open(s.image).size
+        except UnreadableImage as exc:
+            return None, None, str(exc)
+        if isz != msize:
+            raise PixelsegError(f"{s.mask}: mask is {msize[0]}×{msize[1]} but its image {s.image.name} is "
+                                f"{isz[0]}×{isz[1]}; image and mask must have the same size")
+        try:
+            img = read_image(s.image, size)
+        except UnreadableImage as exc:
+            return None, None, str(exc)
+        return img, read_target(s, codec, size), None
+
+    images, masks, names, skipped = [], [], [], []
+    with ThreadPoolExecutor(min(8, max(1, len(samples)))) as pool:
+        for s, (img, mask, err) in tqdm(zip(samples, pool.map(work, samples)), total=len(samples),
+                                        desc=f"decoding {split}", unit="img", leave=False, disable=None):
+            if err is not None:
+                print(f"warning: skipping {err}", file=sys.stderr)
+                skipped.append(str(s.image))
+                continue
+            images.append(img)
+            masks.append(mask)
+            names.append(s.name)
+    if not names:
+        raise PixelsegError(f"no readable images among {len(samples)} of split {split}")
+    images, masks = np.stack(images), np.stack(masks)
+    if use_cache:
+        _write_cache(cfile, images, masks, {"names": names, "skipped": skipped})
+    return ArrayDataset(images, masks, names, info, skipped)

@@ -1,0 +1,255 @@
+"""`pixelseg export`: a checkpoint as an ONNX or TorchScript file, checked against PyTorch before it is kept.
+
+The exported graph takes float32 N×3×H×W RGB in [0, 1] (normalisation is inside, as in the PyTorch
+model) with dynamic batch, height and width, and returns N×C×H×W logits. Class names, palette and
+training size travel inside the file (ONNX metadata_props / TorchScript extra file), so
+`pixelseg predict model.onnx ...` needs nothing else.
+
+Parity: the export is written to a temporary file, run on real images at their own sizes (and a
+batch of two at the training size, to exercise the dynamic batch axis) by the target runtime, and
+compared with PyTorch: max |logit difference| and the share of pixels whose argmax agrees. Only
+if agreement >= 99.9 % and the logit difference is within tolerance is it moved to --out.
+
+ONNX export uses torch's TorchScript-based exporter (`dynamo=False`): the dynamo exporter needs
+the extra `onnxscript` package, and the TorchScript-based one handles every pixelseg model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .data import DatasetInfo
+from .errors import PixelsegError
+
+FORMATS = ("onnx", "torchscript")
+METADATA_KEY = "pixelseg"
+MIN_AGREEMENT = 0.999
+REL_TOL = 1e-3          # max |Δlogit| allowed, relative to max(1, max |logit|)
+ONNX_HINT = "pip install pixelseg[onnx]"
+
+
+def require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise PixelsegError(f"onnxruntime is not installed; {ONNX_HINT} (or pip install onnxruntime)") from None
+    return onnxruntime
+
+
+def require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise PixelsegError(f"the onnx package is not installed; {ONNX_HINT}") from None
+    return onnx
+
+
+def _metadata(ckpt: dict) -> dict:
+    s = ckpt["config"].get("image_size", 128)
+    size = [s, s] if isinstance(s, int) else list(s)
+    return {"pixelseg_version": __version__, "dataset": ckpt["dataset"], "image_size": size,
+            "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ckpt["model_config"].items()},
+            "input": "image: float32 N×3×H×W, RGB in [0, 1] (normalised inside the graph)",
+            "output": "logits: float32 N×C×H×W"}
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def _export_onnx(model, example: torch.Tensor, path: Path, meta: dict, opset: int) -> None:
+    onnx = require_onnx()
+    require_onnxruntime()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: it is meant to be dynamic
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "logits": {0: "batch", 2: "height", 3: "width"}})
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    proto.doc_string = f"pixelseg {meta['model_config'].get('arch')}/{meta['model_config'].get('backbone')}: " \
+                       f"{meta['input']} -> {meta['output']}"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _export_torchscript(model, example: torch.Tensor, path: Path, meta: dict) -> None:
+    # Tracing, not scripting: the timm/FX encoders are not scriptable, and the only shape-dependent
+    # code (padding to the output stride, cropping back) traces to size ops, so H/W stay dynamic;
+    # parity at other sizes below proves it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on shape arithmetic, and "torch.jit is deprecated"
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+
+
+# ---- running an exported file ----------------------------------------------------------------------
+class OnnxModel:
+    """An exported .onnx file under onnxruntime, callable like the model: float [0,1] N×3×H×W -> logits."""
+
+    def __init__(self, path, device: str | torch.device = "cpu"):
+        ort = require_onnxruntime()
+        path = Path(path)
+        if not path.is_file():
+            raise PixelsegError(f"{path}: ONNX file not found")
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise PixelsegError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        self.metadata = json.loads(raw) if raw else None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0]).to(x.device)
+
+
+def load_torchscript(path) -> tuple[torch.jit.ScriptModule, dict | None]:
+    files = {f"{METADATA_KEY}.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    raw = files[f"{METADATA_KEY}.json"]
+    return module.eval(), (json.loads(raw) if raw else None)
+
+
+def load_onnx_predictor_parts(path, device="cpu") -> tuple[OnnxModel, DatasetInfo, tuple[int, int]]:
+    """(callable, DatasetInfo, training size) from a file written by `pixelseg export`."""
+    model = OnnxModel(path, device)
+    if not model.metadata:
+        raise PixelsegError(f"{path}: no pixelseg metadata (class names, training size) in this ONNX file; "
+                            "export it with `pixelseg export CKPT --format onnx`")
+    meta = model.metadata
+    return model, DatasetInfo.from_dict(meta["dataset"]), tuple(meta["image_size"])
+
+
+# ---- parity ----------------------------------------------------------------------------------------
+def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple[list[torch.Tensor], str]:
+    """Real images (each at its own size, longest side capped) plus a batch of two at the training size."""
+    from .data.io import UnreadableImage, read_image
+    from .inference import _collect_images, _input_size
+    arrays = []
+    if check_images:
+        for f in _collect_images(check_images)[:limit]:
+            try:
+                arrays.append(read_image(f))
+            except UnreadableImage as exc:
+                raise PixelsegError(f"--check-images: {exc}") from None
+        source = f"{len(arrays)} image(s) from --check-images"
+    else:
+        cfg = ckpt["config"]
+        dataset, root = cfg.get("dataset"), cfg.get("data_root")
+        if root is None and dataset != "synthetic":
+            raise PixelsegError(f"{ckpt['path']}: the run's dataset has no --data-root recorded, so there are no "
+                                "images to check parity on; pass --check-images PATH (a few real images)")
+        from .data import dataset_options, iter_full_res
+        try:
+            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), _input_size(ckpt), limit,
+                                           **dataset_options(cfg)):
+                arrays.append(img)
+        except PixelsegError as exc:
+            raise PixelsegError(f"cannot read the run's validation images for the parity check ({exc}); "
+                                "pass --check-images PATH") from None
+        source = f"{len(arrays)} image(s) of {dataset}/{cfg.get('val_split')}"
+    if not arrays:
+        raise PixelsegError("no images for the parity check; pass --check-images PATH")
+    inputs = []
+    for a in arrays:
+        x = torch.from_numpy(a).permute(2, 0, 1)[None].float().div(255)
+        h, w = x.shape[-2:]
+        if max(h, w) > max_side:  # keeps the check quick on big photos; sizes stay varied and odd
+            s = max_side / max(h, w)
+            x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                              antialias=True, align_corners=False)
+        inputs.append(x)
+    size = _input_size(ckpt)
+    batch = torch.cat([F.interpolate(inputs[i % len(inputs)], size=size, mode="bilinear", antialias=True,
+                                     align_corners=False) for i in range(2)])
+    return inputs + [batch], source
+
+
+@torch.no_grad()
+def check_parity(reference, candidate, inputs: list[torch.Tensor]) -> dict:
+    """Max |logit difference| and argmax agreement of `candidate` against `reference` over `inputs`."""
+    max_diff, max_ref, agree, total, shapes = 0.0, 0.0, 0, 0, []
+    for x in inputs:
+        ref = reference(x).float()
+        out = candidate(x).float()
+        if out.shape != ref.shape:
+            raise PixelsegError(f"exported model returned shape {tuple(out.shape)} for input {tuple(x.shape)}, "
+                                f"PyTorch {tuple(ref.shape)}: the export is not dynamic in that axis")
+        max_diff = max(max_diff, float((out - ref).abs().max()))
+        max_ref = max(max_ref, float(ref.abs().max()))
+        agree += int((out.argmax(1) == ref.argmax(1)).sum())
+        total += ref.shape[0] * ref.shape[2] * ref.shape[3]
+        shapes.append(tuple(x.shape))
+    agreement = agree / max(total, 1)
+    tol = REL_TOL * max(1.0, max_ref)
+    return {"max_abs_diff": max_diff, "tolerance": tol, "argmax_agreement": agreement, "pixels": total,
+            "inputs": [list(s) for s in shapes], "ok": agreement >= MIN_AGREEMENT and max_diff <= tol}
+
+
+def format_parity(p: dict) -> str:
+    return (f"max |logit difference| {p['max_abs_diff']:.3g} (tolerance {p['tolerance']:.3g}), identical argmax on "
+            f"{100 * p['argmax_agreement']:.4f}% of {p['pixels']} pixels (need >= {100 * MIN_AGREEMENT:g}%)")
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, max_side: int = 512,
+           opset: int = 17) -> dict:
+    """Export `checkpoint` to `out` as ONNX or TorchScript; raises PixelsegError (and writes nothing) if the
+    model cannot be exported or the export disagrees with PyTorch."""
+    from .inference import _input_size, load_model
+    if fmt not in FORMATS:
+        raise PixelsegError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()
+        require_onnxruntime()
+    out = Path(out)
+    if out.is_dir():
+        raise PixelsegError(f"--out {out} is a directory; give a file name such as {out / ('model.' + ('onnx' if fmt == 'onnx' else 'pt'))}")
+    ckpt = load_checkpoint(checkpoint)
+    model = load_model(ckpt, torch.device("cpu")).float().eval()
+    cfg = ckpt["model_config"]
+    name = f"{cfg.get('arch')}/{cfg.get('backbone')}"
+    inputs, source = _parity_inputs(ckpt, check_images, check_limit, max_side)
+    meta = _metadata(ckpt)
+    example = torch.rand(1, 3, *_input_size(ckpt), generator=torch.Generator().manual_seed(0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    t0 = time.time()
+    try:
+        try:
+            if fmt == "onnx":
+                _export_onnx(model, example, tmp, meta, opset)
+            else:
+                _export_torchscript(model, example, tmp, meta)
+        except PixelsegError:
+            raise
+        except Exception as exc:  # exporter failures come as many types; the model is what the user can change
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise PixelsegError(f"{name} cannot be exported to {fmt}: {type(exc).__name__}: {first} "
+                                f"(see docs/export.md for what exports)") from exc
+        export_s = time.time() - t0
+        candidate = OnnxModel(tmp) if fmt == "onnx" else load_torchscript(tmp)[0]
+        parity = check_parity(model, candidate, inputs)
+        if not parity["ok"]:
+            raise PixelsegError(f"{name} exported to {fmt}, but it disagrees with PyTorch on {source}: "
+                                f"{format_parity(parity)}; nothing written to {out}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"out": str(out), "format": fmt, "model": name, "bytes": out.stat().st_size, "export_s": export_s,
+            "parity_source": source, **parity}

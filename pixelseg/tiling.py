@@ -1,0 +1,138 @@
+"""Inference at an image's own resolution: resize-and-restore, sliding window, flip TTA.
+
+Every mode works on a `fn(x) -> logits` callable (float [0, 1] N×3×h×w in, N×C×h×w out), so the
+PyTorch model and an ONNX Runtime session go through the same code, and returns class
+probabilities at the input's H×W.
+
+- resize (default): squash the image to the training size, run once, upsample the logits back.
+  The model sees exactly what it saw in training (whole images resized), which is right for
+  models trained on resized whole images (the tutorial's recipe).
+- tile: windows of the training size (or `tile`) at the image's native scale, overlapping by
+  `overlap`; probabilities are blended with a raised-cosine weight so tile borders, where the
+  network lacks context, count less. Memory is one batch of windows plus the C×H×W result, so
+  a 4000×3000 photo fits, and no detail is lost to downscaling. Right for models trained on
+  native-scale images or crops (CamVid at 360×480, aerial tiles).
+- tta: also run the horizontally flipped input and average the two probability maps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def flip_tta(fn: LogitsFn) -> LogitsFn:
+    """fn on x and on x flipped left-right, in one batch; returns log of the mean softmax, so a later
+    softmax (or argmax) sees the averaged probabilities."""
+    def tta(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        p = fn(torch.cat([x, x.flip(-1)])).float().softmax(1)
+        return ((p[:n] + p[n:].flip(-1)) / 2).clamp_min(1e-12).log()
+    return tta
+
+
+class FlipTTA(nn.Module):
+    """A model wrapped with horizontal-flip TTA, usable wherever the model is (e.g. evaluate_model)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._fn = flip_tta(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+
+def resize_restore(fn: LogitsFn, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Probabilities at x's size from one pass at `size` (antialiased down, bilinear logits back up)."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False) \
+        if (h, w) != tuple(size) else x
+    logits = fn(small).float()
+    if logits.shape[-2:] != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits.softmax(1)
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Window origins covering [0, length): stride window·(1 - overlap), last window flush with the end."""
+    if length <= window:
+        return [0]
+    stride = max(1, int(window * (1 - overlap)))
+    n = math.ceil((length - window) / stride) + 1
+    return sorted({min(i * stride, length - window) for i in range(n)})
+
+
+def _blend_weight(h: int, w: int, device) -> torch.Tensor:
+    """Raised cosine, 0.1 at the window's rim and 1 in its middle: seams fade instead of stepping.
+    (torch.hann_window is 0 at the rim, which would drop image-border pixels covered by one window.)"""
+    def ramp(n: int) -> torch.Tensor:
+        return 0.1 + 0.9 * torch.hann_window(n + 2, periodic=False, device=device)[1:-1] if n > 2 else \
+            torch.ones(n, device=device)
+    return ramp(h)[:, None] * ramp(w)[None, :]
+
+
+def sliding_window(fn: LogitsFn, x: torch.Tensor, window: tuple[int, int], overlap: float = 0.25,
+                   batch_size: int = 8) -> torch.Tensor:
+    """Probabilities N×C×H×W from overlapping windows at native scale (windows run `batch_size` at a time)."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    n, _, h, w = x.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    origins = [(y, x0) for y in window_starts(h, wh, overlap) for x0 in window_starts(w, ww, overlap)]
+    weight = _blend_weight(wh, ww, x.device)
+    out = None
+    norm = torch.zeros(h, w, device=x.device)
+    for i in range(0, len(origins), max(1, batch_size // n)):
+        chunk = origins[i: i + max(1, batch_size // n)]
+        crops = torch.cat([x[:, :, y: y + wh, x0: x0 + ww] for y, x0 in chunk])
+        probs = fn(crops).float().softmax(1) * weight
+        if out is None:
+            out = torch.zeros(n, probs.shape[1], h, w, device=x.device)
+        for j, (y, x0) in enumerate(chunk):
+            out[:, :, y: y + wh, x0: x0 + ww] += probs[j * n: (j + 1) * n]
+            norm[y: y + wh, x0: x0 + ww] += weight
+    return out / norm
+
+
+class Predictor:
+    """Full-resolution inference for one model: `predictor(image uint8 H×W×3) -> probabilities 1×C×H×W`."""
+
+    def __init__(self, fn: LogitsFn, train_size: tuple[int, int], tile: tuple[int, int] | None = None,
+                 overlap: float = 0.25, tta: bool = False, batch_size: int = 8, device="cpu"):
+        self.train_size = tuple(train_size)
+        self.tile, self.overlap, self.tta = (tuple(tile) if tile else None), overlap, tta
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.fn = flip_tta(fn) if tta else fn
+
+    def describe(self) -> str:
+        if self.tile:
+            s = f"sliding window {self.tile[0]}x{self.tile[1]}, overlap {self.overlap:g}"
+        else:
+            s = f"resized to {self.train_size[0]}x{self.train_size[1]} and back"
+        return s + (", flip TTA" if self.tta else "")
+
+    @torch.no_grad()
+    def __call__(self, image) -> torch.Tensor:
+        x = torch.as_tensor(image).permute(2, 0, 1)[None].to(self.device).float().div_(255)
+        if self.tile:
+            return sliding_window(self.fn, x, self.tile, self.overlap, self.batch_size)
+        return resize_restore(self.fn, x, self.train_size)
+
+
+def torch_logits_fn(model: nn.Module, device, amp_dtype=None, channels_last: bool = True) -> LogitsFn:
+    """The PyTorch model as a LogitsFn (autocast and memory layout as in training)."""
+    from .runtime import autocast
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(torch.device(device), amp_dtype):
+            return model(x).float()
+    return fn
