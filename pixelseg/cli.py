@@ -51,6 +51,8 @@ TRAIN_HELP = {
     "sync_bn": "SyncBatchNorm across processes (needs torchrun with several processes on CUDA)",
     "freeze_bn": "keep every BatchNorm on its running statistics (small per-device batches; makes multi-process "
                  "runs match single-process ones)",
+    "precise_bn": "before each validation, re-estimate BatchNorm statistics over N training batches "
+                  "(0: off); fixes eval-mode collapse when epochs have few steps",
     "scale_range": "random rescale range of image and mask together, e.g. 0.5,2.0 (use with --crop)",
     "crop": "random crop back to --image-size; mask padding is filled with the ignore index",
     "vflip": "random vertical flip of image and mask together",

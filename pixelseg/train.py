@@ -74,6 +74,7 @@ DEFAULTS = {
     "compile": False,
     "sync_bn": False,
     "freeze_bn": False,           # keep every BatchNorm on its running statistics (small per-device batches)
+    "precise_bn": 4,              # before validating, re-estimate BatchNorm statistics over N training batches
     "workers": 0,                 # in-memory decoded data needs no worker processes
     "checkpoint_every": 0,        # also checkpoint every N optimiser steps (0: per epoch only)
     "figure_samples": 3,
@@ -176,6 +177,36 @@ def _flip_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator)
         images[flip] = images[flip].flip(-1)
         masks[flip] = masks[flip].flip(-1)
     return images, masks
+
+
+@torch.no_grad()
+def precise_bn(model, loader, n_batches: int, device, amp_dtype, channels_last: bool, dist_info: DistInfo) -> None:
+    """Recompute BatchNorm running statistics for the current weights (PreciseBN, as in pycls/Detectron2).
+
+    With few steps per epoch (the tutorial's pets run has 5) the exponential running averages lag far
+    behind weights that Adam moves quickly, and eval-mode predictions collapse to one class while
+    train-mode ones are fine. A forward-only pass over a few training batches fixes that for a fraction
+    of an epoch's cost. BatchNorm layers kept in eval mode (frozen encoder, --freeze-bn) are untouched.
+    """
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+           and m.track_running_stats]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    for i, (images, _) in enumerate(loader):
+        if i >= n_batches:
+            break
+        with autocast(device, amp_dtype):
+            model(to_model_input(images, device, channels_last))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+        if dist_info.enabled:  # every rank evaluates with the same statistics
+            for buf in (m.running_mean, m.running_var):
+                all_reduce_sum(buf, dist_info).div_(dist_info.world_size)
 
 
 @torch.no_grad()
@@ -429,6 +460,8 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         loss_sum = all_reduce_sum(loss_sum.to(device), dist_info).cpu()
         seen_t = all_reduce_sum(torch.tensor([seen], dtype=torch.float64, device=device), dist_info)
 
+        if cfg["precise_bn"]:
+            precise_bn(core, train_loader, cfg["precise_bn"], device, amp_dtype, cfg["channels_last"], dist_info)
         val_cm, val_loss = evaluate_model(fwd, val_loader, device, amp_dtype, info.num_classes, info.ignore_index,
                                           cfg["channels_last"], loss_fn, dist_info)
         scores, train_scores = val_cm.compute(), train_cm.compute()
