@@ -186,9 +186,9 @@ def precise_bn(model, loader, n_batches: int, device, amp_dtype, channels_last: 
     With few steps per epoch (the tutorial's pets run has 5) the exponential running averages lag far
     behind weights that Adam moves quickly, and eval-mode predictions collapse to one class while
     train-mode ones are fine. A forward-only pass over a few training batches fixes that for a fraction
-    of an epoch's cost. BatchNorm layers kept in eval mode (frozen encoder, --freeze-bn) are untouched.
+    of an epoch's cost. Call it with the model in its training configuration: BatchNorm layers kept in
+    eval mode (frozen encoder, --freeze-bn) are left untouched.
     """
-    model.train()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
            and m.track_running_stats]
     if not bns:
