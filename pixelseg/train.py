@@ -12,14 +12,12 @@ import io
 import json
 import math
 import random
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 

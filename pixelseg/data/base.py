@@ -139,6 +139,13 @@ def decode_samples(samples: list[Sample], size: tuple[int, int], info: DatasetIn
             mask = label_map[mask]
         return img, mask, None
 
+    return decode_in_parallel(samples, work, info, cfile if use_cache else None, desc, workers)
+
+
+def decode_in_parallel(samples, work, info: DatasetInfo, cfile: Path | None, desc: str,
+                       workers: int | None = None) -> ArrayDataset:
+    """Run `work(sample) -> (image, mask, error)` on a thread pool (PIL releases the GIL), skip and report
+    unreadable files, stack the arrays and write the decode cache (when `cfile` is given)."""
     workers = workers or min(8, os.cpu_count() or 1)
     images, masks, names, skipped = [], [], [], []
     with ThreadPoolExecutor(workers) as pool:
@@ -152,9 +159,9 @@ def decode_samples(samples: list[Sample], size: tuple[int, int], info: DatasetIn
             masks.append(mask)
             names.append(s.name)
     if not names:
-        raise PixelsegError(f"no readable images among {len(samples)} listed for {info.name}")
+        raise PixelsegError(f"no readable images among {len(samples)} listed for {info.name} ({desc})")
     images, masks = np.stack(images), np.stack(masks)
-    if use_cache:
+    if cfile is not None:
         _write_cache(cfile, images, masks, {"names": names, "skipped": skipped})
     return ArrayDataset(images, masks, names, info, skipped)
 

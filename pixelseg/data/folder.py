@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import PixelsegError
-from .base import ArrayDataset, DatasetInfo, Sample, _cache_key, _write_cache, cache_dir
+from .base import ArrayDataset, DatasetInfo, Sample, _cache_key, cache_dir, decode_in_parallel
 from .io import UnreadableImage, _open, read_image
 
 # Dataset options (train flags --images-dir, --masks-dir, --val-fraction) and their defaults.
@@ -514,20 +514,5 @@ def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan
             return None, None, str(exc)
         return img, read_target(s, codec, size), None
 
-    images, masks, names, skipped = [], [], [], []
-    with ThreadPoolExecutor(min(8, max(1, len(samples)))) as pool:
-        for s, (img, mask, err) in tqdm(zip(samples, pool.map(work, samples)), total=len(samples),
-                                        desc=f"decoding {split}", unit="img", leave=False, disable=None):
-            if err is not None:
-                print(f"warning: skipping {err}", file=sys.stderr)
-                skipped.append(str(s.image))
-                continue
-            images.append(img)
-            masks.append(mask)
-            names.append(s.name)
-    if not names:
-        raise PixelsegError(f"no readable images among {len(samples)} of split {split}")
-    images, masks = np.stack(images), np.stack(masks)
-    if use_cache:
-        _write_cache(cfile, images, masks, {"names": names, "skipped": skipped})
-    return ArrayDataset(images, masks, names, info, skipped)
+    return decode_in_parallel(samples, work, info, cfile if use_cache else None, f"decoding {split}",
+                              min(8, max(1, len(samples))))
