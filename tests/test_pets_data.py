@@ -1,5 +1,4 @@
 """Oxford-IIIT Pet loader on the real sample (skipped when ../shared/data is absent) and on fakes."""
-import shutil
 from pathlib import Path
 
 import numpy as np

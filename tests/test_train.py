@@ -1,6 +1,5 @@
 """End-to-end training on tiny data: run directory contents, repeatability, checkpoints, CLI errors."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
