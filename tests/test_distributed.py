@@ -80,7 +80,9 @@ def test_two_processes_match_one_at_the_same_global_batch(one_vs_two):
     # without frozen BN the per-rank batch statistics differ: close, but not equal
     c, d = _weights(one_vs_two["one_bn"]), _weights(one_vs_two["two_bn"])
     assert [h["train_loss"] for h in d["history"]] == pytest.approx([h["train_loss"] for h in c["history"]], rel=0.1)
-    assert 1e-6 < _max_rel_diff(c["model"], d["model"]) < 0.2
+    params_c = {k: v for k, v in c["model"].items() if "running_" not in k}  # BN buffers differ by design
+    params_d = {k: v for k, v in d["model"].items() if "running_" not in k}
+    assert 1e-6 < _max_rel_diff(params_c, params_d) < 0.2
 
 
 def test_only_rank_zero_writes(one_vs_two):
