@@ -160,8 +160,8 @@ def print_table(rows: dict, budget: float, mem_label: str) -> str:
             (f"{mem_label}, inference, GB", "mem_infer", ".2f", True),
             (f"test mIoU after {budget:g} s (epochs)", "miou", ".3f", False)]
     names = [n for n in RUNNERS if n in rows]
-    head = "| metric | " + " | ".join(LABELS[n] for n in names) + " | " + " | ".join(
-        f"pixelseg vs {n}" for n in names if n != "pixelseg") + " |"
+    others = [n for n in names if n != "pixelseg"] if "pixelseg" in rows else []
+    head = "| metric | " + " | ".join(LABELS[n] for n in names) + " |" + "".join(f" pixelseg vs {n} |" for n in others)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     p = rows.get("pixelseg", {})
     for label, key, spec, lower in cols:
@@ -177,8 +177,8 @@ def print_table(rows: dict, budget: float, mem_label: str) -> str:
         # ratios read "how many times better pixelseg is": >1 is better for every row
         rats = [ratio(p.get(key), rows[n].get(key), lower) if key != "miou" else
                 (fmt(p.get(key) - rows[n].get(key), "+.3f") if p.get(key) is not None and rows[n].get(key) is not None
-                 else "—") for n in names if n != "pixelseg"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(rats) + " |")
+                 else "—") for n in others]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |" + "".join(f" {r} |" for r in rats))
     table = "\n".join(lines)
     print(table)
     return table
