@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, checked against PyTorch",
                        description="Export a checkpoint with dynamic batch, height and width. The file is run on real "
                                    "images and compared with PyTorch (max logit difference, argmax agreement); it "
-                                   "is kept only if they agree on >= 99.9%% of pixels.")
+                                   "is kept only if they agree on >= 99.9% of pixels.")
     p.add_argument("checkpoint", help="run directory (uses best.pt) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="default: onnx")
     p.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.ts.pt)")
