@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -36,7 +37,9 @@ CONFIGS = {
     "fp32": ("fp32", False, False),
     "channels_last": ("fp32", True, False),
     "compile": ("fp32", True, True),
+    "bf16": ("bf16", False, False),
     "bf16_cl": ("bf16", True, False),
+    "fp16_cl": ("fp16", True, False),
     "bf16_cl_compile": ("bf16", True, True),
     "default": ("auto", True, False),  # what `pixelseg train` does with no flags
 }
@@ -50,8 +53,9 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def build(config: str, frozen: bool, dev):
+def build(config: str, frozen: bool, dev, training: bool = True):
     from pixelseg.models import create_model
+    from pixelseg.runtime import optimize_for_training, prepare_for_inference, resolve_precision
 
     precision, channels_last, compile_ = CONFIGS[config]
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None)
@@ -59,6 +63,14 @@ def build(config: str, frozen: bool, dev):
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if os.environ.get("PIXELSEG_BENCH_PLAIN") == "1":  # without the model rewrites, to measure what they buy
+        from pixelseg.models.unet import UNet
+        UNet.split_skip_convs = False
+    else:
+        if training:
+            optimize_for_training(model, dev, resolve_precision(precision, dev))
+        else:
+            prepare_for_inference(model, resolve_precision(precision, dev), channels_last)
     fwd = torch.compile(model) if compile_ else model
     return model, fwd
 
@@ -76,12 +88,13 @@ def worker(config: str, task: str, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, args.size, args.size), dtype=torch.uint8, generator=gen)
     masks = torch.randint(0, 3, (batch, args.size, args.size), dtype=torch.uint8, generator=gen)
-    model, fwd = build(config, task == "train_frozen", dev)
+    model, fwd = build(config, task == "train_frozen", dev, task.startswith("train"))
 
     if task.startswith("train"):
         model.train()
         loss_fn = build_loss("ce", 3)
         opt = build_optimizer(model, "adam", 1e-3)
+        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
 
         def step():
             x = to_model_input(images, dev, channels_last)
@@ -89,8 +102,9 @@ def worker(config: str, task: str, args) -> dict:
             with autocast(dev, amp):
                 logits = fwd(x)
             loss = loss_fn(logits.float(), y)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # as train.py: a GradScaler only for fp16
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             return loss
     else:

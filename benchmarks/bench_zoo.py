@@ -53,7 +53,8 @@ def worker(arch: str, h: int, w: int, batch: int, args) -> dict:
     from pixelseg.losses import build_loss
     from pixelseg.models import create_model
     from pixelseg.optim import build_optimizer
-    from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input
+    from pixelseg.runtime import (autocast, optimize_for_training, prepare_for_inference, resolve_precision,
+                                  select_device, to_model_input)
 
     dev = select_device(args.device)
     amp = resolve_precision(args.precision, dev)
@@ -61,6 +62,7 @@ def worker(arch: str, h: int, w: int, batch: int, args) -> dict:
     model = create_model(arch, num_classes=3, weights=None).to(dev)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    optimize_for_training(model, dev, amp)  # what `pixelseg train` does
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=gen)
     masks = torch.randint(0, 3, (batch, h, w), dtype=torch.uint8, generator=gen).long()
@@ -80,15 +82,20 @@ def worker(arch: str, h: int, w: int, batch: int, args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    infer_model = None  # built after training: what evaluate/predict run (folded BatchNorm etc.)
+
     @torch.no_grad()
     def infer_step():
         with autocast(dev, amp):
-            model(to_model_input(images, dev, args.channels_last)).float()
+            infer_model(to_model_input(images, dev, args.channels_last)).float()
 
     res = {"arch": arch, "backbone": model.backbone, "params": sum(p.numel() for p in model.parameters()),
            "size": f"{h}x{w}", "batch": batch, "device": str(dev), "precision": str(amp or torch.float32)}
     for name, step, mode in (("train", train_step, True), ("infer", infer_step, False)):
         model.train(mode)
+        if not mode:
+            opt.zero_grad(set_to_none=True)
+            infer_model = prepare_for_inference(model, amp, args.channels_last)
         for _ in range(args.warmup):
             step()
         sync()

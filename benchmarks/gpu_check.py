@@ -1,6 +1,8 @@
 """GPU correctness, run on a CUDA machine (never in CI): every architecture (default backbone) on CUDA
 agrees with the CPU in fp32, trains a step under bf16 autocast + channels_last with finite gradients,
-and Bayesian SegNet's Monte-Carlo sampling runs on the GPU.
+Bayesian SegNet's Monte-Carlo sampling runs on the GPU, the inference rewrites
+(``runtime.prepare_for_inference``: folded BatchNorm) keep fp32 outputs, and the training-time
+decoder (grad enabled: U-Net's split skip convs) computes the same function as inference's.
 
     python benchmarks/gpu_check.py            # prints one line per model and exits non-zero on failure
 """
@@ -12,7 +14,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import copy
+
 from pixelseg.models import ARCHITECTURES, create_model, mc_predict
+from pixelseg.runtime import prepare_for_inference
 
 
 def main() -> int:
@@ -44,11 +49,24 @@ def main() -> int:
         loss.backward()
         grads_ok = all(torch.isfinite(p.grad).all() for p in gpu_model.parameters() if p.grad is not None)
         ok = diff < 1e-3 and agree > 0.999 and logits.shape == (4, 5, 128, 128) and bool(torch.isfinite(loss)) and grads_ok
-        extra = ""
+        gpu_model.eval().float()
+        with torch.no_grad():
+            plain = gpu_model(xb)
+        with torch.enable_grad():
+            train_path = gpu_model(xb).detach()  # eval BN, grad on: the training-time decoder path
+        folded = copy.deepcopy(gpu_model)
+        prepare_for_inference(folded, None, True)
+        with torch.no_grad():
+            fold_out = folded(xb)
+        scale = plain.abs().max().clamp(min=1e-6)
+        fold_diff = float((fold_out - plain).abs().max() / scale)
+        path_diff = float((train_path - plain).abs().max() / scale)
+        ok &= fold_diff < 1e-3 and path_diff < 1e-3
+        extra = f" | folded-BN rel diff {fold_diff:.1e}, train-path rel diff {path_diff:.1e}"
         if arch == "bayesian_segnet":
             r = mc_predict(gpu_model, xb, 8)
             ok &= r["entropy"].shape == (4, 128, 128) and bool(torch.isfinite(r["entropy"]).all())
-            extra = f" | mc entropy mean {float(r['entropy'].mean()):.3f}"
+            extra += f" | mc entropy mean {float(r['entropy'].mean()):.3f}"
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {arch:<16} {model.backbone:<12} cuda-vs-cpu fp32 rel diff {diff:.2e}, "
               f"argmax agreement {agree:.4f} | bf16 train step loss {float(loss):.3f}, grads finite {grads_ok}"

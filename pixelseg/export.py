@@ -221,7 +221,7 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
     if out.is_dir():
         raise PixelsegError(f"--out {out} is a directory; give a file name such as {out / ('model.' + ('onnx' if fmt == 'onnx' else 'pt'))}")
     ckpt = load_checkpoint(checkpoint)
-    model = load_model(ckpt, torch.device("cpu")).float().eval()
+    model = load_model(ckpt, torch.device("cpu"), fast=False).float().eval()
     cfg = ckpt["model_config"]
     name = f"{cfg.get('arch')}/{cfg.get('backbone')}"
     inputs, source = _parity_inputs(ckpt, check_images, check_limit, max_side)

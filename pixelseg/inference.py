@@ -16,14 +16,18 @@ from .data.io import UnreadableImage, read_image
 from .errors import PixelsegError
 from .metrics import ConfusionMatrix
 from .models import create_model
-from .runtime import autocast, resolve_precision, select_device, to_model_input
+from .runtime import autocast, prepare_for_inference, resolve_precision, select_device, to_model_input
 from .tiling import FlipTTA, Predictor, torch_logits_fn
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def load_model(ckpt: dict, device: torch.device):
-    """Rebuild the architecture from the checkpoint's own config and load its weights."""
+def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None = None,
+               channels_last: bool = True, fast: bool = True):
+    """Rebuild the architecture from the checkpoint's own config and load its weights, in eval mode.
+
+    ``fast`` applies ``runtime.prepare_for_inference`` (folded BatchNorm, channels_last, bf16
+    weights under bf16 autocast); export passes ``fast=False`` to get the plain module."""
     cfg = dict(ckpt["model_config"])
     cfg["weights"] = None
     model = create_model(**cfg)
@@ -34,7 +38,8 @@ def load_model(ckpt: dict, device: torch.device):
         raise PixelsegError(f"{ckpt['path']}: weights do not fit {cfg.get('arch')}/{cfg.get('backbone')} with "
                             f"{cfg.get('num_classes')} classes ({first}); was the file edited or produced by "
                             "another tool?") from exc
-    return model.to(device).eval()
+    model.to(device).eval()
+    return prepare_for_inference(model, amp_dtype, channels_last) if fast else model
 
 
 def _input_size(ckpt: dict) -> tuple[int, int]:
@@ -81,7 +86,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     if full_res:
         info = dataset_info(dataset, root, **options)
         _check_classes(ckpt, info, dataset, num_classes)
-        model = load_model(ckpt, dev)
+        model = load_model(ckpt, dev, amp, channels_last)
         predictor = Predictor(torch_logits_fn(model, dev, amp, channels_last), size, window, overlap, tta,
                               batch_size=min(batch_size, 16), device=dev)
         cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
@@ -99,7 +104,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True), **options)
         info, n_images, skipped = ds.info, len(ds), ds.skipped
         _check_classes(ckpt, info, dataset, num_classes)
-        model = load_model(ckpt, dev)
+        model = load_model(ckpt, dev, amp, channels_last)
         from .train import evaluate_model
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
         cm, _ = evaluate_model(FlipTTA(model) if tta else model, loader, dev, amp, num_classes, info.ignore_index,
@@ -214,7 +219,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     decoded = _decode_all(files)
     if backend == "torch":
         amp = resolve_precision(precision, dev)
-        model = load_model(ckpt, dev)
+        model = load_model(ckpt, dev, amp)
         fn, mode_dev = torch_logits_fn(model, dev, amp, True), dev
     predictor = Predictor(fn, size, tile_size(tile, size), overlap, tta, device=mode_dev)
     out = Path(out_dir)

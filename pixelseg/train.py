@@ -30,7 +30,8 @@ from .losses import build_loss, class_weights
 from .metrics import ConfusionMatrix
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
-from .runtime import autocast, resolve_precision, seed_everything, select_device, to_model_input
+from .runtime import (autocast, optimize_for_training, resolve_precision, seed_everything, select_device,
+                      to_model_input)
 from . import viz
 
 # Single source of truth for training options; the CLI builds its flags from this dict.
@@ -345,6 +346,7 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
     model.to(device)
     if cfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
+    kernel_note = optimize_for_training(model, device, amp_dtype)
     if cfg["sync_bn"]:
         if not dist_info.enabled:
             raise PixelsegError("--sync-bn needs several processes (launch with torchrun --nproc_per_node=N); "
@@ -391,6 +393,8 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         log(f"pixelseg {__version__} | {cfg['model']}/{core.backbone} | {n_params / 1e6:.2f}M params "
             f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if freeze else 'trained'}) | device {device} | "
             f"precision {amp_dtype or torch.float32} | channels_last {cfg['channels_last']} | world {dist_info.world_size}")
+        if kernel_note != "none":
+            log(f"kernels: {kernel_note}")
         log(f"data: {info.name} train={cfg['train_split']} ({len(train_ds)} images) val={cfg['val_split']} "
             f"({len(val_ds)} images) at {'×'.join(map(str, _size_hw(size)))}; unreadable files skipped: "
             f"{len(train_ds.skipped) + len(val_ds.skipped)}")

@@ -3,8 +3,8 @@
 - train: `pixelseg train` (the CLI entry point, in this process so its peak RSS is this process's)
   on the pets-layout data with `--weights none` (nothing may be downloaded), everything else default;
   images/s is the run's own per-epoch `train_images_per_s` (whole loop incl. data), epoch 2 onward.
-- infer: `create_model` + the runtime's defaults (device auto, precision auto, channels_last), as
-  `pixelseg evaluate/predict` run the model.
+- infer: `create_model` + the runtime's defaults (device auto, precision auto, channels_last, folded
+  BatchNorm: `runtime.prepare_for_inference`), as `pixelseg evaluate/predict` run the model.
 - quality: `python -m pixelseg train ... --epochs <many>` as a child, stopped when the wall-clock budget
   (counted from this runner's launch) runs out; the last per-epoch checkpoint (`last.pt`) written
   inside the budget is scored on the common test arrays.
@@ -76,12 +76,12 @@ def task_infer(args) -> dict:
     import torch
 
     from pixelseg.models import create_model
-    from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input
+    from pixelseg.runtime import autocast, prepare_for_inference, resolve_precision, select_device, to_model_input
 
     dev = select_device("auto")
     amp = resolve_precision("auto", dev)
-    model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).to(dev).eval()
-    model.to(memory_format=torch.channels_last)
+    model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).to(dev)
+    prepare_for_inference(model, amp, channels_last=True)  # what evaluate/predict do
     gen = torch.Generator().manual_seed(0)
     xb_u8 = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, generator=gen)
     x1_u8 = xb_u8[:1].clone()

@@ -1,0 +1,131 @@
+"""The runtime's speed rewrites must not change what the model computes.
+
+``fold_batchnorm``/``prepare_for_inference`` (inference), ``optimize_for_training`` (CPU bf16
+training) and U-Net's split skip convolutions (training) are all exact reformulations; these tests
+hold each one against the plain model.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pixelseg.models import ARCHITECTURES, create_model
+from pixelseg.models.unet import UNet
+from pixelseg.runtime import (_Fp32BackwardDepthwiseConv2d, fold_batchnorm, optimize_for_training,
+                              prepare_for_inference)
+
+
+def _with_running_stats(model, x):
+    """Train-mode passes so BatchNorm running statistics are far from their 0/1 initial values."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x * 3 + 1)
+    return model.eval()
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-6))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_fold_batchnorm_keeps_outputs(arch):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 96)
+    model = _with_running_stats(create_model(arch, num_classes=4, weights=None), x)
+    n_bn = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    with torch.no_grad():
+        ref = model(x)
+    folded = copy.deepcopy(model)
+    n = fold_batchnorm(folded)
+    with torch.no_grad():
+        out = folded(x)
+    assert n > 0 and n_bn > 0
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in folded.modules()) == n_bn - n
+    assert _rel(out, ref) < 1e-4
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
+
+
+def test_fold_batchnorm_folds_every_bn_of_the_tutorial_model():
+    model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).eval()
+    assert fold_batchnorm(model) == 55
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_fold_batchnorm_refuses_training_mode():
+    model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).train()
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(model)
+
+
+def test_prepare_for_inference_bf16_weights_agree_with_fp32():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    model = _with_running_stats(create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None), x)
+    with torch.no_grad():
+        ref = model(x)
+    fast = prepare_for_inference(copy.deepcopy(model), torch.bfloat16, channels_last=True)
+    assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    assert not fast.training
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x.contiguous(memory_format=torch.channels_last)).float()
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 0.05  # bf16 has 8 mantissa bits
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.95
+
+
+def test_optimize_for_training_retargets_only_strided_depthwise_convs():
+    model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None)
+    keys = list(model.state_dict())
+    assert optimize_for_training(copy.deepcopy(model), torch.device("cpu"), None) == "none"
+    note = optimize_for_training(model, torch.device("cpu"), torch.bfloat16)
+    swapped = [m for m in model.modules() if isinstance(m, _Fp32BackwardDepthwiseConv2d)]
+    assert len(swapped) == 4 and note.startswith("4 ")  # MobileNetV2's four stride-2 depthwise convs
+    assert all(m.groups == m.in_channels and max(m.stride) == 2 for m in swapped)
+    assert list(model.state_dict()) == keys
+
+
+def test_fp32_depthwise_conv_gradients_match_plain_bf16():
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = _Fp32BackwardDepthwiseConv2d
+    x = torch.randn(2, 16, 32, 32)
+    grads = []
+    for conv in (plain, fast):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xx)
+        assert y.dtype == torch.bfloat16  # the rest of the network still sees bf16
+        (y.float() ** 2).sum().backward()
+        grads.append((y.detach().float(), xx.grad, conv.weight.grad))
+    for a, b in zip(*grads):
+        assert _rel(b, a) < 0.02  # fp32 is the more accurate of the two
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_unet_split_skip_convs_compute_the_same_function_and_gradients(frozen, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    y = torch.randint(0, 3, (2, 64, 64))
+    model = _with_running_stats(create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None), x)
+    model.set_encoder_frozen(frozen)
+    results = []
+    for split in (False, True):
+        monkeypatch.setattr(UNet, "split_skip_convs", split)
+        m = copy.deepcopy(model).train()
+        m.set_encoder_frozen(frozen)
+        logits = m(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (ref, ref_g), (out, out_g) = results
+    assert _rel(out, ref) < 1e-5
+    assert ref_g.keys() == out_g.keys() and len(ref_g) > 0
+    a = torch.cat([out_g[n].flatten() for n in ref_g])
+    b = torch.cat([ref_g[n].flatten() for n in ref_g])
+    # fp32 sums in another order through ~50 layers; some BatchNorm biases have ~0 true gradient, so
+    # compare against the scale of all gradients rather than tensor by tensor
+    assert float((a - b).norm() / b.norm()) < 1e-4
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-3
