@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=15, help="epochs of each parity run (from random weights the "
                    "model needs ~10 epochs of the 300-image sample to leave the majority-class prediction)")
     p.add_argument("--seeds", default="0", help="comma list of seeds for the parity runs")
-    p.add_argument("--tolerance", type=float, default=0.03, help="largest acceptable final mIoU gap (absolute)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="largest acceptable final mIoU gap (absolute)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `pixelseg train` flags for the "
                    "time-to-quality run")
     p.add_argument("--timeout", type=float, default=1800)

@@ -293,7 +293,9 @@ def main(argv=None) -> int:
                 continue
             ips = statistics.median(r["images_per_s"] for r in ok)
             mem = statistics.median(r.get("peak_device_mem_bytes", r["peak_rss_bytes"]) for r in ok)
-            peak = peaks["bf16" if "bf16" in ok[0]["precision"] else "fp32_configs"]
+            # bf16 and fp16 configs against the bf16 GEMM peak (the same tensor-core/AMX rate); the precision
+            # field reads "torch.bfloat16"/"torch.float16"/"torch.float32"
+            peak = peaks["bf16" if ok[0]["precision"] in ("torch.bfloat16", "torch.float16") else "fp32_configs"]
             gflops = flops[task] * ips / 1e9
             row[task] = {"images_per_s": ips, "ms": 1000 / ips if task == "latency" else None, "mem_bytes": mem,
                          "gflops": gflops, "pct_peak": 100 * gflops / peak if peak else None,
