@@ -129,3 +129,36 @@ def test_unet_split_skip_convs_compute_the_same_function_and_gradients(frozen, m
     # compare against the scale of all gradients rather than tensor by tensor
     assert float((a - b).norm() / b.norm()) < 1e-4
     assert float((a - b).abs().max() / b.abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("arch", ["unet", "deeplabv3", "fcn32s"])
+def test_frozen_encoder_runs_as_a_cached_inference_copy(arch):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    model = _with_running_stats(create_model(arch, num_classes=3, weights=None), x)
+    model.set_encoder_frozen(True)
+    model.train()
+    xn = (x - model.mean) / model.std
+    with torch.no_grad():  # the plain encoder (the copy is for grad-enabled training steps only)
+        ref = model.encoder(xn)
+    feats = model.encode(xn)
+    assert [f.shape for f in feats] == [f.shape for f in ref]
+    for f, r in zip(feats, ref):
+        assert _rel(f, r) < 1e-4 and not f.requires_grad
+    keys = set(model.state_dict())
+    assert not any("cache" in k for k in keys)
+    cached = model.__dict__["_frozen_encoder_cache"][1]
+    model.encode(x)
+    assert model.__dict__["_frozen_encoder_cache"][1] is cached  # reused while nothing changed
+    # changing the weights (resume, load_state_dict) rebuilds the copy
+    sd = model.state_dict()
+    first_bn = next(k for k in sd if k.startswith("encoder.") and k.endswith("running_mean"))
+    sd[first_bn] = sd[first_bn] + 1.0
+    model.load_state_dict(sd)
+    model.encode(x)
+    assert model.__dict__["_frozen_encoder_cache"][1] is not cached
+    # a training step through the copy still trains the decoder, and only the decoder
+    logits = model(x)
+    logits.float().sum().backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert any(p.grad is not None for n, p in model.named_parameters() if not n.startswith("encoder."))

@@ -73,5 +73,5 @@ class DeepLabV3(SegmentationModel):
                 "image-pooling branch); raise --batch-size"
             )
         size = x.shape[-2:]
-        y = self.head(self.encoder(x)[-1])
+        y = self.head(self.encode(x)[-1])
         return F.interpolate(y, size=size, mode="bilinear", align_corners=False)

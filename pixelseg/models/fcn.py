@@ -97,7 +97,7 @@ class _FCN(SegmentationModel):
         self.upscore_final = bilinear_upsample(num_classes, final, trainable=learn_final_upsample)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)
+        feats = self.encode(x)
         score = self.head(feats[-1])
         for up, score_skip, i in zip(self.upscore2, self.score_skip, self.skip_index):
             score = up(score) + score_skip(feats[i])
