@@ -196,3 +196,51 @@ def summarise_epochs(images_per_s: list[float], first: int = 1) -> float | None:
 
 def python_info() -> str:
     return f"python {sys.version.split()[0]}"
+
+
+def runner_parser(description: str):
+    """The command line every runner shares (compare.py passes the same flags to all three)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("task", choices=["train", "infer", "quality"])
+    p.add_argument("--data-root")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--freeze", choices=["yes", "no"], default="yes")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--latency-iters", type=int, default=20)
+    p.add_argument("--budget", type=float, default=120.0)
+    p.add_argument("--t0", type=float, default=None, help="launch time (time.time()) the budget counts from")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def time_inference(run_batch, run_one, args, sync=lambda: None) -> dict:
+    """Median (and best) batch throughput and batch-1 latency, timed the same way for every framework.
+
+    ``run_batch``/``run_one`` run one forward pass and return something host-side (or synchronised by
+    ``sync``); warm-up calls come first and are not timed.
+    """
+    import statistics
+
+    for _ in range(args.warmup):
+        run_batch()
+        run_one()
+    times, lat = [], []
+    for _ in range(args.iters):
+        sync()
+        t = time.perf_counter()
+        run_batch()
+        sync()
+        times.append(time.perf_counter() - t)
+    for _ in range(args.latency_iters):
+        sync()
+        t = time.perf_counter()
+        run_one()
+        lat.append(time.perf_counter() - t)
+    return {"task": "infer", "batch": args.batch, "infer_images_per_s": args.batch / statistics.median(times),
+            "latency_b1_ms": 1000 * statistics.median(lat),
+            "infer_images_per_s_best": args.batch / min(times), "latency_b1_ms_best": 1000 * min(lat)}

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,25 +90,8 @@ def task_infer(args) -> dict:
         with autocast(dev, amp):
             return model(to_model_input(images, dev, True)).float()
 
-    for _ in range(args.warmup):
-        run(xb_u8)
-        run(x1_u8)
-    times, lat = [], []
-    for _ in range(args.iters):
-        _sync(dev)
-        t = time.perf_counter()
-        run(xb_u8)
-        _sync(dev)
-        times.append(time.perf_counter() - t)
-    for _ in range(args.latency_iters):
-        _sync(dev)
-        t = time.perf_counter()
-        run(x1_u8).cpu()
-        lat.append(time.perf_counter() - t)
-    return {"task": "infer", "batch": args.batch, "precision": str(amp or torch.float32),
-            "infer_images_per_s": args.batch / statistics.median(times),
-            "latency_b1_ms": 1000 * statistics.median(lat),
-            "infer_images_per_s_best": args.batch / min(times), "latency_b1_ms_best": 1000 * min(lat), "peak_device_mem_bytes": _peak_device_memory(dev)}
+    res = common.time_inference(lambda: run(xb_u8), lambda: run(x1_u8).cpu(), args, sync=lambda: _sync(dev))
+    return dict(res, precision=str(amp or torch.float32), peak_device_mem_bytes=_peak_device_memory(dev))
 
 
 def task_quality(args) -> dict:
@@ -167,19 +149,7 @@ def score_checkpoint(path: Path, data_root: Path, size: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["train", "infer", "quality"])
-    p.add_argument("--data-root")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--freeze", choices=["yes", "no"], default="yes")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--latency-iters", type=int, default=20)
-    p.add_argument("--budget", type=float, default=120.0)
-    p.add_argument("--t0", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = common.runner_parser(__doc__.splitlines()[0])
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further `pixelseg train` flags (train/quality), e.g. --extra --precision fp32")
     args = p.parse_args(argv)

@@ -13,9 +13,7 @@ Each prints one JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,24 +126,8 @@ def task_infer(args) -> dict:
     model = build(False, dev).eval()
     xb = preprocess(torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8), dev)
     x1 = xb[:1].clone()
-    for _ in range(args.warmup):
-        model(xb)
-        model(x1)
-    times, lat = [], []
-    for _ in range(args.iters):
-        sync(dev)
-        t = time.perf_counter()
-        model(xb)
-        sync(dev)
-        times.append(time.perf_counter() - t)
-    for _ in range(args.latency_iters):
-        sync(dev)
-        t = time.perf_counter()
-        model(x1).cpu()
-        lat.append(time.perf_counter() - t)
-    return {"task": "infer", "batch": args.batch, "infer_images_per_s": args.batch / statistics.median(times),
-            "latency_b1_ms": 1000 * statistics.median(lat),
-            "infer_images_per_s_best": args.batch / min(times), "latency_b1_ms_best": 1000 * min(lat), "peak_device_mem_bytes": peak_device_memory(dev)}
+    res = common.time_inference(lambda: model(xb), lambda: model(x1).cpu(), args, sync=lambda: sync(dev))
+    return dict(res, peak_device_mem_bytes=peak_device_memory(dev))
 
 
 def task_quality(args) -> dict:
@@ -179,19 +161,7 @@ def task_quality(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["train", "infer", "quality"])
-    p.add_argument("--data-root")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--freeze", choices=["yes", "no"], default="yes")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--latency-iters", type=int, default=20)
-    p.add_argument("--budget", type=float, default=120.0)
-    p.add_argument("--t0", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = common.runner_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     if args.t0 is None:
         args.t0 = time.time()

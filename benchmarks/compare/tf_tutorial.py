@@ -17,9 +17,7 @@ Each prints one JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -201,22 +199,9 @@ def task_infer(args) -> dict:
     x1 = xb[:1]
     # predict_on_batch runs Keras' compiled predict function: model.predict without its per-call
     # dataset/progress-bar overhead, so the reference is measured at its fastest.
-    for _ in range(args.warmup):
-        model.predict_on_batch(xb)
-        model.predict_on_batch(x1)
-    times = []
-    for _ in range(args.iters):
-        t = time.perf_counter()
-        np.asarray(model.predict_on_batch(xb))
-        times.append(time.perf_counter() - t)
-    lat = []
-    for _ in range(args.latency_iters):
-        t = time.perf_counter()
-        np.asarray(model.predict_on_batch(x1))
-        lat.append(time.perf_counter() - t)
-    return {"task": "infer", "batch": args.batch, "infer_images_per_s": args.batch / statistics.median(times),
-            "latency_b1_ms": 1000 * statistics.median(lat),
-            "infer_images_per_s_best": args.batch / min(times), "latency_b1_ms_best": 1000 * min(lat), "peak_device_mem_bytes": peak_device_memory()}
+    res = common.time_inference(lambda: np.asarray(model.predict_on_batch(xb)),
+                                lambda: np.asarray(model.predict_on_batch(x1)), args)
+    return dict(res, peak_device_mem_bytes=peak_device_memory())
 
 
 def task_quality(args) -> dict:
@@ -246,19 +231,7 @@ def task_quality(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["train", "infer", "quality"])
-    p.add_argument("--data-root")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--freeze", choices=["yes", "no"], default="yes")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--latency-iters", type=int, default=20)
-    p.add_argument("--budget", type=float, default=120.0)
-    p.add_argument("--t0", type=float, default=None, help="launch time (time.time()) the budget counts from")
-    p.add_argument("--seed", type=int, default=0)
+    p = common.runner_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     if args.t0 is None:
         args.t0 = time.time()
