@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import PixelsegError
 
 TRAIN_HELP = {
-    "dataset": "dataset name: oxford-pet, camvid, folder (your own images/ + masks/), synthetic",
+    "dataset": "dataset name: oxford-pet, camvid, voc (Pascal VOC 2012 + SBD train_aug), ade20k (SceneParsing), "
+               "cityscapes, folder (your own images/ + masks/), synthetic (see docs/datasets.md)",
     "data_root": "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/, downloaded into "
                  "$PIXELSEG_DATA or ~/.cache/pixelseg when omitted; CamVid: the SegNet layout; folder: holds "
                  "images/ and masks/, see docs/datasets.md)",
@@ -29,6 +30,9 @@ TRAIN_HELP = {
     "weights": "encoder weights: imagenet, none, or a path to a state-dict file",
     "freeze_encoder": "auto (freeze iff pretrained weights are loaded, as the tutorial does), yes, no",
     "epochs": "number of epochs",
+    "iterations": "number of optimiser steps in all, as papers give schedules (overrides --epochs: the run stops "
+                  "after this many steps and the lr schedule spans them; validation still runs once per epoch)",
+    "output_stride": "encoder output stride of dilated models (deeplabv3: 16 or 8; default: the architecture's)",
     "batch_size": "global batch size (all processes and accumulation steps together)",
     "accumulate": "gradient accumulation steps per optimiser step",
     "image_size": "training resolution: N (square) or HxW, e.g. 360x480",
@@ -81,7 +85,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
         elif isinstance(default, float):
             p.add_argument(_flag(key), dest=key, type=float, default=None, help=help_)
-        elif key == "limit":
+        elif key in ("limit", "iterations", "output_stride"):
             p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
         elif key == "val_fraction":
             p.add_argument(_flag(key), dest=key, type=float, default=None, help=help_)
@@ -100,11 +104,50 @@ def _load_yaml_config(path: Path) -> dict:
         raise PixelsegError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise PixelsegError(f"--config {path}: expected a mapping of option: value")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.pop("source", None)  # recipes cite where their numbers come from; documentation only
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
         raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see `pixelseg train --help`")
+    for key, value in data.items():
+        expected = _config_type(key, DEFAULTS[key])
+        if float in expected and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                data[key] = value = float(value)
+            except ValueError:
+                pass
+        if value is not None and not _is_type(value, expected):
+            names = " or ".join(t.__name__ for t in expected)
+            raise PixelsegError(f"--config {path}: {key}: expected {names}, got {type(value).__name__} {value!r}")
     return data
+
+
+# Keys whose default is None (or whose value has several spellings) and the YAML types they accept.
+_CONFIG_TYPES = {
+    "image_size": (int, str, list), "scale_range": (str, list), "limit": (int,), "iterations": (int,),
+    "output_stride": (int,), "val_fraction": (float,), "weights": (str,), "backbone": (str,),
+    "precise_bn": (int,),
+}
+
+
+def _config_type(key: str, default) -> tuple:
+    if key in _CONFIG_TYPES:
+        return _CONFIG_TYPES[key]
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (float,)
+    if isinstance(default, int):
+        return (int,)
+    return (str,)
+
+
+def _is_type(value, expected: tuple) -> bool:
+    if isinstance(value, bool):  # YAML's true/false are never numbers here
+        return bool in expected
+    if float in expected and isinstance(value, int):
+        return True
+    return isinstance(value, expected)
 
 
 def _add_resolution_args(p: argparse.ArgumentParser) -> None:
@@ -140,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-res", action="store_true",
                    help="score each image at its own resolution against its original-size mask (the honest number; "
                         "writes eval_<split>_fullres.json); default: the training resolution, as training reports")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also measure the softmax-entropy uncertainty: accuracy of the pixels kept when the most "
+                        "uncertain p%% are dropped, expected calibration error, reliability diagram "
+                        "(uncertainty_<split>.png); see docs/uncertainty.md")
+    p.add_argument("--mc-samples", type=int, default=0,
+                   help="Monte-Carlo dropout samples for models with dropout (bayesian_segnet, deeplabv3): the "
+                        "--uncertainty report for the sampled mean softmax too, with predictive entropy and variance")
     _add_resolution_args(p)
 
     p = sub.add_parser("predict", help="segment image files",
@@ -200,7 +250,8 @@ def _run(args) -> int:
         result = evaluate(args.checkpoint, data_root=args.data_root, split=args.split, dataset=args.dataset,
                           limit=args.limit, device=args.device, precision=args.precision, out_dir=args.out,
                           batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
-                          overlap=args.tile_overlap, tta=args.tta)
+                          overlap=args.tile_overlap, tta=args.tta, uncertainty=args.uncertainty,
+                          mc_samples=args.mc_samples)
         print(format_scores(result))
         print(f"wrote {' and '.join(result['files'])}")
         return 0

@@ -65,9 +65,13 @@ def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
 
 def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, device="auto",
              precision="auto", out_dir=None, batch_size=32, progress=True, full_res=False, tile=None,
-             overlap=0.25, tta=False) -> dict:
+             overlap=0.25, tta=False, uncertainty=False, mc_samples=0) -> dict:
     """Score a checkpoint on a split: at the training resolution (default, what training reports), or with
-    `full_res` at each image's own resolution against the original-size masks (the honest number)."""
+    `full_res` at each image's own resolution against the original-size masks (the honest number).
+
+    `uncertainty` (or `mc_samples` > 0, which needs dropout in the model) adds the calibration report of
+    `pixelseg.calibration`: softmax-entropy uncertainty of the deterministic pass and, with `mc_samples`,
+    Monte-Carlo dropout's predictive entropy and variance; scores stay those of the deterministic pass."""
     ckpt = load_checkpoint(run_or_ckpt)
     cfg = ckpt["config"]
     dataset = dataset or cfg["dataset"]
@@ -80,6 +84,13 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     window = tile_size(tile, size)
     if window and not full_res:
         raise PixelsegError("--tile needs --full-res: at the training resolution every image is already one window")
+    mc_samples = int(mc_samples or 0)
+    uncertainty = bool(uncertainty or mc_samples)
+    if mc_samples < 0:
+        raise PixelsegError(f"--mc-samples {mc_samples}: must be >= 0")
+    if uncertainty and (full_res or tta):
+        raise PixelsegError("--uncertainty/--mc-samples are measured at the training resolution without TTA; "
+                            "drop --full-res/--tta")
     num_classes = ckpt["model_config"]["num_classes"]
     channels_last = cfg.get("channels_last", True)
     skipped: list[str] = []
@@ -107,8 +118,12 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         model = load_model(ckpt, dev, amp, channels_last)
         from .train import evaluate_model
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
-        cm, _ = evaluate_model(FlipTTA(model) if tta else model, loader, dev, amp, num_classes, info.ignore_index,
-                               channels_last, progress=progress, desc=f"evaluate {split}")
+        if uncertainty:
+            cm, unc = _uncertainty_pass(model, loader, dev, amp, info, channels_last, mc_samples, progress,
+                                        ckpt["path"], split)
+        else:
+            cm, _ = evaluate_model(FlipTTA(model) if tta else model, loader, dev, amp, num_classes,
+                                   info.ignore_index, channels_last, progress=progress, desc=f"evaluate {split}")
         resolution = f"{size[0]}x{size[1]} (training resolution{', flip TTA' if tta else ''})"
         tag = split + ("_tta" if tta else "")
     scores = cm.compute()
@@ -124,12 +139,64 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     }
     out = Path(out_dir) if out_dir else Path(ckpt["path"]).parent
     out.mkdir(parents=True, exist_ok=True)
+    extra_files = []
+    if uncertainty:
+        from .calibration import reliability_figure
+        sources = unc.pop("_stats")
+        result["uncertainty"] = unc
+        tag_u = f"{tag}_mc{mc_samples}" if mc_samples else tag
+        fig = out / f"uncertainty_{tag_u}.png"
+        reliability_figure(sources, fig, f"{ckpt['model_config'].get('arch')}/{ckpt['model_config'].get('backbone')}"
+                           f" on {dataset} {split}" + (f", {mc_samples} MC-dropout samples" if mc_samples else ""))
+        extra_files.append(str(fig))
+        tag = tag_u
     atomic_write_text(out / f"eval_{tag}.json", json.dumps(result, indent=1))
     viz.confusion_figure(cm.mat.cpu().numpy(), info.class_names, out / f"confusion_{tag}.png",
                          f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if full_res else ""))
     result["out_dir"] = str(out)
-    result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png")]
+    result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png")] + extra_files
     return result
+
+
+@torch.no_grad()
+def _uncertainty_pass(model, loader, dev, amp, info: DatasetInfo, channels_last: bool, mc_samples: int,
+                      progress: bool, ckpt_path, split: str):
+    """One pass over the split: confusion matrix of the deterministic prediction plus the calibration
+    statistics of `pixelseg.calibration` for it (softmax entropy) and, with `mc_samples`, for MC dropout."""
+    from .calibration import UncertaintyStats, entropy_range, softmax_entropy
+    from .metrics import scores_from_confusion
+    from .models.uncertainty import _DROPOUT, mc_predict
+    c = info.num_classes
+    if mc_samples and not any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules()):
+        raise PixelsegError(f"{ckpt_path}: this model has no dropout layers, so --mc-samples has nothing to sample; "
+                            "use --uncertainty for the softmax-entropy report of a plain model")
+    cm = ConfusionMatrix(c, info.ignore_index, device=dev)
+    cm_mc = ConfusionMatrix(c, info.ignore_index, device=dev)
+    single = UncertaintyStats({"entropy": entropy_range(c)}, device=dev)
+    mc = UncertaintyStats({"entropy": entropy_range(c), "variance": (1 - 1 / c) / c}, device=dev) \
+        if mc_samples else None
+    model.eval()
+    for images, masks in tqdm(loader, desc=f"uncertainty {split}", leave=False, disable=not progress or None):
+        x = to_model_input(images, dev, channels_last)
+        y = masks.to(dev)
+        with autocast(dev, amp):
+            probs = model(x).float().softmax(1)
+        cm.update(probs.argmax(1), y)
+        single.update(probs, y, info.ignore_index, {"entropy": softmax_entropy(probs)})
+        if mc is not None:
+            with autocast(dev, amp):
+                r = mc_predict(model, x, mc_samples)
+            mean = r["mean"].float()
+            cm_mc.update(mean.argmax(1), y)
+            mc.update(mean, y, info.ignore_index, {"entropy": r["entropy"].float(), "variance": r["variance"].float()})
+    report = {"mc_samples": mc_samples, "softmax": single.summary(),
+              "_stats": {"softmax (1 pass)": single}}
+    if mc is not None:
+        s = scores_from_confusion(cm_mc.mat)
+        report["mc"] = mc.summary()
+        report["mc"].update({"mean_class_acc": s["mean_class_acc"], "miou": s["miou"]})
+        report["_stats"][f"MC dropout ({mc_samples})"] = mc
+    return cm, report
 
 
 def _check_classes(ckpt: dict, info: DatasetInfo, dataset: str, num_classes: int) -> None:
@@ -146,6 +213,22 @@ def format_scores(result: dict) -> str:
              f"{'class':<16}{'IoU':>8}{'Dice':>8}{'acc':>8}"]
     for name, s in result["per_class"].items():
         lines.append(f"{name:<16}{s['iou']:>8.4f}{s['dice']:>8.4f}{s['acc']:>8.4f}")
+    unc = result.get("uncertainty")
+    if unc:
+        lines.append("uncertainty: accuracy of the kept pixels when the most uncertain are dropped; ECE of the softmax")
+        rows = [("softmax, 1 pass", unc["softmax"], "entropy")]
+        if "mc" in unc:
+            rows += [(f"MC {unc['mc_samples']}, entropy", unc["mc"], "entropy"),
+                     (f"MC {unc['mc_samples']}, variance", unc["mc"], "variance")]
+        drops = list(rows[0][1]["kept_accuracy"]["entropy"])
+        lines.append(f"{'':<22}{'ECE':>8}" + "".join(f"{'drop ' + d:>11}" for d in drops))
+        for label, st, key in rows:
+            lines.append(f"{label:<22}{100 * st['ece']:>7.2f}%" + "".join(
+                f"{100 * st['kept_accuracy'][key][d]:>10.2f}%" for d in drops))
+        if "mc" in unc:
+            m = unc["mc"]
+            lines.append(f"MC-dropout mean prediction: pixel accuracy {m['pixel_acc']:.4f} | mean class accuracy "
+                         f"{m['mean_class_acc']:.4f} | mIoU {m['miou']:.4f}")
     return "\n".join(lines)
 
 

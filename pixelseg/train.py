@@ -45,9 +45,11 @@ DEFAULTS = {
     "val_split": None,            # dataset default (pets: test)
     "model": "unet",
     "backbone": None,             # architecture default
+    "output_stride": None,        # encoder output stride for dilated models (deeplabv3: 8 or 16); None: the arch's
     "weights": "imagenet",
     "freeze_encoder": "auto",     # auto: freeze iff pretrained weights were loaded (the tutorial freezes)
     "epochs": 20,
+    "iterations": None,           # optimiser steps in all (overrides epochs; the schedule spans them), as papers give it
     "batch_size": 64,             # global batch, across ranks and accumulation steps
     "accumulate": 1,
     "image_size": 128,
@@ -102,7 +104,7 @@ def resolve_config(overrides: dict) -> dict:
     cfg["image_size"] = parse_size(cfg["image_size"])
     if cfg["scale_range"] is not None:
         cfg["scale_range"] = _parse_floats(cfg["scale_range"], "--scale-range", 2)
-    for key in ("epochs", "batch_size"):
+    for key in ("epochs", "batch_size") + (("iterations",) if cfg["iterations"] is not None else ()):
         if int(cfg[key]) < 1:
             raise PixelsegError(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 1")
     return cfg
@@ -332,7 +334,9 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
                                              sampler=ShardSampler(len(val_ds), dist_info), **loader_kw)
 
     # ---- model ------------------------------------------------------------------------------
-    model = create_model(cfg["model"], backbone=cfg["backbone"], num_classes=info.num_classes, weights=cfg["weights"])
+    arch_options = {} if cfg.get("output_stride") is None else {"output_stride": int(cfg["output_stride"])}
+    model = create_model(cfg["model"], backbone=cfg["backbone"], num_classes=info.num_classes, weights=cfg["weights"],
+                         **arch_options)
     freeze = cfg["freeze_encoder"]
     if freeze == "auto":
         freeze = bool(model.pretrained)
@@ -371,7 +375,11 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
     optimizer = build_optimizer(core, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
     micro_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg["accumulate"])
-    scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=cfg["epochs"] * steps_per_epoch,
+    total_steps = cfg["epochs"] * steps_per_epoch
+    if cfg.get("iterations"):  # papers give schedules in iterations: run that many steps, validate per epoch
+        total_steps = int(cfg["iterations"])
+        cfg["epochs"] = math.ceil(total_steps / steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=total_steps,
                                 warmup_steps=int(cfg["warmup_epochs"] * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -455,6 +463,8 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
             seen += x.shape[0]
             micro += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            if global_step >= total_steps:  # --iterations reached inside the last epoch
+                break
             t_data = time.time()
         bar.close()
         train_time = time.time() - t_epoch

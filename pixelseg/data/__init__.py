@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PixelsegError
-from . import camvid, folder, pets, synthetic
+from . import ade20k, camvid, cityscapes, folder, pets, synthetic, voc
 from .base import ArrayDataset, DatasetInfo, collate_batch
 
 # name -> module with load(root, split, image_size, limit=..., use_cache=..., **OPTIONS), INFO, DEFAULT_SPLITS;
@@ -21,6 +21,9 @@ from .base import ArrayDataset, DatasetInfo, collate_batch
 DATASETS = {
     "oxford-pet": pets,
     "camvid": camvid,
+    "voc": voc,
+    "ade20k": ade20k,
+    "cityscapes": cityscapes,
     "folder": folder,
     "synthetic": synthetic,
 }

@@ -40,6 +40,7 @@ __all__ = [
     "download_file",
     "ensure_oxford_pet",
     "extract_archive",
+    "ensure_archives",
 ]
 
 PETS_HOMEPAGE = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
@@ -83,8 +84,11 @@ def data_home() -> Path:
     return home
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+def _md5(path: Path, checksum: str | None = None) -> str:
+    """Hex digest of ``path``: md5, or the algorithm whose digest length matches ``checksum``
+    (40 hex digits: sha1, 64: sha256), because publishers of the datasets give different ones."""
+    algo = {40: "sha1", 64: "sha256"}.get(len(checksum or ""), "md5")
+    digest = hashlib.new(algo, usedforsecurity=False)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(block)
@@ -178,12 +182,14 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
                   progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify ``md5``, return ``dest``.
 
+    ``md5`` may also be a sha1 or sha256 hex digest (told apart by length).
+
     ``dest`` already present (with the right md5 when one is given) means no network access.
     ``timeout`` bounds the connect and every read, so an offline machine fails within it.
     A network failure keeps the ``.part`` file so that the next call resumes it.
     """
     dest = Path(dest)
-    if dest.is_file() and (md5 is None or _md5(dest) == md5):
+    if dest.is_file() and (md5 is None or _md5(dest, md5) == md5):
         return dest
     part = dest.with_suffix(dest.suffix + ".part")
     try:
@@ -200,11 +206,11 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
         ) from None
 
     if md5 is not None:
-        actual = _md5(part)
+        actual = _md5(part, md5)
         if actual != md5:
             part.unlink()
             raise PixelsegError(
-                f"downloaded {url} but its md5 is {actual}, expected {md5}; the partial file "
+                f"downloaded {url} but its checksum is {actual}, expected {md5}; the partial file "
                 "was deleted, run again to download it afresh"
             )
     os.replace(part, dest)
@@ -343,4 +349,36 @@ def ensure_oxford_pet(root: Path | str | None = None, download: bool = True, *,
             f"extracted {names} into {target} but it still lacks "
             + " and ".join(f"{m}/" for m in missing) + f"; are the archives right? {by_hand}"
         )
+    return target
+
+
+def ensure_archives(name: str, folder: str, urls: list[tuple[str, str | None]], missing, homepage: str,
+                    download: bool = True, *, timeout: float = 15, progress: bool = True) -> Path:
+    """``data_home()/folder`` holding a dataset, downloaded from ``urls`` (checked, extracted) if needed.
+
+    ``missing(path) -> list[str]``: what a complete tree lacks (empty: done). Every failure names
+    the files to fetch by hand and where to put them.
+    """
+    target = data_home() / folder
+    if not missing(target):
+        return target
+    names = " and ".join(_archive_name(url) for url, _ in urls)
+    by_hand = (f"Download {names} from {homepage} and extract into {target} (it must then hold "
+               + ", ".join(missing(target)) + "), or pass --data-root PATH")
+    if not download:
+        raise PixelsegError(f"{name} not found in {target}. {by_hand}")
+    downloads = data_home() / "downloads"
+    archives = []
+    for url, checksum in urls:
+        try:
+            archives.append(download_file(url, downloads / _archive_name(url), checksum,
+                                          timeout=timeout, progress=progress))
+        except DownloadError as exc:
+            raise PixelsegError(f"could not download {exc.url} ({exc.reason}). {by_hand}") from None
+    for archive in archives:
+        extract_archive(archive, target)
+    still = missing(target)
+    if still:
+        raise PixelsegError(f"extracted {names} into {target} but it still lacks {', '.join(still)}; "
+                            f"are the archives right? {by_hand}")
     return target
