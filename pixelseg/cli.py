@@ -61,12 +61,18 @@ TRAIN_HELP = {
     "crop": "random crop back to --image-size; mask padding is filled with the ignore index",
     "vflip": "random vertical flip of image and mask together",
     "color_jitter": "brightness/contrast/saturation jitter strength on the image only, e.g. 0.2",
-    "workers": "DataLoader worker processes",
+    "workers": "DataLoader worker processes, or auto (none for whole-batch reads of resized samples, else one "
+               "per core, divided among torchrun's local ranks)",
     "checkpoint_every": "also write last.pt every N optimiser steps (0: only at the end of each epoch)",
     "figure_samples": "validation images in the per-epoch prediction figure",
     "run_dir": "output directory (default runs/<model>-<backbone>-<dataset>-<time>)",
     "resume": "continue the run in this directory from its last.pt",
-    "cache": "cache decoded, resized arrays on disk ($PIXELSEG_CACHE or ~/.cache/pixelseg/cache)",
+    "cache": "how decoded samples are held: mmap (decode once per machine into a disk store in $PIXELSEG_CACHE "
+             "or ~/.cache/pixelseg/cache, read through the shared page cache; memory does not grow with the "
+             "dataset), memory (private arrays in RAM, no disk writes; --no-cache), none (DataLoader workers "
+             "decode each sample when needed); see docs/datasets.md",
+    "cache_max_side": "cache the source resolution with its longer side capped to this many pixels, e.g. 2048 "
+                      "(implied, uncapped, by --crop: random scale + crop then run per sample in the workers)",
 }
 
 
@@ -79,7 +85,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file of options (keys as the flags, - or _); flags override it")
     for key, default in DEFAULTS.items():
         help_ = f"{TRAIN_HELP.get(key, '')} (default: {default})"
-        if isinstance(default, bool):
+        if key == "cache":
+            p.add_argument(_flag(key), dest=key, choices=("mmap", "memory", "none"), default=None, help=help_)
+            p.add_argument("--no-cache", dest=key, action="store_const", const="memory",
+                           help="same as --cache memory")
+        elif isinstance(default, bool):
             p.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif isinstance(default, int) and key not in ("limit", "image_size"):
             p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
@@ -230,7 +240,10 @@ def main(argv=None) -> int:
     try:
         return _run(args)
     except PixelsegError as exc:
-        print(f"pixelseg {args.command}: error: {exc}", file=sys.stderr)
+        msg = str(exc)
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the error's own line
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"pixelseg {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import random
 import time
 from datetime import datetime
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .data import collate_batch, dataset_options, default_split, load_split
+from .data.base import CacheSpec, FileDataset, cache_spec
 from .distributed import DistInfo, ShardSampler, all_reduce_sum, barrier, check_batch, cleanup, init_distributed
 from .errors import PixelsegError
 from .losses import build_loss, class_weights
@@ -76,12 +78,13 @@ DEFAULTS = {
     "sync_bn": False,
     "freeze_bn": False,           # keep every BatchNorm on its running statistics (small per-device batches)
     "precise_bn": 4,              # before validating, re-estimate BatchNorm statistics over N training batches
-    "workers": 0,                 # in-memory decoded data needs no worker processes
+    "workers": "auto",            # auto: 0 for whole-batch reads of resized samples, else one per core
     "checkpoint_every": 0,        # also checkpoint every N optimiser steps (0: per epoch only)
     "figure_samples": 3,
     "run_dir": None,
     "resume": None,
-    "cache": True,
+    "cache": "mmap",              # mmap: decode once to a disk store read via the page cache | memory | none
+    "cache_max_side": None,       # with --crop: cache source resolution capped to this longer side
 }
 
 
@@ -102,12 +105,45 @@ def resolve_config(overrides: dict) -> dict:
     if isinstance(cfg["weights"], str) and cfg["weights"].lower() in ("none", "null", ""):
         cfg["weights"] = None
     cfg["image_size"] = parse_size(cfg["image_size"])
+    cfg["cache"] = cache_spec(cfg["cache"]).mode
+    cfg["workers"] = _parse_workers(cfg["workers"])
+    if cfg["cache_max_side"] is not None:
+        try:
+            cfg["cache_max_side"] = int(cfg["cache_max_side"])
+        except (TypeError, ValueError):
+            cfg["cache_max_side"] = 0
+        if cfg["cache_max_side"] < 8:
+            raise PixelsegError(f"--cache-max-side {overrides.get('cache_max_side')!r}: give the longest side in "
+                                "pixels the cache keeps, e.g. 2048")
     if cfg["scale_range"] is not None:
         cfg["scale_range"] = _parse_floats(cfg["scale_range"], "--scale-range", 2)
     for key in ("epochs", "batch_size") + (("iterations",) if cfg["iterations"] is not None else ()):
         if int(cfg[key]) < 1:
             raise PixelsegError(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 1")
     return cfg
+
+
+def _parse_workers(value):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise PixelsegError(f"--workers {value!r}: give a number of DataLoader worker processes (0: none) or auto")
+    return n
+
+
+def resolve_workers(workers, per_sample_work: bool) -> int:
+    """--workers auto: none when batches are whole-array reads (a worker would only add a copy), else one
+    per core this process may use (cores divided among torchrun's local ranks), at most 8."""
+    if workers != "auto":
+        return int(workers)
+    if not per_sample_work:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 def parse_size(value) -> int | list[int]:
@@ -311,15 +347,19 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
 
     # ---- data -------------------------------------------------------------------------------
     size = cfg["image_size"]
-    train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"], cfg["cache"],
-                          **dataset_options(cfg))
-    val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], cfg["cache"],
+    # Random crops are taken from the source resolution (optionally capped), so --image-size is the crop;
+    # without them every sample is cached at --image-size and batches are whole-array reads.
+    mode = cache_spec(cfg.get("cache", "mmap")).mode
+    full_res = bool(cfg["crop"] or cfg.get("cache_max_side"))
+    train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"],
+                          CacheSpec(mode, full_res, cfg.get("cache_max_side")), **dataset_options(cfg))
+    val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], CacheSpec(mode),
                         **dataset_options(cfg))
     info = train_ds.info
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
     flip_in_loop = cfg["hflip"]
-    if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"]:
+    if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"] or getattr(train_ds, "full_res", False):
         from .data.augment import build_train_transform
         train_ds.transform = build_train_transform(
             _size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
@@ -327,11 +367,17 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         flip_in_loop = False
     train_sampler = torch.utils.data.DistributedSampler(
         train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
-    loader_kw = dict(collate_fn=collate_batch, num_workers=cfg["workers"], pin_memory=device.type == "cuda",
-                     persistent_workers=cfg["workers"] > 0)
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, **loader_kw)
+    workers = resolve_workers(cfg.get("workers", "auto"),
+                              train_ds.transform is not None or isinstance(train_ds, FileDataset))
+    val_workers = resolve_workers(cfg.get("workers", "auto"), isinstance(val_ds, FileDataset))
+
+    def loader_kw(n):
+        return dict(collate_fn=collate_batch, num_workers=n, pin_memory=device.type == "cuda",
+                    persistent_workers=n > 0)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler,
+                                               **loader_kw(workers))
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
-                                             sampler=ShardSampler(len(val_ds), dist_info), **loader_kw)
+                                             sampler=ShardSampler(len(val_ds), dist_info), **loader_kw(val_workers))
 
     # ---- model ------------------------------------------------------------------------------
     arch_options = {} if cfg.get("output_stride") is None else {"output_stride": int(cfg["output_stride"])}
@@ -367,7 +413,7 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
 
     weight = None
     if cfg["class_weighting"] not in (None, "none"):
-        counts = np.stack([np.bincount(m.ravel(), minlength=256)[: info.num_classes] for m in train_ds.masks])
+        counts = np.stack([np.bincount(m.ravel(), minlength=256)[: info.num_classes] for m in train_ds.iter_masks()])
         weight = class_weights(counts, cfg["class_weighting"]).to(device)
         log(f"class weights ({cfg['class_weighting']}): " + ", ".join(
             f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist())))
@@ -404,8 +450,9 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         if kernel_note != "none":
             log(f"kernels: {kernel_note}")
         log(f"data: {info.name} train={cfg['train_split']} ({len(train_ds)} images) val={cfg['val_split']} "
-            f"({len(val_ds)} images) at {'×'.join(map(str, _size_hw(size)))}; unreadable files skipped: "
-            f"{len(train_ds.skipped) + len(val_ds.skipped)}")
+            f"({len(val_ds)} images) at {'×'.join(map(str, _size_hw(size)))}"
+            f"{' (crops of the source resolution)' if full_res else ''}; cache {mode}; DataLoader workers "
+            f"{workers}; unreadable files skipped: {len(train_ds.skipped) + len(val_ds.skipped)}")
         log(f"batch: global {cfg['batch_size']} = {per_rank_batch} per rank × {dist_info.world_size} ranks × "
             f"{cfg['accumulate']} accumulation steps; {steps_per_epoch} optimiser steps per epoch")
     fig_idx = list(range(min(cfg["figure_samples"], len(val_ds))))

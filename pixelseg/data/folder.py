@@ -29,8 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import PixelsegError
-from .base import ArrayDataset, DatasetInfo, Sample, _cache_key, cache_dir, decode_in_parallel
-from .io import UnreadableImage, _open, read_image
+from . import base as _base
+from .base import DatasetInfo, Sample, _cache_key, build_split, cache_dir, fit_size
+from .io import UnreadableImage, _open
 
 # Dataset options (train flags --images-dir, --masks-dir, --val-fraction) and their defaults.
 OPTIONS = {"images_dir": "images", "masks_dir": "masks", "val_fraction": 0.2}
@@ -480,7 +481,7 @@ def full_res_samples(root: Path | None, split: str, images_dir=None, masks_dir=N
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
          use_cache: bool = True, images_dir: str | None = None, masks_dir: str | None = None,
-         val_fraction: float | None = None) -> ArrayDataset:
+         val_fraction: float | None = None):
     layout, codec, scan = prepare(root, images_dir, masks_dir, val_fraction, use_cache)
     samples = _split(layout, split)
     if limit:
@@ -488,31 +489,23 @@ def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int 
     return _decode(samples, tuple(image_size), codec, scan, use_cache, split)
 
 
-def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan: dict, use_cache: bool,
-            split: str) -> ArrayDataset:
-    """decode_samples' job for masks it cannot read (RGB colour codes): same threads, same cache."""
-    info = codec.info
-    key = _cache_key(samples, size, f"folder|{codec.signature()}")
-    cfile = cache_dir() / "decoded" / f"folder-{size[0]}x{size[1]}-{key}"
-    if use_cache and (cfile / "meta.json").is_file():
-        meta = json.loads((cfile / "meta.json").read_text())
-        return ArrayDataset(np.load(cfile / "images.npy"), np.load(cfile / "masks.npy"), meta["names"], info,
-                            meta["skipped"])
+def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan: dict, use_cache,
+            split: str):
+    """decode_samples' job for masks it cannot read (RGB colour codes): same store, same threads."""
+    return build_split(samples, FolderReader(codec), codec.info, size, use_cache, f"folder|{codec.signature()}",
+                       f"decoding {split}", min(8, max(1, len(samples))))
 
-    def work(s: Sample):
-        msize = tuple(scan[str(s.mask)]["size"])
-        try:
-            isz = _open(s.image).size
-        except UnreadableImage as exc:
-            return None, None, str(exc)
+
+@dataclass
+class FolderReader:
+    """(image, class ids) of one pair through the dataset's codec; picklable for DataLoader workers."""
+    codec: MaskCodec
+
+    def __call__(self, s: Sample, size=None, max_side=None):
+        isz = _open(s.image).size
+        msize = _open_mask(s.mask).size
         if isz != msize:
             raise PixelsegError(f"{s.mask}: mask is {msize[0]}×{msize[1]} but its image {s.image.name} is "
                                 f"{isz[0]}×{isz[1]}; image and mask must have the same size")
-        try:
-            img = read_image(s.image, size)
-        except UnreadableImage as exc:
-            return None, None, str(exc)
-        return img, read_target(s, codec, size), None
-
-    return decode_in_parallel(samples, work, info, cfile if use_cache else None, f"decoding {split}",
-                              min(8, max(1, len(samples))))
+        target = fit_size((isz[1], isz[0]), size, max_side)
+        return _base.read_image(s.image, target), read_target(s, self.codec, target)
