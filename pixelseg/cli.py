@@ -1,4 +1,4 @@
-"""`pixelseg` command line: train, evaluate, predict, models, export.
+"""`pixelseg` command line: train, evaluate, predict, models, export, serve.
 
 User-fixable problems (PixelsegError) print one line and exit 2; anything else is a bug and keeps
 its traceback.
@@ -231,7 +231,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
 
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count")
+    _add_serve_args(sub)
     return parser
+
+
+def _add_serve_args(sub) -> None:
+    from .serving import Limits
+    d = Limits()
+    p = sub.add_parser("serve", help="HTTP API and web page for a model (needs pip install pixelseg[serve])",
+                       description="Serve a model over HTTP: a web page at /, POST /v1/predict, /v1/model, /healthz, "
+                                   "/readyz, /metrics. Binds to localhost; see docs/serving.md before exposing it.")
+    p.add_argument("model", help="run directory (uses best.pt), checkpoint file, or .onnx file from `pixelseg export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                   help=f"largest request body in MiB; more is 413 (default: {d.max_upload_mb:g})")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"largest image in pixels, checked before decoding; more is 413 (default: {d.max_pixels})")
+    p.add_argument("--max-mc-samples", type=int, default=d.max_mc_samples,
+                   help=f"most MC-dropout samples a request may ask for (default: {d.max_mc_samples})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests admitted at once (decoding, waiting, running); more get 503 + Retry-After "
+                        f"(default: {d.max_queue})")
+    p.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
+                   help=f"seconds a client has to send its whole body; slower is 408 (default: {d.upload_timeout_s:g})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"run up to N concurrent requests as one batch (default: {d.max_batch}, off; see "
+                        "docs/benchmarks.md for when it helps)")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help=f"how long a batch waits for company (default: {d.batch_wait_ms:g})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    _add_resolution_args(p)
 
 
 def main(argv=None) -> int:
@@ -282,6 +313,15 @@ def _run(args) -> int:
                    check_limit=args.check_limit, opset=args.opset)
         print(f"parity on {r['parity_source']} ({len(r['inputs'])} inputs incl. a batch of 2): {format_parity(r)}")
         print(f"wrote {r['out']} ({r['format']}, {r['model']}, {r['bytes'] / 1e6:.1f} MB)")
+        return 0
+    if args.command == "serve":
+        from .server import serve
+        from .serving import Limits
+        limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                        max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
+                        upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+        serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
+              precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta)
         return 0
     if args.command == "models":
         from .models import describe_models

@@ -310,17 +310,10 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     results = []
     for f, img in tqdm(list(zip(files, decoded)), desc="predict", unit="img", disable=not progress or None):
         img = img if img is not None else read_image(f)
-        h, w = img.shape[:2]
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
         if mc:
-            from .models import mc_predict
-            x = to_model_input(torch.from_numpy(img).permute(2, 0, 1)[None], dev, True)
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-            with autocast(dev, amp):
-                r = mc_predict(model, x, mc_samples)
-            probs = F.interpolate(r["mean"].float(), size=(h, w), mode="bilinear", align_corners=False)
-            for key in ("entropy", "variance"):
-                m = F.interpolate(r[key].float()[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            probs, maps = mc_uncertainty(model, img, size, dev, amp, mc_samples)
+            for key, m in maps.items():
                 vmax = float(np.log(info.num_classes)) if key == "entropy" else None
                 viz.heatmap_png(m.cpu().numpy(), out / f"{f.stem}_{key}.png", vmax=vmax)
                 entry[f"mean_{key}"] = float(m.mean())
@@ -333,3 +326,19 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
         results.append(entry)
     return results
+
+
+@torch.no_grad()
+def mc_uncertainty(model, img: np.ndarray, size: tuple[int, int], dev, amp, samples: int):
+    """MC-dropout at the training size, brought back to the image's H×W: (mean probabilities 1×C×H×W,
+    {"entropy": H×W, "variance": H×W}). Shared by `predict --mc-samples` and `pixelseg serve`."""
+    from .models import mc_predict
+    h, w = img.shape[:2]
+    x = to_model_input(torch.from_numpy(img).permute(2, 0, 1)[None], dev, True)
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    with autocast(dev, amp):
+        r = mc_predict(model, x, samples)
+    probs = F.interpolate(r["mean"].float(), size=(h, w), mode="bilinear", align_corners=False)
+    maps = {key: F.interpolate(r[key].float()[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            for key in ("entropy", "variance")}
+    return probs, maps

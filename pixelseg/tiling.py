@@ -118,6 +118,26 @@ class Predictor:
         return s + (", flip TTA" if self.tta else "")
 
     @torch.no_grad()
+    def batch(self, images) -> list[torch.Tensor]:
+        """Several images (any sizes) through one forward pass at the training size, each returned at
+        its own size: resize mode only (windows are batched within an image already). For one image
+        this is exactly `__call__`; `pixelseg serve --max-batch` uses it."""
+        if self.tile:
+            return [self(img) for img in images]
+        xs = [torch.as_tensor(img).permute(2, 0, 1)[None].to(self.device).float().div_(255) for img in images]
+        small = torch.cat([F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True,
+                                         align_corners=False) if x.shape[-2:] != self.train_size else x
+                           for x in xs])
+        logits = self.fn(small).float()
+        out = []
+        for i, x in enumerate(xs):
+            lg = logits[i: i + 1]
+            if lg.shape[-2:] != x.shape[-2:]:
+                lg = F.interpolate(lg, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+            out.append(lg.softmax(1))
+        return out
+
+    @torch.no_grad()
     def __call__(self, image) -> torch.Tensor:
         x = torch.as_tensor(image).permute(2, 0, 1)[None].to(self.device).float().div_(255)
         if self.tile:

@@ -89,28 +89,33 @@ def confusion_figure(mat: np.ndarray, class_names, path: Path, title: str = "") 
     _save_fig(fig, path)
 
 
-def heatmap_png(values: np.ndarray, path: Path, vmax: float | None = None, cmap: str = "inferno") -> None:
-    """A per-pixel map (e.g. uncertainty) at its own resolution, colour-mapped, no axes."""
+def heatmap_rgb(values: np.ndarray, vmax: float | None = None, cmap: str = "inferno") -> np.ndarray:
+    """A per-pixel map (e.g. uncertainty) colour-mapped to RGB uint8 at its own resolution."""
     v = np.asarray(values, dtype=np.float32)
     vmax = float(vmax if vmax is not None else max(v.max(), 1e-8))
-    rgba = matplotlib.colormaps[cmap](np.clip(v / vmax, 0, 1), bytes=True)
+    return matplotlib.colormaps[cmap](np.clip(v / vmax, 0, 1), bytes=True)[..., :3]
+
+
+def heatmap_png(values: np.ndarray, path: Path, vmax: float | None = None, cmap: str = "inferno") -> None:
+    atomic_write_bytes(Path(path), png_bytes(heatmap_rgb(values, vmax, cmap)))
+
+
+def png_bytes(arr: np.ndarray, palette=None) -> bytes:
+    """PNG-encode uint8 H×W (grey, or class ids with `palette` as a palette PNG) or H×W×3 (RGB)."""
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), mode="P" if palette is not None else None)
+    if palette is not None:
+        pal = np.zeros((256, 3), np.uint8)
+        pal[: len(palette)] = np.asarray(palette, np.uint8)
+        img.putpalette(pal.ravel().tolist())
     buf = io.BytesIO()
-    Image.fromarray(rgba[..., :3]).save(buf, format="PNG")
-    atomic_write_bytes(Path(path), buf.getvalue())
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_index_png(mask: np.ndarray, palette, path: Path) -> None:
     """Class ids as an 8-bit palette PNG: values are ids, viewers show colours."""
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")
-    pal = np.zeros((256, 3), np.uint8)
-    pal[: len(palette)] = np.asarray(palette, np.uint8)
-    img.putpalette(pal.ravel().tolist())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), png_bytes(mask, palette))
 
 
 def save_rgb_png(arr: np.ndarray, path: Path) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), png_bytes(arr))

@@ -34,12 +34,23 @@ def read_image(path: Path | str, size: tuple[int, int] | None = None) -> np.ndar
     decoder's DCT scaling (`draft`) first skips the resolution that would be thrown away anyway.
     """
     path = Path(path)
-    img = _open(path)
+    return to_rgb_array(_open(path), path, size)
+
+
+def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An opened PIL image (file or upload) -> RGB uint8 H×W×3: first frame, alpha over black,
+    16-bit grey scaled to 8 bits, CMYK/palette/grey converted. `pixelseg serve` decodes uploads
+    with this too, so the server and `predict` see the same pixels."""
     try:
         if size is not None and img.format == "JPEG":
             img.draft("RGB", (size[1] * 2, size[0] * 2))
         if getattr(img, "is_animated", False):
             img.seek(0)
+        if img.mode.startswith("I;16") or img.mode == "I":
+            # PIL's own I;16 -> RGB conversion clips at 255 (a 16-bit photo turns white); keep the top byte
+            arr = np.asarray(img, dtype=np.uint32)
+            img = Image.fromarray((arr >> 8 if img.mode != "I" or arr.max(initial=0) > 255 else arr)
+                                  .clip(0, 255).astype(np.uint8), mode="L")
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -49,7 +60,7 @@ def read_image(path: Path | str, size: tuple[int, int] | None = None) -> np.ndar
             img = img.resize((size[1], size[0]), Image.BILINEAR, reducing_gap=None)
         return np.array(img, dtype=np.uint8)  # writable copy: torch.from_numpy warns on read-only arrays
     except (OSError, SyntaxError, ValueError) as exc:
-        raise UnreadableImage(f"{path}: image data is corrupt ({exc})") from exc
+        raise UnreadableImage(f"{name}: image data is corrupt ({exc})") from exc
 
 
 def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:

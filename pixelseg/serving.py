@@ -1,0 +1,251 @@
+"""What `pixelseg serve` runs behind HTTP: one loaded model, uploads decoded under limits, and the
+response encodings (class-id PNG, palette PNG, JSON, COCO RLE). No web framework in here, so the
+pieces are testable on their own and `predict` and the server share the model code.
+
+The model is loaded with the same calls as `pixelseg predict` (checkpoint -> `load_model` ->
+`torch_logits_fn`, or an exported .onnx under onnxruntime) and run through the same `Predictor`
+(resize-and-restore, sliding window, flip TTA), and uploads are decoded with the same
+`to_rgb_array` as image files, so a served mask equals the one `predict` writes, pixel for pixel.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import viz
+from .data import DatasetInfo
+from .data.io import UnreadableImage, to_rgb_array
+from .errors import PixelsegError
+
+FORMATS = ("png", "color", "json", "rle")
+# Formats PIL decodes that people upload; anything else PIL might open (EPS via ghostscript, PSD, ...) is 415.
+IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO"}
+
+
+@dataclass
+class Limits:
+    """Server limits, each a `pixelseg serve` flag; the defaults are listed in docs/serving.md."""
+    max_upload_mb: float = 20.0
+    max_pixels: int = 40_000_000          # 40 MP: a 7300×5500 photo; decoded RGB is 120 MB
+    max_mc_samples: int = 32
+    default_mc_samples: int = 8
+    max_queue: int = 8                    # requests decoding, waiting or running; more get 503
+    upload_timeout_s: float = 30.0        # a client that has not sent its whole body by then gets 408
+    max_batch: int = 1                    # >1: concurrent requests share one forward pass
+    batch_wait_ms: float = 5.0
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class HTTPProblem(Exception):
+    """A request the server refuses: HTTP status + one line saying what was wrong and what to do."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def decode_upload(data: bytes, max_pixels: int, name: str = "upload") -> np.ndarray:
+    """Uploaded bytes -> RGB uint8 H×W×3, refusing non-images (415), images over `max_pixels` (413,
+    checked from the header before any pixel is decoded, so decompression bombs cost nothing) and
+    truncated or corrupt data (400)."""
+    if not data:
+        raise HTTPProblem(422, f"{name} is empty: send the image bytes as the body or as the multipart field 'file'")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise HTTPProblem(413, f"{name}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise HTTPProblem(415, f"{name} is not an image format the server reads (JPEG, PNG, GIF, BMP, TIFF, WebP)") \
+            from None
+    if img.format not in IMAGE_FORMATS:
+        raise HTTPProblem(415, f"{name} is {img.format}, not an image format the server reads "
+                               "(JPEG, PNG, GIF, BMP, TIFF, WebP)")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise HTTPProblem(413, f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the server's limit of "
+                               f"{max_pixels / 1e6:.1f} MP (--max-pixels); downscale it first")
+    try:
+        if img.format != "JPEG":
+            img.load()
+        return to_rgb_array(img, name)
+    except UnreadableImage as exc:
+        raise HTTPProblem(400, f"{exc}; the file is truncated or corrupt") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise HTTPProblem(400, f"{name}: image data is truncated or corrupt ({exc})") from None
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Engine:
+    """One model ready to segment uint8 RGB arrays; not thread-safe (the server runs it on one thread)."""
+
+    def __init__(self, source, device: str = "auto", precision: str = "auto", tile=None, overlap: float = 0.25,
+                 tta: bool = False):
+        from .inference import _input_size, load_model, resolve_backend, tile_size
+        from .runtime import resolve_precision, select_device
+        from .tiling import Predictor, torch_logits_fn
+        self.backend = resolve_backend("auto", source)
+        self.device = select_device(device)
+        self.model = None
+        if self.backend == "onnx":
+            from .export import load_onnx_predictor_parts
+            fn, self.info, self.size = load_onnx_predictor_parts(source, self.device)
+            self.path = Path(source)
+            self.model_config = dict(fn.metadata.get("model_config", {}))
+            self.amp = None
+            run_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        else:
+            from .checkpoint import load_checkpoint
+            ckpt = load_checkpoint(source)
+            self.path = Path(ckpt["path"])
+            self.info = DatasetInfo.from_dict(ckpt["dataset"])
+            self.size = _input_size(ckpt)
+            self.model_config = dict(ckpt["model_config"])
+            self.amp = resolve_precision(precision, self.device)
+            self.model = load_model(ckpt, self.device, self.amp)
+            fn, run_dev = torch_logits_fn(self.model, self.device, self.amp, True), self.device
+        self.predictor = Predictor(fn, self.size, tile_size(tile, self.size), overlap, tta, device=run_dev)
+        self.sha256 = file_sha256(self.path)
+        self.mc_dropout = self.model is not None and any(
+            isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in self.model.modules())
+        arch, backbone = self.model_config.get("arch"), self.model_config.get("backbone")
+        self.id = f"{arch}/{backbone}@{self.sha256[:12]}"
+
+    def describe(self) -> dict:
+        return {"id": self.id, "architecture": self.model_config.get("arch"),
+                "backbone": self.model_config.get("backbone"), "backend": self.backend,
+                "device": str(self.device), "precision": str(self.amp).replace("torch.", "") if self.amp else "fp32",
+                "dataset": self.info.name,
+                "classes": [{"id": i, "name": n, "color": list(c)}
+                            for i, (n, c) in enumerate(zip(self.info.class_names, self.info.palette))],
+                "input_size": list(self.size), "mode": self.predictor.describe(),
+                "mc_dropout": self.mc_dropout, "checkpoint": self.path.name, "checkpoint_sha256": self.sha256}
+
+    @torch.no_grad()
+    def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Class-id masks (uint8 H×W) for several images in one forward pass (resize mode)."""
+        return [p.argmax(1)[0].to(torch.uint8).cpu().numpy() for p in self.predictor.batch(images)]
+
+    @torch.no_grad()
+    def mask(self, image: np.ndarray, mc_samples: int = 0) -> tuple[np.ndarray, dict | None]:
+        """(class-id mask uint8 H×W, None) or, with `mc_samples`, (mask of the mean MC-dropout
+        prediction, {"entropy": H×W, "variance": H×W} float32) — what `predict --mc-samples` computes."""
+        if mc_samples:
+            from .inference import mc_uncertainty
+            probs, maps = mc_uncertainty(self.model, image, self.size, self.device, self.amp, mc_samples)
+            return probs.argmax(1)[0].to(torch.uint8).cpu().numpy(), {k: v.cpu().numpy() for k, v in maps.items()}
+        return self.predictor(image).argmax(1)[0].to(torch.uint8).cpu().numpy(), None
+
+    def warm_up(self, batch: int = 1, repeats: int = 2) -> float:
+        """Run a few dummy images so the first real request does not pay for allocator/kernel set-up."""
+        t0 = time.perf_counter()
+        img = np.zeros((*self.size, 3), np.uint8)
+        for _ in range(repeats):
+            self.masks([img] * max(1, batch)) if batch > 1 else self.mask(img)
+        return time.perf_counter() - t0
+
+
+# ---- encodings --------------------------------------------------------------------------------------
+def areas(mask: np.ndarray, class_names) -> dict:
+    counts = np.bincount(mask.ravel(), minlength=len(class_names))
+    return {n: float(counts[i] / mask.size) for i, n in enumerate(class_names)}
+
+
+def rle_encode(binary: np.ndarray) -> dict:
+    """COCO RLE of a boolean H×W mask: run lengths in column-major order starting with a run of 0s,
+    compressed to the ASCII string pycocotools' `frPyObjects`/`decode` read (`rleToString` in its
+    maskApi.c, written out here because pycocotools is a compiled dependency for 20 lines)."""
+    h, w = binary.shape
+    flat = np.asarray(binary, dtype=bool).ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0] + runs
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return {"size": [h, w], "counts": "".join(out)}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """Inverse of `rle_encode` (pycocotools' `rleFrString` + decode), for tests and clients."""
+    h, w = rle["size"]
+    s, runs, p = rle["counts"], [], 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    flat = np.zeros(h * w, bool)
+    pos, val = 0, False
+    for r in runs:
+        flat[pos: pos + r] = val
+        pos += r
+        val = not val
+    return flat.reshape((h, w), order="F")
+
+
+def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing: dict) -> tuple[bytes, str]:
+    """(body, media type) for one mask in format `fmt`."""
+    info = engine.info
+    if fmt == "png":
+        return viz.png_bytes(mask), "image/png"
+    if fmt == "color":
+        return viz.png_bytes(mask, info.palette), "image/png"
+    import json
+    h, w = mask.shape
+    classes = [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(info.class_names, info.palette))]
+    body = {"model": engine.id, "width": w, "height": h, "classes": classes,
+            "areas": areas(mask, info.class_names), "latency_ms": timing}
+    if fmt == "json":
+        body["mask_png"] = base64.b64encode(viz.png_bytes(mask)).decode("ascii")
+        if maps is not None:
+            entropy = maps["entropy"]
+            body["uncertainty"] = {
+                "entropy_png": base64.b64encode(viz.png_bytes(
+                    viz.heatmap_rgb(entropy, vmax=float(np.log(info.num_classes))))).decode("ascii"),
+                "colormap": "inferno, 0 to ln(classes) nats",
+                "mean_entropy": float(entropy.mean()), "mean_variance": float(maps["variance"].mean())}
+    else:
+        body["rle"] = [{"id": i, "name": n, "rle": rle_encode(mask == i)} for i, n in enumerate(info.class_names)]
+    return json.dumps(body).encode(), "application/json"
+
+
+def check_source(source) -> None:
+    if not Path(source).exists():
+        raise PixelsegError(f"{source}: no such run directory, checkpoint or .onnx file")
