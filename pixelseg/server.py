@@ -343,6 +343,7 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
         from .errors import PixelsegError
         raise PixelsegError(f"`pixelseg serve` needs the serve extra ({exc.name} is missing): {SERVE_HINT}") from None
     from .serving import check_source
+    limits = (limits or Limits()).check()
     check_source(source)
     engine = Engine(source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta)
     app = create_app(engine, limits, warm=False)

@@ -42,6 +42,16 @@ class Limits:
     max_batch: int = 1                    # >1: concurrent requests share one forward pass
     batch_wait_ms: float = 5.0
 
+    def check(self) -> "Limits":
+        for flag, value, low in (("--max-upload-mb", self.max_upload_mb, 0), ("--max-pixels", self.max_pixels, 0),
+                                 ("--max-queue", self.max_queue, 0), ("--upload-timeout", self.upload_timeout_s, 0),
+                                 ("--max-batch", self.max_batch, 0), ("--batch-wait-ms", self.batch_wait_ms, -1e-9),
+                                 ("--max-mc-samples", self.max_mc_samples, 1)):
+            if not value > low:
+                raise PixelsegError(f"{flag} {value:g}: must be {'at least 2' if low == 1 else 'positive'}"
+                                    if flag != "--batch-wait-ms" else f"{flag} {value:g}: must be 0 or more")
+        return self
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)

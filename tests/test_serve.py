@@ -182,6 +182,19 @@ def test_tile_and_tta_match_cli_predict(ckpt, images, tmp_path):
             np.testing.assert_array_equal(got, np.array(Image.open(out / f"{name}.png")))
 
 
+def test_an_onnx_file_is_served_like_predict_backend_onnx(ckpt, images, tmp_path):
+    pytest.importorskip("onnxruntime", reason="pixelseg[onnx] extra not installed")
+    onnx_file = tmp_path / "model.onnx"
+    assert main(["export", str(ckpt), "--out", str(onnx_file), "--check-images", str(images / "odd.png")]) == 0
+    assert main(["predict", str(onnx_file), str(images), "--out", str(tmp_path / "p")]) == 0
+    with running(Engine(onnx_file)) as u:
+        m = httpx.get(u + "/v1/model").json()
+        assert m["backend"] == "onnx" and m["architecture"] == "unet" and m["mc_dropout"] is False
+        for f in sorted(images.iterdir()):
+            got = mask_of(httpx.post(u + "/v1/predict", content=f.read_bytes()))
+            np.testing.assert_array_equal(got, np.array(Image.open(tmp_path / "p" / f"{f.stem}.png")), f.name)
+
+
 def test_sixteen_bit_cmyk_and_palette_are_decoded_not_clipped(url, images):
     base = photo(45, 61)
     eight = mask_of(httpx.post(url + "/v1/predict", content=png(base[..., 0])))
@@ -450,3 +463,9 @@ def test_serve_cli_reports_a_missing_model_in_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope.pt" in err
+
+
+def test_serve_cli_rejects_bad_limits_in_one_line(ckpt, capsys):
+    assert main(["serve", str(ckpt), "--max-queue", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-queue 0" in err

@@ -1,0 +1,97 @@
+"""The `pixelseg serve` page in a real browser: Debian's chromium driven by Playwright uploads a real
+pet photo to a small model trained on real pets, and the overlay must show the model's mask in the
+classes' colours. Skips, saying why, without chromium, Playwright or the pets sample."""
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="pixelseg[serve] extra not installed")
+pytest.importorskip("playwright", reason="playwright (python) not installed: pip install playwright")
+import httpx  # noqa: E402
+
+from pixelseg.cli import main  # noqa: E402
+from pixelseg.serving import Engine  # noqa: E402
+
+from test_serve import running  # noqa: E402
+
+# Debian's package; Playwright's own browser download cannot work offline
+CHROMIUM = os.environ.get("PIXELSEG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--headless"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no chromium at {CHROMIUM}: apt-get install chromium (or set PIXELSEG_CHROMIUM) "
+                    "to run the browser test")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def pets_run(pets_root, tmp_path_factory):
+    """A small but real model: U-Net/MobileNetV2 trained briefly on real pets (it marks pets, roughly)."""
+    run = tmp_path_factory.mktemp("browser") / "pets"
+    assert main(["train", "--data-root", str(pets_root), "--weights", "none", "--limit", "48", "--epochs", "3",
+                 "--image-size", "64", "--batch-size", "16", "--lr", "3e-3", "--figure-samples", "1",
+                 "--run-dir", str(run)]) == 0
+    return run
+
+
+def open_and_segment(browser, url, photo: Path, screenshot: Path | None = None):
+    """Open the page, upload `photo`, wait for the overlay; returns (page, overlay RGB array)."""
+    page = browser.new_page(viewport={"width": 1200, "height": 760})
+    page.goto(url + "/")
+    page.wait_for_function("document.body.dataset.state === 'ready'", timeout=60_000)
+    page.set_input_files("#file", str(photo))
+    page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=120_000)
+    assert page.evaluate("document.body.dataset.state") == "done", page.inner_text("#status")
+    data_url = page.evaluate("document.getElementById('overlay').toDataURL('image/png')")
+    overlay = np.array(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+    if screenshot:
+        page.screenshot(path=str(screenshot))
+    return page, overlay
+
+
+def test_page_shows_the_mask_over_a_real_pet_photo(browser, pets_run, pets_root, tmp_path):
+    photo = sorted((pets_root / "images").glob("*.jpg"))[0]
+    engine = Engine(pets_run)
+    with running(engine) as url:
+        expected = np.array(Image.open(io.BytesIO(httpx.post(url + "/v1/predict", content=photo.read_bytes()).content)))
+        page, overlay = open_and_segment(browser, url, photo, tmp_path / "page.png")
+        w, h = Image.open(photo).size
+        assert overlay.shape == (h, w, 3) == (*expected.shape, 3)  # drawn at the photo's own resolution
+        palette = np.array(engine.info.palette, np.uint8)
+        pet = expected == engine.info.class_names.index("pet")
+        assert 0.01 < pet.mean() < 0.99  # the model marks a pet, not nothing and not everything
+        # where the model puts the pet the canvas has the pet colour; everywhere it has the class colours
+        assert (overlay[pet] == palette[0]).all()
+        np.testing.assert_array_equal(overlay, palette[expected])
+        legend = page.locator("#legend li")
+        assert legend.count() == 3
+        names = [legend.nth(i).locator(".name").inner_text() for i in range(3)]
+        assert names == ["pet", "background", "border"]
+        pct = legend.nth(0).locator(".pct").inner_text()
+        assert pct == f"{100 * pet.mean():.1f}%"
+        assert "round trip" in page.inner_text("#latency")
+        page.fill("#opacity", "20")
+        page.dispatch_event("#opacity", "input")
+        assert page.evaluate("getComputedStyle(document.getElementById('overlay')).opacity") == "0.2"
+        assert page.locator("#uncertainty-box").is_hidden()  # no dropout in a U-Net: no toggle
+        error_photo = tmp_path / "notes.jpg"
+        error_photo.write_bytes(b"not a photo at all")
+        page.set_input_files("#file", str(error_photo))
+        page.wait_for_function("document.body.dataset.state === 'error'", timeout=60_000)
+        assert "not an image format" in page.inner_text("#status")
+        page.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
