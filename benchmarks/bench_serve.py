@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--max-queue", type=int, default=32)
     ap.add_argument("--onnx", help="exported model for the ceiling (default: export the run to a temp file)")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--reference-repeats", type=int, default=3, help="passes over the photos in-process")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--out", default=str(HERE / "out" / "bench_serve.json"))
     args = ap.parse_args()
@@ -224,7 +225,7 @@ def main():
                 from pixelseg.export import export
                 onnx_path = str(Path(tmp) / "model.onnx")
                 export(args.run, "onnx", onnx_path, check_images=[str(p) for p in photos[:2]], check_limit=2)
-            results["reference"] = reference(args.run, photos, onnx_path, repeats=3)
+            results["reference"] = reference(args.run, photos, onnx_path, repeats=args.reference_repeats)
             print(json.dumps(results["reference"]), flush=True)
     results["machine"]["load_avg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
