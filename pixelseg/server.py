@@ -18,11 +18,6 @@ from importlib import resources
 
 from .serving import FORMATS, Engine, HTTPProblem, Limits, decode_upload, encode
 
-try:  # the serve extra; import errors are turned into one line by `pixelseg serve`
-    import fastapi  # noqa: F401
-except ImportError:  # pragma: no cover - checked in cli
-    fastapi = None
-
 SERVE_HINT = "pip install 'pixelseg[serve]'"
 
 
@@ -336,9 +331,9 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
           precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info"):
     """Load the model (errors are one line before anything listens), then serve until interrupted."""
     try:
-        import uvicorn
-        import fastapi  # noqa: F401,F811
+        import fastapi  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
         import prometheus_client  # noqa: F401
+        import uvicorn
     except ImportError as exc:
         from .errors import PixelsegError
         raise PixelsegError(f"`pixelseg serve` needs the serve extra ({exc.name} is missing): {SERVE_HINT}") from None

@@ -5,7 +5,6 @@ import base64
 import contextlib
 import hashlib
 import io
-import json
 import socket
 import struct
 import threading
