@@ -97,12 +97,13 @@ class Scheduler:
 
     async def _batch_loop(self):
         """Take the first waiting image, gather more for up to --batch-wait-ms (at most --max-batch),
-        run them as one forward pass."""
+        run them as one forward pass. Waits only while other admitted requests (still decoding) could
+        join: a lone client never pays the wait."""
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._pending.get()]
             deadline = loop.time() + self.limits.batch_wait_ms / 1000
-            while len(jobs) < self.limits.max_batch:
+            while len(jobs) < self.limits.max_batch and (self.slots > len(jobs) or not self._pending.empty()):
                 try:
                     jobs.append(await asyncio.wait_for(self._pending.get(), max(0.0, deadline - loop.time())))
                 except asyncio.TimeoutError:
