@@ -95,3 +95,26 @@ def test_page_shows_the_mask_over_a_real_pet_photo(browser, pets_run, pets_root,
         assert "not an image format" in page.inner_text("#status")
         page.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_uncertainty_toggle_for_a_bayesian_segnet(browser, pets_root, tmp_path):
+    """MC-dropout models get a toggle that swaps the mask for the entropy heatmap (random weights
+    suffice: this checks the page, not the model)."""
+    from test_serve import fake_checkpoint
+    ckpt = fake_checkpoint(tmp_path / "bayes.pt", "bayesian_segnet", "mobilenet_v2", upsample="nearest")
+    photo = sorted((pets_root / "images").glob("*.jpg"))[1]
+    with running(Engine(ckpt)) as url:
+        page, _ = open_and_segment(browser, url, photo)
+        assert page.locator("#uncertainty-box").is_visible()
+        assert page.locator("#uncertainty-layer").is_hidden() and page.locator("#overlay").is_visible()
+        page.check("#uncertainty")  # re-segments the same photo with uncertainty=true
+        page.wait_for_function("document.body.dataset.state === 'done' && "
+                               "getComputedStyle(document.getElementById('uncertainty-layer')).display === 'block'",
+                               timeout=120_000)
+        assert page.locator("#overlay").is_hidden()
+        assert "mean entropy" in page.inner_text("#status")
+        data_url = page.evaluate("document.getElementById('uncertainty-layer').toDataURL('image/png')")
+        heat = np.array(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+        w, h = Image.open(photo).size
+        assert heat.shape == (h, w, 3) and heat.std() > 0  # a heatmap at the photo's size, not a blank canvas
+        page.close()
