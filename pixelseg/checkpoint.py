@@ -15,6 +15,20 @@ import torch
 from .errors import PixelsegError
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_file(path: Path):
     """Yield a temp file beside `path`; on success fsync and rename it onto `path`, else delete it."""
@@ -22,6 +36,7 @@ def _atomic_file(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make outputs private, unlike open()'s files
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -59,10 +74,25 @@ def load_checkpoint(path: Path | str) -> dict:
         raise PixelsegError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or contains non-tensor pickles
-        raise PixelsegError(f"{path}: not a readable pixelseg checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    except Exception as exc:
+        raise PixelsegError(_unreadable(path, exc)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise PixelsegError(f"{path}: not a pixelseg checkpoint (missing 'model'/'model_config'); "
                             "to start from plain encoder weights use --weights PATH")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """One line for a file torch.load(weights_only=True) refused: which kind of problem, and what to do.
+
+    PyTorch's own text is long and its advice (weights_only=False) would run pickled code."""
+    text = str(exc)
+    size = path.stat().st_size
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return (f"{path}: not a pixelseg checkpoint: it holds Python objects beyond tensors, and pixelseg never "
+                "runs pickled code (weights_only=True); load it yourself and save only the state dict, or train "
+                "with pixelseg to get best.pt/last.pt")
+    return (f"{path}: not a pixelseg checkpoint: the file ({size} bytes) is corrupt, truncated (an interrupted "
+            "copy or download?) or not a PyTorch file at all; copy it again, or use the best.pt/last.pt that "
+            "`pixelseg train` wrote in its run directory")

@@ -283,23 +283,30 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
 
 
 def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, step_in_epoch, global_step,
-                history, best_miou):
-    atomic_save({
+                history, best_miou, full=True):
+    """last.pt (``full``) holds everything --resume needs; best.pt only the model and what describes it: the
+    optimiser state (Adam's two moments) would triple its size for no use at inference."""
+    state = {
         "pixelseg_version": __version__,
         "model": model.state_dict(),
         "model_config": model.config,
         "dataset": info.to_dict(),
         "config": cfg,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
         "epoch": epoch,                  # completed epochs
-        "step_in_epoch": step_in_epoch,  # optimiser steps done inside `epoch` (0 at epoch end)
         "global_step": global_step,
-        "history": history,
         "best_miou": best_miou,
-        "rng": _rng_state(),
-    }, path)
+        "metrics": history[-1] if history else None,
+    }
+    if full:
+        state.update({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step_in_epoch": step_in_epoch,  # optimiser steps done inside `epoch` (0 at epoch end)
+            "history": history,
+            "rng": _rng_state(),
+        })
+    atomic_save(state, path)
 
 
 def train(overrides: dict) -> dict:
@@ -320,6 +327,9 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         if not last.is_file():
             raise PixelsegError(f"--resume {run_dir}: no last.pt there; nothing to resume")
         ckpt = load_checkpoint(last)
+        if "optimizer" not in ckpt:
+            raise PixelsegError(f"{last}: holds only model weights (like best.pt), not the optimiser state that "
+                                "--resume needs; start a new run with --weights or copy back the run's own last.pt")
         cfg = dict(ckpt["config"])
         for key in ("epochs", "device", "workers", "checkpoint_every"):  # safe to change on resume
             if overrides.get(key) is not None:
@@ -547,7 +557,7 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
                         global_step, history, best_miou)
             if is_best:
                 _checkpoint(run_dir / "best.pt", core, optimizer, scheduler, scaler, cfg, info, epoch + 1, 0,
-                            global_step, history, best_miou)
+                            global_step, history, best_miou, full=False)
             _write_history(run_dir, history)
             viz.training_curves(history, run_dir / "curves.png")
             _epoch_figure(core, val_ds, fig_idx, device, amp_dtype, cfg, run_dir / "figures" / f"epoch_{epoch + 1:03d}.png",

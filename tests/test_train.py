@@ -91,7 +91,7 @@ def test_checkpoint_is_atomic_and_never_unpickles_code(tmp_path):
         def __reduce__(self):
             return (exec, ("raise SystemExit('pwned')",))
     torch.save({"model": {}, "model_config": {}, "evil": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(PixelsegError, match="evil.pt: not a readable pixelseg checkpoint"):
+    with pytest.raises(PixelsegError, match="evil.pt: not a pixelseg checkpoint: it holds Python objects"):
         load_checkpoint(tmp_path / "evil.pt")
     (tmp_path / "trunc.pt").write_bytes(path.read_bytes()[:20])
     with pytest.raises(PixelsegError, match="trunc.pt"):
