@@ -21,8 +21,16 @@ TRAIN_HELP = {
     "images_dir": "folder dataset: sub-folder of --data-root holding the images (default: images)",
     "masks_dir": "folder dataset: sub-folder of --data-root holding the masks, matched to images by file stem "
                  "(default: masks)",
+    "mask_suffix": "folder dataset: a mask's stem is its image's stem plus this suffix, e.g. _mask for x.png + "
+                   "x_mask.png (then --images-dir and --masks-dir may name the same folder)",
     "val_fraction": "folder dataset without val/ or val.txt: share of the pairs held out for validation, chosen "
                     "by a fixed seed (default: 0.2)",
+    "val_group": "folder dataset: keep pairs of one group on one side of the --val-fraction split (frames of a "
+                 "video, slices of a stack): a regex whose first group (or match) in the stem is the group, or "
+                 "'prefix' (the stem without its trailing number)",
+    "classes": "folder dataset: the classes.csv to use (id,name,r,g,b), e.g. outside a read-only data root "
+               "(default: DATA_ROOT/classes.csv if present)",
+    "class_names": "folder dataset without classes.csv: class names in id order, e.g. membrane,cell",
     "train_split": "training split (default: the dataset's, trainval for pets)",
     "val_split": "validation split, evaluated in full every epoch (default: test for pets)",
     "model": "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3 (see `pixelseg models`)",

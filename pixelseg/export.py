@@ -150,7 +150,8 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
         source = f"{len(arrays)} image(s) from --check-images"
     else:
         cfg = ckpt["config"]
-        dataset, root = cfg.get("dataset"), cfg.get("data_root")
+        from .inference import recorded_data_root
+        dataset, root = cfg.get("dataset"), recorded_data_root(ckpt, "pass --check-images PATH (a few real images)")
         if root is None and dataset != "synthetic":
             raise PixelsegError(f"{ckpt['path']}: the run's dataset has no --data-root recorded, so there are no "
                                 "images to check parity on; pass --check-images PATH (a few real images)")

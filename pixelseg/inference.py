@@ -47,6 +47,17 @@ def _input_size(ckpt: dict) -> tuple[int, int]:
     return (s, s) if isinstance(s, int) else tuple(s)
 
 
+def recorded_data_root(ckpt: dict, fix: str = "pass --data-root PATH") -> str | None:
+    """The run's own data_root, checked here so that a wrong one is blamed on the recording, not on a
+    --data-root flag the user never typed (runs before 0.2 recorded it relative to where they ran)."""
+    root = ckpt["config"].get("data_root")
+    if root is not None and not Path(root).is_dir():
+        where = "" if Path(root).is_absolute() else f" (a relative path, looked up from {Path.cwd()})"
+        raise PixelsegError(f"{ckpt['path']}: the data_root recorded with this run, {root}, is not a directory"
+                            f"{where}; the data has moved or the run was made elsewhere: {fix}")
+    return root
+
+
 def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
     """--tile: None (off), True/'' (windows of the training size) or N / 'HxW' (windows of that size)."""
     if tile is None or tile is False:
@@ -76,7 +87,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     cfg = ckpt["config"]
     dataset = dataset or cfg["dataset"]
     split = split or cfg["val_split"]
-    root = data_root if data_root is not None else cfg.get("data_root")
+    root = data_root if data_root is not None else recorded_data_root(ckpt)
     options = dataset_options(cfg) if dataset == cfg["dataset"] else {}
     dev = select_device(device)
     amp = resolve_precision(precision, dev)

@@ -42,7 +42,11 @@ DEFAULTS = {
     "data_root": None,
     "images_dir": None,           # folder dataset: images sub-folder (default images)
     "masks_dir": None,            # folder dataset: masks sub-folder (default masks)
+    "mask_suffix": None,          # folder dataset: mask stem = image stem + suffix (one-folder layouts)
     "val_fraction": None,         # folder dataset without a val split: share of pairs held out (default 0.2)
+    "val_group": None,            # folder dataset: regex (or "prefix") grouping stems that stay on one side
+    "classes": None,              # folder dataset: classes.csv path (default DATA_ROOT/classes.csv)
+    "class_names": None,          # folder dataset: names of the classes in id order, "a,b"
     "train_split": None,          # dataset default (pets: trainval)
     "val_split": None,            # dataset default (pets: test)
     "model": "unet",
@@ -104,6 +108,13 @@ def resolve_config(overrides: dict) -> dict:
             cfg[key] = str(cfg[key])
     if isinstance(cfg["weights"], str) and cfg["weights"].lower() in ("none", "null", ""):
         cfg["weights"] = None
+    # Paths of inputs are recorded absolute, so `evaluate RUN` and `--config RUN/config.yaml` work from any
+    # directory (os.path.abspath, not resolve(): a symlinked data folder keeps the name the user gave).
+    for key in ("data_root", "classes"):
+        if cfg[key] is not None:
+            cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
+    if isinstance(cfg["weights"], str) and cfg["weights"] != "imagenet" and Path(cfg["weights"]).expanduser().is_file():
+        cfg["weights"] = os.path.abspath(os.path.expanduser(cfg["weights"]))
     cfg["image_size"] = parse_size(cfg["image_size"])
     cfg["cache"] = cache_spec(cfg["cache"]).mode
     cfg["workers"] = _parse_workers(cfg["workers"])

@@ -273,3 +273,120 @@ def test_cli_train_evaluate_predict_end_to_end(tmp_path, capsys):
         assert m.size == (56 - 10, 40 + 15) and m.mode == "P"
         assert m.getpalette()[:9] == [0, 0, 0, 255, 0, 0, 0, 0, 255]   # the colours of classes.csv
     assert (tmp_path / "pred" / "s05_overlay.png").is_file()
+
+
+def _one_folder(root: Path, n=6, suffix="_mask", kind="index", seed=1):
+    """x.png + x<suffix>.png side by side in one folder."""
+    rng = np.random.default_rng(seed)
+    d = root / "all"
+    d.mkdir(parents=True)
+    truth = {}
+    for i in range(n):
+        m = _ids(rng)
+        Image.fromarray(np.array([(50, 50, 50), (210, 60, 50), (50, 80, 210)], np.uint8)[m]).save(d / f"p{i}.png")
+        Image.fromarray(m if kind == "index" else (m > 0).astype(np.uint8) * 255).save(d / f"p{i}{suffix}.png")
+        truth[f"p{i}"] = m
+    return truth
+
+
+def test_one_folder_layout_with_mask_suffix(tmp_path):
+    truth = _one_folder(tmp_path)
+    kw = dict(images_dir="all", masks_dir="all", mask_suffix="_mask", val_fraction=0.34)
+    tr, va = _all(tmp_path, **kw)
+    assert sorted(tr.names + va.names) == sorted(truth) and len(va) == 2
+    for ds in (tr, va):
+        for name, m in zip(ds.names, ds.masks):
+            assert np.array_equal(np.asarray(m), truth[name]), name
+    # the images are the files without the suffix; nothing was paired with itself
+    lay = folder.discover(tmp_path, "all", "all", 0.34, "_mask")
+    assert all(s.mask.name == f"{s.name}_mask.png" and s.image.name == f"{s.name}.png" for s in lay.all_samples)
+
+
+def test_same_folder_for_images_and_masks_is_refused_with_the_fix(tmp_path):
+    _one_folder(tmp_path)
+    with pytest.raises(PixelsegError, match=r"--images-dir and --masks-dir are the same folder .*paired with itself"
+                                            r".*--mask-suffix _mask \(the files there look like that"):
+        load_split("folder", tmp_path, "train", (H, W), images_dir="all", masks_dir="all")
+    (tmp_path / "all" / "p0_mask.png").rename(tmp_path / "all" / "mask-of-p0.png")
+    with pytest.raises(PixelsegError, match="same folder"):
+        load_split("folder", tmp_path, "train", (H, W), images_dir=".", masks_dir="./")  # root itself, twice
+
+
+def test_classes_file_outside_the_data_root_and_class_names(tmp_path):
+    data = tmp_path / "data"
+    truth = make_folder(data, n=4, kind="index", csv=None)
+    elsewhere = tmp_path / "mine.csv"
+    elsewhere.write_text(CSV)
+    data.chmod(0o555)  # a read-only data root: classes.csv cannot be put there
+    try:
+        info = dataset_info("folder", data, classes=str(elsewhere))
+        assert info.class_names == ["background", "square", "disc"]
+        tr, _ = _all(data, classes=str(elsewhere))
+        assert all(np.array_equal(np.asarray(m), truth[n]) for n, m in zip(tr.names, tr.masks))
+        assert dataset_info("folder", data, class_names="sky,box,ball").class_names == ["sky", "box", "ball"]
+        with pytest.raises(PixelsegError, match=r"--class-names gives 2 name\(s\) \(a, b\) but the masks hold 3"):
+            dataset_info("folder", data, class_names="a,b")
+        with pytest.raises(PixelsegError, match="--class-names 'a,a'"):
+            dataset_info("folder", data, class_names="a,a")
+        with pytest.raises(PixelsegError, match="--classes .*nope.csv: file not found"):
+            dataset_info("folder", data, classes=str(tmp_path / "nope.csv"))
+        with pytest.raises(PixelsegError, match="--class-names and .*mine.csv both name the classes"):
+            dataset_info("folder", data, classes=str(elsewhere), class_names="a,b,c")
+    finally:
+        data.chmod(0o755)
+
+
+def test_binary_masks_can_be_named(tmp_path):
+    _one_folder(tmp_path, kind="binary", suffix="_seg")
+    folder._REPORTED.clear()
+    info = dataset_info("folder", tmp_path, images_dir="all", masks_dir="all", mask_suffix="_seg",
+                        class_names="membrane,cell")
+    assert info.class_names == ["membrane", "cell"]
+
+
+def test_grouped_validation_split_keeps_sequences_together(tmp_path):
+    rng = np.random.default_rng(0)
+    for d in ("images", "masks"):
+        (tmp_path / d).mkdir()
+    stems = [f"seq{s}_{f:04d}" for s in range(6) for f in range(5)]
+    for stem in stems:
+        m = _ids(rng)
+        Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(tmp_path / "images" / f"{stem}.png")
+        Image.fromarray(m).save(tmp_path / "masks" / f"{stem}.png")
+    seq = lambda names: {n.split("_")[0] for n in names}  # noqa: E731
+    for group in ("prefix", r"^(seq\d+)_", r"^seq\d+"):
+        lay = folder.discover(tmp_path, val_fraction=0.3, val_group=group)
+        tr, va = [x.name for x in lay.splits["train"]], [x.name for x in lay.splits["val"]]
+        assert not seq(tr) & seq(va), group          # no sequence straddles the split
+        assert len(va) % 5 == 0 and 5 <= len(va) <= 15 and sorted(tr + va) == sorted(stems)
+    ungrouped = folder.discover(tmp_path, val_fraction=0.3)
+    assert seq(x.name for x in ungrouped.splits["train"]) & seq(x.name for x in ungrouped.splits["val"])
+    with pytest.raises(PixelsegError, match="puts all 30 pairs into one group"):
+        folder.discover(tmp_path, val_fraction=0.3, val_group="seq")
+    with pytest.raises(PixelsegError, match="--val-group '\\(': not a regular expression"):
+        folder.discover(tmp_path, val_fraction=0.3, val_group="(")
+
+
+def test_config_records_absolute_paths_and_evaluate_works_from_elsewhere(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    truth = _one_folder(data, n=6)
+    (tmp_path / "classes.csv").write_text(CSV)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dataset", "folder", "--data-root", "data", "--images-dir", "all", "--masks-dir", "all",
+                 "--mask-suffix", "_mask", "--classes", "classes.csv", "--val-fraction", "0.34", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "4", "--weights", "none", "--figure-samples", "1",
+                 "--run-dir", "run"]) == 0
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["data_root"] == str(data) and cfg["classes"] == str(tmp_path / "classes.csv")
+    assert cfg["mask_suffix"] == "_mask" and len(truth) == 6
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert "folder / val: 2 images" in capsys.readouterr().out
+    # a recorded root that has gone away is blamed on the recording, not on a flag never typed
+    data.rename(tmp_path / "moved")
+    assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"the data_root recorded with this run, {data}, is not a directory" in err and "pass --data-root" in err
+    assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu", "--data-root", str(tmp_path / "moved")]) == 0

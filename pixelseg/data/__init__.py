@@ -27,8 +27,8 @@ DATASETS = {
     "folder": folder,
     "synthetic": synthetic,
 }
-# Train-config keys that are dataset options (flags --images-dir, --masks-dir, --val-fraction).
-DATASET_OPTION_KEYS = ("images_dir", "masks_dir", "val_fraction")
+# Train-config keys that are dataset options (flags --images-dir, --masks-dir, --val-fraction, ...).
+DATASET_OPTION_KEYS = tuple(folder.OPTIONS)
 
 
 def get_dataset_module(name: str):

@@ -1,11 +1,15 @@
 """Your own data: a folder of images and a folder of masks, matched by file stem.
 
     ROOT/images/<stem>.jpg|png|...   ROOT/masks/<stem>.png      (--images-dir, --masks-dir rename them)
+    one folder: ROOT/<dir>/<stem>.jpg + <stem>_mask.png          (--images-dir D --masks-dir D --mask-suffix _mask)
     splits: images/train/, masks/train/, ... sub-folders; or ROOT/train.txt, val.txt, test.txt of stems;
             or neither: a seeded, deterministic --val-fraction of the pairs becomes val (also when only
             train/ or train.txt exists)
-    ROOT/classes.csv (optional): header id,name,r,g,b; maps mask colours (RGB masks) to class ids and
-            names the classes; rows with id 255 list colours to ignore.
+    ROOT/classes.csv (optional; --classes FILE reads it from elsewhere): header id,name,r,g,b; maps mask
+            colours (RGB masks) to class ids and names the classes; rows with id 255 list colours to ignore.
+            --class-names a,b names the classes of masks without one.
+    --val-group REGEX|prefix keeps pairs whose stems share a group (video sequence, slice stack) on one
+            side of the --val-fraction split.
 
 Masks are index images (8-bit grey or palette PNG whose values are class ids; 255 = ignore) or RGB
 colour-coded ones. Without classes.csv the classes are numbered from the values (or colours) found
@@ -33,8 +37,14 @@ from . import base as _base
 from .base import DatasetInfo, Sample, _cache_key, build_split, cache_dir, fit_size
 from .io import UnreadableImage, _open
 
-# Dataset options (train flags --images-dir, --masks-dir, --val-fraction) and their defaults.
-OPTIONS = {"images_dir": "images", "masks_dir": "masks", "val_fraction": 0.2}
+# Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
+# --class-names) and their defaults.
+OPTIONS = {"images_dir": "images", "masks_dir": "masks", "mask_suffix": "", "val_fraction": 0.2, "val_group": None,
+           "classes": None, "class_names": None}
+# --val-group prefix: the stem without its trailing frame/slice number ("0001TP_006690" -> "0001TP").
+PREFIX_GROUP = r"^(.*?)[-_. ]*\d+$"
+# Suffixes of one-folder layouts, to suggest --mask-suffix when the images and masks folders are one.
+COMMON_MASK_SUFFIXES = ("_mask", "-mask", "_masks", "_seg", "_segmentation", "_label", "_labels", "_gt", "_anno")
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -59,40 +69,99 @@ class Layout:
         return [s for split in self.splits.values() for s in split]
 
 
-def _index(folder: Path, what: str) -> dict[str, Path]:
+def _files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+
+
+def _index(files: list[Path], folder: Path, what: str, suffix: str = "") -> dict[str, Path]:
+    """key -> file, the key being the stem less `suffix` (masks) so that it equals its image's stem."""
     by_stem: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
-            if p.stem in by_stem:
-                raise PixelsegError(f"{folder}: two {what} files share the stem {p.stem!r} ({by_stem[p.stem].name}, "
-                                    f"{p.name}); stems pair images with masks, so each must be unique")
-            by_stem[p.stem] = p
+    for p in files:
+        key = p.stem[: len(p.stem) - len(suffix)]
+        if key in by_stem:
+            raise PixelsegError(f"{folder}: two {what} files share the stem {p.stem!r} ({by_stem[key].name}, "
+                                f"{p.name}); stems pair images with masks, so each must be unique")
+        by_stem[key] = p
     return by_stem
 
 
-def _pair(img_dir: Path, mask_dir: Path) -> tuple[list[Sample], list[Path], list[Path]]:
-    images, masks = _index(img_dir, "image"), _index(mask_dir, "mask")
+def _pair(img_dir: Path, mask_dir: Path, suffix: str = "") -> tuple[list[Sample], list[Path], list[Path]]:
+    if img_dir.resolve() == mask_dir.resolve():
+        files = _files(img_dir)
+        if not suffix:
+            stems = {p.stem for p in files}
+            seen = [s for s in COMMON_MASK_SUFFIXES if any(st.endswith(s) and st[: -len(s)] in stems for st in stems)]
+            raise PixelsegError(f"--images-dir and --masks-dir are the same folder ({img_dir}): every file would be "
+                                "paired with itself as its own mask; for a one-folder layout (x.png + x_mask.png) "
+                                f"pass --mask-suffix {seen[0] if seen else '_mask'}"
+                                + (f" (the files there look like that: *{seen[0]}.*)" if seen else
+                                   ", or keep images and masks in two folders"))
+        image_files = [p for p in files if not p.stem.endswith(suffix)]
+        mask_files = [p for p in files if p.stem.endswith(suffix)]
+        other = []
+    else:
+        image_files = _files(img_dir)
+        all_masks = _files(mask_dir)
+        mask_files = [p for p in all_masks if p.stem.endswith(suffix)]
+        other = [p for p in all_masks if not p.stem.endswith(suffix)]
+    images, masks = _index(image_files, img_dir, "image"), _index(mask_files, mask_dir, "mask", suffix)
     samples = [Sample(stem, images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
     return (samples, [images[s] for s in sorted(set(images) - set(masks))],
-            [masks[s] for s in sorted(set(masks) - set(images))])
+            [masks[s] for s in sorted(set(masks) - set(images))] + other)
 
 
-def _fraction_split(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """Val = the first round(n·fraction) stems in sha1 order: deterministic, independent of file order,
-    and adding files moves few existing ones across the boundary."""
+def group_key(pattern: str | None):
+    """stem -> group for --val-group: the regex's first group (or its whole match); a stem it does not
+    match is its own group. 'prefix' is the stem without its trailing number."""
+    if not pattern:
+        return lambda stem: stem
+    import re
+    try:
+        rx = re.compile(PREFIX_GROUP if pattern == "prefix" else pattern)
+    except re.error as exc:
+        raise PixelsegError(f"--val-group {pattern!r}: not a regular expression ({exc}); e.g. --val-group prefix "
+                            "or --val-group '^(seq\\d+)_'") from None
+
+    def key(stem: str) -> str:
+        m = rx.search(stem)
+        if not m:
+            return stem
+        return m.group(1) if rx.groups else m.group(0)
+    return key
+
+
+def _fraction_split(samples: list[Sample], fraction: float, group: str | None = None
+                    ) -> tuple[list[Sample], list[Sample]]:
+    """Val = the first groups in sha1 order until round(n·fraction) pairs: deterministic, independent of file
+    order, and adding files moves few existing ones across the boundary. Without --val-group each pair is
+    its own group; with it, frames of one video or slices of one stack never straddle the split (a random
+    split of near-duplicates makes validation optimistic)."""
     if not 0 < fraction < 1:
         raise PixelsegError(f"--val-fraction {fraction}: must be between 0 and 1 (exclusive)")
     if len(samples) < 2:
         raise PixelsegError(f"only {len(samples)} image/mask pair(s): --val-fraction needs at least 2 "
                             "(one to train on, one to validate)")
-    order = sorted(samples, key=lambda s: hashlib.sha1(f"{SPLIT_SEED}:{s.name}".encode()).hexdigest())
-    n_val = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
-    val = {s.name for s in order[:n_val]}
+    key = group_key(group)
+    groups: dict[str, list[str]] = {}
+    for s in samples:
+        groups.setdefault(key(s.name), []).append(s.name)
+    if len(groups) < 2:
+        raise PixelsegError(f"--val-group {group!r} puts all {len(samples)} pairs into one group "
+                            f"({next(iter(groups))!r}), so nothing is left to validate on; give a pattern whose "
+                            "first group names the sequence, e.g. --val-group '^([^_]+)_'")
+    order = sorted(groups, key=lambda g: hashlib.sha1(f"{SPLIT_SEED}:{g}".encode()).hexdigest())
+    target = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
+    val: set[str] = set()
+    for g in order[:-1]:  # the last group always trains
+        if len(val) >= target:
+            break
+        val.update(groups[g])
     return [s for s in samples if s.name not in val], [s for s in samples if s.name in val]
 
 
 def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "masks",
-             val_fraction: float = 0.2) -> Layout:
+             val_fraction: float = 0.2, mask_suffix: str = "", val_group: str | None = None) -> Layout:
     if root is None:
         raise PixelsegError("--dataset folder needs --data-root: the folder that holds images/ and masks/")
     root = Path(root)
@@ -113,11 +182,11 @@ def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "ma
             if not (mask_root / s).is_dir():
                 raise PixelsegError(f"{mask_root / s}: folder not found, but {img_root / s} exists; split "
                                     f"sub-folders must exist under both {images_dir}/ and {masks_dir}/")
-            splits[s], mm, mi = _pair(img_root / s, mask_root / s)
+            splits[s], mm, mi = _pair(img_root / s, mask_root / s, mask_suffix)
             missing_mask += mm
             missing_image += mi
     else:
-        pairs, missing_mask, missing_image = _pair(img_root, mask_root)
+        pairs, missing_mask, missing_image = _pair(img_root, mask_root, mask_suffix)
         if lists:
             source = f"list files {', '.join(s + '.txt' for s in lists)}"
             by_stem = {s.name: s for s in pairs}
@@ -142,8 +211,9 @@ def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "ma
             source = "all pairs"
             splits["train"] = pairs
     if "train" in splits and "val" not in splits:
-        splits["train"], splits["val"] = _fraction_split(splits["train"], float(val_fraction))
-        source += f", val = --val-fraction {val_fraction} of them (seeded)"
+        splits["train"], splits["val"] = _fraction_split(splits["train"], float(val_fraction), val_group)
+        source += f", val = --val-fraction {val_fraction} of them (seeded" + (
+            f", grouped by --val-group {val_group})" if val_group else ")")
     if not any(splits.values()):
         raise PixelsegError(f"{img_root}: no image has a mask with the same stem in {mask_root} "
                             f"({len(missing_mask)} image(s), {len(missing_image)} mask(s) unmatched)")
@@ -317,9 +387,30 @@ class MaskCodec:
         return np.where(self.rgb_codes[i] == raw, self.rgb_ids[i], IGNORE).astype(np.uint8)
 
 
-def build_codec(root: Path, scan: dict[str, dict]) -> MaskCodec:
+def parse_class_names(value) -> list[str] | None:
+    """--class-names "membrane,cell" (or a YAML list) -> names in class-id order."""
+    if value is None or value == "":
+        return None
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    if not all(names) or len(set(names)) != len(names):
+        raise PixelsegError(f"--class-names {value!r}: give distinct, non-empty names in class-id order, "
+                            "comma-separated, e.g. --class-names membrane,cell")
+    return [str(n) for n in names]
+
+
+def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = None,
+                class_names=None) -> MaskCodec:
     kinds = {r["kind"] for r in scan.values() if "kind" in r}
-    csv_path = root / "classes.csv"
+    names_given = parse_class_names(class_names)
+    if classes is not None:
+        csv_path = Path(classes)
+        if not csv_path.is_file():
+            raise PixelsegError(f"--classes {csv_path}: file not found (a CSV with the header id,name,r,g,b)")
+    else:
+        csv_path = root / "classes.csv"
+    if names_given and csv_path.is_file():
+        raise PixelsegError(f"--class-names and {csv_path} both name the classes; use one of them (classes.csv "
+                            "also sets colours)")
     index_lut = np.full(256, IGNORE, np.uint8)
     index_known = np.zeros(256, bool)
     index_known[IGNORE] = True
@@ -388,6 +479,13 @@ def build_codec(root: Path, scan: dict[str, dict]) -> MaskCodec:
         desc = f"RGB masks, {len(names)} classes numbered from the colours found"
     if len(names) > 254:
         raise PixelsegError(f"masks hold {len(names)} distinct values; at most 254 classes are supported")
+    if names_given:
+        if len(names_given) != len(names):
+            raise PixelsegError(f"--class-names gives {len(names_given)} name(s) ({', '.join(names_given)}) but the "
+                                f"masks hold {len(names)} classes ({', '.join(names)}, in id order)")
+        notices.append("class names from --class-names: " + ", ".join(
+            f"{old} -> {new}" for old, new in zip(names, names_given)))
+        names = names_given
     return MaskCodec(DatasetInfo("folder", names, list(palette), IGNORE), index_lut, index_known, codes, ids,
                      desc, notices)
 
@@ -438,14 +536,17 @@ def _report(layout: Layout, codec: MaskCodec, scan: dict[str, dict]) -> str:
 
 
 # ---- loading ----------------------------------------------------------------------------------------
-def prepare(root: Path | None, images_dir: str | None = None, masks_dir: str | None = None,
-            val_fraction: float | None = None, use_cache: bool = True) -> tuple[Layout, MaskCodec, dict]:
+def _options(options: dict) -> dict:
+    return {k: (OPTIONS[k] if options.get(k) is None else options[k]) for k in OPTIONS}
+
+
+def prepare(root: Path | None, use_cache: bool = True, **options) -> tuple[Layout, MaskCodec, dict]:
     """Discover pairs, scan every mask (all splits: class numbering must not depend on the split),
-    build the codec and print the report once per process."""
-    layout = discover(root, images_dir or OPTIONS["images_dir"], masks_dir or OPTIONS["masks_dir"],
-                      OPTIONS["val_fraction"] if val_fraction is None else val_fraction)
+    build the codec and print the report once per process. `options`: OPTIONS' keys (None = default)."""
+    o = _options(options)
+    layout = discover(root, o["images_dir"], o["masks_dir"], o["val_fraction"], o["mask_suffix"], o["val_group"])
     scan = _scan(layout.all_samples, use_cache)
-    codec = build_codec(layout.root, scan)
+    codec = build_codec(layout.root, scan, o["classes"], o["class_names"])
     report = _report(layout, codec, scan)
     if report not in _REPORTED:
         _REPORTED.add(report)
@@ -473,16 +574,15 @@ def read_target(sample: Sample, codec: MaskCodec, size: tuple[int, int] | None =
     return codec.encode(kind, raw)
 
 
-def full_res_samples(root: Path | None, split: str, images_dir=None, masks_dir=None, val_fraction=None):
+def full_res_samples(root: Path | None, split: str, **options):
     """Samples and a reader of their full-resolution targets (used by evaluate --full-res)."""
-    layout, codec, _ = prepare(root, images_dir, masks_dir, val_fraction)
+    layout, codec, _ = prepare(root, **options)
     return _split(layout, split), lambda s: read_target(s, codec)
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, images_dir: str | None = None, masks_dir: str | None = None,
-         val_fraction: float | None = None):
-    layout, codec, scan = prepare(root, images_dir, masks_dir, val_fraction, use_cache)
+         use_cache: bool = True, **options):
+    layout, codec, scan = prepare(root, use_cache, **options)
     samples = _split(layout, split)
     if limit:
         samples = samples[:limit]
