@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resolution_args(p)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
                    help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime "
-                        "(needs pip install pixelseg[onnx]); auto (default): onnx for .onnx files")
+                        "auto (default): onnx for .onnx files")
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, checked against PyTorch",
                        description="Export a checkpoint with dynamic batch, height and width. The file is run on real "

@@ -47,6 +47,12 @@ def max_unpool2x2(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return out.view(n, c, 2 * h, 2 * w)
 
 
+def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's 2x2/stride-2 max-pool with argmax indices. A module-level function so that
+    export's parity check can substitute the pooling decisions of the runtime it checks."""
+    return F.max_pool2d(x, 2, 2, return_indices=True)
+
+
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
@@ -74,7 +80,7 @@ class PoolingIndicesEncoder(nn.Module):
         out = []
         for i, layer in enumerate(self.features):
             if i in self.pool_positions:
-                x, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+                x, idx = max_pool2x2(x)
                 stage = len(out)
                 if after_pool is not None and stage in after_pool:
                     x = after_pool[stage](x)
@@ -139,6 +145,11 @@ class SegNet(SegmentationModel):
         # Bayesian SegNet: after encoder units 3, 4, 5 and decoder units 5, 4, 3.
         self.enc_dropout = nn.ModuleList(nn.Dropout(p) for _ in range(3)) if p > 0 else None
         self.dec_dropout = nn.ModuleList(nn.Dropout(p) for _ in range(3)) if p > 0 else None
+
+    @property
+    def pooling_indices(self) -> bool:
+        """Whether values are routed by argmax decisions (see ``export.check_parity``)."""
+        return self.upsample == "indices"
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         drop = self.enc_dropout
