@@ -163,7 +163,8 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         tag = tag_u
     atomic_write_text(out / f"eval_{tag}.json", json.dumps(result, indent=1))
     viz.confusion_figure(cm.mat.cpu().numpy(), info.class_names, out / f"confusion_{tag}.png",
-                         f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if full_res else ""))
+                         f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if full_res else "")
+                         + (" with flip TTA" if tta else "") + (f", tiles {window[0]}x{window[1]}" if window else ""))
     result["out_dir"] = str(out)
     result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png")] + extra_files
     return result
@@ -332,7 +333,8 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
             probs = predictor(img)
         mask = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
         viz.save_index_png(mask, info.palette, out / f"{f.stem}.png")
-        viz.save_rgb_png(viz.overlay(img, mask, info.palette), out / f"{f.stem}_overlay.png")
+        viz.save_rgb_png(viz.with_legend(viz.overlay(img, mask, info.palette), mask, info.palette, info.class_names),
+                         out / f"{f.stem}_overlay.png")
         entry["mask"] = str(out / f"{f.stem}.png")
         entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
         results.append(entry)

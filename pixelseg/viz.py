@@ -9,21 +9,92 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .checkpoint import atomic_write_bytes  # noqa: E402
+
+IGNORE_COLOR = (255, 0, 255)  # magenta: no dataset palette uses it, so "ignored" stands out
+IGNORE_LABEL = "ignored"
+LEGEND_EDGE = "#404040"       # outline of legend swatches: a white or pale class stays visible
 
 
 def colorize(mask: np.ndarray, palette, ignore_index: int = 255) -> np.ndarray:
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)
-    lut[ignore_index] = (255, 0, 255) if ignore_index >= len(palette) else lut[ignore_index]
+    lut[ignore_index] = IGNORE_COLOR if ignore_index >= len(palette) else lut[ignore_index]
     return lut[mask.astype(np.uint8)]
+
+
+def pick_samples(masks, n: int, num_classes: int) -> list[int]:
+    """Indices of `n` images for the per-epoch figure: together they show as many classes as possible
+    (rarest first), and otherwise lie far apart in the split. The first n images of a split are often
+    one breed or consecutive video frames, which makes the figure say little."""
+    total = len(masks)
+    if n <= 0 or total == 0:
+        return []
+    cand = np.unique(np.linspace(0, total - 1, min(total, 256)).round().astype(int))
+    present = np.zeros((len(cand), num_classes), bool)
+    for row, i in enumerate(cand):
+        counts = np.bincount(np.asarray(masks[i]).ravel(), minlength=256)[:num_classes]
+        present[row] = counts > 0
+    rarity = 1.0 / np.maximum(present.sum(0), 1)          # a class few images show is worth more
+    chosen: list[int] = []
+    covered = np.zeros(num_classes, bool)
+    for _ in range(min(n, len(cand))):
+        gain = (present & ~covered) @ rarity
+        if chosen:
+            spread = np.min(np.abs(cand[:, None] - cand[chosen][None, :]), axis=1) / max(total, 1)
+        else:
+            spread = 1.0 - np.abs(cand - (total - 1) / 2) / max(total, 1)   # start mid-split, then spread out
+        score = gain * 10 + spread                            # classes first, distance breaks ties
+        score[chosen] = -np.inf
+        best = int(np.argmax(score))
+        chosen.append(best)
+        covered |= present[best]
+    return sorted(int(cand[c]) for c in chosen)
+
+
+def legend_handles(class_names, palette, with_ignore: bool = False):
+    handles = [matplotlib.patches.Patch(facecolor=np.asarray(c) / 255, edgecolor=LEGEND_EDGE, label=nm)
+               for nm, c in zip(class_names, palette)]
+    if with_ignore:
+        handles.append(matplotlib.patches.Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, edgecolor=LEGEND_EDGE,
+                                                label=IGNORE_LABEL))
+    return handles
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
     color = colorize(mask, palette).astype(np.float32)
     return (image.astype(np.float32) * (1 - alpha) + color * alpha).round().astype(np.uint8)
+
+
+def with_legend(image: np.ndarray, mask: np.ndarray, palette, class_names) -> np.ndarray:
+    """`image` with a legend strip below it naming the classes present in `mask` (outlined swatches on grey,
+    so white and pale classes show). Drawn with PIL, not matplotlib: the overlay keeps its pixel size."""
+    h, w = image.shape[:2]
+    present = [i for i in np.unique(mask) if i < len(class_names)]
+    font_px = int(np.clip(w / 40, 11, 28))
+    try:
+        font = ImageFont.load_default(size=font_px)
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        font = ImageFont.load_default()
+    pad, box = max(2, font_px // 3), font_px
+    items, x, y, rows = [], pad, pad, 1
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for i in present:
+        tw = int(probe.textlength(class_names[i], font=font))
+        need = box + pad + tw + 2 * pad
+        if x + need > w and x > pad:
+            x, y, rows = pad, y + box + pad, rows + 1
+        items.append((i, x, y))
+        x += need
+    strip = Image.new("RGB", (w, rows * (box + pad) + pad), (225, 225, 225))
+    draw = ImageDraw.Draw(strip)
+    for i, x0, y0 in items:
+        draw.rectangle([x0, y0, x0 + box, y0 + box], fill=tuple(int(v) for v in palette[i]), outline=(64, 64, 64))
+        draw.text((x0 + box + pad, y0 + box / 2), class_names[i], fill=(0, 0, 0), font=font, anchor="lm")
+    return np.concatenate([image, np.asarray(strip)], axis=0)
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -47,8 +118,10 @@ def prediction_grid(images, true_masks, pred_masks, palette, path: Path, title: 
             if i == 0:
                 axes[i, j].set_title(name)
     if class_names:
-        handles = [matplotlib.patches.Patch(color=np.asarray(c) / 255, label=nm) for nm, c in zip(class_names, palette)]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+        ignored = any(bool((np.asarray(m) >= len(palette)).any()) for m in true_masks)
+        handles = legend_handles(class_names, palette, with_ignore=ignored)
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=True,
+                   facecolor="#e6e6e6", edgecolor="none")
     if title:
         fig.suptitle(title)
     _save_fig(fig, path)
@@ -65,6 +138,8 @@ def training_curves(history: list[dict], path: Path) -> None:
     ax2.plot(epochs, [h["val_miou"] for h in history], "b-o", ms=3, label="val mIoU")
     ax2.set_xlabel("epoch"); ax2.set_ylabel("mIoU"); ax2.set_title("Mean IoU"); ax2.set_ylim(0, 1)
     ax2.legend(); ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):  # whole epochs only: a 2-epoch run gets ticks 1 and 2, not 1.0, 1.2, ...
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save_fig(fig, path)
 
 
