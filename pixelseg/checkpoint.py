@@ -96,3 +96,44 @@ def _unreadable(path: Path, exc: Exception) -> str:
     return (f"{path}: not a pixelseg checkpoint: the file ({size} bytes) is corrupt, truncated (an interrupted "
             "copy or download?) or not a PyTorch file at all; copy it again, or use the best.pt/last.pt that "
             "`pixelseg train` wrote in its run directory")
+
+
+def check_output_dir(path, flag: str) -> Path:
+    """Refuse, before any work, an output directory that cannot exist: a file in its place or on its path,
+    or a parent we may not write in. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PixelsegError(f"{flag} {path}: a file with that name exists; {flag} names a directory, so choose "
+                            "another name or move the file")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PixelsegError(f"{flag} {path}: {existing} is a file, so no directory can be made under it")
+    if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+        raise PixelsegError(f"{flag} {path}: no permission to create it in {existing}; choose a directory you "
+                            "can write to")
+    return path
+
+
+def make_output_dir(path, flag: str) -> Path:
+    """Create an output directory (and parents) and prove a file can be written there; on failure remove
+    whatever this call created and raise a one-line PixelsegError naming the flag."""
+    path = check_output_dir(path, flag)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pixelseg-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        for d in missing:  # deepest first: nothing half-made is left behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise PixelsegError(f"{flag} {path}: cannot create or write there ({exc.strerror or exc}); choose a "
+                            "directory on a writable file system") from None
+    return path

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import load_checkpoint
+from .checkpoint import check_output_dir, load_checkpoint, make_output_dir
 from .data import DatasetInfo
 from .errors import PixelsegError
 
@@ -309,6 +309,7 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
     out = Path(out)
     if out.is_dir():
         raise PixelsegError(f"--out {out} is a directory; give a file name such as {out / ('model.' + ('onnx' if fmt == 'onnx' else 'pt'))}")
+    check_output_dir(out.parent, "--out")
     ckpt = load_checkpoint(checkpoint)
     model = load_model(ckpt, torch.device("cpu"), fast=False).float().eval()
     cfg = ckpt["model_config"]
@@ -316,7 +317,7 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
     inputs, source = _parity_inputs(ckpt, check_images, check_limit, max_side)
     meta = _metadata(ckpt)
     example = torch.rand(1, 3, *_input_size(ckpt), generator=torch.Generator().manual_seed(0))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent, "--out")
     tmp = out.with_name(f".{out.name}.partial")
     t0 = time.time()
     try:

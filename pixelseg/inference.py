@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import viz
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
 from .data.io import UnreadableImage, read_image
 from .errors import PixelsegError
@@ -84,6 +84,8 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     `pixelseg.calibration`: softmax-entropy uncertainty of the deterministic pass and, with `mc_samples`,
     Monte-Carlo dropout's predictive entropy and variance; scores stay those of the deterministic pass."""
     ckpt = load_checkpoint(run_or_ckpt)
+    if out_dir:
+        check_output_dir(out_dir, "--out")
     cfg = ckpt["config"]
     dataset = dataset or cfg["dataset"]
     split = split or cfg["val_split"]
@@ -148,8 +150,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
                       zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"])},
         "confusion_matrix": cm.mat.cpu().tolist(),
     }
-    out = Path(out_dir) if out_dir else Path(ckpt["path"]).parent
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(Path(out_dir) if out_dir else Path(ckpt["path"]).parent, "--out")
     extra_files = []
     if uncertainty:
         from .calibration import reliability_figure
@@ -296,6 +297,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     (`tile`), optionally averaged with the flipped image (`tta`). `backend="onnx"` runs a file written
     by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch."""
     backend = resolve_backend(backend, run_or_ckpt)
+    check_output_dir(out_dir, "--out")  # before any work; created only once every input has been read
     mc = bool(mc_samples and mc_samples > 1)
     if mc and (backend == "onnx" or tile or tta):
         raise PixelsegError("--mc-samples runs the PyTorch model with dropout on, at the training resolution; it "
@@ -317,8 +319,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         model = load_model(ckpt, dev, amp)
         fn, mode_dev = torch_logits_fn(model, dev, amp, True), dev
     predictor = Predictor(fn, size, tile_size(tile, size), overlap, tta, device=mode_dev)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir, "--out")
     results = []
     for f, img in tqdm(list(zip(files, decoded)), desc="predict", unit="img", disable=not progress or None):
         img = img if img is not None else read_image(f)

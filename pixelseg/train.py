@@ -23,7 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .data import collate_batch, dataset_options, default_split, load_split
 from .data.base import CacheSpec, FileDataset, cache_spec
 from .distributed import DistInfo, ShardSampler, all_reduce_sum, barrier, check_batch, cleanup, init_distributed
@@ -348,14 +348,14 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         cfg["resume"] = str(run_dir)
     else:
         cfg = resolve_config(overrides)
-        run_dir = Path(cfg["run_dir"])
+        run_dir = check_output_dir(cfg["run_dir"], "--run-dir")
         if (run_dir / "last.pt").exists():
             raise PixelsegError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
                                 "or choose another --run-dir")
 
     main = dist_info.is_main
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(run_dir, "--resume" if ckpt is not None else "--run-dir")
         (run_dir / "figures").mkdir(exist_ok=True)
         for stale in run_dir.glob(".*.tmp"):  # left by a run killed in the middle of a write
             stale.unlink(missing_ok=True)

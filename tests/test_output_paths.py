@@ -1,0 +1,54 @@
+"""File-system mistakes in output paths: one line, exit 2, nothing half-made."""
+import os
+
+import pytest
+from PIL import Image
+
+from pixelseg.cli import main
+
+TINY = ["--dataset", "synthetic", "--limit", "8", "--image-size", "32", "--batch-size", "8", "--weights", "none",
+        "--epochs", "1", "--figure-samples", "1"]
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc", "sys"])
+def test_run_dir_that_cannot_be_made(tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    run = {"file": blocker, "under_file": blocker / "run", "proc": "/proc/pixelseg-test/run",
+           "sys": "/sys/pixelseg-test/run"}[where]
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 2
+    _one_line_error(capsys, "--run-dir", str(run))
+    assert blocker.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["blocker"]
+    assert not os.path.exists("/proc/pixelseg-test") and not os.path.exists("/sys/pixelseg-test")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in read-only directories")
+def test_run_dir_without_permission(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    assert main(["train", *TINY, "--run-dir", str(ro / "a" / "run")]) == 2
+    _one_line_error(capsys, "no permission")
+    assert not (ro / "a").exists()
+
+
+def test_predict_out_is_an_existing_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    img = tmp_path / "p.png"
+    Image.new("RGB", (20, 20)).save(img)
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for cmd in (["predict", str(run), str(img), "--out", str(taken)], ["evaluate", str(run), "--out", str(taken)],
+                ["export", str(run), "--out", str(taken / "m.onnx")]):
+        assert main(cmd) == 2
+        _one_line_error(capsys, "--out", str(taken))
+        assert taken.read_text() == "keep me"
