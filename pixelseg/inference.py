@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import viz
+from .progress import progress as progress_bar
 from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
 from .data.io import UnreadableImage, read_image
@@ -17,7 +19,7 @@ from .errors import PixelsegError
 from .metrics import ConfusionMatrix
 from .models import create_model
 from .runtime import autocast, prepare_for_inference, resolve_precision, select_device, to_model_input
-from .tiling import FlipTTA, Predictor, torch_logits_fn
+from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -115,9 +117,15 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
                               batch_size=min(batch_size, 16), device=dev)
         cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
         n_images = 0
-        for _, img, target in tqdm(iter_full_res(dataset, root, split, size, limit, skipped, **options),
-                                   total=limit, desc=f"evaluate {split} (full resolution)", leave=False,
-                                   disable=not progress or None, unit="img"):
+        warned = False
+        for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped, **options),
+                                           total=limit, desc=f"evaluate {split} (full resolution)", unit="img",
+                                           enabled=progress):
+            if not warned:
+                warned = True
+                warning = tile_scale_warning(img.shape[:2], size, window)
+                if warning:
+                    tqdm.write(warning, file=sys.stderr)
             cm.update(predictor(img).argmax(1), torch.from_numpy(target).to(dev))
             n_images += 1
         if n_images == 0:
@@ -189,7 +197,7 @@ def _uncertainty_pass(model, loader, dev, amp, info: DatasetInfo, channels_last:
     mc = UncertaintyStats({"entropy": entropy_range(c), "variance": (1 - 1 / c) / c}, device=dev) \
         if mc_samples else None
     model.eval()
-    for images, masks in tqdm(loader, desc=f"uncertainty {split}", leave=False, disable=not progress or None):
+    for images, masks in progress_bar(loader, desc=f"uncertainty {split}", unit="batch", enabled=progress):
         x = to_model_input(images, dev, channels_last)
         y = masks.to(dev)
         with autocast(dev, amp):
@@ -318,10 +326,16 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         amp = resolve_precision(precision, dev)
         model = load_model(ckpt, dev, amp)
         fn, mode_dev = torch_logits_fn(model, dev, amp, True), dev
-    predictor = Predictor(fn, size, tile_size(tile, size), overlap, tta, device=mode_dev)
+    window = tile_size(tile, size)
+    predictor = Predictor(fn, size, window, overlap, tta, device=mode_dev)
+    largest = max(((img.shape[0], img.shape[1]) for img in decoded if img is not None), default=None,
+                  key=lambda hw: hw[0] * hw[1])
+    warning = tile_scale_warning(largest, size, window) if largest else None
+    if warning:
+        print(warning, file=sys.stderr)
     out = make_output_dir(out_dir, "--out")
     results = []
-    for f, img in tqdm(list(zip(files, decoded)), desc="predict", unit="img", disable=not progress or None):
+    for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
         img = img if img is not None else read_image(f)
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
         if mc:

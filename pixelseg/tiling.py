@@ -156,3 +156,23 @@ def torch_logits_fn(model: nn.Module, device, amp_dtype=None, channels_last: boo
         with torch.no_grad(), autocast(torch.device(device), amp_dtype):
             return model(x).float()
     return fn
+
+
+def tile_scale_warning(image_hw: tuple[int, int], train_size: tuple[int, int], window) -> str | None:
+    """A warning when --tile probably cannot suit the model, or None.
+
+    pixelseg trains on whole images resized to the training size, so windows at an image's own scale
+    show objects at the scale training saw only if the training photos were about that size already
+    (CamVid at 360x480). A photo several times the training size - the tutorial's pets, shrunk to 128x128 -
+    puts objects several times larger into each window than the model has ever seen, and masks come out
+    near-empty."""
+    if window is None:
+        return None
+    factor = max(image_hw[0] / train_size[0], image_hw[1] / train_size[1])
+    if factor < 2:
+        return None
+    return (f"warning: --tile runs {window[0]}x{window[1]} windows at the image's own scale, but the model was "
+            f"trained on whole images resized to {train_size[0]}x{train_size[1]} and this image is "
+            f"{image_hw[0]}x{image_hw[1]} ({factor:.1f}x larger): unless its training photos were this large "
+            f"too, the windows show objects about {factor:.0f}x larger than it learnt them and masks come out "
+            "near-empty; leave out --tile to resize the whole image, as in training")

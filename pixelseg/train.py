@@ -35,6 +35,7 @@ from .optim import build_optimizer, build_scheduler
 from .runtime import (autocast, optimize_for_training, resolve_precision, seed_everything, select_device,
                       to_model_input)
 from . import viz
+from .progress import progress as progress_bar
 
 # Single source of truth for training options; the CLI builds its flags from this dict.
 DEFAULTS = {
@@ -265,7 +266,7 @@ def evaluate_model(model, loader, device, amp_dtype, num_classes, ignore_index, 
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of per-pixel losses, pixels)
-    for images, masks in tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_info.is_main) or None):
+    for images, masks in progress_bar(loader, desc=desc, unit="batch", enabled=progress and dist_info.is_main):
         x = to_model_input(images, device, channels_last)
         y = masks.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -490,8 +491,8 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         train_cm = ConfusionMatrix(info.num_classes, info.ignore_index, device=device)
         it = iter(train_loader)
         step_in_epoch = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-                   disable=not main or None, unit="step")
+        bar = progress_bar(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="step",
+                           enabled=main)
         if skip_steps:  # mid-epoch resume: the sampler order is a function of (seed, epoch), so skip ahead
             for _ in range(min(skip_steps * cfg["accumulate"], micro_per_epoch)):
                 next(it)
