@@ -24,9 +24,10 @@ class _Lines:
     def write(self, s: str) -> None:
         for line in s.replace("\r", "\n").split("\n"):
             line = line.strip()
-            if line and line != self.last:  # closing repeats the last state
+            state = line.split("[")[0].replace("#", "").replace(" ", "")  # count, not the rate or bar width
+            if line and state != self.last:  # closing repeats the last state
                 self.stream.write(line + "\n")
-                self.last = line
+                self.last = state
 
     def flush(self) -> None:
         self.stream.flush()
