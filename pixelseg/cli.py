@@ -284,8 +284,8 @@ def main(argv=None) -> int:
             msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"pixelseg {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(exc.advice() if hasattr(exc, "advice") else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -285,12 +285,21 @@ def evaluate_model(model, loader, device, amp_dtype, num_classes, ignore_index, 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=1))
-    scalar_keys = [k for k, v in history[0].items() if not isinstance(v, (list, dict))]
+    def flat(row: dict) -> dict:  # per-class dicts become columns: val_iou_<class>, val_dice_<class>
+        out = {}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                out.update({f"{k}_{name}": x for name, x in v.items()})
+            elif not isinstance(v, list):
+                out[k] = v
+        return out
+    rows = [flat(r) for r in history]
+    keys = list(rows[-1])
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=scalar_keys, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in scalar_keys})
+    for row in rows:
+        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, "")) for k in keys})
     atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
 
 
@@ -321,16 +330,35 @@ def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, ste
     atomic_save(state, path)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: carries the command that continues it."""
+
+    def __init__(self, run_dir: Path | None):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def advice(self) -> str:
+        if self.run_dir is not None and (self.run_dir / "last.pt").is_file():
+            return f"interrupted; continue the run with: pixelseg train --resume {self.run_dir}"
+        if self.run_dir is not None:
+            return (f"interrupted before the first checkpoint of {self.run_dir}; run the same command again "
+                    "(--checkpoint-every N also saves within epochs)")
+        return "interrupted"
+
+
 def train(overrides: dict) -> dict:
     """Train from a config dict (CLI flags / YAML); returns the run summary."""
     dist_info = init_distributed(overrides.get("device") or "auto")
+    status: dict = {}
     try:
-        return _train(overrides, dist_info)
+        return _train(overrides, dist_info, status)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(status.get("run_dir")) from None
     finally:
         cleanup(dist_info)
 
 
-def _train(overrides: dict, dist_info: DistInfo) -> dict:
+def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> dict:
     t_start = time.time()
     ckpt = None
     if overrides.get("resume"):
@@ -361,6 +389,8 @@ def _train(overrides: dict, dist_info: DistInfo) -> dict:
         for stale in run_dir.glob(".*.tmp"):  # left by a run killed in the middle of a write
             stale.unlink(missing_ok=True)
     barrier(dist_info)
+    if status is not None:
+        status["run_dir"] = run_dir
     log = Logger(run_dir if main else None)
     device = select_device(cfg["device"])
     amp_dtype = resolve_precision(cfg["precision"], device)

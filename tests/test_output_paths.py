@@ -52,3 +52,20 @@ def test_predict_out_is_an_existing_file(tmp_path, capsys):
         assert main(cmd) == 2
         _one_line_error(capsys, "--out", str(taken))
         assert taken.read_text() == "keep me"
+
+
+def test_ctrl_c_prints_the_resume_command(tmp_path, capsys, monkeypatch):
+    import pixelseg.train as tr
+    run = tmp_path / "run"
+    real = tr._write_history
+    calls = []
+
+    def interrupt_after_first_epoch(run_dir, history):
+        real(run_dir, history)
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tr, "_write_history", interrupt_after_first_epoch)
+    assert main(["train", *TINY, "--epochs", "2", "--run-dir", str(run)]) == 130
+    assert f"pixelseg train --resume {run}" in capsys.readouterr().err and calls
+    monkeypatch.setattr(tr, "_write_history", real)
+    assert main(["train", "--resume", str(run)]) == 0

@@ -29,6 +29,9 @@ def test_run_directory_holds_everything(tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2]
     assert all(0 <= h["val_miou"] <= 1 and h["train_loss"] > 0 for h in hist)
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 3
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("background", "object", "edge"):   # per-class IoU and Dice, as the README promises
+        assert f"val_iou_{name}" in header and f"val_dice_{name}" in header
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["epochs"] == 2 and cfg["backbone"] == "mobilenet_v2" and cfg["weights"] is None
     ckpt = load_checkpoint(run / "last.pt")
