@@ -49,9 +49,14 @@ def test_fold_batchnorm_keeps_outputs(arch):
 
 
 def test_fold_batchnorm_folds_every_bn_of_the_tutorial_model():
+    """The property, not a count that the next torchvision may change: in this model every BatchNorm
+    follows a convolution, and every such pair is folded."""
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).eval()
-    assert fold_batchnorm(model) == 55
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    n_conv = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
+    assert n_bn > 0 and fold_batchnorm(model) == n_bn
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules()) == n_conv
 
 
 def test_fold_batchnorm_refuses_training_mode():
@@ -80,10 +85,12 @@ def test_optimize_for_training_retargets_only_strided_depthwise_convs():
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None)
     keys = list(model.state_dict())
     assert optimize_for_training(copy.deepcopy(model), torch.device("cpu"), None) == "none"
+    strided_dw = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
+                  and m.groups == m.in_channels == m.out_channels and max(m.stride) > 1]
     note = optimize_for_training(model, torch.device("cpu"), torch.bfloat16)
-    swapped = [m for m in model.modules() if isinstance(m, _Fp32BackwardDepthwiseConv2d)]
-    assert len(swapped) == 4 and note.startswith("4 ")  # MobileNetV2's four stride-2 depthwise convs
-    assert all(m.groups == m.in_channels and max(m.stride) == 2 for m in swapped)
+    swapped = [n for n, m in model.named_modules() if isinstance(m, _Fp32BackwardDepthwiseConv2d)]
+    # every strided depthwise conv, and nothing else (MobileNetV2 has some; how many is torchvision's business)
+    assert strided_dw and swapped == strided_dw and note.startswith(f"{len(strided_dw)} ")
     assert list(model.state_dict()) == keys
 
 
