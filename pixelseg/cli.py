@@ -33,7 +33,7 @@ TRAIN_HELP = {
     "class_names": "folder dataset without classes.csv: class names in id order, e.g. membrane,cell",
     "train_split": "training split (default: the dataset's, trainval for pets)",
     "val_split": "validation split, evaluated in full every epoch (default: test for pets)",
-    "model": "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3 (see `pixelseg models`)",
+    "model": "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3, deeplabv3plus, pspnet, fpn, upernet, segformer (see `pixelseg models`)",
     "backbone": "encoder, e.g. mobilenet_v2, resnet50, vgg16 (default: the architecture's own)",
     "weights": "encoder weights: imagenet, none, or a path to a state-dict file",
     "freeze_encoder": "auto (freeze iff pretrained weights are loaded, as the tutorial does), yes, no",
@@ -336,6 +336,8 @@ def _run(args) -> int:
         rows = describe_models()
         print(f"{'arch':<18}{'backbone':<14}{'params':>12}")
         for r in rows:
-            print(f"{r['arch']:<18}{r['backbone']:<14}{r['params'] / 1e6:>11.2f}M")
+            params = f"{r['params'] / 1e6:>11.2f}M" if r["params"] is not None else "  n/a (pip install pixelseg[segformer])"
+            print(f"{r['arch']:<18}{r['backbone']:<14}{params}")
+        print("any timm model with features_only also works: --backbone timm:NAME (e.g. timm:convnext_tiny)")
         return 0
     raise AssertionError(args.command)
