@@ -15,6 +15,11 @@ from .errors import PixelsegError
 TRAIN_HELP = {
     "dataset": "dataset name: oxford-pet, camvid, voc (Pascal VOC 2012 + SBD train_aug), ade20k (SceneParsing), "
                "cityscapes, folder (your own images/ + masks/), synthetic (see docs/datasets.md)",
+    "in_channels": "image channels: 3 (RGB), or e.g. 1, 4, 13 for grey, RGB+NIR or multispectral 8/16-bit PNG/TIFF "
+                   "(folder dataset); the encoder's first conv is adapted from its RGB weights and inputs are "
+                   "normalised with per-channel statistics of the training split",
+    "rgb_bands": "bands the figures and predict overlays show as RGB, e.g. 3,2,1 (default: the first three, or "
+                 "the first as grey)",
     "data_root": "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/, downloaded into "
                  "$PIXELSEG_DATA or ~/.cache/pixelseg when omitted; CamVid: the SegNet layout; folder: holds "
                  "images/ and masks/, see docs/datasets.md)",
@@ -34,13 +39,13 @@ TRAIN_HELP = {
     "train_split": "training split (default: the dataset's, trainval for pets)",
     "val_split": "validation split, evaluated in full every epoch (default: test for pets)",
     "model": "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3, deeplabv3plus, pspnet, fpn, upernet, segformer (see `pixelseg models`)",
-    "backbone": "encoder, e.g. mobilenet_v2, resnet50, vgg16 (default: the architecture's own)",
+    "backbone": "encoder, e.g. mobilenet_v2, resnet50, vgg16, mit_b0, or timm:NAME for any timm model with features_only (default: the architecture's own)",
     "weights": "encoder weights: imagenet, none, or a path to a state-dict file",
     "freeze_encoder": "auto (freeze iff pretrained weights are loaded, as the tutorial does), yes, no",
     "epochs": "number of epochs",
     "iterations": "number of optimiser steps in all, as papers give schedules (overrides --epochs: the run stops "
                   "after this many steps and the lr schedule spans them; validation still runs once per epoch)",
-    "output_stride": "encoder output stride of dilated models (deeplabv3: 16 or 8; default: the architecture's)",
+    "output_stride": "encoder output stride of dilated models (deeplabv3, deeplabv3plus: 16 or 8; pspnet: 8, 16 or 32; default: the architecture's)",
     "batch_size": "global batch size (all processes and accumulation steps together)",
     "accumulate": "gradient accumulation steps per optimiser step",
     "image_size": "training resolution: N (square) or HxW, e.g. 360x480",
@@ -144,7 +149,7 @@ def _load_yaml_config(path: Path) -> dict:
 _CONFIG_TYPES = {
     "image_size": (int, str, list), "scale_range": (str, list), "limit": (int,), "iterations": (int,),
     "output_stride": (int,), "val_fraction": (float,), "weights": (str,), "backbone": (str,),
-    "precise_bn": (int,),
+    "precise_bn": (int,), "rgb_bands": (str, list),
 }
 
 

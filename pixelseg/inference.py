@@ -14,7 +14,7 @@ from . import viz
 from .progress import progress as progress_bar
 from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
-from .data.io import UnreadableImage, read_image
+from .data.io import UnreadableImage, read_input
 from .errors import PixelsegError
 from .metrics import ConfusionMatrix
 from .models import create_model
@@ -107,6 +107,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         raise PixelsegError("--uncertainty/--mc-samples are measured at the training resolution without TTA; "
                             "drop --full-res/--tta")
     num_classes = ckpt["model_config"]["num_classes"]
+    channels = model_channels(ckpt)
     channels_last = cfg.get("channels_last", True)
     skipped: list[str] = []
     if full_res:
@@ -118,7 +119,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
         n_images = 0
         warned = False
-        for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped, **options),
+        for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped, channels=channels, **options),
                                            total=limit, desc=f"evaluate {split} (full resolution)", unit="img",
                                            enabled=progress):
             if not warned:
@@ -133,7 +134,8 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         resolution = f"full resolution (each image's own size; {predictor.describe()})"
         tag = f"{split}_fullres" + ("_tile" if window else "") + ("_tta" if tta else "")
     else:
-        ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True), **options)
+        ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True), channels=channels,
+                        **options)
         info, n_images, skipped = ds.info, len(ds), ds.skipped
         _check_classes(ckpt, info, dataset, num_classes)
         model = load_model(ckpt, dev, amp, channels_last)
@@ -267,13 +269,18 @@ def _collect_images(paths) -> list[Path]:
     return files
 
 
-def _decode_all(files: list[Path], keep_bytes: int = 1 << 30) -> list:
+def model_channels(ckpt_or_meta: dict) -> int:
+    """Input channels of the checkpoint's (or an export's metadata's) model; 3 for older files."""
+    return int(ckpt_or_meta["model_config"].get("in_channels", 3))
+
+
+def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3) -> list:
     """Decode every input before anything is written, so a bad file fails the command with no partial
     output; arrays are kept for reuse only up to `keep_bytes` (big photos are decoded again later)."""
     kept, total = [], 0
     for f in files:
         try:
-            img = read_image(f)
+            img = read_input(f, channels)
         except UnreadableImage as exc:
             raise PixelsegError(f"{exc}; pass only image files (JPEG, PNG, ...) to predict") from exc
         total += img.nbytes
@@ -316,12 +323,14 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         from .export import load_onnx_predictor_parts
         onnx_model, info, size = load_onnx_predictor_parts(run_or_ckpt, dev)
         fn, model, mode_dev = onnx_model, None, (dev if dev.type == "cuda" else torch.device("cpu"))
+        channels, bands = model_channels(onnx_model.metadata), onnx_model.metadata.get("rgb_bands")
     else:
         ckpt = load_checkpoint(run_or_ckpt)
         info = DatasetInfo.from_dict(ckpt["dataset"])
         size = _input_size(ckpt)
+        channels, bands = model_channels(ckpt), ckpt["config"].get("rgb_bands")
     files = _collect_images(images)
-    decoded = _decode_all(files)
+    decoded = _decode_all(files, channels=channels)
     if backend == "torch":
         amp = resolve_precision(precision, dev)
         model = load_model(ckpt, dev, amp)
@@ -336,7 +345,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     out = make_output_dir(out_dir, "--out")
     results = []
     for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
-        img = img if img is not None else read_image(f)
+        img = img if img is not None else read_input(f, channels)
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
         if mc:
             probs, maps = mc_uncertainty(model, img, size, dev, amp, mc_samples)
@@ -348,7 +357,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
             probs = predictor(img)
         mask = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
         viz.save_index_png(mask, info.palette, out / f"{f.stem}.png")
-        viz.save_rgb_png(viz.with_legend(viz.overlay(img, mask, info.palette), mask, info.palette, info.class_names),
+        viz.save_rgb_png(viz.with_legend(viz.overlay(viz.rgb_view(img, bands), mask, info.palette), mask, info.palette, info.class_names),
                          out / f"{f.stem}_overlay.png")
         entry["mask"] = str(out / f"{f.stem}.png")
         entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
@@ -362,7 +371,7 @@ def mc_uncertainty(model, img: np.ndarray, size: tuple[int, int], dev, amp, samp
     {"entropy": H×W, "variance": H×W}). Shared by `predict --mc-samples` and `pixelseg serve`."""
     from .models import mc_predict
     h, w = img.shape[:2]
-    x = to_model_input(torch.from_numpy(img).permute(2, 0, 1)[None], dev, True)
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], dev, True)
     x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     with autocast(dev, amp):
         r = mc_predict(model, x, samples)

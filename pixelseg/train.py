@@ -51,8 +51,10 @@ DEFAULTS = {
     "train_split": None,          # dataset default (pets: trainval)
     "val_split": None,            # dataset default (pets: test)
     "model": "unet",
-    "backbone": None,             # architecture default
+    "backbone": None,             # architecture default; or timm:NAME
     "output_stride": None,        # encoder output stride for dilated models (deeplabv3: 8 or 16); None: the arch's
+    "in_channels": 3,             # image channels; != 3 reads 8/16-bit multi-band images (folder dataset)
+    "rgb_bands": None,            # which bands the figures show as RGB, e.g. "3,2,1" (default first three)
     "weights": "imagenet",
     "freeze_encoder": "auto",     # auto: freeze iff pretrained weights were loaded (the tutorial freezes)
     "epochs": 20,
@@ -129,7 +131,13 @@ def resolve_config(overrides: dict) -> dict:
                                 "pixels the cache keeps, e.g. 2048")
     if cfg["scale_range"] is not None:
         cfg["scale_range"] = _parse_floats(cfg["scale_range"], "--scale-range", 2)
-    for key in ("epochs", "batch_size") + (("iterations",) if cfg["iterations"] is not None else ()):
+    if cfg["rgb_bands"] is not None:
+        try:
+            cfg["rgb_bands"] = [int(v) for v in (cfg["rgb_bands"].split(",") if isinstance(cfg["rgb_bands"], str)
+                                                 else cfg["rgb_bands"])]
+        except (TypeError, ValueError):
+            raise PixelsegError(f"--rgb-bands {cfg['rgb_bands']!r}: give 1 or 3 band indices, e.g. 3,2,1") from None
+    for key in ("epochs", "batch_size", "in_channels") + (("iterations",) if cfg["iterations"] is not None else ()):
         if int(cfg[key]) < 1:
             raise PixelsegError(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 1")
     return cfg
@@ -283,6 +291,22 @@ def evaluate_model(model, loader, device, amp_dtype, num_classes, ignore_index, 
     return cm, mean_loss
 
 
+def channel_stats(images) -> dict:
+    """Per-channel mean and std of float [0, 1] N x H x W x C images (float64 sums: no drift)."""
+    c = images[0].shape[-1]
+    total = np.zeros(c)
+    sq = np.zeros(c)
+    n = 0
+    for im in images:  # a stacked array or a list of arrays of different sizes
+        flat = np.asarray(im, np.float64).reshape(-1, c)
+        total += flat.sum(0)
+        sq += (flat ** 2).sum(0)
+        n += flat.shape[0]
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0))
+    return {"mean": [float(v) for v in mean], "std": [float(max(v, 1e-6)) for v in std]}
+
+
 def _write_history(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=1))
     def flat(row: dict) -> dict:  # per-class dicts become columns: val_iou_<class>, val_dice_<class>
@@ -403,10 +427,14 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
     # without them every sample is cached at --image-size and batches are whole-array reads.
     mode = cache_spec(cfg.get("cache", "mmap")).mode
     full_res = bool(cfg["crop"] or cfg.get("cache_max_side"))
+    channels = int(cfg["in_channels"])
     train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"],
-                          CacheSpec(mode, full_res, cfg.get("cache_max_side")), **dataset_options(cfg))
+                          CacheSpec(mode, full_res, cfg.get("cache_max_side")), channels=channels,
+                          **dataset_options(cfg))
     val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], CacheSpec(mode),
-                        **dataset_options(cfg))
+                        channels=channels, **dataset_options(cfg))
+    if channels != 3 and cfg["color_jitter"]:
+        raise PixelsegError(f"--color-jitter works on RGB images, not on {channels}-channel inputs; drop it")
     info = train_ds.info
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
@@ -433,8 +461,17 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
 
     # ---- model ------------------------------------------------------------------------------
     arch_options = {} if cfg.get("output_stride") is None else {"output_stride": int(cfg["output_stride"])}
+    norm = {}
+    if channels != 3:
+        # No encoder has statistics for these bands: per-channel mean/std of the training split, stored
+        # in the model config (and so in every checkpoint, export and prediction).
+        norm = channel_stats(train_ds.images)
+        log("input normalisation from the training split: mean " + ", ".join(f"{v:.4f}" for v in norm["mean"])
+            + " | std " + ", ".join(f"{v:.4f}" for v in norm["std"]))
+    if ckpt is not None and "mean" in ckpt.get("model_config", {}):
+        norm = {k: ckpt["model_config"][k] for k in ("mean", "std")}
     model = create_model(cfg["model"], backbone=cfg["backbone"], num_classes=info.num_classes, weights=cfg["weights"],
-                         **arch_options)
+                         in_channels=channels, **norm, **arch_options)
     freeze = cfg["freeze_encoder"]
     if freeze == "auto":
         freeze = bool(model.pretrained)
@@ -633,5 +670,5 @@ def _epoch_figure(model, ds, idx, device, amp_dtype, cfg, path, title):
     images, masks = ds.__getitems__(idx)
     with autocast(device, amp_dtype):
         pred = model(to_model_input(images, device, cfg["channels_last"])).float().argmax(1).cpu().numpy()
-    viz.prediction_grid(images.permute(0, 2, 3, 1).numpy(), masks.numpy(), pred, ds.info.palette, path, title,
-                        ds.info.class_names)
+    shown = np.stack([viz.rgb_view(im, cfg.get("rgb_bands")) for im in images.permute(0, 2, 3, 1).numpy()])
+    viz.prediction_grid(shown, masks.numpy(), pred, ds.info.palette, path, title, ds.info.class_names)

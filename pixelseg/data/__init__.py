@@ -58,11 +58,20 @@ def _check_options(name: str, kwargs: dict) -> dict:
     return given
 
 
+def _check_channels(name: str, channels: int) -> dict:
+    if channels == 3:
+        return {}
+    if name != "folder":
+        raise PixelsegError(f"--in-channels {channels}: only --dataset folder reads images with other than 3 "
+                            f"channels ({name} is RGB)")
+    return {"channels": channels}
+
+
 def load_split(name: str, root: str | Path | None, split: str, image_size, limit: int | None = None,
-               use_cache: bool = True, **kwargs) -> ArrayDataset:
+               use_cache: bool = True, channels: int = 3, **kwargs) -> ArrayDataset:
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    options = _check_options(name, kwargs)
+    options = {**_check_options(name, kwargs), **_check_channels(name, channels)}
     ds = get_dataset_module(name).load(Path(root) if root else None, split, tuple(image_size), limit=limit,
                                        use_cache=use_cache, **options)
     if len(ds) == 0:
@@ -97,15 +106,16 @@ def _pets_full_res(root, split):
 
 
 def iter_full_res(name: str, root, split: str, image_size, limit: int | None = None, skipped: list | None = None,
-                  **kwargs):
+                  channels: int = 3, **kwargs):
     """Yield (name, image uint8 H×W×3, target uint8 H×W class ids) at each file's own resolution.
 
     One image is decoded ahead on a thread while the caller runs the model; nothing else is held,
     so a split of 4000×3000 photos costs the memory of two. Unreadable images are skipped and
     appended to `skipped`. Datasets without files (synthetic) yield their arrays as they are.
     """
-    from .io import UnreadableImage, read_image
+    from .io import UnreadableImage, read_input
     options = _check_options(name, kwargs)
+    _check_channels(name, channels)
     module = get_dataset_module(name)
     root = Path(root) if root else None
     if name == "oxford-pet":
@@ -113,7 +123,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
     elif hasattr(module, "full_res_samples"):
         samples, read_target = module.full_res_samples(root, split, **options)
     else:
-        ds = load_split(name, root, split, image_size, limit, **options)
+        ds = load_split(name, root, split, image_size, limit, channels=channels, **options)
         for i in range(len(ds)):
             yield ds.names[i], np.asarray(ds.images[i]), np.asarray(ds.masks[i])
         return
@@ -122,7 +132,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
 
     def work(s):
         try:
-            img = read_image(s.image)
+            img = read_input(s.image, channels)
         except UnreadableImage as exc:
             return None, None, str(exc)
         target = read_target(s)

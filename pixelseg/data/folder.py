@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from ..errors import PixelsegError
 from . import base as _base
-from .base import DatasetInfo, Sample, _cache_key, build_split, cache_dir, fit_size
-from .io import UnreadableImage, _open
+from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
+from .io import UnreadableImage, _open, input_size, is_tiff, read_input
 
 # Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
 # --class-names) and their defaults.
@@ -581,31 +581,43 @@ def full_res_samples(root: Path | None, split: str, **options):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, **options):
+         use_cache: bool = True, channels: int = 3, **options):
+    """``channels`` != 3 reads 8/16-bit, multi-band images (TIFF via tifffile) as float32 [0, 1]."""
     layout, codec, scan = prepare(root, use_cache, **options)
     samples = _split(layout, split)
     if limit:
         samples = samples[:limit]
-    return _decode(samples, tuple(image_size), codec, scan, use_cache, split)
+    return _decode(samples, tuple(image_size), codec, scan, use_cache, split, channels)
 
 
 def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan: dict, use_cache,
-            split: str):
+            split: str, channels: int = 3):
     """decode_samples' job for masks it cannot read (RGB colour codes): same store, same threads."""
-    return build_split(samples, FolderReader(codec), codec.info, size, use_cache, f"folder|{codec.signature()}",
+    key = f"folder|{codec.signature()}" + ("" if channels == 3 else f"|bands{channels}")
+    if channels != 3:
+        spec = cache_spec(use_cache)
+        if spec.mode == "mmap":  # the on-disk store holds uint8 RGB pixels; N-band float32 inputs stay in memory
+            use_cache = CacheSpec("memory", spec.full_res, spec.max_side)
+    return build_split(samples, FolderReader(codec, channels), codec.info, size, use_cache, key,
                        f"decoding {split}", min(8, max(1, len(samples))))
 
 
 @dataclass
 class FolderReader:
-    """(image, class ids) of one pair through the dataset's codec; picklable for DataLoader workers."""
+    """(image, class ids) of one pair through the dataset's codec; picklable for DataLoader workers.
+    ``channels`` != 3: float32 [0, 1] band arrays (read_input), a one-line error on a channel mismatch."""
     codec: MaskCodec
+    channels: int = 3
 
     def __call__(self, s: Sample, size=None, max_side=None):
-        isz = _open(s.image).size
+        isz = input_size(s.image)
         msize = _open_mask(s.mask).size
         if isz != msize:
             raise PixelsegError(f"{s.mask}: mask is {msize[0]}×{msize[1]} but its image {s.image.name} is "
                                 f"{isz[0]}×{isz[1]}; image and mask must have the same size")
         target = fit_size((isz[1], isz[0]), size, max_side)
-        return _base.read_image(s.image, target), read_target(s, self.codec, target)
+        if self.channels == 3 and not is_tiff(s.image):
+            img = _base.read_image(s.image, target)
+        else:
+            img = read_input(s.image, self.channels, target)
+        return img, read_target(s, self.codec, target)

@@ -86,3 +86,108 @@ def image_size(path: Path | str) -> tuple[int, int]:
     """(h, w) without decoding pixels."""
     img = _open(Path(path))
     return img.size[1], img.size[0]
+
+
+# ---- images with other than 3 channels (--in-channels) ---------------------------------------------
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def is_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """H x W x C array from a TIFF: interleaved samples (YXS), separate planes or pages (SYX/IYX/CYX)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
+    if arr.dtype not in _SCALE:
+        raise PixelsegError(f"{path}: TIFF sample format {arr.dtype} is not supported; use 8- or 16-bit "
+                            "unsigned integers (uint8, uint16)")
+    # Bring Y and X first and fold every other axis (samples, channels, pages) into channels.
+    if "Y" not in axes or "X" not in axes:
+        raise UnreadableImage(f"{path}: TIFF has no image plane (axes {axes})")
+    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a not in "YX"]
+    arr = np.transpose(arr, order)
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
+
+
+def _read_pil_bands(path: Path) -> np.ndarray:
+    img = _open(path)
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    try:
+        if img.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+        arr = np.array(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImage(f"{path}: image data is corrupt ({exc})") from exc
+    if arr.dtype.kind == "i" or arr.dtype == np.uint32:  # PIL's 32-bit 'I' mode holds 16-bit PNGs
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+            raise PixelsegError(f"{path}: pixel values outside 0..65535 (mode {img.mode}); only 8- and "
+                                "16-bit images are supported")
+        arr = arr.astype(np.uint16)
+    if arr.dtype not in _SCALE:
+        raise PixelsegError(f"{path}: pixel format {img.mode} ({arr.dtype}) is not supported; use 8- or "
+                            "16-bit images")
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def read_bands(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Any 8/16-bit image as float32 H x W x C in [0, 1] (value / 255 or / 65535), C as stored.
+
+    TIFFs (by content) go through tifffile - multi-band, multi-page and planar files included;
+    everything else through PIL (16-bit grey PNG included). With ``size`` every band is resized with
+    antialiased bilinear filtering (torch: PIL cannot resize 16-bit multi-band data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImage(f"{path}: file not found")
+    raw = _read_tiff(path) if is_tiff(path) else _read_pil_bands(path)
+    arr = raw.astype(np.float32) / _SCALE[raw.dtype]
+    if size is not None and arr.shape[:2] != tuple(size):
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        t = F.interpolate(t, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        arr = t[0].permute(1, 2, 0).clamp_(0, 1).numpy()
+    return np.ascontiguousarray(arr)
+
+
+def read_input(path: Path | str, channels: int = 3, size: tuple[int, int] | None = None) -> np.ndarray:
+    """What a model with ``channels`` input channels reads: RGB uint8 for 3 (the fast, cached path),
+    float32 [0, 1] H x W x C otherwise, with a one-line error when the file holds another count."""
+    if channels == 3 and not is_tiff(Path(path)):
+        return read_image(path, size)
+    arr = read_bands(path, size)
+    if arr.shape[2] != channels:
+        raise PixelsegError(f"{path}: image has {arr.shape[2]} channel(s) but the model takes "
+                            f"{channels} (--in-channels {channels})")
+    return arr
+
+
+def input_size(path: Path | str) -> tuple[int, int]:
+    """(w, h) of an image without decoding pixels; TIFFs via tifffile (PIL cannot open many multi-band ones)."""
+    path = Path(path)
+    if is_tiff(path):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, axes = series.shape, series.axes
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+            raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
+        return shape[axes.index("X")], shape[axes.index("Y")]
+    return _open(path).size
