@@ -1,11 +1,11 @@
 """Short from-scratch training curves on the pets sample, one per architecture, same budget.
 
 Runs `pixelseg train` for each (arch, backbone) with identical settings (no pretrained weights,
-128x128, Adam 1e-3, batch 16, N epochs), then plots validation mIoU and training loss per epoch
+--image-size, Adam 1e-3, batch 16, N epochs, optionally --limit images per split), then plots validation mIoU and training loss per epoch
 for all of them into one PNG and prints a table. It shows that each architecture learns; it is not
 a ranking (the budget is tiny and the machine shared).
 
-    python benchmarks/bench_curves.py --epochs 8 --out docs/figures/zoo_curves.png
+    python benchmarks/bench_curves.py --epochs 6 --image-size 64 --limit 96 --out docs/figures/zoo_curves.png
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "oxford-iiit-pet-sample"))
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="first N images of each split")
     p.add_argument("--runs", type=Path, default=Path("runs/curves"))
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures" / "zoo_curves.png")
     args = p.parse_args(argv)
@@ -38,7 +40,8 @@ def main(argv=None):
             t = time.time()
             cmd = [sys.executable, "-m", "pixelseg", "train", "--data-root", args.data_root, "--model", arch,
                    "--backbone", backbone, "--weights", "none", "--epochs", str(args.epochs), "--batch-size",
-                   str(args.batch_size), "--figure-samples", "2", "--run-dir", str(run)]
+                   str(args.batch_size), "--image-size", str(args.image_size), "--figure-samples", "2",
+                   "--run-dir", str(run)] + (["--limit", str(args.limit)] if args.limit else [])
             print(" ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             print(f"  {time.time() - t:.0f} s", flush=True)
