@@ -111,7 +111,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     channels_last = cfg.get("channels_last", True)
     skipped: list[str] = []
     if full_res:
-        info = dataset_info(dataset, root, **options)
+        info = dataset_info(dataset, root, split=split, **options)
         _check_classes(ckpt, info, dataset, num_classes)
         model = load_model(ckpt, dev, amp, channels_last)
         predictor = Predictor(torch_logits_fn(model, dev, amp, channels_last), size, window, overlap, tta,
@@ -140,7 +140,11 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         _check_classes(ckpt, info, dataset, num_classes)
         model = load_model(ckpt, dev, amp, channels_last)
         from .train import evaluate_model
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
+        if isinstance(ds, torch.utils.data.IterableDataset):  # shards: every sample once, in stream order
+            ds.configure(batch_size, 0, 0, 1, shuffle=False, even=False)
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=collate_batch)
+        else:
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
         if uncertainty:
             cm, unc = _uncertainty_pass(model, loader, dev, amp, info, channels_last, mc_samples, progress,
                                         ckpt["path"], split)

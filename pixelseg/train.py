@@ -445,19 +445,33 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             _size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
             hflip=cfg["hflip"], vflip=cfg["vflip"], color_jitter=cfg["color_jitter"], ignore_index=info.ignore_index)
         flip_in_loop = False
-    train_sampler = torch.utils.data.DistributedSampler(
-        train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
+    streamed = isinstance(train_ds, torch.utils.data.IterableDataset)  # shards
     workers = resolve_workers(cfg.get("workers", "auto"),
-                              train_ds.transform is not None or isinstance(train_ds, FileDataset))
-    val_workers = resolve_workers(cfg.get("workers", "auto"), isinstance(val_ds, FileDataset))
+                              train_ds.transform is not None or isinstance(train_ds, FileDataset) or streamed)
+    val_workers = resolve_workers(cfg.get("workers", "auto"),
+                                  isinstance(val_ds, (FileDataset, torch.utils.data.IterableDataset)))
 
-    def loader_kw(n):
+    def loader_kw(n, persistent=True):
+        # Streamed datasets get fresh workers each epoch: they must see the new epoch's shuffle seed.
         return dict(collate_fn=collate_batch, num_workers=n, pin_memory=device.type == "cuda",
-                    persistent_workers=n > 0)
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler,
-                                               **loader_kw(workers))
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
-                                             sampler=ShardSampler(len(val_ds), dist_info), **loader_kw(val_workers))
+                    persistent_workers=n > 0 and persistent)
+    if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
+        train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
+                                           shuffle=True, even=True, seed=cfg["seed"])
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers, False))
+    else:
+        train_sampler = torch.utils.data.DistributedSampler(
+            train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler,
+                                                   **loader_kw(workers))
+    if isinstance(val_ds, torch.utils.data.IterableDataset):  # every sample scored exactly once
+        val_ds.configure(max(per_rank_batch, 16), val_workers, dist_info.rank, dist_info.world_size,
+                         shuffle=False, even=False)
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers, False))
+    else:
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
+                                                 sampler=ShardSampler(len(val_ds), dist_info),
+                                                 **loader_kw(val_workers))
 
     # ---- model ------------------------------------------------------------------------------
     arch_options = {} if cfg.get("output_stride") is None else {"output_stride": int(cfg["output_stride"])}
@@ -508,7 +522,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist())))
     loss_fn = build_loss(cfg["loss"], info.num_classes, ignore_index=info.ignore_index, weight=weight)
     optimizer = build_optimizer(core, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
-    micro_per_epoch = len(train_loader)
+    micro_per_epoch = train_ds.num_batches() if streamed else len(train_loader)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg["accumulate"])
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg.get("iterations"):  # papers give schedules in iterations: run that many steps, validate per epoch

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PixelsegError
-from . import ade20k, camvid, cityscapes, folder, pets, synthetic, voc
+from . import ade20k, camvid, cityscapes, folder, pets, shards, synthetic, voc
 from .base import ArrayDataset, DatasetInfo, collate_batch
 
 # name -> module with load(root, split, image_size, limit=..., use_cache=..., **OPTIONS), INFO, DEFAULT_SPLITS;
@@ -26,6 +26,7 @@ DATASETS = {
     "cityscapes": cityscapes,
     "folder": folder,
     "synthetic": synthetic,
+    "shards": shards,
 }
 # Train-config keys that are dataset options (flags --images-dir, --masks-dir, --val-fraction, ...).
 DATASET_OPTION_KEYS = tuple(folder.OPTIONS)
@@ -72,16 +73,21 @@ def load_split(name: str, root: str | Path | None, split: str, image_size, limit
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     options = {**_check_options(name, kwargs), **_check_channels(name, channels)}
-    ds = get_dataset_module(name).load(Path(root) if root else None, split, tuple(image_size), limit=limit,
+    if root and name != "shards":  # shard roots may be URLs, which Path would mangle
+        root = Path(root)
+    ds = get_dataset_module(name).load(root or None, split, tuple(image_size), limit=limit,
                                        use_cache=use_cache, **options)
     if len(ds) == 0:
         raise PixelsegError(f"dataset {name} split {split!r} at {root} has no usable samples")
     return ds
 
 
-def dataset_info(name: str, root, **kwargs) -> DatasetInfo:
-    """Class names and palette without decoding a split (a folder dataset's come from its masks)."""
+def dataset_info(name: str, root, split: str | None = None, **kwargs) -> DatasetInfo:
+    """Class names and palette without decoding a split (a folder dataset's come from its masks, shards'
+    from their index)."""
     options = _check_options(name, kwargs)
+    if name == "shards":
+        return shards.info(root, split or shards.DEFAULT_SPLITS["val"])
     if name == "folder":
         return folder.prepare(Path(root) if root else None, **options)[1].info
     return get_dataset_module(name).INFO
@@ -117,6 +123,9 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
     options = _check_options(name, kwargs)
     _check_channels(name, channels)
     module = get_dataset_module(name)
+    if name == "shards":
+        yield from shards.full_res_iter(root, split, limit, skipped)
+        return
     root = Path(root) if root else None
     if name == "oxford-pet":
         samples, read_target = _pets_full_res(root, split)
