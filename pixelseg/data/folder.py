@@ -316,11 +316,23 @@ def _scan(samples: list[Sample], use_cache: bool) -> dict[str, dict]:
     cfile = cache_dir() / "folder-scan" / f"{key}.json"
     if use_cache and cfile.is_file():
         return json.loads(cfile.read_text())
+    if use_cache:  # like the decode cache: one process per machine scans, torchrun's other ranks wait and read
+        try:
+            with _base._exclusive(cfile.with_suffix(".lock"), f"the masks of {len(masks)} pairs (scan)"):
+                if cfile.is_file():
+                    return json.loads(cfile.read_text())
+                return _scan_masks(masks, cfile)
+        except _base.CacheWriteError:
+            pass  # no writable cache directory: scan without saving
+    return _scan_masks(masks, None)
+
+
+def _scan_masks(masks: list[Path], cfile: Path | None) -> dict[str, dict]:
     with ThreadPoolExecutor(max(1, min(8, len(masks)))) as pool:
         results = list(tqdm(pool.map(_scan_safe, masks), total=len(masks), desc="scanning masks", unit="mask",
                             leave=False, disable=None))
     out = {str(m): r for m, r in zip(masks, results)}
-    if use_cache:
+    if cfile is not None:
         try:
             cfile.parent.mkdir(parents=True, exist_ok=True)
             tmp = cfile.with_suffix(f".{id(out)}.tmp")
