@@ -13,6 +13,7 @@ model steps is cut, because one real epoch at 512×512 takes hours on 2 shared C
     python benchmarks/bench_data.py rss --sizes 500 2000 8000 [--code /tmp/pixelseg-old]
     python benchmarks/bench_data.py torchrun --sizes 500 [--code ...]     # 2 ranks vs 1: decode CPU, summed PSS
     python benchmarks/bench_data.py wait --sizes 500                      # data-wait fraction, shards vs folder
+    python benchmarks/bench_data.py pipe --sizes 500 --crop 512           # data pipeline alone: folder vs shards
     python benchmarks/bench_data.py decoders                              # PIL vs torchvision.io.decode_jpeg
     python benchmarks/bench_data.py assemble                              # batch assembly: memory vs disk store
 """
@@ -191,6 +192,50 @@ def wait(args):
     _record(args, "wait", rows)
 
 
+PIPE = r'''
+import json, sys, time
+import torch
+from pixelseg.data import load_split, collate_batch
+from pixelseg.data.base import CacheSpec
+from pixelseg.data.augment import build_train_transform
+name, root, crop, batch, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ds = load_split(name, root, "train", (crop, crop), None, CacheSpec("mmap", full_res=True))
+ds.transform = build_train_transform((crop, crop), scale=(0.5, 2.0), crop=True, hflip=True)
+if isinstance(ds, torch.utils.data.IterableDataset):
+    ds.configure(batch, workers, 0, 1, shuffle=True, even=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+else:
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                         collate_fn=collate_batch)
+for epoch in range(2):  # epoch 1 warms the decode cache and the workers; epoch 2 is timed
+    t, n = time.time(), 0
+    for x, y in loader:
+        n += len(x)
+print(json.dumps({"source": name, "images": n, "images_per_s": n / (time.time() - t)}))
+'''
+
+
+def pipe(args):
+    """Data pipeline alone (no model): one epoch of random-scale crops from the folder (decode cache) vs
+    from shards, same transform, same workers: what a training step would wait for at most."""
+    env = dict(os.environ, PYTHONPATH=str(args.code), TQDM_DISABLE="1",
+               PIXELSEG_CACHE=tempfile.mkdtemp(prefix="bench-cache-", dir=args.scratch))
+    rows = []
+    for n in args.sizes:
+        folder = args.data / f"n{n}"
+        shards = args.data / f"n{n}-shards"
+        if not (shards / "val.json").is_file():
+            subprocess.run([sys.executable, "-m", "pixelseg", "shards", "--dataset", "folder", "--data-root",
+                            str(folder), "--out", str(shards)], env=env, check=True)
+        for name, root in (("folder", folder), ("shards", shards)):
+            out = subprocess.run([sys.executable, "-c", PIPE, name, str(root), str(args.crop), str(args.batch),
+                                  str(args.workers)], env=env, check=True, capture_output=True, text=True).stdout
+            rows.append(dict(json.loads(out.strip().splitlines()[-1]), n=n, workers=args.workers))
+            print(json.dumps(rows[-1]), flush=True)
+    _record(args, "pipe", rows)
+    shutil.rmtree(env["PIXELSEG_CACHE"], ignore_errors=True)
+
+
 def decoders(args):
     """Full-resolution decode of 512×512 JPEGs: PIL (pixelseg.data.io.read_image) vs torchvision.io."""
     sys.path.insert(0, str(REPO))
@@ -244,7 +289,7 @@ def assemble(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=("gen", "rss", "torchrun", "wait", "decoders", "assemble"))
+    p.add_argument("task", choices=("gen", "rss", "torchrun", "wait", "pipe", "decoders", "assemble"))
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 8000])
     p.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", "/tmp/pixelseg-bench-data")))
     p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
@@ -255,6 +300,7 @@ def main():
     p.add_argument("--count", type=int, default=100, help="decoders: files decoded")
     p.add_argument("--unique", type=int, default=500, help="gen: distinct generated pairs (the rest are hard links)")
     p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument("--workers", type=int, default=2, help="pipe: DataLoader workers")
     args = p.parse_args()
     args.data.mkdir(parents=True, exist_ok=True)
     args.code = args.code.resolve()
