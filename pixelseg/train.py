@@ -558,7 +558,8 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             f"{workers}; unreadable files skipped: {len(train_ds.skipped) + len(val_ds.skipped)}")
         log(f"batch: global {cfg['batch_size']} = {per_rank_batch} per rank × {dist_info.world_size} ranks × "
             f"{cfg['accumulate']} accumulation steps; {steps_per_epoch} optimiser steps per epoch")
-    fig_idx = viz.pick_samples(val_ds.masks, cfg["figure_samples"], info.num_classes)
+    fig_idx = (viz.pick_samples(val_ds.masks, cfg["figure_samples"], info.num_classes) if hasattr(val_ds, "masks")
+               else list(range(min(cfg["figure_samples"], len(val_ds)))))  # streamed shards: no random access
 
     for epoch in range(start_epoch, cfg["epochs"]):
         train_sampler.set_epoch(epoch)
