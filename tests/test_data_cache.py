@@ -111,7 +111,8 @@ def test_two_processes_decode_each_file_once(folder, cache, tmp_path):
     assert len(decoded) == len(train) and len(set(decoded)) == len(decoded)  # every file exactly once
     a, b = np.load(tmp_path / "r0.npy"), np.load(tmp_path / "r1.npy")
     assert np.array_equal(a, b) and np.array_equal(a, train.images)
-    assert sum("waiting for another process" in e for e in errs) <= 1
+    # at most one process waited for the other's decode (the mask scan has its own lock and message)
+    assert sum("waiting for another process that is decoding folder-" in e for e in errs) <= 1
 
 
 def _cache_dirs(cache):
