@@ -613,7 +613,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             train_cm.update(logits.detach().argmax(1), y)
             seen += x.shape[0]
             micro += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # redraw on tqdm's own interval, not every step (log files)
             if global_step >= total_steps:  # --iterations reached inside the last epoch
                 break
             t_data = time.time()
