@@ -13,13 +13,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .checkpoint import atomic_write_bytes  # noqa: E402
+from .metrics import IGNORE_INDEX  # noqa: E402
 
 IGNORE_COLOR = (255, 0, 255)  # magenta: no dataset palette uses it, so "ignored" stands out
 IGNORE_LABEL = "ignored"
 LEGEND_EDGE = "#404040"       # outline of legend swatches: a white or pale class stays visible
 
 
-def colorize(mask: np.ndarray, palette, ignore_index: int = 255) -> np.ndarray:
+def colorize(mask: np.ndarray, palette, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)
     lut[ignore_index] = IGNORE_COLOR if ignore_index >= len(palette) else lut[ignore_index]
