@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_results.sh OUT_DIR CAMVID_ROOT [TOTAL_SECONDS]
 # CAMVID_ROOT is the SegNet layout (122 MB as published; the device's 64 MB carry limit needs a compact
 # copy: `python benchmarks/camvid_compact.py /work/shared/data/camvid shared/camvid` writes one with
-# JPEG-95 images and the original PNG labels, ~30 MB).
+# JPEG-95 images and the original PNG labels, 37 MB).
 set -uo pipefail
 OUTDIR=${1:?out dir}; CAMVID=${2:?camvid root}; TOTAL=${3:-560}
 W=/tmp/gpu12; mkdir -p "$W/runs" "$OUTDIR"

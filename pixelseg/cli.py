@@ -93,6 +93,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--check-limit", type=int, default=4, help="images used for the parity check (default: 4)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
 
+    p = sub.add_parser("shards", help="write a dataset split as WebDataset shards for streaming",
+                       description="Write splits of any dataset pixelseg reads (oxford-pet, camvid, folder, ...) as "
+                                   "WebDataset tar shards (source image bytes + class-id PNG masks) and an index "
+                                   "<split>.json; train from them with --dataset shards --data-root OUT (a "
+                                   "directory, URL or brace pattern). See docs/datasets.md.")
+    p.add_argument("--dataset", required=True, help="dataset to read: oxford-pet, camvid, folder, synthetic")
+    p.add_argument("--data-root", help="its directory (as for train)")
+    p.add_argument("--split", action="append", help="split to write (repeat for several; default: the dataset's "
+                                                    "train and val splits)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
+    p.add_argument("--limit", type=int, help="only the first N samples of each split")
+    for key in ("images_dir", "masks_dir", "val_fraction"):
+        p.add_argument(config.flag(key), dest=key, type=float if key == "val_fraction" else str, default=None,
+                       help=config.OPTIONS[key].metadata["help"])
+
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
                                   "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
@@ -190,13 +206,25 @@ def _run(args) -> int:
         serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
               precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta)
         return 0
+    if args.command == "shards":
+        from .data import dataset_options, default_split
+        from .data.shards import write_shards
+        splits = args.split or list(dict.fromkeys(default_split(args.dataset, r) for r in ("train", "val")))
+        for split in splits:
+            idx = write_shards(args.dataset, args.data_root, split, args.out, args.maxcount, args.limit,
+                               **dataset_options(vars(args)))
+            print(f"wrote {idx['count']} samples of {args.dataset} {split} in {len(idx['shards'])} shard(s) to "
+                  f"{args.out} ({split}.json); skipped {len(idx['skipped'])} unreadable")
+        return 0
     if args.command == "models":
         from .models import describe_models
         rows = describe_models()
         print(f"{'arch':<18}{'backbone':<16}{'params':>12}")
         for r in rows:
             name = r["backbone"] + (" *" if r["default"] else "")
-            print(f"{r['arch']:<18}{name:<16}{r['params'] / 1e6:>11.2f}M")
+            params = f"{r['params'] / 1e6:>11.2f}M" if r["params"] is not None else "  n/a (pip install pixelseg[segformer])"
+            print(f"{r['arch']:<18}{name:<16}{params}")
         print("* the architecture's default backbone (used when --backbone is not given)")
+        print("any timm model with features_only also works: --backbone timm:NAME (e.g. timm:convnext_tiny)")
         return 0
     raise AssertionError(args.command)

@@ -158,6 +158,17 @@ def parse_scale_range(value) -> list[float]:
     return vals
 
 
+def parse_rgb_bands(value) -> list[int]:
+    """"3,2,1" or [3, 2, 1] -> band indices (how many and which are checked against the image in viz)."""
+    try:
+        vals = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        vals = []
+    if not vals:
+        raise OptionError("give 1 or 3 band indices, e.g. 3,2,1")
+    return vals
+
+
 def _lower(value) -> str:
     return str(value).strip().lower()
 
@@ -240,12 +251,21 @@ class TrainConfig:
                                 "samples, else one per core, divided among torchrun's local ranks)", "data",
                                 parse=parse_workers, metavar="{N,auto}")
     # model
-    model: str = option("unet", "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3 "
-                        "(see `pixelseg models`)", "model")
-    backbone: str | None = option(None, "encoder, e.g. mobilenet_v2, resnet50, vgg16", "model",
+    model: str = option("unet", "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3, "
+                        "deeplabv3plus, pspnet, fpn, upernet, segformer (see `pixelseg models`)", "model")
+    backbone: str | None = option(None, "encoder, e.g. mobilenet_v2, resnet50, vgg16, mit_b0, or timm:NAME for any "
+                                  "timm model with features_only", "model",
                                   default_text="the architecture's own, marked * in `pixelseg models`")
-    output_stride: int | None = option(None, "encoder output stride of dilated models (deeplabv3: 16 or 8)", "model",
+    output_stride: int | None = option(None, "encoder output stride of dilated models (deeplabv3, deeplabv3plus: 16 "
+                                       "or 8; pspnet: 8, 16 or 32)", "model",
                                        parse=_int(1), default_text="the architecture's")
+    in_channels: int = option(3, "image channels: 3 (RGB), or e.g. 1, 4, 13 for grey, RGB+NIR or multispectral "
+                              "8/16-bit PNG/TIFF (folder dataset); the encoder's first conv is adapted from its RGB "
+                              "weights and inputs are normalised with per-channel statistics of the training split",
+                              "model", parse=_int(1))
+    rgb_bands: list | None = option(None, "bands the figures and predict overlays show as RGB, e.g. 3,2,1", "output",
+                                    parse=parse_rgb_bands, default_text="the first three, or the first as grey",
+                                    metavar="B[,G,R]")
     weights: str | None = option("imagenet", "encoder weights: imagenet, none, or a path to a state-dict file",
                                  "model", parse=parse_weights, nullable=True,
                                  metavar="{imagenet,none,PATH}")
@@ -406,7 +426,7 @@ def _yaml_types(key: str) -> tuple:
     parse = OPTIONS[key].metadata["parse"]
     name = getattr(parse, "__name__", "")
     return {"parse_bool": (bool,), "int": (int,), "float": (float,), "parse_size": (int, str, list),
-            "parse_scale_range": (str, list), "parse_tristate": (str, bool), "parse_cache": (str, bool),
+            "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str, bool),
             "parse_workers": (int, str)}.get(name, (str,))
 
 

@@ -49,7 +49,10 @@ def _metadata(ckpt: dict) -> dict:
     size = list(input_size(ckpt))
     return {"pixelseg_version": __version__, "dataset": ckpt["dataset"], "image_size": size,
             "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ckpt["model_config"].items()},
-            "input": "image: float32 N×3×H×W, RGB in [0, 1] (normalised inside the graph)",
+            "input": (f"image: float32 N×{ckpt['model_config'].get('in_channels', 3)}×H×W, "
+                      + ("RGB" if ckpt["model_config"].get("in_channels", 3) == 3 else "bands (8-bit / 255, 16-bit / 65535)")
+                      + " in [0, 1] (normalised inside the graph)"),
+            "rgb_bands": ckpt["config"].get("rgb_bands"),
             "output": "logits: float32 N×C×H×W"}
 
 
@@ -85,12 +88,14 @@ def _export_torchscript(model, example: torch.Tensor, path: Path, meta: dict) ->
 # ---- parity ----------------------------------------------------------------------------------------
 def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple[list[torch.Tensor], str]:
     """Real images (each at its own size, longest side capped) plus a batch of two at the training size."""
-    from .data.io import UnreadableImage, read_image
+    from .data.io import UnreadableImage, read_input
+    from .loading import model_channels
+    channels = model_channels(ckpt)
     arrays = []
     if check_images:
         for f in collect_images(check_images)[:limit]:
             try:
-                arrays.append(read_image(f))
+                arrays.append(read_input(f, channels))
             except UnreadableImage as exc:
                 raise PixelsegError(f"--check-images: {exc}") from None
         source = f"{len(arrays)} image(s) from --check-images"
@@ -103,7 +108,7 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
                                 "images to check parity on; pass --check-images PATH (a few real images)")
         from .data import dataset_options, iter_full_res
         try:
-            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), input_size(ckpt), limit,
+            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), input_size(ckpt), limit, channels=channels,
                                            **dataset_options(cfg)):
                 arrays.append(img)
         except PixelsegError as exc:
@@ -114,7 +119,8 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
         raise PixelsegError("no images for the parity check; pass --check-images PATH")
     inputs = []
     for a in arrays:
-        x = torch.from_numpy(a).permute(2, 0, 1)[None].float().div(255)
+        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
+        x = x.div(255) if a.dtype == np.uint8 else x  # N-band inputs are already [0, 1]
         h, w = x.shape[-2:]
         if max(h, w) > max_side:  # keeps the check quick on big photos; sizes stay varied and odd
             s = max_side / max(h, w)
@@ -260,7 +266,8 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
     name = f"{cfg.get('arch')}/{cfg.get('backbone')}"
     inputs, source = _parity_inputs(ckpt, check_images, check_limit, max_side)
     meta = _metadata(ckpt)
-    example = torch.rand(1, 3, *input_size(ckpt), generator=torch.Generator().manual_seed(0))
+    from .loading import model_channels
+    example = torch.rand(1, model_channels(ckpt), *input_size(ckpt), generator=torch.Generator().manual_seed(0))
     make_output_dir(out.parent, "--out")
     tmp = out.with_name(f".{out.name}.partial")
     t0 = time.time()

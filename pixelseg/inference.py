@@ -15,10 +15,11 @@ from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, ma
 from .config import size_hw
 from .progress import progress as progress_bar
 from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
-from .data.io import UnreadableImage, collect_images, read_image
+from .data.io import UnreadableImage, collect_images, read_input
 from .engine import RunContext
 from .errors import PixelsegError
-from .loading import input_size, load_model, load_onnx_predictor_parts, recorded_data_root  # noqa: F401
+from .loading import (input_size, load_model, load_onnx_predictor_parts, model_channels,  # noqa: F401
+                      recorded_data_root)
 from .metrics import ConfusionMatrix
 from .runtime import autocast, resolve_precision, select_device, to_model_input
 from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
@@ -67,10 +68,11 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         raise PixelsegError("--uncertainty/--mc-samples are measured at the training resolution without TTA; "
                             "drop --full-res/--tta")
     num_classes = ckpt["model_config"]["num_classes"]
+    channels = model_channels(ckpt)
     channels_last = cfg.get("channels_last", True)
     skipped: list[str] = []
     if full_res:
-        info = dataset_info(dataset, root, **options)
+        info = dataset_info(dataset, root, split=split, **options)
         _check_classes(ckpt, info, dataset, num_classes)
         model = load_model(ckpt, dev, amp, channels_last)
         predictor = Predictor(torch_logits_fn(model, dev, amp, channels_last), size, window, overlap, tta,
@@ -78,7 +80,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
         n_images = 0
         warned = False
-        for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped, **options),
+        for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped, channels=channels, **options),
                                            total=limit, desc=f"evaluate {split} (full resolution)", unit="img",
                                            enabled=progress):
             if not warned:
@@ -93,11 +95,16 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         resolution = f"full resolution (each image's own size; {predictor.describe()})"
         tag = f"{split}_fullres" + ("_tile" if window else "") + ("_tta" if tta else "")
     else:
-        ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True), **options)
+        ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True), channels=channels,
+                        **options)
         info, n_images, skipped = ds.info, len(ds), ds.skipped
         _check_classes(ckpt, info, dataset, num_classes)
         model = load_model(ckpt, dev, amp, channels_last)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
+        if isinstance(ds, torch.utils.data.IterableDataset):  # shards: every sample once, in stream order
+            ds.configure(batch_size, 0, 0, 1, shuffle=False, even=False)
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=collate_batch)
+        else:
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
         if uncertainty:
             cm, unc = _uncertainty_pass(model, loader, dev, amp, info, channels_last, mc_samples, progress,
                                         ckpt["path"], split)
@@ -212,13 +219,13 @@ def format_scores(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _decode_all(files: list[Path], keep_bytes: int = 1 << 30) -> list:
+def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3) -> list:
     """Decode every input before anything is written, so a bad file fails the command with no partial
     output; arrays are kept for reuse only up to `keep_bytes` (big photos are decoded again later)."""
     kept, total = [], 0
     for f in files:
         try:
-            img = read_image(f)
+            img = read_input(f, channels)
         except UnreadableImage as exc:
             raise PixelsegError(f"{exc}; pass only image files (JPEG, PNG, ...) to predict") from exc
         total += img.nbytes
@@ -260,12 +267,14 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     if backend == "onnx":
         onnx_model, info, size = load_onnx_predictor_parts(run_or_ckpt, dev)
         fn, model, mode_dev = onnx_model, None, (dev if dev.type == "cuda" else torch.device("cpu"))
+        channels, bands = model_channels(onnx_model.metadata), onnx_model.metadata.get("rgb_bands")
     else:
         ckpt = load_checkpoint(run_or_ckpt)
         info = DatasetInfo.from_dict(ckpt["dataset"])
         size = input_size(ckpt)
+        channels, bands = model_channels(ckpt), ckpt["config"].get("rgb_bands")
     files = collect_images(images)
-    decoded = _decode_all(files)
+    decoded = _decode_all(files, channels=channels)
     if backend == "torch":
         amp = resolve_precision(precision, dev)
         model = load_model(ckpt, dev, amp)
@@ -280,7 +289,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     out = make_output_dir(out_dir, "--out")
     results = []
     for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
-        img = img if img is not None else read_image(f)
+        img = img if img is not None else read_input(f, channels)
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
         if mc:
             probs, maps = mc_uncertainty(model, img, size, dev, amp, mc_samples)
@@ -292,7 +301,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
             probs = predictor(img)
         mask = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
         viz.save_index_png(mask, info.palette, out / f"{f.stem}.png")
-        viz.save_rgb_png(viz.with_legend(viz.overlay(img, mask, info.palette), mask, info.palette, info.class_names),
+        viz.save_rgb_png(viz.with_legend(viz.overlay(viz.rgb_view(img, bands), mask, info.palette), mask, info.palette, info.class_names),
                          out / f"{f.stem}_overlay.png")
         entry["mask"] = str(out / f"{f.stem}.png")
         entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
@@ -306,7 +315,7 @@ def mc_uncertainty(model, img: np.ndarray, size: tuple[int, int], dev, amp, samp
     {"entropy": H×W, "variance": H×W}). Shared by `predict --mc-samples` and `pixelseg serve`."""
     from .models import mc_predict
     h, w = img.shape[:2]
-    x = to_model_input(torch.from_numpy(img).permute(2, 0, 1)[None], dev, True)
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], dev, True)
     x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     with autocast(dev, amp):
         r = mc_predict(model, x, samples)

@@ -45,6 +45,11 @@ def input_size(ckpt: dict) -> tuple[int, int]:
     return size_hw(ckpt["config"].get("image_size", 128), f"{ckpt.get('path', 'checkpoint')}: image_size")
 
 
+def model_channels(ckpt_or_meta: dict) -> int:
+    """Input channels of the checkpoint's (or an export's metadata's) model; 3 for older files."""
+    return int(ckpt_or_meta["model_config"].get("in_channels", 3))
+
+
 def recorded_data_root(ckpt: dict, fix: str = "pass --data-root PATH") -> str | None:
     """The run's own data_root, checked here so that a wrong one is blamed on the recording, not on a
     --data-root flag the user never typed (runs before 0.2 recorded it relative to where they ran)."""

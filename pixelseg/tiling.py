@@ -139,7 +139,8 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, image) -> torch.Tensor:
-        x = torch.as_tensor(image).permute(2, 0, 1)[None].to(self.device).float().div_(255)
+        x = torch.as_tensor(image).permute(2, 0, 1)[None].to(self.device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()  # N-band inputs come as [0, 1] floats
         if self.tile:
             return sliding_window(self.fn, x, self.tile, self.overlap, self.batch_size)
         return resize_restore(self.fn, x, self.train_size)

@@ -49,6 +49,22 @@ def evaluate_model(model, loader, device, amp_dtype, num_classes, ignore_index, 
     return evaluate(model, loader, ctx, info, loss_fn, progress, desc)
 
 
+def channel_stats(images) -> dict:
+    """Per-channel mean and std of float [0, 1] N x H x W x C images (float64 sums: no drift)."""
+    c = images[0].shape[-1]
+    total = np.zeros(c)
+    sq = np.zeros(c)
+    n = 0
+    for im in images:  # a stacked array or a list of arrays of different sizes
+        flat = np.asarray(im, np.float64).reshape(-1, c)
+        total += flat.sum(0)
+        sq += (flat ** 2).sum(0)
+        n += flat.shape[0]
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0))
+    return {"mean": [float(v) for v in mean], "std": [float(max(v, 1e-6)) for v in std]}
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run: carries the command that continues it."""
 
@@ -95,7 +111,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
     per_rank_batch = check_batch(cfg["batch_size"], dist_info.world_size, cfg["accumulate"])
     seed_everything(cfg["seed"], cfg["deterministic"])
     data = _build_data(cfg, ctx, per_rank_batch)
-    model_without_ddp, model, forward, model_notes = _build_model(cfg, data.info, ctx)
+    model_without_ddp, model, forward, model_notes = _build_model(cfg, data.info, ctx, _input_norm(cfg, data, ckpt))
     _open_run_dir(run_dir, ctx, resuming=ckpt is not None)  # only now: bad config, data or model leave nothing
     if status is not None:
         status["run_dir"] = run_dir
@@ -105,7 +121,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
         criterion = _build_criterion(cfg, data, ctx)
         optimizer = build_optimizer(model_without_ddp, cfg["optimizer"], cfg["lr"], cfg["weight_decay"],
                                     cfg["momentum"])
-        steps_per_epoch = math.ceil(len(data.train_loader) / cfg["accumulate"])
+        steps_per_epoch = math.ceil(data.micro_per_epoch / cfg["accumulate"])
         total_steps = cfg["epochs"] * steps_per_epoch
         if cfg["iterations"]:  # papers give schedules in iterations: run that many steps, validate per epoch
             total_steps = cfg["iterations"]
@@ -198,6 +214,7 @@ class RunData:
     full_res: bool      # training samples are crops of the (cached) source resolution
     workers: int        # training DataLoader workers
     figure_idx: list = field(default_factory=list)  # validation samples shown in the epoch figures
+    micro_per_epoch: int = 0  # training batches per rank per epoch (streamed shards: from their index)
 
     @property
     def info(self):
@@ -209,10 +226,14 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     # Random crops are taken from the source resolution (optionally capped), so --image-size is the crop;
     # without them every sample is cached at --image-size and batches are whole-array reads.
     full_res = bool(cfg["crop"] or cfg["cache_max_side"])
+    channels = cfg["in_channels"]
     train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"],
-                          CacheSpec(mode, full_res, cfg["cache_max_side"]), **dataset_options(cfg))
+                          CacheSpec(mode, full_res, cfg["cache_max_side"]), channels=channels,
+                          **dataset_options(cfg))
     val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], CacheSpec(mode),
-                        **dataset_options(cfg))
+                        channels=channels, **dataset_options(cfg))
+    if channels != 3 and cfg["color_jitter"]:
+        raise PixelsegError(f"--color-jitter works on RGB images, not on {channels}-channel inputs; drop it")
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
     flip_in_loop = cfg["hflip"]
@@ -224,23 +245,43 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
             ignore_index=train_ds.info.ignore_index)
         flip_in_loop = False
     dist_info = ctx.dist
-    train_sampler = torch.utils.data.DistributedSampler(
-        train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
-    workers = resolve_workers(cfg["workers"], train_ds.transform is not None or isinstance(train_ds, FileDataset))
-    val_workers = resolve_workers(cfg["workers"], isinstance(val_ds, FileDataset))
+    streamed = isinstance(train_ds, torch.utils.data.IterableDataset)  # shards
+    workers = resolve_workers(cfg["workers"],
+                              train_ds.transform is not None or isinstance(train_ds, FileDataset) or streamed)
+    val_workers = resolve_workers(cfg["workers"], isinstance(val_ds, (FileDataset, torch.utils.data.IterableDataset)))
 
-    def loader_kw(n):
+    def loader_kw(n, persistent=True):
+        # Streamed datasets get fresh workers each epoch: they must see the new epoch's shuffle seed.
         return dict(collate_fn=collate_batch, num_workers=n, pin_memory=ctx.device.type == "cuda",
-                    persistent_workers=n > 0)
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler,
-                                               **loader_kw(workers))
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
-                                             sampler=ShardSampler(len(val_ds), dist_info), **loader_kw(val_workers))
-    # Spread over the split and its classes (the first images are often one breed or consecutive frames).
-    figure_idx = viz.pick_samples(val_ds.masks, cfg["figure_samples"], val_ds.info.num_classes) \
-        if cfg["figure_samples"] else []
+                    persistent_workers=n > 0 and persistent)
+    if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
+        train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
+                                           shuffle=True, even=True, seed=cfg["seed"])
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers, False))
+    else:
+        train_sampler = torch.utils.data.DistributedSampler(
+            train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler,
+                                                   **loader_kw(workers))
+    if isinstance(val_ds, torch.utils.data.IterableDataset):  # every sample scored exactly once
+        val_ds.configure(max(per_rank_batch, 16), val_workers, dist_info.rank, dist_info.world_size,
+                         shuffle=False, even=False)
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers, False))
+    else:
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
+                                                 sampler=ShardSampler(len(val_ds), dist_info),
+                                                 **loader_kw(val_workers))
+    # Spread over the split and its classes (the first images are often one breed or consecutive frames);
+    # streamed shards have no random access: their first samples.
+    if not cfg["figure_samples"]:
+        figure_idx = []
+    elif hasattr(val_ds, "masks"):
+        figure_idx = viz.pick_samples(val_ds.masks, cfg["figure_samples"], val_ds.info.num_classes)
+    else:
+        figure_idx = list(range(min(cfg["figure_samples"], len(val_ds))))
+    micro_per_epoch = train_ds.num_batches() if streamed else len(train_loader)
     return RunData(train_ds, val_ds, train_sampler, train_loader, val_loader, flip_in_loop, full_res, workers,
-                   figure_idx)
+                   figure_idx, micro_per_epoch)
 
 
 def resolve_workers(workers, per_sample_work: bool) -> int:
@@ -254,12 +295,26 @@ def resolve_workers(workers, per_sample_work: bool) -> int:
     return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
-def _build_model(cfg: dict, info, ctx: RunContext):
+def _input_norm(cfg: dict, data: RunData, ckpt: dict | None) -> dict:
+    """Per-channel mean/std for inputs other than RGB: no encoder has statistics for these bands, so they
+    come from the training split and live in the model config (and so in every checkpoint, export and
+    prediction); a resumed run keeps its own."""
+    if ckpt is not None and "mean" in ckpt.get("model_config", {}):
+        return {k: ckpt["model_config"][k] for k in ("mean", "std")}
+    if cfg["in_channels"] == 3:
+        return {}
+    return channel_stats(data.train_ds.images)
+
+
+def _build_model(cfg: dict, info, ctx: RunContext, norm: dict | None = None):
     """(model_without_ddp, model (DDP-wrapped under torchrun), forward (compiled with --compile), log notes)."""
     notes = []
     arch_options = {} if cfg["output_stride"] is None else {"output_stride": cfg["output_stride"]}
     model = create_model(cfg["model"], backbone=cfg["backbone"], num_classes=info.num_classes, weights=cfg["weights"],
-                         **arch_options)
+                         in_channels=cfg["in_channels"], **(norm or {}), **arch_options)
+    if norm and cfg["in_channels"] != 3:
+        notes.append("input normalisation from the training split: mean " + ", ".join(f"{v:.4f}" for v in norm["mean"])
+                     + " | std " + ", ".join(f"{v:.4f}" for v in norm["std"]))
     freeze = cfg["freeze_encoder"]  # "auto", True or False (config.parse_tristate)
     if freeze == "auto":
         freeze = bool(model.pretrained)
@@ -359,7 +414,8 @@ def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, 
     _write_history(run_dir, state.history)
     viz.training_curves(state.history, run_dir / "curves.png")
     figure = run_dir / "figures" / f"epoch_{epoch:03d}.png"
-    _epoch_figure(model, data.val_ds, data.figure_idx, ctx, figure, f"epoch {epoch}: val mIoU {row['val_miou']:.3f}")
+    _epoch_figure(model, data.val_ds, data.figure_idx, ctx, figure, f"epoch {epoch}: val mIoU {row['val_miou']:.3f}",
+                  cfg["rgb_bands"])
     log.info(f"epoch {epoch}/{cfg['epochs']}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} | "
              f"val mIoU {row['val_miou']:.4f} | pixel acc {row['val_pixel_acc']:.4f} | "
              f"{row['train_images_per_s']:.1f} img/s | data {100 * row['data_time_frac']:.1f}% | "
@@ -461,10 +517,10 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
 
 
-def _epoch_figure(model, ds, idx: list, ctx: RunContext, path: Path, title: str) -> None:
+def _epoch_figure(model, ds, idx: list, ctx: RunContext, path: Path, title: str, rgb_bands=None) -> None:
     if not idx:
         return
     images, masks = ds.__getitems__(idx)
     pred = predict_batch(model, images, ctx).numpy()
-    viz.prediction_grid(images.permute(0, 2, 3, 1).numpy(), masks.numpy(), pred, ds.info.palette, path, title,
-                        ds.info.class_names)
+    shown = np.stack([viz.rgb_view(im, rgb_bands) for im in images.permute(0, 2, 3, 1).numpy()])
+    viz.prediction_grid(shown, masks.numpy(), pred, ds.info.palette, path, title, ds.info.class_names)

@@ -20,6 +20,27 @@ IGNORE_LABEL = "ignored"
 LEGEND_EDGE = "#404040"       # outline of legend swatches: a white or pale class stays visible
 
 
+def rgb_view(image: np.ndarray, bands=None) -> np.ndarray:
+    """A displayable uint8 RGB picture of an H x W x C input: RGB uint8 images as they are; otherwise
+    the chosen ``bands`` (default the first three, or the first one as grey), each stretched between
+    its 2nd and 98th percentile - multispectral and 16-bit data rarely fill their range."""
+    if image.dtype == np.uint8 and image.shape[-1] == 3 and bands is None:
+        return image
+    c = image.shape[-1]
+    if bands is None:
+        bands = (0, 1, 2) if c >= 3 else (0, 0, 0)
+    bands = [int(b) for b in bands]
+    if len(bands) == 1:
+        bands = bands * 3
+    if len(bands) != 3 or not all(0 <= b < c for b in bands):
+        from .errors import PixelsegError
+        raise PixelsegError(f"--rgb-bands {','.join(map(str, bands))}: need 1 or 3 band indices in 0..{c - 1}")
+    out = image[..., bands].astype(np.float32)
+    lo = np.percentile(out, 2, axis=(0, 1), keepdims=True)
+    hi = np.percentile(out, 98, axis=(0, 1), keepdims=True)
+    return (np.clip((out - lo) / np.maximum(hi - lo, 1e-8), 0, 1) * 255).round().astype(np.uint8)
+
+
 def colorize(mask: np.ndarray, palette, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)

@@ -219,7 +219,7 @@ def test_cli_trains_one_step_on_each_fake_tree(tmp_path, dataset, make, train, v
     run = tmp_path / "run"
     rc = main(["train", "--dataset", dataset, "--data-root", str(root), "--train-split", train, "--val-split", val,
                "--model", "unet", "--backbone", "mobilenet_v2", "--weights", "none", "--epochs", "1",
-               "--batch-size", "2", "--image-size", "32", "--no-cache", "--precise-bn", "0", "--figure-samples", "1",
+               "--batch-size", "2", "--image-size", "32", "--no-cache", "--precise-bn", "0", "--figure-samples", "0",
                "--run-dir", str(run), "--device", "cpu"])
     assert rc == 0
     import json
@@ -236,3 +236,58 @@ def test_cli_bad_tree_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "gtFine" in err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# ---- downloads (file:// URLs stand in for the publishers' servers; the HTTP machinery is test_download's) ----
+def _archive(src: Path, top: str, dest: Path) -> Path:
+    import shutil
+    return Path(shutil.make_archive(str(dest), "zip" if dest.name.endswith("zip_") else "tar", src, top))
+
+
+def _digest(path: Path, algo: str) -> str:
+    import hashlib
+    return hashlib.new(algo, path.read_bytes()).hexdigest()
+
+
+def test_voc_downloads_checks_md5_extracts_then_reuses(tmp_path, monkeypatch):
+    from pixelseg.data import voc
+    tar = _archive(_voc_tree(tmp_path / "src", sbd=False), "VOCdevkit", tmp_path / "VOCtrainval")
+    monkeypatch.setenv("PIXELSEG_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr(voc, "VOC_URL", (tar.as_uri(), _digest(tar, "md5")))
+    ds = load_split("voc", None, "val", (H, W), use_cache=False)
+    assert ds.names == ["2007_000003"] and (tmp_path / "home" / "voc" / "VOCdevkit" / "VOC2012").is_dir()
+    tar.unlink()                                               # present now: no second download
+    assert load_split("voc", None, "train", (H, W), use_cache=False).names == ["2007_000001", "2007_000002"]
+
+
+def test_voc_checksum_mismatch_keeps_nothing(tmp_path, monkeypatch):
+    from pixelseg.data import voc
+    tar = _archive(_voc_tree(tmp_path / "src", sbd=False), "VOCdevkit", tmp_path / "VOCtrainval")
+    monkeypatch.setenv("PIXELSEG_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr(voc, "VOC_URL", (tar.as_uri(), "0" * 32))
+    with pytest.raises(PixelsegError, match="checksum is .* expected 0{32}"):
+        load_split("voc", None, "val", (H, W), use_cache=False)
+    assert not (tmp_path / "home" / "voc").exists()
+
+
+def test_ade20k_download_with_sha1(tmp_path, monkeypatch):
+    from pixelseg.data import ade20k
+    z = _archive(_ade_tree(tmp_path / "src"), "ADEChallengeData2016", tmp_path / "ADEChallengeData2016.zip_")
+    monkeypatch.setenv("PIXELSEG_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr(ade20k, "URL", (z.as_uri(), _digest(z, "sha1")))
+    assert len(load_split("ade20k", None, "val", (H, W), use_cache=False)) == 2
+
+
+def test_offline_download_is_one_actionable_line(tmp_path, monkeypatch, capsys):
+    import socket
+    from pixelseg.data import ade20k
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PIXELSEG_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr(ade20k, "URL", (f"http://127.0.0.1:{port}/ADEChallengeData2016.zip", "0" * 40))
+    rc = main(["train", "--dataset", "ade20k", "--weights", "none", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "could not download" in err and "ADEChallengeData2016.zip" in err and "sceneparsing" in err
+    assert str(tmp_path / "home" / "ade20k") in err and "--data-root" in err

@@ -49,11 +49,13 @@ def _model(arch: str, num_classes: int = 5) -> torch.nn.Module:
 
 def test_registry_covers_the_contract():
     assert set(ARCHITECTURES) == {
-        "unet", "fcn8s", "fcn16s", "fcn32s", "segnet", "bayesian_segnet", "deeplabv3"
+        "unet", "fcn8s", "fcn16s", "fcn32s", "segnet", "bayesian_segnet", "deeplabv3",
+        "deeplabv3plus", "pspnet", "fpn", "upernet", "segformer",
     }
     assert set(BACKBONES) == {
         "vgg16", "vgg19", "resnet50", "resnet101", "resnet152", "mobilenet_v1", "mobilenet_v2",
         "densenet121", "densenet169", "densenet201", "densenet264", "xception", "xception65",
+        "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5",
     }
     pairs = list_models()
     assert len(pairs) == len(set(pairs))

@@ -1,5 +1,5 @@
 """Every registered (arch, backbone) pair builds and keeps the input size; every backbone
-returns the channels and strides it declares. The full matrix is slow (61 pairs, some with
+returns the channels and strides it declares. The full matrix is slow (150+ pairs, some with
 hundreds of millions of parameters); a representative subset runs by default."""
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ SMALL = {
     "fcn8s": dict(head_channels=32),
     "fcn16s": dict(head_channels=32),
     "fcn32s": dict(head_channels=32),
+    "deeplabv3plus": dict(aspp_channels=32, decoder_channels=32),
+    "pspnet": dict(head_channels=32),
+    "fpn": dict(pyramid_channels=32, segmentation_channels=16),
+    "upernet": dict(channels=32),
+    "segformer": dict(decoder_channels=32),
 }
 
 # One pair per backbone family and source library, every architecture at least once.
@@ -25,6 +30,7 @@ SUBSET = {
     ("fcn16s", "resnet50"),
     ("segnet", "vgg19"),
     ("deeplabv3", "xception65"),
+    ("upernet", "mit_b1"),
 }
 PAIRS = [
     pytest.param(a, b, marks=() if (a, b) in SUBSET else pytest.mark.slow, id=f"{a}-{b}")

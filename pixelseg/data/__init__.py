@@ -14,7 +14,7 @@ import numpy as np
 from ..config import size_hw
 from ..errors import PixelsegError
 from ..logs import logger as log
-from . import ade20k, camvid, cityscapes, folder, pets, synthetic, voc
+from . import ade20k, camvid, cityscapes, folder, pets, shards, synthetic, voc
 from .base import ArrayDataset, DatasetInfo, collate_batch
 
 # name -> dataset module. The protocol every module follows:
@@ -31,6 +31,7 @@ DATASETS = {
     "cityscapes": cityscapes,
     "folder": folder,
     "synthetic": synthetic,
+    "shards": shards,
 }
 # Train-config keys that are dataset options (flags --images-dir, --masks-dir, --val-fraction, ...).
 DATASET_OPTION_KEYS = tuple(folder.OPTIONS)
@@ -63,20 +64,34 @@ def _check_options(name: str, kwargs: dict) -> dict:
     return given
 
 
+def _check_channels(name: str, channels: int) -> dict:
+    if channels == 3:
+        return {}
+    if name != "folder":
+        raise PixelsegError(f"--in-channels {channels}: only --dataset folder reads images with other than 3 "
+                            f"channels ({name} is RGB)")
+    return {"channels": channels}
+
+
 def load_split(name: str, root: str | Path | None, split: str, image_size, limit: int | None = None,
-               use_cache: bool = True, **kwargs) -> ArrayDataset:
+               use_cache: bool = True, channels: int = 3, **kwargs) -> ArrayDataset:
     image_size = size_hw(image_size)
-    options = _check_options(name, kwargs)
-    ds = get_dataset_module(name).load(Path(root) if root else None, split, image_size, limit=limit,
+    options = {**_check_options(name, kwargs), **_check_channels(name, channels)}
+    if root and name != "shards":  # shard roots may be URLs, which Path would mangle
+        root = Path(root)
+    ds = get_dataset_module(name).load(root or None, split, tuple(image_size), limit=limit,
                                        use_cache=use_cache, **options)
     if len(ds) == 0:
         raise PixelsegError(f"dataset {name} split {split!r} at {root} has no usable samples")
     return ds
 
 
-def dataset_info(name: str, root, **kwargs) -> DatasetInfo:
-    """Class names and palette without decoding a split (a folder dataset's come from its masks)."""
+def dataset_info(name: str, root, split: str | None = None, **kwargs) -> DatasetInfo:
+    """Class names and palette without decoding a split (a folder dataset's come from its masks, shards'
+    from their index)."""
     options = _check_options(name, kwargs)
+    if name == "shards":
+        return shards.info(root, split or shards.DEFAULT_SPLITS["val"])
     module = get_dataset_module(name)
     if hasattr(module, "dataset_info"):
         return module.dataset_info(Path(root) if root else None, **options)
@@ -84,21 +99,25 @@ def dataset_info(name: str, root, **kwargs) -> DatasetInfo:
 
 
 def iter_full_res(name: str, root, split: str, image_size, limit: int | None = None, skipped: list | None = None,
-                  **kwargs):
+                  channels: int = 3, **kwargs):
     """Yield (name, image uint8 H×W×3, target uint8 H×W class ids) at each file's own resolution.
 
     One image is decoded ahead on a thread while the caller runs the model; nothing else is held,
     so a split of 4000×3000 photos costs the memory of two. Unreadable images are skipped and
     appended to `skipped`. Datasets without files (synthetic) yield their arrays as they are.
     """
-    from .io import UnreadableImage, read_image
+    from .io import UnreadableImage, read_input
     options = _check_options(name, kwargs)
+    _check_channels(name, channels)
     module = get_dataset_module(name)
+    if name == "shards":
+        yield from shards.full_res_iter(root, split, limit, skipped)
+        return
     root = Path(root) if root else None
     if hasattr(module, "full_res_samples"):
         samples, read_target = module.full_res_samples(root, split, **options)
     else:
-        ds = load_split(name, root, split, image_size, limit, **options)
+        ds = load_split(name, root, split, image_size, limit, channels=channels, **options)
         for i in range(len(ds)):
             yield ds.names[i], np.asarray(ds.images[i]), np.asarray(ds.masks[i])
         return
@@ -107,7 +126,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
 
     def work(s):
         try:
-            img = read_image(s.image)
+            img = read_input(s.image, channels)
         except UnreadableImage as exc:
             return None, None, str(exc)
         target = read_target(s)

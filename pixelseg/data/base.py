@@ -285,10 +285,29 @@ class FileDataset(torch.utils.data.Dataset):
             raise PixelsegError(f"every file of a batch is unreadable ({', '.join(str(self.samples[i].image) for i in indices[:3])} ...)")
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
+    @property
+    def masks(self):
+        """Lazy per-sample masks (read from the files on access), for code that samples a few of them."""
+        return _LazyFileMasks(self)
+
     def iter_masks(self):
         for s in self.samples:
             with contextlib.suppress(UnreadableImage):
                 yield self.reader(s, self.size, self.max_side)[1]
+
+
+class _LazyFileMasks:
+    def __init__(self, ds: FileDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return self.ds.reader(self.ds.samples[int(i)], self.ds.size, self.ds.max_side)[1]
+        except UnreadableImage:
+            return np.zeros((1, 1), np.uint8)
 
 
 def collate_batch(batch):

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from ..errors import PixelsegError
 from ..logs import logger as log
 from . import base as _base
-from .base import DatasetInfo, Sample, _cache_key, build_split, cache_dir, fit_size
-from .io import UnreadableImage, _open
+from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
+from .io import UnreadableImage, _open, input_size, is_tiff, read_input
 
 # Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
 # --class-names) and their defaults.
@@ -316,11 +316,23 @@ def _scan(samples: list[Sample], use_cache: bool) -> dict[str, dict]:
     cfile = cache_dir() / "folder-scan" / f"{key}.json"
     if use_cache and cfile.is_file():
         return json.loads(cfile.read_text())
+    if use_cache:  # like the decode cache: one process per machine scans, torchrun's other ranks wait and read
+        try:
+            with _base._exclusive(cfile.with_suffix(".lock"), f"the masks of {len(masks)} pairs (scan)"):
+                if cfile.is_file():
+                    return json.loads(cfile.read_text())
+                return _scan_masks(masks, cfile)
+        except _base.CacheWriteError:
+            pass  # no writable cache directory: scan without saving
+    return _scan_masks(masks, None)
+
+
+def _scan_masks(masks: list[Path], cfile: Path | None) -> dict[str, dict]:
     with ThreadPoolExecutor(max(1, min(8, len(masks)))) as pool:
         results = list(tqdm(pool.map(_scan_safe, masks), total=len(masks), desc="scanning masks", unit="mask",
                             leave=False, disable=None))
     out = {str(m): r for m, r in zip(masks, results)}
-    if use_cache:
+    if cfile is not None:
         try:
             cfile.parent.mkdir(parents=True, exist_ok=True)
             tmp = cfile.with_suffix(f".{id(out)}.tmp")
@@ -586,31 +598,43 @@ def full_res_samples(root: Path | None, split: str, **options):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, **options):
+         use_cache: bool = True, channels: int = 3, **options):
+    """``channels`` != 3 reads 8/16-bit, multi-band images (TIFF via tifffile) as float32 [0, 1]."""
     layout, codec, scan = prepare(root, use_cache, **options)
     samples = _split(layout, split)
     if limit:
         samples = samples[:limit]
-    return _decode(samples, tuple(image_size), codec, scan, use_cache, split)
+    return _decode(samples, tuple(image_size), codec, scan, use_cache, split, channels)
 
 
 def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan: dict, use_cache,
-            split: str):
+            split: str, channels: int = 3):
     """decode_samples' job for masks it cannot read (RGB colour codes): same store, same threads."""
-    return build_split(samples, FolderReader(codec), codec.info, size, use_cache, f"folder|{codec.signature()}",
+    key = f"folder|{codec.signature()}" + ("" if channels == 3 else f"|bands{channels}")
+    if channels != 3:
+        spec = cache_spec(use_cache)
+        if spec.mode == "mmap":  # the on-disk store holds uint8 RGB pixels; N-band float32 inputs stay in memory
+            use_cache = CacheSpec("memory", spec.full_res, spec.max_side)
+    return build_split(samples, FolderReader(codec, channels), codec.info, size, use_cache, key,
                        f"decoding {split}", min(8, max(1, len(samples))))
 
 
 @dataclass
 class FolderReader:
-    """(image, class ids) of one pair through the dataset's codec; picklable for DataLoader workers."""
+    """(image, class ids) of one pair through the dataset's codec; picklable for DataLoader workers.
+    ``channels`` != 3: float32 [0, 1] band arrays (read_input), a one-line error on a channel mismatch."""
     codec: MaskCodec
+    channels: int = 3
 
     def __call__(self, s: Sample, size=None, max_side=None):
-        isz = _open(s.image).size
+        isz = input_size(s.image)
         msize = _open_mask(s.mask).size
         if isz != msize:
             raise PixelsegError(f"{s.mask}: mask is {msize[0]}×{msize[1]} but its image {s.image.name} is "
                                 f"{isz[0]}×{isz[1]}; image and mask must have the same size")
         target = fit_size((isz[1], isz[0]), size, max_side)
-        return _base.read_image(s.image, target), read_target(s, self.codec, target)
+        if self.channels == 3 and not is_tiff(s.image):
+            img = _base.read_image(s.image, target)
+        else:
+            img = read_input(s.image, self.channels, target)
+        return img, read_target(s, self.codec, target)

@@ -1,12 +1,19 @@
 """Image and mask decoding that reports bad files by name instead of failing deep inside PIL."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import PixelsegError
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec; while decode_jpeg exists it is used
+# for full-resolution JPEGs (see _decode_jpeg), and when it goes PIL takes over with identical pixels.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 # Large photos are common in user data; PIL's default bomb limit (~89 MP) rejects some real ones.
 Image.MAX_IMAGE_PIXELS = 400_000_000
@@ -16,25 +23,32 @@ class UnreadableImage(PixelsegError):
     """A file that is not a decodable image; datasets skip these and count them."""
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path, name=None) -> Image.Image:
+    """`path` may be a file object (a shard member); `name` then says what to call it in messages."""
+    name = name or path
     try:
         img = Image.open(path)
         img.load() if img.format != "JPEG" else None
         return img
     except FileNotFoundError as exc:
-        raise UnreadableImage(f"{path}: file not found") from exc
+        raise UnreadableImage(f"{name}: file not found") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UnreadableImage(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+        raise UnreadableImage(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
 
 
-def read_image(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path, size: tuple[int, int] | None = None, name=None) -> np.ndarray:
     """Decode by content (a GIF or PNG named .jpg is fine), any mode -> RGB uint8 H×W×3.
 
     With `size` (h, w) the result is resized with PIL's antialiased bilinear filter; for JPEGs the
     decoder's DCT scaling (`draft`) first skips the resolution that would be thrown away anyway.
     """
-    path = Path(path)
-    return to_rgb_array(_open(path), path, size)
+    path = Path(path) if isinstance(path, str) else path
+    img = _open(path, name)
+    if size is None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+        out = _decode_jpeg(path)
+        if out is not None:
+            return out
+    return to_rgb_array(img, name or path, size)
 
 
 def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -63,23 +77,37 @@ def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) ->
         raise UnreadableImage(f"{name}: image data is corrupt ({exc})") from exc
 
 
-def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
+def _decode_jpeg(path) -> np.ndarray | None:
+    """Full-resolution JPEG through torchvision.io.decode_jpeg: measured 1.7× faster than PIL on the pets
+    photos and bit-identical to PIL's RGB conversion (benchmarks/bench_data.py decoders, docs/benchmarks.md).
+    At a reduced size PIL stays: its DCT-domain downscaling (`draft`) skips most of the work. None: use PIL."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        data = path.getvalue() if hasattr(path, "getvalue") else Path(path).read_bytes()
+        t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return t.permute(1, 2, 0).contiguous().numpy()
+    except Exception:  # anything decode_jpeg refuses (progressive oddities, CMYK, ...) goes to PIL
+        return None
+
+
+def read_mask(path, size: tuple[int, int] | None = None, name=None) -> np.ndarray:
     """Read a single-channel label mask (values = class ids) as uint8 H×W; NEAREST resize keeps ids."""
-    path = Path(path)
-    img = _open(path)
+    path = Path(path) if isinstance(path, str) else path
+    img = _open(path, name)
+    name = name or path
     try:
         if img.mode not in ("L", "P", "I", "I;16", "1"):
-            raise PixelsegError(f"{path}: mask has mode {img.mode}; expected a single-channel label image "
+            raise PixelsegError(f"{name}: mask has mode {img.mode}; expected a single-channel label image "
                                 "(8-bit grey or palette PNG whose values are class ids)")
         arr = np.asarray(img)
         if arr.max(initial=0) > 255:
-            raise PixelsegError(f"{path}: mask values go up to {arr.max()}, more than 255 classes is not supported")
+            raise PixelsegError(f"{name}: mask values go up to {arr.max()}, more than 255 classes is not supported")
         arr = arr.astype(np.uint8)
         if size is not None and arr.shape != tuple(size):
-            arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.NEAREST))
+            arr = np.array(Image.fromarray(arr).resize((size[1], size[0]), Image.NEAREST))
         return arr
     except (OSError, SyntaxError) as exc:
-        raise UnreadableImage(f"{path}: mask data is corrupt ({exc})") from exc
+        raise UnreadableImage(f"{name}: mask data is corrupt ({exc})") from exc
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
@@ -104,3 +132,106 @@ def collect_images(paths) -> list[Path]:
     if not files:
         raise PixelsegError(f"no images found in {', '.join(map(str, paths))}")
     return files
+# ---- images with other than 3 channels (--in-channels) ---------------------------------------------
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def is_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """H x W x C array from a TIFF: interleaved samples (YXS), separate planes or pages (SYX/IYX/CYX)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
+    if arr.dtype not in _SCALE:
+        raise PixelsegError(f"{path}: TIFF sample format {arr.dtype} is not supported; use 8- or 16-bit "
+                            "unsigned integers (uint8, uint16)")
+    # Bring Y and X first and fold every other axis (samples, channels, pages) into channels.
+    if "Y" not in axes or "X" not in axes:
+        raise UnreadableImage(f"{path}: TIFF has no image plane (axes {axes})")
+    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a not in "YX"]
+    arr = np.transpose(arr, order)
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
+
+
+def _read_pil_bands(path: Path) -> np.ndarray:
+    img = _open(path)
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    try:
+        if img.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+        arr = np.array(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImage(f"{path}: image data is corrupt ({exc})") from exc
+    if arr.dtype.kind == "i" or arr.dtype == np.uint32:  # PIL's 32-bit 'I' mode holds 16-bit PNGs
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+            raise PixelsegError(f"{path}: pixel values outside 0..65535 (mode {img.mode}); only 8- and "
+                                "16-bit images are supported")
+        arr = arr.astype(np.uint16)
+    if arr.dtype not in _SCALE:
+        raise PixelsegError(f"{path}: pixel format {img.mode} ({arr.dtype}) is not supported; use 8- or "
+                            "16-bit images")
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def read_bands(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Any 8/16-bit image as float32 H x W x C in [0, 1] (value / 255 or / 65535), C as stored.
+
+    TIFFs (by content) go through tifffile - multi-band, multi-page and planar files included;
+    everything else through PIL (16-bit grey PNG included). With ``size`` every band is resized with
+    antialiased bilinear filtering (torch: PIL cannot resize 16-bit multi-band data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImage(f"{path}: file not found")
+    raw = _read_tiff(path) if is_tiff(path) else _read_pil_bands(path)
+    arr = raw.astype(np.float32) / _SCALE[raw.dtype]
+    if size is not None and arr.shape[:2] != tuple(size):
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        t = F.interpolate(t, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        arr = t[0].permute(1, 2, 0).clamp_(0, 1).numpy()
+    return np.ascontiguousarray(arr)
+
+
+def read_input(path: Path | str, channels: int = 3, size: tuple[int, int] | None = None) -> np.ndarray:
+    """What a model with ``channels`` input channels reads: RGB uint8 for 3 (the fast, cached path),
+    float32 [0, 1] H x W x C otherwise, with a one-line error when the file holds another count."""
+    if channels == 3 and not is_tiff(Path(path)):
+        return read_image(path, size)
+    arr = read_bands(path, size)
+    if arr.shape[2] != channels:
+        raise PixelsegError(f"{path}: image has {arr.shape[2]} channel(s) but the model takes "
+                            f"{channels} (--in-channels {channels})")
+    return arr
+
+
+def input_size(path: Path | str) -> tuple[int, int]:
+    """(w, h) of an image without decoding pixels; TIFFs via tifffile (PIL cannot open many multi-band ones)."""
+    path = Path(path)
+    if is_tiff(path):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, axes = series.shape, series.axes
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+            raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
+        return shape[axes.index("X")], shape[axes.index("Y")]
+    return _open(path).size

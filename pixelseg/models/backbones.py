@@ -13,6 +13,8 @@ style); add an entry to register a new backbone.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
 from dataclasses import dataclass, field
 
 import timm
@@ -37,10 +39,12 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, body: nn.Module, channels, reductions, name: str, source: str,
-                 input_padding: int = 0):
+                 input_padding: int = 0, channels_last_output: bool = False):
         super().__init__()
         self.body = body
         self.input_padding = int(input_padding)
+        # timm's Swin-style models return N x H x W x C features; decoders want N x C x H x W.
+        self.channels_last_output = bool(channels_last_output)
         self.channels = tuple(int(c) for c in channels)
         self.reductions = tuple(int(r) for r in reductions)
         self.name = name
@@ -51,7 +55,10 @@ class Encoder(nn.Module):
             p = self.input_padding
             x = F.pad(x, (p, p, p, p))
         out = self.body(x)
-        return list(out.values()) if isinstance(out, dict) else list(out)
+        feats = list(out.values()) if isinstance(out, dict) else list(out)
+        if self.channels_last_output:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return feats
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ class BackboneSpec:
     """
 
     name: str
-    source: str  # "torchvision" or "timm"
+    source: str  # "torchvision", "timm" or "transformers"
     library_name: str  # torchvision builder name or timm model name
     channels: tuple[int, ...]
     reductions: tuple[int, ...] = (2, 4, 8, 16, 32)
@@ -79,10 +86,11 @@ class BackboneSpec:
     # H / stride: needed when the library's stem convolutions are unpadded.
     input_padding: int = 0
     extra_kwargs: dict = field(default_factory=dict)
+    channels_last_output: bool = False  # timm features come out N x H x W x C (Swin)
 
     # -- construction ---------------------------------------------------------------
     def build_library_model(self, output_stride: int = 32, weights_file=None,
-                            device=None) -> nn.Module:
+                            device=None, in_channels: int = 3) -> nn.Module:
         """The full torchvision classifier (random init, or ImageNet weights when a
         verified local copy of the official file is given). Used by SegNet, which needs the
         raw ``features`` Sequential rather than tapped stages."""
@@ -98,9 +106,13 @@ class BackboneSpec:
         # torchvision's own loader finds the file in the torch-hub cache (weights.py put it
         # there) and checks its hash, and it knows about old key layouts (DenseNet).
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return torchvision.models.get_model(self.library_name, weights=weights, **kwargs)
+            model = torchvision.models.get_model(self.library_name, weights=weights, **kwargs)
+            if in_channels != 3:
+                adapt_first_conv(model, in_channels, pretrained=weights is not None)
+        return model
 
-    def build(self, output_stride: int = 32, weights_file=None, device=None) -> Encoder:
+    def build(self, output_stride: int = 32, weights_file=None, device=None,
+              in_channels: int = 3) -> Encoder:
         """The encoder at ``output_stride``; ``device="meta"`` builds it without memory (the
         FX tracing then runs outside the device context, which would slow it ~3x)."""
         if output_stride not in self.output_strides:
@@ -109,12 +121,20 @@ class BackboneSpec:
                 f"it supports {list(self.output_strides)}"
             )
         reductions = tuple(min(r, output_stride) for r in self.reductions)
+        if self.source == "transformers":
+            from .mit import build_mit
+
+            body = build_mit(self.library_name, weights_file, device, in_channels)
+            return Encoder(body, self.channels, self.reductions, self.name, self.source)
         if self.source == "torchvision":
-            model = self.build_library_model(output_stride, weights_file, device)
+            model = self.build_library_model(output_stride, weights_file, device, in_channels)
             nodes = {node: f"stage{i}" for i, node in enumerate(self.return_nodes)}
             body = create_feature_extractor(model, return_nodes=nodes)
             return Encoder(body, self.channels, reductions, self.name, self.source)
         kwargs = dict(features_only=True, pretrained=weights_file is not None, **self.extra_kwargs)
+        if in_channels != 3:
+            # timm adapts pretrained RGB stem weights itself (adapt_input_conv) when in_chans != 3.
+            kwargs["in_chans"] = in_channels
         if weights_file is not None:
             kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
         if output_stride != 32:
@@ -123,7 +143,30 @@ class BackboneSpec:
             body = timm.create_model(self.library_name, **kwargs)
         info = body.feature_info
         return Encoder(body, info.channels(), info.reduction(), self.name, self.source,
-                       self.input_padding)
+                       self.input_padding, self.channels_last_output)
+
+
+def adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> None:
+    """Give a torchvision classifier an ``in_channels``-channel stem.
+
+    The first ``Conv2d`` (in registration order, which is the stem for every torchvision
+    classifier) is replaced. Pretrained RGB weights are adapted with timm's
+    ``adapt_input_conv`` - the same rule timm applies to its own models: 1 channel sums the RGB
+    filters; N channels repeat them (R, G, B, R, ...) and scale by 3/N, so a grey or
+    repeated-band image gives the activations an RGB image would. Random weights are re-drawn.
+    """
+    from timm.models import adapt_input_conv
+
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+    if pretrained:
+        with torch.no_grad():
+            new.weight.copy_(adapt_input_conv(in_channels, conv.weight))
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+    model.set_submodule(name, new)
 
 
 def _timm_norm(name: str) -> dict:
@@ -228,12 +271,97 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+# SegFormer's Mix Transformer encoders (Xie et al. 2021). timm has no MiT, so they come from
+# Hugging Face transformers (``pip install pixelseg[segformer]``); see mit.py.
+for _v, _c in {"b0": (32, 64, 160, 256), "b1": (64, 128, 320, 512), "b2": (64, 128, 320, 512),
+               "b3": (64, 128, 320, 512), "b4": (64, 128, 320, 512), "b5": (64, 128, 320, 512)}.items():
+    BACKBONES[f"mit_{_v}"] = BackboneSpec(
+        f"mit_{_v}", "transformers", f"mit-{_v}", _c, reductions=(4, 8, 16, 32),
+        note=f"Mix Transformer {_v.upper()} (SegFormer) from Hugging Face transformers",
+    )
+
+TIMM_PREFIX = "timm:"
+
+
 def get_backbone(name: str) -> BackboneSpec:
+    if name.startswith(TIMM_PREFIX):
+        return timm_backbone(name[len(TIMM_PREFIX):])
     try:
         return BACKBONES[name]
     except KeyError:
+        close = difflib.get_close_matches(name, list(BACKBONES), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise PixelsegError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}"
+            f"unknown backbone {name!r}{hint}; choose one of: {', '.join(BACKBONES)}, "
+            f"or timm:NAME for any timm model with features_only"
         ) from None
+
+
+def _timm_build_kwargs(library_name: str) -> dict:
+    """Extra keywords that let a timm model take any input size, where it has such a switch
+    (Swin-style models otherwise insist on their training resolution)."""
+    for extra in (dict(strict_img_size=False), {}):
+        try:
+            with torch.device("meta"):
+                timm.create_model(library_name, features_only=True, **extra)
+            return extra
+        except TypeError:  # the model has no such keyword
+            continue
+        except Exception:  # noqa: BLE001 - reported with its reason by timm_backbone
+            return {}
+    return {}
+
+
+@functools.lru_cache(maxsize=None)
+def timm_backbone(library_name: str) -> BackboneSpec:
+    """A BackboneSpec for any timm model that supports ``features_only`` (``--backbone timm:NAME``).
+
+    Stages, strides and whether the library can dilate it (output stride 16/8) are read from
+    the model itself, built on the meta device (no memory, no weights); mean/std come from its
+    pretrained config. ``NAME`` may carry a pretrained tag (``convnext_tiny.fb_in22k``).
+    """
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(library_name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models()"
+        raise PixelsegError(f"unknown timm model {library_name!r}{hint}")
+    try:
+        cfg = timm.get_pretrained_cfg(library_name)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
+    if tag and cfg is None:
+        tags = timm.list_pretrained(f"{arch}.*")
+        raise PixelsegError(f"timm model {arch!r} has no pretrained tag {tag!r}; "
+                            f"known: {', '.join(tags) or 'none'}")
+    extra = _timm_build_kwargs(library_name)
+    try:
+        with torch.device("meta"):
+            body = timm.create_model(library_name, features_only=True, **extra)
+    except Exception as exc:  # timm raises RuntimeError/AssertionError/TypeError for no features_only
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PixelsegError(
+            f"timm model {library_name!r} cannot serve as an encoder: it has no features_only "
+            f"support ({reason})"
+        ) from None
+    info = body.feature_info
+    fmt = str(getattr(body, "output_fmt", "NCHW"))
+    strides = [32]
+    for os_ in (16, 8):
+        try:
+            with torch.device("meta"):
+                dil = timm.create_model(library_name, features_only=True, output_stride=os_, **extra)
+            if max(dil.feature_info.reduction()) == os_:
+                strides.append(os_)
+        except Exception:  # noqa: BLE001 - "cannot dilate" comes in many exception types
+            pass
+    norm = dict(mean=tuple(cfg.mean), std=tuple(cfg.std)) if cfg is not None and cfg.mean else {}
+    return BackboneSpec(
+        TIMM_PREFIX + library_name, "timm", library_name, tuple(info.channels()),
+        reductions=tuple(info.reduction()), output_strides=tuple(strides),
+        note=f"timm {library_name} (features_only)", extra_kwargs=extra,
+        channels_last_output=fmt.endswith("NHWC"), **norm,
+    )
 
 

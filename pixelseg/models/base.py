@@ -14,6 +14,23 @@ from torch import nn
 from .backbones import BackboneSpec, Encoder
 
 
+def input_normalisation(spec: BackboneSpec, config: dict) -> tuple[int, tuple, tuple]:
+    """``(in_channels, mean, std)`` the model normalises its input with.
+
+    Explicit ``mean``/``std`` in the config win (training computes them from the training split
+    for non-RGB inputs and stores them in the checkpoint). Otherwise RGB uses the encoder
+    weights' statistics, and N != 3 channels get the average of those per channel - the right
+    scale for a grey image, a placeholder for other bands until statistics are computed.
+    """
+    n = int(config.get("in_channels", 3))
+    mean, std = config.get("mean"), config.get("std")
+    if mean is None:
+        mean = spec.mean if n == 3 else (sum(spec.mean) / 3,) * n
+    if std is None:
+        std = spec.std if n == 3 else (sum(spec.std) / 3,) * n
+    return n, tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
 class SegmentationModel(nn.Module):
     """Encoder + decoder mapping N x 3 x H x W images in [0, 1] to N x C x H x W logits.
 
@@ -38,8 +55,9 @@ class SegmentationModel(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: BackboneSpec, num_classes: int, weights_file, config: dict, **options):
-        encoder = spec.build(cls.encoder_output_stride(**options), weights_file)
-        return cls(encoder, num_classes, spec.mean, spec.std, config, **options)
+        in_channels, mean, std = input_normalisation(spec, config)
+        encoder = spec.build(cls.encoder_output_stride(**options), weights_file, in_channels=in_channels)
+        return cls(encoder, num_classes, mean, std, config, **options)
 
     def __init__(
         self,
@@ -59,8 +77,9 @@ class SegmentationModel(nn.Module):
         self.encoder_frozen = False
         self._config = dict(config)
         # Not persistent: they follow from the backbone, so state dicts stay portable.
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.in_channels = len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     # -- rebuilding ----------------------------------------------------------------------
     @property

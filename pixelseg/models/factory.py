@@ -17,9 +17,14 @@ from pixelseg.errors import PixelsegError
 from .backbones import BACKBONES, get_backbone
 from .base import SegmentationModel
 from .deeplabv3 import DeepLabV3
+from .deeplabv3plus import DeepLabV3Plus
 from .fcn import FCN8s, FCN16s, FCN32s
+from .fpn import FPN
+from .pspnet import PSPNet
+from .segformer import SegFormer
 from .segnet import BayesianSegNet, SegNet
 from .unet import UNet
+from .upernet import UPerNet
 from .weights import imagenet_file, load_state_dict_file
 
 ARCHITECTURES: dict[str, type[SegmentationModel]] = {
@@ -30,6 +35,11 @@ ARCHITECTURES: dict[str, type[SegmentationModel]] = {
     "segnet": SegNet,
     "bayesian_segnet": BayesianSegNet,
     "deeplabv3": DeepLabV3,
+    "deeplabv3plus": DeepLabV3Plus,
+    "pspnet": PSPNet,
+    "fpn": FPN,
+    "upernet": UPerNet,
+    "segformer": SegFormer,
 }
 
 
@@ -76,6 +86,9 @@ def create_model(
     num_classes: int = 3,
     weights: str | PathLike | None = None,
     freeze_encoder: bool = False,
+    in_channels: int = 3,
+    mean=None,
+    std=None,
     **arch_options,
 ) -> SegmentationModel:
     """Build a segmentation model.
@@ -83,7 +96,10 @@ def create_model(
     ``weights``: None / "none" (random init), "imagenet" (official ImageNet weights for the
     encoder, from the torch-hub cache or downloaded once), or a path to a whole-model state
     dict (e.g. a pixelseg checkpoint). ``arch_options`` are architecture specific, see
-    ``ARCHITECTURES[arch].options``.
+    ``ARCHITECTURES[arch].options``. ``backbone`` is a registered name or ``timm:NAME`` for any
+    timm model with ``features_only``. ``in_channels`` other than 3 adapts the encoder's first
+    convolution (pretrained RGB filters via timm's ``adapt_input_conv``); ``mean``/``std`` (one
+    value per channel, for [0, 1] inputs) override the encoder's normalisation statistics.
     """
     cls = _arch(arch)
     options = _resolve_options(cls, arch, arch_options)
@@ -91,6 +107,13 @@ def create_model(
     spec = get_backbone(backbone)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise PixelsegError(f"num_classes must be a positive integer (got {num_classes!r})")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise PixelsegError(f"in_channels must be a positive integer (got {in_channels!r})")
+    for what, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != in_channels:
+            raise PixelsegError(f"{what} needs {in_channels} values, one per input channel (got {list(values)})")
+    if std is not None and min(std) <= 0:
+        raise PixelsegError(f"std values must be positive (got {list(std)})")
 
     weights_file, state_file = None, None
     if isinstance(weights, str) and weights.lower() in ("none", ""):
@@ -101,6 +124,12 @@ def create_model(
         state_file = weights
 
     config = dict(arch=arch, backbone=backbone, num_classes=num_classes, **options)
+    if in_channels != 3:
+        config["in_channels"] = in_channels
+    if mean is not None:
+        config["mean"] = [float(v) for v in mean]
+    if std is not None:
+        config["std"] = [float(v) for v in std]
     try:
         model = cls.from_spec(spec, num_classes, weights_file, config, **options)
     except PixelsegError:
@@ -145,11 +174,15 @@ def describe_models() -> list[dict]:
     for arch, backbone in list_models():
         cls = ARCHITECTURES[arch]
         spec = _SharedEncoderSpec(BACKBONES[backbone], encoders)
-        if not getattr(cls, "uses_library_model", False):
-            spec.build(cls.encoder_output_stride(**cls.options))  # outside the meta context
-        config = dict(arch=arch, backbone=backbone, num_classes=3, **cls.options)
-        with torch.device("meta"):
-            model = cls.from_spec(spec, 3, None, config, **cls.options)
+        try:
+            if not getattr(cls, "uses_library_model", False):
+                spec.build(cls.encoder_output_stride(**cls.options))  # outside the meta context
+            config = dict(arch=arch, backbone=backbone, num_classes=3, **cls.options)
+            with torch.device("meta"):
+                model = cls.from_spec(spec, 3, None, config, **cls.options)
+        except PixelsegError:  # an optional library missing (transformers for MiT)
+            rows.append(dict(arch=arch, backbone=backbone, default=backbone == cls.default_backbone, params=None))
+            continue
         rows.append(dict(arch=arch, backbone=backbone, default=backbone == cls.default_backbone,
                          params=sum(p.numel() for p in model.parameters())))
     return rows
@@ -164,13 +197,13 @@ class _SharedEncoderSpec:
     def __getattr__(self, name):
         return getattr(self._spec, name)
 
-    def build(self, output_stride=32, weights_file=None):
+    def build(self, output_stride=32, weights_file=None, in_channels=3):
         key = ("encoder", self._spec.name, output_stride)
         if key not in self._cache:
             self._cache[key] = self._spec.build(output_stride, None, device="meta")
         return self._cache[key]
 
-    def build_library_model(self, output_stride=32, weights_file=None):
+    def build_library_model(self, output_stride=32, weights_file=None, in_channels=3):
         key = ("library", self._spec.name, output_stride)
         if key not in self._cache:
             self._cache[key] = self._spec.build_library_model(output_stride, None, device="meta")

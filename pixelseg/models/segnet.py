@@ -26,7 +26,7 @@ from torch import nn
 
 from pixelseg.errors import PixelsegError
 
-from .base import SegmentationModel
+from .base import SegmentationModel, input_normalisation
 
 # VGG layout the decoder mirrors: conv layers per stage and their widths.
 _VGG_CONVS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
@@ -115,13 +115,14 @@ class SegNet(SegmentationModel):
             raise PixelsegError(
                 f"{cls.arch} upsample must be 'indices' or 'nearest' (got {upsample!r})"
             )
+        in_channels, mean, std = input_normalisation(spec, config)
         if upsample == "indices":
-            features = spec.build_library_model(32, weights_file).features
+            features = spec.build_library_model(32, weights_file, in_channels=in_channels).features
             encoder = PoolingIndicesEncoder(features, spec.name)
         else:
-            encoder = spec.build(32, weights_file)
+            encoder = spec.build(32, weights_file, in_channels=in_channels)
         convs = _VGG_CONVS.get(spec.name, _VGG_CONVS["vgg16"])
-        return cls(encoder, num_classes, spec.mean, spec.std, config, upsample=upsample,
+        return cls(encoder, num_classes, mean, std, config, upsample=upsample,
                    stage_convs=convs, **options)
 
     def __init__(self, encoder, num_classes, mean, std, config, upsample="indices",

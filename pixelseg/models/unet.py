@@ -4,7 +4,8 @@ With ``backbone="mobilenet_v2"`` this is the tutorial's network layer for layer:
 tapped at block_1/3/6/13_expand_relu and block_16_project, four pix2pix upsample blocks
 (512, 256, 128, 64 filters) each followed by concatenation with the matching skip, and a
 final stride-2 transposed convolution to ``num_classes`` logits at full resolution. Any other
-backbone that returns five stages at strides 2..32 plugs into the same decoder.
+backbone with stages at strides 4, 8, 16 and 32 plugs into the same decoder; when it has no
+stride-2 stage (ConvNeXt, Swin, MiT) the last upsample block simply has no skip to concatenate.
 """
 
 from __future__ import annotations
@@ -38,27 +39,29 @@ class UNet(SegmentationModel):
     options = dict(decoder_channels=(512, 256, 128, 64), decoder_dropout=False)
     @classmethod
     def incompatibility(cls, spec, **options):
-        if tuple(spec.reductions) != (2, 4, 8, 16, 32):
-            return "the U-Net decoder needs five stages at strides 2, 4, 8, 16, 32"
+        if spec.reductions[-1] != 32 or not {4, 8, 16} <= set(spec.reductions):
+            return ("the U-Net decoder needs stages at strides 4, 8, 16 and 32 (2 optional); "
+                    f"{spec.name} gives {', '.join(map(str, spec.reductions))}")
         return None
 
     def __init__(self, encoder, num_classes, mean, std, config,
                  decoder_channels=(512, 256, 128, 64), decoder_dropout=False):
-        if encoder.reductions != (2, 4, 8, 16, 32):
-            raise PixelsegError(
-                f"unet needs a backbone with stages at strides 2, 4, 8, 16, 32; "
-                f"{encoder.name!r} gives {list(encoder.reductions)}"
-            )
+        reason = self.incompatibility(encoder)
+        if reason:
+            raise PixelsegError(f"unet cannot use {encoder.name!r}: {reason}")
         if len(decoder_channels) != 4:
             raise PixelsegError(
                 f"unet decoder_channels needs 4 values (one per skip), got {list(decoder_channels)}"
             )
         super().__init__(encoder, num_classes, 32, mean, std, config)
-        skips = list(encoder.channels[:-1])[::-1]  # deepest skip first
+        # Deepest skip first: the last stage at each of strides 16, 8, 4, 2 (None: no such stage).
+        red = list(encoder.reductions)
+        self.skip_index = [max((i for i, r in enumerate(red) if r == s), default=None)
+                           for s in (16, 8, 4, 2)]
         ups, in_ch = [], encoder.channels[-1]
-        for out_ch, skip_ch in zip(decoder_channels, skips):
+        for out_ch, i in zip(decoder_channels, self.skip_index):
             ups.append(pix2pix_upsample(in_ch, out_ch, dropout=decoder_dropout))
-            in_ch = out_ch + skip_ch
+            in_ch = out_ch + (encoder.channels[i] if i is not None else 0)
         self.up_stack = nn.ModuleList(ups)
         # Keras Conv2DTranspose(num_classes, 3, strides=2, padding="same") with bias.
         self.last = nn.ConvTranspose2d(
@@ -67,8 +70,8 @@ class UNet(SegmentationModel):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encode(x)
-        skips = list(reversed(feats[:-1]))
+        skips = [feats[i] if i is not None else None for i in self.skip_index]
         x = feats[-1]
         for up, skip in zip(self.up_stack, skips):
-            x = torch.cat([up(x), skip], dim=1)
+            x = up(x) if skip is None else torch.cat([up(x), skip], dim=1)
         return self.last(x)

@@ -24,6 +24,12 @@ from .backbones import BackboneSpec
 
 def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
     """``(url, file name in the hub cache)`` of the backbone's ImageNet weights."""
+    if spec.source == "transformers":
+        from .mit import HUB_FILENAME, HUB_IDS
+
+        hub_id = HUB_IDS[spec.library_name]
+        return (f"https://huggingface.co/{hub_id}/resolve/main/{HUB_FILENAME}",
+                hub_id.replace("/", "--") + "--" + HUB_FILENAME)
     if spec.source == "torchvision":
         url = torchvision.models.get_model_weights(spec.library_name).DEFAULT.url
         # Same name torchvision's load_state_dict_from_url uses, so both share the cache.

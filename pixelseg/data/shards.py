@@ -1,0 +1,427 @@
+"""Streaming shards in the WebDataset format: `pixelseg shards` writes them, `--dataset shards` reads them.
+
+Why WebDataset (over LitData and MosaicML Streaming): its shards are plain POSIX tar files that any tool
+can list, write or repair, they stream sequentially from a local disk, `http(s)://`, `pipe:` (s3, gs via
+their CLIs) with no index server or custom binary format, and the package is a small pure-Python
+dependency already used across PyTorch projects. LitData and Streaming bring their own chunk formats and
+cloud/caching runtimes, which pixelseg would have to wrap without needing.
+
+Layout written by `pixelseg shards`:
+
+    OUT/<split>-000000.tar ...   samples: <key>.img.<jpg|png|...> (the source file's bytes, untouched),
+                                 <key>.seg.png (class ids after the dataset's label mapping, 8-bit grey),
+                                 <key>.name.txt (the sample's name); keys are the sample's position
+    OUT/<split>.json             {"format": "pixelseg-shards", "version", "info": classes and palette,
+                                  "count", "shards": [{"url": file name, "count"}]}
+
+`--data-root` is the directory or URL that holds them; a brace pattern picks shards explicitly
+(`https://host/pets/trainval-{000000..000003}.tar`, the `{split}` token is replaced by the split name);
+the index next to them supplies classes and counts.
+
+Splitting across ranks and DataLoader workers (every sample exactly once per epoch): shards go to
+ranks round-robin (each rank reads only its shards) when there are at least as many shards as ranks,
+else every rank reads every shard and keeps samples i % world == rank; inside a rank, sample j goes to
+worker j % workers. For training, every worker of every rank yields the same number of batches (sizes
+differ by at most one sample), so DDP ranks stay in step without padding or duplicate samples.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PixelsegError
+from .base import DatasetInfo, fit_size
+from .io import UnreadableImage, read_image, read_mask
+
+INDEX_FORMAT = "pixelseg-shards"
+INDEX_VERSION = 1
+DEFAULT_SPLITS = {"train": "train", "val": "val"}
+SHUFFLE_BUFFER = 128   # encoded samples per worker (bytes, not decoded pixels: memory stays small)
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limit: int | None = None,
+                 progress: bool = True, **options) -> dict:
+    """Write one split of any dataset pixelseg reads as WebDataset shards plus its index; each shard is
+    written under a temporary name and renamed, and the index last, so readers never see a partial set."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from . import load_split
+    from .base import CacheSpec, FileDataset
+
+    if maxcount < 1:
+        raise PixelsegError(f"--maxcount {maxcount}: must be >= 1")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PixelsegError(f"--out {out}: cannot create it ({exc.strerror})") from None
+    ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
+    shards, buf_count, writer, tmp, n, skipped = [], 0, None, None, 0, []
+
+    def close():
+        nonlocal writer, tmp, buf_count
+        if writer is None:
+            return
+        writer.close()
+        name = f"{split}-{len(shards):06d}.tar"
+        os.replace(tmp, out / name)
+        shards.append({"url": name, "count": buf_count})
+        writer, tmp, buf_count = None, None, 0
+
+    items = _source_items(ds, FileDataset)
+    for name, image_bytes, ext, mask in tqdm(items, total=len(ds), desc=f"shards {split}", unit="img",
+                                             leave=False, disable=not progress or None):
+        if image_bytes is None:  # unreadable source file: skipped and counted
+            skipped.append(name)
+            continue
+        if writer is None:
+            fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".tar.tmp", dir=out)
+            os.close(fd)
+            writer = wds.TarWriter(tmp)
+        png = io.BytesIO()
+        from PIL import Image
+        Image.fromarray(mask).save(png, format="PNG")
+        writer.write({"__key__": f"{n:09d}", f"img.{ext}": image_bytes, "seg.png": png.getvalue(),
+                      "name.txt": name.encode()})
+        n += 1
+        buf_count += 1
+        if buf_count >= maxcount:
+            close()
+    close()
+    if n == 0:
+        raise PixelsegError(f"dataset {dataset} split {split!r}: no readable samples to write")
+    index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dataset": dataset, "split": split,
+             "info": ds.info.to_dict(), "count": n, "shards": shards, "skipped": skipped}
+    from ..checkpoint import atomic_write_text
+    atomic_write_text(out / f"{split}.json", json.dumps(index, indent=1))
+    return index
+
+
+def _source_items(ds, file_dataset_cls):
+    """(name, image file bytes, extension, class-id mask) per sample at the source resolution."""
+    from PIL import Image
+    if isinstance(ds, file_dataset_cls):
+        for s in ds.samples:
+            try:
+                _, mask = ds.reader(s, None, None)  # checks the pair and applies the dataset's label mapping
+                data = Path(s.image).read_bytes()
+                fmt = (Image.open(io.BytesIO(data)).format or "").lower()
+            except UnreadableImage as exc:
+                print(f"warning: skipping {exc}", file=sys.stderr)
+                yield str(s.image), None, None, None
+                continue
+            ext = {"jpeg": "jpg", "png": "png"}.get(fmt)
+            if ext is None:  # other formats are stored as PNG of what the dataset reads (lossless)
+                buf = io.BytesIO()
+                Image.fromarray(read_image(s.image)).save(buf, format="PNG")
+                data, ext = buf.getvalue(), "png"
+            yield s.name, data, ext, mask
+    else:  # array datasets (synthetic): lossless PNG of the arrays
+        for i in range(len(ds)):
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(ds.images[i])).save(buf, format="PNG")
+            yield ds.names[i], buf.getvalue(), "png", np.asarray(ds.masks[i])
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.writeable else a.copy()
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def _is_pattern(root: str) -> bool:
+    return any(c in root for c in "{}") or root.endswith(".tar")
+
+
+def _join(base: str, name: str) -> str:
+    return name if "://" in name or name.startswith(("/", "pipe:")) else base.rstrip("/") + "/" + name
+
+
+def _read_text(url: str) -> str:
+    import webdataset as wds
+    try:
+        with wds.gopen(url, "rb") as f:
+            return f.read().decode("utf-8")
+    except Exception as exc:  # gopen raises many kinds (OSError, IOError from pipes, HTTP errors)
+        raise PixelsegError(f"{url}: cannot read the shard index ({exc}); write shards with `pixelseg shards "
+                            "--out DIR` and pass that DIR (or URL) as --data-root") from None
+
+
+def read_index(root, split: str) -> tuple[dict, list[str], list[int]]:
+    """(index, shard urls, their sample counts) for `split` at `root` (directory, URL or brace pattern)."""
+    import braceexpand
+    root = str(root)
+    if _is_pattern(root):
+        pattern = root.replace("{split}", split)
+        base = pattern.rsplit("/", 1)[0] if "/" in pattern else "."
+        urls = list(braceexpand.braceexpand(pattern))
+    else:
+        base, urls = root, None
+    index_url = _join(base, f"{split}.json")
+    try:
+        index = json.loads(_read_text(index_url))
+    except ValueError:
+        raise PixelsegError(f"{index_url}: not a pixelseg shard index (invalid JSON)") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise PixelsegError(f"{index_url}: not a pixelseg shard index; write shards with `pixelseg shards`")
+    if index.get("version", 0) > INDEX_VERSION:
+        raise PixelsegError(f"{index_url}: shard index version {index['version']} is newer than this pixelseg "
+                            f"reads ({INDEX_VERSION}); upgrade pixelseg")
+    counts = {_join(base, s["url"]): int(s["count"]) for s in index["shards"]}
+    if urls is None:
+        urls = list(counts)
+    missing = [u for u in urls if u not in counts]
+    if missing:
+        raise PixelsegError(f"{missing[0]}: not listed in {index_url}; the pattern must name shards of split "
+                            f"{split!r} written by `pixelseg shards`")
+    return index, urls, [counts[u] for u in urls]
+
+
+def _plan(counts: list[int], rank: int, world: int) -> tuple[list[int], bool]:
+    """This rank's shard ids, and whether samples are split by position (too few shards for the ranks)."""
+    if len(counts) >= world:
+        return list(range(rank, len(counts), world)), False
+    return list(range(len(counts))), True
+
+
+def rank_samples(counts: list[int], rank: int, world: int) -> int:
+    shards, by_sample = _plan(counts, rank, world)
+    if by_sample:
+        return len(range(rank, sum(counts), world))
+    return sum(counts[i] for i in shards)
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Batches streamed from WebDataset shards; each worker decodes only its own samples."""
+
+    def __init__(self, urls: list[str], counts: list[int], info: DatasetInfo, size, batch_size: int = 1,
+                 full_res: bool = False, max_side: int | None = None, shuffle: bool = False, seed: int = 0,
+                 rank: int = 0, world: int = 1, even: bool = False, limit: int | None = None):
+        self.urls, self.counts, self.info = list(urls), list(counts), info
+        self.size, self.full_res, self.max_side = size, full_res, max_side
+        self.batch_size, self.shuffle, self.seed, self.rank, self.world = batch_size, shuffle, seed, rank, world
+        self.even, self.limit = even, limit
+        self.transform = None
+        self.num_workers = 0      # set by whoever builds the DataLoader: batches per epoch depend on it
+        self.epoch = 0
+        self.skipped: list[str] = []
+        self.names: list[str] = []
+
+    def configure(self, batch_size: int, num_workers: int, rank: int, world: int, shuffle: bool, even: bool,
+                  seed: int = 0):
+        self.batch_size, self.num_workers, self.rank, self.world = batch_size, num_workers, rank, world
+        self.shuffle, self.even, self.seed = shuffle, even, seed
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _total(self) -> int:
+        n = sum(self.counts)
+        return min(n, self.limit) if self.limit else n
+
+    def __len__(self) -> int:  # samples in the whole split (as len() of the map-style datasets)
+        return self._total()
+
+    def _worker_samples(self, rank: int, k: int, workers: int) -> int:
+        n_r = self._rank_count(rank)
+        return len(range(k, n_r, workers))
+
+    def _rank_count(self, rank: int) -> int:
+        if self.limit:
+            return len(range(rank, self._total(), self.world))
+        return rank_samples(self.counts, rank, self.world)
+
+    def _batches_per_worker(self, rank: int, k: int, workers: int) -> int:
+        if self.even:  # the same on every worker of every rank (DDP steps in lockstep)
+            most = max(self._worker_samples(r, j, workers) for r in range(self.world) for j in range(workers))
+            return -(-most // self.batch_size)
+        return -(-self._worker_samples(rank, k, workers) // self.batch_size)
+
+    def num_batches(self) -> int:
+        """Batches this rank's DataLoader yields per epoch."""
+        workers = max(1, self.num_workers)
+        return sum(self._batches_per_worker(self.rank, k, workers) for k in range(workers))
+
+    # -- the stream --
+    def _records(self, rank: int):
+        """(global position, shard url, raw sample dict) for this rank, in epoch order."""
+        import webdataset as wds
+        if self.limit:
+            shard_ids, by_sample = list(range(len(self.urls))), True
+        else:
+            shard_ids, by_sample = _plan(self.counts, rank, self.world)
+        if self.shuffle:  # one order for all ranks: position-split ranks must agree on positions
+            random.Random(hash((self.seed, self.epoch)) % 2**32).shuffle(shard_ids)
+        pos = 0
+        for sid in shard_ids:
+            url = self.urls[sid]
+            errors = []
+
+            def handler(exc, url=url, errors=errors):
+                errors.append(exc)
+                return False  # stop this shard; it is reported below
+
+            stream = wds.tariterators.url_opener([{"url": url}], handler=handler)
+            files = wds.tariterators.tar_file_expander(stream, handler=handler)
+            for sample in wds.tariterators.group_by_keys(files, handler=handler):
+                if self.limit and pos >= self.limit:
+                    return
+                yield pos, url, sample
+                pos += 1
+            if errors:
+                self._warn(f"{url}: shard is truncated or corrupt ({str(errors[0]).split(' @ ')[0]}); the samples "
+                           "before the damage were used, the rest of the shard is skipped; rewrite it with "
+                           "`pixelseg shards`")
+                self.skipped.append(url)
+
+    def _warn(self, msg: str) -> None:
+        print(f"warning: {msg}", file=sys.stderr)
+
+    def decode(self, url: str, sample: dict):
+        """(name, image uint8 H×W×3, mask uint8 H×W) at the source resolution capped by max_side, or at
+        `size` when not full_res; None (reported) when the sample cannot be used."""
+        key = sample.get("__key__", "?")
+        where = f"{url} sample {key}"
+        img_key = next((k for k in sample if k.startswith("img.")), None)
+        name = sample.get("name.txt", key.encode() if isinstance(key, str) else b"?").decode()
+        if img_key is None or "seg.png" not in sample:
+            missing = "image (img.*)" if img_key is None else "mask (seg.png)"
+            self._warn(f"{where} ({name}): no {missing} in the shard; sample skipped (rewrite the shard with "
+                       "`pixelseg shards`)")
+            self.skipped.append(where)
+            return None
+        try:
+            from PIL import Image
+            isz = Image.open(io.BytesIO(sample[img_key])).size
+            msz = Image.open(io.BytesIO(sample["seg.png"])).size
+            if isz != msz:
+                self._warn(f"{where} ({name}): mask is {msz[0]}×{msz[1]} but the image is {isz[0]}×{isz[1]}; "
+                           "sample skipped (image and mask must have the same size)")
+                self.skipped.append(where)
+                return None
+            target = fit_size((isz[1], isz[0]), None if self.full_res else self.size, self.max_side)
+            img = read_image(io.BytesIO(sample[img_key]), target, name=f"{where} {img_key}")
+            mask = read_mask(io.BytesIO(sample["seg.png"]), target, name=f"{where} seg.png")
+        except (UnreadableImage, OSError, SyntaxError, ValueError) as exc:
+            self._warn(f"skipping {where} ({name}): {exc}")
+            self.skipped.append(where)
+            return None
+        return name, img, mask
+
+    def _tensors(self, img, mask):
+        img = torch.from_numpy(_writable(img)).permute(2, 0, 1)
+        mask = torch.from_numpy(_writable(mask)).long()
+        return self.transform(img, mask) if self.transform is not None else (img, mask)
+
+    def iter_samples(self, rank: int | None = None, k: int = 0, workers: int = 1):
+        """(name, image, mask) of this rank's (and worker's) share, decoded, in stream order."""
+        rank = self.rank if rank is None else rank
+        by_sample = bool(self.limit) or _plan(self.counts, rank, self.world)[1]
+        j = 0
+        buf: list = []
+        rng = random.Random(hash((self.seed, self.epoch, rank, k)) % 2**32)
+        for pos, url, sample in self._records(rank):
+            if by_sample and pos % self.world != rank:
+                continue
+            mine = j % workers == k
+            j += 1
+            if not mine:
+                continue
+            if not self.shuffle:
+                out = self.decode(url, sample)
+                if out is not None:
+                    yield out
+                continue
+            buf.append((url, sample))  # shuffle buffer of encoded samples
+            if len(buf) >= SHUFFLE_BUFFER:
+                out = self.decode(*buf.pop(rng.randrange(len(buf))))
+                if out is not None:
+                    yield out
+        rng.shuffle(buf)
+        for url, sample in buf:
+            out = self.decode(url, sample)
+            if out is not None:
+                yield out
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        k, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n_batches = self._batches_per_worker(self.rank, k, workers)
+        n_samples = self._worker_samples(self.rank, k, workers)
+        # planned batch sizes: n_samples over n_batches, differing by at most one
+        sizes = [len(a) for a in np.array_split(np.arange(n_samples), n_batches)] if self.even else \
+            [min(self.batch_size, n_samples - i) for i in range(0, n_samples, self.batch_size)]
+        it = self.iter_samples(self.rank, k, workers)
+        last = None
+        for b, size in enumerate(sizes):
+            if size == 0:  # fewer samples than planned batches (tiny splits): keep the step count
+                if last is not None:
+                    yield last
+                continue
+            items = []
+            for _, img, mask in it:
+                items.append(self._tensors(img, mask))
+                if len(items) == size:
+                    break
+            if not items:
+                if last is None or not self.even:
+                    return
+                # samples were skipped (damaged shard): repeat the last batch so DDP ranks stay in step
+                self._warn(f"rank {self.rank} worker {k}: {len(sizes) - b} batch(es) short after skipped samples; "
+                           "repeating the last one to keep processes in step")
+                yield last
+                continue
+            last = torch.stack([a for a, _ in items]), torch.stack([m for _, m in items])
+            yield last
+
+
+    def iter_masks(self):
+        """Every mask of the split once (class statistics), at the training resolution."""
+        for _, _, mask in ShardDataset(self.urls, self.counts, self.info, self.size, limit=self.limit).iter_samples():
+            yield mask
+
+    def __getitems__(self, indices):
+        """The first samples of this rank's stream (epoch figures); not for training."""
+        want, items = max(indices) + 1, []
+        for _, img, mask in self.iter_samples():
+            items.append((torch.from_numpy(_writable(img)).permute(2, 0, 1), torch.from_numpy(_writable(mask)).long()))
+            if len(items) == want:
+                break
+        picked = [items[i] for i in indices if i < len(items)]
+        return torch.stack([a for a, _ in picked]), torch.stack([m for _, m in picked])
+
+
+def load(root, split: str, image_size, limit: int | None = None, use_cache=True, **_):
+    """`--dataset shards`: the split's shards as a ShardDataset (`use_cache` only picks the resolution)."""
+    from .base import cache_spec
+    if root is None:
+        raise PixelsegError("--dataset shards needs --data-root: the directory, URL or brace pattern of shards "
+                            "written by `pixelseg shards`")
+    index, urls, counts = read_index(root, split)
+    spec = cache_spec(use_cache)
+    return ShardDataset(urls, counts, DatasetInfo.from_dict(index["info"]), tuple(image_size), full_res=spec.full_res,
+                        max_side=spec.max_side, limit=limit)
+
+
+def info(root, split: str = "train") -> DatasetInfo:
+    return DatasetInfo.from_dict(read_index(root, split)[0]["info"])
+
+
+def full_res_iter(root, split: str, limit=None, skipped=None):
+    """(name, image, mask) at the source resolution, every sample once (evaluate --full-res)."""
+    ds = load(root, split, (64, 64), limit, use_cache=None)
+    ds.full_res = True
+    for item in ds.iter_samples():
+        yield item
+    if skipped is not None:
+        skipped.extend(ds.skipped)
