@@ -10,168 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from . import config
 from .errors import PixelsegError
 
-TRAIN_HELP = {
-    "dataset": "dataset name: oxford-pet, camvid, voc (Pascal VOC 2012 + SBD train_aug), ade20k (SceneParsing), "
-               "cityscapes, folder (your own images/ + masks/), synthetic (see docs/datasets.md)",
-    "in_channels": "image channels: 3 (RGB), or e.g. 1, 4, 13 for grey, RGB+NIR or multispectral 8/16-bit PNG/TIFF "
-                   "(folder dataset); the encoder's first conv is adapted from its RGB weights and inputs are "
-                   "normalised with per-channel statistics of the training split",
-    "rgb_bands": "bands the figures and predict overlays show as RGB, e.g. 3,2,1 (default: the first three, or "
-                 "the first as grey)",
-    "data_root": "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/, downloaded into "
-                 "$PIXELSEG_DATA or ~/.cache/pixelseg when omitted; CamVid: the SegNet layout; folder: holds "
-                 "images/ and masks/, see docs/datasets.md)",
-    "images_dir": "folder dataset: sub-folder of --data-root holding the images (default: images)",
-    "masks_dir": "folder dataset: sub-folder of --data-root holding the masks, matched to images by file stem "
-                 "(default: masks)",
-    "mask_suffix": "folder dataset: a mask's stem is its image's stem plus this suffix, e.g. _mask for x.png + "
-                   "x_mask.png (then --images-dir and --masks-dir may name the same folder)",
-    "val_fraction": "folder dataset without val/ or val.txt: share of the pairs held out for validation, chosen "
-                    "by a fixed seed (default: 0.2)",
-    "val_group": "folder dataset: keep pairs of one group on one side of the --val-fraction split (frames of a "
-                 "video, slices of a stack): a regex whose first group (or match) in the stem is the group, or "
-                 "'prefix' (the stem without its trailing number)",
-    "classes": "folder dataset: the classes.csv to use (id,name,r,g,b), e.g. outside a read-only data root "
-               "(default: DATA_ROOT/classes.csv if present)",
-    "class_names": "folder dataset without classes.csv: class names in id order, e.g. membrane,cell",
-    "train_split": "training split (default: the dataset's, trainval for pets)",
-    "val_split": "validation split, evaluated in full every epoch (default: test for pets)",
-    "model": "architecture: unet, fcn8s, fcn16s, fcn32s, segnet, bayesian_segnet, deeplabv3, deeplabv3plus, pspnet, fpn, upernet, segformer (see `pixelseg models`)",
-    "backbone": "encoder, e.g. mobilenet_v2, resnet50, vgg16, mit_b0, or timm:NAME for any timm model with features_only (default: the architecture's own)",
-    "weights": "encoder weights: imagenet, none, or a path to a state-dict file",
-    "freeze_encoder": "auto (freeze iff pretrained weights are loaded, as the tutorial does), yes, no",
-    "epochs": "number of epochs",
-    "iterations": "number of optimiser steps in all, as papers give schedules (overrides --epochs: the run stops "
-                  "after this many steps and the lr schedule spans them; validation still runs once per epoch)",
-    "output_stride": "encoder output stride of dilated models (deeplabv3, deeplabv3plus: 16 or 8; pspnet: 8, 16 or 32; default: the architecture's)",
-    "batch_size": "global batch size (all processes and accumulation steps together)",
-    "accumulate": "gradient accumulation steps per optimiser step",
-    "image_size": "training resolution: N (square) or HxW, e.g. 360x480",
-    "lr": "peak learning rate",
-    "optimizer": "adam, adamw or sgd (momentum)",
-    "weight_decay": "weight decay (never applied to norm layers and biases)",
-    "momentum": "SGD momentum",
-    "schedule": "learning-rate schedule: constant, poly, cosine",
-    "warmup_epochs": "linear warm-up length in epochs (may be fractional)",
-    "loss": "ce, dice, focal, or a weighted sum like ce+dice or ce:1+dice:0.5",
-    "class_weighting": "cross-entropy class weights: none, uniform, inverse, median (SegNet's median frequency)",
-    "hflip": "random horizontal flip of image and mask together (the tutorial's augmentation)",
-    "seed": "random seed; with --deterministic a CPU run repeats exactly",
-    "deterministic": "use deterministic algorithms (slower on GPU)",
-    "limit": "use only the first N images of each split (quick tries)",
-    "device": "auto, cpu, cuda, cuda:N",
-    "precision": "auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16, fp16, fp32",
-    "channels_last": "NHWC memory layout (faster convolutions on CPU and tensor cores)",
-    "compile": "torch.compile the model (pays off only on long runs: the first step compiles for 30-80 s)",
-    "sync_bn": "SyncBatchNorm across processes (needs torchrun with several processes on CUDA)",
-    "freeze_bn": "keep every BatchNorm on its running statistics (small per-device batches; makes multi-process "
-                 "runs match single-process ones)",
-    "precise_bn": "before each validation, re-estimate BatchNorm statistics over N training batches "
-                  "(0: off); fixes eval-mode collapse when epochs have few steps",
-    "scale_range": "random rescale range of image and mask together, e.g. 0.5,2.0 (use with --crop)",
-    "crop": "random crop back to --image-size; mask padding is filled with the ignore index",
-    "vflip": "random vertical flip of image and mask together",
-    "color_jitter": "brightness/contrast/saturation jitter strength on the image only, e.g. 0.2",
-    "workers": "DataLoader worker processes, or auto (none for whole-batch reads of resized samples, else one "
-               "per core, divided among torchrun's local ranks)",
-    "checkpoint_every": "also write last.pt every N optimiser steps (0: only at the end of each epoch)",
-    "figure_samples": "validation images in the per-epoch prediction figure",
-    "run_dir": "output directory (default runs/<model>-<backbone>-<dataset>-<time>)",
-    "resume": "continue the run in this directory from its last.pt",
-    "cache": "how decoded samples are held: mmap (decode once per machine into a disk store in $PIXELSEG_CACHE "
-             "or ~/.cache/pixelseg/cache, read through the shared page cache; memory does not grow with the "
-             "dataset), memory (private arrays in RAM, no disk writes; --no-cache), none (DataLoader workers "
-             "decode each sample when needed); see docs/datasets.md",
-    "cache_max_side": "cache the source resolution with its longer side capped to this many pixels, e.g. 2048 "
-                      "(implied, uncapped, by --crop: random scale + crop then run per sample in the workers)",
-}
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .train import DEFAULTS
-    p.add_argument("--config", type=Path, help="YAML file of options (keys as the flags, - or _); flags override it")
-    for key, default in DEFAULTS.items():
-        help_ = f"{TRAIN_HELP.get(key, '')} (default: {default})"
-        if key == "cache":
-            p.add_argument(_flag(key), dest=key, choices=("mmap", "memory", "none"), default=None, help=help_)
-            p.add_argument("--no-cache", dest=key, action="store_const", const="memory",
-                           help="same as --cache memory")
-        elif isinstance(default, bool):
-            p.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif isinstance(default, int) and key not in ("limit", "image_size"):
-            p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
-        elif isinstance(default, float):
-            p.add_argument(_flag(key), dest=key, type=float, default=None, help=help_)
-        elif key in ("limit", "iterations", "output_stride"):
-            p.add_argument(_flag(key), dest=key, type=int, default=None, help=help_)
-        elif key == "val_fraction":
-            p.add_argument(_flag(key), dest=key, type=float, default=None, help=help_)
-        else:
-            p.add_argument(_flag(key), dest=key, default=None, help=help_)
-
-
 def _load_yaml_config(path: Path) -> dict:
-    import yaml
-    from .train import DEFAULTS
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise PixelsegError(f"--config {path}: file not found") from None
-    except yaml.YAMLError as exc:
-        raise PixelsegError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise PixelsegError(f"--config {path}: expected a mapping of option: value")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data.pop("source", None)  # recipes cite where their numbers come from; documentation only
-    unknown = sorted(set(data) - set(DEFAULTS))
-    if unknown:
-        raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see `pixelseg train --help`")
-    for key, value in data.items():
-        expected = _config_type(key, DEFAULTS[key])
-        if float in expected and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                data[key] = value = float(value)
-            except ValueError:
-                pass
-        if value is not None and not _is_type(value, expected):
-            names = " or ".join(t.__name__ for t in expected)
-            raise PixelsegError(f"--config {path}: {key}: expected {names}, got {type(value).__name__} {value!r}")
-    return data
-
-
-# Keys whose default is None (or whose value has several spellings) and the YAML types they accept.
-_CONFIG_TYPES = {
-    "image_size": (int, str, list), "scale_range": (str, list), "limit": (int,), "iterations": (int,),
-    "output_stride": (int,), "val_fraction": (float,), "weights": (str,), "backbone": (str,),
-    "precise_bn": (int,), "rgb_bands": (str, list), "workers": (int, str), "cache": (str, bool),
-    "cache_max_side": (int,),
-}
-
-
-def _config_type(key: str, default) -> tuple:
-    if key in _CONFIG_TYPES:
-        return _CONFIG_TYPES[key]
-    if isinstance(default, bool):
-        return (bool,)
-    if isinstance(default, float):
-        return (float,)
-    if isinstance(default, int):
-        return (int,)
-    return (str,)
-
-
-def _is_type(value, expected: tuple) -> bool:
-    if isinstance(value, bool):  # YAML's true/false are never numbers here
-        return bool in expected
-    if float in expected and isinstance(value, int):
-        return True
-    return isinstance(value, expected)
+    """The options in a YAML file, type-checked but not yet parsed (see config.read_yaml)."""
+    return config.read_yaml(path)
 
 
 def _add_resolution_args(p: argparse.ArgumentParser) -> None:
@@ -183,6 +27,11 @@ def _add_resolution_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its train sub-parser (YAML options become the latter's defaults)."""
     from . import __version__
     parser = argparse.ArgumentParser(prog="pixelseg", description="Semantic segmentation: train, evaluate, predict.")
     parser.add_argument("--version", action="version", version=f"pixelseg {__version__}")
@@ -190,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model", description="Train a segmentation model. Defaults are the "
                        "TensorFlow tutorial's recipe (U-Net/MobileNetV2, Adam 1e-3, batch 64, 20 epochs, 128×128).")
-    _add_train_args(p)
+    config.add_train_args(p)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a split",
                        description="Score a checkpoint over a whole split; prints metrics, writes eval_<split>.json "
@@ -257,16 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--limit", type=int, help="only the first N samples of each split")
     for key in ("images_dir", "masks_dir", "val_fraction"):
-        p.add_argument(_flag(key), dest=key, type=float if key == "val_fraction" else str, default=None,
-                       help=TRAIN_HELP[key])
+        p.add_argument(config.flag(key), dest=key, type=float if key == "val_fraction" else str, default=None,
+                       help=config.OPTIONS[key].metadata["help"])
 
-    sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count")
+    sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
+                                  "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
-    return parser
+    return parser, sub.choices["train"]
 
 
 def _add_serve_args(sub) -> None:
-    from .serving import Limits
+    from .config import Limits
     d = Limits()
     p = sub.add_parser("serve", help="HTTP API and web page for a model (needs pip install pixelseg[serve])",
                        description="Serve a model over HTTP: a web page at /, POST /v1/predict, /v1/model, /healthz, "
@@ -296,9 +146,14 @@ def _add_serve_args(sub) -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser, train_parser = _parsers()
     args = parser.parse_args(argv)
     try:
+        if args.command == "train" and getattr(args, "config", None):
+            # As timm's train.py: the YAML file sets the parser's defaults, then the flags are parsed again
+            # on top of it, so flags win and every value goes through the same parser.
+            train_parser.set_defaults(**config.load_yaml(args.config))
+            args = parser.parse_args(argv)
         return _run(args)
     except PixelsegError as exc:
         msg = str(exc)
@@ -313,10 +168,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     if args.command == "train":
-        from .train import DEFAULTS, train
-        overrides = _load_yaml_config(args.config) if args.config else {}
-        overrides.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
-        summary = train(overrides)
+        from .train import train
+        summary = train(config.overrides_from_args(args))
         print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
         return 0
     if args.command == "evaluate":
@@ -366,10 +219,12 @@ def _run(args) -> int:
     if args.command == "models":
         from .models import describe_models
         rows = describe_models()
-        print(f"{'arch':<18}{'backbone':<14}{'params':>12}")
+        print(f"{'arch':<18}{'backbone':<16}{'params':>12}")
         for r in rows:
+            name = r["backbone"] + (" *" if r["default"] else "")
             params = f"{r['params'] / 1e6:>11.2f}M" if r["params"] is not None else "  n/a (pip install pixelseg[segformer])"
-            print(f"{r['arch']:<18}{r['backbone']:<14}{params}")
+            print(f"{r['arch']:<18}{name:<16}{params}")
+        print("* the architecture's default backbone (used when --backbone is not given)")
         print("any timm model with features_only also works: --backbone timm:NAME (e.g. timm:convnext_tiny)")
         return 0
     raise AssertionError(args.command)

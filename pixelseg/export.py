@@ -27,23 +27,14 @@ import torch.nn.functional as F
 
 from . import __version__
 from .checkpoint import check_output_dir, load_checkpoint, make_output_dir
-from .data import DatasetInfo
+from .data.io import collect_images
 from .errors import PixelsegError
+from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_onnx_predictor_parts,  # noqa: F401
+                      load_torchscript, require_onnxruntime)
 
 FORMATS = ("onnx", "torchscript")
-METADATA_KEY = "pixelseg"
 MIN_AGREEMENT = 0.999
 REL_TOL = 1e-3          # max |Δlogit| allowed, relative to max(1, max |logit|)
-# onnx and onnxruntime are core dependencies; this is for installs that dropped them (e.g. no wheel for the platform)
-ONNX_HINT = "pip install onnx onnxruntime (pixelseg's own dependencies; was the install incomplete?)"
-
-
-def require_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise PixelsegError(f"onnxruntime is not installed; {ONNX_HINT}") from None
-    return onnxruntime
 
 
 def require_onnx():
@@ -55,8 +46,7 @@ def require_onnx():
 
 
 def _metadata(ckpt: dict) -> dict:
-    s = ckpt["config"].get("image_size", 128)
-    size = [s, s] if isinstance(s, int) else list(s)
+    size = list(input_size(ckpt))
     return {"pixelseg_version": __version__, "dataset": ckpt["dataset"], "image_size": size,
             "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ckpt["model_config"].items()},
             "input": (f"image: float32 N×{ckpt['model_config'].get('in_channels', 3)}×H×W, "
@@ -95,59 +85,15 @@ def _export_torchscript(model, example: torch.Tensor, path: Path, meta: dict) ->
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
 
 
-# ---- running an exported file ----------------------------------------------------------------------
-class OnnxModel:
-    """An exported .onnx file under onnxruntime, callable like the model: float [0,1] N×3×H×W -> logits."""
-
-    def __init__(self, path, device: str | torch.device = "cpu"):
-        ort = require_onnxruntime()
-        path = Path(path)
-        if not path.is_file():
-            raise PixelsegError(f"{path}: ONNX file not found")
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise PixelsegError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        self.metadata = json.loads(raw) if raw else None
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0]).to(x.device)
-
-
-def load_torchscript(path) -> tuple[torch.jit.ScriptModule, dict | None]:
-    files = {f"{METADATA_KEY}.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    raw = files[f"{METADATA_KEY}.json"]
-    return module.eval(), (json.loads(raw) if raw else None)
-
-
-def load_onnx_predictor_parts(path, device="cpu") -> tuple[OnnxModel, DatasetInfo, tuple[int, int]]:
-    """(callable, DatasetInfo, training size) from a file written by `pixelseg export`."""
-    model = OnnxModel(path, device)
-    if not model.metadata:
-        raise PixelsegError(f"{path}: no pixelseg metadata (class names, training size) in this ONNX file; "
-                            "export it with `pixelseg export CKPT --format onnx`")
-    meta = model.metadata
-    return model, DatasetInfo.from_dict(meta["dataset"]), tuple(meta["image_size"])
-
-
 # ---- parity ----------------------------------------------------------------------------------------
 def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple[list[torch.Tensor], str]:
     """Real images (each at its own size, longest side capped) plus a batch of two at the training size."""
     from .data.io import UnreadableImage, read_input
-    from .inference import _collect_images, _input_size, model_channels
+    from .loading import model_channels
     channels = model_channels(ckpt)
     arrays = []
     if check_images:
-        for f in _collect_images(check_images)[:limit]:
+        for f in collect_images(check_images)[:limit]:
             try:
                 arrays.append(read_input(f, channels))
             except UnreadableImage as exc:
@@ -155,14 +101,14 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
         source = f"{len(arrays)} image(s) from --check-images"
     else:
         cfg = ckpt["config"]
-        from .inference import recorded_data_root
+        from .loading import recorded_data_root
         dataset, root = cfg.get("dataset"), recorded_data_root(ckpt, "pass --check-images PATH (a few real images)")
         if root is None and dataset != "synthetic":
             raise PixelsegError(f"{ckpt['path']}: the run's dataset has no --data-root recorded, so there are no "
                                 "images to check parity on; pass --check-images PATH (a few real images)")
         from .data import dataset_options, iter_full_res
         try:
-            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), _input_size(ckpt), limit, channels=channels,
+            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), input_size(ckpt), limit, channels=channels,
                                            **dataset_options(cfg)):
                 arrays.append(img)
         except PixelsegError as exc:
@@ -181,7 +127,7 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
             x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
                               antialias=True, align_corners=False)
         inputs.append(x)
-    size = _input_size(ckpt)
+    size = input_size(ckpt)
     batch = torch.cat([F.interpolate(inputs[i % len(inputs)], size=size, mode="bilinear", antialias=True,
                                      align_corners=False) for i in range(2)])
     return inputs + [batch], source
@@ -305,7 +251,6 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
            opset: int = 17) -> dict:
     """Export `checkpoint` to `out` as ONNX or TorchScript; raises PixelsegError (and writes nothing) if the
     model cannot be exported or the export disagrees with PyTorch."""
-    from .inference import _input_size, load_model
     if fmt not in FORMATS:
         raise PixelsegError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     if fmt == "onnx":
@@ -321,8 +266,8 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
     name = f"{cfg.get('arch')}/{cfg.get('backbone')}"
     inputs, source = _parity_inputs(ckpt, check_images, check_limit, max_side)
     meta = _metadata(ckpt)
-    from .inference import model_channels
-    example = torch.rand(1, model_channels(ckpt), *_input_size(ckpt), generator=torch.Generator().manual_seed(0))
+    from .loading import model_channels
+    example = torch.rand(1, model_channels(ckpt), *input_size(ckpt), generator=torch.Generator().manual_seed(0))
     make_output_dir(out.parent, "--out")
     tmp = out.with_name(f".{out.name}.partial")
     t0 = time.time()

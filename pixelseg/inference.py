@@ -10,55 +10,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import viz
-from .progress import progress as progress_bar
+from . import engine, viz
 from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
+from .config import size_hw
+from .progress import progress as progress_bar
 from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
-from .data.io import UnreadableImage, read_input
+from .data.io import UnreadableImage, collect_images, read_input
+from .engine import RunContext
 from .errors import PixelsegError
+from .loading import (input_size, load_model, load_onnx_predictor_parts, model_channels,  # noqa: F401
+                      recorded_data_root)
 from .metrics import ConfusionMatrix
-from .models import create_model
-from .runtime import autocast, prepare_for_inference, resolve_precision, select_device, to_model_input
+from .runtime import autocast, resolve_precision, select_device, to_model_input
 from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None = None,
-               channels_last: bool = True, fast: bool = True):
-    """Rebuild the architecture from the checkpoint's own config and load its weights, in eval mode.
-
-    ``fast`` applies ``runtime.prepare_for_inference`` (folded BatchNorm, channels_last, bf16
-    weights under bf16 autocast); export passes ``fast=False`` to get the plain module."""
-    cfg = dict(ckpt["model_config"])
-    cfg["weights"] = None
-    model = create_model(**cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise PixelsegError(f"{ckpt['path']}: weights do not fit {cfg.get('arch')}/{cfg.get('backbone')} with "
-                            f"{cfg.get('num_classes')} classes ({first}); was the file edited or produced by "
-                            "another tool?") from exc
-    model.to(device).eval()
-    return prepare_for_inference(model, amp_dtype, channels_last) if fast else model
-
-
-def _input_size(ckpt: dict) -> tuple[int, int]:
-    s = ckpt["config"].get("image_size", 128)
-    return (s, s) if isinstance(s, int) else tuple(s)
-
-
-def recorded_data_root(ckpt: dict, fix: str = "pass --data-root PATH") -> str | None:
-    """The run's own data_root, checked here so that a wrong one is blamed on the recording, not on a
-    --data-root flag the user never typed (runs before 0.2 recorded it relative to where they ran)."""
-    root = ckpt["config"].get("data_root")
-    if root is not None and not Path(root).is_dir():
-        where = "" if Path(root).is_absolute() else f" (a relative path, looked up from {Path.cwd()})"
-        raise PixelsegError(f"{ckpt['path']}: the data_root recorded with this run, {root}, is not a directory"
-                            f"{where}; the data has moved or the run was made elsewhere: {fix}")
-    return root
-
 
 def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
     """--tile: None (off), True/'' (windows of the training size) or N / 'HxW' (windows of that size)."""
@@ -67,13 +31,10 @@ def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
     if tile is True or tile == "":
         return tuple(train_size)
     try:
-        parts = [int(v) for v in str(tile).lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) < 8:
+        return size_hw(tile, "--tile")
+    except PixelsegError:
         raise PixelsegError(f"--tile {tile}: give a window size in pixels (e.g. --tile 512 or --tile 360x480), "
-                            "at least 8, or --tile alone for the training size")
-    return (parts[0], parts[-1])
+                            "at least 8, or --tile alone for the training size") from None
 
 
 def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, device="auto",
@@ -95,7 +56,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     options = dataset_options(cfg) if dataset == cfg["dataset"] else {}
     dev = select_device(device)
     amp = resolve_precision(precision, dev)
-    size = _input_size(ckpt)
+    size = input_size(ckpt)
     window = tile_size(tile, size)
     if window and not full_res:
         raise PixelsegError("--tile needs --full-res: at the training resolution every image is already one window")
@@ -139,7 +100,6 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         info, n_images, skipped = ds.info, len(ds), ds.skipped
         _check_classes(ckpt, info, dataset, num_classes)
         model = load_model(ckpt, dev, amp, channels_last)
-        from .train import evaluate_model
         if isinstance(ds, torch.utils.data.IterableDataset):  # shards: every sample once, in stream order
             ds.configure(batch_size, 0, 0, 1, shuffle=False, even=False)
             loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=collate_batch)
@@ -149,8 +109,8 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
             cm, unc = _uncertainty_pass(model, loader, dev, amp, info, channels_last, mc_samples, progress,
                                         ckpt["path"], split)
         else:
-            cm, _ = evaluate_model(FlipTTA(model) if tta else model, loader, dev, amp, num_classes,
-                                   info.ignore_index, channels_last, progress=progress, desc=f"evaluate {split}")
+            cm, _ = engine.evaluate(FlipTTA(model) if tta else model, loader, RunContext(dev, amp, channels_last),
+                                    info, progress=progress, desc=f"evaluate {split}")
         resolution = f"{size[0]}x{size[1]} (training resolution{', flip TTA' if tta else ''})"
         tag = split + ("_tta" if tta else "")
     scores = cm.compute()
@@ -259,25 +219,6 @@ def format_scores(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _collect_images(paths) -> list[Path]:
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise PixelsegError(f"{p}: no such file or directory")
-    if not files:
-        raise PixelsegError(f"no images found in {', '.join(map(str, paths))}")
-    return files
-
-
-def model_channels(ckpt_or_meta: dict) -> int:
-    """Input channels of the checkpoint's (or an export's metadata's) model; 3 for older files."""
-    return int(ckpt_or_meta["model_config"].get("in_channels", 3))
-
-
 def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3) -> list:
     """Decode every input before anything is written, so a bad file fails the command with no partial
     output; arrays are kept for reuse only up to `keep_bytes` (big photos are decoded again later)."""
@@ -324,16 +265,15 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
                                                            if backend == "onnx" else "--tile or --tta"))
     dev = select_device(device)
     if backend == "onnx":
-        from .export import load_onnx_predictor_parts
         onnx_model, info, size = load_onnx_predictor_parts(run_or_ckpt, dev)
         fn, model, mode_dev = onnx_model, None, (dev if dev.type == "cuda" else torch.device("cpu"))
         channels, bands = model_channels(onnx_model.metadata), onnx_model.metadata.get("rgb_bands")
     else:
         ckpt = load_checkpoint(run_or_ckpt)
         info = DatasetInfo.from_dict(ckpt["dataset"])
-        size = _input_size(ckpt)
+        size = input_size(ckpt)
         channels, bands = model_channels(ckpt), ckpt["config"].get("rgb_bands")
-    files = _collect_images(images)
+    files = collect_images(images)
     decoded = _decode_all(files, channels=channels)
     if backend == "torch":
         amp = resolve_precision(precision, dev)

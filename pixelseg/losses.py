@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelseg.errors import PixelsegError
+from pixelseg.metrics import IGNORE_INDEX
 
 __all__ = [
     "LOSSES",
@@ -110,7 +111,7 @@ def class_weights(pixel_counts, method: str) -> torch.Tensor:
 class _SegLoss(nn.Module):
     """Shared checks, float32 casting and the optional class-weight buffer."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, weight: torch.Tensor | None = None):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None):
         super().__init__()
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -140,7 +141,7 @@ class _SegLoss(nn.Module):
             found = torch.unique(target[bad]).tolist()[:10]
             raise PixelsegError(
                 f"mask values {found} are outside 0..{self.num_classes - 1} and not ignore_index={self.ignore_index}; "
-                "set --num-classes to cover them or map them to the ignore index"
+                "fix the masks (or the dataset's class list, e.g. classes.csv for --dataset folder) or map those values to the ignore index"
             )
         weight = None if self.weight is None else self.weight.to(logits.device, torch.float32)
         return logits.float(), target, valid, weight
@@ -179,7 +180,7 @@ class DiceLoss(_SegLoss):
     classes. Hand-written because neither torch nor torchvision ships a multiclass Dice loss.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, weight: torch.Tensor | None = None,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None,
                  eps: float = 1e-7):
         super().__init__(num_classes, ignore_index, weight)
         self.eps = eps
@@ -209,7 +210,7 @@ class FocalLoss(_SegLoss):
     (reduction="none"), which already returns 0 at ignored pixels.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, weight: torch.Tensor | None = None,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None,
                  gamma: float = 2.0):
         super().__init__(num_classes, ignore_index, weight)
         self.gamma = float(gamma)
@@ -248,7 +249,8 @@ class WeightedSumLoss(nn.Module):
         return " + ".join(f"{f:g}·{n}" for n, f in self.factors.items())
 
 
-def _parse_spec(spec: str) -> dict[str, float]:
+def parse_loss_spec(spec: str) -> dict[str, float]:
+    """'ce:1+dice:0.5' -> {'ce': 1.0, 'dice': 0.5}; config validation calls it before anything is built."""
     valid = ", ".join(LOSSES)
     usage = f"use terms from {{{valid}}} joined by '+', each optionally ':<factor>', e.g. 'ce+dice' or 'ce:1.0+dice:0.5'"
     if not isinstance(spec, str) or not spec.strip():
@@ -274,12 +276,12 @@ def _parse_spec(spec: str) -> dict[str, float]:
     return factors
 
 
-def build_loss(spec: str, num_classes: int, ignore_index: int = 255,
+def build_loss(spec: str, num_classes: int, ignore_index: int = IGNORE_INDEX,
                weight: torch.Tensor | None = None) -> nn.Module:
     """Build the loss module named by ``spec`` (see module docstring); ``weight`` is per-class (length C)."""
     if num_classes < 1:
         raise PixelsegError(f"num_classes must be at least 1, got {num_classes}")
-    factors = _parse_spec(spec)
+    factors = parse_loss_spec(spec)
     terms = {name: LOSSES[name](num_classes, ignore_index=ignore_index, weight=weight) for name in factors}
     if len(terms) == 1 and next(iter(factors.values())) == 1.0:
         return next(iter(terms.values()))

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import torch
 
+# The label value that marks pixels to skip (unlabelled, void, trimap borders of padded crops); datasets
+# carry their own in DatasetInfo.ignore_index, and this is the default everywhere else.
+IGNORE_INDEX = 255
+
 
 class ConfusionMatrix:
     """Rows are true classes, columns predicted classes; pixels labelled `ignore_index` are skipped."""
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255, device="cpu"):
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX, device="cpu"):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)

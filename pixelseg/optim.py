@@ -95,13 +95,13 @@ def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, warmup_st
     ``optimizer.step()``. Beyond ``total_steps`` the lr stays at its final value."""
     name = name.lower() if isinstance(name, str) else name
     if name not in SCHEDULERS:
-        raise PixelsegError(f"unknown scheduler {name!r} for --scheduler; choose one of: {', '.join(SCHEDULERS)}")
+        raise PixelsegError(f"unknown schedule {name!r} for --schedule; choose one of: {', '.join(SCHEDULERS)}")
     if warmup_steps < 0:
-        raise PixelsegError(f"--warmup-steps must be >= 0, got {warmup_steps}")
+        raise PixelsegError(f"warm-up must be >= 0 steps (--warmup-epochs), got {warmup_steps}")
     if total_steps <= warmup_steps:
         raise PixelsegError(
-            f"total steps ({total_steps}) must exceed --warmup-steps ({warmup_steps}); "
-            "train for more epochs or shorten the warm-up"
+            f"total steps ({total_steps}) must exceed the warm-up steps ({warmup_steps}, from --warmup-epochs); "
+            "train for more --epochs or shorten the warm-up"
         )
     if not power > 0:
         raise PixelsegError(f"poly power must be positive, got {power}")

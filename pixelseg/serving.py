@@ -13,7 +13,6 @@ import base64
 import hashlib
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,38 +22,12 @@ from PIL import Image, UnidentifiedImageError
 from . import viz
 from .data import DatasetInfo
 from .data.io import UnreadableImage, to_rgb_array
+from .config import Limits  # noqa: F401  (lives in torch-free config, so `pixelseg --help` stays light)
 from .errors import PixelsegError
 
 FORMATS = ("png", "color", "json", "rle")
 # Formats PIL decodes that people upload; anything else PIL might open (EPS via ghostscript, PSD, ...) is 415.
 IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO"}
-
-
-@dataclass
-class Limits:
-    """Server limits, each a `pixelseg serve` flag; the defaults are listed in docs/serving.md."""
-    max_upload_mb: float = 20.0
-    max_pixels: int = 40_000_000          # 40 MP: a 7300×5500 photo; decoded RGB is 120 MB
-    max_mc_samples: int = 32
-    default_mc_samples: int = 8
-    max_queue: int = 8                    # requests decoding, waiting or running; more get 503
-    upload_timeout_s: float = 30.0        # a client that has not sent its whole body by then gets 408
-    max_batch: int = 1                    # >1: concurrent requests share one forward pass
-    batch_wait_ms: float = 5.0
-
-    def check(self) -> "Limits":
-        for flag, value, low in (("--max-upload-mb", self.max_upload_mb, 0), ("--max-pixels", self.max_pixels, 0),
-                                 ("--max-queue", self.max_queue, 0), ("--upload-timeout", self.upload_timeout_s, 0),
-                                 ("--max-batch", self.max_batch, 0), ("--batch-wait-ms", self.batch_wait_ms, -1e-9),
-                                 ("--max-mc-samples", self.max_mc_samples, 1)):
-            if not value > low:
-                raise PixelsegError(f"{flag} {value:g}: must be {'at least 2' if low == 1 else 'positive'}"
-                                    if flag != "--batch-wait-ms" else f"{flag} {value:g}: must be 0 or more")
-        return self
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
 
 
 class HTTPProblem(Exception):
@@ -108,14 +81,14 @@ class Engine:
 
     def __init__(self, source, device: str = "auto", precision: str = "auto", tile=None, overlap: float = 0.25,
                  tta: bool = False):
-        from .inference import _input_size, load_model, resolve_backend, tile_size
+        from .inference import resolve_backend, tile_size
+        from .loading import input_size, load_model, load_onnx_predictor_parts
         from .runtime import resolve_precision, select_device
         from .tiling import Predictor, torch_logits_fn
         self.backend = resolve_backend("auto", source)
         self.device = select_device(device)
         self.model = None
         if self.backend == "onnx":
-            from .export import load_onnx_predictor_parts
             fn, self.info, self.size = load_onnx_predictor_parts(source, self.device)
             self.path = Path(source)
             self.model_config = dict(fn.metadata.get("model_config", {}))
@@ -126,7 +99,7 @@ class Engine:
             ckpt = load_checkpoint(source)
             self.path = Path(ckpt["path"])
             self.info = DatasetInfo.from_dict(ckpt["dataset"])
-            self.size = _input_size(ckpt)
+            self.size = input_size(ckpt)
             self.model_config = dict(ckpt["model_config"])
             self.amp = resolve_precision(precision, self.device)
             self.model = load_model(ckpt, self.device, self.amp)

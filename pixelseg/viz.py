@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .checkpoint import atomic_write_bytes  # noqa: E402
+from .metrics import IGNORE_INDEX  # noqa: E402
 
 IGNORE_COLOR = (255, 0, 255)  # magenta: no dataset palette uses it, so "ignored" stands out
 IGNORE_LABEL = "ignored"
@@ -40,7 +41,7 @@ def rgb_view(image: np.ndarray, bands=None) -> np.ndarray:
     return (np.clip((out - lo) / np.maximum(hi - lo, 1e-8), 0, 1) * 255).round().astype(np.uint8)
 
 
-def colorize(mask: np.ndarray, palette, ignore_index: int = 255) -> np.ndarray:
+def colorize(mask: np.ndarray, palette, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)
     lut[ignore_index] = IGNORE_COLOR if ignore_index >= len(palette) else lut[ignore_index]

@@ -427,6 +427,10 @@ def test_describe_models_matches_real_models():
     by_pair = {(r["arch"], r["backbone"]): r["params"] for r in rows}
     assert by_pair[("unet", "mobilenet_v2")] == _count(create_model("unet", "mobilenet_v2"))
     assert by_pair[("fcn32s", "resnet50")] > 400e6  # the 7x7x2048x4096 conv6 alone is 411M
+    # `pixelseg models` stars each architecture's default backbone: exactly one per architecture.
+    defaults = {r["arch"]: r["backbone"] for r in rows if r["default"]}
+    assert defaults == {arch: cls.default_backbone for arch, cls in ARCHITECTURES.items()}
+    assert sum(r["default"] for r in rows) == len(ARCHITECTURES)
 
 
 # -- overfitting four real pet images ------------------------------------------------------

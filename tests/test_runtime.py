@@ -88,7 +88,9 @@ def test_prepare_for_inference_bf16_weights_agree_with_fp32():
 def test_optimize_for_training_retargets_only_strided_depthwise_convs():
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None)
     keys = list(model.state_dict())
-    assert optimize_for_training(copy.deepcopy(model), torch.device("cpu"), None) == "none"
+    fp32 = copy.deepcopy(model)
+    assert "depthwise" not in optimize_for_training(fp32, torch.device("cpu"), None)
+    assert not any(isinstance(m, _Fp32BackwardDepthwiseConv2d) for m in fp32.modules())
     strided_dw = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
                   and m.groups == m.in_channels == m.out_channels and max(m.stride) > 1]
     note = optimize_for_training(model, torch.device("cpu"), torch.bfloat16)
@@ -117,7 +119,7 @@ def test_fp32_depthwise_conv_gradients_match_plain_bf16():
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_unet_split_skip_convs_compute_the_same_function_and_gradients(frozen, monkeypatch):
+def test_unet_split_skip_convs_compute_the_same_function_and_gradients(frozen):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 64)
     y = torch.randint(0, 3, (2, 64, 64))
@@ -125,9 +127,14 @@ def test_unet_split_skip_convs_compute_the_same_function_and_gradients(frozen, m
     model.set_encoder_frozen(frozen)
     results = []
     for split in (False, True):
-        monkeypatch.setattr(UNet, "split_skip_convs", split)
         m = copy.deepcopy(model).train()
         m.set_encoder_frozen(frozen)
+        if split:  # the substitution runtime applies for CPU training; the model file stays plain
+            assert "skip convolutions split" in optimize_for_training(m, torch.device("cpu"), None)
+            assert isinstance(m, UNet) and type(m) is not UNet and list(m.state_dict()) == list(model.state_dict())
+            with torch.no_grad():  # without grad the plain decode runs (one larger GEMM), same numbers
+                assert _rel(m.eval()(x), copy.deepcopy(model).eval()(x)) < 1e-5
+            m.train()
         logits = m(x)
         torch.nn.functional.cross_entropy(logits, y).backward()
         results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
@@ -142,37 +149,45 @@ def test_unet_split_skip_convs_compute_the_same_function_and_gradients(frozen, m
     assert float((a - b).abs().max() / b.abs().max()) < 1e-3
 
 
-@pytest.mark.parametrize("arch", ["unet", "deeplabv3", "fcn32s"])
+@pytest.mark.parametrize("arch", ["unet", "deeplabv3", "fcn32s", "segnet"])
 def test_frozen_encoder_runs_as_a_cached_inference_copy(arch):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 64)
     model = _with_running_stats(create_model(arch, num_classes=3, weights=None), x)
     model.set_encoder_frozen(True)
+    keys = list(model.state_dict())
+    assert "frozen encoder" in optimize_for_training(model, torch.device("cpu"), None)
+    assert list(model.state_dict()) == keys  # a class swap, not a new module tree
     model.train()
     xn = (x - model.mean) / model.std
     with torch.no_grad():  # the plain encoder (the copy is for grad-enabled training steps only)
         ref = model.encoder(xn)
-    feats = model.encode(xn)
-    assert [f.shape for f in feats] == [f.shape for f in ref]
-    for f, r in zip(feats, ref):
-        assert _rel(f, r) < 1e-4 and not f.requires_grad
-    keys = set(model.state_dict())
-    assert not any("cache" in k for k in keys)
-    cached = model.__dict__["_frozen_encoder_cache"][1]
-    model.encode(x)
-    assert model.__dict__["_frozen_encoder_cache"][1] is cached  # reused while nothing changed
-    # changing the weights (resume, load_state_dict) rebuilds the copy
+    feats = model.encoder(xn)
+    flat = (lambda fs: [t for f in fs for t in (f if isinstance(f, tuple) else (f,))])  # noqa: E731
+    assert [f.shape for f in flat(feats)] == [f.shape for f in flat(ref)]
+    for f, r in zip(flat(feats), flat(ref)):
+        assert (torch.equal(f, r) if not f.is_floating_point() else _rel(f, r) < 1e-4) and not f.requires_grad
+    cache = lambda: model.encoder.__dict__["_inference_copy_cache"][1]  # noqa: E731
+    cached = cache()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in cached.modules())  # folded
+    model.encoder(x)
+    assert cache() is cached  # reused while nothing changed
+    # loading weights (resume, load_state_dict) rebuilds the copy
     sd = model.state_dict()
     first_bn = next(k for k in sd if k.startswith("encoder.") and k.endswith("running_mean"))
     sd[first_bn] = sd[first_bn] + 1.0
     model.load_state_dict(sd)
-    model.encode(x)
-    assert model.__dict__["_frozen_encoder_cache"][1] is not cached
+    model.encoder(x)
+    assert cache() is not cached
     # a training step through the copy still trains the decoder, and only the decoder
     logits = model(x)
     logits.float().sum().backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert any(p.grad is not None for n, p in model.named_parameters() if not n.startswith("encoder."))
+    # unfrozen, the swapped encoder is the plain one again (gradients reach it)
+    model.set_encoder_frozen(False)
+    model(x).float().sum().backward()
+    assert any(p.grad is not None for p in model.encoder.parameters())
 
 
 @pytest.mark.parametrize("k, s, p, op", [(3, 2, 1, 1), (4, 2, 1, 0), (16, 8, 4, 0), (2, 2, 0, 0), (3, 3, 0, 0)])

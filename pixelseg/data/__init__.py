@@ -6,18 +6,23 @@ evaluate and predict alike; `iter_full_res` serves the same split at each image'
 """
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from ..config import size_hw
 from ..errors import PixelsegError
+from ..logs import logger as log
 from . import ade20k, camvid, cityscapes, folder, pets, shards, synthetic, voc
 from .base import ArrayDataset, DatasetInfo, collate_batch
 
-# name -> module with load(root, split, image_size, limit=..., use_cache=..., **OPTIONS), INFO, DEFAULT_SPLITS;
-# optional: OPTIONS (dataset-specific keyword options and defaults), full_res_samples(root, split, **OPTIONS)
+# name -> dataset module. The protocol every module follows:
+#   INFO (DatasetInfo), DEFAULT_SPLITS {"train": ..., "val": ...},
+#   load(root, split, image_size, limit=..., use_cache=..., **OPTIONS) -> ArrayDataset;
+# and optionally: OPTIONS (dataset-specific keyword options and their defaults),
+#   full_res_samples(root, split, **OPTIONS) -> (samples, read_target) for evaluate --full-res,
+#   dataset_info(root, **OPTIONS) -> DatasetInfo when the classes come from the data (folder).
 DATASETS = {
     "oxford-pet": pets,
     "camvid": camvid,
@@ -70,8 +75,7 @@ def _check_channels(name: str, channels: int) -> dict:
 
 def load_split(name: str, root: str | Path | None, split: str, image_size, limit: int | None = None,
                use_cache: bool = True, channels: int = 3, **kwargs) -> ArrayDataset:
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
+    image_size = size_hw(image_size)
     options = {**_check_options(name, kwargs), **_check_channels(name, channels)}
     if root and name != "shards":  # shard roots may be URLs, which Path would mangle
         root = Path(root)
@@ -88,27 +92,10 @@ def dataset_info(name: str, root, split: str | None = None, **kwargs) -> Dataset
     options = _check_options(name, kwargs)
     if name == "shards":
         return shards.info(root, split or shards.DEFAULT_SPLITS["val"])
-    if name == "folder":
-        return folder.prepare(Path(root) if root else None, **options)[1].info
-    return get_dataset_module(name).INFO
-
-
-def _pets_full_res(root, split):
-    """Oxford-IIIT Pet at full resolution, from the loader's own listing and trimap table."""
-    from .io import read_mask
-    if root is None:
-        from .download import ensure_oxford_pet
-        root = ensure_oxford_pet(None, download=True)
-    root = Path(root)
-    pets.check_root(root)
-
-    def read_target(s):
-        mask = read_mask(s.mask)
-        bad = np.setdiff1d(np.unique(mask), (1, 2, 3))
-        if bad.size:
-            raise PixelsegError(f"{s.mask}: trimap values {bad.tolist()} are outside 1..3")
-        return pets.TRIMAP_TO_CLASS[mask]
-    return pets.list_samples(root, split), read_target
+    module = get_dataset_module(name)
+    if hasattr(module, "dataset_info"):
+        return module.dataset_info(Path(root) if root else None, **options)
+    return module.INFO
 
 
 def iter_full_res(name: str, root, split: str, image_size, limit: int | None = None, skipped: list | None = None,
@@ -127,9 +114,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
         yield from shards.full_res_iter(root, split, limit, skipped)
         return
     root = Path(root) if root else None
-    if name == "oxford-pet":
-        samples, read_target = _pets_full_res(root, split)
-    elif hasattr(module, "full_res_samples"):
+    if hasattr(module, "full_res_samples"):
         samples, read_target = module.full_res_samples(root, split, **options)
     else:
         ds = load_split(name, root, split, image_size, limit, channels=channels, **options)
@@ -156,7 +141,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
             img, target, err = nxt.result()
             nxt = pool.submit(work, samples[i + 1]) if i + 1 < len(samples) else None
             if err is not None:
-                print(f"warning: skipping {err}", file=sys.stderr)
+                log.warning(f"skipping {err}")
                 if skipped is not None:
                     skipped.append(str(s.image))
                 continue

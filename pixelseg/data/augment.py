@@ -27,7 +27,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from pixelseg.config import size_hw
 from pixelseg.errors import PixelsegError
+from pixelseg.metrics import IGNORE_INDEX
 
 __all__ = ["build_train_transform", "JointTransform"]
 
@@ -49,14 +51,6 @@ class _RandomResize(v2.RandomResize):
         return super().transform(inpt, params)
 
 
-def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    try:
-        size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    except (TypeError, ValueError):
-        size = ()
-    if len(size) != 2 or min(size) < 1:
-        raise PixelsegError(f"--image-size must be one positive int or H,W; got {image_size!r}")
-    return size
 
 
 class JointTransform:
@@ -83,17 +77,17 @@ class JointTransform:
 
 def build_train_transform(image_size: int | tuple[int, int] | None, *, scale: tuple[float, float] | None = None,
                           crop: bool = False, hflip: bool = True, vflip: bool = False,
-                          color_jitter: float = 0.0, ignore_index: int = 255) -> Callable:
+                          color_jitter: float = 0.0, ignore_index: int = IGNORE_INDEX) -> Callable:
     """Training augmentation (see module docstring). ``image_size`` None keeps the input size, which
     only combines with flips and colour jitter. An int means a square ``(n, n)``."""
     steps: list[v2.Transform] = []
-    size = None if image_size is None else _size_pair(image_size)
+    size = None if image_size is None else size_hw(image_size)
     if scale is not None:
         if size is None or not crop:
-            raise PixelsegError("--scale needs --image-size and --crop (the random rescale is cropped back to size)")
+            raise PixelsegError("--scale-range needs --crop (the random rescale is cropped back to --image-size)")
         lo, hi = (float(s) for s in scale)
         if not 0 < lo <= hi:
-            raise PixelsegError(f"--scale must be two numbers 0 < lo <= hi, got {scale!r}")
+            raise PixelsegError(f"--scale-range must be two numbers 0 < lo <= hi, got {scale!r}")
         base = min(size)
         min_side = max(1, round(lo * base))
         max_side = max(min_side, round(hi * base))

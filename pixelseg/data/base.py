@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import PixelsegError
+from ..metrics import IGNORE_INDEX
 from .io import UnreadableImage, read_image, read_mask, _open
 
 CACHE_VERSION = 2          # meta.json "version"; a store of another version is decoded again and replaced
@@ -42,7 +43,7 @@ class DatasetInfo:
     name: str
     class_names: list[str]
     palette: list[tuple[int, int, int]]
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
 
     @property
     def num_classes(self) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import PixelsegError
+from ..logs import logger as log
 from . import base as _base
 from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
 from .io import UnreadableImage, _open, input_size, is_tiff, read_input
@@ -562,7 +562,7 @@ def prepare(root: Path | None, use_cache: bool = True, **options) -> tuple[Layou
     report = _report(layout, codec, scan)
     if report not in _REPORTED:
         _REPORTED.add(report)
-        print(report, file=sys.stderr)
+        log.info(report)
     bad = {p: r["error"] for p, r in scan.items() if "error" in r}
     if bad:
         for split, samples in layout.splits.items():
@@ -584,6 +584,11 @@ def read_target(sample: Sample, codec: MaskCodec, size: tuple[int, int] | None =
         img = img.resize((size[1], size[0]), Image.NEAREST)  # NEAREST keeps ids and colours exact
     kind, raw = _raw_mask(img, sample.mask)
     return codec.encode(kind, raw)
+
+
+def dataset_info(root: Path | None, **options) -> DatasetInfo:
+    """Classes and palette, from classes.csv or the masks' colours, without decoding a split."""
+    return prepare(root, **options)[1].info
 
 
 def full_res_samples(root: Path | None, split: str, **options):

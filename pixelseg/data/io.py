@@ -116,6 +116,22 @@ def image_size(path: Path | str) -> tuple[int, int]:
     return img.size[1], img.size[0]
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def collect_images(paths) -> list[Path]:
+    """Image files named directly, or found (by suffix) in the directories named."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise PixelsegError(f"{p}: no such file or directory")
+    if not files:
+        raise PixelsegError(f"no images found in {', '.join(map(str, paths))}")
+    return files
 # ---- images with other than 3 channels (--in-channels) ---------------------------------------------
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}

@@ -69,3 +69,21 @@ def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int 
         raise PixelsegError(f"{missing[0]}: trimap missing for {len(missing)} image(s) of split {split}")
     return decode_samples(samples, image_size, INFO, label_map=TRIMAP_TO_CLASS, valid_values=(1, 2, 3),
                           use_cache=use_cache, desc=f"decoding {split}")
+
+
+def full_res_samples(root: Path | None, split: str):
+    """Oxford-IIIT Pet at full resolution, from the loader's own listing and trimap table."""
+    from .io import read_mask
+    if root is None:
+        from .download import ensure_oxford_pet
+        root = ensure_oxford_pet(None, download=True)
+    root = Path(root)
+    check_root(root)
+
+    def read_target(s):
+        mask = read_mask(s.mask)
+        bad = np.setdiff1d(np.unique(mask), (1, 2, 3))
+        if bad.size:
+            raise PixelsegError(f"{s.mask}: trimap values {bad.tolist()} are outside 1..3")
+        return TRIMAP_TO_CLASS[mask]
+    return list_samples(root, split), read_target

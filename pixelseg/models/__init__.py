@@ -3,7 +3,7 @@ torchvision / timm backbones, all behind ``create_model`` (timm / SMP naming).""
 
 from .backbones import BACKBONES, BackboneSpec, Encoder
 from .base import SegmentationModel
-from .factory import ARCHITECTURES, create_model, describe_models, list_models
+from .factory import ARCHITECTURES, check_model, create_model, describe_models, list_models
 from .uncertainty import mc_predict
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "BackboneSpec",
     "Encoder",
     "SegmentationModel",
+    "check_model",
     "create_model",
     "describe_models",
     "list_models",

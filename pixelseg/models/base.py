@@ -7,8 +7,6 @@ semantics, and ``config`` for rebuilding. Subclasses only implement ``decode``.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,33 +107,8 @@ class SegmentationModel(nn.Module):
         return self.decode(x)[:, :, :h, :w]
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's stage features. A frozen encoder in a training step runs as an inference
-        network: a cached copy with folded BatchNorm and, under bf16 autocast, bf16 weights.
-
-        Frozen means eval-mode BatchNorm and weights the optimiser never touches, so nothing about
-        its forward pass is training-specific; folding removes its 52 normalisation passes and the
-        per-step weight casts (autocast caches casts only for weights that require grad). The cache
-        is keyed by each encoder tensor's storage and version counter, so ``load_state_dict``,
-        ``.to()`` or unfreezing rebuild it, and it lives outside the module tree (no state-dict keys).
-        """
-        if not (self.encoder_frozen and self.training and torch.is_grad_enabled()) or x.requires_grad:
-            return self.encoder(x)
-        with torch.no_grad():
-            return self._frozen_encoder(x)(x)
-
-    def _frozen_encoder(self, x: torch.Tensor) -> nn.Module:
-        from pixelseg.runtime import prepare_for_inference
-
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        tensors = list(self.encoder.parameters()) + list(self.encoder.buffers())
-        key = (dtype, x.device, tuple((t.data_ptr(), t._version) for t in tensors))
-        cached = self.__dict__.get("_frozen_encoder_cache")
-        if cached is None or cached[0] != key:
-            enc = copy.deepcopy(self.encoder).eval()
-            prepare_for_inference(enc, dtype, channels_last=x.is_contiguous(memory_format=torch.channels_last))
-            self.__dict__["_frozen_encoder_cache"] = cached = (key, enc)
-        return cached[1]
+        """The encoder's stage features (``runtime.optimize_for_training`` may swap in a faster encoder)."""
+        return self.encoder(x)
 
     # -- freezing ------------------------------------------------------------------------
     def set_encoder_frozen(self, frozen: bool) -> None:

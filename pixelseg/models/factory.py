@@ -66,6 +66,20 @@ def _resolve_options(cls, arch: str, arch_options: dict) -> dict:
     return {**cls.options, **arch_options}
 
 
+def check_model(arch: str, backbone: str | None = None, **arch_options) -> str:
+    """Validate an architecture/backbone pair without building anything; returns the backbone used."""
+    cls = _arch(arch)
+    options = _resolve_options(cls, arch, arch_options)
+    backbone = backbone or cls.default_backbone
+    reason = cls.incompatibility(get_backbone(backbone), **options)
+    if reason is not None:
+        raise PixelsegError(
+            f"{arch} cannot use backbone {backbone!r}: {reason}. "
+            f"Valid backbones for {arch}: {', '.join(_valid_backbones(cls, options))}"
+        )
+    return backbone
+
+
 def create_model(
     arch: str,
     backbone: str | None = None,
@@ -89,14 +103,8 @@ def create_model(
     """
     cls = _arch(arch)
     options = _resolve_options(cls, arch, arch_options)
-    backbone = backbone or cls.default_backbone
+    backbone = check_model(arch, backbone, **options)
     spec = get_backbone(backbone)
-    reason = cls.incompatibility(spec, **options)
-    if reason is not None:
-        raise PixelsegError(
-            f"{arch} cannot use backbone {backbone!r}: {reason}. "
-            f"Valid backbones for {arch}: {', '.join(_valid_backbones(cls, options))}"
-        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise PixelsegError(f"num_classes must be a positive integer (got {num_classes!r})")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
@@ -154,7 +162,8 @@ def list_models() -> list[tuple[str, str]]:
 
 
 def describe_models() -> list[dict]:
-    """``{arch, backbone, params}`` for every valid pair with default options.
+    """``{arch, backbone, default, params}`` for every valid pair with default options (``default``: the
+    backbone used when none is given).
 
     Built on the meta device (no memory, no initialisation). Each encoder is built once and
     shared by every architecture using it - parameter counting does not mind - because
@@ -172,9 +181,9 @@ def describe_models() -> list[dict]:
             with torch.device("meta"):
                 model = cls.from_spec(spec, 3, None, config, **cls.options)
         except PixelsegError:  # an optional library missing (transformers for MiT)
-            rows.append(dict(arch=arch, backbone=backbone, params=None))
+            rows.append(dict(arch=arch, backbone=backbone, default=backbone == cls.default_backbone, params=None))
             continue
-        rows.append(dict(arch=arch, backbone=backbone,
+        rows.append(dict(arch=arch, backbone=backbone, default=backbone == cls.default_backbone,
                          params=sum(p.numel() for p in model.parameters())))
     return rows
 

@@ -29,7 +29,7 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 8, max_batch: i
         name = getattr(model, "arch", type(model).__name__)
         raise PixelsegError(
             f"model {name!r} has no dropout layers, so MC-dropout sampling gives no "
-            "uncertainty; use --arch bayesian_segnet"
+            "uncertainty; train with --model bayesian_segnet"
         )
     if samples < 1:
         raise PixelsegError(f"samples must be >= 1 (got {samples})")

@@ -11,7 +11,6 @@ stride-2 stage (ConvNeXt, Swin, MiT) the last upsample block simply has no skip 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pixelseg.errors import PixelsegError
@@ -38,11 +37,6 @@ class UNet(SegmentationModel):
     arch = "unet"
     default_backbone = "mobilenet_v2"
     options = dict(decoder_channels=(512, 256, 128, 64), decoder_dropout=False)
-    # CPU training computes each skip's conv without concatenating (see _decode_parts); benchmarks
-    # switch it off to measure the plain formulation. Not on CUDA: there the model is launch-bound
-    # and the extra kernels did not pay (H200, bf16: frozen step 6533 vs 8614 img/s plain).
-    split_skip_convs = True
-
     @classmethod
     def incompatibility(cls, spec, **options):
         if spec.reductions[-1] != 32 or not {4, 8, 16} <= set(spec.reductions):
@@ -77,39 +71,7 @@ class UNet(SegmentationModel):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encode(x)
         skips = [feats[i] if i is not None else None for i in self.skip_index]
-        if torch.is_grad_enabled() and self.split_skip_convs and x.device.type == "cpu":
-            return self._decode_parts(feats[-1], skips)
         x = feats[-1]
         for up, skip in zip(self.up_stack, skips):
             x = up(x) if skip is None else torch.cat([up(x), skip], dim=1)
         return self.last(x)
-
-    def _decode_parts(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """The same function for CPU training: 15-20% faster with a frozen encoder, no slower without.
-
-        Each transposed conv reads ``cat([up, skip])``; by linearity it equals the sum of two convs
-        over the two parts with the matching slices of the weight. With a frozen encoder autograd
-        then computes no input gradient for the skip part (42-60% of each conv's input channels),
-        work that a concatenated input would spend and throw away; either way the concatenation
-        copy and its backward disappear. Inference keeps the single conv over the concatenation
-        (one larger GEMM is faster there, and it is what exports).
-        """
-        parts = [x]
-        for up, skip in zip(self.up_stack, skips):
-            y = _conv_transpose_parts(up[0], parts)
-            parts = [up[1:](y)] + ([skip] if skip is not None else [])
-        return _conv_transpose_parts(self.last, parts)
-
-
-def _conv_transpose_parts(conv: nn.ConvTranspose2d, parts: list[torch.Tensor]) -> torch.Tensor:
-    """``conv(torch.cat(parts, 1))`` without building the concatenation."""
-    out, start = None, 0
-    for p in parts:
-        n = p.shape[1]
-        y = F.conv_transpose2d(p, conv.weight[start:start + n], None, conv.stride, conv.padding,
-                               conv.output_padding, conv.groups, conv.dilation)
-        out = y if out is None else out + y
-        start += n
-    if conv.bias is not None:
-        out = out + conv.bias.view(1, -1, 1, 1).to(out.dtype)
-    return out

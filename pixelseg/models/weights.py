@@ -130,6 +130,6 @@ def load_state_dict_file(model: nn.Module, path) -> None:
             f"weights file {path} does not fit model "
             f"{what.get('arch')}/{what.get('backbone')} with num_classes={what.get('num_classes')}: "
             + "; ".join(parts)
-            + " - check --arch/--backbone/--num-classes match the run that saved it"
+            + " - check --model/--backbone and the dataset (its number of classes) match the run that saved it"
         )
     model.load_state_dict(state)
