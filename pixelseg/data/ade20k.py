@@ -103,12 +103,8 @@ def list_samples(ade: Path, split: str) -> list[Sample]:
 
 
 def read_target(sample: Sample) -> np.ndarray:
-    from .io import read_mask
-    mask = read_mask(sample.mask)
-    bad = np.setdiff1d(np.unique(mask), VALID_VALUES)
-    if bad.size:
-        raise PixelsegError(f"{sample.mask}: values {bad.tolist()} are outside ADE20K's ids 0..150")
-    return LABEL_MAP[mask]
+    from .io import read_id_mask
+    return read_id_mask(sample.mask, LABEL_MAP, VALID_VALUES, "are outside ADE20K's ids 0..150")
 
 
 def full_res_samples(root: Path | None, split: str):

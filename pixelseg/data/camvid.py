@@ -90,12 +90,8 @@ def list_samples(root: Path, split: str) -> list[Sample]:
 
 def read_target(sample: Sample) -> np.ndarray:
     """Full-resolution class ids (Unlabelled -> 255) for evaluate --full-res."""
-    from .io import read_mask
-    mask = read_mask(sample.mask)
-    bad = np.setdiff1d(np.unique(mask), VALID_VALUES)
-    if bad.size:
-        raise PixelsegError(f"{sample.mask}: values {bad.tolist()} are not CamVid labels 0..11")
-    return LABEL_MAP[mask]
+    from .io import read_id_mask
+    return read_id_mask(sample.mask, LABEL_MAP, VALID_VALUES, "are not CamVid labels 0..11")
 
 
 def full_res_samples(root: Path | None, split: str) -> tuple[list[Sample], object]:

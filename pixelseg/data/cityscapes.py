@@ -81,13 +81,9 @@ def list_samples(root: Path, split: str) -> list[Sample]:
 
 
 def read_target(sample: Sample) -> np.ndarray:
-    from .io import read_mask
-    mask = read_mask(sample.mask)
-    bad = np.setdiff1d(np.unique(mask), VALID_VALUES)
-    if bad.size:
-        raise PixelsegError(f"{sample.mask}: values {bad.tolist()} are not Cityscapes label ids 0..33 "
-                            "(use the *_gtFine_labelIds.png files, not trainIds or color)")
-    return LABEL_MAP[mask]
+    from .io import read_id_mask
+    return read_id_mask(sample.mask, LABEL_MAP, VALID_VALUES, "are not Cityscapes label ids 0..33 "
+                        "(use the *_gtFine_labelIds.png files, not trainIds or color)")
 
 
 def full_res_samples(root: Path | None, split: str):

@@ -110,6 +110,16 @@ def read_mask(path, size: tuple[int, int] | None = None, name=None) -> np.ndarra
         raise UnreadableImage(f"{name}: mask data is corrupt ({exc})") from exc
 
 
+
+def read_id_mask(path, label_map: np.ndarray, valid_values, what: str) -> np.ndarray:
+    """A dataset's id mask at full resolution, mapped to class ids; ids the dataset does not define are
+    refused naming the file (`what` says which ids are valid), so a wrong label file never trains silently."""
+    mask = read_mask(path)
+    bad = np.setdiff1d(np.unique(mask), valid_values)
+    if bad.size:
+        raise PixelsegError(f"{path}: values {bad.tolist()} {what}")
+    return label_map[mask]
+
 def image_size(path: Path | str) -> tuple[int, int]:
     """(h, w) without decoding pixels."""
     img = _open(Path(path))

@@ -193,12 +193,8 @@ def _check_files(samples: list[Sample], split: str) -> None:
 
 
 def read_target(sample: Sample) -> np.ndarray:
-    from .io import read_mask
-    mask = read_mask(sample.mask)
-    bad = np.setdiff1d(np.unique(mask), VALID_VALUES)
-    if bad.size:
-        raise PixelsegError(f"{sample.mask}: values {bad.tolist()} are outside VOC's ids 0..20 and 255")
-    return LABEL_MAP[mask]
+    from .io import read_id_mask
+    return read_id_mask(sample.mask, LABEL_MAP, VALID_VALUES, "are outside VOC's ids 0..20 and 255")
 
 
 def full_res_samples(root: Path | None, split: str):
