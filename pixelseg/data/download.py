@@ -323,33 +323,8 @@ def ensure_oxford_pet(root: Path | str | None = None, download: bool = True, *,
         )
 
     urls = PETS_URLS if urls is None else urls
-    target = data_home() / "oxford-iiit-pet"
-    if not _pets_missing(target):
-        return target
-    names = " and ".join(_archive_name(url) for url, _ in urls)
-    them = "both" if len(urls) == 2 else "them"
-    by_hand = (f"Download {names} from {PETS_HOMEPAGE} and extract {them} into {target}, "
-               "or pass --data-root PATH")
-    if not download:
-        raise PixelsegError(f"Oxford-IIIT Pet not found in {target}. {by_hand}")
-
-    downloads = data_home() / "downloads"
-    archives = []
-    for url, md5 in urls:
-        try:
-            archives.append(download_file(url, downloads / _archive_name(url), md5,
-                                          timeout=timeout, progress=progress))
-        except DownloadError as exc:
-            raise PixelsegError(f"could not download {exc.url} ({exc.reason}). {by_hand}") from None
-    for archive in archives:
-        extract_archive(archive, target)
-    missing = _pets_missing(target)
-    if missing:
-        raise PixelsegError(
-            f"extracted {names} into {target} but it still lacks "
-            + " and ".join(f"{m}/" for m in missing) + f"; are the archives right? {by_hand}"
-        )
-    return target
+    return ensure_archives("Oxford-IIIT Pet", "oxford-iiit-pet", urls, _pets_missing, PETS_HOMEPAGE, download,
+                           timeout=timeout, progress=progress)
 
 
 def ensure_archives(name: str, folder: str, urls: list[tuple[str, str | None]], missing, homepage: str,
