@@ -164,6 +164,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as exc:
         print(exc.advice() if hasattr(exc, "advice") else "interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pixelseg models | head`: the reader left; not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 def _run(args) -> int:
