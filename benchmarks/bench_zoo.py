@@ -9,6 +9,7 @@ Monte-Carlo sampling multiplies its cost by the number of samples).
 
     python benchmarks/bench_zoo.py                                   # all models, both sizes
     python benchmarks/bench_zoo.py --models unet,segnet --sizes 128x128@8 --steps 2
+    python benchmarks/bench_zoo.py --models deeplabv3/mobilenet_v1,upernet/timm:convnext_tiny  # ARCH/BACKBONE
 """
 from __future__ import annotations
 
@@ -34,22 +35,29 @@ def parse_size(spec: str) -> tuple[int, int, int]:
     return int(h), int(w or h), int(batch or 8)
 
 
-def forward_flops(arch: str, h: int, w: int) -> float:
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """'upernet/timm:convnext_tiny' -> ('upernet', 'timm:convnext_tiny'); 'unet' -> ('unet', None)."""
+    arch, _, backbone = spec.partition("/")
+    return arch, backbone or None
+
+
+def forward_flops(spec: str, h: int, w: int) -> float:
     """FLOPs (2 × multiply-adds) of one forward pass of one image, counted on the meta device (no
     memory, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pixelseg.models import create_model
 
+    arch, backbone = split_spec(spec)
     with torch.device("meta"):
-        model = create_model(arch, num_classes=3).eval()
+        model = create_model(arch, backbone=backbone, num_classes=3).eval()
         x = torch.empty(1, 3, h, w)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(x)
     return fc.get_total_flops()
 
 
-def worker(arch: str, h: int, w: int, batch: int, args) -> dict:
+def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
     from pixelseg.losses import build_loss
     from pixelseg.models import create_model
     from pixelseg.optim import build_optimizer
@@ -59,7 +67,8 @@ def worker(arch: str, h: int, w: int, batch: int, args) -> dict:
     dev = select_device(args.device)
     amp = resolve_precision(args.precision, dev)
     torch.manual_seed(0)
-    model = create_model(arch, num_classes=3, weights=None).to(dev)
+    arch, backbone = split_spec(spec)
+    model = create_model(arch, backbone=backbone, num_classes=3, weights=None).to(dev)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     optimize_for_training(model, dev, amp)  # what `pixelseg train` does
@@ -115,7 +124,8 @@ def worker(arch: str, h: int, w: int, batch: int, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--models", default="all", help="comma list of architectures (default: every one)")
+    p.add_argument("--models", default="all", help="comma list of ARCH or ARCH/BACKBONE (default: every "
+                   "architecture with its default backbone)")
     p.add_argument("--sizes", default="128x128@16,360x480@4", help="HxW@batch list; the same batch for every model")
     p.add_argument("--steps", type=int, default=3, help="timed steps per phase (median step time is used)")
     p.add_argument("--warmup", type=int, default=1)
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.worker:
-        arch, size = args.worker.split(":")
+        arch, size = args.worker.rsplit("|", 1)
         h, w, batch = parse_size(size)
         print(json.dumps(worker(arch, h, w, batch, args)), flush=True)
         return 0
@@ -136,7 +146,7 @@ def main(argv=None) -> int:
     from pixelseg.models import ARCHITECTURES
 
     archs = list(ARCHITECTURES) if args.models == "all" else [m.strip() for m in args.models.split(",")]
-    bad = [a for a in archs if a not in ARCHITECTURES]
+    bad = [a for a in archs if split_spec(a)[0] not in ARCHITECTURES]
     if bad:
         p.error(f"--models: unknown {', '.join(bad)}; choose from {', '.join(ARCHITECTURES)}")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -147,7 +157,7 @@ def main(argv=None) -> int:
         h, w, batch = parse_size(size)
         for arch in archs:
             t = time.time()
-            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", f"{arch}:{size}", *flags],
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", f"{arch}|{size}", *flags],
                                capture_output=True, text=True, timeout=args.timeout)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
             if r.returncode or not lines:
