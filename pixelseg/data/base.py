@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import PixelsegError
+from ..logs import logger as log
 from ..metrics import IGNORE_INDEX
 from .io import UnreadableImage, read_image, read_mask, _open
 
@@ -266,7 +266,7 @@ class FileDataset(torch.utils.data.Dataset):
             img, mask = self.reader(s, self.size, self.max_side)
         except UnreadableImage as exc:
             if str(s.image) not in self.skipped:
-                print(f"warning: skipping {exc}", file=sys.stderr)
+                log.warning(f"skipping {exc}")
                 self.skipped.append(str(s.image))
             return None
         img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
@@ -408,7 +408,7 @@ def build_split(samples: list[Sample], reader, info: DatasetInfo, size, use_cach
     try:
         return cached_split(samples, work, info, cfile, desc, workers, full_res=spec.full_res)
     except CacheWriteError as exc:
-        print(f"warning: {exc}; reading the files on the fly instead (--cache none)", file=sys.stderr)
+        log.warning(f"{exc}; reading the files on the fly instead (--cache none)")
         return FileDataset(samples, reader, info, target, max_side, full_res=spec.full_res)
 
 
@@ -447,7 +447,7 @@ def decode_in_parallel(samples, work, info: DatasetInfo, cfile: Path | None, des
     images, masks, names, skipped = [], [], [], []
     for s, (img, mask, err) in _parallel(samples, work, workers, desc):
         if err is not None:
-            print(f"warning: skipping {err}", file=sys.stderr)
+            log.warning(f"skipping {err}")
             skipped.append(str(s.image))
             continue
         images.append(img)
@@ -479,17 +479,17 @@ def _open_cache(cfile: Path, info: DatasetInfo, full_res: bool):
     except (OSError, ValueError):
         version, meta = None, None
     if version != CACHE_VERSION:
-        print(f"warning: decode cache {cfile} was written by an older pixelseg (cache format "
+        log.warning(f"decode cache {cfile} was written by an older pixelseg (cache format "
               f"{version if version is not None else 'unreadable'}, this version reads {CACHE_VERSION}); decoding "
-              "again and replacing it", file=sys.stderr)
+              "again and replacing it")
         return _STALE
     store = DiskStore(cfile, np.asarray(meta["shapes"], np.int64))
     for which in ("images", "masks"):
         p = store.path(which)
         got = p.stat().st_size if p.is_file() else -1
         if got != store.expected_bytes(which):
-            print(f"warning: decode cache {p} holds {got} bytes, its meta.json says {store.expected_bytes(which)} "
-                  "(damaged or edited); decoding again and replacing it", file=sys.stderr)
+            log.warning(f"decode cache {p} holds {got} bytes, its meta.json says {store.expected_bytes(which)} "
+                  "(damaged or edited); decoding again and replacing it")
             return _STALE
     return ArrayDataset(store.arrays("images"), store.arrays("masks"), list(meta["names"]), info,
                         list(meta["skipped"]), store=store, full_res=full_res)
@@ -510,7 +510,7 @@ def _exclusive(lock_path: Path, what: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another process that is decoding {what} ...", file=sys.stderr)
+            log.warning(f"waiting for another process that is decoding {what} ...")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -551,7 +551,7 @@ def _decode_to_store(samples, work, info: DatasetInfo, cfile: Path, desc: str, w
         with open(tmp / "images.u8", "wb") as fi, open(tmp / "masks.u8", "wb") as fm:
             for s, (img, mask, err) in _parallel(samples, work, workers, desc):
                 if err is not None:
-                    print(f"warning: skipping {err}", file=sys.stderr)
+                    log.warning(f"skipping {err}")
                     skipped.append(str(s.image))
                     continue
                 try:
