@@ -30,7 +30,6 @@ import io
 import json
 import os
 import random
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import PixelsegError
+from ..logs import logger as log
 from .base import DatasetInfo, fit_size
 from .io import UnreadableImage, read_image, read_mask
 
@@ -117,7 +117,7 @@ def _source_items(ds, file_dataset_cls):
                 data = Path(s.image).read_bytes()
                 fmt = (Image.open(io.BytesIO(data)).format or "").lower()
             except UnreadableImage as exc:
-                print(f"warning: skipping {exc}", file=sys.stderr)
+                log.warning(f"skipping {exc}")
                 yield str(s.image), None, None, None
                 continue
             ext = {"jpeg": "jpg", "png": "png"}.get(fmt)
@@ -285,7 +285,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 self.skipped.append(url)
 
     def _warn(self, msg: str) -> None:
-        print(f"warning: {msg}", file=sys.stderr)
+        log.warning(msg)
 
     def decode(self, url: str, sample: dict):
         """(name, image uint8 H×W×3, mask uint8 H×W) at the source resolution capped by max_side, or at
