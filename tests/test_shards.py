@@ -160,3 +160,20 @@ def test_cli_writes_shards_then_trains_and_evaluates_from_them(folder, tmp_path,
     assert res["images"] == read_index(out, "val")[0]["count"]
     assert main(["evaluate", str(run), "--full-res", "--tile"]) == 0
     assert json.loads((run / "eval_val_fullres_tile.json").read_text())["images"] == res["images"]
+
+
+def test_class_weighting_from_shards_matches_the_folder_it_came_from(folder, tmp_path):
+    """--class-weighting counts the training masks of the shards: the same weights as the source folder."""
+    out = tmp_path / "sh"
+    assert main(["shards", "--dataset", "folder", "--data-root", str(folder), "--out", str(out), "--maxcount", "4"]) == 0
+    weights = {}
+    for name, dataset, root in (("shards", "shards", out), ("folder", "folder", folder)):
+        run = tmp_path / name
+        assert main(["train", "--dataset", dataset, "--data-root", str(root), "--image-size", "32", "--batch-size", "4",
+                     "--epochs", "1", "--weights", "none", "--class-weighting", "median", "--workers", "0",
+                     "--figure-samples", "1", "--limit", "8", "--run-dir", str(run)]) == 0
+        lines = [ln for ln in (run / "train.log").read_text().splitlines() if "class weights (median):" in ln]
+        assert len(lines) == 1, name
+        weights[name] = lines[0].split("class weights (median):", 1)[1].strip()
+    assert weights["shards"] == weights["folder"]
+    assert len(set(w.split("=")[1] for w in weights["shards"].split(", "))) > 1  # not all equal: real counts
