@@ -11,7 +11,6 @@ from PIL import Image
 
 from pixelseg.checkpoint import atomic_save, load_checkpoint
 from pixelseg.cli import main
-from pixelseg.data import synthetic
 from pixelseg.errors import PixelsegError
 from pixelseg.export import check_parity, export, load_torchscript
 from pixelseg.inference import load_model
@@ -20,18 +19,7 @@ from pixelseg.models import create_model
 onnx = pytest.importorskip("onnx", reason="onnx (a pixelseg dependency) not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (a pixelseg dependency) not installed")
 
-
-def fake_checkpoint(path, arch="unet", backbone=None, size=32, seed=0, **options):
-    """A checkpoint as train writes it, with random weights and non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = create_model(arch, backbone=backbone, num_classes=3, **options)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    atomic_save({"model": model.state_dict(), "model_config": model.config, "dataset": synthetic.INFO.to_dict(),
-                 "config": {"image_size": size, "dataset": "synthetic", "val_split": "val", "data_root": None}}, path)
-    return path
+from _fakes import fake_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="pixelseg[serve] extra not installed")
@@ -22,25 +21,12 @@ pytest.importorskip("prometheus_client", reason="pixelseg[serve] extra not insta
 import httpx  # noqa: E402  (a fastapi test dependency)
 import uvicorn  # noqa: E402
 
-from pixelseg.checkpoint import atomic_save  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.data import synthetic  # noqa: E402
-from pixelseg.models import create_model  # noqa: E402
 from pixelseg.server import create_app  # noqa: E402
 from pixelseg.serving import Engine, Limits, rle_decode, rle_encode  # noqa: E402
 
-
-def fake_checkpoint(path, arch="unet", backbone=None, size=32, seed=0, **options):
-    """A checkpoint as train writes it, random weights and non-trivial BatchNorm statistics, so masks vary."""
-    torch.manual_seed(seed)
-    model = create_model(arch, backbone=backbone, num_classes=3, **options)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    atomic_save({"model": model.state_dict(), "model_config": model.config, "dataset": synthetic.INFO.to_dict(),
-                 "config": {"image_size": size, "dataset": "synthetic", "val_split": "val", "data_root": None}}, path)
-    return path
+from _fakes import fake_checkpoint  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ def test_page_shows_the_mask_over_a_real_pet_photo(browser, pets_run, pets_root,
 def test_uncertainty_toggle_for_a_bayesian_segnet(browser, pets_root, tmp_path):
     """MC-dropout models get a toggle that swaps the mask for the entropy heatmap (random weights
     suffice: this checks the page, not the model)."""
-    from test_serve import fake_checkpoint
+    from _fakes import fake_checkpoint
     ckpt = fake_checkpoint(tmp_path / "bayes.pt", "bayesian_segnet", "mobilenet_v2", upsample="nearest")
     photo = sorted((pets_root / "images").glob("*.jpg"))[1]
     with running(Engine(ckpt)) as url:

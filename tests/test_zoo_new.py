@@ -108,7 +108,7 @@ def test_segformer_decoder_widths_follow_the_paper():
                                   for a in NEW])
 def test_new_arch_exports_to_onnx_with_parity(arch, tmp_path):
     pytest.importorskip("onnxruntime", reason="pixelseg[onnx] extra not installed")
-    from test_export import fake_checkpoint  # noqa: PLC0415 - shared helper
+    from _fakes import fake_checkpoint  # noqa: PLC0415 - shared helper
 
     from pixelseg.export import export
     backbone, opts = NEW[arch]
