@@ -299,7 +299,8 @@ class TrainConfig:
                                         "does), yes, no", "model", parse=parse_tristate,
                                         metavar="{auto,yes,no}")
     # optimisation
-    epochs: int = option(20, "number of epochs", "optimisation", parse=_int(1))
+    epochs: int | None = option(20, "number of epochs (with --time-budget: an upper bound when given; null = the "
+                                "budget alone decides)", "optimisation", parse=_int(1), nullable=True)
     iterations: int | None = option(None, "number of optimiser steps in all, as papers give schedules (overrides "
                                     "--epochs: the run stops after this many steps and the lr schedule spans them; "
                                     "validation still runs once per epoch)", "optimisation", parse=_int(1),
@@ -380,7 +381,8 @@ class TrainConfig:
 OPTIONS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 DEFAULTS: dict[str, Any] = {k: f.default for k, f in OPTIONS.items()}
 # Options that may change when a run is resumed (they do not change what is trained).
-RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger")
+RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger", "time_budget", "early_stop",
+             "early_stop_delta")
 
 
 def _canonical(key: str, value):
@@ -542,6 +544,10 @@ def resolve_config(overrides: dict) -> dict:
             cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
     if isinstance(cfg["weights"], str) and cfg["weights"] != "imagenet" and Path(cfg["weights"]).expanduser().is_file():
         cfg["weights"] = os.path.abspath(os.path.expanduser(cfg["weights"]))
+    if cfg["time_budget"] and "epochs" not in overrides and not cfg["iterations"]:
+        cfg["epochs"] = None  # the budget decides how many epochs; explicit --epochs/--iterations stay bounds
+    if cfg["epochs"] is None and not cfg["time_budget"]:
+        raise PixelsegError("--epochs: null (no epoch limit) needs --time-budget to end the run")
     if cfg["scale_range"] is not None and not cfg["crop"]:
         raise PixelsegError("--scale-range needs --crop (the random rescale is cropped back to --image-size)")
     # Cross-option and registry checks (these import the registries, and with them torch).
