@@ -26,10 +26,11 @@ from .errors import PixelsegError
 from .logs import logger as log
 
 # ---- the constants the rules use (one place, so a reader can argue with them) --------------------------
-MAX_SAMPLED = 200           # images read for the statistics; more are sampled evenly by a fixed rule
+MAX_SAMPLED = 120           # images read for the statistics; more are sampled evenly by a fixed rule
 MIN_STEPS_PER_EPOCH = 16    # fewer steps and the epoch-end work (val, PreciseBN) dominates, BN lags
 MIN_OBJECT_PX = 8           # a median object smaller than this at the input size is hard to segment
 SIZE_LADDER = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+MIN_SIDE = 128             # the smallest input side the plan picks (unless the images are smaller)
 MIN_EPOCHS = 25             # from scratch, fewer passes over a small dataset leave a model far from done
 RARE_FREQ = 0.10            # a class under this share of the pixels is "rare": add Dice to CE
 IMBALANCE = 10.0            # max/min class frequency above this: median-frequency class weights
@@ -267,7 +268,7 @@ def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: in
     step()  # the first step allocates and picks kernels
     sync()
     t0, n = time.perf_counter(), 0
-    while n < 2 or time.perf_counter() - t0 < seconds:
+    while n < 1 or time.perf_counter() - t0 < seconds:
         step()
         n += 1
     sync()
@@ -282,7 +283,7 @@ def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: in
     return train_ips, batch / (time.perf_counter() - t0)
 
 
-def probe_machine(device: str = "auto", seconds: float = 3.0) -> Machine:
+def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
     """The real machine: device, memory, and a speed function that measures once per candidate and
     scales by pixel count for other sizes (a second measurement would cost more than it tells)."""
     import torch
@@ -302,8 +303,10 @@ def probe_machine(device: str = "auto", seconds: float = 3.0) -> Machine:
         key = (model, backbone)
         if key not in measured:
             # measured at the size asked first (the plan asks its most likely size first)
-            measured[key] = (tuple(size_hw), measure_speed(model, backbone, tuple(size_hw), batch, device=device,
-                                                           seconds=seconds))
+            # a batch of at most 4: images/s barely depends on it on a CPU, and a busy machine's slow
+            # steps would otherwise stretch the probe to minutes
+            measured[key] = (tuple(size_hw), measure_speed(model, backbone, tuple(size_hw), min(batch, 4),
+                                                           device=device, seconds=seconds))
         (h0, w0), (tr, ev) = measured[key]
         f = (h0 * w0) / (size_hw[0] * size_hw[1])
         return tr * f, ev * f
@@ -382,7 +385,9 @@ def choose_size(fp, machine, budget_s, model, backbone, batch, crop) -> tuple[tu
     ladder = [s for s in SIZE_LADDER if s <= max(native, SIZE_LADDER[0])] or [SIZE_LADDER[0]]
     fits = [s for s in ladder if s >= need]
     visible = fits[0] if fits else ladder[-1]
-    start = max(visible, min(128, ladder[-1]))
+    # never under 128 px (or the native size): thin structures (borders, poles) vanish below it, whatever
+    # the median blob says
+    visible = start = max(visible, min(MIN_SIDE, ladder[-1]))
 
     def epochs_at(s):
         return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop)
@@ -531,10 +536,13 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     eff_epochs = int(user.get("epochs", epochs))
     warm = 2.0 if eff_epochs >= 20 else round(eff_epochs / 10, 1)
     put("warmup_epochs", warm, f"{warm:g} epoch(s) of linear warm-up: random BatchNorm statistics settle first")
-    put("epochs", epochs, f"~{epoch_s:.0f}s per epoch measured on this machine (training, PreciseBN, val) fits "
-                          f"{epochs} in {'the' if given else 'an assumed'} {budget / 60:g} min budget")
-    if given and "time_budget" in config.OPTIONS:
-        put("time_budget", f"{budget:g}s", "stop at the budget whatever the epoch estimate says")
+    estimate = (f"~{epoch_s:.0f}s per epoch measured on this machine (training, PreciseBN, val) fits ~{epochs} "
+                f"in {'the' if given else 'an assumed'} {budget / 60:g} min budget")
+    if given:  # train measures the real speed and fits the schedule to the budget: no epoch cap of ours
+        put("epochs", None, estimate + "; null: the time budget decides (give a number to cap it)")
+        put("time_budget", f"{budget:g}s", "train until the budget, the lr schedule spanning it; best.pt is kept")
+    else:
+        put("epochs", epochs, estimate)
     for key, value, why2 in choose_loss(fp):
         put(key, value, why2)
     notes = _split_notes(fp, c)
