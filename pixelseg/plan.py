@@ -32,7 +32,8 @@ MIN_OBJECT_PX = 8           # a median object smaller than this at the input siz
 SIZE_LADDER = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 MIN_SIDE = 128             # the smallest input side the plan picks (unless the images are smaller)
 MIN_EPOCHS = 25             # from scratch, fewer passes over a small dataset leave a model far from done
-RARE_FREQ = 0.10            # a class under this share of the pixels is "rare": add Dice to CE
+RARE_FREQ = 0.15            # a class under this share of the pixels is "rare": add Dice to CE (nnU-Net
+                            # uses CE+Dice everywhere; thin classes such as borders gain most)
 IMBALANCE = 10.0            # max/min class frequency above this: median-frequency class weights
 DEFAULT_BUDGET_S = 15 * 60  # what the plan assumes when no --time-budget is given
 SEQUENCE = r"^(.*?)[-_. ]*\d+$"               # = data.folder.PREFIX_GROUP: frame/slice number at the end
@@ -303,10 +304,8 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
         key = (model, backbone)
         if key not in measured:
             # measured at the size asked first (the plan asks its most likely size first)
-            # a batch of at most 4: images/s barely depends on it on a CPU, and a busy machine's slow
-            # steps would otherwise stretch the probe to minutes
-            measured[key] = (tuple(size_hw), measure_speed(model, backbone, tuple(size_hw), min(batch, 4),
-                                                           device=device, seconds=seconds))
+            measured[key] = (tuple(size_hw), measure_speed(model, backbone, tuple(size_hw), batch, device=device,
+                                                           seconds=seconds))
         (h0, w0), (tr, ev) = measured[key]
         f = (h0 * w0) / (size_hw[0] * size_hw[1])
         return tr * f, ev * f
@@ -384,15 +383,16 @@ def choose_size(fp, machine, budget_s, model, backbone, batch, crop) -> tuple[tu
     need = MIN_OBJECT_PX / scale if scale else 0
     ladder = [s for s in SIZE_LADDER if s <= max(native, SIZE_LADDER[0])] or [SIZE_LADDER[0]]
     fits = [s for s in ladder if s >= need]
-    visible = fits[0] if fits else ladder[-1]
     # never under 128 px (or the native size): thin structures (borders, poles) vanish below it, whatever
-    # the median blob says
-    visible = start = max(visible, min(MIN_SIDE, ladder[-1]))
+    # the median blob says; when not even the native size keeps the smallest objects visible, the budget
+    # alone decides between that floor and the native size
+    floor = max(fits[0] if fits else 0, min(MIN_SIDE, ladder[-1]))
+    start = max(fits[0] if fits else ladder[-1], floor)
 
     def epochs_at(s):
         return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop)
     i = ladder.index(start)
-    while i > 0 and epochs_at(ladder[i]) < MIN_EPOCHS and ladder[i - 1] >= visible:
+    while i > 0 and epochs_at(ladder[i]) < MIN_EPOCHS and ladder[i - 1] >= floor:
         i -= 1
     while i + 1 < len(ladder) and epochs_at(ladder[i + 1]) >= 2 * MIN_EPOCHS:
         i += 1
@@ -527,7 +527,7 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
                             f"{epoch_s:.0f}s here (measured: {fp.n_train} training + {fp.n_val} val images at "
                             f"{hw[0]}×{hw[1]}, batch {eff_batch}, {model}/{backbone}), plus "
                             f"{first_epoch_extra:.0f}s to decode the data once; give at least "
-                            f"{math.ceil((epoch_s + first_epoch_extra) / 0.95 / 60)}m")
+                            f"{math.ceil((epoch_s + first_epoch_extra) / 0.95 / 60)}m (measured now: a busy machine measures slow)")
     epochs = max(1, min(epochs, 300))
     put("optimizer", "adam", "Adam: forgiving of the learning rate on small datasets and from scratch")
     put("lr", 1e-3, "Adam's well-tried 1e-3 for batches of 8-64")

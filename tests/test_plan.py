@@ -61,12 +61,13 @@ def test_plan_is_deterministic_every_choice_has_a_reason_and_train_reads_it(tmp_
 
 
 def test_tiny_objects_get_a_larger_input_than_large_ones(tmp_path):
-    # a budget that holds MIN_EPOCHS only at 64 px: large objects may shrink there, 4-px ones may not
-    slow = plan.fixed_machine(train_ips_128=0.5, eval_ips_128=2.0)
-    large = plan.make_plan(fp_of(write_folder(tmp_path / "l", size=128, obj=40)), slow, 600)
-    tiny = plan.make_plan(fp_of(write_folder(tmp_path / "t", size=128, obj=4)), slow, 600)
+    # a budget that holds enough epochs at 128 px but not at 256: large objects stay at 128, objects of
+    # 4 px in a 256-px image get as much of the native size as the budget allows
+    probe = plan.fixed_machine(train_ips_128=20.0, eval_ips_128=80.0)
+    large = plan.make_plan(fp_of(write_folder(tmp_path / "l", size=256, obj=80)), probe, 180)
+    tiny = plan.make_plan(fp_of(write_folder(tmp_path / "t", size=256, obj=4)), probe, 180)
     side = lambda p: min(config.size_hw(p.choices["image_size"].value))  # noqa: E731
-    assert side(tiny) > side(large)
+    assert side(large) == 128 and side(tiny) > 128
     assert "median object" in tiny.choices["image_size"].reason
     assert tiny.choices["scale_range"].value[0] > large.choices["scale_range"].value[0]  # no zooming out of sight
 
