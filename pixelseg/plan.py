@@ -55,7 +55,7 @@ class Fingerprint:
     class_names: list
     pixel_freq: list          # share of labelled pixels, per class
     image_freq: list          # share of images holding the class
-    object_scale: list        # per class: median sqrt(component area / image area), None when absent
+    object_scale: list        # per class: sqrt(component area / image area), area-weighted median; None: absent
     up_asymmetry: float       # class-distribution distance top third vs bottom third
     side_asymmetry: float     # the same, left vs right (the noise level of the first)
     train_names: list
@@ -93,12 +93,23 @@ def _mask_stats(mask: np.ndarray, num_classes: int, ignore: int, scales: list, s
         labels, n = ndimage.label(mask == c)
         areas = np.bincount(labels.ravel())[1:]
         areas = areas[areas >= 2]  # single stray pixels are resize noise, not objects
-        scales[c].extend(np.sqrt(areas / (h * w)).tolist())
+        scales[c].extend((float(np.sqrt(a / (h * w))), int(a)) for a in areas)
     t = h // 3
     for i, part in enumerate((mask[:t], mask[h - t:], mask[:, :w // 3], mask[:, w - w // 3:])):
         valid = part[part != ignore]
         sides[i] += np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
     return counts
+
+
+def _weighted_median(scale_area: list) -> float | None:
+    """The scale of the component that the median pixel of a class lies in: the many slivers a mask
+    holds at object edges do not drag it down, as a plain median over components would."""
+    if not scale_area:
+        return None
+    scale, area = np.array(scale_area, float).T
+    order = np.argsort(scale)
+    cum = np.cumsum(area[order])
+    return float(scale[order][np.searchsorted(cum, cum[-1] / 2)])
 
 
 def _small(mask: np.ndarray, side: int = 256) -> np.ndarray:
@@ -201,7 +212,7 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
         bit_depth=bits, mean=[round(float(v), 4) for v in mean], std=[round(float(v), 4) for v in std],
         class_names=list(info.class_names), pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
         image_freq=[float(v) for v in present / max(1, len(picked))],
-        object_scale=[float(np.median(s)) if s else None for s in scales],
+        object_scale=[_weighted_median(s) for s in scales],
         up_asymmetry=_tv(sides[0], sides[1]), side_asymmetry=_tv(sides[2], sides[3]),
         train_names=names, val_names=list(val_names),
         val_group_option="val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}),
@@ -285,8 +296,9 @@ def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: in
 
 
 def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
-    """The real machine: device, memory, and a speed function that measures once per candidate and
-    scales by pixel count for other sizes (a second measurement would cost more than it tells)."""
+    """The real machine: device, memory, and a speed function that measures each model once, at 128×128
+    and a batch of at most 8, and scales by pixel count to other sizes (a convnet's cost is close to
+    linear in pixels; measuring at the candidate size would make a busy machine's probe take minutes)."""
     import torch
     from .runtime import resolve_precision, select_device
     dev = select_device(device)
@@ -303,9 +315,8 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
     def speed(model, backbone, size_hw, batch):
         key = (model, backbone)
         if key not in measured:
-            # measured at the size asked first (the plan asks its most likely size first)
-            measured[key] = (tuple(size_hw), measure_speed(model, backbone, tuple(size_hw), batch, device=device,
-                                                           seconds=seconds))
+            measured[key] = ((128, 128), measure_speed(model, backbone, (128, 128), min(batch, 8), device=device,
+                                                       seconds=seconds))
         (h0, w0), (tr, ev) = measured[key]
         f = (h0 * w0) / (size_hw[0] * size_hw[1])
         return tr * f, ev * f
@@ -595,7 +606,7 @@ def describe(fp: Fingerprint, machine: Machine) -> list[str]:
             f"sizes {a[:, 1].min()}-{a[:, 1].max()} × {a[:, 0].min()}-{a[:, 0].max()} "
             f"(median {w}×{h}, aspect {fp.aspect:.2f}); {fp.channels} channel(s), {fp.bit_depth}-bit",
             f"channel mean {fp.mean} std {fp.std}",
-            f"classes (pixel share, images holding it, median object size as sqrt of image share): {freq}",
+            f"classes (pixel share, images holding it, object size: sqrt of its image share, pixel-weighted median): {freq}",
             f"machine: {machine.device}, {machine.memory_gb:g} GB, {machine.cores} core(s), {machine.precision}"]
 
 
@@ -685,7 +696,7 @@ def _median_object_scale(masks, num_classes: int, ignore: int, limit: int = 32) 
     sides = np.zeros((4, num_classes))
     for m in _even_sample(list(masks), limit):
         _mask_stats(_small(np.asarray(m, np.uint8)), num_classes, ignore, scales, sides)
-    known = [float(np.median(s)) for s in scales if s]
+    known = [_weighted_median(s) for s in scales if s]
     return min(known) if known else None
 
 
