@@ -105,14 +105,41 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--limit", type=int, help="only the first N samples of each split")
-    for key in ("images_dir", "masks_dir", "val_fraction"):
-        p.add_argument(config.flag(key), dest=key, type=float if key == "val_fraction" else str, default=None,
-                       help=config.OPTIONS[key].metadata["help"])
+    _add_dataset_option_args(p)
+
+    p = sub.add_parser("convert", help="an annotation export (COCO, CVAT, Label Studio, LabelMe, YOLO-seg) or any "
+                                       "dataset to a folder of class-id PNG masks (or shards)",
+                       description="Convert any dataset pixelseg reads to OUT/images/<split>/, OUT/masks/<split>/ "
+                                   "(class-id PNGs) and OUT/classes.csv, which --dataset folder reads back; or to "
+                                   "WebDataset shards (--to shards). Prints a report (classes, pixel shares, images "
+                                   "without labels, shapes clipped or dropped) and writes it to "
+                                   "OUT/convert_report.json with an overlay figure OUT/convert_overlay.png.")
+    p.add_argument("--dataset", required=True, help="coco, cvat, labelstudio, labelme, yolo, folder, voc, ...")
+    p.add_argument("--data-root", required=True, help="the export's directory (as for train)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--to", default="folder", choices=("folder", "shards"), help="default: folder")
+    p.add_argument("--split", action="append", help="split to convert (repeat; default: every split the export "
+                                                    "has, or the dataset's train and val)")
+    p.add_argument("--limit", type=int, help="only the first N samples of each split")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard with --to shards (default: 1000)")
+    _add_dataset_option_args(p)
 
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
                                   "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
     return parser, sub.choices["train"]
+
+
+def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
+    """The dataset options of `train` (folder's --images-dir ..., the annotation readers' --overlap ...)."""
+    for key in config.DATASET_FLAGS:
+        meta = config.OPTIONS[key].metadata
+        if meta["parse"] is config.parse_bool:
+            p.add_argument(config.flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
+                           help=meta["help"])
+        else:
+            p.add_argument(config.flag(key), dest=key, type=config._argparse_type(key), default=None,
+                           choices=meta["choices"], help=meta["help"])
 
 
 def _add_serve_args(sub) -> None:
@@ -219,6 +246,14 @@ def _run(args) -> int:
                                **dataset_options(vars(args)))
             print(f"wrote {idx['count']} samples of {args.dataset} {split} in {len(idx['shards'])} shard(s) to "
                   f"{args.out} ({split}.json); skipped {len(idx['skipped'])} unreadable")
+        return 0
+    if args.command == "convert":
+        from .convert import convert, format_report
+        from .data import dataset_options
+        report = convert(args.dataset, args.data_root, args.out, args.to, args.split, args.limit, args.maxcount,
+                         **dataset_options(vars(args)))
+        print(format_report(report))
+        print(f"wrote {args.out} (convert_report.json, convert_overlay.png)")
         return 0
     if args.command == "models":
         from .models import describe_models

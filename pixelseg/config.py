@@ -353,6 +353,10 @@ class TrainConfig:
 
 OPTIONS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 DEFAULTS: dict[str, Any] = {k: f.default for k, f in OPTIONS.items()}
+# The dataset options (data.DATASET_OPTION_KEYS, named here so that building the CLI imports no torch; a test
+# checks the two agree): `pixelseg shards` and `pixelseg convert` take them as train does.
+DATASET_FLAGS = ("images_dir", "masks_dir", "mask_suffix", "val_fraction", "val_group", "classes", "class_names",
+                 "overlap", "skip_bad", "iscrowd", "boxes")
 # Options that may change when a run is resumed (they do not change what is trained).
 RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger")
 
