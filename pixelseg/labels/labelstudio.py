@@ -136,9 +136,9 @@ def _task(path, task, t_i, folders, table, boxes, problems, names, out) -> None:
     results = [r for r in (ann.get("result") or []) if isinstance(r, dict)]
     recorded = next(((r.get("original_width"), r.get("original_height")) for r in results
                      if r.get("original_width")), None)
-    stem = names.take(path, where, None, img_name)
-    found = sized_image(problems, path, where, img_name, folders, recorded) if stem else None
-    if found is None:
+    found = sized_image(problems, path, where, img_name, folders, recorded)
+    stem = names.take(path, where, None, found[0].name) if found else None  # the file's name, not the upload's
+    if stem is None:
         return
     item = Item(stem, found[0], found[1], found[2], source=path)
     for k, r in enumerate(results):
