@@ -93,7 +93,7 @@ def test_cardamage_train_evaluate_predict(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "category 0 'car' left out" in out.stderr + out.stdout
     ck = __import__("torch").load(run / "best.pt", weights_only=True, map_location="cpu")
-    assert ck["info"]["class_names"][0] == "background" and len(ck["info"]["class_names"]) == 9
+    assert ck["dataset"]["class_names"][0] == "background" and len(ck["dataset"]["class_names"]) == 9
     ev = subprocess.run(env_py + ["evaluate", str(run), "--full-res", "--limit", "2"], capture_output=True, text=True,
                         timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
