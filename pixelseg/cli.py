@@ -80,6 +80,21 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
                    help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime "
                         "auto (default): onnx for .onnx files")
+    p.add_argument("--format", choices=("coco", "cvat", "labelstudio", "yolo"),
+                   help="also write the masks as pre-annotations a labelling tool imports for correction: "
+                        "annotations.coco.json, annotations.xml (CVAT for images 1.1), labelstudio_tasks.json + "
+                        "labelstudio_config.xml, or yolo/ (YOLO-seg); see docs/datasets.md")
+    p.add_argument("--shapes", default="polygon", choices=("polygon", "mask"),
+                   help="polygon (default): one editable polygon per connected region; mask: each class's pixels "
+                        "exactly (COCO RLE, CVAT <mask>, Label Studio brush; not yolo)")
+    p.add_argument("--min-area", type=int, default=16,
+                   help="polygons: drop regions and fill holes smaller than this many pixels (default: 16)")
+    p.add_argument("--rank", choices=("uncertainty",),
+                   help="write ranking.csv/ranking.json: the images, most uncertain (mean per-pixel entropy) first; "
+                        "models with dropout are sampled (MC dropout, --mc-samples, default 8)")
+    p.add_argument("--image-url", metavar="PREFIX",
+                   help="labelstudio: image URLs are PREFIX + file name (default: /data/local-files/?d=PATH, "
+                        "the path relative to the current directory)")
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, checked against PyTorch",
                        description="Export a checkpoint with dynamic batch, height and width. The file is run on real "
@@ -217,9 +232,14 @@ def _run(args) -> int:
         from .inference import predict
         results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
                           mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
-                          backend=args.backend)
+                          backend=args.backend, format=args.format, shapes=args.shapes, min_area=args.min_area,
+                          rank=args.rank, image_url=args.image_url)
         print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out} ({results[0]['backend']}, "
               f"{results[0]['mode']})")
+        if args.format:
+            print(f"wrote {args.format} pre-annotations: {', '.join(results[0]['files'])}")
+        if args.rank:
+            print(f"wrote {' and '.join(results[0]['ranking'])}: most uncertain first ({results[0]['rank_method']})")
         return 0
     if args.command == "export":
         from .export import export, format_parity
