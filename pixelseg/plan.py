@@ -86,12 +86,11 @@ def _even_sample(items: list, n: int) -> list:
 
 def _mask_stats(mask: np.ndarray, num_classes: int, ignore: int, scales: list, sides: np.ndarray) -> np.ndarray:
     """Pixel counts per class of one mask (at most 256 px a side), appending component scales per class."""
-    from scipy import ndimage
+    import cv2
     h, w = mask.shape
     counts = np.bincount(mask[mask != ignore].ravel(), minlength=num_classes)[:num_classes]
     for c in np.flatnonzero(counts):
-        labels, n = ndimage.label(mask == c)
-        areas = np.bincount(labels.ravel())[1:]
+        areas = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)[2][1:, cv2.CC_STAT_AREA]
         areas = areas[areas >= 2]  # single stray pixels are resize noise, not objects
         scales[c].extend((float(np.sqrt(a / (h * w))), int(a)) for a in areas)
     t = h // 3
