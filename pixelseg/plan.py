@@ -637,21 +637,10 @@ def plan_from_options(options: dict, probe: Machine | None = None, progress: boo
     base = config.resolve_config({k: v for k, v in user.items()} | {"run_dir": options.get("run_dir") or "."})
     fp = fingerprint(base, progress=progress)
     machine = probe or probe_machine(base["device"])
-    plan = make_plan(fp, machine, budget, _recipe_keys(user))
-    for key in _DATA_KEYS:
-        if key in user and key not in plan.choices:
-            plan.choices[key] = Choice(user[key], "the data you named")
+    plan = make_plan(fp, machine, budget, user)
     if budget is not None and "time_budget" in plan.choices:
         plan.choices["time_budget"] = Choice(f"{budget:g}s", plan.choices["time_budget"].reason)
     return plan
-
-
-_DATA_KEYS = ("data_root", "images_dir", "masks_dir", "mask_suffix", "val_fraction", "classes", "class_names",
-              "train_split", "val_split", "limit", "in_channels", "device")
-
-
-def _recipe_keys(user: dict) -> dict:
-    return {k: v for k, v in user.items() if k not in _DATA_KEYS}
 
 
 def write_plan(plan: Plan, path: Path, header: str = "") -> str:
