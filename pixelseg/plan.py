@@ -47,7 +47,7 @@ class Fingerprint:
     n_train: int
     n_val: int
     sampled: int
-    sizes_hw: list            # (h, w) of every training image (headers only)
+    sizes_hw: list            # (h, w) of the training images (headers only; at most 1000, spread over the split)
     channels: int
     bit_depth: int
     mean: list
@@ -140,13 +140,13 @@ def _samples(cfg: dict, split: str):
             samples = samples[: cfg["limit"]]
         readers = [(lambda s=s: (read_input(s.image, cfg["in_channels"]), read_target(s))) for s in samples]
 
-        def sizes(picked=None):
-            return [input_size(s.image)[::-1] for s in samples]
+        def sizes():  # headers only, of at most 1000 images spread over the split
+            return [input_size(s.image)[::-1] for s in _even_sample(samples, 1000)]
         return [s.name for s in samples], readers, sizes, [s.image for s in samples]
     # datasets without files (synthetic, shards): their decoded arrays at a moderate size
     ds = load_split(cfg["dataset"], cfg["data_root"], split, 256, cfg["limit"], channels=cfg["in_channels"], **opts)
     readers = [(lambda i=i: (np.asarray(ds.images[i]), np.asarray(ds.masks[i]))) for i in range(len(ds))]
-    return list(ds.names), readers, (lambda picked=None: [tuple(np.asarray(ds.images[0]).shape[:2])] * len(ds)), []
+    return list(ds.names), readers, (lambda: [tuple(np.asarray(ds.images[0]).shape[:2])] * len(ds)), []
 
 
 def _bit_depth(paths: list) -> tuple[int, int]:
@@ -204,7 +204,6 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     mean = csum / npx
     std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
     chans, bits = _bit_depth(paths) if paths else (3, 8)
-    get_dataset_module(cfg["dataset"])
     return Fingerprint(
         dataset=cfg["dataset"], n_train=len(names), n_val=len(val_names), sampled=len(picked),
         sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=cfg["in_channels"] if cfg["in_channels"] != 3 else chans,
@@ -689,10 +688,11 @@ def _median_object_scale(masks, num_classes: int, ignore: int, limit: int = 32) 
 
 
 def warn_recipe(cfg: dict, data, steps_per_epoch: int) -> list[str]:
-    """train.py's hook: log the warnings for this run's recipe (masks read only when they are in memory)."""
+    """train.py's hook: log the warnings for this run's recipe. Object scale is a share of the image, so
+    masks cached at --image-size and at source resolution (--crop) measure it alike."""
     scale = None
     masks = getattr(data.train_ds, "masks", None)
-    if masks is not None and not getattr(data, "full_res", False):
+    if masks is not None:
         try:
             scale = _median_object_scale(masks, data.info.num_classes, data.info.ignore_index)
         except Exception:  # noqa: BLE001 - a warning is never worth failing a run for

@@ -2,6 +2,8 @@
 and a fixed machine probe, every choice carries its reason, and the user's options win and are recorded."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import yaml
@@ -132,13 +134,16 @@ def test_recipe_warnings_fire_for_recipes_that_cannot_work():
 
 
 def test_train_start_logs_the_warnings(tmp_path):
-    root = write_folder(tmp_path / "d", n=12, size=32, obj=8)
+    # 8-px squares in 128-px images, trained on 32-px crops: 2-px objects
+    root = write_folder(tmp_path / "d", n=12, size=128, obj=8)
     run = tmp_path / "run"
     assert main(["train", "--dataset", "folder", "--data-root", str(root), "--weights", "none", "--epochs", "1",
-                 "--image-size", "32", "--precise-bn", "0", "--figure-samples", "0", "--run-dir", str(run)]) == 0
+                 "--image-size", "32", "--crop", "--precise-bn", "0", "--figure-samples", "0", "--cache", "memory",
+                 "--run-dir", str(run)]) == 0
     log = (run / "train.log").read_text()
     assert "--batch-size 64 is larger than the training split" in log
     assert "validation split holds 2 image(s)" in log
+    assert re.search(r"median object of the smallest class is about [23]\.\d px", log)
 
 
 def test_an_edited_plan_with_a_bad_key_or_value_is_one_line(tmp_path, capsys):
