@@ -55,12 +55,13 @@ class Pacer:
     """The run's total of optimiser steps, the stop decisions and where the time went."""
 
     def __init__(self, cfg: dict, steps_per_epoch: int, n_val: int, batch_size: int, used_s: float = 0.0,
-                 timing: dict | None = None, t_start: float | None = None):
+                 timing: dict | None = None, t_start: float | None = None, clock=time.time):
         self.budget = cfg.get("time_budget")
         self.spe = steps_per_epoch
         self.n_val, self.batch = n_val, batch_size
         self.used_before = used_s
-        self.t0 = time.time() if t_start is None else t_start
+        self.clock = clock  # injectable, for tests of the estimates
+        self.t0 = clock() if t_start is None else t_start
         self.timing = dict(timing or {})
         if cfg.get("iterations"):
             self.cap = int(cfg["iterations"])
@@ -77,7 +78,7 @@ class Pacer:
 
     # ---- time ----
     def elapsed(self) -> float:
-        return self.used_before + time.time() - self.t0
+        return self.used_before + self.clock() - self.t0
 
     def left(self) -> float:
         return self.budget * (1 - MARGIN) - self.elapsed()
@@ -115,13 +116,16 @@ class Pacer:
     def on_step(self, scheduler, global_step: int, in_epoch: int) -> bool:
         """After each optimiser step: the first estimate once PROBE_STEPS are timed; True = stop now."""
         if self.budget and self.step_s is None:
-            self._probe.append(time.time())
+            self._probe.append(self.clock())
             n = min(PROBE_STEPS, self.spe - 1)
             if n >= 1 and len(self._probe) == n + 1:  # the first step pays for warm-up; not counted
                 self.step_s = (self._probe[-1] - self._probe[0]) / n
                 self.overhead_s = self.n_val / self.batch * self.step_s * VAL_COST_GUESS
                 self._respan(scheduler, global_step, in_epoch)
         if global_step >= self.total:
+            if self.budget and (self.cap is None or self.total < self.cap):
+                self.stopped_by = "time_budget"
+                self.reason = f"the steps that fit the time budget of {format_seconds(self.budget)} are done"
             return True
         if self.budget and self.step_s is not None and self.left() < self.step_s + (self.overhead_s or 0):
             self.total = global_step
