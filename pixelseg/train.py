@@ -110,6 +110,8 @@ class TrainState:
 def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> dict:
     t_start = time.time()
     cfg, ckpt, run_dir = _resolve_run(overrides)
+    if cfg["folds"]:
+        raise PixelsegError("--folds: cross-validation is declared but not implemented yet (issue 18); drop --folds")
     if cfg["time_budget"] and dist_info.enabled:  # ranks would time, and so stop, differently
         raise PixelsegError("--time-budget runs in one process for now; under torchrun give --epochs or --iterations")
     device = select_device(cfg["device"])
