@@ -80,6 +80,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
                    help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime "
                         "auto (default): onnx for .onnx files")
+    p.add_argument("--keep-exif-grid", action="store_true",
+                   help="segment the pixels as stored; default: turn photos upright as their EXIF Orientation "
+                        "says (phone photos), so masks fit the image as people see it")
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, checked against PyTorch",
                        description="Export a checkpoint with dynamic batch, height and width. The file is run on real "
@@ -142,6 +145,9 @@ def _add_serve_args(sub) -> None:
                    help=f"how long a batch waits for company (default: {d.batch_wait_ms:g})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    p.add_argument("--keep-exif-grid", action="store_true",
+                   help="segment uploads as stored; default: turn photos upright as their EXIF Orientation says "
+                        "(a request may override with ?keep_exif_grid=true/false)")
     _add_resolution_args(p)
 
 
@@ -190,7 +196,7 @@ def _run(args) -> int:
         from .inference import predict
         results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
                           mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
-                          backend=args.backend)
+                          backend=args.backend, keep_exif_grid=args.keep_exif_grid)
         print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out} ({results[0]['backend']}, "
               f"{results[0]['mode']})")
         return 0
@@ -208,7 +214,8 @@ def _run(args) -> int:
                         max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
                         upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
         serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
-              precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta)
+              precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
+              keep_exif_grid=args.keep_exif_grid)
         return 0
     if args.command == "shards":
         from .data import dataset_options, default_split

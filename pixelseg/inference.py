@@ -219,13 +219,13 @@ def format_scores(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3) -> list:
+def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3, exif_transpose: bool = False) -> list:
     """Decode every input before anything is written, so a bad file fails the command with no partial
     output; arrays are kept for reuse only up to `keep_bytes` (big photos are decoded again later)."""
     kept, total = [], 0
     for f in files:
         try:
-            img = read_input(f, channels)
+            img = read_input(f, channels, exif_transpose=exif_transpose)
         except UnreadableImage as exc:
             raise PixelsegError(f"{exc}; pass only image files (JPEG, PNG, ...) to predict") from exc
         total += img.nbytes
@@ -249,13 +249,14 @@ def resolve_backend(backend: str, path) -> str:
 
 @torch.no_grad()
 def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_samples=0, progress=True,
-            tile=None, overlap=0.25, tta=False, backend="auto") -> list[dict]:
+            tile=None, overlap=0.25, tta=False, backend="auto", keep_exif_grid=False) -> list[dict]:
     """For each image: class mask at the original resolution (palette PNG) + colour overlay
     (+ uncertainty heatmaps with --mc-samples). All inputs are checked before anything is written.
 
     Resolution: resize to the training size and back (default), or sliding windows at native scale
     (`tile`), optionally averaged with the flipped image (`tta`). `backend="onnx"` runs a file written
-    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch."""
+    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch. Photos are turned
+    upright as their EXIF Orientation says (masks fit the image as people see it) unless `keep_exif_grid`."""
     backend = resolve_backend(backend, run_or_ckpt)
     check_output_dir(out_dir, "--out")  # before any work; created only once every input has been read
     mc = bool(mc_samples and mc_samples > 1)
@@ -274,7 +275,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         size = input_size(ckpt)
         channels, bands = model_channels(ckpt), ckpt["config"].get("rgb_bands")
     files = collect_images(images)
-    decoded = _decode_all(files, channels=channels)
+    decoded = _decode_all(files, channels=channels, exif_transpose=not keep_exif_grid)
     if backend == "torch":
         amp = resolve_precision(precision, dev)
         model = load_model(ckpt, dev, amp)
@@ -289,7 +290,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     out = make_output_dir(out_dir, "--out")
     results = []
     for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
-        img = img if img is not None else read_input(f, channels)
+        img = img if img is not None else read_input(f, channels, exif_transpose=not keep_exif_grid)
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
         if mc:
             probs, maps = mc_uncertainty(model, img, size, dev, amp, mc_samples)

@@ -178,7 +178,7 @@ async def image_bytes(request, body: bytes) -> tuple[bytes, str]:
     return await field.read(), f"upload {field.filename!r}" if field.filename else "upload"
 
 
-def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
+def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, keep_exif_grid: bool = False):
     """The FastAPI app serving `engine`. /readyz turns 200 once warm-up (in a thread) has finished."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -212,6 +212,7 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
     app = FastAPI(title="pixelseg", version=_version(), lifespan=_lifespan_factory(lifespan),
                   docs_url="/docs", redoc_url=None)
     app.state.engine, app.state.limits, app.state.scheduler, app.state.metrics = engine, limits, sched, metrics
+    app.state.keep_exif_grid = keep_exif_grid
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -256,7 +257,8 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
             "max_mc_samples": limits.max_mc_samples if engine.mc_dropout else 0,
             "default_mc_samples": limits.default_mc_samples, "max_queue": limits.max_queue,
             "upload_timeout_s": limits.upload_timeout_s, "max_batch": limits.max_batch,
-            "batch_wait_ms": limits.batch_wait_ms}, "formats": list(FORMATS)}
+            "batch_wait_ms": limits.batch_wait_ms}, "formats": list(FORMATS),
+            "exif_transpose": not app.state.keep_exif_grid}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
@@ -265,8 +267,9 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
 
     @app.post("/v1/predict", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def predict(request: Request, format: str = "png", uncertainty: bool = False,
-                      mc_samples: int | None = None):
-        """Segment one image: multipart field `file`, or the raw image as the body."""
+                      mc_samples: int | None = None, keep_exif_grid: bool | None = None):
+        """Segment one image: multipart field `file`, or the raw image as the body. Photos are turned upright
+        as their EXIF Orientation says unless keep_exif_grid=true (default: the server's --keep-exif-grid)."""
         t0 = time.perf_counter()
         if format not in FORMATS:
             raise HTTPProblem(422, f"format={format!r} is not one of {', '.join(FORMATS)}")
@@ -291,14 +294,15 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
         data, name = await image_bytes(request, body)
         sched.acquire()
         try:
-            image = await sched.run_io(decode_upload, data, limits.max_pixels, name)
+            upright = not (keep_exif_grid if keep_exif_grid is not None else app.state.keep_exif_grid)
+            image = await sched.run_io(decode_upload, data, limits.max_pixels, name, upright)
             del data, body
             t_decode = time.perf_counter()
             mask, maps, infer_s = await sched.mask(image, mc)
             t_infer = time.perf_counter()
             timing = {"upload": _ms(t_upload - t0), "decode": _ms(t_decode - t_upload),
                       "queue": _ms(t_infer - t_decode - infer_s), "inference": _ms(infer_s)}
-            out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing)
+            out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing, upright)
             total = time.perf_counter() - t0
             sched.ema_s = 0.8 * sched.ema_s + 0.2 * (time.perf_counter() - t_upload)
         finally:
@@ -329,7 +333,8 @@ def _lifespan_factory(fn):
 
 
 def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, device: str = "auto",
-          precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info"):
+          precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info",
+          keep_exif_grid: bool = False):
     """Load the model (errors are one line before anything listens), then serve until interrupted."""
     try:
         import fastapi  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
@@ -342,7 +347,7 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
     limits = (limits or Limits()).check()
     check_source(source)
     engine = Engine(source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta)
-    app = create_app(engine, limits, warm=False)
+    app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid)
     print(f"pixelseg serve: {engine.id} ({engine.backend}, {engine.predictor.describe()}) on http://{host}:{port}/ "
           "- /readyz turns 200 after warm-up", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, access_log=False,

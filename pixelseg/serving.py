@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import viz
 from .data import DatasetInfo
-from .data.io import UnreadableImage, to_rgb_array
+from .data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from .config import Limits  # noqa: F401  (lives in torch-free config, so `pixelseg --help` stays light)
 from .errors import PixelsegError
 
@@ -38,10 +38,11 @@ class HTTPProblem(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def decode_upload(data: bytes, max_pixels: int, name: str = "upload") -> np.ndarray:
+def decode_upload(data: bytes, max_pixels: int, name: str = "upload", exif_transpose: bool = True) -> np.ndarray:
     """Uploaded bytes -> RGB uint8 H×W×3, refusing non-images (415), images over `max_pixels` (413,
     checked from the header before any pixel is decoded, so decompression bombs cost nothing) and
-    truncated or corrupt data (400)."""
+    truncated or corrupt data (400). `exif_transpose`: turned upright as the EXIF Orientation tag
+    says, as `predict` does by default (the server's --keep-exif-grid / ?keep_exif_grid=true turn it off)."""
     if not data:
         raise HTTPProblem(422, f"{name} is empty: send the image bytes as the body or as the multipart field 'file'")
     try:
@@ -58,10 +59,16 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "upload") -> np.ndar
     if w * h > max_pixels:
         raise HTTPProblem(413, f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the server's limit of "
                                f"{max_pixels / 1e6:.1f} MP (--max-pixels); downscale it first")
+    turn = exif_transpose and exif_orientation(img) != 1
     try:
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            # the decoder `predict` uses for JPEGs (torchvision, bit-identical to PIL and faster); None: PIL
+            out = decode_jpeg_fast(io.BytesIO(data), turn)
+            if out is not None:
+                return out
         if img.format != "JPEG":
             img.load()
-        return to_rgb_array(img, name)
+        return to_rgb_array(upright(img, name) if turn else img, name)
     except UnreadableImage as exc:
         raise HTTPProblem(400, f"{exc}; the file is truncated or corrupt") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -203,8 +210,10 @@ def rle_decode(rle: dict) -> np.ndarray:
     return flat.reshape((h, w), order="F")
 
 
-def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing: dict) -> tuple[bytes, str]:
-    """(body, media type) for one mask in format `fmt`."""
+def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing: dict,
+           exif_transposed: bool = True) -> tuple[bytes, str]:
+    """(body, media type) for one mask in format `fmt`; JSON says whether the photo was turned upright
+    (EXIF), so a client draws the photo the same way before laying the mask over it."""
     info = engine.info
     if fmt == "png":
         return viz.png_bytes(mask), "image/png"
@@ -214,7 +223,7 @@ def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing
     h, w = mask.shape
     classes = [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(info.class_names, info.palette))]
     body = {"model": engine.id, "width": w, "height": h, "classes": classes,
-            "areas": areas(mask, info.class_names), "latency_ms": timing}
+            "areas": areas(mask, info.class_names), "latency_ms": timing, "exif_transposed": exif_transposed}
     if fmt == "json":
         body["mask_png"] = base64.b64encode(viz.png_bytes(mask)).decode("ascii")
         if maps is not None:

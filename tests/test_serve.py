@@ -30,11 +30,11 @@ from _fakes import fake_checkpoint  # noqa: E402
 
 
 @contextlib.contextmanager
-def running(engine, limits=None):
+def running(engine, limits=None, **options):
     """The app under uvicorn on a free local port; yields its base URL once /readyz says 200."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app = create_app(engine, limits, warm=False)
+    app = create_app(engine, limits, warm=False, **options)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
