@@ -134,13 +134,16 @@ def _add_serve_args(sub) -> None:
     p.add_argument("--max-mc-samples", type=int, default=d.max_mc_samples,
                    help=f"most MC-dropout samples a request may ask for (default: {d.max_mc_samples})")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help=f"requests admitted at once (decoding, waiting, running); more get 503 + Retry-After "
+                   help=f"requests admitted at once (waiting, decoding, running); more get 503 + Retry-After "
                         f"(default: {d.max_queue})")
+    p.add_argument("--deadline", type=float, default=d.deadline_s,
+                   help=f"seconds an admitted request may wait and run; one that cannot make it gets 503 + "
+                        f"Retry-After (default: {d.deadline_s:g})")
     p.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
                    help=f"seconds a client has to send its whole body; slower is 408 (default: {d.upload_timeout_s:g})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help=f"run up to N concurrent requests as one batch (default: {d.max_batch}, off; see "
-                        "docs/benchmarks.md for when it helps)")
+                   help=f"run up to N waiting requests as one forward pass (default: {d.max_batch}; 1: off; see "
+                        "docs/serving.md)")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help=f"how long a batch waits for company (default: {d.batch_wait_ms:g})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -212,7 +215,8 @@ def _run(args) -> int:
         from .serving import Limits
         limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                         max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
-                        upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                        upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                        deadline_s=args.deadline)
         serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
               precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
               keep_exif_grid=args.keep_exif_grid)
