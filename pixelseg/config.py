@@ -530,7 +530,7 @@ class Limits:
     max_mc_samples: int = 32
     default_mc_samples: int = 8
     max_queue: int = 128                  # admitted requests (waiting, decoding, running); more get 503
-    deadline_s: float = 30.0              # a request that cannot be answered within this after admission: 503
+    deadline_s: float = 60.0              # a request that cannot be answered within this after admission: 503
     upload_timeout_s: float = 30.0        # a client that has not sent its whole body by then gets 408
     max_batch: int = 8                    # concurrent requests share one forward pass (dynamic batching); 1: off
     batch_wait_ms: float = 5.0

@@ -67,24 +67,31 @@ class Scheduler:
         self.decoding = 0       # inside the decode-ahead window, not yet handed to the batcher
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="pixelseg-infer")
         self.io_pool = ThreadPoolExecutor(2, thread_name_prefix="pixelseg-io")
-        # recent seconds of wall clock per request: the model's share of a batch plus decode and encode
-        # (these overlap on a multi-core machine, so the sum over-estimates: refusals err towards waiting)
-        self.model_s, self.io_s = 0.05, 0.01
+        # recent seconds of wall clock per answered request while busy (gaps between forward passes
+        # included, so decoding, encoding and other processes' load on the cores count as they really do)
+        self.per_request_s = 0.05
+        self._last_done: float | None = None
         self.window = asyncio.Semaphore(max(4, 2 * limits.max_batch))
         self._pending: asyncio.Queue | None = None
         self._batcher: asyncio.Task | None = None
 
-    def per_request_s(self) -> float:
-        return self.model_s + self.io_s
+    def _served(self, n: int, infer_s: float) -> None:
+        """Update the cost per request after a forward pass of `n`: the time since the previous pass ended
+        if requests were waiting all along (the throughput seen from the queue), else the pass alone."""
+        now = time.perf_counter()
+        busy = self._last_done is not None and self.slots > n
+        cost = (now - self._last_done if busy else infer_s) / n
+        self.per_request_s = 0.8 * self.per_request_s + 0.2 * cost
+        self._last_done = now
 
     def admit(self) -> float:
         """Take a queue slot, or 503 if the queue is full or the wait would pass the deadline; returns the
         request's deadline (event-loop time)."""
-        wait = self.slots * self.per_request_s()
+        wait = self.slots * self.per_request_s
         full = self.slots >= self.limits.max_queue
         if full or wait > self.limits.deadline_s:
             excess = wait - self.limits.deadline_s if not full else (self.slots - self.limits.max_queue + 1) * \
-                self.per_request_s()
+                self.per_request_s
             retry = max(1, math.ceil(excess))
             self.metrics.refused.labels("queue_full" if full else "deadline").inc()
             why = (f"{self.slots} requests queued (--max-queue {self.limits.max_queue})" if full else
@@ -99,7 +106,7 @@ class Scheduler:
 
     def late(self, deadline: float) -> HTTPProblem:
         self.metrics.refused.labels("deadline").inc()
-        retry = max(1, math.ceil(self.slots * self.per_request_s() - self.limits.deadline_s))
+        retry = max(1, math.ceil(self.slots * self.per_request_s - self.limits.deadline_s))
         return HTTPProblem(503, f"server busy: the request waited past its {self.limits.deadline_s:g} s deadline "
                                 f"(--deadline) with {self.slots} requests queued; retry after {retry} s",
                            {"Retry-After": str(retry)})
@@ -150,7 +157,7 @@ class Scheduler:
         (mask, maps), dt = await loop.run_in_executor(self.infer_pool, self._timed, self.engine.mask, image,
                                                       mc_samples)
         self.metrics.batch.observe(1)
-        self.model_s = 0.8 * self.model_s + 0.2 * dt
+        self._served(1, dt)
         return mask, maps, dt
 
     async def _gather(self) -> list:
@@ -187,7 +194,7 @@ class Scheduler:
                 masks, dt = await loop.run_in_executor(self.infer_pool, self._timed, self.engine.masks,
                                                        [img for img, _, _ in jobs])
                 self.metrics.batch.observe(len(jobs))
-                self.model_s = 0.8 * self.model_s + 0.2 * dt / len(jobs)
+                self._served(len(jobs), dt)
                 for (_, fut, _), m in zip(jobs, masks):
                     if not fut.done():
                         fut.set_result((m, dt))
@@ -354,7 +361,7 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, 
         if uncertainty or mc_samples:
             if not engine.mc_dropout:
                 raise HTTPProblem(422, f"uncertainty needs a model with dropout (Bayesian SegNet); {engine.id} has "
-                                       "none" + (" (an ONNX graph has no dropout)" if engine.backend == "onnx" else ""))
+                                       "none" + (" (an exported graph has no dropout)" if engine.model is None else ""))
             mc = min(limits.default_mc_samples, limits.max_mc_samples) if mc_samples is None else mc_samples
             if not 2 <= mc <= limits.max_mc_samples:
                 raise HTTPProblem(422, f"mc_samples={mc} is outside 2..{limits.max_mc_samples} "
@@ -384,7 +391,6 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, 
             out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing, upright)
             enc_s = time.perf_counter() - t_enc
             metrics.stage.labels("encode").observe(enc_s)
-            sched.io_s = 0.8 * sched.io_s + 0.2 * (decode_s + enc_s)
             total = time.perf_counter() - t0
         finally:
             sched.release()
@@ -415,7 +421,7 @@ def _lifespan_factory(fn):
 
 def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, device: str = "auto",
           precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info",
-          keep_exif_grid: bool = False):
+          keep_exif_grid: bool = False, backend: str = "auto"):
     """Load the model (errors are one line before anything listens), then serve until interrupted."""
     try:
         import fastapi  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
@@ -427,7 +433,7 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
     from .serving import check_source
     limits = (limits or Limits()).check()
     check_source(source)
-    engine = Engine(source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta)
+    engine = Engine(source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta, backend=backend)
     app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid)
     print(f"pixelseg serve: {engine.id} ({engine.backend}, {engine.predictor.describe()}) on http://{host}:{port}/ "
           "- /readyz turns 200 after warm-up", flush=True)

@@ -132,7 +132,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_admission(engine):
         first, t1 = _burst(u, 1)
         assert gated.entered.acquire(timeout=60)
         sched = app.state.scheduler
-        sched.model_s = 5.0  # recent requests took 5 s each: one ahead already passes a 2 s deadline
+        sched.per_request_s = 5.0  # recent requests took 5 s each: one ahead already passes a 2 s deadline
         r = httpx.post(u + "/v1/predict", content=png(photo(8, 8)))
         msg = error_of(r, 503)
         assert "deadline" in msg and int(r.headers["retry-after"]) >= 3
@@ -140,5 +140,5 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_admission(engine):
         for t in t1:
             t.join(120)
         assert first[0].status_code == 200
-        sched.model_s = 0.01
+        sched.per_request_s = 0.01
         assert mask_of(httpx.post(u + "/v1/predict", content=png(photo(8, 8)))).shape == (8, 8)
