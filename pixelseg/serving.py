@@ -90,16 +90,21 @@ class Engine:
     """One model ready to segment uint8 RGB arrays; not thread-safe (the server runs it on one thread)."""
 
     def __init__(self, source, device: str = "auto", precision: str = "auto", tile=None, overlap: float = 0.25,
-                 tta: bool = False):
+                 tta: bool = False, backend: str = "auto"):
         from .inference import resolve_backend, tile_size
         from .loading import input_size, load_model, load_onnx_predictor_parts
         from .runtime import resolve_precision, select_device
         from .tiling import Predictor, torch_logits_fn
-        self.backend = resolve_backend("auto", source)
+        self.backend = resolve_backend(backend, source)
         self.device = select_device(device)
         self.model = None
-        if self.backend == "onnx":
-            fn, self.info, self.size = load_onnx_predictor_parts(source, self.device)
+        if self.backend in ("onnx", "openvino"):
+            if self.backend == "openvino":
+                from .openvino_backend import load_openvino_predictor_parts as load_parts
+            else:
+                load_parts = load_onnx_predictor_parts
+            fn, self.info, self.size = load_parts(source, self.device)
+            self.backend = getattr(fn, "backend", self.backend)  # "onnxruntime (fallback)" if OpenVINO could not compile
             self.path = Path(source)
             self.model_config = dict(fn.metadata.get("model_config", {}))
             self.amp = None
