@@ -89,7 +89,7 @@ def test_serve_turns_uploads_upright_by_default(ckpt, tmp_path):
     engine = Engine(ckpt, precision="fp32")
 
     def mask(u, body, query=""):
-        r = httpx.post(u + "/v1/predict" + query, content=body)
+        r = httpx.post(u + "/v1/predict" + query, content=body, timeout=120)  # a loaded machine is slow, not wrong
         assert r.status_code == 200, r.text
         return np.array(Image.open(io.BytesIO(r.content)))
 
@@ -97,7 +97,7 @@ def test_serve_turns_uploads_upright_by_default(ckpt, tmp_path):
         got = mask(u, data)
         assert got.shape == (52, 30)
         np.testing.assert_array_equal(got, mask(u, upright_png.getvalue()))
-        body = httpx.post(u + "/v1/predict?format=json", content=data).json()
+        body = httpx.post(u + "/v1/predict?format=json", content=data, timeout=120).json()
         assert body["exif_transposed"] is True and (body["width"], body["height"]) == (30, 52)
         kept = mask(u, data, "?keep_exif_grid=true")
         assert kept.shape == (30, 52)
@@ -106,5 +106,5 @@ def test_serve_turns_uploads_upright_by_default(ckpt, tmp_path):
 
     with running(engine, keep_exif_grid=True) as u:  # the server option: stored grid unless a request asks
         assert mask(u, data).shape == (30, 52)
-        assert httpx.post(u + "/v1/predict?format=json", content=data).json()["exif_transposed"] is False
+        assert httpx.post(u + "/v1/predict?format=json", content=data, timeout=120).json()["exif_transposed"] is False
         assert mask(u, data, "?keep_exif_grid=false").shape == (52, 30)
