@@ -40,6 +40,17 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p = sub.add_parser("train", help="train a model", description="Train a segmentation model. Defaults are the "
                        "TensorFlow tutorial's recipe (U-Net/MobileNetV2, Adam 1e-3, batch 64, 20 epochs, 128×128).")
     config.add_train_args(p)
+    p.add_argument("--auto", action="store_true", default=argparse.SUPPRESS,
+                   help="plan the recipe from the data and this machine (`pixelseg plan`), save it as RUN/plan.yaml and "
+                        "train it; options you give win over the plan, and plan.yaml records which ones did")
+
+    p = sub.add_parser("plan", help="derive a training recipe from a dataset and this machine",
+                       description="Read the dataset (sizes, channels, class frequencies, object scales, file-name "
+                                   "patterns), measure a few seconds of training steps, and write a recipe YAML that "
+                                   "`pixelseg train --config` runs, each choice under its reason. Takes the data "
+                                   "options of `train` (and any other train option, which the plan then keeps).")
+    config.add_train_args(p)
+    p.add_argument("--out", type=Path, default=Path("plan.yaml"), help="where to write the recipe (default: plan.yaml)")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a split",
                        description="Score a checkpoint over a whole split; prints metrics, writes eval_<split>.json "
@@ -159,6 +170,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
                                   "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
+    parser.subcommands = sub.choices  # main() applies a --config file to train's or plan's parser
     return parser, sub.choices["train"]
 
 
@@ -213,13 +225,13 @@ def _add_serve_args(sub) -> None:
 
 
 def main(argv=None) -> int:
-    parser, train_parser = _parsers()
+    parser, _ = _parsers()
     args = parser.parse_args(argv)
     try:
-        if args.command == "train" and getattr(args, "config", None):
+        if args.command in ("train", "plan") and getattr(args, "config", None):
             # As timm's train.py: the YAML file sets the parser's defaults, then the flags are parsed again
             # on top of it, so flags win and every value goes through the same parser.
-            train_parser.set_defaults(**config.load_yaml(args.config))
+            parser.subcommands[args.command].set_defaults(**config.load_yaml(args.config))
             args = parser.parse_args(argv)
         return _run(args)
     except PixelsegError as exc:
@@ -238,6 +250,16 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    if args.command == "plan":
+        from .plan import plan_from_options, write_plan
+        print(write_plan(plan_from_options(config.overrides_from_args(args)), args.out), end="")
+        print(f"wrote {args.out}; train it with: pixelseg train --config {args.out}")
+        return 0
+    if args.command == "train" and getattr(args, "auto", False):
+        from .plan import train_auto
+        summary = train_auto(config.overrides_from_args(args))
+        print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
+        return 0
     if args.command == "train":
         from .train import train
         summary = train(config.overrides_from_args(args))

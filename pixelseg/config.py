@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -169,6 +170,31 @@ def parse_rgb_bands(value) -> list[int]:
     return vals
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(value) -> float | None:
+    """"15m", "90s", "1h30m", "2.5h", 900 or "900" -> seconds (float); "none"/"off" -> None (no budget)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise OptionError("give a duration like 15m, 90s, 1h30m or a number of seconds")
+    text = str(value).strip().lower().replace(" ", "")
+    if text in ("none", "off", "null", ""):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.fullmatch(text)
+        if not match or not any(match.groups()):
+            raise OptionError("give a duration like 15m, 90s, 1h30m or a number of seconds") from None
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = 3600 * hours + 60 * minutes + secs
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise OptionError("must be a positive duration")
+    return seconds
+
+
 def _lower(value) -> str:
     return str(value).strip().lower()
 
@@ -286,11 +312,25 @@ class TrainConfig:
                                         "does), yes, no", "model", parse=parse_tristate,
                                         metavar="{auto,yes,no}")
     # optimisation
-    epochs: int = option(20, "number of epochs", "optimisation", parse=_int(1))
+    epochs: int | None = option(20, "number of epochs (with --time-budget: an upper bound when given; null = the "
+                                "budget alone decides)", "optimisation", parse=_int(1), nullable=True)
     iterations: int | None = option(None, "number of optimiser steps in all, as papers give schedules (overrides "
                                     "--epochs: the run stops after this many steps and the lr schedule spans them; "
                                     "validation still runs once per epoch)", "optimisation", parse=_int(1),
                                     default_text="off")
+    time_budget: float | None = option(None, "stop training at this wall time, e.g. 15m, 90s, 1h30m or seconds; the "
+                                       "lr schedule spans the steps that fit (measured speed, re-estimated after the "
+                                       "first epoch), validation included, and best.pt is kept (docs/training.md)",
+                                       "optimisation", parse=parse_duration, default_text="off",
+                                       metavar="DURATION")
+    early_stop: int | None = option(None, "stop after N epochs without a val mIoU improvement of more than "
+                                    "--early-stop-delta", "optimisation", parse=_int(1), default_text="off")
+    early_stop_delta: float = option(0.001, "the val mIoU gain that counts as an improvement for --early-stop",
+                                     "optimisation", parse=_float(0.0))
+    folds: int | None = option(None, "K-fold cross-validation: K runs RUN/fold_0 .. fold_K-1 on grouped folds of "
+                               "the data (folder-like datasets), cv.json with mean and std; the folds run dir "
+                               "then serves evaluate/predict/serve as an ensemble (docs/training.md)",
+                               "optimisation", parse=_int(2), default_text="off")
     batch_size: int = option(64, "global batch size (all processes and accumulation steps together)",
                              "optimisation", parse=_int(1))
     accumulate: int = option(1, "gradient accumulation steps per optimiser step", "optimisation", parse=_int(1))
@@ -358,7 +398,8 @@ DEFAULTS: dict[str, Any] = {k: f.default for k, f in OPTIONS.items()}
 DATASET_FLAGS = ("images_dir", "masks_dir", "mask_suffix", "val_fraction", "val_group", "classes", "class_names",
                  "overlap", "skip_bad", "iscrowd", "boxes")
 # Options that may change when a run is resumed (they do not change what is trained).
-RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger")
+RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger", "time_budget", "early_stop",
+             "early_stop_delta")
 
 
 def _canonical(key: str, value):
@@ -444,7 +485,8 @@ def _yaml_types(key: str) -> tuple:
     name = getattr(parse, "__name__", "")
     return {"parse_bool": (bool,), "int": (int,), "float": (float,), "parse_size": (int, str, list),
             "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str, bool),
-            "parse_workers": (int, str)}.get(name, (str,))
+            "parse_workers": (int, str),
+            "parse_duration": (str, int, float)}.get(name, (str,))
 
 
 def read_yaml(path: Path) -> dict:
@@ -519,6 +561,10 @@ def resolve_config(overrides: dict) -> dict:
             cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
     if isinstance(cfg["weights"], str) and cfg["weights"] != "imagenet" and Path(cfg["weights"]).expanduser().is_file():
         cfg["weights"] = os.path.abspath(os.path.expanduser(cfg["weights"]))
+    if cfg["time_budget"] and "epochs" not in overrides and not cfg["iterations"]:
+        cfg["epochs"] = None  # the budget decides how many epochs; explicit --epochs/--iterations stay bounds
+    if cfg["epochs"] is None and not cfg["time_budget"]:
+        raise PixelsegError("--epochs: null (no epoch limit) needs --time-budget to end the run")
     if cfg["scale_range"] is not None and not cfg["crop"]:
         raise PixelsegError("--scale-range needs --crop (the random rescale is cropped back to --image-size)")
     # Cross-option and registry checks (these import the registries, and with them torch).

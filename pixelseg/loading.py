@@ -41,6 +41,20 @@ def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None =
     return prepare_for_inference(model, amp_dtype, channels_last) if fast else model
 
 
+class Ensemble(torch.nn.Module):
+    """Several models of one task as one: log of the mean of their softmax. Returned as log-probabilities
+    so that every consumer of logits (argmax, softmax, the tiling Predictor) works unchanged, and
+    ``softmax(ensemble(x))`` is exactly the members' mean probability."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
 def input_size(ckpt: dict) -> tuple[int, int]:
     return size_hw(ckpt["config"].get("image_size", 128), f"{ckpt.get('path', 'checkpoint')}: image_size")
 

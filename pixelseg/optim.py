@@ -7,13 +7,14 @@ BatchNorm scale or a bias only fights the normalisation and does not regularise 
 (``requires_grad=False``, e.g. a frozen encoder) are left out.
 
 `build_scheduler` returns a `LambdaLR` stepped once per optimiser step, so its state_dict (``last_epoch``)
-checkpoints and resumes with the optimiser's. Schedules: ``constant``, ``poly`` (DeepLab:
+checkpoints and resumes with the optimiser's. Its lr function is an `LrSchedule` object, whose attributes
+LambdaLR saves in that state_dict: `set_total_steps` can re-span the schedule mid-run (--time-budget
+re-estimates how many steps fit) and --resume restores the span the run had. Schedules: ``constant``, ``poly`` (DeepLab:
 ``(1 − t/T)^power``) and ``cosine``, each with an optional linear warm-up.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -22,7 +23,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from pixelseg.errors import PixelsegError
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "LrSchedule", "build_optimizer", "build_scheduler", "lr_factor",
+           "param_groups", "set_total_steps"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("constant", "poly", "cosine")
@@ -107,8 +109,29 @@ def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, warmup_st
         raise PixelsegError(f"poly power must be positive, got {power}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise PixelsegError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    # functools.partial of a module-level function (not a lambda) so the scheduler pickles; LambdaLR
-    # then stores only last_epoch/base_lrs in its state_dict, and the schedule comes from these args.
-    factor = functools.partial(lr_factor, name=name, total_steps=int(total_steps), warmup_steps=int(warmup_steps),
-                               power=float(power), min_lr_ratio=float(min_lr_ratio))
+    factor = LrSchedule(name, int(total_steps), int(warmup_steps), float(power), float(min_lr_ratio))
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+class LrSchedule:
+    """`lr_factor` with its arguments as plain attributes: LambdaLR.state_dict() saves a callable object's
+    ``__dict__`` (plain numbers and a name, so checkpoints load with weights_only=True) and load_state_dict()
+    restores it, so a re-spanned schedule resumes exactly. A module-level class, not a lambda: it pickles."""
+
+    def __init__(self, name: str, total_steps: int, warmup_steps: int, power: float, min_lr_ratio: float):
+        self.name, self.total_steps, self.warmup_steps = name, total_steps, warmup_steps
+        self.power, self.min_lr_ratio = power, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, name=self.name, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                         power=self.power, min_lr_ratio=self.min_lr_ratio)
+
+
+def set_total_steps(scheduler: LambdaLR, total_steps: int) -> None:
+    """Re-span the schedule over ``total_steps`` optimiser steps (warm-up unchanged) and set the lr of the
+    next step to the new curve. A total at or below the warm-up keeps one decay step after it."""
+    for fn in scheduler.lr_lambdas:
+        fn.total_steps = max(int(total_steps), fn.warmup_steps + 1)
+    step = max(scheduler.last_epoch, 0)
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)

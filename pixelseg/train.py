@@ -27,12 +27,14 @@ from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_c
 from .data import collate_batch, dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
 from .distributed import DistInfo, ShardSampler, barrier, check_batch, cleanup, init_distributed
+from .budget import Pacer
 from .engine import RunContext, evaluate, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .errors import PixelsegError
 from .logs import logger as log, run_log
 from .losses import build_loss, class_weights
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
+from .plan import warn_recipe
 from .runtime import optimize_for_training, resolve_precision, seed_everything, select_device
 from .tracking import open_tracker
 
@@ -101,11 +103,17 @@ class TrainState:
     global_step: int = 0
     history: list = field(default_factory=list)
     best_miou: float = -1.0
+    time_used_s: float = 0.0    # wall time of the run so far, all sessions (--time-budget)
+    timing: dict = field(default_factory=dict)  # where it went: setup, train, validation, ...
 
 
 def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> dict:
     t_start = time.time()
     cfg, ckpt, run_dir = _resolve_run(overrides)
+    if cfg["folds"]:
+        raise PixelsegError("--folds: cross-validation is declared but not implemented yet (issue 18); drop --folds")
+    if cfg["time_budget"] and dist_info.enabled:  # ranks would time, and so stop, differently
+        raise PixelsegError("--time-budget runs in one process for now; under torchrun give --epochs or --iterations")
     device = select_device(cfg["device"])
     ctx = RunContext(device, resolve_precision(cfg["precision"], device), cfg["channels_last"], dist_info)
     per_rank_batch = check_batch(cfg["batch_size"], dist_info.world_size, cfg["accumulate"])
@@ -122,28 +130,35 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
         optimizer = build_optimizer(model_without_ddp, cfg["optimizer"], cfg["lr"], cfg["weight_decay"],
                                     cfg["momentum"])
         steps_per_epoch = math.ceil(data.micro_per_epoch / cfg["accumulate"])
-        total_steps = cfg["epochs"] * steps_per_epoch
-        if cfg["iterations"]:  # papers give schedules in iterations: run that many steps, validate per epoch
-            total_steps = cfg["iterations"]
-            cfg["epochs"] = math.ceil(total_steps / steps_per_epoch)
-        scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=total_steps,
+        if cfg["iterations"] and not cfg["time_budget"]:  # papers give schedules in iterations; validate per epoch
+            cfg["epochs"] = math.ceil(cfg["iterations"] / steps_per_epoch)
+        state = TrainState() if ckpt is None else _train_state(ckpt)
+        pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing,
+                      t_start)
+        scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=pacer.total,
                                     warmup_steps=int(cfg["warmup_epochs"] * steps_per_epoch))
         scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
-        state = TrainState()
         if ckpt is not None:
-            state = _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
+            _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
+            pacer.resumed(scheduler, state, run_dir)
             log.info(f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}")
         if ctx.is_main:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
             _log_header(cfg, model_without_ddp, data, ctx, per_rank_batch, steps_per_epoch)
+            warn_recipe(cfg, data, steps_per_epoch)  # recipes that cannot work (1 step per epoch, ...)
         tracker = open_tracker(cfg["logger"], run_dir, cfg) if ctx.is_main else open_tracker("none", run_dir, cfg)
 
         def save(name: str, epoch: int, step_in_epoch: int) -> None:
+            t_save = time.time()
+            state.time_used_s, state.timing = pacer.elapsed(), pacer.timing
             _checkpoint(run_dir / name, model_without_ddp, optimizer, scheduler, scaler, cfg, data.info, epoch,
                         step_in_epoch, state, full=name != "best.pt")
+            pacer.add("checkpoints", time.time() - t_save)
 
+        pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
         try:
-            for epoch in range(state.epoch, cfg["epochs"]):
+            epoch = state.epoch
+            while epoch < pacer.planned_epochs:
                 data.train_sampler.set_epoch(epoch)
                 set_train_mode(model, cfg["freeze_bn"])
 
@@ -152,25 +167,42 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
                     if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
                             and step_in_epoch < steps_per_epoch:
                         save("last.pt", epoch, step_in_epoch)
-                    return state.global_step >= total_steps  # --iterations reached inside the last epoch
+                    # --iterations reached, or the time budget spent, inside the epoch
+                    return pacer.on_step(scheduler, state.global_step, step_in_epoch)
 
-                t_epoch = time.time()
+                t_epoch, steps_before = time.time(), state.global_step
                 stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
-                                        data.info, epoch=epoch, epochs=cfg["epochs"], accumulate=cfg["accumulate"],
-                                        steps_done=state.step_in_epoch, forward=forward, on_step=on_step,
-                                        flip_seed=cfg["seed"] if data.flip_in_loop else None)
+                                        data.info, epoch=epoch, epochs=pacer.planned_epochs,
+                                        accumulate=cfg["accumulate"], steps_done=state.step_in_epoch, forward=forward,
+                                        on_step=on_step, flip_seed=cfg["seed"] if data.flip_in_loop else None)
+                pacer.add("train", stats.train_time)
                 state.step_in_epoch = 0
+                t_val = time.time()
                 if cfg["precise_bn"]:
                     precise_bn(model_without_ddp, data.train_loader, cfg["precise_bn"], ctx)
                 val_cm, val_loss = evaluate(forward, data.val_loader, ctx, data.info, criterion)
+                pacer.add("validation", time.time() - t_val)
                 row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
                 state.history.append(row)
                 if ctx.is_main:
-                    _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker)
+                    t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
+                    _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
+                                  pacer.planned_epochs)
+                    pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
                 barrier(dist_info)
+                epoch += 1
+                pacer.end_of_epoch(scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
+                                   time.time() - t_epoch)
+                warning = pacer.cannot_hold_epoch() if epoch == 1 else None
+                if warning:
+                    log.warning(warning)
+                if pacer.should_stop(state.global_step, state.history, cfg["early_stop"], cfg["early_stop_delta"]):
+                    break
         finally:
             tracker.close()
-        return _finish(run_dir, cfg, state, data, dist_info, t_start)
+        if ctx.is_main:  # last.pt records the time of the whole run, validation and figures included
+            save("last.pt", epoch, 0)
+        return _finish(run_dir, cfg, state, data, dist_info, t_start, pacer)
 
 
 # ---- the steps of a run, in the order train() calls them ---------------------------------------------
@@ -403,7 +435,7 @@ def _epoch_row(epoch: int, stats, val_cm, val_loss: float, optimizer, info, epoc
 
 
 def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, model, data: RunData,
-                  ctx: RunContext, tracker) -> None:
+                  ctx: RunContext, tracker, epochs: int) -> None:
     """Rank 0: checkpoints, metrics files, curves, the prediction figure, the log line, the tracker."""
     epoch = row["epoch"]
     is_best = row["val_miou"] > state.best_miou
@@ -416,7 +448,7 @@ def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, 
     figure = run_dir / "figures" / f"epoch_{epoch:03d}.png"
     _epoch_figure(model, data.val_ds, data.figure_idx, ctx, figure, f"epoch {epoch}: val mIoU {row['val_miou']:.3f}",
                   cfg["rgb_bands"])
-    log.info(f"epoch {epoch}/{cfg['epochs']}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} | "
+    log.info(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} | "
              f"val mIoU {row['val_miou']:.4f} | pixel acc {row['val_pixel_acc']:.4f} | "
              f"{row['train_images_per_s']:.1f} img/s | data {100 * row['data_time_frac']:.1f}% | "
              f"{row['epoch_time_s']:.1f}s" + (" | best" if is_best else ""))
@@ -425,7 +457,8 @@ def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, 
         tracker.log_figure("predictions", figure, epoch)
 
 
-def _finish(run_dir: Path, cfg: dict, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float) -> dict:
+def _finish(run_dir: Path, cfg: dict, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float,
+            pacer: Pacer) -> dict:
     history = state.history
     summary = {
         "run_dir": str(run_dir),
@@ -435,9 +468,12 @@ def _finish(run_dir: Path, cfg: dict, state: TrainState, data: RunData, dist_inf
         "skipped_files": list(data.train_ds.skipped) + list(data.val_ds.skipped),
         "wall_time_s": time.time() - t_start,
         "world_size": dist_info.world_size,
+        **pacer.summary(len(history)),
     }
     if dist_info.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        spent = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_s"].items())
+        log.info(f"stopped after {len(history)} epochs: {summary['stop_reason']}; time: {spent}")
         log.info(f"done: best val mIoU {summary['best_val_miou']:.4f}; run directory {run_dir}")
     return summary
 
@@ -474,6 +510,8 @@ def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, ste
         "global_step": state.global_step,
         "best_miou": state.best_miou,
         "metrics": state.history[-1] if state.history else None,
+        "time_used_s": state.time_used_s,
+        "timing": dict(state.timing),
     }
     if full:
         out.update({
@@ -487,13 +525,17 @@ def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, ste
     atomic_save(out, path)
 
 
-def _restore(ckpt: dict, model, optimizer, scheduler, scaler) -> TrainState:
+def _train_state(ckpt: dict) -> TrainState:
+    return TrainState(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["history"], ckpt["best_miou"],
+                      ckpt.get("time_used_s", 0.0), dict(ckpt.get("timing", {})))
+
+
+def _restore(ckpt: dict, model, optimizer, scheduler, scaler) -> None:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])
-    return TrainState(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["history"], ckpt["best_miou"])
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:

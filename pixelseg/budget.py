@@ -1,0 +1,194 @@
+"""When a run stops: --time-budget (the lr schedule spans the steps that fit), --early-stop, --epochs.
+
+`Pacer` owns the run's length. Without a budget it is the configured one (--epochs or --iterations).
+With one, the number of optimiser steps is estimated from measured speed: after a few steps of the
+first epoch (validation cost guessed from the step time), then again after every epoch from its
+measured train time and its overhead (PreciseBN, validation, figures, checkpoints), and the schedule
+is re-spanned to that total (`optim.set_total_steps`). A guard inside the epoch stops training when
+the next step would leave no time for the epoch's validation; --epochs/--iterations given explicitly
+stay upper bounds. The time used is kept in the checkpoints, so a resumed run spends what is left.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from .optim import set_total_steps
+
+PROBE_STEPS = 5          # steps of the first epoch timed for the first estimate (after one warm-up step)
+VAL_COST_GUESS = 1 / 3   # validation image / training image cost before validation has been timed
+MARGIN = 0.02            # share of the budget kept free for what the estimate misses (process exit, jitter)
+
+
+def steps_that_fit(left_s: float, step_s: float, overhead_s: float, steps_per_epoch: int, in_epoch: int = 0) -> int:
+    """Optimiser steps that fit into ``left_s`` seconds when each takes ``step_s`` and every epoch (a
+    partial last one too) ends with ``overhead_s`` of validation, figures and checkpoints; ``in_epoch``
+    steps of the current epoch are already done."""
+    if step_s <= 0:
+        return 0
+    steps = 0
+    if in_epoch:  # the current epoch first
+        rest = steps_per_epoch - in_epoch
+        if left_s < rest * step_s + overhead_s:
+            return max(0, int((left_s - overhead_s) // step_s))
+        steps, left_s = rest, left_s - rest * step_s - overhead_s
+    epoch_s = steps_per_epoch * step_s + overhead_s
+    full = int(left_s // epoch_s)
+    left_s -= full * epoch_s
+    partial = max(0, min(steps_per_epoch - 1, int((left_s - overhead_s) // step_s)))
+    return steps + full * steps_per_epoch + partial
+
+
+def epochs_without_improvement(history: list[dict], delta: float) -> int:
+    """Epochs since val mIoU last beat the best so far by more than ``delta`` (from the history, so a
+    resumed run counts the same)."""
+    best, since = -math.inf, 0
+    for row in history:
+        if row["val_miou"] > best + delta:
+            best, since = row["val_miou"], 0
+        else:
+            since += 1
+    return since
+
+
+class Pacer:
+    """The run's total of optimiser steps, the stop decisions and where the time went."""
+
+    def __init__(self, cfg: dict, steps_per_epoch: int, n_val: int, batch_size: int, used_s: float = 0.0,
+                 timing: dict | None = None, t_start: float | None = None, clock=time.time):
+        self.budget = cfg.get("time_budget")
+        self.spe = steps_per_epoch
+        self.n_val, self.batch = n_val, batch_size
+        self.used_before = used_s
+        self.clock = clock  # injectable, for tests of the estimates
+        self.t0 = clock() if t_start is None else t_start
+        self.timing = dict(timing or {})
+        if cfg.get("iterations"):
+            self.cap = int(cfg["iterations"])
+        elif cfg.get("epochs"):
+            self.cap = int(cfg["epochs"]) * steps_per_epoch
+        else:
+            self.cap = None  # the budget alone decides
+        self.total = self.cap if self.cap is not None else 1000 * steps_per_epoch  # until measured
+        self.step_s: float | None = None
+        self.overhead_s: float | None = None
+        self._probe: list[float] = []
+        self.stopped_by = "iterations" if cfg.get("iterations") else "epochs"
+        self.reason = ""
+
+    # ---- time ----
+    def elapsed(self) -> float:
+        return self.used_before + self.clock() - self.t0
+
+    def left(self) -> float:
+        return self.budget * (1 - MARGIN) - self.elapsed()
+
+    def add(self, what: str, seconds: float) -> None:
+        self.timing[what] = self.timing.get(what, 0.0) + seconds
+
+    @property
+    def planned_epochs(self) -> int:
+        return max(1, math.ceil(self.total / self.spe))
+
+    def resumed(self, scheduler, state, run_dir) -> None:
+        """After --resume: a budget run keeps the span its checkpoint holds and needs time left; otherwise the
+        span follows the configured length (--epochs may grow on resume)."""
+        if not self.budget:
+            set_total_steps(scheduler, self.total)
+            return
+        self.total = scheduler.lr_lambdas[0].total_steps
+        if self.cap:
+            self.total = min(self.total, self.cap)
+        if self.left() <= 0:
+            from .errors import PixelsegError
+            raise PixelsegError(f"--resume {run_dir}: the run has used {format_seconds(self.elapsed())} of its "
+                                f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
+                                f"e.g. --time-budget {format_seconds(self.budget * 2)} (the budget counts the "
+                                "whole run, all sessions)")
+        self.total = max(self.total, state.global_step + 1)
+
+    # ---- estimates ----
+    def _respan(self, scheduler, global_step: int, in_epoch: int) -> None:
+        fit = global_step + steps_that_fit(self.left(), self.step_s, self.overhead_s, self.spe, in_epoch)
+        self.total = max(global_step + (1 if in_epoch else 0), min(fit, self.cap) if self.cap else fit)
+        set_total_steps(scheduler, self.total)
+
+    def on_step(self, scheduler, global_step: int, in_epoch: int) -> bool:
+        """After each optimiser step: the first estimate once PROBE_STEPS are timed; True = stop now."""
+        if self.budget and self.step_s is None:
+            self._probe.append(self.clock())
+            n = min(PROBE_STEPS, self.spe - 1)
+            if n >= 1 and len(self._probe) == n + 1:  # the first step pays for warm-up; not counted
+                self.step_s = (self._probe[-1] - self._probe[0]) / n
+                self.overhead_s = self.n_val / self.batch * self.step_s * VAL_COST_GUESS
+                self._respan(scheduler, global_step, in_epoch)
+        if global_step >= self.total:
+            if self.budget and (self.cap is None or self.total < self.cap):
+                self.stopped_by = "time_budget"
+                self.reason = f"the steps that fit the time budget of {format_seconds(self.budget)} are done"
+            return True
+        if self.budget and self.step_s is not None and self.left() < self.step_s + (self.overhead_s or 0):
+            self.total = global_step
+            self.stopped_by, self.reason = "time_budget", "the time budget leaves no room for another step"
+            return True
+        return False
+
+    def end_of_epoch(self, scheduler, global_step: int, train_s: float, steps: int, epoch_s: float) -> None:
+        """Re-estimate from the epoch just measured: its step time and everything after training."""
+        if not self.budget or steps <= 0:
+            return
+        self.step_s = train_s / steps
+        self.overhead_s = max(0.0, epoch_s - train_s)
+        self._respan(scheduler, global_step, 0)
+
+    def should_stop(self, global_step: int, history: list[dict], early_stop: int | None, delta: float) -> bool:
+        """At the end of an epoch: the budget, the planned steps, or --early-stop."""
+        if early_stop and epochs_without_improvement(history, delta) >= early_stop:
+            best = max(history, key=lambda r: r["val_miou"])
+            self.stopped_by = "early_stop"
+            self.reason = (f"val mIoU did not improve by more than {delta:g} for {early_stop} epochs (best "
+                           f"{best['val_miou']:.4f} at epoch {best['epoch']})")
+            return True
+        if self.budget and self.step_s is not None and self.left() < self.step_s + (self.overhead_s or 0):
+            self.stopped_by = "time_budget"
+            self.reason = f"the time budget of {format_seconds(self.budget)} is spent"
+            return True
+        if global_step >= self.total:
+            if self.budget and (self.cap is None or self.total < self.cap):
+                self.stopped_by = "time_budget"
+                self.reason = f"the steps that fit the time budget of {format_seconds(self.budget)} are done"
+            elif not self.reason:
+                self.reason = f"{self.stopped_by} done"
+            return True
+        return False
+
+    def cannot_hold_epoch(self) -> str | None:
+        """A warning when one measured epoch (training + overhead) is longer than the whole budget."""
+        if not self.budget or self.step_s is None:
+            return None
+        epoch_s = self.spe * self.step_s + (self.overhead_s or 0)
+        if epoch_s <= self.budget:
+            return None
+        return (f"--time-budget {format_seconds(self.budget)} cannot hold one epoch: one takes about "
+                f"{format_seconds(epoch_s)} here ({self.spe} steps × {self.step_s:.2f} s + "
+                f"{self.overhead_s or 0:.1f} s validation and checkpoints); the run stops inside the first epoch. "
+                "Give a longer budget or a smaller recipe (--image-size, --limit, a lighter model)")
+
+    def summary(self, epochs_done: int) -> dict:
+        out = {"stopped_by": self.stopped_by, "stop_reason": self.reason, "epochs_done": epochs_done,
+               "optimizer_steps_planned": self.total,
+               "time_s": {k: round(v, 3) for k, v in self.timing.items()}}
+        if self.budget:
+            out["time_budget_s"] = self.budget
+            out["time_used_s"] = round(self.elapsed(), 3)
+        return out
+
+
+def format_seconds(seconds: float) -> str:
+    """900 -> "15m", 5400 -> "1h30m", 42.5 -> "42.5s"."""
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v)

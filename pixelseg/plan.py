@@ -1,0 +1,743 @@
+"""`pixelseg plan` and `train --auto`: a dataset fingerprint and a machine probe -> a training recipe.
+
+nnU-Net's idea for 2D images of any kind: read what the data is (sizes, channels, class frequencies,
+object scales, file-name patterns), measure what the machine does (a few seconds of real training
+steps), and derive the recipe by fixed rules, each with a one-line reason that the written YAML keeps
+as a comment. The rules are plain code below (``choose_*``); the fingerprint and the probe are
+separate so that a test can fix the probe and get the same plan every time.
+
+The recipe is a YAML file of train options: `pixelseg train --config plan.yaml` runs it; options the
+user sets (flags, or edits to the file) win over the plan, and the plan records which ones did.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import config
+from .errors import PixelsegError
+from .logs import logger as log
+
+# ---- the constants the rules use (one place, so a reader can argue with them) --------------------------
+MAX_SAMPLED = 120           # images read for the statistics; more are sampled evenly by a fixed rule
+MIN_STEPS_PER_EPOCH = 16    # fewer steps and the epoch-end work (val, PreciseBN) dominates, BN lags
+MIN_OBJECT_PX = 8           # a median object smaller than this at the input size is hard to segment
+SIZE_LADDER = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+MIN_SIDE = 128             # the smallest input side the plan picks (unless the images are smaller)
+MIN_EPOCHS = 25             # from scratch, fewer passes over a small dataset leave a model far from done
+RARE_FREQ = 0.15            # a class under this share of the pixels is "rare": add Dice to CE (nnU-Net
+                            # uses CE+Dice everywhere; thin classes such as borders gain most)
+IMBALANCE = 10.0            # max/min class frequency above this: median-frequency class weights
+DEFAULT_BUDGET_S = 15 * 60  # what the plan assumes when no --time-budget is given
+SEQUENCE = r"^(.*?)[-_. ]*\d+$"               # = data.folder.PREFIX_GROUP: frame/slice number at the end
+TILE = r"^(.*?)[-_. ]*(?:r|row|y)?\d+[-_. ]+(?:c|col|x)?\d+$"  # two trailing numbers: tiles of one image
+
+
+# ---- fingerprint ---------------------------------------------------------------------------------------
+@dataclass
+class Fingerprint:
+    dataset: str
+    n_train: int
+    n_val: int
+    sampled: int
+    sizes_hw: list            # (h, w) of the training images (headers only; at most 1000, spread over the split)
+    channels: int
+    bit_depth: int
+    mean: list
+    std: list
+    class_names: list
+    pixel_freq: list          # share of labelled pixels, per class
+    image_freq: list          # share of images holding the class
+    object_scale: list        # per class: sqrt(component area / image area), area-weighted median; None: absent
+    up_asymmetry: float       # class-distribution distance top third vs bottom third
+    side_asymmetry: float     # the same, left vs right (the noise level of the first)
+    train_names: list
+    val_names: list
+    val_group_option: bool    # the dataset can group its own val split (folder-like)
+    read_s_per_image: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def median_hw(self) -> tuple[int, int]:
+        a = np.array(self.sizes_hw)
+        return int(np.median(a[:, 0])), int(np.median(a[:, 1]))
+
+    @property
+    def aspect(self) -> float:
+        """Median width / height."""
+        a = np.array(self.sizes_hw, float)
+        return float(np.median(a[:, 1] / a[:, 0]))
+
+
+def _even_sample(items: list, n: int) -> list:
+    """n items spread over the list (the first ones are often one class or one sequence)."""
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in idx]
+
+
+def _mask_stats(mask: np.ndarray, num_classes: int, ignore: int, scales: list, sides: np.ndarray) -> np.ndarray:
+    """Pixel counts per class of one mask (at most 256 px a side), appending component scales per class."""
+    import cv2
+    h, w = mask.shape
+    counts = np.bincount(mask[mask != ignore].ravel(), minlength=num_classes)[:num_classes]
+    for c in np.flatnonzero(counts):
+        areas = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)[2][1:, cv2.CC_STAT_AREA]
+        areas = areas[areas >= 2]  # single stray pixels are resize noise, not objects
+        scales[c].extend((float(np.sqrt(a / (h * w))), int(a)) for a in areas)
+    t = h // 3
+    for i, part in enumerate((mask[:t], mask[h - t:], mask[:, :w // 3], mask[:, w - w // 3:])):
+        valid = part[part != ignore]
+        sides[i] += np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
+    return counts
+
+
+def _weighted_median(scale_area: list) -> float | None:
+    """The scale of the component that the median pixel of a class lies in: the many slivers a mask
+    holds at object edges do not drag it down, as a plain median over components would."""
+    if not scale_area:
+        return None
+    scale, area = np.array(scale_area, float).T
+    order = np.argsort(scale)
+    cum = np.cumsum(area[order])
+    return float(scale[order][np.searchsorted(cum, cum[-1] / 2)])
+
+
+def _small(mask: np.ndarray, side: int = 256) -> np.ndarray:
+    from PIL import Image
+    h, w = mask.shape
+    if max(h, w) <= side:
+        return mask
+    f = side / max(h, w)
+    return np.asarray(Image.fromarray(mask).resize((max(1, round(w * f)), max(1, round(h * f))), Image.NEAREST))
+
+
+def _tv(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance of two count vectors."""
+    if a.sum() == 0 or b.sum() == 0:
+        return 0.0
+    return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
+
+
+def _samples(cfg: dict, split: str):
+    """(names, [(read image+target) callables], header sizes) of a split, through the dataset registry."""
+    from .data import dataset_options, get_dataset_module, load_split
+    from .data.io import input_size, read_input
+    module = get_dataset_module(cfg["dataset"])
+    opts = dataset_options(cfg)
+    root = Path(cfg["data_root"]) if cfg["data_root"] and cfg["dataset"] != "shards" else cfg["data_root"]
+    if hasattr(module, "full_res_samples"):
+        samples, read_target = module.full_res_samples(root, split, **opts)
+        if cfg["limit"]:
+            samples = samples[: cfg["limit"]]
+        readers = [(lambda s=s: (read_input(s.image, cfg["in_channels"]), read_target(s))) for s in samples]
+
+        def sizes():  # headers only, of at most 1000 images spread over the split
+            return [input_size(s.image)[::-1] for s in _even_sample(samples, 1000)]
+        return [s.name for s in samples], readers, sizes, [s.image for s in samples]
+    # datasets without files (synthetic, shards): their decoded arrays at a moderate size
+    ds = load_split(cfg["dataset"], cfg["data_root"], split, 256, cfg["limit"], channels=cfg["in_channels"], **opts)
+    readers = [(lambda i=i: (np.asarray(ds.images[i]), np.asarray(ds.masks[i]))) for i in range(len(ds))]
+    return list(ds.names), readers, (lambda: [tuple(np.asarray(ds.images[0]).shape[:2])] * len(ds)), []
+
+
+def _bit_depth(paths: list) -> tuple[int, int]:
+    """(channels, bits per channel) of a few files, from their headers."""
+    from PIL import Image
+    chans, bits = 3, 8
+    for p in paths[:5]:
+        try:
+            if str(p).lower().endswith((".tif", ".tiff")):
+                import tifffile
+                with tifffile.TiffFile(p) as tf:
+                    page = tf.pages[0]
+                    chans = max(1, page.samplesperpixel)
+                    bits = max(bits, page.bitspersample)
+                continue
+            with Image.open(p) as im:
+                if im.mode in ("I;16", "I;16B", "I"):
+                    chans, bits = 1, 16
+                elif im.mode in ("L", "1"):
+                    chans = 1
+        except Exception:  # noqa: BLE001 - a header we cannot read is reported by the loader, not here
+            continue
+    return chans, bits
+
+
+def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
+    """What the training split is, from at most ``max_images`` images read at their own resolution."""
+    from .data import dataset_info, dataset_options, get_dataset_module
+    t0 = time.time()
+    info = dataset_info(cfg["dataset"], cfg["data_root"], cfg["val_split"], **dataset_options(cfg))
+    names, readers, sizes, paths = _samples(cfg, cfg["train_split"])
+    val_names = _samples(cfg, cfg["val_split"])[0]
+    k, ignore = info.num_classes, info.ignore_index
+    picked = _even_sample(list(range(len(readers))), max_images)
+    counts, present = np.zeros(k), np.zeros(k)
+    scales: list[list[float]] = [[] for _ in range(k)]
+    sides = np.zeros((4, k))
+    csum = csq = None
+    npx = 0
+    t_read = time.time()
+    from .progress import progress as bar
+    for i in bar(picked, desc="fingerprint", unit="img", enabled=progress):
+        img, mask = readers[i]()
+        img = np.asarray(img)
+        scale = 1.0 if img.dtype.kind == "f" else 255.0  # read_input: uint8 RGB, or float [0, 1] bands
+        img = img.astype(np.float64)[..., None] if img.ndim == 2 else img.astype(np.float64)
+        flat = img.reshape(-1, img.shape[-1])[::7] / scale  # every 7th pixel: statistics, not the sum
+        csum = flat.sum(0) if csum is None else csum + flat.sum(0)
+        csq = (flat ** 2).sum(0) if csq is None else csq + (flat ** 2).sum(0)
+        npx += flat.shape[0]
+        c = _mask_stats(_small(np.asarray(mask, np.uint8)), k, ignore, scales, sides)
+        counts += c / max(1, c.sum())  # each image weighs the same, whatever its size
+        present += c > 0
+    read_s = (time.time() - t_read) / max(1, len(picked))
+    mean = csum / npx
+    std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
+    chans, bits = _bit_depth(paths) if paths else (3, 8)
+    return Fingerprint(
+        dataset=cfg["dataset"], n_train=len(names), n_val=len(val_names), sampled=len(picked),
+        sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=cfg["in_channels"] if cfg["in_channels"] != 3 else chans,
+        bit_depth=bits, mean=[round(float(v), 4) for v in mean], std=[round(float(v), 4) for v in std],
+        class_names=list(info.class_names), pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
+        image_freq=[float(v) for v in present / max(1, len(picked))],
+        object_scale=[_weighted_median(s) for s in scales],
+        up_asymmetry=_tv(sides[0], sides[1]), side_asymmetry=_tv(sides[2], sides[3]),
+        train_names=names, val_names=list(val_names),
+        val_group_option="val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}),
+        read_s_per_image=read_s, seconds=time.time() - t0)
+
+
+def name_groups(names: list[str]) -> tuple[str | None, str, dict]:
+    """(val_group pattern or None, what the names look like, group -> count) from file-name patterns."""
+    for pattern, what in ((TILE, "tiles"), (SEQUENCE, "sequences")):
+        rx = re.compile(pattern)
+        groups: dict[str, int] = {}
+        matched, widths, padded = 0, set(), False
+        for n in names:
+            m = rx.search(n)
+            matched += bool(m)
+            groups[m.group(1) if m else n] = groups.get(m.group(1) if m else n, 0) + 1
+            if m:
+                num = re.search(r"\d+$", n).group(0)
+                widths.add(len(num))
+                padded |= len(num) > 1 and num.startswith("0")
+        # most names follow the pattern, groups hold several names each, and the numbers are frame/tile
+        # counters (zero-padded, one width) rather than ids (Abyssinian_1 ... Abyssinian_200 are photos)
+        counters = padded or (len(widths) == 1 and min(widths) >= 3)
+        if names and matched >= 0.8 * len(names) and 2 <= len(groups) <= len(names) / 3 and counters:
+            return ("prefix" if pattern == SEQUENCE else pattern), what, groups
+    return None, "", {}
+
+
+# ---- machine -------------------------------------------------------------------------------------------
+@dataclass
+class Machine:
+    """Where training runs and how fast; ``speed(model, backbone, (h, w), batch)`` -> (train, eval) images/s."""
+    device: str
+    memory_gb: float
+    precision: str
+    speed: Callable
+    cores: int = 1
+    read_s_per_image: float | None = None  # decode time per image; None: as measured by the fingerprint
+
+
+def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: int, num_classes: int = 2,
+                  in_channels: int = 3, device: str = "auto", seconds: float = 3.0) -> tuple[float, float]:
+    """Training and inference images/s of real steps (random weights and data) on this machine."""
+    import torch
+    import torch.nn.functional as F
+    from .models import create_model
+    from .runtime import autocast, optimize_for_training, resolve_precision, select_device
+    dev = select_device(device)
+    amp = resolve_precision("auto", dev)
+    m = create_model(model, backbone=backbone, num_classes=num_classes, weights=None, in_channels=in_channels)
+    m.to(dev).to(memory_format=torch.channels_last)
+    optimize_for_training(m, dev, amp)
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    x = torch.rand(batch, in_channels, *size_hw, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch, *size_hw), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        with autocast(dev, amp):
+            loss = F.cross_entropy(m(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    m.train()
+    step()  # the first step allocates and picks kernels
+    sync()
+    t0, n = time.perf_counter(), 0
+    while n < 1 or time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    sync()
+    train_ips = n * batch / (time.perf_counter() - t0)
+    m.eval()
+    with torch.no_grad(), autocast(dev, amp):
+        m(x)
+        sync()
+        t0 = time.perf_counter()
+        m(x)
+        sync()
+    return train_ips, batch / (time.perf_counter() - t0)
+
+
+def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
+    """The real machine: device, memory, and a speed function that measures each model once, at 128×128
+    and a batch of at most 8, and scales by pixel count to other sizes (a convnet's cost is close to
+    linear in pixels; measuring at the candidate size would make a busy machine's probe take minutes)."""
+    import torch
+    from .runtime import resolve_precision, select_device
+    dev = select_device(device)
+    amp = resolve_precision("auto", dev)
+    if dev.type == "cuda":
+        mem = torch.cuda.get_device_properties(dev).total_memory / 2 ** 30
+        name = torch.cuda.get_device_name(dev)
+    else:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+        name = "cpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    measured: dict = {}
+
+    def speed(model, backbone, size_hw, batch):
+        key = (model, backbone)
+        if key not in measured:
+            measured[key] = ((128, 128), measure_speed(model, backbone, (128, 128), min(batch, 8), device=device,
+                                                       seconds=seconds))
+        (h0, w0), (tr, ev) = measured[key]
+        f = (h0 * w0) / (size_hw[0] * size_hw[1])
+        return tr * f, ev * f
+    return Machine(f"{dev}" + (f" ({name})" if dev.type == "cuda" else ""), round(mem, 1),
+                   str(amp or torch.float32).replace("torch.", ""), speed, cores)
+
+
+def fixed_machine(train_ips_128: float = 20.0, eval_ips_128: float = 80.0, device: str = "cpu",
+                  memory_gb: float = 16.0) -> Machine:
+    """A probe that measures nothing: speed at 128×128 scaled by pixels (tests; planning for another box)."""
+    def speed(model, backbone, size_hw, batch):
+        f = 128 * 128 / (size_hw[0] * size_hw[1])
+        return train_ips_128 * f, eval_ips_128 * f
+    return Machine(device, memory_gb, "fp32", speed, 2, read_s_per_image=0.01)
+
+
+# ---- rules ---------------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    value: object
+    reason: str
+    overridden: bool = False
+
+
+@dataclass
+class Plan:
+    choices: dict            # key -> Choice, in the order they are written
+    fingerprint: Fingerprint
+    machine: Machine
+    budget_s: float
+    budget_given: bool
+    epoch_s: float
+    notes: list = field(default_factory=list)
+
+    @property
+    def overridden(self) -> list[str]:
+        return [k for k, c in self.choices.items() if c.overridden]
+
+    def overrides(self) -> dict:
+        """The train options this plan sets (what `train --auto` passes on)."""
+        return {k: c.value for k, c in self.choices.items()}
+
+
+def _fit_hw(side: int, aspect: float) -> tuple[int, int]:
+    """(h, w) with the shorter side ``side`` and the data's aspect, both multiples of 32 (encoder strides)."""
+    def r32(v):
+        return max(32, int(round(v / 32)) * 32)
+    if abs(aspect - 1) < 0.15:
+        return side, side
+    return (side, r32(side * aspect)) if aspect > 1 else (r32(side / aspect), side)
+
+
+def _smallest_object(fp: Fingerprint) -> tuple[float | None, str]:
+    """The median scale (sqrt of area share) of the class with the smallest objects, and its name."""
+    known = [(s, n) for s, n, f in zip(fp.object_scale, fp.class_names, fp.pixel_freq) if s is not None and f > 0]
+    if not known:
+        return None, ""
+    return min(known)
+
+
+def epoch_seconds(fp: Fingerprint, machine: Machine, model: str, backbone: str, hw, batch: int,
+                  crop: bool) -> float:
+    """Training + PreciseBN + validation + epoch-end writes; crops cost extra CPU in the data workers."""
+    tr, ev = machine.speed(model, backbone, hw, batch)
+    data = 1.25 if crop and machine.device.startswith("cpu") else 1.0
+    return fp.n_train / tr * data + (fp.n_val + 4 * batch) / ev + 2.0
+
+
+def choose_size(fp, machine, budget_s, model, backbone, batch, crop) -> tuple[tuple[int, int], str, float]:
+    """The smallest ladder size at which the smallest objects stay >= MIN_OBJECT_PX, raised while the
+    budget still holds MIN_EPOCHS at the larger size, lowered (never below visibility) while it does not."""
+    h, w = fp.median_hw
+    native = min(h, w)
+    scale, cls = _smallest_object(fp)
+    need = MIN_OBJECT_PX / scale if scale else 0
+    ladder = [s for s in SIZE_LADDER if s <= max(native, SIZE_LADDER[0])] or [SIZE_LADDER[0]]
+    fits = [s for s in ladder if s >= need]
+    # never under 128 px (or the native size): thin structures (borders, poles) vanish below it, whatever
+    # the median blob says; when not even the native size keeps the smallest objects visible, the budget
+    # alone decides between that floor and the native size
+    floor = max(fits[0] if fits else 0, min(MIN_SIDE, ladder[-1]))
+    start = max(fits[0] if fits else ladder[-1], floor)
+
+    def epochs_at(s):
+        return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop)
+    i = ladder.index(start)
+    while i > 0 and epochs_at(ladder[i]) < MIN_EPOCHS and ladder[i - 1] >= floor:
+        i -= 1
+    while i + 1 < len(ladder) and epochs_at(ladder[i + 1]) >= 2 * MIN_EPOCHS:
+        i += 1
+    side = ladder[i]
+    hw = _fit_hw(side, fp.aspect)
+    obj = f"{cls}'s median object {scale * side:.0f} px" if scale else "no objects measured"
+    why = (f"shorter side {side} (images {w}×{h} median): {obj} at this size (>= {MIN_OBJECT_PX} px wanted"
+           + (f", which needs {need:.0f} px" if need > side else "") + f"), ~{epochs_at(side):.0f} epochs fit the "
+           f"budget (>= {MIN_EPOCHS} wanted)")
+    if fits == [] and scale:
+        why += f"; the smallest objects stay below {MIN_OBJECT_PX} px even at native size: tile the images"
+    return hw, why, scale * side if scale else float("inf")
+
+
+def choose_batch(fp: Fingerprint, machine: Machine) -> tuple[int, int, str]:
+    cap = 16 if machine.device.startswith("cpu") else 32
+    batch = 2
+    while batch * 2 <= cap and fp.n_train / (batch * 2) >= MIN_STEPS_PER_EPOCH:
+        batch *= 2
+    steps = math.ceil(fp.n_train / batch)
+    return batch, 1, (f"{batch}: {steps} optimiser steps per epoch from {fp.n_train} training images (>= "
+                      f"{MIN_STEPS_PER_EPOCH} wanted), at most {cap} on {machine.device.split(' ')[0]}; "
+                      "no accumulation: it fits memory")
+
+
+def choose_loss(fp: Fingerprint) -> list[tuple[str, object, str]]:
+    freq = [(f, n) for f, n in zip(fp.pixel_freq, fp.class_names)]
+    present = [(f, n) for f, n in freq if f > 0]
+    rare = [(f, n) for f, n in present if f < RARE_FREQ]
+    lo, hi = min(present), max(present)
+    ratio = hi[0] / lo[0]
+    out = []
+    if rare:
+        names = ", ".join(f"{n} {100 * f:.1f}%" for f, n in sorted(rare)[:4])
+        out.append(("loss", "ce+dice", f"rare classes ({names} of the pixels): Dice scores every class by overlap, "
+                                       "so small classes weigh as much as large ones"))
+    else:
+        out.append(("loss", "ce", f"no class under {100 * RARE_FREQ:.0f}% of the pixels: plain cross-entropy"))
+    if ratio > IMBALANCE:
+        out.append(("class_weighting", "median", f"class frequencies differ {ratio:.0f}× ({hi[1]} vs {lo[1]}): "
+                                                 "median-frequency weights (SegNet's) so rare classes are learnt"))
+    else:
+        out.append(("class_weighting", "none", f"class frequencies within {ratio:.1f}× ({hi[1]} vs {lo[1]}): "
+                                               "no weights needed"))
+    return out
+
+
+def choose_augmentation(fp: Fingerprint, obj_px: float) -> list[tuple[str, object, str]]:
+    h, w = fp.median_hw
+    lo = 0.5
+    if obj_px < float("inf") and obj_px * lo < MIN_OBJECT_PX:
+        lo = round(min(1.0, max(0.5, MIN_OBJECT_PX / obj_px)), 2)
+    out = [("crop", True, "random rescale + crop: from scratch on a few hundred images, every epoch should show "
+                          "new views"),
+           ("scale_range", [lo, 2.0], f"{lo:g}-2× zoom" + (" (lower bound raised so the smallest objects stay "
+                                                             f">= {MIN_OBJECT_PX} px)" if lo > 0.5 else
+                                                             "; objects are large enough to zoom out to half"))]
+    out.append(("hflip", True, "mirror images: no data is left-right specific unless it holds text"))
+    no_up = fp.up_asymmetry <= max(0.08, 2 * fp.side_asymmetry)
+    out.append(("vflip", bool(no_up),
+                f"a guess: top and bottom of the masks look alike (class difference {fp.up_asymmetry:.2f} vs "
+                f"{fp.side_asymmetry:.2f} left/right), as in aerial or microscopy images with no 'up'" if no_up else
+                f"the data has an 'up' (class difference top/bottom {fp.up_asymmetry:.2f} vs left/right "
+                f"{fp.side_asymmetry:.2f}): no vertical flip"))
+    if fp.channels == 3:
+        out.append(("color_jitter", 0.2, "mild brightness/contrast/saturation jitter: lighting varies between photos"))
+    else:
+        out.append(("color_jitter", 0.0, f"{fp.channels}-channel images: colour jitter is for RGB only"))
+    return out
+
+
+def _pretrained(backbone: str) -> bool:
+    """ImageNet weights for ``backbone`` are in the torch hub cache (nothing is downloaded here)."""
+    try:
+        import torch
+        from .models.backbones import get_backbone
+        from .models.weights import imagenet_source
+        return (Path(torch.hub.get_dir()) / "checkpoints" / imagenet_source(get_backbone(backbone))[1]).is_file()
+    except Exception:  # noqa: BLE001 - no published weights or no cache: train from scratch
+        return False
+
+
+def choose_model(fp, machine, budget_s) -> list[tuple[str, object, str]]:
+    model, backbone = "unet", "mobilenet_v2"
+    why = "U-Net/MobileNetV2 (6.5M parameters): fast enough for many epochs"
+    if not machine.device.startswith("cpu") and budget_s >= 20 * 60 and fp.n_train >= 1000:
+        model, backbone = "unet", "resnet50"
+        why = "U-Net/ResNet-50: a GPU and a long budget on a large dataset pay for a bigger encoder"
+    else:
+        why += " on " + ("a CPU" if machine.device.startswith("cpu") else f"this budget and {fp.n_train} images")
+    have = _pretrained(backbone)
+    return [("model", model, why), ("backbone", backbone, why),
+            ("weights", "imagenet" if have else None,
+             "ImageNet weights found in the torch hub cache" if have else
+             "no ImageNet weights in the torch hub cache (offline): from scratch"),
+            ("freeze_encoder", False, "train the whole network: from scratch nothing is worth freezing" if not have
+             else "fine-tune the whole network: the data is not ImageNet")]
+
+
+def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, user: dict | None = None) -> Plan:
+    """The recipe: fixed rules over the fingerprint and the probe; ``user`` options win and are recorded."""
+    user = dict(user or {})
+    given = budget_s is not None
+    budget = float(budget_s) if given else DEFAULT_BUDGET_S
+    c: dict[str, Choice] = {}
+
+    def put(key, value, reason):
+        c[key] = Choice(value, reason)
+    put("dataset", fp.dataset, "the dataset given")
+    for key, value, why in choose_model(fp, machine, budget):
+        put(key, value, why)
+    # later rules depend on earlier choices: they see the user's value where one was given
+    model = user.get("model", c["model"].value)
+    backbone = user.get("backbone", c["backbone"].value)
+    batch, accumulate, batch_why = choose_batch(fp, machine)
+    eff_batch = int(user.get("batch_size", batch))
+    crop = bool(user.get("crop", True))
+    hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop)
+    put("image_size", f"{hw[0]}x{hw[1]}" if hw[0] != hw[1] else hw[0], size_why)
+    if "image_size" in user:
+        hw = config.size_hw(user["image_size"])
+    for key, value, why in choose_augmentation(fp, obj_px):
+        put(key, value, why)
+    put("batch_size", batch, batch_why)
+    put("accumulate", accumulate, "one optimiser step per batch")
+    epoch_s = epoch_seconds(fp, machine, model, backbone, hw, eff_batch, crop)
+    read_s = fp.read_s_per_image if machine.read_s_per_image is None else machine.read_s_per_image
+    first_epoch_extra = read_s * (fp.n_train + fp.n_val)  # decoding into the cache, once
+    epochs = int((0.95 * budget - first_epoch_extra) // epoch_s)
+    if given and epochs < 1:
+        raise PixelsegError(f"--time-budget {budget:.0f}s cannot hold one epoch: one epoch takes about "
+                            f"{epoch_s:.0f}s here (measured: {fp.n_train} training + {fp.n_val} val images at "
+                            f"{hw[0]}×{hw[1]}, batch {eff_batch}, {model}/{backbone}), plus "
+                            f"{first_epoch_extra:.0f}s to decode the data once; give at least "
+                            f"{math.ceil((epoch_s + first_epoch_extra) / 0.95 / 60)}m (measured now: a busy machine measures slow)")
+    epochs = max(1, min(epochs, 300))
+    put("optimizer", "adam", "Adam: forgiving of the learning rate on small datasets and from scratch")
+    put("lr", 1e-3, "Adam's well-tried 1e-3 for batches of 8-64")
+    put("weight_decay", 0.0, "none: with short schedules and augmentation it costs more than it regularises")
+    put("schedule", "cosine", "cosine decay to 0 over the run: the last epochs refine at a small lr")
+    eff_epochs = int(user.get("epochs", epochs))
+    warm = 2.0 if eff_epochs >= 20 else round(eff_epochs / 10, 1)
+    put("warmup_epochs", warm, f"{warm:g} epoch(s) of linear warm-up: random BatchNorm statistics settle first")
+    estimate = (f"~{epoch_s:.0f}s per epoch measured on this machine (training, PreciseBN, val) fits ~{epochs} "
+                f"in {'the' if given else 'an assumed'} {budget / 60:g} min budget")
+    if given:  # train measures the real speed and fits the schedule to the budget: no epoch cap of ours
+        put("epochs", None, estimate + "; null: the time budget decides (give a number to cap it)")
+        put("time_budget", f"{budget:g}s", "train until the budget, the lr schedule spanning it; best.pt is kept")
+    else:
+        put("epochs", epochs, estimate)
+    for key, value, why2 in choose_loss(fp):
+        put(key, value, why2)
+    notes = _split_notes(fp, c)
+    if fp.channels != 3:
+        put("in_channels", fp.channels, f"the images have {fp.channels} channel(s) ({fp.bit_depth}-bit)")
+    for key, value in user.items():  # the user's options win; the plan says what it would have done
+        old = c.get(key)
+        reason = "set by you" + (f" (the plan chose {_show(old.value)}: {old.reason})" if old else "")
+        c[key] = Choice(value, reason, overridden=bool(old) and _show(old.value) != _show(value))
+        if old and not c[key].overridden:
+            c[key] = Choice(value, old.reason)
+    return Plan(c, fp, machine, budget, given, epoch_s, notes)
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def _split_notes(fp: Fingerprint, c: dict) -> list[str]:
+    """val_group for folder-like data whose names look like sequences/tiles; a note for official splits."""
+    pattern, what, groups = name_groups(fp.train_names + fp.val_names)
+    if not pattern:
+        return []
+    key = re.compile(SEQUENCE if pattern == "prefix" else pattern)
+
+    def group(n):
+        m = key.search(n)
+        return m.group(1) if m else n
+    shared = sorted({group(n) for n in fp.train_names} & {group(n) for n in fp.val_names})
+    if fp.val_group_option and len(groups) >= 3:
+        c["val_group"] = Choice(pattern, f"file names look like {what} ({len(groups)} groups, e.g. "
+                                         f"{', '.join(sorted(groups)[:3])}): keep each on one side of the val split, "
+                                         "or near-duplicates make validation optimistic")
+        return []
+    if shared:
+        n_shared = sum(group(n) in set(shared) for n in fp.train_names)
+        return [f"the official split shares {what} {', '.join(shared[:3])} between train and val ({n_shared} of "
+                f"{fp.n_train} training images): val overstates what the model does on unseen ones; kept as "
+                "published"]
+    return []
+
+
+# ---- output --------------------------------------------------------------------------------------------
+def describe(fp: Fingerprint, machine: Machine) -> list[str]:
+    h, w = fp.median_hw
+    a = np.array(fp.sizes_hw)
+    freq = ", ".join(f"{n} {100 * f:.1f}% ({100 * i:.0f}% of images, object {('%.2f' % s) if s else '-'})"
+                     for n, f, i, s in zip(fp.class_names, fp.pixel_freq, fp.image_freq, fp.object_scale))
+    return [f"data: {fp.dataset}, {fp.n_train} train / {fp.n_val} val images ({fp.sampled} read for statistics); "
+            f"sizes {a[:, 1].min()}-{a[:, 1].max()} × {a[:, 0].min()}-{a[:, 0].max()} "
+            f"(median {w}×{h}, aspect {fp.aspect:.2f}); {fp.channels} channel(s), {fp.bit_depth}-bit",
+            f"channel mean {fp.mean} std {fp.std}",
+            f"classes (pixel share, images holding it, object size: sqrt of its image share, pixel-weighted median): {freq}",
+            f"machine: {machine.device}, {machine.memory_gb:g} GB, {machine.cores} core(s), {machine.precision}"]
+
+
+def to_yaml(plan: Plan, header: str = "") -> str:
+    """The recipe as YAML that `train --config` reads, each key under its reason as a comment."""
+    import yaml
+    lines = ["# pixelseg plan: a recipe derived from the data and the machine; edit it, then",
+             "#   pixelseg train --config plan.yaml   (flags still override it)"]
+    if header:
+        lines.append(f"# {header}")
+    lines += [f"# {line}" for line in describe(plan.fingerprint, plan.machine)]
+    lines += [f"# note: {n}" for n in plan.notes]
+    if plan.overridden:
+        lines.append(f"# overridden by you: {', '.join(plan.overridden)}")
+    for key, ch in plan.choices.items():
+        lines.append(f"# {ch.reason}")
+        lines.append(yaml.safe_dump({key: ch.value}, default_flow_style=True, width=1000).strip()
+                     .removeprefix("{").removesuffix("}"))
+    return "\n".join(lines) + "\n"
+
+
+def plan_from_options(options: dict, probe: Machine | None = None, progress: bool = True) -> Plan:
+    """`pixelseg plan` / `train --auto`: options set by the user (flags, --config) -> the plan.
+
+    The user's options are kept as they are and recorded as overrides; data options decide what is
+    fingerprinted. ``time_budget`` (seconds) sizes the plan."""
+    user = {k: v for k, v in options.items() if k != "run_dir" and k != "resume"}
+    budget = user.pop("time_budget", None) if "time_budget" in user else None
+    base = config.resolve_config({k: v for k, v in user.items()} | {"run_dir": options.get("run_dir") or "."})
+    fp = fingerprint(base, progress=progress)
+    machine = probe or probe_machine(base["device"])
+    plan = make_plan(fp, machine, budget, user)
+    if budget is not None and "time_budget" in plan.choices:
+        plan.choices["time_budget"] = Choice(f"{budget:g}s", plan.choices["time_budget"].reason)
+    return plan
+
+
+def write_plan(plan: Plan, path: Path, header: str = "") -> str:
+    from .checkpoint import atomic_write_text
+    text = to_yaml(plan, header)
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return text
+
+
+# ---- warnings for recipes that cannot work (called at train start) ---------------------------------------
+def recipe_warnings(cfg: dict, n_train: int, n_val: int, steps_per_epoch: int,
+                    object_scale: float | None = None) -> list[str]:
+    """One line per recipe choice that makes a run fail quietly (the 1-step-per-epoch trap, ...)."""
+    out = []
+    if cfg["batch_size"] > n_train:
+        out.append(f"--batch-size {cfg['batch_size']} is larger than the training split ({n_train} images): every "
+                   f"epoch is one partial batch; use --batch-size {max(1, 2 ** int(math.log2(max(1, n_train // 16))))}"
+                   " or `pixelseg plan`")
+    elif steps_per_epoch < 10:
+        out.append(f"{steps_per_epoch} optimiser step(s) per epoch ({n_train} images / batch {cfg['batch_size']}"
+                   f"{' × accumulate %d' % cfg['accumulate'] if cfg['accumulate'] > 1 else ''}): the model barely "
+                   "trains between validations; lower --batch-size or run `pixelseg plan`")
+    if n_val < 10:
+        out.append(f"the validation split holds {n_val} image(s): its mIoU will jump from epoch to epoch and pick "
+                   "best.pt by chance; give a larger --val-fraction or a val split of >= 10 images")
+    if object_scale is not None:
+        h, w = config.size_hw(cfg["image_size"])
+        px = object_scale * min(h, w)
+        if px < MIN_OBJECT_PX / 2:
+            out.append(f"at --image-size {h}x{w} the median object of the smallest class is about {px:.1f} px: "
+                       "too small to segment; raise --image-size (crops keep the cost down) or run `pixelseg plan`")
+    return out
+
+
+def _median_object_scale(masks, num_classes: int, ignore: int, limit: int = 32) -> float | None:
+    """The smallest class's median object scale over up to ``limit`` decoded training masks."""
+    scales: list[list[float]] = [[] for _ in range(num_classes)]
+    sides = np.zeros((4, num_classes))
+    for m in _even_sample(list(masks), limit):
+        _mask_stats(_small(np.asarray(m, np.uint8)), num_classes, ignore, scales, sides)
+    known = [_weighted_median(s) for s in scales if s]
+    return min(known) if known else None
+
+
+def warn_recipe(cfg: dict, data, steps_per_epoch: int) -> list[str]:
+    """train.py's hook: log the warnings for this run's recipe. Object scale is a share of the image, so
+    masks cached at --image-size and at source resolution (--crop) measure it alike."""
+    scale = None
+    masks = getattr(data.train_ds, "masks", None)
+    if masks is not None:
+        try:
+            scale = _median_object_scale(masks, data.info.num_classes, data.info.ignore_index)
+        except Exception:  # noqa: BLE001 - a warning is never worth failing a run for
+            scale = None
+    lines = recipe_warnings(cfg, len(data.train_ds), len(data.val_ds), steps_per_epoch, scale)
+    for line in lines:
+        log.warning(line)
+    return lines
+
+
+__all__ = ["Fingerprint", "Machine", "Plan", "fingerprint", "probe_machine", "fixed_machine", "make_plan",
+           "measure_speed", "plan_from_options", "to_yaml", "write_plan", "recipe_warnings", "warn_recipe",
+           "name_groups"]
+
+
+# ---- train --auto -------------------------------------------------------------------------------------
+def train_auto(options: dict, probe: Machine | None = None) -> dict:
+    """`train --auto`: plan, save the plan as RUN/plan.yaml, train it with the user's options on top."""
+    from datetime import datetime
+    from .checkpoint import atomic_write_text
+    from .train import train
+    if options.get("resume"):
+        raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "
+                            "(config.yaml, plan.yaml); drop --auto to continue it")
+    plan = plan_from_options(options, probe)
+    overrides = {**plan.overrides(), **options}  # the user's options win (the plan has recorded them)
+    if not overrides.get("run_dir"):
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        overrides["run_dir"] = str(Path("runs") / f"auto-{overrides['model']}-{overrides['dataset']}-{stamp}")
+    run_dir = Path(overrides["run_dir"])
+    created = not run_dir.exists()
+    text = to_yaml(plan, "the plan `pixelseg train --auto` trained; this run's config.yaml is the resolved recipe")
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            continue
+        log.info(line[2:])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "plan.yaml", text)  # written first: a user can read it while the run trains
+    try:
+        return train(overrides)
+    except BaseException:
+        if created and not (run_dir / "config.yaml").exists():  # the run never started: leave nothing behind
+            (run_dir / "plan.yaml").unlink(missing_ok=True)
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        raise

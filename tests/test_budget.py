@@ -1,0 +1,136 @@
+"""--time-budget, --early-stop: the step estimator on injected timings, and short real runs on tiny data."""
+import json
+
+import pytest
+import torch
+
+from pixelseg.budget import Pacer, epochs_without_improvement, format_seconds, steps_that_fit
+from pixelseg.checkpoint import load_checkpoint
+from pixelseg.cli import main
+from pixelseg.config import parse_value
+from pixelseg.errors import PixelsegError
+from pixelseg.optim import build_scheduler, lr_factor
+
+TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8",
+        "--weights", "none", "--figure-samples", "1", "--precise-bn", "0"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _scheduler(total=100, name="cosine"):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return build_scheduler(opt, name, total_steps=total, warmup_steps=0)
+
+
+@pytest.mark.parametrize("text, seconds", [("15m", 900), ("90s", 90), ("1h30m", 5400), ("2.5h", 9000), (42, 42),
+                                           ("600", 600)])
+def test_durations_parse(text, seconds):
+    assert parse_value("time_budget", text) == seconds
+
+
+def test_bad_duration_is_one_line_error():
+    with pytest.raises(PixelsegError, match="--time-budget 10x: give a duration"):
+        parse_value("time_budget", "10x")
+    with pytest.raises(PixelsegError, match="positive"):
+        parse_value("time_budget", "0s")
+
+
+def test_steps_that_fit():
+    # epochs of 10 steps × 1 s + 5 s validation: 6 whole epochs in 98 s (90 s), 8 s left = 3 steps + validation
+    assert steps_that_fit(98, 1.0, 5.0, 10) == 63
+    # 4 steps of the current epoch done: its 6 others + validation (11 s) first
+    assert steps_that_fit(98, 1.0, 5.0, 10, in_epoch=4) == 6 + 5 * 10 + 7  # then 12 s: 7 steps + validation
+    # not even the rest of the current epoch: what fits before its validation
+    assert steps_that_fit(8, 1.0, 5.0, 10, in_epoch=4) == 3
+    assert steps_that_fit(3, 1.0, 5.0, 10) == 0
+
+
+def test_pacer_estimates_after_probe_and_respans_after_each_epoch():
+    clock = FakeClock()
+    cfg = {"time_budget": 100.0, "epochs": None, "iterations": None}
+    sched = _scheduler()
+    pacer = Pacer(cfg, steps_per_epoch=10, n_val=12, batch_size=4, clock=clock)
+    for step in range(1, 7):  # 2 s per step; the first step is warm-up and not counted
+        clock.t += 2.0
+        assert not pacer.on_step(sched, step, step)
+    assert pacer.step_s == pytest.approx(2.0)
+    assert pacer.overhead_s == pytest.approx(12 / 4 * 2.0 / 3)  # validation guessed from the step time
+    first = pacer.total
+    assert sched.lr_lambdas[0].total_steps == first
+    # the epoch really took 12 s of training (1.2 s/step) and 3 s after it: more steps fit
+    clock.t = 1000.0 + 15.0
+    pacer.end_of_epoch(sched, 10, train_s=12.0, steps=10, epoch_s=15.0)
+    left = 100 * 0.98 - 15
+    assert pacer.total == 10 + steps_that_fit(left, 1.2, 3.0, 10)
+    assert pacer.total != first and sched.lr_lambdas[0].total_steps == pacer.total
+    # the next lr follows the re-spanned curve
+    expected = lr_factor(sched.last_epoch, name="cosine", total_steps=pacer.total, warmup_steps=0, power=0.9,
+                         min_lr_ratio=0.0)
+    assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_explicit_epochs_bound_the_budget_and_budget_stops_inside_epoch():
+    clock = FakeClock()
+    pacer = Pacer({"time_budget": 3600.0, "epochs": 3, "iterations": None}, 10, 4, 4, clock=clock)
+    sched = _scheduler()
+    pacer.end_of_epoch(sched, 10, train_s=1.0, steps=10, epoch_s=2.0)
+    assert pacer.total == 30  # an hour holds far more, --epochs 3 bounds it
+    tight = Pacer({"time_budget": 10.0, "epochs": None, "iterations": None}, 100, 4, 4, clock=clock)
+    stops = []
+    for step in range(1, 101):
+        clock.t += 1.0
+        if tight.on_step(sched, step, step):
+            stops.append(step)
+            break
+    assert stops and stops[0] < 10 and tight.stopped_by == "time_budget"
+    assert "cannot hold one epoch" in tight.cannot_hold_epoch()
+
+
+def test_epochs_without_improvement():
+    rows = [{"val_miou": v} for v in (0.1, 0.3, 0.3005, 0.2, 0.31)]
+    assert epochs_without_improvement(rows, 0.001) == 0   # 0.31 beats 0.3 by more than 0.001
+    assert epochs_without_improvement(rows, 0.05) == 3    # nothing beat 0.3 by 0.05 since epoch 2
+    assert format_seconds(5400) == "1h30m" and format_seconds(42.5) == "42.5s"
+
+
+def _summary(run):
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_budget_stops_early_keeps_best_and_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "200", "--time-budget", "6s", "--schedule", "cosine",
+                 "--run-dir", str(run)]) == 0
+    s = _summary(run)
+    assert s["stopped_by"] == "time_budget" and 1 <= s["epochs_done"] < 200
+    assert s["epochs_done"] == len(json.loads((run / "metrics.json").read_text()))
+    assert {"setup", "train", "validation", "checkpoints"} <= set(s["time_s"])
+    best = load_checkpoint(run / "best.pt")
+    assert best["metrics"]["val_miou"] == pytest.approx(s["best_val_miou"])
+    assert "stopped after" in (run / "train.log").read_text()
+    # the budget is spent: resuming needs a larger total, said in one line
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "--time-budget" in capsys.readouterr().err
+    total = s["time_used_s"] + 6
+    assert main(["train", "--resume", str(run), "--time-budget", f"{total:.0f}"]) == 0
+    again = _summary(run)
+    assert again["epochs_done"] > s["epochs_done"]
+    assert [h["epoch"] for h in json.loads((run / "metrics.json").read_text())] == \
+        list(range(1, again["epochs_done"] + 1))
+
+
+def test_early_stop_fires_and_says_why(tmp_path):
+    run = tmp_path / "run"
+    # a delta no mIoU gain can beat: epoch 1 sets the best, epochs 2 and 3 do not improve -> stop after 3
+    assert main(["train", *TINY, "--epochs", "10", "--early-stop", "2", "--early-stop-delta", "1",
+                 "--run-dir", str(run)]) == 0
+    s = _summary(run)
+    assert s["epochs_done"] == 3 and s["stopped_by"] == "early_stop"
+    assert "did not improve by more than 1 for 2 epochs" in s["stop_reason"]
+    assert "did not improve" in (run / "train.log").read_text()

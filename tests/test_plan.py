@@ -1,0 +1,166 @@
+"""`pixelseg plan` / `train --auto`: the rules respond to the data, the plan is deterministic for a dataset
+and a fixed machine probe, every choice carries its reason, and the user's options win and are recorded."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pixelseg import config, plan
+from pixelseg.cli import main
+from pixelseg.errors import PixelsegError
+
+
+def write_folder(root, n=24, size=64, obj=16, names="img{i}", up=False, rare=False, seed=0):
+    """images/ + masks/ of ``n`` pairs: class 1 squares of ``obj`` px on a class 0 background; ``up``: a
+    class 2 band along the top (sky over ground), ``rare``: one tiny class 2 dot per image."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        for _ in range(3):
+            y, x = rng.integers(0, size - obj, 2)
+            mask[y:y + obj, x:x + obj] = 1
+        if up:
+            mask[: size // 4] = 2
+        if rare:
+            y, x = rng.integers(0, size - 2, 2)
+            mask[y:y + 2, x:x + 2] = 2
+        img = (rng.integers(0, 60, (size, size, 3)) + 150 * (mask[..., None] > 0)).astype(np.uint8)
+        name = names.format(i=i, seq=i // 6, frame=i % 6)
+        Image.fromarray(img).save(root / "images" / f"{name}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    return root
+
+
+def fp_of(root, **opts):
+    cfg = config.resolve_config({"dataset": "folder", "data_root": str(root), "run_dir": str(root / "run"), **opts})
+    return plan.fingerprint(cfg, progress=False)
+
+
+FAST = plan.fixed_machine(train_ips_128=400.0, eval_ips_128=1600.0)
+
+
+def test_plan_is_deterministic_every_choice_has_a_reason_and_train_reads_it(tmp_path):
+    root = write_folder(tmp_path / "d")
+    texts = [plan.to_yaml(plan.plan_from_options({"dataset": "folder", "data_root": str(root)}, FAST, False))
+             for _ in range(2)]
+    assert texts[0] == texts[1]
+    lines = texts[0].splitlines()
+    keys = [(i, ln) for i, ln in enumerate(lines) if not ln.startswith("#")]
+    assert len(keys) > 15
+    for i, ln in keys:  # every key sits under its own one-line reason
+        assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 10, ln
+    path = tmp_path / "plan.yaml"
+    path.write_text(texts[0])
+    loaded = config.load_yaml(path)  # what `train --config plan.yaml` reads
+    assert loaded["dataset"] == "folder" and loaded["crop"] is True and loaded["schedule"] == "cosine"
+    config.resolve_config(loaded)
+
+
+def test_tiny_objects_get_a_larger_input_than_large_ones(tmp_path):
+    # a budget that holds enough epochs at 128 px but not at 256: large objects stay at 128, objects of
+    # 4 px in a 256-px image get as much of the native size as the budget allows
+    probe = plan.fixed_machine(train_ips_128=20.0, eval_ips_128=80.0)
+    large = plan.make_plan(fp_of(write_folder(tmp_path / "l", size=256, obj=80)), probe, 180)
+    tiny = plan.make_plan(fp_of(write_folder(tmp_path / "t", size=256, obj=4)), probe, 180)
+    side = lambda p: min(config.size_hw(p.choices["image_size"].value))  # noqa: E731
+    assert side(large) == 128 and side(tiny) > 128
+    assert "median object" in tiny.choices["image_size"].reason
+    assert tiny.choices["scale_range"].value[0] > large.choices["scale_range"].value[0]  # no zooming out of sight
+
+
+def test_rare_class_gets_ce_dice_and_weights_balanced_data_plain_ce(tmp_path):
+    rare = plan.make_plan(fp_of(write_folder(tmp_path / "r", rare=True)), FAST, 600)
+    assert rare.choices["loss"].value == "ce+dice" and "rare" in rare.choices["loss"].reason
+    assert rare.choices["class_weighting"].value == "median"
+    even = plan.make_plan(fp_of(write_folder(tmp_path / "e", obj=28)), FAST, 600)
+    assert even.choices["loss"].value == "ce" and even.choices["class_weighting"].value == "none"
+
+
+def test_sequence_names_give_a_grouped_val_split(tmp_path):
+    seq = plan.plan_from_options({"dataset": "folder", "data_root": str(
+        write_folder(tmp_path / "s", names="seq{seq}_{frame:04d}"))}, FAST, False)
+    assert seq.choices["val_group"].value == "prefix" and "sequences" in seq.choices["val_group"].reason
+    config.resolve_config(seq.overrides())  # the grouped split is valid for the folder reader
+    ids = plan.plan_from_options({"dataset": "folder", "data_root": str(write_folder(tmp_path / "i"))}, FAST, False)
+    assert "val_group" not in ids.choices
+    # photos numbered per breed (Abyssinian_1 .. _200) are not frames of a sequence
+    assert plan.name_groups([f"Abyssinian_{i}" for i in range(1, 60)] + [f"Bengal_{i}" for i in range(1, 60)])[0] is None
+
+
+def test_aerial_like_data_gets_vflip_stated_as_a_guess(tmp_path):
+    aerial = plan.make_plan(fp_of(write_folder(tmp_path / "a", n=48)), FAST, 600)
+    assert aerial.choices["vflip"].value is True and "guess" in aerial.choices["vflip"].reason
+    street = plan.make_plan(fp_of(write_folder(tmp_path / "u", up=True)), FAST, 600)
+    assert street.choices["vflip"].value is False and "'up'" in street.choices["vflip"].reason
+
+
+def test_user_options_win_and_the_plan_records_them(tmp_path):
+    p = plan.make_plan(fp_of(write_folder(tmp_path / "d")), FAST, 600, {"batch_size": 3, "loss": "dice"})
+    assert p.choices["batch_size"].value == 3 and p.choices["loss"].value == "dice"
+    assert p.overridden == ["batch_size", "loss"]
+    text = plan.to_yaml(p)
+    assert "# overridden by you: batch_size, loss" in text and "set by you (the plan chose" in text
+
+
+def test_train_auto_saves_the_plan_and_records_the_overrides(tmp_path):
+    root = write_folder(tmp_path / "d", n=12, size=32, obj=8)
+    run = tmp_path / "run"
+    summary = plan.train_auto({"dataset": "folder", "data_root": str(root), "epochs": 1, "image_size": 32,
+                               "run_dir": str(run), "precise_bn": 0, "figure_samples": 0}, FAST)
+    assert summary["run_dir"] == str(run)
+    saved = (run / "plan.yaml").read_text()
+    assert "# overridden by you: image_size, epochs" in saved
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["epochs"] == 1 and cfg["image_size"] == 32 and cfg["schedule"] == "cosine" and cfg["crop"] is True
+    assert config.load_yaml(run / "plan.yaml")["epochs"] == 1
+
+
+def test_recipe_warnings_fire_for_recipes_that_cannot_work():
+    cfg = dict(config.DEFAULTS, batch_size=64, image_size=128)
+    lines = plan.recipe_warnings(cfg, n_train=54, n_val=5, steps_per_epoch=1, object_scale=0.01)
+    text = "\n".join(lines)
+    assert len(lines) == 3
+    assert "larger than the training split (54 images)" in text
+    assert "5 image(s)" in text and "about 1.3 px" in text
+    cfg = dict(config.DEFAULTS, batch_size=16)
+    assert plan.recipe_warnings(cfg, n_train=300, n_val=300, steps_per_epoch=19, object_scale=0.3) == []
+    assert "1 optimiser step(s) per epoch" in plan.recipe_warnings(dict(cfg, batch_size=48), 60, 50, 1)[0]
+
+
+def test_train_start_logs_the_warnings(tmp_path):
+    # 8-px squares in 128-px images, trained on 32-px crops: 2-px objects
+    root = write_folder(tmp_path / "d", n=12, size=128, obj=8)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-root", str(root), "--weights", "none", "--epochs", "1",
+                 "--image-size", "32", "--crop", "--precise-bn", "0", "--figure-samples", "0", "--cache", "memory",
+                 "--run-dir", str(run)]) == 0
+    log = (run / "train.log").read_text()
+    assert "--batch-size 64 is larger than the training split" in log
+    assert "validation split holds 2 image(s)" in log
+    assert re.search(r"median object of the smallest class is about [23]\.\d px", log)
+
+
+def test_an_edited_plan_with_a_bad_key_or_value_is_one_line(tmp_path, capsys):
+    root = write_folder(tmp_path / "d")
+    text = plan.to_yaml(plan.plan_from_options({"dataset": "folder", "data_root": str(root)}, FAST, False))
+    capsys.readouterr()
+    for bad, named in (("batch_size:", "batch_sise:"), ("lr: 0.001", "lr: fast")):
+        path = tmp_path / "plan.yaml"
+        path.write_text(text.replace(bad, named))
+        assert main(["train", "--config", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err
+        assert ("batch_sise" in err) if bad == "batch_size:" else ("lr" in err and "fast" in err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_budget_that_cannot_hold_one_epoch_says_the_epoch_time(tmp_path):
+    slow = plan.fixed_machine(train_ips_128=0.05, eval_ips_128=0.2)
+    with pytest.raises(PixelsegError, match=r"--time-budget 30s cannot hold one epoch: one epoch takes about \d+s"):
+        plan.make_plan(fp_of(write_folder(tmp_path / "d")), slow, 30)
