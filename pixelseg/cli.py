@@ -74,6 +74,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--mc-samples", type=int, default=0,
                    help="Monte-Carlo dropout samples for models with dropout (bayesian_segnet, deeplabv3): the "
                         "--uncertainty report for the sampled mean softmax too, with predictive entropy and variance")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "openvino"),
+                   help="torch (default): the checkpoint; onnx/openvino: score --exported FILE made from this run")
+    p.add_argument("--exported", metavar="FILE", help="an .onnx or OpenVINO .xml from `pixelseg export` of this run")
     _add_resolution_args(p)
 
     p = sub.add_parser("predict", help="segment image files",
@@ -88,9 +91,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
     _add_resolution_args(p)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
-                   help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime "
-                        "auto (default): onnx for .onnx files")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "openvino"),
+                   help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime; "
+                        "openvino: an .xml from `export --format openvino`; auto (default): by the file's suffix")
+    p.add_argument("--keep-exif-grid", action="store_true",
+                   help="segment the pixels as stored; default: turn photos upright as their EXIF Orientation "
+                        "says (phone photos), so masks fit the image as people see it")
     p.add_argument("--format", choices=("coco", "cvat", "labelstudio", "yolo"),
                    help="also write the masks as pre-annotations a labelling tool imports for correction: "
                         "annotations.coco.json, annotations.xml (CVAT for images 1.1), labelstudio_tasks.json + "
@@ -112,11 +118,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                    "images and compared with PyTorch (max logit difference, argmax agreement); it "
                                    "is kept only if they agree on >= 99.9% of pixels.")
     p.add_argument("checkpoint", help="run directory (uses best.pt) or checkpoint file")
-    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="default: onnx")
-    p.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.ts.pt)")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "openvino"),
+                   help="default: onnx; openvino writes OUT.xml/.bin plus the fp32 OUT.onnx it falls back to "
+                        "(pip install 'pixelseg[openvino]'), kept only if it passes the gate on the run's split")
+    p.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.ts.pt, model.xml)")
+    p.add_argument("--int8", action="store_true",
+                   help="openvino: int8 by NNCF post-training quantization on real calibration images")
+    p.add_argument("--calibration-split", help="openvino --int8: split the calibration images come from "
+                                               "(default: the run's training split)")
+    p.add_argument("--calibration-images", type=int, default=100, help="openvino --int8: how many (default: 100)")
+    p.add_argument("--check-split", help="openvino: split the gate is measured on (default: the run's validation split)")
+    p.add_argument("--int8-ignore", help="openvino --int8: comma-separated layer names kept in higher precision "
+                                         "(NNCF ignored scope; a refused export names candidates)")
     p.add_argument("--check-images", nargs="+", metavar="PATH",
                    help="images (files or directories) for the parity check (default: the run's validation images)")
-    p.add_argument("--check-limit", type=int, default=4, help="images used for the parity check (default: 4)")
+    p.add_argument("--check-limit", type=int, help="images used for the parity check (default: 4; openvino: "
+                                                   "the whole --check-split)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
 
     p = sub.add_parser("shards", help="write a dataset split as WebDataset shards for streaming",
@@ -185,17 +202,25 @@ def _add_serve_args(sub) -> None:
     p.add_argument("--max-mc-samples", type=int, default=d.max_mc_samples,
                    help=f"most MC-dropout samples a request may ask for (default: {d.max_mc_samples})")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help=f"requests admitted at once (decoding, waiting, running); more get 503 + Retry-After "
+                   help=f"requests admitted at once (waiting, decoding, running); more get 503 + Retry-After "
                         f"(default: {d.max_queue})")
+    p.add_argument("--deadline", type=float, default=d.deadline_s,
+                   help=f"seconds an admitted request may wait and run; one that cannot make it gets 503 + "
+                        f"Retry-After (default: {d.deadline_s:g})")
     p.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
                    help=f"seconds a client has to send its whole body; slower is 408 (default: {d.upload_timeout_s:g})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help=f"run up to N concurrent requests as one batch (default: {d.max_batch}, off; see "
-                        "docs/benchmarks.md for when it helps)")
+                   help=f"run up to N waiting requests as one forward pass (default: {d.max_batch}; 1: off; see "
+                        "docs/serving.md)")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help=f"how long a batch waits for company (default: {d.batch_wait_ms:g})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "openvino"),
+                   help="as for predict; auto (default): by the model file's suffix (.onnx, .xml, else a checkpoint)")
+    p.add_argument("--keep-exif-grid", action="store_true",
+                   help="segment uploads as stored; default: turn photos upright as their EXIF Orientation says "
+                        "(a request may override with ?keep_exif_grid=true/false)")
     _add_resolution_args(p)
 
 
@@ -246,7 +271,7 @@ def _run(args) -> int:
                           limit=args.limit, device=args.device, precision=args.precision, out_dir=args.out,
                           batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
                           overlap=args.tile_overlap, tta=args.tta, uncertainty=args.uncertainty,
-                          mc_samples=args.mc_samples)
+                          mc_samples=args.mc_samples, backend=args.backend, exported=args.exported)
         print(format_scores(result))
         print(f"wrote {' and '.join(result['files'])}")
         return 0
@@ -255,7 +280,7 @@ def _run(args) -> int:
         results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
                           mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
                           backend=args.backend, format=args.format, shapes=args.shapes, min_area=args.min_area,
-                          rank=args.rank, image_url=args.image_url)
+                          rank=args.rank, image_url=args.image_url, keep_exif_grid=args.keep_exif_grid)
         print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out} ({results[0]['backend']}, "
               f"{results[0]['mode']})")
         if args.format:
@@ -263,10 +288,20 @@ def _run(args) -> int:
         if args.rank:
             print(f"wrote {' and '.join(results[0]['ranking'])}: most uncertain first ({results[0]['rank_method']})")
         return 0
+    if args.command == "export" and args.format == "openvino":
+        from .openvino_backend import export_openvino, format_gate
+        r = export_openvino(args.checkpoint, args.out, int8=args.int8, calibration_split=args.calibration_split,
+                            calibration_images=args.calibration_images, check_split=args.check_split,
+                            check_limit=args.check_limit,
+                            ignore=args.int8_ignore.split(",") if args.int8_ignore else None)
+        print(f"gate on {r['check_split']} ({r['precision']}): {format_gate(r)}")
+        print(f"wrote {r['out']} (+ .bin, + .onnx fallback; openvino {r['precision']}, {r['model']}, "
+              f"{r['bytes'] / 1e6:.1f} MB weights)")
+        return 0
     if args.command == "export":
         from .export import export, format_parity
         r = export(args.checkpoint, args.format, args.out, check_images=args.check_images,
-                   check_limit=args.check_limit, opset=args.opset)
+                   check_limit=args.check_limit or 4, opset=args.opset)
         print(f"parity on {r['parity_source']} ({len(r['inputs'])} inputs incl. a batch of 2): {format_parity(r)}")
         print(f"wrote {r['out']} ({r['format']}, {r['model']}, {r['bytes'] / 1e6:.1f} MB)")
         return 0
@@ -275,9 +310,11 @@ def _run(args) -> int:
         from .serving import Limits
         limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                         max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
-                        upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                        upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                        deadline_s=args.deadline)
         serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
-              precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta)
+              precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
+              keep_exif_grid=args.keep_exif_grid, backend=args.backend)
         return 0
     if args.command == "shards":
         from .data import dataset_options, default_split

@@ -592,14 +592,16 @@ class Limits:
     max_pixels: int = 40_000_000          # 40 MP: a 7300×5500 photo; decoded RGB is 120 MB
     max_mc_samples: int = 32
     default_mc_samples: int = 8
-    max_queue: int = 8                    # requests decoding, waiting or running; more get 503
+    max_queue: int = 128                  # admitted requests (waiting, decoding, running); more get 503
+    deadline_s: float = 60.0              # a request that cannot be answered within this after admission: 503
     upload_timeout_s: float = 30.0        # a client that has not sent its whole body by then gets 408
-    max_batch: int = 1                    # >1: concurrent requests share one forward pass
+    max_batch: int = 8                    # concurrent requests share one forward pass (dynamic batching); 1: off
     batch_wait_ms: float = 5.0
 
     def check(self) -> "Limits":
         for flag, value, low in (("--max-upload-mb", self.max_upload_mb, 0), ("--max-pixels", self.max_pixels, 0),
                                  ("--max-queue", self.max_queue, 0), ("--upload-timeout", self.upload_timeout_s, 0),
+                                 ("--deadline", self.deadline_s, 0),
                                  ("--max-batch", self.max_batch, 0), ("--batch-wait-ms", self.batch_wait_ms, -1e-9),
                                  ("--max-mc-samples", self.max_mc_samples, 1)):
             if not value > low:

@@ -39,14 +39,18 @@ def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
 
 def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, device="auto",
              precision="auto", out_dir=None, batch_size=32, progress=True, full_res=False, tile=None,
-             overlap=0.25, tta=False, uncertainty=False, mc_samples=0) -> dict:
+             overlap=0.25, tta=False, uncertainty=False, mc_samples=0, backend="torch", exported=None) -> dict:
     """Score a checkpoint on a split: at the training resolution (default, what training reports), or with
     `full_res` at each image's own resolution against the original-size masks (the honest number).
 
     `uncertainty` (or `mc_samples` > 0, which needs dropout in the model) adds the calibration report of
     `pixelseg.calibration`: softmax-entropy uncertainty of the deterministic pass and, with `mc_samples`,
-    Monte-Carlo dropout's predictive entropy and variance; scores stay those of the deterministic pass."""
+    Monte-Carlo dropout's predictive entropy and variance; scores stay those of the deterministic pass.
+
+    `backend` "onnx"/"openvino" scores the `exported` file made from this run instead of the PyTorch model
+    (the run still says which dataset and split)."""
     ckpt = load_checkpoint(run_or_ckpt)
+    runner = _exported_runner(backend, exported, uncertainty or mc_samples)
     if out_dir:
         check_output_dir(out_dir, "--out")
     cfg = ckpt["config"]
@@ -74,8 +78,8 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     if full_res:
         info = dataset_info(dataset, root, split=split, **options)
         _check_classes(ckpt, info, dataset, num_classes)
-        model = load_model(ckpt, dev, amp, channels_last)
-        predictor = Predictor(torch_logits_fn(model, dev, amp, channels_last), size, window, overlap, tta,
+        model = runner or load_model(ckpt, dev, amp, channels_last)
+        predictor = Predictor(runner or torch_logits_fn(model, dev, amp, channels_last), size, window, overlap, tta,
                               batch_size=min(batch_size, 16), device=dev)
         cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
         n_images = 0
@@ -99,7 +103,7 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
                         **options)
         info, n_images, skipped = ds.info, len(ds), ds.skipped
         _check_classes(ckpt, info, dataset, num_classes)
-        model = load_model(ckpt, dev, amp, channels_last)
+        model = runner or load_model(ckpt, dev, amp, channels_last)
         if isinstance(ds, torch.utils.data.IterableDataset):  # shards: every sample once, in stream order
             ds.configure(batch_size, 0, 0, 1, shuffle=False, even=False)
             loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=collate_batch)
@@ -186,6 +190,22 @@ def _uncertainty_pass(model, loader, dev, amp, info: DatasetInfo, channels_last:
     return cm, report
 
 
+def _exported_runner(backend: str, exported, uncertainty: bool):
+    """None for the PyTorch model, else the exported file's callable (used where the model would be)."""
+    if backend == "torch" and not exported:
+        return None
+    if not exported or resolve_backend(backend, exported) == "torch":
+        raise PixelsegError(f"--backend {backend} scores an exported file: pass --exported FILE (.onnx or .xml "
+                            "from `pixelseg export` of this run)")
+    if uncertainty:
+        raise PixelsegError("--uncertainty/--mc-samples need the PyTorch model; drop --exported")
+    if resolve_backend(backend, exported) == "openvino":
+        from .openvino_backend import OpenVinoModel
+        return OpenVinoModel(exported)
+    from .loading import OnnxModel
+    return OnnxModel(exported)
+
+
 def _check_classes(ckpt: dict, info: DatasetInfo, dataset: str, num_classes: int) -> None:
     if info.num_classes != num_classes:
         raise PixelsegError(f"{ckpt['path']}: the model predicts {num_classes} classes but dataset {dataset} has "
@@ -219,13 +239,13 @@ def format_scores(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3) -> list:
+def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3, exif_transpose: bool = False) -> list:
     """Decode every input before anything is written, so a bad file fails the command with no partial
     output; arrays are kept for reuse only up to `keep_bytes` (big photos are decoded again later)."""
     kept, total = [], 0
     for f in files:
         try:
-            img = read_input(f, channels)
+            img = read_input(f, channels, exif_transpose=exif_transpose)
         except UnreadableImage as exc:
             raise PixelsegError(f"{exc}; pass only image files (JPEG, PNG, ...) to predict") from exc
         total += img.nbytes
@@ -236,27 +256,32 @@ def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3)
 def resolve_backend(backend: str, path) -> str:
     suffix = Path(path).suffix.lower()
     if backend == "auto":
-        return "onnx" if suffix == ".onnx" else "torch"
-    if backend not in ("torch", "onnx"):
-        raise PixelsegError(f"--backend {backend!r}: choose auto, torch or onnx")
+        return {".onnx": "onnx", ".xml": "openvino"}.get(suffix, "torch")
+    if backend not in ("torch", "onnx", "openvino"):
+        raise PixelsegError(f"--backend {backend!r}: choose auto, torch, onnx or openvino")
+    if backend == "openvino" and suffix != ".xml":
+        raise PixelsegError(f"--backend openvino runs an OpenVINO .xml file, and {path} is not one; create it with "
+                            f"`pixelseg export RUN --format openvino --out model.xml` and pass model.xml")
     if backend == "onnx" and suffix != ".onnx":
         raise PixelsegError(f"--backend onnx runs an .onnx file, and {path} is not one; create it with "
                             f"`pixelseg export {path} --format onnx --out model.onnx` and pass model.onnx")
-    if backend == "torch" and suffix == ".onnx":
-        raise PixelsegError(f"{path}: an ONNX file needs --backend onnx (or auto)")
+    if backend == "torch" and suffix in (".onnx", ".xml"):
+        raise PixelsegError(f"{path}: an exported file needs --backend {'onnx' if suffix == '.onnx' else 'openvino'} "
+                            "(or auto)")
     return backend
 
 
 @torch.no_grad()
 def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_samples=0, progress=True,
             tile=None, overlap=0.25, tta=False, backend="auto", format=None, shapes="polygon", min_area=16,
-            rank=None, image_url=None) -> list[dict]:
+            rank=None, image_url=None, keep_exif_grid=False) -> list[dict]:
     """For each image: class mask at the original resolution (palette PNG) + colour overlay
     (+ uncertainty heatmaps with --mc-samples). All inputs are checked before anything is written.
 
     Resolution: resize to the training size and back (default), or sliding windows at native scale
     (`tile`), optionally averaged with the flipped image (`tta`). `backend="onnx"` runs a file written
-    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch.
+    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch. Photos are turned
+    upright as their EXIF Orientation says (masks fit the image as people see it) unless `keep_exif_grid`.
 
     `format` (coco, cvat, labelstudio, yolo) also writes the masks as pre-annotations for that tool, and
     `rank="uncertainty"` writes ranking.csv/json, the images most uncertain first (pixelseg.labels.write)."""
@@ -267,13 +292,17 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     if rank not in (None, "uncertainty"):
         raise PixelsegError(f"--rank {rank}: the one ranking is 'uncertainty'")
     mc = bool(mc_samples and mc_samples > 1)
-    if mc and (backend == "onnx" or tile or tta):
+    if mc and (backend != "torch" or tile or tta):
         raise PixelsegError("--mc-samples runs the PyTorch model with dropout on, at the training resolution; it "
                             "cannot be combined with " + ("--backend onnx (the exported graph has no dropout)"
                                                            if backend == "onnx" else "--tile or --tta"))
     dev = select_device(device)
-    if backend == "onnx":
-        onnx_model, info, size = load_onnx_predictor_parts(run_or_ckpt, dev)
+    if backend in ("onnx", "openvino"):
+        if backend == "openvino":
+            from .openvino_backend import load_openvino_predictor_parts as load_parts
+        else:
+            load_parts = load_onnx_predictor_parts
+        onnx_model, info, size = load_parts(run_or_ckpt, dev)
         fn, model, mode_dev = onnx_model, None, (dev if dev.type == "cuda" else torch.device("cpu"))
         channels, bands = model_channels(onnx_model.metadata), onnx_model.metadata.get("rgb_bands")
     else:
@@ -282,7 +311,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         size = input_size(ckpt)
         channels, bands = model_channels(ckpt), ckpt["config"].get("rgb_bands")
     files = collect_images(images)
-    decoded = _decode_all(files, channels=channels)
+    decoded = _decode_all(files, channels=channels, exif_transpose=not keep_exif_grid)
     if backend == "torch":
         amp = resolve_precision(precision, dev)
         model = load_model(ckpt, dev, amp)
@@ -299,8 +328,9 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     out = make_output_dir(out_dir, "--out")
     results, regions = [], []
     for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
-        img = img if img is not None else read_input(f, channels)
-        entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
+        img = img if img is not None else read_input(f, channels, exif_transpose=not keep_exif_grid)
+        entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(),
+                 "backend": getattr(fn, "backend", backend)}
         if mc:
             probs, maps = mc_uncertainty(model, img, size, dev, amp, mc_samples)
             for key, m in maps.items():

@@ -106,6 +106,9 @@ class OnnxModel:
         arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
         return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0]).to(x.device)
 
+    def eval(self):  # stands where a torch model would (evaluate --exported)
+        return self
+
 
 def load_torchscript(path) -> tuple[torch.jit.ScriptModule, dict | None]:
     files = {f"{METADATA_KEY}.json": ""}

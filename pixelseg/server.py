@@ -2,11 +2,15 @@
 
 Concurrency: the event loop only reads bodies and answers; decoding, inference and encoding run on
 worker threads, and inference on exactly one (torch already uses every core inside an operator, so
-two inferences at once only fight for them). Every request that has a full body takes a slot
-before any decoding; with `max_queue` slots taken, new requests get 503 + Retry-After at once,
-so memory and latency stay bounded under any load. Bodies are read by the handler itself, counted
-as they arrive (413 past --max-upload-mb whatever Content-Length says) and under a deadline (408
-for a client that stops sending; it never holds a slot or a thread while it dawdles).
+two inferences at once only fight for them). A request with a full body is admitted into a bounded
+queue (--max-queue) with a deadline (--deadline): it waits rather than being refused, and gets 503 +
+Retry-After only when the queue is full or its deadline cannot be met (predicted at admission from
+the recent cost per request, or passed while it waited). At most a few batches' worth of admitted
+requests are decoded at a time (the rest wait as compressed bytes), so memory stays bounded. Waiting
+requests are run together as one forward pass of up to --max-batch images (dynamic batching, as
+TorchServe and Triton do): on a CPU a batch of 8 costs far less than 8 passes of 1. Bodies are read by
+the handler itself, counted as they arrive (413 past --max-upload-mb whatever Content-Length says) and
+under a deadline (408 for a client that stops sending; it never holds a slot or a thread while it dawdles).
 """
 
 import asyncio
@@ -37,7 +41,13 @@ class Metrics:
                                    buckets=buckets, registry=self.registry)
         self.batch = Histogram("pixelseg_batch_size", "Requests per forward pass", buckets=(1, 2, 4, 8, 16, 32),
                                registry=self.registry)
-        depth = Gauge("pixelseg_queue_depth", "Requests holding a slot (decoding, waiting or in inference)",
+        self.queue_wait = Histogram("pixelseg_queue_wait_seconds", "Time from admission to the start of the request's "
+                                    "forward pass (decoding included)", buckets=buckets, registry=self.registry)
+        self.stage = Histogram("pixelseg_stage_seconds", "Seconds per request in each stage outside the model",
+                               ["stage"], buckets=buckets, registry=self.registry)
+        self.refused = Counter("pixelseg_refused", "Requests answered 503 by the queue, by reason",
+                               ["reason"], registry=self.registry)
+        depth = Gauge("pixelseg_queue_depth", "Admitted requests (waiting, decoding or in inference)",
                       registry=self.registry)
         depth.set_function(queue_depth)
         self.ready = Gauge("pixelseg_ready", "1 once the model is loaded and warmed up", registry=self.registry)
@@ -48,26 +58,58 @@ class Metrics:
 
 
 class Scheduler:
-    """Slots (bounded queue) and the single inference thread, with optional micro-batching."""
+    """Admission (bounded queue, per-request deadline), the decode-ahead window and the single
+    inference thread with dynamic batching."""
 
     def __init__(self, engine: Engine, limits: Limits, metrics: Metrics):
         self.engine, self.limits, self.metrics = engine, limits, metrics
-        self.slots = 0
+        self.slots = 0          # admitted and not yet answered
+        self.decoding = 0       # inside the decode-ahead window, not yet handed to the batcher
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="pixelseg-infer")
         self.io_pool = ThreadPoolExecutor(2, thread_name_prefix="pixelseg-io")
-        self.ema_s = 0.1  # recent seconds per request, for Retry-After
+        # recent seconds of wall clock per answered request while busy (gaps between forward passes
+        # included, so decoding, encoding and other processes' load on the cores count as they really do)
+        self.per_request_s = 0.05
+        self._last_done: float | None = None
+        self.window = asyncio.Semaphore(max(4, 2 * limits.max_batch))
         self._pending: asyncio.Queue | None = None
         self._batcher: asyncio.Task | None = None
 
-    def acquire(self) -> None:
-        if self.slots >= self.limits.max_queue:
-            retry = max(1, math.ceil(self.slots * self.ema_s))
-            raise HTTPProblem(503, f"server busy: {self.slots} requests queued (--max-queue "
-                                   f"{self.limits.max_queue}); retry after {retry} s", {"Retry-After": str(retry)})
+    def _served(self, n: int, infer_s: float) -> None:
+        """Update the cost per request after a forward pass of `n`: the time since the previous pass ended
+        if requests were waiting all along (the throughput seen from the queue), else the pass alone."""
+        now = time.perf_counter()
+        busy = self._last_done is not None and self.slots > n
+        cost = (now - self._last_done if busy else infer_s) / n
+        self.per_request_s = 0.8 * self.per_request_s + 0.2 * cost
+        self._last_done = now
+
+    def admit(self) -> float:
+        """Take a queue slot, or 503 if the queue is full or the wait would pass the deadline; returns the
+        request's deadline (event-loop time)."""
+        wait = self.slots * self.per_request_s
+        full = self.slots >= self.limits.max_queue
+        if full or wait > self.limits.deadline_s:
+            excess = wait - self.limits.deadline_s if not full else (self.slots - self.limits.max_queue + 1) * \
+                self.per_request_s
+            retry = max(1, math.ceil(excess))
+            self.metrics.refused.labels("queue_full" if full else "deadline").inc()
+            why = (f"{self.slots} requests queued (--max-queue {self.limits.max_queue})" if full else
+                   f"{self.slots} requests ahead would take about {wait:.1f} s, past the {self.limits.deadline_s:g} s "
+                   "deadline (--deadline)")
+            raise HTTPProblem(503, f"server busy: {why}; retry after {retry} s", {"Retry-After": str(retry)})
         self.slots += 1
+        return asyncio.get_running_loop().time() + self.limits.deadline_s
 
     def release(self) -> None:
         self.slots -= 1
+
+    def late(self, deadline: float) -> HTTPProblem:
+        self.metrics.refused.labels("deadline").inc()
+        retry = max(1, math.ceil(self.slots * self.per_request_s - self.limits.deadline_s))
+        return HTTPProblem(503, f"server busy: the request waited past its {self.limits.deadline_s:g} s deadline "
+                                f"(--deadline) with {self.slots} requests queued; retry after {retry} s",
+                           {"Retry-After": str(retry)})
 
     async def run_io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
@@ -79,44 +121,85 @@ class Scheduler:
         self.metrics.inference.observe(dt)
         return out, dt
 
-    async def mask(self, image, mc_samples: int = 0):
-        """(mask, maps, inference seconds) for one decoded image."""
+    async def segment(self, decode, deadline: float, mc_samples: int = 0):
+        """(mask, maps, inference seconds, decode seconds) for one admitted request; `decode()` gives its image. Decoding
+        waits for a place in the decode-ahead window, in arrival order, up to the deadline."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(self.window.acquire(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise self.late(deadline) from None
+        try:
+            self.decoding += 1
+            try:
+                t0 = time.perf_counter()
+                image = await self.run_io(decode)
+                decode_s = time.perf_counter() - t0
+                self.metrics.stage.labels("decode").observe(decode_s)
+            finally:
+                self.decoding -= 1
+            return (*await self._infer(image, deadline, mc_samples), decode_s)
+        finally:
+            self.window.release()
+
+    async def _infer(self, image, deadline: float, mc_samples: int):
         loop = asyncio.get_running_loop()
         if self.limits.max_batch > 1 and not mc_samples and not self.engine.predictor.tile:
             fut = loop.create_future()
             if self._batcher is None:
                 self._pending = asyncio.Queue()
                 self._batcher = asyncio.create_task(self._batch_loop())
-            await self._pending.put((image, fut))
+            await self._pending.put((image, fut, deadline))
             mask, dt = await fut
             return mask, None, dt
+        if loop.time() > deadline:
+            raise self.late(deadline)
         (mask, maps), dt = await loop.run_in_executor(self.infer_pool, self._timed, self.engine.mask, image,
                                                       mc_samples)
         self.metrics.batch.observe(1)
+        self._served(1, dt)
         return mask, maps, dt
 
+    async def _gather(self) -> list:
+        """The first waiting image and, for up to --batch-wait-ms, more (at most --max-batch). It waits only
+        while admitted requests are still decoding and could join: a lone client never pays the wait."""
+        loop = asyncio.get_running_loop()
+        jobs = [await self._pending.get()]
+        until = loop.time() + self.limits.batch_wait_ms / 1000
+        while len(jobs) < self.limits.max_batch:
+            if not self._pending.empty():  # already waiting: take it without a timeout (a 0 s wait_for never yields)
+                jobs.append(self._pending.get_nowait())
+                continue
+            if self.decoding == 0 or loop.time() >= until:
+                break
+            try:
+                jobs.append(await asyncio.wait_for(self._pending.get(), until - loop.time()))
+            except asyncio.TimeoutError:
+                break
+        now, live = loop.time(), []
+        for job in jobs:
+            if now > job[2] and not job[1].done():
+                job[1].set_exception(self.late(job[2]))
+            else:
+                live.append(job)
+        return live
+
     async def _batch_loop(self):
-        """Take the first waiting image, gather more for up to --batch-wait-ms (at most --max-batch),
-        run them as one forward pass. Waits only while other admitted requests (still decoding) could
-        join: a lone client never pays the wait."""
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._pending.get()]
-            deadline = loop.time() + self.limits.batch_wait_ms / 1000
-            while len(jobs) < self.limits.max_batch and (self.slots > len(jobs) or not self._pending.empty()):
-                try:
-                    jobs.append(await asyncio.wait_for(self._pending.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
-                    break
+            jobs = await self._gather()
+            if not jobs:
+                continue
             try:
                 masks, dt = await loop.run_in_executor(self.infer_pool, self._timed, self.engine.masks,
-                                                       [img for img, _ in jobs])
+                                                       [img for img, _, _ in jobs])
                 self.metrics.batch.observe(len(jobs))
-                for (_, fut), m in zip(jobs, masks):
+                self._served(len(jobs), dt)
+                for (_, fut, _), m in zip(jobs, masks):
                     if not fut.done():
                         fut.set_result((m, dt))
             except Exception as exc:  # hand the failure to every waiting request; keep batching
-                for _, fut in jobs:
+                for _, fut, _ in jobs:
                     if not fut.done():
                         fut.set_exception(exc)
 
@@ -178,7 +261,7 @@ async def image_bytes(request, body: bytes) -> tuple[bytes, str]:
     return await field.read(), f"upload {field.filename!r}" if field.filename else "upload"
 
 
-def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
+def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, keep_exif_grid: bool = False):
     """The FastAPI app serving `engine`. /readyz turns 200 once warm-up (in a thread) has finished."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -212,6 +295,7 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
     app = FastAPI(title="pixelseg", version=_version(), lifespan=_lifespan_factory(lifespan),
                   docs_url="/docs", redoc_url=None)
     app.state.engine, app.state.limits, app.state.scheduler, app.state.metrics = engine, limits, sched, metrics
+    app.state.keep_exif_grid = keep_exif_grid
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -255,8 +339,10 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
             "max_upload_mb": limits.max_upload_mb, "max_pixels": limits.max_pixels,
             "max_mc_samples": limits.max_mc_samples if engine.mc_dropout else 0,
             "default_mc_samples": limits.default_mc_samples, "max_queue": limits.max_queue,
+            "deadline_s": limits.deadline_s,
             "upload_timeout_s": limits.upload_timeout_s, "max_batch": limits.max_batch,
-            "batch_wait_ms": limits.batch_wait_ms}, "formats": list(FORMATS)}
+            "batch_wait_ms": limits.batch_wait_ms}, "formats": list(FORMATS),
+            "exif_transpose": not app.state.keep_exif_grid}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
@@ -265,8 +351,9 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
 
     @app.post("/v1/predict", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def predict(request: Request, format: str = "png", uncertainty: bool = False,
-                      mc_samples: int | None = None):
-        """Segment one image: multipart field `file`, or the raw image as the body."""
+                      mc_samples: int | None = None, keep_exif_grid: bool | None = None):
+        """Segment one image: multipart field `file`, or the raw image as the body. Photos are turned upright
+        as their EXIF Orientation says unless keep_exif_grid=true (default: the server's --keep-exif-grid)."""
         t0 = time.perf_counter()
         if format not in FORMATS:
             raise HTTPProblem(422, f"format={format!r} is not one of {', '.join(FORMATS)}")
@@ -274,7 +361,7 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
         if uncertainty or mc_samples:
             if not engine.mc_dropout:
                 raise HTTPProblem(422, f"uncertainty needs a model with dropout (Bayesian SegNet); {engine.id} has "
-                                       "none" + (" (an ONNX graph has no dropout)" if engine.backend == "onnx" else ""))
+                                       "none" + (" (an exported graph has no dropout)" if engine.model is None else ""))
             mc = min(limits.default_mc_samples, limits.max_mc_samples) if mc_samples is None else mc_samples
             if not 2 <= mc <= limits.max_mc_samples:
                 raise HTTPProblem(422, f"mc_samples={mc} is outside 2..{limits.max_mc_samples} "
@@ -289,18 +376,22 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True):
         body = await read_body(request, limits)
         t_upload = time.perf_counter()
         data, name = await image_bytes(request, body)
-        sched.acquire()
+        deadline = sched.admit()
+        admitted = time.perf_counter()
         try:
-            image = await sched.run_io(decode_upload, data, limits.max_pixels, name)
+            upright = not (keep_exif_grid if keep_exif_grid is not None else app.state.keep_exif_grid)
+            mask, maps, infer_s, decode_s = await sched.segment(
+                lambda: decode_upload(data, limits.max_pixels, name, upright), deadline, mc)
             del data, body
-            t_decode = time.perf_counter()
-            mask, maps, infer_s = await sched.mask(image, mc)
             t_infer = time.perf_counter()
-            timing = {"upload": _ms(t_upload - t0), "decode": _ms(t_decode - t_upload),
-                      "queue": _ms(t_infer - t_decode - infer_s), "inference": _ms(infer_s)}
-            out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing)
+            metrics.queue_wait.observe(max(0.0, t_infer - admitted - infer_s))
+            timing = {"upload": _ms(t_upload - t0), "decode": _ms(decode_s),
+                      "queue": _ms(t_infer - admitted - infer_s - decode_s), "inference": _ms(infer_s)}
+            t_enc = time.perf_counter()
+            out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing, upright)
+            enc_s = time.perf_counter() - t_enc
+            metrics.stage.labels("encode").observe(enc_s)
             total = time.perf_counter() - t0
-            sched.ema_s = 0.8 * sched.ema_s + 0.2 * (time.perf_counter() - t_upload)
         finally:
             sched.release()
         h, w = mask.shape
@@ -329,7 +420,8 @@ def _lifespan_factory(fn):
 
 
 def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, device: str = "auto",
-          precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info"):
+          precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info",
+          keep_exif_grid: bool = False, backend: str = "auto"):
     """Load the model (errors are one line before anything listens), then serve until interrupted."""
     try:
         import fastapi  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
@@ -341,8 +433,8 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
     from .serving import check_source
     limits = (limits or Limits()).check()
     check_source(source)
-    engine = Engine(source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta)
-    app = create_app(engine, limits, warm=False)
+    engine = Engine(source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta, backend=backend)
+    app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid)
     print(f"pixelseg serve: {engine.id} ({engine.backend}, {engine.predictor.describe()}) on http://{host}:{port}/ "
           "- /readyz turns 200 after warm-up", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, access_log=False,

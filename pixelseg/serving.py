@@ -21,11 +21,14 @@ from PIL import Image, UnidentifiedImageError
 
 from . import viz
 from .data import DatasetInfo
-from .data.io import UnreadableImage, to_rgb_array
+from .data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from .config import Limits  # noqa: F401  (lives in torch-free config, so `pixelseg --help` stays light)
 from .errors import PixelsegError
 
 FORMATS = ("png", "color", "json", "rle")
+# zlib level of the PNGs the server sends: 1 encodes a 500x375 mask ~2.5x faster than PIL's default 6 (measured
+# side by side, docs/benchmarks.md), and a class-id mask is mostly long runs, so the file grows little.
+FAST_PNG = 1
 # Formats PIL decodes that people upload; anything else PIL might open (EPS via ghostscript, PSD, ...) is 415.
 IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO"}
 
@@ -38,10 +41,11 @@ class HTTPProblem(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def decode_upload(data: bytes, max_pixels: int, name: str = "upload") -> np.ndarray:
+def decode_upload(data: bytes, max_pixels: int, name: str = "upload", exif_transpose: bool = True) -> np.ndarray:
     """Uploaded bytes -> RGB uint8 H×W×3, refusing non-images (415), images over `max_pixels` (413,
     checked from the header before any pixel is decoded, so decompression bombs cost nothing) and
-    truncated or corrupt data (400)."""
+    truncated or corrupt data (400). `exif_transpose`: turned upright as the EXIF Orientation tag
+    says, as `predict` does by default (the server's --keep-exif-grid / ?keep_exif_grid=true turn it off)."""
     if not data:
         raise HTTPProblem(422, f"{name} is empty: send the image bytes as the body or as the multipart field 'file'")
     try:
@@ -58,10 +62,16 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "upload") -> np.ndar
     if w * h > max_pixels:
         raise HTTPProblem(413, f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the server's limit of "
                                f"{max_pixels / 1e6:.1f} MP (--max-pixels); downscale it first")
+    turn = exif_transpose and exif_orientation(img) != 1
     try:
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            # the decoder `predict` uses for JPEGs (torchvision, bit-identical to PIL and faster); None: PIL
+            out = decode_jpeg_fast(io.BytesIO(data), turn)
+            if out is not None:
+                return out
         if img.format != "JPEG":
             img.load()
-        return to_rgb_array(img, name)
+        return to_rgb_array(upright(img, name) if turn else img, name)
     except UnreadableImage as exc:
         raise HTTPProblem(400, f"{exc}; the file is truncated or corrupt") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -80,16 +90,21 @@ class Engine:
     """One model ready to segment uint8 RGB arrays; not thread-safe (the server runs it on one thread)."""
 
     def __init__(self, source, device: str = "auto", precision: str = "auto", tile=None, overlap: float = 0.25,
-                 tta: bool = False):
+                 tta: bool = False, backend: str = "auto"):
         from .inference import resolve_backend, tile_size
         from .loading import input_size, load_model, load_onnx_predictor_parts
         from .runtime import resolve_precision, select_device
         from .tiling import Predictor, torch_logits_fn
-        self.backend = resolve_backend("auto", source)
+        self.backend = resolve_backend(backend, source)
         self.device = select_device(device)
         self.model = None
-        if self.backend == "onnx":
-            fn, self.info, self.size = load_onnx_predictor_parts(source, self.device)
+        if self.backend in ("onnx", "openvino"):
+            if self.backend == "openvino":
+                from .openvino_backend import load_openvino_predictor_parts as load_parts
+            else:
+                load_parts = load_onnx_predictor_parts
+            fn, self.info, self.size = load_parts(source, self.device)
+            self.backend = getattr(fn, "backend", self.backend)  # "onnxruntime (fallback)" if OpenVINO could not compile
             self.path = Path(source)
             self.model_config = dict(fn.metadata.get("model_config", {}))
             self.amp = None
@@ -203,20 +218,22 @@ def rle_decode(rle: dict) -> np.ndarray:
     return flat.reshape((h, w), order="F")
 
 
-def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing: dict) -> tuple[bytes, str]:
-    """(body, media type) for one mask in format `fmt`."""
+def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing: dict,
+           exif_transposed: bool = True) -> tuple[bytes, str]:
+    """(body, media type) for one mask in format `fmt`; JSON says whether the photo was turned upright
+    (EXIF), so a client draws the photo the same way before laying the mask over it."""
     info = engine.info
     if fmt == "png":
-        return viz.png_bytes(mask), "image/png"
+        return viz.png_bytes(mask, compress_level=FAST_PNG), "image/png"
     if fmt == "color":
-        return viz.png_bytes(mask, info.palette), "image/png"
+        return viz.png_bytes(mask, info.palette, compress_level=FAST_PNG), "image/png"
     import json
     h, w = mask.shape
     classes = [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(info.class_names, info.palette))]
     body = {"model": engine.id, "width": w, "height": h, "classes": classes,
-            "areas": areas(mask, info.class_names), "latency_ms": timing}
+            "areas": areas(mask, info.class_names), "latency_ms": timing, "exif_transposed": exif_transposed}
     if fmt == "json":
-        body["mask_png"] = base64.b64encode(viz.png_bytes(mask)).decode("ascii")
+        body["mask_png"] = base64.b64encode(viz.png_bytes(mask, compress_level=FAST_PNG)).decode("ascii")
         if maps is not None:
             entropy = maps["entropy"]
             body["uncertainty"] = {

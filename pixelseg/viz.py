@@ -197,15 +197,16 @@ def heatmap_png(values: np.ndarray, path: Path, vmax: float | None = None, cmap:
     atomic_write_bytes(Path(path), png_bytes(heatmap_rgb(values, vmax, cmap)))
 
 
-def png_bytes(arr: np.ndarray, palette=None) -> bytes:
-    """PNG-encode uint8 H×W (grey, or class ids with `palette` as a palette PNG) or H×W×3 (RGB)."""
+def png_bytes(arr: np.ndarray, palette=None, compress_level: int = 6) -> bytes:
+    """PNG-encode uint8 H×W (grey, or class ids with `palette` as a palette PNG) or H×W×3 (RGB).
+    `compress_level` 1 (the server's answers) encodes a mask ~2.5x faster for a slightly larger file."""
     img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), mode="P" if palette is not None else None)
     if palette is not None:
         pal = np.zeros((256, 3), np.uint8)
         pal[: len(palette)] = np.asarray(palette, np.uint8)
         img.putpalette(pal.ravel().tolist())
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

@@ -30,11 +30,18 @@ from _fakes import fake_checkpoint  # noqa: E402
 
 
 @contextlib.contextmanager
-def running(engine, limits=None):
+def running(engine, limits=None, **options):
     """The app under uvicorn on a free local port; yields its base URL once /readyz says 200."""
+    with running_app(engine, limits, **options) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_app(engine, limits=None, **options):
+    """`running`, yielding (URL, app) for tests that look at the app's state."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app = create_app(engine, limits, warm=False)
+    app = create_app(engine, limits, warm=False, **options)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -47,7 +54,7 @@ def running(engine, limits=None):
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        yield url
+        yield url, app
     finally:
         server.should_exit = True
         thread.join(10)
@@ -337,10 +344,10 @@ class BlockingEngine:
         self.mask(np.zeros((8, 8, 3), np.uint8))
 
 
-def test_too_many_concurrent_requests_get_503_with_retry_after(engine):
+def test_a_full_queue_gives_503_with_retry_after(engine):
     blocking = BlockingEngine(engine)
     blocking.gate.set()  # warm-up passes straight through
-    with running(blocking, Limits(max_queue=2)) as u:
+    with running(blocking, Limits(max_queue=2, max_batch=1)) as u:
         blocking.gate.clear()
         results = []
         threads = [threading.Thread(target=lambda: results.append(httpx.post(u + "/v1/predict",

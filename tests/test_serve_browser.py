@@ -124,3 +124,26 @@ def test_uncertainty_toggle_for_a_bayesian_segnet(browser, pets_root, tmp_path):
         w, h = Image.open(photo).size
         assert heat.shape == (h, w, 3) and heat.std() > 0  # a heatmap at the photo's size, not a blank canvas
         page.close()
+
+
+def test_a_phone_photo_is_drawn_upright_under_its_mask(browser, pets_root, tmp_path):
+    """A JPEG stored landscape with EXIF Orientation 6 (a phone held upright): the page draws it upright
+    and the overlay, at the upright size, is the server's mask for the upright photo."""
+    from _fakes import fake_checkpoint
+    from test_serve_exif import UPRIGHT, with_orientation
+    ckpt = fake_checkpoint(tmp_path / "model.pt")
+    stored = np.array(Image.open(sorted((pets_root / "images").glob("*.jpg"))[0]).convert("RGB"))
+    phone = tmp_path / "phone.jpg"
+    phone.write_bytes(with_orientation(stored, 6))
+    engine = Engine(ckpt)
+    with running(engine) as url:
+        expected = np.array(Image.open(io.BytesIO(httpx.post(url + "/v1/predict", content=phone.read_bytes()).content)))
+        page, overlay = open_and_segment(browser, url, phone)
+        h, w = stored.shape[:2]
+        assert expected.shape == (w, h) and overlay.shape == (w, h, 3)  # portrait: as the phone showed it
+        np.testing.assert_array_equal(overlay, np.array(engine.info.palette, np.uint8)[expected])
+        data_url = page.evaluate("document.getElementById('photo').toDataURL('image/png')")
+        drawn = np.array(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+        upright = np.array(Image.open(phone).convert("RGB").transpose(UPRIGHT[6]))
+        assert np.abs(drawn.astype(int) - upright).mean() < 3  # the browser's JPEG decoder may round differently
+        page.close()

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import PixelsegError
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; while decode_jpeg exists it is used
-# for full-resolution JPEGs (see _decode_jpeg), and when it goes PIL takes over with identical pixels.
+# for full-resolution JPEGs (see decode_jpeg_fast), and when it goes PIL takes over with identical pixels.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
@@ -36,19 +36,39 @@ def _open(path, name=None) -> Image.Image:
         raise UnreadableImage(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
 
 
-def read_image(path, size: tuple[int, int] | None = None, name=None) -> np.ndarray:
+def read_image(path, size: tuple[int, int] | None = None, name=None, exif_transpose: bool = False) -> np.ndarray:
     """Decode by content (a GIF or PNG named .jpg is fine), any mode -> RGB uint8 H×W×3.
 
     With `size` (h, w) the result is resized with PIL's antialiased bilinear filter; for JPEGs the
     decoder's DCT scaling (`draft`) first skips the resolution that would be thrown away anyway.
+    `exif_transpose` turns the pixels as the EXIF Orientation tag says (the image as people see it:
+    what predict and serve segment); datasets leave it off, their masks label the stored grid.
     """
     path = Path(path) if isinstance(path, str) else path
     img = _open(path, name)
+    turn = exif_transpose and exif_orientation(img) != 1
     if size is None and img.format == "JPEG" and img.mode in ("RGB", "L"):
-        out = _decode_jpeg(path)
+        out = decode_jpeg_fast(path, turn)
         if out is not None:
             return out
-    return to_rgb_array(img, name or path, size)
+    return to_rgb_array(upright(img, name or path) if turn else img, name or path, size)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1 = stored upright, 2-8 = mirrored and/or turned), 1 when absent or unreadable."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block must not make the photo unreadable; PIL raises many types here
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def upright(img: Image.Image, name) -> Image.Image:
+    """`img` turned as its EXIF orientation says (PIL.ImageOps.exif_transpose)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImage(f"{name}: image data is corrupt ({exc})") from exc
 
 
 def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -77,14 +97,15 @@ def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) ->
         raise UnreadableImage(f"{name}: image data is corrupt ({exc})") from exc
 
 
-def _decode_jpeg(path) -> np.ndarray | None:
+def decode_jpeg_fast(path, exif_transpose: bool = False) -> np.ndarray | None:
     """Full-resolution JPEG through torchvision.io.decode_jpeg: measured 1.7× faster than PIL on the pets
     photos and bit-identical to PIL's RGB conversion (benchmarks/bench_data.py decoders, docs/benchmarks.md).
     At a reduced size PIL stays: its DCT-domain downscaling (`draft`) skips most of the work. None: use PIL."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
         data = path.getvalue() if hasattr(path, "getvalue") else Path(path).read_bytes()
-        t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                        apply_exif_orientation=exif_transpose)
         return t.permute(1, 2, 0).contiguous().numpy()
     except Exception:  # anything decode_jpeg refuses (progressive oddities, CMYK, ...) goes to PIL
         return None
@@ -219,11 +240,13 @@ def read_bands(path: Path | str, size: tuple[int, int] | None = None) -> np.ndar
     return np.ascontiguousarray(arr)
 
 
-def read_input(path: Path | str, channels: int = 3, size: tuple[int, int] | None = None) -> np.ndarray:
+def read_input(path: Path | str, channels: int = 3, size: tuple[int, int] | None = None,
+               exif_transpose: bool = False) -> np.ndarray:
     """What a model with ``channels`` input channels reads: RGB uint8 for 3 (the fast, cached path),
-    float32 [0, 1] H x W x C otherwise, with a one-line error when the file holds another count."""
+    float32 [0, 1] H x W x C otherwise, with a one-line error when the file holds another count.
+    `exif_transpose`: see read_image (RGB photos only; multi-band rasters keep their grid)."""
     if channels == 3 and not is_tiff(Path(path)):
-        return read_image(path, size)
+        return read_image(path, size, exif_transpose=exif_transpose)
     arr = read_bands(path, size)
     if arr.shape[2] != channels:
         raise PixelsegError(f"{path}: image has {arr.shape[2]} channel(s) but the model takes "
