@@ -21,7 +21,7 @@ from ..errors import PixelsegError
 from .files import Names, class_names, read_json, sized_image
 from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
                      polygons_rle)
-from .rle import RLEError, coco_rle_decode, coco_rle_encode
+from .rle import RLEError, coco_rle_checked
 
 ISCROWD = ("class", "ignore")
 ROBOFLOW_FILE = "_annotations.coco.json"
@@ -91,15 +91,10 @@ def _shape(ann: dict, h: int, w: int):
         return polygons_rle(polys, h, w)
     if isinstance(seg, dict):
         try:
-            m = coco_rle_decode(seg, h, w)
+            return coco_rle_checked(seg, h, w), False
         except RLEError as exc:
             raise BadShape(str(exc)) from None
-        return _rle_bytes(coco_rle_encode(m)), False
     raise BadShape(f"segmentation is a {type(seg).__name__}, expected polygons (list) or RLE (dict)")
-
-
-def _rle_bytes(rle: dict) -> dict:
-    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
 
 
 def _read_file(path: Path, data: dict, split: str, folders: list[Path], table: dict, iscrowd: str,
