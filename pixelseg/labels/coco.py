@@ -153,8 +153,8 @@ def read(root: Path, iscrowd: str = "class", skip_bad: bool = False) -> LabelSet
     table, names_, notes = _categories([(p, d) for _, p, _, d in files if isinstance(d, dict)])
     problems = Problems(skip_bad)
     names = Names(problems)
-    out = LabelSet("coco", f"COCO {', '.join(f'{s} ({p.relative_to(root) if root.is_dir() else p.name})' for s, p, _, _ in files)}",
-                   names_, default_palette(len(names_)), [], notes)
+    source = ", ".join(f"{s} ({p.relative_to(root) if root.is_dir() else p.name})" for s, p, _, _ in files)
+    out = LabelSet("coco", f"COCO {source}", names_, default_palette(len(names_)), [], notes)
     for split, path, folders, data in files:
         _read_file(path, data, split, folders, table, iscrowd, problems, names, out)
     out.bad = problems.skipped
