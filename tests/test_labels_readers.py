@@ -73,8 +73,8 @@ def test_coco_iscrowd_flag(tmp_path):
 
 
 def test_resized_split_and_cache_modes_agree(tmp_path):
-    root = write_yolo_root = WRITERS["yolo"](tmp_path / "y")
-    a = load_split("yolo", write_yolo_root, "train", 16, use_cache="mmap")
+    root = WRITERS["yolo"](tmp_path / "y")
+    a = load_split("yolo", root, "train", 16, use_cache="mmap")
     b = load_split("yolo", root, "train", 16, use_cache=CacheSpec("none"))
     assert a.names == b.names and len(a) == 1
     np.testing.assert_array_equal(np.asarray(a.masks[0]), np.asarray(b.masks[0]))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PixelsegError
-from .files import Names, class_names, read_json, sized_image
+from .files import Names, read_json, sized_image
 from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
                      polygons_rle)
 from .rle import RLEError, coco_rle_checked
