@@ -141,7 +141,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                    "WebDataset tar shards (source image bytes + class-id PNG masks) and an index "
                                    "<split>.json; train from them with --dataset shards --data-root OUT (a "
                                    "directory, URL or brace pattern). See docs/datasets.md.")
-    p.add_argument("--dataset", required=True, help="dataset to read: oxford-pet, camvid, folder, synthetic")
+    p.add_argument("--dataset", required=True, help="dataset to read: oxford-pet, camvid, folder, coco, cvat, "
+                                                   "labelstudio, labelme, yolo, synthetic, ...")
     p.add_argument("--data-root", help="its directory (as for train)")
     p.add_argument("--split", action="append", help="split to write (repeat for several; default: the dataset's "
                                                     "train and val splits)")

@@ -1,4 +1,7 @@
-"""COCO instances JSON (Roboflow train/valid/test or annotations/instances_<split>.json + images/), as a dataset: the parsing is pixelseg.labels.coco, the rest data/labelled.py."""
+"""--dataset coco: COCO instances JSON (Roboflow train/valid/test or annotations/instances_<split>.json + images/).
+
+Parsing in pixelseg/labels/coco.py; splits, decoding and caching in data/labelled.py.
+"""
 from __future__ import annotations
 
 from ..labels import coco as fmt

@@ -1,4 +1,7 @@
-"""CVAT for images 1.1 XML (annotations.xml + images/), as a dataset: the parsing is pixelseg.labels.cvat, the rest data/labelled.py."""
+"""--dataset cvat: CVAT for images 1.1 XML (annotations.xml + images/).
+
+Parsing in pixelseg/labels/cvat.py; splits, decoding and caching in data/labelled.py.
+"""
 from __future__ import annotations
 
 from ..labels import cvat as fmt

@@ -1,4 +1,7 @@
-"""LabelMe JSON, one per image, as a dataset: the parsing is pixelseg.labels.labelme, the rest data/labelled.py."""
+"""--dataset labelme: LabelMe JSON, one per image.
+
+Parsing in pixelseg/labels/labelme.py; splits, decoding and caching in data/labelled.py.
+"""
 from __future__ import annotations
 
 from ..labels import labelme as fmt

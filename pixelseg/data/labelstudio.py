@@ -1,4 +1,7 @@
-"""Label Studio JSON export (polygonlabels, brushlabels) + images, as a dataset: the parsing is pixelseg.labels.labelstudio, the rest data/labelled.py."""
+"""--dataset labelstudio: Label Studio JSON export (polygonlabels, brushlabels) + images.
+
+Parsing in pixelseg/labels/labelstudio.py; splits, decoding and caching in data/labelled.py.
+"""
 from __future__ import annotations
 
 from ..labels import labelstudio as fmt

@@ -1,4 +1,7 @@
-"""YOLO-seg: data.yaml + images/ + labels/*.txt, as a dataset: the parsing is pixelseg.labels.yolo, the rest data/labelled.py."""
+"""--dataset yolo: YOLO-seg: data.yaml + images/ + labels/*.txt.
+
+Parsing in pixelseg/labels/yolo.py; splits, decoding and caching in data/labelled.py.
+"""
 from __future__ import annotations
 
 from ..labels import yolo as fmt

@@ -18,10 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PixelsegError
-from .files import Names, class_names, read_json, sized_image
+from .files import Names, read_json, sized_image
 from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
                      polygons_rle)
-from .rle import RLEError, coco_rle_decode, coco_rle_encode
+from .rle import RLEError, coco_rle_checked
 
 ISCROWD = ("class", "ignore")
 ROBOFLOW_FILE = "_annotations.coco.json"
@@ -91,15 +91,10 @@ def _shape(ann: dict, h: int, w: int):
         return polygons_rle(polys, h, w)
     if isinstance(seg, dict):
         try:
-            m = coco_rle_decode(seg, h, w)
+            return coco_rle_checked(seg, h, w), False
         except RLEError as exc:
             raise BadShape(str(exc)) from None
-        return _rle_bytes(coco_rle_encode(m)), False
     raise BadShape(f"segmentation is a {type(seg).__name__}, expected polygons (list) or RLE (dict)")
-
-
-def _rle_bytes(rle: dict) -> dict:
-    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
 
 
 def _read_file(path: Path, data: dict, split: str, folders: list[Path], table: dict, iscrowd: str,
@@ -158,8 +153,8 @@ def read(root: Path, iscrowd: str = "class", skip_bad: bool = False) -> LabelSet
     table, names_, notes = _categories([(p, d) for _, p, _, d in files if isinstance(d, dict)])
     problems = Problems(skip_bad)
     names = Names(problems)
-    out = LabelSet("coco", f"COCO {', '.join(f'{s} ({p.relative_to(root) if root.is_dir() else p.name})' for s, p, _, _ in files)}",
-                   names_, default_palette(len(names_)), [], notes)
+    source = ", ".join(f"{s} ({p.relative_to(root) if root.is_dir() else p.name})" for s, p, _, _ in files)
+    out = LabelSet("coco", f"COCO {source}", names_, default_palette(len(names_)), [], notes)
     for split, path, folders, data in files:
         _read_file(path, data, split, folders, table, iscrowd, problems, names, out)
     out.bad = problems.skipped

@@ -153,6 +153,17 @@ def ls_rle_encode(mask: np.ndarray) -> list[int]:
 def coco_rle_decode(rle: dict, h: int, w: int) -> np.ndarray:
     """COCO RLE, compressed (counts: str) or uncompressed (counts: list), -> bool h×w mask."""
     from pycocotools import mask as mask_utils
+    rle = coco_rle_checked(rle, h, w)
+    try:
+        return mask_utils.decode(rle).astype(bool)
+    except Exception as exc:  # pycocotools raises bare Exceptions / ValueErrors on corrupt strings
+        raise RLEError(f"RLE cannot be decoded ({exc})") from None
+
+
+def coco_rle_checked(rle: dict, h: int, w: int) -> dict:
+    """COCO RLE (either kind) whose runs were checked to cover exactly h×w, as pycocotools' compressed dict
+    (counts: bytes); pycocotools itself silently truncates or zero-fills runs that do not fit."""
+    from pycocotools import mask as mask_utils
     size = rle.get("size") if isinstance(rle, dict) else None
     if not (isinstance(size, (list, tuple)) and len(size) == 2):
         raise RLEError("RLE has no size [height, width]")
@@ -172,10 +183,7 @@ def coco_rle_decode(rle: dict, h: int, w: int) -> np.ndarray:
         runs = coco_counts_from_string(counts.decode("ascii") if isinstance(counts, bytes) else counts)
         if min(runs, default=0) < 0 or sum(runs) != h * w:
             raise RLEError(f"compressed RLE runs add up to {sum(runs)} pixels but the image has {h * w}")
-    try:
-        return mask_utils.decode(rle).astype(bool)
-    except Exception as exc:  # pycocotools raises bare Exceptions / ValueErrors on corrupt strings
-        raise RLEError(f"RLE cannot be decoded ({exc})") from None
+    return rle
 
 
 def coco_counts_from_string(counts: str) -> list[int]:
