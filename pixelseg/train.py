@@ -26,7 +26,8 @@ from . import __version__, config, viz
 from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .data import collate_batch, dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
-from .distributed import DistInfo, ShardSampler, barrier, check_batch, cleanup, init_distributed
+from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, ShardSampler, StopSignal, barrier, check_batch, cleanup,
+                          ignore_stop_signal_in_worker, init_distributed)
 from .engine import RunContext, evaluate, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .errors import PixelsegError
 from .logs import logger as log, run_log
@@ -81,12 +82,25 @@ class TrainingInterrupted(KeyboardInterrupt):
         return "interrupted"
 
 
+class TrainingPreempted(TrainingInterrupted):
+    """SIGTERM (a scheduler preempting the job): stopped at a step boundary with last.pt written there.
+    The exit status asks the scheduler to requeue (see distributed.PREEMPTED_EXIT_CODE)."""
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def advice(self) -> str:
+        return (f"stopped by SIGTERM (preempted); checkpoint saved; continue the run with: "
+                f"pixelseg train --resume {self.run_dir}")
+
+
 def train(overrides: dict) -> dict:
     """Train from a config dict (CLI flags / YAML); returns the run summary."""
     dist_info = init_distributed(overrides.get("device") or "auto")
     status: dict = {}
     try:
-        return _train(overrides, dist_info, status)
+        with StopSignal() as status["stop"]:
+            return _train(overrides, dist_info, status)
+    except TrainingPreempted:
+        raise
     except KeyboardInterrupt:
         raise TrainingInterrupted(status.get("run_dir")) from None
     finally:
@@ -105,6 +119,7 @@ class TrainState:
 
 def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> dict:
     t_start = time.time()
+    stop = (status or {}).get("stop") or StopSignal()  # SIGTERM handler installed by train()
     cfg, ckpt, run_dir = _resolve_run(overrides)
     device = select_device(cfg["device"])
     ctx = RunContext(device, resolve_precision(cfg["precision"], device), cfg["channels_last"], dist_info)
@@ -152,7 +167,11 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
                     if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
                             and step_in_epoch < steps_per_epoch:
                         save("last.pt", epoch, step_in_epoch)
-                    return state.global_step >= total_steps  # --iterations reached inside the last epoch
+                    if state.global_step >= total_steps:  # --iterations reached inside the last epoch
+                        return True
+                    if stop.agreed(ctx.dist) and step_in_epoch < steps_per_epoch:  # preempted: save here
+                        _preempted(save, run_dir, ctx, epoch, step_in_epoch, steps_per_epoch)
+                    return False
 
                 t_epoch = time.time()
                 stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
@@ -168,9 +187,22 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
                 if ctx.is_main:
                     _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker)
                 barrier(dist_info)
+                if epoch + 1 < cfg["epochs"] and stop.agreed(dist_info):  # SIGTERM during validation
+                    _preempted(None, run_dir, ctx, epoch + 1, 0, steps_per_epoch)
         finally:
             tracker.close()
         return _finish(run_dir, cfg, state, data, dist_info, t_start)
+
+
+def _preempted(save, run_dir: Path, ctx: RunContext, epoch: int, step_in_epoch: int, steps_per_epoch: int):
+    """Every rank agreed to stop (SIGTERM): rank 0 writes last.pt at this step (atomically, as always),
+    all ranks wait for it, then the run ends with the requeue exit status."""
+    if save is not None and ctx.is_main:
+        save("last.pt", epoch, step_in_epoch)
+    barrier(ctx.dist)
+    log.warning(f"SIGTERM: stopped at epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}; last.pt saved; "
+                f"continue with: pixelseg train --resume {run_dir} (exit status {PREEMPTED_EXIT_CODE}: requeue)")
+    raise TrainingPreempted(run_dir)
 
 
 # ---- the steps of a run, in the order train() calls them ---------------------------------------------
@@ -253,7 +285,7 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     def loader_kw(n, persistent=True):
         # Streamed datasets get fresh workers each epoch: they must see the new epoch's shuffle seed.
         return dict(collate_fn=collate_batch, num_workers=n, pin_memory=ctx.device.type == "cuda",
-                    persistent_workers=n > 0 and persistent)
+                    persistent_workers=n > 0 and persistent, worker_init_fn=ignore_stop_signal_in_worker)
     if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
         train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
                                            shuffle=True, even=True, seed=cfg["seed"])
