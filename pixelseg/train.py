@@ -286,6 +286,9 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
         # Streamed datasets get fresh workers each epoch: they must see the new epoch's shuffle seed.
         return dict(collate_fn=collate_batch, num_workers=n, pin_memory=ctx.device.type == "cuda",
                     persistent_workers=n > 0 and persistent, worker_init_fn=ignore_stop_signal_in_worker)
+    for ds, n in ((train_ds, workers), (val_ds, val_workers)):
+        if n > 0 and hasattr(ds, "open_skip_channel"):  # files are read in the workers: they report skips
+            ds.open_skip_channel()
     if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
         train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
                                            shuffle=True, even=True, seed=cfg["seed"])
@@ -457,19 +460,35 @@ def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, 
         tracker.log_figure("predictions", figure, epoch)
 
 
+def _skipped_files(data: RunData, dist_info: DistInfo) -> list[str]:
+    """Unreadable samples met anywhere: this process, its DataLoader workers, every rank; each once."""
+    mine = []
+    for ds in (data.train_ds, data.val_ds):
+        mine += ds.collect_skipped() if hasattr(ds, "collect_skipped") else list(ds.skipped)
+    if dist_info.enabled:
+        everyone = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        mine = [name for part in everyone for name in part]
+    return list(dict.fromkeys(mine))
+
+
 def _finish(run_dir: Path, cfg: dict, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float) -> dict:
     history = state.history
+    skipped = _skipped_files(data, dist_info)
     summary = {
         "run_dir": str(run_dir),
         "epochs": cfg["epochs"],
         "best_val_miou": max((h["val_miou"] for h in history), default=float("nan")),
         "final": dict(history[-1]) if history else {},
-        "skipped_files": list(data.train_ds.skipped) + list(data.val_ds.skipped),
+        "skipped_files": skipped,
         "wall_time_s": time.time() - t_start,
         "world_size": dist_info.world_size,
     }
     if dist_info.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        if skipped:
+            log.warning(f"{len(skipped)} unreadable sample(s) skipped during the run (listed in summary.json): "
+                        + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
         log.info(f"done: best val mIoU {summary['best_val_miou']:.4f}; run directory {run_dir}")
     return summary
 

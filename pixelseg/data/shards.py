@@ -38,7 +38,7 @@ import torch
 
 from ..errors import PixelsegError
 from ..logs import logger as log
-from .base import DatasetInfo, fit_size
+from .base import DatasetInfo, SkipReport, fit_size
 from .io import UnreadableImage, read_image, read_mask
 
 INDEX_FORMAT = "pixelseg-shards"
@@ -200,7 +200,7 @@ def rank_samples(counts: list[int], rank: int, world: int) -> int:
     return sum(counts[i] for i in shards)
 
 
-class ShardDataset(torch.utils.data.IterableDataset):
+class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
     """Batches streamed from WebDataset shards; each worker decodes only its own samples."""
 
     def __init__(self, urls: list[str], counts: list[int], info: DatasetInfo, size, batch_size: int = 1,
@@ -282,7 +282,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 self._warn(f"{url}: shard is truncated or corrupt ({str(errors[0]).split(' @ ')[0]}); the samples "
                            "before the damage were used, the rest of the shard is skipped; rewrite it with "
                            "`pixelseg shards`")
-                self.skipped.append(url)
+                self._skip(url)
 
     def _warn(self, msg: str) -> None:
         log.warning(msg)
@@ -298,7 +298,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             missing = "image (img.*)" if img_key is None else "mask (seg.png)"
             self._warn(f"{where} ({name}): no {missing} in the shard; sample skipped (rewrite the shard with "
                        "`pixelseg shards`)")
-            self.skipped.append(where)
+            self._skip(where)
             return None
         try:
             from PIL import Image
@@ -307,14 +307,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
             if isz != msz:
                 self._warn(f"{where} ({name}): mask is {msz[0]}×{msz[1]} but the image is {isz[0]}×{isz[1]}; "
                            "sample skipped (image and mask must have the same size)")
-                self.skipped.append(where)
+                self._skip(where)
                 return None
             target = fit_size((isz[1], isz[0]), None if self.full_res else self.size, self.max_side)
             img = read_image(io.BytesIO(sample[img_key]), target, name=f"{where} {img_key}")
             mask = read_mask(io.BytesIO(sample["seg.png"]), target, name=f"{where} seg.png")
         except (UnreadableImage, OSError, SyntaxError, ValueError) as exc:
             self._warn(f"skipping {where} ({name}): {exc}")
-            self.skipped.append(where)
+            self._skip(where)
             return None
         return name, img, mask
 
