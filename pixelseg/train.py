@@ -282,17 +282,17 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
                               train_ds.transform is not None or isinstance(train_ds, FileDataset) or streamed)
     val_workers = resolve_workers(cfg["workers"], isinstance(val_ds, (FileDataset, torch.utils.data.IterableDataset)))
 
-    def loader_kw(n, persistent=True):
-        # Streamed datasets get fresh workers each epoch: they must see the new epoch's shuffle seed.
+    def loader_kw(n):
+        # Persistent for streamed shards too: they read the epoch (their shuffle seed) from shared memory.
         return dict(collate_fn=collate_batch, num_workers=n, pin_memory=ctx.device.type == "cuda",
-                    persistent_workers=n > 0 and persistent, worker_init_fn=ignore_stop_signal_in_worker)
+                    persistent_workers=n > 0, worker_init_fn=ignore_stop_signal_in_worker)
     for ds, n in ((train_ds, workers), (val_ds, val_workers)):
         if n > 0 and hasattr(ds, "open_skip_channel"):  # files are read in the workers: they report skips
             ds.open_skip_channel()
     if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
         train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
                                            shuffle=True, even=True, seed=cfg["seed"])
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers, False))
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers))
     else:
         train_sampler = torch.utils.data.DistributedSampler(
             train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
@@ -301,7 +301,7 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     if isinstance(val_ds, torch.utils.data.IterableDataset):  # every sample scored exactly once
         val_ds.configure(max(per_rank_batch, 16), val_workers, dist_info.rank, dist_info.world_size,
                          shuffle=False, even=False)
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers, False))
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers))
     else:
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
                                                  sampler=ShardSampler(len(val_ds), dist_info),
