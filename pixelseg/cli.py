@@ -80,6 +80,21 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
                    help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime "
                         "auto (default): onnx for .onnx files")
+    p.add_argument("--format", choices=("coco", "cvat", "labelstudio", "yolo"),
+                   help="also write the masks as pre-annotations a labelling tool imports for correction: "
+                        "annotations.coco.json, annotations.xml (CVAT for images 1.1), labelstudio_tasks.json + "
+                        "labelstudio_config.xml, or yolo/ (YOLO-seg); see docs/datasets.md")
+    p.add_argument("--shapes", default="polygon", choices=("polygon", "mask"),
+                   help="polygon (default): one editable polygon per connected region; mask: each class's pixels "
+                        "exactly (COCO RLE, CVAT <mask>, Label Studio brush; not yolo)")
+    p.add_argument("--min-area", type=int, default=16,
+                   help="polygons: drop regions and fill holes smaller than this many pixels (default: 16)")
+    p.add_argument("--rank", choices=("uncertainty",),
+                   help="write ranking.csv/ranking.json: the images, most uncertain (mean per-pixel entropy) first; "
+                        "models with dropout are sampled (MC dropout, --mc-samples, default 8)")
+    p.add_argument("--image-url", metavar="PREFIX",
+                   help="labelstudio: image URLs are PREFIX + file name (default: /data/local-files/?d=PATH, "
+                        "the path relative to the current directory)")
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, checked against PyTorch",
                        description="Export a checkpoint with dynamic batch, height and width. The file is run on real "
@@ -105,14 +120,41 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--limit", type=int, help="only the first N samples of each split")
-    for key in ("images_dir", "masks_dir", "val_fraction"):
-        p.add_argument(config.flag(key), dest=key, type=float if key == "val_fraction" else str, default=None,
-                       help=config.OPTIONS[key].metadata["help"])
+    _add_dataset_option_args(p)
+
+    p = sub.add_parser("convert", help="an annotation export (COCO, CVAT, Label Studio, LabelMe, YOLO-seg) or any "
+                                       "dataset to a folder of class-id PNG masks (or shards)",
+                       description="Convert any dataset pixelseg reads to OUT/images/<split>/, OUT/masks/<split>/ "
+                                   "(class-id PNGs) and OUT/classes.csv, which --dataset folder reads back; or to "
+                                   "WebDataset shards (--to shards). Prints a report (classes, pixel shares, images "
+                                   "without labels, shapes clipped or dropped) and writes it to "
+                                   "OUT/convert_report.json with an overlay figure OUT/convert_overlay.png.")
+    p.add_argument("--dataset", required=True, help="coco, cvat, labelstudio, labelme, yolo, folder, voc, ...")
+    p.add_argument("--data-root", required=True, help="the export's directory (as for train)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--to", default="folder", choices=("folder", "shards"), help="default: folder")
+    p.add_argument("--split", action="append", help="split to convert (repeat; default: every split the export "
+                                                    "has, or the dataset's train and val)")
+    p.add_argument("--limit", type=int, help="only the first N samples of each split")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard with --to shards (default: 1000)")
+    _add_dataset_option_args(p)
 
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
                                   "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
     return parser, sub.choices["train"]
+
+
+def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
+    """The dataset options of `train` (folder's --images-dir ..., the annotation readers' --overlap ...)."""
+    for key in config.DATASET_FLAGS:
+        meta = config.OPTIONS[key].metadata
+        if meta["parse"] is config.parse_bool:
+            p.add_argument(config.flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
+                           help=meta["help"])
+        else:
+            p.add_argument(config.flag(key), dest=key, type=config._argparse_type(key), default=None,
+                           choices=meta["choices"], help=meta["help"])
 
 
 def _add_serve_args(sub) -> None:
@@ -190,9 +232,14 @@ def _run(args) -> int:
         from .inference import predict
         results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
                           mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
-                          backend=args.backend)
+                          backend=args.backend, format=args.format, shapes=args.shapes, min_area=args.min_area,
+                          rank=args.rank, image_url=args.image_url)
         print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out} ({results[0]['backend']}, "
               f"{results[0]['mode']})")
+        if args.format:
+            print(f"wrote {args.format} pre-annotations: {', '.join(results[0]['files'])}")
+        if args.rank:
+            print(f"wrote {' and '.join(results[0]['ranking'])}: most uncertain first ({results[0]['rank_method']})")
         return 0
     if args.command == "export":
         from .export import export, format_parity
@@ -219,6 +266,14 @@ def _run(args) -> int:
                                **dataset_options(vars(args)))
             print(f"wrote {idx['count']} samples of {args.dataset} {split} in {len(idx['shards'])} shard(s) to "
                   f"{args.out} ({split}.json); skipped {len(idx['skipped'])} unreadable")
+        return 0
+    if args.command == "convert":
+        from .convert import convert, format_report
+        from .data import dataset_options
+        report = convert(args.dataset, args.data_root, args.out, args.to, args.split, args.limit, args.maxcount,
+                         **dataset_options(vars(args)))
+        print(format_report(report))
+        print(f"wrote {args.out} (convert_report.json, convert_overlay.png)")
         return 0
     if args.command == "models":
         from .models import describe_models

@@ -206,8 +206,8 @@ def option(default, help: str, group: str, *, parse: Callable | None = None, cho
 class TrainConfig:
     # data
     dataset: str = option("oxford-pet", "dataset name: oxford-pet, camvid, voc (Pascal VOC 2012 + SBD train_aug), "
-                          "ade20k (SceneParsing), cityscapes, folder (your own images/ + masks/), synthetic (see "
-                          "docs/datasets.md)", "data")
+                          "ade20k (SceneParsing), cityscapes, folder (your own images/ + masks/), coco, cvat, labelstudio, "
+                          "labelme, yolo (annotation exports), synthetic, shards (see docs/datasets.md)", "data")
     data_root: str | None = option(None, "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/, "
                                    "downloaded into $PIXELSEG_DATA or ~/.cache/pixelseg when omitted; CamVid: the "
                                    "SegNet layout; folder: holds images/ and masks/, see docs/datasets.md)", "data",
@@ -219,13 +219,26 @@ class TrainConfig:
     mask_suffix: str | None = option(None, "folder dataset: a mask's stem is its image's stem plus this suffix, e.g. "
                                      "_mask for x.png + x_mask.png (then --images-dir and --masks-dir may name the "
                                      "same folder)", "data", default_text="none")
-    val_fraction: float | None = option(None, "folder dataset without val/ or val.txt: share of the pairs held out "
+    val_fraction: float | None = option(None, "folder and annotation datasets without a val split: share of the pairs held out "
                                         "for validation, chosen by a fixed seed", "data",
                                         parse=_float(), default_text="0.2")
-    val_group: str | None = option(None, "folder dataset: keep pairs of one group on one side of the --val-fraction "
+    val_group: str | None = option(None, "folder and annotation datasets: keep pairs of one group on one side of the --val-fraction "
                                    "split (frames of a video, slices of a stack): a regex whose first group (or "
                                    "match) in the stem is the group, or 'prefix' (the stem without its trailing "
                                    "number)", "data", default_text="none")
+    overlap: str | None = option(None, "coco, cvat, labelstudio, labelme, yolo: which class wins a pixel several shapes "
+                                 "cover: smaller (higher z_order first, then the smaller shape on top), order (z_order, "
+                                 "then the later shape), ignore (pixels of conflicting classes become 255)", "data",
+                                 parse=_lower, choices=("smaller", "order", "ignore"), default_text="smaller")
+    iscrowd: str | None = option(None, "coco: iscrowd regions are painted with their class, or ignore (255, left out "
+                                 "of loss and metrics)", "data", parse=_lower, choices=("class", "ignore"),
+                                 default_text="class")
+    boxes: bool | None = option(None, "cvat, labelstudio, labelme, yolo: also paint boxes (rectangles) as filled "
+                                "regions; default: boxes are left out and counted", "data", parse=parse_bool,
+                                default_text="no")
+    skip_bad: bool | None = option(None, "coco, cvat, labelstudio, labelme, yolo: skip damaged annotations and images "
+                                   "(counted in the report and the run summary) instead of stopping at the first",
+                                   "data", parse=parse_bool, default_text="no")
     classes: str | None = option(None, "folder dataset: the classes.csv to use (id,name,r,g,b), e.g. outside a "
                                  "read-only data root", "data", parse=parse_path,
                                  default_text="DATA_ROOT/classes.csv if present")
@@ -340,6 +353,10 @@ class TrainConfig:
 
 OPTIONS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 DEFAULTS: dict[str, Any] = {k: f.default for k, f in OPTIONS.items()}
+# The dataset options (data.DATASET_OPTION_KEYS, named here so that building the CLI imports no torch; a test
+# checks the two agree): `pixelseg shards` and `pixelseg convert` take them as train does.
+DATASET_FLAGS = ("images_dir", "masks_dir", "mask_suffix", "val_fraction", "val_group", "classes", "class_names",
+                 "overlap", "skip_bad", "iscrowd", "boxes")
 # Options that may change when a run is resumed (they do not change what is trained).
 RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger")
 

@@ -249,15 +249,23 @@ def resolve_backend(backend: str, path) -> str:
 
 @torch.no_grad()
 def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_samples=0, progress=True,
-            tile=None, overlap=0.25, tta=False, backend="auto") -> list[dict]:
+            tile=None, overlap=0.25, tta=False, backend="auto", format=None, shapes="polygon", min_area=16,
+            rank=None, image_url=None) -> list[dict]:
     """For each image: class mask at the original resolution (palette PNG) + colour overlay
     (+ uncertainty heatmaps with --mc-samples). All inputs are checked before anything is written.
 
     Resolution: resize to the training size and back (default), or sliding windows at native scale
     (`tile`), optionally averaged with the flipped image (`tta`). `backend="onnx"` runs a file written
-    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch."""
+    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch.
+
+    `format` (coco, cvat, labelstudio, yolo) also writes the masks as pre-annotations for that tool, and
+    `rank="uncertainty"` writes ranking.csv/json, the images most uncertain first (pixelseg.labels.write)."""
+    from .labels import write as pre
     backend = resolve_backend(backend, run_or_ckpt)
     check_output_dir(out_dir, "--out")  # before any work; created only once every input has been read
+    pre.check_options(format, shapes, min_area)
+    if rank not in (None, "uncertainty"):
+        raise PixelsegError(f"--rank {rank}: the one ranking is 'uncertainty'")
     mc = bool(mc_samples and mc_samples > 1)
     if mc and (backend == "onnx" or tile or tta):
         raise PixelsegError("--mc-samples runs the PyTorch model with dropout on, at the training resolution; it "
@@ -279,6 +287,8 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         amp = resolve_precision(precision, dev)
         model = load_model(ckpt, dev, amp)
         fn, mode_dev = torch_logits_fn(model, dev, amp, True), dev
+        if rank and not mc and not (tile or tta) and _has_dropout(model):
+            mc_samples, mc = RANK_MC_SAMPLES, True  # rank by MC dropout where the model can sample
     window = tile_size(tile, size)
     predictor = Predictor(fn, size, window, overlap, tta, device=mode_dev)
     largest = max(((img.shape[0], img.shape[1]) for img in decoded if img is not None), default=None,
@@ -287,7 +297,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     if warning:
         print(warning, file=sys.stderr)
     out = make_output_dir(out_dir, "--out")
-    results = []
+    results, regions = [], []
     for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
         img = img if img is not None else read_input(f, channels)
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": backend}
@@ -305,8 +315,40 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
                          out / f"{f.stem}_overlay.png")
         entry["mask"] = str(out / f"{f.stem}.png")
         entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
+        if format or rank:
+            from .calibration import softmax_entropy
+            unc = entry["mean_entropy"] if mc else float(softmax_entropy(probs).mean())
+            top = probs[0].float().amax(0).cpu().numpy()
+            r = pre.image_regions(f, mask, top, info.class_names, unc, shapes if format else None, min_area)
+            regions.append(r)
+            entry["uncertainty"] = r.uncertainty
         results.append(entry)
+    if format:
+        model_version = f"pixelseg-{Path(run_or_ckpt).name}-{_short_hash(run_or_ckpt)}"
+        results[0]["files"] = [str(p) for p in pre.write(format, regions, info.class_names, info.palette, out,
+                                                         shapes=shapes, model_version=model_version,
+                                                         image_url=image_url)]
+    if rank:
+        method = f"mc-dropout entropy ({mc_samples} samples)" if mc else "softmax entropy"
+        results[0]["ranking"] = [str(p) for p in pre.write_ranking(regions, out, method)]
+        results[0]["rank_method"] = method
     return results
+
+
+RANK_MC_SAMPLES = 8  # --rank uncertainty on a model with dropout, when --mc-samples is not given
+
+
+def _has_dropout(model) -> bool:
+    from .models.uncertainty import _DROPOUT
+    return any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules())
+
+
+def _short_hash(run_or_ckpt) -> str:
+    """8 hex digits of the checkpoint file: tells Label Studio's model versions apart."""
+    from .serving import file_sha256
+    p = Path(run_or_ckpt)
+    p = p / "best.pt" if p.is_dir() else p
+    return file_sha256(p)[:8] if p.is_file() else "unknown"
 
 
 @torch.no_grad()

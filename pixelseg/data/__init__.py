@@ -14,7 +14,7 @@ import numpy as np
 from ..config import size_hw
 from ..errors import PixelsegError
 from ..logs import logger as log
-from . import ade20k, camvid, cityscapes, folder, pets, shards, synthetic, voc
+from . import ade20k, camvid, cityscapes, coco, cvat, folder, labelme, labelstudio, pets, shards, synthetic, voc, yolo
 from .base import ArrayDataset, DatasetInfo, collate_batch
 
 # name -> dataset module. The protocol every module follows:
@@ -30,11 +30,16 @@ DATASETS = {
     "ade20k": ade20k,
     "cityscapes": cityscapes,
     "folder": folder,
+    "coco": coco,
+    "cvat": cvat,
+    "labelstudio": labelstudio,
+    "labelme": labelme,
+    "yolo": yolo,
     "synthetic": synthetic,
     "shards": shards,
 }
-# Train-config keys that are dataset options (flags --images-dir, --masks-dir, --val-fraction, ...).
-DATASET_OPTION_KEYS = tuple(folder.OPTIONS)
+# Train-config keys that are dataset options (flags --images-dir, --masks-dir, --val-fraction, --overlap, ...).
+DATASET_OPTION_KEYS = tuple(dict.fromkeys(k for m in DATASETS.values() for k in getattr(m, "OPTIONS", {})))
 
 
 def get_dataset_module(name: str):

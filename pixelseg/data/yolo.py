@@ -1,0 +1,23 @@
+"""YOLO-seg: data.yaml + images/ + labels/*.txt, as a dataset: the parsing is pixelseg.labels.yolo, the rest data/labelled.py."""
+from __future__ import annotations
+
+from ..labels import yolo as fmt
+from . import labelled
+from .base import DatasetInfo
+
+NAME = "yolo"
+OPTIONS = {**labelled.COMMON_OPTIONS, "boxes": False}
+DEFAULT_SPLITS = labelled.DEFAULT_SPLITS
+INFO = DatasetInfo(NAME, ["background"], [(0, 0, 0)])  # the real classes come from the export: dataset_info
+
+
+def load(root, split, image_size, limit=None, use_cache=True, **options):
+    return labelled.load(NAME, fmt.read, OPTIONS, root, split, image_size, limit, use_cache, **options)
+
+
+def dataset_info(root, **options) -> DatasetInfo:
+    return labelled.dataset_info(NAME, fmt.read, OPTIONS, root, **options)
+
+
+def full_res_samples(root, split, **options):
+    return labelled.full_res_samples(NAME, fmt.read, OPTIONS, root, split, **options)

@@ -1,0 +1,166 @@
+"""COCO instances JSON: polygons, RLE (compressed and uncompressed), iscrowd, categories from the file.
+
+Layouts found without flags (`--data-root`):
+    Roboflow   ROOT/train/_annotations.coco.json + images, ROOT/valid/..., ROOT/test/...  (valid -> split val)
+    classic    ROOT/annotations/instances_<split>.json + images in ROOT/images/<split>/, ROOT/<split>/ or ROOT/images/
+               (CVAT's COCO export: annotations/instances_default.json + images/ -> one split, val by --val-fraction)
+    one file   ROOT/_annotations.coco.json or ROOT/annotations.json next to the images
+
+Categories become class ids 1..K in category-id order (0 is background), named from the file. A category
+that no annotation uses and that other categories name as their supercategory is left out: that is
+Roboflow's placeholder (id 0, the project name), not a class. iscrowd (`--iscrowd`): `class` (default) paints
+a crowd region with its category, as torchvision's COCO segmentation reference and COCO-Stuff's PNG
+conversion do (semantic segmentation has no instances to separate); `ignore` paints it 255 (left out of loss
+and metrics) for exports whose crowd masks are loose.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import PixelsegError
+from .files import Names, class_names, read_json, sized_image
+from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
+                     polygons_rle)
+from .rle import RLEError, coco_rle_decode, coco_rle_encode
+
+ISCROWD = ("class", "ignore")
+ROBOFLOW_FILE = "_annotations.coco.json"
+SPLIT_ALIASES = {"valid": "val", "validation": "val"}
+
+
+def discover(root: Path) -> list[tuple[str, Path, list[Path]]]:
+    """(split, annotation file, image folders) of every split found under `root`."""
+    if root.is_file():
+        return [("train", root, [root.parent, root.parent / "images"])]
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (d / ROBOFLOW_FILE).is_file():
+            found.append((SPLIT_ALIASES.get(d.name, d.name), d / ROBOFLOW_FILE, [d, d / "images"]))
+    if found:
+        return found
+    for f in sorted((root / "annotations").glob("instances_*.json")):
+        split = f.stem[len("instances_"):]
+        folders = [root / "images" / split, root / split, root / "images", root]
+        found.append((SPLIT_ALIASES.get(split, split), f, folders))
+    if found:
+        return found
+    for name in (ROBOFLOW_FILE, "annotations.json", "instances.json"):
+        if (root / name).is_file():
+            return [("train", root / name, [root, root / "images"])]
+    raise PixelsegError(f"--data-root {root}: no COCO export found (expected train/{ROBOFLOW_FILE} and valid/... as "
+                        f"Roboflow writes them, annotations/instances_<split>.json + images/, or {ROBOFLOW_FILE})")
+
+
+def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[str], list[str]]:
+    """category id -> class id, class names, notes; the same table for every split."""
+    cats: dict[int, tuple[str, str, Path]] = {}
+    used: set = set()
+    for path, data in files:
+        for c in data.get("categories") or []:
+            if not isinstance(c, dict) or "id" not in c or "name" not in c:
+                raise PixelsegError(f"{path}: category {c!r} lacks an id or name")
+            cid, name = c["id"], str(c["name"])
+            if cid in cats and cats[cid][0] != name:
+                raise PixelsegError(f"{path}: category id {cid} is {name!r} here but {cats[cid][0]!r} in {cats[cid][2]}; "
+                                    "the splits must share one category table")
+            cats[cid] = (name, str(c.get("supercategory") or ""), path)
+        used.update(a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict))
+    supers = {sup for _, sup, _ in cats.values()}
+    notes, keep = [], []
+    for cid in sorted(cats, key=lambda v: (str(type(v)), v)):
+        name = cats[cid][0]
+        if cid not in used and name in supers:
+            notes.append(f"category {cid} {name!r} left out: no annotation uses it and it is the supercategory of "
+                         "the others (Roboflow's placeholder), not a class")
+            continue
+        keep.append(cid)
+    table = {cid: i + 1 for i, cid in enumerate(keep)}
+    return table, ["background"] + [cats[c][0] for c in keep], notes
+
+
+def _shape(ann: dict, h: int, w: int):
+    """(COCO RLE, clipped?) of one annotation's segmentation."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        if not seg:
+            return None, False
+        polys = seg if isinstance(seg[0], list) else [seg]  # some writers give one flat list
+        for p in polys:
+            if len(p) % 2:
+                raise BadShape(f"polygon has an odd number of coordinates ({len(p)})")
+        return polygons_rle(polys, h, w)
+    if isinstance(seg, dict):
+        try:
+            m = coco_rle_decode(seg, h, w)
+        except RLEError as exc:
+            raise BadShape(str(exc)) from None
+        return _rle_bytes(coco_rle_encode(m)), False
+    raise BadShape(f"segmentation is a {type(seg).__name__}, expected polygons (list) or RLE (dict)")
+
+
+def _rle_bytes(rle: dict) -> dict:
+    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+
+
+def _read_file(path: Path, data: dict, split: str, folders: list[Path], table: dict, iscrowd: str,
+               problems: Problems, names: Names, out: LabelSet) -> None:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise PixelsegError(f"{path}: not a COCO instances file (no 'images' list)")
+    images: dict = {}
+    for im in data["images"]:
+        where = f"image id {im.get('id')!r}" if isinstance(im, dict) else "images entry"
+        if not isinstance(im, dict) or "file_name" not in im or "id" not in im:
+            problems.bad(path, where, "image entry lacks id or file_name")
+            continue
+        name = names.take(path, f"image id {im['id']} ({im['file_name']})", split, str(im["file_name"]))
+        if name is None:
+            continue
+        found = sized_image(problems, path, f"image id {im['id']}", str(im["file_name"]), folders,
+                            (im.get("width"), im.get("height")))
+        if found is not None:
+            images[im["id"]] = Item(name, found[0], found[1], found[2], split=split, source=path)
+    dropped_images = {im.get("id") for im in data["images"] if isinstance(im, dict)} - set(images)
+    for order, ann in enumerate(data.get("annotations") or []):
+        where = f"annotation id {ann.get('id')!r}" if isinstance(ann, dict) else f"annotation #{order}"
+        if not isinstance(ann, dict):
+            problems.bad(path, where, "not an object")
+            continue
+        item = images.get(ann.get("image_id"))
+        if item is None:
+            if ann.get("image_id") in dropped_images:
+                continue  # its image was bad and skipped (already counted)
+            problems.bad(path, where, f"image_id {ann.get('image_id')!r} is not in the file's images")
+            continue
+        cat = ann.get("category_id")
+        if cat not in table:
+            problems.bad(path, where, f"category_id {cat!r} is not declared in categories")
+            continue
+        try:
+            rle, clipped = _shape(ann, item.height, item.width)
+        except BadShape as exc:
+            problems.bad(path, f"{where} (image {item.image.name})", str(exc))
+            continue
+        if rle is None:
+            out.dropped["empty segmentation (box only)"] += 1
+            continue
+        out.clipped += clipped
+        cid = IGNORE if ann.get("iscrowd") and iscrowd == "ignore" else table[cat]
+        item.shapes.append(make_shape(cid, rle, f"{path.name} annotation {ann.get('id')}", 0, order))
+    out.items.extend(images.values())
+
+
+def read(root: Path, iscrowd: str = "class", skip_bad: bool = False) -> LabelSet:
+    if iscrowd not in ISCROWD:
+        raise PixelsegError(f"--iscrowd {iscrowd}: choose one of {', '.join(ISCROWD)}")
+    root = Path(root)
+    found = discover(root)
+    files = [(split, path, folders, read_json(path)) for split, path, folders in found]
+    table, names_, notes = _categories([(p, d) for _, p, _, d in files if isinstance(d, dict)])
+    problems = Problems(skip_bad)
+    names = Names(problems)
+    out = LabelSet("coco", f"COCO {', '.join(f'{s} ({p.relative_to(root) if root.is_dir() else p.name})' for s, p, _, _ in files)}",
+                   names_, default_palette(len(names_)), [], notes)
+    for split, path, folders, data in files:
+        _read_file(path, data, split, folders, table, iscrowd, problems, names, out)
+    out.bad = problems.skipped
+    return check_not_empty(out, files[0][1])

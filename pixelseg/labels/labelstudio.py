@@ -1,0 +1,164 @@
+"""Label Studio JSON export: polygonlabels (percent coordinates), brushlabels (its RLE), rectanglelabels (--boxes).
+
+Layout: ROOT/<export>.json (the one JSON list of tasks in ROOT, or ROOT itself as the file) + the images in
+ROOT/images/ or ROOT/ (matched by file name; Label Studio's 8-hex-digit upload prefix is tried both ways).
+Labels: declared by a labelling config next to the export (ROOT/*.xml with <Label value="..."/>), in its
+order; without one, the names found, sorted (said so in the report). A task's last annotation that was not
+cancelled is used. Splits: none in the export; val by --val-fraction.
+"""
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PixelsegError
+from .files import Names, class_names, class_table, read_json, sized_image
+from .raster import (BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape, mask_rle,
+                     polygons_rle)
+from .rle import RLEError, ls_rle_decode
+
+KINDS = ("polygonlabels", "brushlabels", "rectanglelabels")
+
+
+def find_export(root: Path) -> Path:
+    if root.is_file():
+        return root
+    jsons = sorted(p for p in root.glob("*.json") if not p.name.startswith("."))
+    if len(jsons) == 1:
+        return jsons[0]
+    raise PixelsegError(f"--data-root {root}: expected one Label Studio JSON export there, found "
+                        f"{len(jsons)}" + (f" ({', '.join(p.name for p in jsons[:4])})" if jsons else ""))
+
+
+def _declared(base: Path) -> tuple[list[str] | None, dict, Path | None]:
+    for p in sorted(base.glob("*.xml")):
+        try:
+            doc = ET.parse(p).getroot()
+        except ET.ParseError as exc:
+            raise PixelsegError(f"{p}:{exc.position[0]}:{exc.position[1] + 1}: not valid XML (labelling config)") from None
+        labels = [el for el in doc.iter("Label")]
+        if doc.tag == "View" and labels:
+            colours = {}
+            for el in labels:
+                c = (el.get("background") or "").lstrip("#")
+                if len(c) == 6:
+                    colours[el.get("value")] = tuple(int(c[i:i + 2], 16) for i in (0, 2, 4))
+            return list(dict.fromkeys(el.get("value") for el in labels)), colours, p
+    return None, {}, None
+
+
+def _region(r: dict, kind: str, h: int, w: int, boxes: bool):
+    v = r.get("value") or {}
+    if kind == "polygonlabels":
+        pts = v.get("points")
+        if not isinstance(pts, list):
+            raise BadShape("polygonlabels without points")
+        try:
+            xy = np.asarray(pts, np.float64).reshape(-1, 2) * [w / 100.0, h / 100.0]
+        except (TypeError, ValueError):
+            raise BadShape("points are not [x%, y%] pairs") from None
+        return polygons_rle([xy], h, w)
+    if kind == "brushlabels":
+        if v.get("format", "rle") != "rle" or not isinstance(v.get("rle"), list):
+            raise BadShape("brushlabels without an rle list")
+        try:
+            return mask_rle(ls_rle_decode(v["rle"], h, w)), False
+        except RLEError as exc:
+            raise BadShape(str(exc)) from None
+    if not boxes:
+        return None, False
+    try:
+        x, y, bw, bh = (float(v[k]) for k in ("x", "y", "width", "height"))
+    except (KeyError, TypeError, ValueError):
+        raise BadShape("rectangle needs numeric x, y, width, height") from None
+    x, y, bw, bh = x * w / 100, y * h / 100, bw * w / 100, bh * h / 100
+    a = math.radians(float(v.get("rotation") or 0))  # Label Studio rotates about the top-left corner
+    corners = np.array([[0, 0], [bw, 0], [bw, bh], [0, bh]], np.float64)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return polygons_rle([corners @ rot.T + [x, y]], h, w)
+
+
+def _annotation(task: dict) -> dict | None:
+    anns = [a for a in (task.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")]
+    return anns[-1] if anns else None
+
+
+def _label_of(r: dict, kind: str):
+    names = (r.get("value") or {}).get(kind)
+    return names[0] if isinstance(names, list) and names else None
+
+
+def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
+    path = find_export(Path(root))
+    base = path.parent
+    tasks = read_json(path)
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    if not isinstance(tasks, list):
+        raise PixelsegError(f"{path}: not a Label Studio JSON export (expected a list of tasks)")
+    declared, colours, config = _declared(base)
+    notes = []
+    if declared is None:
+        found = sorted({str(_label_of(r, r.get("type"))) for t in tasks if isinstance(t, dict) and _annotation(t)
+                        for r in (_annotation(t).get("result") or []) if r.get("type") in KINDS and _label_of(r, r.get("type"))})
+        declared = found
+        notes.append(f"no labelling config (*.xml) next to {path.name}: classes are the labels found, sorted: "
+                     + ", ".join(found))
+    table = class_table(declared, config or path, "label")
+    names_ = class_names(table)
+    palette = default_palette(len(names_))
+    for n, c in colours.items():
+        if n in table and 0 < table[n] < 255:
+            palette[table[n]] = c
+    problems = Problems(skip_bad)
+    names = Names(problems)
+    out = LabelSet("labelstudio", f"Label Studio {path.name}", names_, palette, [], notes)
+    for t_i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            problems.bad(path, f"task #{t_i}", "not an object")
+            continue
+        _task(path, task, t_i, [base / "images", base], table, boxes, problems, names, out)
+    out.bad = problems.skipped
+    return check_not_empty(out, path)
+
+
+def _task(path, task, t_i, folders, table, boxes, problems, names, out) -> None:
+    where = f"task {task.get('id', '#' + str(t_i))}"
+    data = task.get("data") or {}
+    img_name = next((v for v in data.values() if isinstance(v, str)), None) if isinstance(data, dict) else None
+    if not img_name:
+        problems.bad(path, where, "data holds no image reference")
+        return
+    ann = _annotation(task) or {}
+    results = [r for r in (ann.get("result") or []) if isinstance(r, dict)]
+    recorded = next(((r.get("original_width"), r.get("original_height")) for r in results
+                     if r.get("original_width")), None)
+    found = sized_image(problems, path, where, img_name, folders, recorded)
+    stem = names.take(path, where, None, found[0].name) if found else None  # the file's name, not the upload's
+    if stem is None:
+        return
+    item = Item(stem, found[0], found[1], found[2], source=path)
+    for k, r in enumerate(results):
+        kind = r.get("type")
+        sid = f"{where} result {r.get('id', k)!r}"
+        if kind not in KINDS:
+            out.dropped[f"{kind} results are not regions"] += 1
+            continue
+        label = _label_of(r, kind)
+        if label not in table:
+            problems.bad(path, sid, f"label {label!r} is not declared in the labelling config")
+            continue
+        try:
+            rle, clipped = _region(r, kind, item.height, item.width, boxes)
+        except BadShape as exc:
+            problems.bad(path, sid, str(exc))
+            continue
+        if rle is None:
+            out.dropped["rectanglelabels (pass --boxes to paint boxes)"] += 1
+            continue
+        out.clipped += clipped
+        item.shapes.append(make_shape(table[label], rle, f"{path.name} {sid}", 0, k))
+    out.items.append(item)

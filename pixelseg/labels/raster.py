@@ -1,0 +1,185 @@
+"""Shapes -> one class-id mask, with the single overlap rule every reader uses; and what a parsed export holds.
+
+Every reader turns each shape (polygon, RLE mask, box) into a COCO RLE of the whole image while it parses
+(pycocotools, in C): the masks are then small, picklable for DataLoader workers, and their areas known for
+the overlap rule. Polygons of every format go through pycocotools' rasteriser, so all readers share its
+pixel convention (coordinates on pixel corners: the polygon (0,0)-(w,0)-(w,h)-(0,h) covers the whole image)
+and a COCO file written by pycocotools reads back exactly; OpenCV is not needed for it.
+
+Overlap rule (`--overlap`), for a pixel covered by several shapes:
+    smaller (default)  higher z_order wins (CVAT's z_order; formats without one have z = 0); among equal z the
+                       smaller shape is on top, so a scratch drawn inside a dent stays visible; ties: later in
+                       the file on top.
+    order              higher z_order wins, then the shape later in the file (as the tool draws them).
+    ignore             pixels claimed by shapes of different classes become 255 (ignored in loss and metrics),
+                       as torchvision's COCO segmentation reference does.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PixelsegError
+
+IGNORE = 255
+OVERLAP_RULES = ("smaller", "order", "ignore")
+HUGE = 4.0  # a coordinate further than this many image sides outside the image is damage, not a clipped shape
+
+
+@dataclass
+class Shape:
+    """One labelled region as a COCO RLE of the whole image (`rle`, compressed counts as bytes)."""
+    class_id: int          # 1..K, or IGNORE
+    rle: dict
+    area: int
+    id: str                # where it came from, for messages: "annotation 12", "labels/a.txt:3"
+    z: int = 0
+    order: int = 0         # position in the file
+
+
+@dataclass
+class Item:
+    """One image and its shapes; `height`/`width` are the image file's."""
+    name: str
+    image: Path
+    height: int
+    width: int
+    shapes: list[Shape] = field(default_factory=list)
+    split: str | None = None
+    source: Path | None = None   # the annotation file (its mtime keys the decode cache)
+
+
+@dataclass
+class LabelSet:
+    """A parsed export: classes (id 0 = background) and images with shapes, plus what the parse noticed."""
+    format: str
+    source: str
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    items: list[Item]
+    notes: list[str] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)    # reason -> shapes left out
+    clipped: int = 0                                     # shapes reaching past the image border
+    bad: list[str] = field(default_factory=list)         # damaged items skipped by --skip-bad
+
+    def splits(self) -> dict[str, list[Item]]:
+        out: dict[str, list[Item]] = {}
+        for it in self.items:
+            out.setdefault(it.split or "train", []).append(it)
+        return out
+
+
+class Problems:
+    """Bad input: one line naming the file and the annotation, or (with --skip-bad) noted and skipped."""
+
+    def __init__(self, skip_bad: bool = False):
+        self.skip_bad = bool(skip_bad)
+        self.skipped: list[str] = []
+
+    def bad(self, file, where: str, msg: str) -> None:
+        line = f"{file}: {where}: {msg}"
+        if not self.skip_bad:
+            raise PixelsegError(line + " (pass --skip-bad to skip damaged items)")
+        self.skipped.append(line)
+
+
+class BadShape(Exception):
+    """A shape that cannot be used; the message says why (readers report it through Problems)."""
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """Black background, then tab20 colours."""
+    import matplotlib
+    colors = matplotlib.colormaps["tab20"].colors
+    return [(0, 0, 0)] + [tuple(int(round(255 * c)) for c in colors[i % len(colors)]) for i in range(n - 1)]
+
+
+def _check_points(pts: np.ndarray, h: int, w: int) -> bool:
+    """Raise BadShape for NaN/huge coordinates or < 3 points; True when the shape reaches past the border."""
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3:
+        raise BadShape(f"polygon has {len(pts) if pts.ndim == 2 else pts.size / 2:g} point(s); at least 3 needed")
+    if not np.isfinite(pts).all():
+        raise BadShape("polygon has NaN or infinite coordinates")
+    lim = HUGE * max(h, w)
+    if (np.abs(pts) > lim).any():
+        raise BadShape(f"polygon coordinate {float(np.abs(pts).max()):g} is far outside the {w}×{h} image")
+    return bool((pts[:, 0] < 0).any() or (pts[:, 1] < 0).any() or (pts[:, 0] > w).any() or (pts[:, 1] > h).any())
+
+
+def polygons_rle(polygons, h: int, w: int) -> tuple[dict, bool]:
+    """Polygons (each N×2 (x, y) in pixels, or a flat [x1, y1, ...] list) -> (merged COCO RLE, clipped?)."""
+    from pycocotools import mask as mask_utils
+    flat, clipped = [], False
+    for poly in polygons:
+        try:
+            pts = np.asarray(poly, np.float64).reshape(-1, 2)
+        except (TypeError, ValueError):
+            raise BadShape("polygon coordinates are not numbers in (x, y) pairs") from None
+        clipped |= _check_points(pts, h, w)
+        flat.append(pts.ravel().tolist())
+    if not flat:
+        raise BadShape("no polygon")
+    rles = mask_utils.frPyObjects(flat, h, w)
+    return (rles[0] if len(rles) == 1 else mask_utils.merge(rles)), clipped
+
+
+def box_polygon(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+    return mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+
+
+def make_shape(class_id: int, rle: dict, id: str, z: int = 0, order: int = 0) -> Shape:
+    from pycocotools import mask as mask_utils
+    return Shape(int(class_id), rle, int(mask_utils.area(rle)), id, int(z), int(order))
+
+
+def _paint_order(shapes: list[Shape], overlap: str) -> list[Shape]:
+    if overlap == "smaller":
+        return sorted(shapes, key=lambda s: (s.z, -s.area, s.order))
+    return sorted(shapes, key=lambda s: (s.z, s.order))
+
+
+def rasterize(shapes: list[Shape], h: int, w: int, overlap: str = "smaller") -> np.ndarray:
+    """uint8 h×w class ids (0 = background) from the shapes, overlaps resolved by `overlap` (module doc)."""
+    from pycocotools import mask as mask_utils
+    if overlap not in OVERLAP_RULES:
+        raise PixelsegError(f"--overlap {overlap}: choose one of {', '.join(OVERLAP_RULES)}")
+    out = np.zeros((h, w), np.uint8)
+    if not shapes:
+        return out
+    conflict = np.zeros((h, w), bool) if overlap == "ignore" else None
+    for s in _paint_order(shapes, overlap):
+        m = mask_utils.decode(s.rle).astype(bool)
+        if m.shape != (h, w):
+            raise PixelsegError(f"{s.id}: mask is {m.shape[1]}×{m.shape[0]} but the image is {w}×{h}")
+        if conflict is not None:
+            conflict |= m & (out != 0) & (out != s.class_id)
+        out[m] = s.class_id
+    if conflict is not None:
+        out[conflict] = IGNORE
+    return out
+
+
+def check_not_empty(labels: LabelSet, file) -> LabelSet:
+    """An export without images, or without a single shape, is a mistake (wrong file, export of nothing)."""
+    if not labels.items:
+        raise PixelsegError(f"{file}: empty export: no usable images" + (f" ({len(labels.bad)} skipped as bad)"
+                                                                         if labels.bad else ""))
+    if not any(it.shapes for it in labels.items):
+        raise PixelsegError(f"{file}: empty export: {len(labels.items)} image(s) but not one labelled shape")
+    return labels
+
+
+def finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
