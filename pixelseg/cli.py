@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         print(exc.advice() if hasattr(exc, "advice") else "interrupted", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", 130)  # 143 for SIGTERM (train.TrainingPreempted): requeue
     except BrokenPipeError:  # `pixelseg models | head`: the reader left; not an error of ours
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +80,49 @@ def check_batch(batch_size: int, world: int, accumulate: int) -> int:
         raise PixelsegError(f"--batch-size {batch_size} is the global batch and must divide by world size "
                             f"{world} × --accumulate {accumulate} = {denom}; try {max(denom, batch_size // denom * denom)}")
     return batch_size // denom
+
+
+# Exit status of a run stopped by SIGTERM: 128 + 15, what a shell reports for a process the signal ended,
+# and in the retryable range (128-255) of the Kubeflow PyTorchJob `restartPolicy: ExitCode`.
+PREEMPTED_EXIT_CODE = 143
+
+
+class StopSignal:
+    """SIGTERM (cluster preemption: Slurm, Kubernetes) asks the run to stop at the next optimiser step.
+
+    The handler only sets a flag: the training loop polls ``agreed()`` once per step, which under DDP
+    sums the flag over ranks, so every rank stops at the same step even when only one got the signal.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, info: DistInfo) -> bool:
+        if not info.enabled:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        self.requested = self.requested or bool(flag.item() > 0)
+        return self.requested
+
+
+def ignore_stop_signal_in_worker(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: Slurm signals every process of the job, and a worker ended by SIGTERM
+    would abort the main process before it can checkpoint; the main process stops the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -62,6 +62,12 @@ def _flip_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator)
     return images, masks
 
 
+def _batches(loader) -> int:
+    """Batches the loader yields: len() of a loader over streamed shards counts samples, not batches."""
+    ds = getattr(loader, "dataset", None)
+    return ds.num_batches() if hasattr(ds, "num_batches") else len(loader)
+
+
 @dataclass
 class EpochResult:
     loss: float                 # mean training loss over the epoch's samples (all ranks)
@@ -83,7 +89,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
     true return value ends the epoch there (``--iterations`` reached).
     """
     forward = forward or model
-    micro_per_epoch = len(loader)
+    micro_per_epoch = _batches(loader)
     steps_per_epoch = -(-micro_per_epoch // accumulate)
     t_epoch, data_time, seen = time.time(), 0.0, 0
     loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -146,7 +152,8 @@ def evaluate(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, 
     model.eval()
     cm = ConfusionMatrix(info.num_classes, info.ignore_index, device=ctx.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of per-pixel losses, pixels)
-    for images, masks in progress_bar(loader, desc=desc, unit="batch", enabled=progress and ctx.is_main):
+    for images, masks in progress_bar(loader, total=_batches(loader), desc=desc, unit="batch",
+                                      enabled=progress and ctx.is_main):
         x, y = ctx.to_input(images), ctx.to_target(masks)
         with ctx.autocast():
             logits = model(x)

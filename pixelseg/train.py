@@ -26,8 +26,9 @@ from . import __version__, config, viz
 from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .data import collate_batch, dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
-from .distributed import DistInfo, ShardSampler, barrier, check_batch, cleanup, init_distributed
 from .budget import Pacer
+from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, ShardSampler, StopSignal, barrier, check_batch, cleanup,
+                          ignore_stop_signal_in_worker, init_distributed)
 from .engine import RunContext, evaluate, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .errors import PixelsegError
 from .logs import logger as log, run_log
@@ -83,12 +84,25 @@ class TrainingInterrupted(KeyboardInterrupt):
         return "interrupted"
 
 
+class TrainingPreempted(TrainingInterrupted):
+    """SIGTERM (a scheduler preempting the job): stopped at a step boundary with last.pt written there.
+    The exit status asks the scheduler to requeue (see distributed.PREEMPTED_EXIT_CODE)."""
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def advice(self) -> str:
+        return (f"stopped by SIGTERM (preempted); checkpoint saved; continue the run with: "
+                f"pixelseg train --resume {self.run_dir}")
+
+
 def train(overrides: dict) -> dict:
     """Train from a config dict (CLI flags / YAML); returns the run summary."""
     dist_info = init_distributed(overrides.get("device") or "auto")
     status: dict = {}
     try:
-        return _train(overrides, dist_info, status)
+        with StopSignal() as status["stop"]:
+            return _train(overrides, dist_info, status)
+    except TrainingPreempted:
+        raise
     except KeyboardInterrupt:
         raise TrainingInterrupted(status.get("run_dir")) from None
     finally:
@@ -109,6 +123,7 @@ class TrainState:
 
 def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> dict:
     t_start = time.time()
+    stop = (status or {}).get("stop") or StopSignal()  # SIGTERM handler installed by train()
     cfg, ckpt, run_dir = _resolve_run(overrides)
     if cfg["folds"]:
         raise PixelsegError("--folds: cross-validation is declared but not implemented yet (issue 18); drop --folds")
@@ -167,8 +182,12 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
                     if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
                             and step_in_epoch < steps_per_epoch:
                         save("last.pt", epoch, step_in_epoch)
+                    stop_now = stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
                     # --iterations reached, or the time budget spent, inside the epoch
-                    return pacer.on_step(scheduler, state.global_step, step_in_epoch)
+                    done = pacer.on_step(scheduler, state.global_step, step_in_epoch)
+                    if stop_now and not done and step_in_epoch < steps_per_epoch:  # preempted: save here
+                        _preempted(save, run_dir, ctx, epoch, step_in_epoch, steps_per_epoch)
+                    return done
 
                 t_epoch, steps_before = time.time(), state.global_step
                 stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
@@ -198,11 +217,24 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
                     log.warning(warning)
                 if pacer.should_stop(state.global_step, state.history, cfg["early_stop"], cfg["early_stop_delta"]):
                     break
+                if epoch < pacer.planned_epochs and stop.agreed(dist_info):  # SIGTERM during validation
+                    _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
         finally:
             tracker.close()
         if ctx.is_main:  # last.pt records the time of the whole run, validation and figures included
             save("last.pt", epoch, 0)
         return _finish(run_dir, cfg, state, data, dist_info, t_start, pacer)
+
+
+def _preempted(save, run_dir: Path, ctx: RunContext, epoch: int, step_in_epoch: int, steps_per_epoch: int):
+    """Every rank agreed to stop (SIGTERM): rank 0 writes last.pt at this step (atomically, as always),
+    all ranks wait for it, then the run ends with the requeue exit status."""
+    if save is not None and ctx.is_main:
+        save("last.pt", epoch, step_in_epoch)
+    barrier(ctx.dist)
+    log.warning(f"SIGTERM: stopped at epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}; last.pt saved; "
+                f"continue with: pixelseg train --resume {run_dir} (exit status {PREEMPTED_EXIT_CODE}: requeue)")
+    raise TrainingPreempted(run_dir)
 
 
 # ---- the steps of a run, in the order train() calls them ---------------------------------------------
@@ -282,14 +314,17 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
                               train_ds.transform is not None or isinstance(train_ds, FileDataset) or streamed)
     val_workers = resolve_workers(cfg["workers"], isinstance(val_ds, (FileDataset, torch.utils.data.IterableDataset)))
 
-    def loader_kw(n, persistent=True):
-        # Streamed datasets get fresh workers each epoch: they must see the new epoch's shuffle seed.
+    def loader_kw(n):
+        # Persistent for streamed shards too: they read the epoch (their shuffle seed) from shared memory.
         return dict(collate_fn=collate_batch, num_workers=n, pin_memory=ctx.device.type == "cuda",
-                    persistent_workers=n > 0 and persistent)
+                    persistent_workers=n > 0, worker_init_fn=ignore_stop_signal_in_worker)
+    for ds, n in ((train_ds, workers), (val_ds, val_workers)):
+        if n > 0 and hasattr(ds, "open_skip_channel"):  # files are read in the workers: they report skips
+            ds.open_skip_channel()
     if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
         train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
                                            shuffle=True, even=True, seed=cfg["seed"])
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers, False))
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers))
     else:
         train_sampler = torch.utils.data.DistributedSampler(
             train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
@@ -298,7 +333,7 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     if isinstance(val_ds, torch.utils.data.IterableDataset):  # every sample scored exactly once
         val_ds.configure(max(per_rank_batch, 16), val_workers, dist_info.rank, dist_info.world_size,
                          shuffle=False, even=False)
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers, False))
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers))
     else:
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
                                                  sampler=ShardSampler(len(val_ds), dist_info),
@@ -457,15 +492,28 @@ def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, 
         tracker.log_figure("predictions", figure, epoch)
 
 
+def _skipped_files(data: RunData, dist_info: DistInfo) -> list[str]:
+    """Unreadable samples met anywhere: this process, its DataLoader workers, every rank; each once."""
+    mine = []
+    for ds in (data.train_ds, data.val_ds):
+        mine += ds.collect_skipped() if hasattr(ds, "collect_skipped") else list(ds.skipped)
+    if dist_info.enabled:
+        everyone = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        mine = [name for part in everyone for name in part]
+    return list(dict.fromkeys(mine))
+
+
 def _finish(run_dir: Path, cfg: dict, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float,
             pacer: Pacer) -> dict:
     history = state.history
+    skipped = _skipped_files(data, dist_info)
     summary = {
         "run_dir": str(run_dir),
         "epochs": cfg["epochs"],
         "best_val_miou": max((h["val_miou"] for h in history), default=float("nan")),
         "final": dict(history[-1]) if history else {},
-        "skipped_files": list(data.train_ds.skipped) + list(data.val_ds.skipped),
+        "skipped_files": skipped,
         "wall_time_s": time.time() - t_start,
         "world_size": dist_info.world_size,
         **pacer.summary(len(history)),
@@ -474,6 +522,9 @@ def _finish(run_dir: Path, cfg: dict, state: TrainState, data: RunData, dist_inf
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         spent = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_s"].items())
         log.info(f"stopped after {len(history)} epochs: {summary['stop_reason']}; time: {spent}")
+        if skipped:
+            log.warning(f"{len(skipped)} unreadable sample(s) skipped during the run (listed in summary.json): "
+                        + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
         log.info(f"done: best val mIoU {summary['best_val_miou']:.4f}; run directory {run_dir}")
     return summary
 

@@ -245,7 +245,44 @@ class ArrayDataset(torch.utils.data.Dataset):
             self.images, self.masks = self.store.arrays("images"), self.store.arrays("masks")
 
 
-class FileDataset(torch.utils.data.Dataset):
+class SkipReport:
+    """Names of unreadable samples. Those met inside DataLoader workers (`--cache none`, shards) would stay
+    in the workers' copies of the dataset: `open_skip_channel()` (before the loader starts its workers)
+    gives them a multiprocessing Manager list to report through, and `collect_skipped()` reads it back.
+    A Manager rather than a Queue: a pipe nobody drains until the end would block a worker once full."""
+    _skip_channel = None
+
+    def open_skip_channel(self) -> None:
+        if self._skip_channel is None:
+            import multiprocessing
+            self._skip_manager = multiprocessing.Manager()
+            self._skip_channel = self._skip_manager.list()
+
+    def _skip(self, name: str) -> bool:
+        """Record `name`; False when this process already had it (warn once per file)."""
+        if name in self.skipped:
+            return False
+        self.skipped.append(name)
+        if self._skip_channel is not None and torch.utils.data.get_worker_info() is not None:
+            with contextlib.suppress(Exception):  # the main process is gone (shutdown): nothing to tell
+                self._skip_channel.append(name)
+        return True
+
+    def collect_skipped(self) -> list[str]:
+        """Every sample skipped so far, in this process or its DataLoader workers, each once."""
+        if self._skip_channel is not None:
+            for name in list(self._skip_channel):
+                if name not in self.skipped:
+                    self.skipped.append(name)
+        return self.skipped
+
+    def __getstate__(self):  # the Manager itself stays in the main process; workers get the list proxy
+        state = dict(self.__dict__)
+        state.pop("_skip_manager", None)
+        return state
+
+
+class FileDataset(SkipReport, torch.utils.data.Dataset):
     """`--cache none`: nothing is decoded up front; each sample is read from its files when a DataLoader
     worker asks for it (same reader, same resize, so the same arrays as the cached modes). Unreadable
     files are skipped from their batch, reported by the process that meets them, and counted there."""
@@ -265,9 +302,8 @@ class FileDataset(torch.utils.data.Dataset):
         try:
             img, mask = self.reader(s, self.size, self.max_side)
         except UnreadableImage as exc:
-            if str(s.image) not in self.skipped:
+            if self._skip(str(s.image)):
                 log.warning(f"skipping {exc}")
-                self.skipped.append(str(s.image))
             return None
         img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
         mask = torch.from_numpy(np.ascontiguousarray(mask)).long()

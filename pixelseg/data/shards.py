@@ -38,7 +38,7 @@ import torch
 
 from ..errors import PixelsegError
 from ..logs import logger as log
-from .base import DatasetInfo, fit_size
+from .base import DatasetInfo, SkipReport, fit_size
 from .io import UnreadableImage, read_image, read_mask
 
 INDEX_FORMAT = "pixelseg-shards"
@@ -186,22 +186,22 @@ def read_index(root, split: str) -> tuple[dict, list[str], list[int]]:
     return index, urls, [counts[u] for u in urls]
 
 
-def _plan(counts: list[int], rank: int, world: int) -> tuple[list[int], bool]:
-    """This rank's shard ids, and whether samples are split by position (too few shards for the ranks)."""
-    if len(counts) >= world:
-        return list(range(rank, len(counts), world)), False
-    return list(range(len(counts))), True
+def _rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank `rank`'s stretch [lo, hi) of the epoch's sample stream: contiguous, so a rank reads only the
+    shards that overlap it (about 1/world of the bytes), and sizes differ by at most one sample."""
+    return rank * n // world, (rank + 1) * n // world
 
 
-def rank_samples(counts: list[int], rank: int, world: int) -> int:
-    shards, by_sample = _plan(counts, rank, world)
-    if by_sample:
-        return len(range(rank, sum(counts), world))
-    return sum(counts[i] for i in shards)
+class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
+    """Batches streamed from WebDataset shards; each worker decodes only its own samples.
 
-
-class ShardDataset(torch.utils.data.IterableDataset):
-    """Batches streamed from WebDataset shards; each worker decodes only its own samples."""
+    Batch policy (the folder path's, so that both give the same optimiser steps and batch sizes): every
+    rank plans ceil(n / world) samples in batches of `batch_size` with a partial last batch, as
+    DistributedSampler + DataLoader(drop_last=False) do; a rank that holds one sample fewer makes its last
+    batch one smaller (DistributedSampler would repeat a sample there), or repeats one sample when that
+    batch would otherwise be empty. Batch b goes to DataLoader worker b % workers, the order in which the
+    DataLoader takes batches from its workers, so the batch sequence does not depend on the worker count.
+    """
 
     def __init__(self, urls: list[str], counts: list[int], info: DatasetInfo, size, batch_size: int = 1,
                  full_res: bool = False, max_side: int | None = None, shuffle: bool = False, seed: int = 0,
@@ -211,8 +211,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.shuffle, self.seed, self.rank, self.world = batch_size, shuffle, seed, rank, world
         self.even, self.limit = even, limit
         self.transform = None
-        self.num_workers = 0      # set by whoever builds the DataLoader: batches per epoch depend on it
-        self.epoch = 0
+        self.num_workers = 0      # set by whoever builds the DataLoader
+        # shared memory: persistent DataLoader workers see set_epoch() without being re-created
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.skipped: list[str] = []
         self.names: list[str] = []
 
@@ -220,69 +221,85 @@ class ShardDataset(torch.utils.data.IterableDataset):
                   seed: int = 0):
         self.batch_size, self.num_workers, self.rank, self.world = batch_size, num_workers, rank, world
         self.shuffle, self.even, self.seed = shuffle, even, seed
+        if self.even and self._total() < world:
+            raise PixelsegError(f"{self.urls[0]}: {self._total()} training samples for {world} processes; "
+                                "every process needs at least one")
         return self
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
+
+    def _counts(self) -> list[int]:
+        """Samples per shard after --limit (the split's first `limit` samples, as for folders)."""
+        if not self.limit:
+            return list(self.counts)
+        left, out = self.limit, []
+        for c in self.counts:
+            out.append(min(c, left))
+            left -= out[-1]
+        return out
 
     def _total(self) -> int:
-        n = sum(self.counts)
-        return min(n, self.limit) if self.limit else n
+        return sum(self._counts())
 
     def __len__(self) -> int:  # samples in the whole split (as len() of the map-style datasets)
         return self._total()
 
-    def _worker_samples(self, rank: int, k: int, workers: int) -> int:
-        n_r = self._rank_count(rank)
-        return len(range(k, n_r, workers))
-
-    def _rank_count(self, rank: int) -> int:
-        if self.limit:
-            return len(range(rank, self._total(), self.world))
-        return rank_samples(self.counts, rank, self.world)
-
-    def _batches_per_worker(self, rank: int, k: int, workers: int) -> int:
-        if self.even:  # the same on every worker of every rank (DDP steps in lockstep)
-            most = max(self._worker_samples(r, j, workers) for r in range(self.world) for j in range(workers))
-            return -(-most // self.batch_size)
-        return -(-self._worker_samples(rank, k, workers) // self.batch_size)
+    def batch_sizes(self, rank: int | None = None) -> list[int]:
+        """This rank's batch sizes for one epoch, in order (see the class docstring)."""
+        rank = self.rank if rank is None else rank
+        n, b = self._total(), self.batch_size
+        lo, hi = _rank_range(n, rank, self.world)
+        m = hi - lo
+        if not self.even:
+            return [min(b, m - i) for i in range(0, m, b)]
+        target = -(-n // self.world)
+        steps = -(-target // b)
+        sizes = [b] * (steps - 1) + [target - (steps - 1) * b]
+        if m < target and sizes[-1] > 1:
+            sizes[-1] -= 1
+        return sizes
 
     def num_batches(self) -> int:
-        """Batches this rank's DataLoader yields per epoch."""
-        workers = max(1, self.num_workers)
-        return sum(self._batches_per_worker(self.rank, k, workers) for k in range(workers))
+        """Batches this rank's DataLoader yields per epoch (the same on every rank when training)."""
+        return len(self.batch_sizes())
 
     # -- the stream --
     def _records(self, rank: int):
-        """(global position, shard url, raw sample dict) for this rank, in epoch order."""
+        """(rank-local position, shard url, raw sample dict) of this rank's stretch, in epoch order."""
         import webdataset as wds
-        if self.limit:
-            shard_ids, by_sample = list(range(len(self.urls))), True
-        else:
-            shard_ids, by_sample = _plan(self.counts, rank, self.world)
-        if self.shuffle:  # one order for all ranks: position-split ranks must agree on positions
+        counts = self._counts()
+        shard_ids = [i for i, c in enumerate(counts) if c > 0]
+        if self.shuffle:  # one order for all ranks: their stretches must tile the same stream
             random.Random(hash((self.seed, self.epoch)) % 2**32).shuffle(shard_ids)
-        pos = 0
+        lo, hi = _rank_range(sum(counts), rank, self.world)
+        start = 0
         for sid in shard_ids:
-            url = self.urls[sid]
-            errors = []
+            first, start = start, start + counts[sid]
+            if start <= lo or first >= hi:  # no sample of this rank: not read at all
+                continue
+            url, errors = self.urls[sid], []
 
-            def handler(exc, url=url, errors=errors):
+            def handler(exc, errors=errors):
                 errors.append(exc)
                 return False  # stop this shard; it is reported below
 
             stream = wds.tariterators.url_opener([{"url": url}], handler=handler)
             files = wds.tariterators.tar_file_expander(stream, handler=handler)
-            for sample in wds.tariterators.group_by_keys(files, handler=handler):
-                if self.limit and pos >= self.limit:
-                    return
-                yield pos, url, sample
-                pos += 1
+            for pos, sample in enumerate(wds.tariterators.group_by_keys(files, handler=handler), first):
+                if pos >= min(hi, start):
+                    break
+                if pos >= lo:
+                    yield pos - lo, url, sample
             if errors:
-                self._warn(f"{url}: shard is truncated or corrupt ({str(errors[0]).split(' @ ')[0]}); the samples "
-                           "before the damage were used, the rest of the shard is skipped; rewrite it with "
-                           "`pixelseg shards`")
-                self.skipped.append(url)
+                if self._skip(url):
+                    self._warn(f"{url}: shard is truncated or corrupt ({str(errors[0]).split(' @ ')[0]}); the "
+                               "samples before the damage were used, the rest of the shard is skipped; rewrite it "
+                               "with `pixelseg shards`")
 
     def _warn(self, msg: str) -> None:
         log.warning(msg)
@@ -298,7 +315,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             missing = "image (img.*)" if img_key is None else "mask (seg.png)"
             self._warn(f"{where} ({name}): no {missing} in the shard; sample skipped (rewrite the shard with "
                        "`pixelseg shards`)")
-            self.skipped.append(where)
+            self._skip(where)
             return None
         try:
             from PIL import Image
@@ -307,14 +324,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
             if isz != msz:
                 self._warn(f"{where} ({name}): mask is {msz[0]}×{msz[1]} but the image is {isz[0]}×{isz[1]}; "
                            "sample skipped (image and mask must have the same size)")
-                self.skipped.append(where)
+                self._skip(where)
                 return None
             target = fit_size((isz[1], isz[0]), None if self.full_res else self.size, self.max_side)
             img = read_image(io.BytesIO(sample[img_key]), target, name=f"{where} {img_key}")
             mask = read_mask(io.BytesIO(sample["seg.png"]), target, name=f"{where} seg.png")
         except (UnreadableImage, OSError, SyntaxError, ValueError) as exc:
             self._warn(f"skipping {where} ({name}): {exc}")
-            self.skipped.append(where)
+            self._skip(where)
             return None
         return name, img, mask
 
@@ -323,26 +340,30 @@ class ShardDataset(torch.utils.data.IterableDataset):
         mask = torch.from_numpy(_writable(mask)).long()
         return self.transform(img, mask) if self.transform is not None else (img, mask)
 
+    def _shares(self, rank: int, workers: int) -> tuple[np.ndarray, int | None]:
+        """(the DataLoader worker of each rank-local sample position, the worker that repeats position 0
+        to fill the planned repeat, or None): batch b belongs to worker b % workers."""
+        sizes = self.batch_sizes(rank)
+        lo, hi = _rank_range(self._total(), rank, self.world)
+        owners = np.repeat(np.arange(len(sizes)) % workers, sizes)
+        return owners[: hi - lo], (int(owners[-1]) if len(owners) > hi - lo else None)
+
     def iter_samples(self, rank: int | None = None, k: int = 0, workers: int = 1):
         """(name, image, mask) of this rank's (and worker's) share, decoded, in stream order."""
         rank = self.rank if rank is None else rank
-        by_sample = bool(self.limit) or _plan(self.counts, rank, self.world)[1]
-        j = 0
+        owners, repeats = self._shares(rank, workers)
         buf: list = []
         rng = random.Random(hash((self.seed, self.epoch, rank, k)) % 2**32)
-        for pos, url, sample in self._records(rank):
-            if by_sample and pos % self.world != rank:
-                continue
-            mine = j % workers == k
-            j += 1
-            if not mine:
+        for j, url, sample in self._records(rank):
+            copies = int(owners[j] == k) + int(j == 0 and repeats == k)
+            if not copies:
                 continue
             if not self.shuffle:
                 out = self.decode(url, sample)
-                if out is not None:
+                for _ in range(copies if out is not None else 0):
                     yield out
                 continue
-            buf.append((url, sample))  # shuffle buffer of encoded samples
+            buf += [(url, sample)] * copies  # shuffle buffer of encoded samples
             if len(buf) >= SHUFFLE_BUFFER:
                 out = self.decode(*buf.pop(rng.randrange(len(buf))))
                 if out is not None:
@@ -356,18 +377,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         k, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        n_batches = self._batches_per_worker(self.rank, k, workers)
-        n_samples = self._worker_samples(self.rank, k, workers)
-        # planned batch sizes: n_samples over n_batches, differing by at most one
-        sizes = [len(a) for a in np.array_split(np.arange(n_samples), n_batches)] if self.even else \
-            [min(self.batch_size, n_samples - i) for i in range(0, n_samples, self.batch_size)]
+        sizes = self.batch_sizes()[k::workers]
         it = self.iter_samples(self.rank, k, workers)
         last = None
         for b, size in enumerate(sizes):
-            if size == 0:  # fewer samples than planned batches (tiny splits): keep the step count
-                if last is not None:
-                    yield last
-                continue
             items = []
             for _, img, mask in it:
                 items.append(self._tensors(img, mask))
@@ -383,7 +396,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 continue
             last = torch.stack([a for a, _ in items]), torch.stack([m for _, m in items])
             yield last
-
 
     def iter_masks(self):
         """Every mask of the split once (class statistics), at the training resolution."""
