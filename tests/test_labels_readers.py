@@ -1,6 +1,7 @@
 """Each annotation-format reader on a synthetic export of one scene: same masks as pycocotools draws, the one
 overlap rule, COCO layouts, and the real Roboflow export (train, evaluate, predict like a folder dataset)."""
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,18 @@ def test_cardamage_train_evaluate_predict(tmp_path, capsys):
     img = sorted((CARDAMAGE / "valid").glob("*.jpg"))[0]
     assert main(["predict", str(run), str(img), "--out", str(tmp_path / "pred")]) == 0
     assert any((tmp_path / "pred").glob("*.png"))
+    # ... and serves like any folder dataset's run: the answer names the COCO file's classes
+    pytest.importorskip("fastapi", reason="pixelseg[serve] not installed")
+    from fastapi.testclient import TestClient
+    from pixelseg.server import create_app
+    from pixelseg.serving import Engine
+    with TestClient(create_app(Engine(run), warm=False)) as client:
+        for _ in range(600):  # polls until ready; the test asserts readiness, not how fast it came
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        r = client.post("/v1/predict?format=json", content=img.read_bytes())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body["areas"]) == ck["dataset"]["class_names"] and (body["width"], body["height"]) == (640, 640)
+    assert sum(body["areas"].values()) == pytest.approx(1.0)
