@@ -32,18 +32,18 @@ TARGETS = ("folder", "shards")
 def _splits(dataset: str, root, options: dict) -> list[str]:
     from .data import default_split, get_dataset_module, labelled
     module = get_dataset_module(dataset)
-    if getattr(module, "fmt", None) is not None:  # an annotation format: every split the export has
+    if isinstance(module, labelled.AnnotationFormat):  # an annotation format: every split the export has
         o = labelled.options(module.OPTIONS, options)
-        return list(labelled.splits(labelled.parse(dataset, module.fmt.read, Path(root), o), o))
+        return list(labelled.splits(labelled.parse(dataset, module.read, Path(root), o), o))
     return list(dict.fromkeys(default_split(dataset, r) for r in ("train", "val")))
 
 
 def _labelset(dataset: str, root, options: dict):
     from .data import get_dataset_module, labelled
     module = get_dataset_module(dataset)
-    if getattr(module, "fmt", None) is None:
+    if not isinstance(module, labelled.AnnotationFormat):
         return None
-    return labelled.parse(dataset, module.fmt.read, Path(root), labelled.options(module.OPTIONS, options))
+    return labelled.parse(dataset, module.read, Path(root), labelled.options(module.OPTIONS, options))
 
 
 def _prepare_out(out: Path) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 from ..config import size_hw
 from ..errors import PixelsegError
 from ..logs import logger as log
-from . import ade20k, camvid, cityscapes, coco, cvat, folder, labelme, labelstudio, pets, shards, synthetic, voc, yolo
+from . import ade20k, camvid, cityscapes, folder, labelled, pets, shards, synthetic, voc
 from .base import ArrayDataset, DatasetInfo, collate_batch
 
 # name -> dataset module. The protocol every module follows:
@@ -30,11 +30,7 @@ DATASETS = {
     "ade20k": ade20k,
     "cityscapes": cityscapes,
     "folder": folder,
-    "coco": coco,
-    "cvat": cvat,
-    "labelstudio": labelstudio,
-    "labelme": labelme,
-    "yolo": yolo,
+    **labelled.formats(),  # coco, cvat, labelstudio, labelme, yolo
     "synthetic": synthetic,
     "shards": shards,
 }

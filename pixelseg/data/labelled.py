@@ -145,3 +145,42 @@ def full_res_samples(name: str, read, defaults: dict, root, split: str, **given)
     labels = parse(name, read, root, o)
     reader = ShapeReader(o["overlap"])
     return _split(name, root, splits(labels, o), split), reader.target
+
+
+class AnnotationFormat:
+    """One annotation tool's export as a dataset of the registry (data/__init__.py's protocol: INFO,
+    DEFAULT_SPLITS, OPTIONS, load, dataset_info, full_res_samples): the five formats differ only in their
+    parser (pixelseg/labels/<format>.py) and their own options, so one object per format, not five modules."""
+
+    def __init__(self, name: str, read, doc: str, **options):
+        self.NAME, self.read, self.__doc__ = name, read, doc
+        self.OPTIONS = {**COMMON_OPTIONS, **options}
+        self.DEFAULT_SPLITS = DEFAULT_SPLITS
+        self.INFO = DatasetInfo(name, ["background"], [(0, 0, 0)])  # the real classes come from the export
+
+    def load(self, root, split, image_size, limit=None, use_cache=True, **options):
+        return load(self.NAME, self.read, self.OPTIONS, root, split, image_size, limit, use_cache, **options)
+
+    def dataset_info(self, root, **options) -> DatasetInfo:
+        return dataset_info(self.NAME, self.read, self.OPTIONS, root, **options)
+
+    def full_res_samples(self, root, split, **options):
+        return full_res_samples(self.NAME, self.read, self.OPTIONS, root, split, **options)
+
+    def __repr__(self) -> str:
+        return f"AnnotationFormat({self.NAME!r})"
+
+
+def formats() -> dict[str, AnnotationFormat]:
+    """--dataset coco|cvat|labelstudio|labelme|yolo."""
+    from ..labels import coco, cvat, labelme, labelstudio, yolo
+    return {
+        "coco": AnnotationFormat("coco", coco.read, "COCO instances JSON (Roboflow train/valid/test, or "
+                                 "annotations/instances_<split>.json + images/)", iscrowd="class"),
+        "cvat": AnnotationFormat("cvat", cvat.read, "CVAT for images 1.1 XML (annotations.xml + images/)",
+                                 boxes=False),
+        "labelstudio": AnnotationFormat("labelstudio", labelstudio.read, "Label Studio JSON export "
+                                        "(polygonlabels, brushlabels) + images", boxes=False),
+        "labelme": AnnotationFormat("labelme", labelme.read, "LabelMe JSON, one per image", boxes=False),
+        "yolo": AnnotationFormat("yolo", yolo.read, "YOLO-seg: data.yaml + images/ + labels/*.txt", boxes=False),
+    }
