@@ -24,7 +24,8 @@ import uvicorn  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.data import synthetic  # noqa: E402
 from pixelseg.server import create_app  # noqa: E402
-from pixelseg.serving import Engine, Limits, rle_decode, rle_encode  # noqa: E402
+from pixelseg.labels.rle import coco_rle_decode, coco_rle_encode as rle_encode  # noqa: E402
+from pixelseg.serving import Engine, Limits  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
 
@@ -59,6 +60,10 @@ def running_app(engine, limits=None, **options):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    return coco_rle_decode(rle, *rle["size"])
 
 
 def png(arr, mode=None) -> bytes:
