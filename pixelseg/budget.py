@@ -99,7 +99,12 @@ class Pacer:
         self.total = scheduler.lr_lambdas[0].total_steps
         if self.cap:
             self.total = min(self.total, self.cap)
-        if self.left() <= 0:
+        # the run's own measured costs: resuming is refused exactly when its stop rule would fire at once
+        if state.global_step and self.timing.get("train"):
+            self.step_s = self.timing["train"] / state.global_step
+            after = sum(v for k, v in self.timing.items() if k not in ("setup", "train"))
+            self.overhead_s = after / max(1, state.epoch)
+        if self.left() <= (self.step_s or 0) + (self.overhead_s or 0):
             from .errors import PixelsegError
             raise PixelsegError(f"--resume {run_dir}: the run has used {format_seconds(self.elapsed())} of its "
                                 f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
