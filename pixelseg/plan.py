@@ -633,7 +633,10 @@ def plan_from_options(options: dict, probe: Machine | None = None, progress: boo
     fingerprinted. ``time_budget`` (seconds) sizes the plan."""
     user = {k: v for k, v in options.items() if k != "run_dir" and k != "resume"}
     budget = user.pop("time_budget", None) if "time_budget" in user else None
-    base = config.resolve_config({k: v for k, v in user.items()} | {"run_dir": options.get("run_dir") or "."})
+    # only the data options matter here; a flag that needs one the plan will set (--scale-range needs
+    # --crop, which every plan sets) must not be refused before the plan exists
+    base_opts = dict(user, crop=user.get("crop", True))
+    base = config.resolve_config(base_opts | {"run_dir": options.get("run_dir") or "."})
     fp = fingerprint(base, progress=progress)
     machine = probe or probe_machine(base["device"])
     plan = make_plan(fp, machine, budget, user)
