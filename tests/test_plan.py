@@ -113,13 +113,13 @@ def test_train_auto_saves_the_plan_and_records_the_overrides(tmp_path):
     run = tmp_path / "run"
     summary = plan.train_auto({"dataset": "folder", "data_root": str(root), "epochs": 1, "image_size": 32,
                                "run_dir": str(run), "precise_bn": 0, "figure_samples": 0,
-                               "scale_range": [0.75, 1.5]}, FAST)  # needs --crop, which the plan sets
+                               "scale_range": [0.8, 1.25]}, FAST)  # needs --crop, which the plan sets
     assert summary["run_dir"] == str(run)
     saved = (run / "plan.yaml").read_text()
     assert "# overridden by you: image_size, scale_range, epochs" in saved
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["epochs"] == 1 and cfg["image_size"] == 32 and cfg["schedule"] == "cosine" and cfg["crop"] is True
-    assert cfg["scale_range"] == [0.75, 1.5]
+    assert cfg["scale_range"] == [0.8, 1.25]
     assert config.load_yaml(run / "plan.yaml")["epochs"] == 1
 
 
