@@ -56,6 +56,10 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     cfg = ckpt["config"]
     dataset = dataset or cfg["dataset"]
     split = split or cfg["val_split"]
+    if split in ckpt.get("pool_splits", ()) and (dataset == cfg["dataset"]):  # a --folds ensemble
+        tqdm.write(f"warning: every image of split {split!r} was in the cross-validation pool, so each fold model "
+                   "trained on most of them and this score is optimistic; the out-of-fold scores are in "
+                   f"{ckpt['path']}", file=sys.stderr)
     root = data_root if data_root is not None else recorded_data_root(ckpt)
     options = dataset_options(cfg) if dataset == cfg["dataset"] else {}
     dev = select_device(device)
