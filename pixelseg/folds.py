@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .errors import PixelsegError
@@ -207,6 +208,8 @@ def fold_datasets(cfg: dict, load, train_spec, val_spec) -> tuple[FoldSubset, Fo
         train_parts.append((tr, [i for i, n in enumerate(tr.names) if fold_of.get((split, n), -1) != fold]))
         held_parts.append((va, [i for i, n in enumerate(va.names) if fold_of.get((split, n), -1) == fold]))
     train_ds, held_ds = FoldSubset(train_parts), FoldSubset(held_parts)
+    pool = "+".join(about["splits"])
+    train_ds.split_name, held_ds.split_name = f"{pool} less fold {fold}", f"fold {fold} of {pool}"  # train.log header
     log.info(f"fold {fold + 1}/{k} (--fold {fold}): training on {len(train_ds)} images of the other folds, "
              f"validating on the {len(held_ds)} held out ({about['dataset']} {'+'.join(about['splits'])}, "
              f"{about['images']} images, {about['grouping']})")
@@ -271,6 +274,8 @@ def train_folds(overrides: dict, train_fn) -> dict:
     k, budget, t0 = cfg["folds"], cfg["time_budget"], time.time()
     make_output_dir(run_dir, "--resume" if resuming else "--run-dir")
     atomic_write_text(run_dir / MANIFEST, json.dumps({"folds": k, "options": options, "pool": about}, indent=1))
+    # the whole cross-validation's recipe: `train --config RUN/config.yaml` runs it again
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     atomic_write_text(run_dir / "folds.csv", "split,name,fold\n" + "".join(
         f"{s},{n},{f}\n" for (s, n), f in fold_of.items()))
     with run_log(run_dir):
@@ -397,7 +402,7 @@ def cv_figure(cv: dict, path: Path) -> None:
     ax1.bar(x, means, yerr=stds, capsize=4, color="#4c78a8", alpha=0.8, label="mean ± std")
     for j, c in enumerate(classes):
         pts = [v for v in cv["per_class_iou"][c]["per_fold"] if v is not None]
-        ax1.plot([j] * len(pts), pts, "k.", ms=5, label="one fold" if j == 0 else None)
+        ax1.plot([j + 0.25] * len(pts), pts, "k.", ms=5, label="one fold" if j == 0 else None)
     ax1.set_xticks(x, classes, rotation=45, ha="right")
     ax1.set_ylim(0, 1); ax1.set_ylabel("IoU"); ax1.set_title("Per-class IoU across folds"); ax1.legend(fontsize=8)
     m = cv["miou"]

@@ -447,8 +447,9 @@ def _log_header(cfg, model, data: RunData, ctx: RunContext, per_rank_batch: int,
              f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if frozen else 'trained'}) | device {ctx.device} | "
              f"precision {ctx.amp_dtype or torch.float32} | channels_last {cfg['channels_last']} | world {world}")
     skipped = len(data.train_ds.skipped) + len(data.val_ds.skipped)
-    log.info(f"data: {data.info.name} train={cfg['train_split']} ({len(data.train_ds)} images) "
-             f"val={cfg['val_split']} ({len(data.val_ds)} images) at "
+    log.info(f"data: {data.info.name} train={getattr(data.train_ds, 'split_name', cfg['train_split'])} "
+             f"({len(data.train_ds)} images) val={getattr(data.val_ds, 'split_name', cfg['val_split'])} "
+             f"({len(data.val_ds)} images) at "
              f"{'×'.join(map(str, config.size_hw(cfg['image_size'])))}"
              f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg['cache']}; DataLoader "
              f"workers {data.workers}; unreadable files skipped: {skipped}")
