@@ -89,6 +89,26 @@ def test_folder_pool_is_train_plus_carved_val_and_respects_val_group(tmp_path):
     assert about["splits"] == ["train"] and sorted(n for _, n in fold_of) == sorted(names[:12])
 
 
+@pytest.mark.parametrize("fmt", ["coco", "cvat", "labelstudio", "labelme", "yolo"])
+def test_annotation_formats_fold_like_folders(tmp_path, fmt):
+    import _labels_exports as ex
+    from pixelseg.data.base import CacheSpec
+    root = getattr(ex, f"write_{fmt}")(tmp_path / fmt)
+    cfg = config.resolve_config({"dataset": fmt, "data_root": str(root), "folds": 2, "fold": 1, "image_size": 32,
+                                 "run_dir": str(tmp_path / "run")})
+    fold_of, about = folds.pool_folds(cfg, folds._loader(cfg))
+    assert about["splits"] == ["train", "val"] and about["images"] == 2 and sorted(fold_of.values()) == [0, 1]
+    train_ds, held_ds = folds.fold_datasets(cfg, folds._loader(cfg), CacheSpec("memory"), CacheSpec("memory"))
+    assert len(train_ds) == len(held_ds) == 1
+    assert sorted(train_ds.names + held_ds.names) == sorted(n for _, n in fold_of)
+    assert [fold_of[(s, n)] for s, n in fold_of if n in held_ds.names] == [1]
+    assert set(train_ds.names).isdisjoint(held_ds.names)
+    images, masks = held_ds.__getitems__([0])
+    assert images.shape == (1, 3, 32, 32) and masks.shape == (1, 32, 32)
+    with pytest.raises(PixelsegError, match="--folds 3: the training pool .* has 2 image"):
+        folds.pool_folds({**cfg, "folds": 3}, folds._loader(cfg))
+
+
 def test_too_small_for_k_folds_is_one_line_and_leaves_nothing(tmp_path, capsys):
     root = write_folder(tmp_path / "d", ["a_1", "a_2", "b_1", "b_2", "c_1"])
     run = tmp_path / "run"
