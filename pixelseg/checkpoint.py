@@ -69,6 +69,9 @@ def load_checkpoint(path: Path | str) -> dict:
                 path = path / name
                 break
         else:
+            if (path / "folds.json").is_file():  # a `train --folds` run: its folds as one ensemble
+                from .folds import load_ensemble
+                return load_ensemble(path)
             raise PixelsegError(f"{path}: no best.pt or last.pt in this run directory; pass a checkpoint file")
     if not path.is_file():
         raise PixelsegError(f"{path}: checkpoint not found")

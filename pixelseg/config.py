@@ -328,9 +328,12 @@ class TrainConfig:
     early_stop_delta: float = option(0.001, "the val mIoU gain that counts as an improvement for --early-stop",
                                      "optimisation", parse=_float(0.0))
     folds: int | None = option(None, "K-fold cross-validation: K runs RUN/fold_0 .. fold_K-1 on grouped folds of "
-                               "the data (folder-like datasets), cv.json with mean and std; the folds run dir "
+                               "the training pool, RUN/cv.json (mean and std) and cv.png; the folds run dir "
                                "then serves evaluate/predict/serve as an ensemble (docs/training.md)",
                                "optimisation", parse=_int(2), default_text="off")
+    fold: int | None = option(None, "with --folds K: train only fold I (0..K-1) as one ordinary run, held-out fold "
+                              "as val (what --folds runs K times; e.g. one fold per torchrun launch)",
+                              "optimisation", parse=_int(0), default_text="all", metavar="I")
     batch_size: int = option(64, "global batch size (all processes and accumulation steps together)",
                              "optimisation", parse=_int(1))
     accumulate: int = option(1, "gradient accumulation steps per optimiser step", "optimisation", parse=_int(1))

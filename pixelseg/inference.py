@@ -56,6 +56,10 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     cfg = ckpt["config"]
     dataset = dataset or cfg["dataset"]
     split = split or cfg["val_split"]
+    if split in ckpt.get("pool_splits", ()) and (dataset == cfg["dataset"]):  # a --folds ensemble
+        tqdm.write(f"warning: every image of split {split!r} was in the cross-validation pool, so each fold model "
+                   "trained on most of them and this score is optimistic; the out-of-fold scores are in "
+                   f"{ckpt['path']}", file=sys.stderr)
     root = data_root if data_root is not None else recorded_data_root(ckpt)
     options = dataset_options(cfg) if dataset == cfg["dataset"] else {}
     dev = select_device(device)
@@ -377,7 +381,8 @@ def _short_hash(run_or_ckpt) -> str:
     """8 hex digits of the checkpoint file: tells Label Studio's model versions apart."""
     from .serving import file_sha256
     p = Path(run_or_ckpt)
-    p = p / "best.pt" if p.is_dir() else p
+    if p.is_dir():  # a run's best.pt, or a --folds run's cv.json (it holds its members' hashes)
+        p = p / "best.pt" if (p / "best.pt").is_file() else p / "cv.json"
     return file_sha256(p)[:8] if p.is_file() else "unknown"
 
 

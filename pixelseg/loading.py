@@ -26,7 +26,10 @@ def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None =
     """Rebuild the architecture from the checkpoint's own config and load its weights, in eval mode.
 
     ``fast`` applies ``runtime.prepare_for_inference`` (folded BatchNorm, channels_last, bf16
-    weights under bf16 autocast); export passes ``fast=False`` to get the plain module."""
+    weights under bf16 autocast); export passes ``fast=False`` to get the plain module. A `train --folds`
+    run dir (its checkpoint dict has ``members``, folds.load_ensemble) becomes the Ensemble of its folds."""
+    if "members" in ckpt:
+        return Ensemble([load_model(m, device, amp_dtype, channels_last, fast) for m in ckpt["members"]]).eval()
     cfg = dict(ckpt["model_config"])
     cfg["weights"] = None
     model = create_model(**cfg)

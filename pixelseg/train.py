@@ -96,6 +96,9 @@ class TrainingPreempted(TrainingInterrupted):
 
 def train(overrides: dict) -> dict:
     """Train from a config dict (CLI flags / YAML); returns the run summary."""
+    from .folds import train_folds, wants_folds
+    if wants_folds(overrides):  # --folds K: K runs RUN/fold_I, each through this function (folds.py)
+        return train_folds(overrides, train)
     dist_info = init_distributed(overrides.get("device") or "auto")
     status: dict = {}
     try:
@@ -125,8 +128,6 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
     t_start = time.time()
     stop = (status or {}).get("stop") or StopSignal()  # SIGTERM handler installed by train()
     cfg, ckpt, run_dir = _resolve_run(overrides)
-    if cfg["folds"]:
-        raise PixelsegError("--folds: cross-validation is declared but not implemented yet (issue 18); drop --folds")
     if cfg["time_budget"] and dist_info.enabled:  # ranks would time, and so stop, differently
         raise PixelsegError("--time-budget runs in one process for now; under torchrun give --epochs or --iterations")
     device = select_device(cfg["device"])
@@ -291,11 +292,16 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     # without them every sample is cached at --image-size and batches are whole-array reads.
     full_res = bool(cfg["crop"] or cfg["cache_max_side"])
     channels = cfg["in_channels"]
-    train_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["train_split"], size, cfg["limit"],
-                          CacheSpec(mode, full_res, cfg["cache_max_side"]), channels=channels,
+    train_spec, val_spec = CacheSpec(mode, full_res, cfg["cache_max_side"]), CacheSpec(mode)
+
+    def load(split: str, spec: CacheSpec):
+        return load_split(cfg["dataset"], cfg["data_root"], split, size, cfg["limit"], spec, channels=channels,
                           **dataset_options(cfg))
-    val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], CacheSpec(mode),
-                        channels=channels, **dataset_options(cfg))
+    if cfg["fold"] is not None:  # one fold of --folds K: the other folds train, this one validates
+        from .folds import fold_datasets
+        train_ds, val_ds = fold_datasets(cfg, load, train_spec, val_spec)
+    else:
+        train_ds, val_ds = load(cfg["train_split"], train_spec), load(cfg["val_split"], val_spec)
     if channels != 3 and cfg["color_jitter"]:
         raise PixelsegError(f"--color-jitter works on RGB images, not on {channels}-channel inputs; drop it")
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
@@ -441,8 +447,9 @@ def _log_header(cfg, model, data: RunData, ctx: RunContext, per_rank_batch: int,
              f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if frozen else 'trained'}) | device {ctx.device} | "
              f"precision {ctx.amp_dtype or torch.float32} | channels_last {cfg['channels_last']} | world {world}")
     skipped = len(data.train_ds.skipped) + len(data.val_ds.skipped)
-    log.info(f"data: {data.info.name} train={cfg['train_split']} ({len(data.train_ds)} images) "
-             f"val={cfg['val_split']} ({len(data.val_ds)} images) at "
+    log.info(f"data: {data.info.name} train={getattr(data.train_ds, 'split_name', cfg['train_split'])} "
+             f"({len(data.train_ds)} images) val={getattr(data.val_ds, 'split_name', cfg['val_split'])} "
+             f"({len(data.val_ds)} images) at "
              f"{'×'.join(map(str, config.size_hw(cfg['image_size'])))}"
              f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg['cache']}; DataLoader "
              f"workers {data.workers}; unreadable files skipped: {skipped}")
