@@ -108,6 +108,7 @@ def test_two_ranks_read_every_s3_sample_once(s3, tmp_path):
         Image.fromarray(img).save(root / "images" / f"s{i:03d}.png")
         Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "masks" / f"s{i:03d}.png")
     (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(13)))
+    (root / "val.txt").write_text("")
     write_shards("folder", root, "train", url, maxcount=3, progress=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), url, str(tmp_path / f"r{r}.json")],

@@ -44,8 +44,10 @@ def filesystem():
         raise PixelsegError("s3:// URLs need s3fs: pip install 'pixelseg[s3]'") from None
     retries = {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS),
                "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
-    return s3fs.S3FileSystem(endpoint_url=endpoint(), retries=BODY_READ_RETRIES,
-                             config_kwargs={"retries": retries, "connect_timeout": 10, "read_timeout": 60})
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint(),
+                           config_kwargs={"retries": retries, "connect_timeout": 10, "read_timeout": 60})
+    fs.retries = BODY_READ_RETRIES  # s3fs's own loop (a class attribute, 5 by default) on top of botocore's
+    return fs
 
 
 def cause(exc: BaseException) -> str:
