@@ -560,7 +560,7 @@ def resolve_config(overrides: dict) -> dict:
     # directory (os.path.abspath, not resolve(): a symlinked data folder keeps the name the user gave).
     import os
     for key in ("data_root", "classes"):
-        if cfg[key] is not None:
+        if cfg[key] is not None and "://" not in str(cfg[key]):  # URLs (s3://, https://) stay as given
             cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
     if isinstance(cfg["weights"], str) and cfg["weights"] != "imagenet" and Path(cfg["weights"]).expanduser().is_file():
         cfg["weights"] = os.path.abspath(os.path.expanduser(cfg["weights"]))

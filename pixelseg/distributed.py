@@ -57,6 +57,30 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+# Keys a node may set for itself: they change how fast it runs, not what is trained.
+NODE_LOCAL_KEYS = frozenset({"workers", "device"})
+
+
+def check_same_config(cfg: dict, info: DistInfo) -> None:
+    """Refuse to train when the processes were started with different configs (a node with other flags
+    or another config file would silently train something else, or hang in a collective): every rank
+    gathers every rank's config and all stop with the same message naming the differing keys."""
+    if not info.enabled:
+        return
+    mine = {k: repr(v) for k, v in cfg.items() if k not in NODE_LOCAL_KEYS}
+    everyone: list = [None] * info.world_size
+    dist.all_gather_object(everyone, mine)
+    diffs = []
+    for rank, other in enumerate(everyone[1:], 1):
+        for key in sorted(set(other) | set(everyone[0])):
+            if other.get(key) != everyone[0].get(key) and key not in {d[0] for d in diffs}:
+                diffs.append((key, everyone[0].get(key), rank, other.get(key)))
+    if diffs:
+        said = "; ".join(f"{k}: rank 0 {a}, rank {r} {b}" for k, a, r, b in diffs[:6])
+        raise PixelsegError(f"the processes of this run were started with different configs ({said}); start "
+                            "every node with the same flags, config file and --data-root")
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Evaluation sharding without padding: rank r gets indices r, r+W, r+2W, ... so every sample is
     scored exactly once (DistributedSampler pads with duplicates, which would bias the metrics)."""

@@ -71,7 +71,7 @@ def recorded_data_root(ckpt: dict, fix: str = "pass --data-root PATH") -> str | 
     """The run's own data_root, checked here so that a wrong one is blamed on the recording, not on a
     --data-root flag the user never typed (runs before 0.2 recorded it relative to where they ran)."""
     root = ckpt["config"].get("data_root")
-    if root is not None and not Path(root).is_dir():
+    if root is not None and "://" not in root and not Path(root).is_dir():  # URLs: checked when read
         where = "" if Path(root).is_absolute() else f" (a relative path, looked up from {Path.cwd()})"
         raise PixelsegError(f"{ckpt['path']}: the data_root recorded with this run, {root}, is not a directory"
                             f"{where}; the data has moved or the run was made elsewhere: {fix}")

@@ -27,8 +27,8 @@ from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_c
 from .data import collate_batch, dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
 from .budget import Pacer
-from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, ShardSampler, StopSignal, barrier, check_batch, cleanup,
-                          ignore_stop_signal_in_worker, init_distributed)
+from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, ShardSampler, StopSignal, barrier, check_batch,
+                          check_same_config, cleanup, ignore_stop_signal_in_worker, init_distributed)
 from .engine import RunContext, evaluate, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .errors import PixelsegError
 from .logs import logger as log, run_log
@@ -128,6 +128,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
     t_start = time.time()
     stop = (status or {}).get("stop") or StopSignal()  # SIGTERM handler installed by train()
     cfg, ckpt, run_dir = _resolve_run(overrides)
+    check_same_config(cfg, dist_info)  # before anything collective: a node with other flags is refused
     if cfg["time_budget"] and dist_info.enabled:  # ranks would time, and so stop, differently
         raise PixelsegError("--time-budget runs in one process for now; under torchrun give --epochs or --iterations")
     device = select_device(cfg["device"])

@@ -26,10 +26,12 @@ differ by at most one sample), so DDP ranks stay in step without padding or dupl
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,10 +41,12 @@ import torch
 from ..errors import PixelsegError
 from ..logs import logger as log
 from .base import DatasetInfo, SkipReport, fit_size
+from . import remote
 from .io import UnreadableImage, read_image, read_mask
 
 INDEX_FORMAT = "pixelseg-shards"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: every shard starts with a __info__ record (its classes)
+INFO_KEY = "__info__"
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
 SHUFFLE_BUFFER = 128   # encoded samples per worker (bytes, not decoded pixels: memory stays small)
 
@@ -60,13 +64,12 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
 
     if maxcount < 1:
         raise PixelsegError(f"--maxcount {maxcount}: must be >= 1")
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PixelsegError(f"--out {out}: cannot create it ({exc.strerror})") from None
+    existing = _existing_indexes(out)  # first: a wrong key or endpoint fails before any reading
     ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
+    _refuse_other_classes(existing, dataset, ds.info)
+    out, staging = (str(out), Path(tempfile.mkdtemp(prefix="pixelseg-shards-"))) if remote.is_s3(out) else (Path(out), Path(out))
     shards, buf_count, writer, tmp, n, skipped = [], 0, None, None, 0, []
+    header = {"__key__": INFO_KEY, "info.json": json.dumps({"dataset": dataset, "info": ds.info.to_dict()}).encode()}
 
     def close():
         nonlocal writer, tmp, buf_count
@@ -74,37 +77,89 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
             return
         writer.close()
         name = f"{split}-{len(shards):06d}.tar"
-        os.replace(tmp, out / name)
+        _publish(tmp, out, name)
         shards.append({"url": name, "count": buf_count})
         writer, tmp, buf_count = None, None, 0
 
-    items = _source_items(ds, FileDataset)
-    for name, image_bytes, ext, mask in tqdm(items, total=len(ds), desc=f"shards {split}", unit="img",
-                                             leave=False, disable=not progress or None):
-        if image_bytes is None:  # unreadable source file: skipped and counted
-            skipped.append(name)
-            continue
-        if writer is None:
-            fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".tar.tmp", dir=out)
-            os.close(fd)
-            writer = wds.TarWriter(tmp)
-        png = io.BytesIO()
-        from PIL import Image
-        Image.fromarray(mask).save(png, format="PNG")
-        writer.write({"__key__": f"{n:09d}", f"img.{ext}": image_bytes, "seg.png": png.getvalue(),
-                      "name.txt": name.encode()})
-        n += 1
-        buf_count += 1
-        if buf_count >= maxcount:
-            close()
-    close()
+    try:
+        items = _source_items(ds, FileDataset)
+        for name, image_bytes, ext, mask in tqdm(items, total=len(ds), desc=f"shards {split}", unit="img",
+                                                 leave=False, disable=not progress or None):
+            if image_bytes is None:  # unreadable source file: skipped and counted
+                skipped.append(name)
+                continue
+            if writer is None:
+                fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".tar.tmp", dir=staging)
+                os.close(fd)
+                writer = wds.TarWriter(tmp)
+                writer.write(header)  # the shard's classes: a shard mixed into another dataset's is refused
+            png = io.BytesIO()
+            from PIL import Image
+            Image.fromarray(mask).save(png, format="PNG")
+            writer.write({"__key__": f"{n:09d}", f"img.{ext}": image_bytes, "seg.png": png.getvalue(),
+                          "name.txt": name.encode()})
+            n += 1
+            buf_count += 1
+            if buf_count >= maxcount:
+                close()
+        close()
+    finally:
+        if staging != out:  # the local copies of uploaded shards
+            shutil.rmtree(staging, ignore_errors=True)
     if n == 0:
         raise PixelsegError(f"dataset {dataset} split {split!r}: no readable samples to write")
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dataset": dataset, "split": split,
              "info": ds.info.to_dict(), "count": n, "shards": shards, "skipped": skipped}
-    from ..checkpoint import atomic_write_text
-    atomic_write_text(out / f"{split}.json", json.dumps(index, indent=1))
+    if isinstance(out, str):
+        remote.write_bytes(remote.join(out, f"{split}.json"), json.dumps(index, indent=1).encode())
+    else:
+        from ..checkpoint import atomic_write_text
+        atomic_write_text(out / f"{split}.json", json.dumps(index, indent=1))
     return index
+
+
+def _existing_indexes(out) -> dict[str, dict]:
+    """{url or path: index} of the shard indexes already at `out` (created when missing)."""
+    found = {}
+    if remote.is_s3(out):
+        for url in remote.listing(str(out)):
+            if url.endswith(".json"):
+                with contextlib.suppress(PixelsegError, ValueError):
+                    found[url] = json.loads(remote.read_bytes(url))
+        return found
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PixelsegError(f"--out {out}: cannot create it ({exc.strerror})") from None
+    for path in out.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            found[str(path)] = json.loads(path.read_text())
+    return found
+
+
+def _refuse_other_classes(existing: dict, dataset: str, info: DatasetInfo) -> None:
+    """Shards of two datasets under one --out would be read as one: refused, naming the other index."""
+    for where, index in existing.items():
+        theirs = index.get("info", {}).get("class_names") if isinstance(index, dict) else None
+        if theirs is not None and index.get("format") == INDEX_FORMAT and theirs != list(info.class_names):
+            raise PixelsegError(f"--out {where}: holds shards of {index.get('dataset', '?')} with other classes "
+                                f"({_classes(theirs)}, not {_classes(info.class_names)}); write {dataset} to "
+                                "another --out (one dataset per directory or prefix)")
+
+
+def _classes(names) -> str:
+    names = list(names)
+    return ", ".join(names[:4]) + (f", ... {len(names)} in all" if len(names) > 4 else "")
+
+
+def _publish(tmp: str, out, name: str) -> None:
+    """A finished shard under its final name: renamed on a disk, one PUT to object storage."""
+    if isinstance(out, str):
+        remote.upload(tmp, remote.join(out, name))
+        os.remove(tmp)
+    else:
+        os.replace(tmp, out / name)
 
 
 def _source_items(ds, file_dataset_cls):
@@ -148,12 +203,29 @@ def _join(base: str, name: str) -> str:
 
 def _read_text(url: str) -> str:
     import webdataset as wds
+    if remote.is_s3(url):
+        return remote.read_bytes(url).decode("utf-8")
     try:
         with wds.gopen(url, "rb") as f:
             return f.read().decode("utf-8")
     except Exception as exc:  # gopen raises many kinds (OSError, IOError from pipes, HTTP errors)
         raise PixelsegError(f"{url}: cannot read the shard index ({exc}); write shards with `pixelseg shards "
                             "--out DIR` and pass that DIR (or URL) as --data-root") from None
+
+
+def _read_index_text(base: str, index_url: str) -> str:
+    """The index's text; under an s3:// prefix without one, say whether the prefix holds shards at all."""
+    if not remote.is_s3(index_url):
+        return _read_text(index_url)
+    try:
+        return _read_text(index_url)
+    except PixelsegError as exc:
+        if not str(exc).endswith(": not found"):
+            raise
+    tars = [u for u in remote.listing(base) if u.endswith(".tar")]
+    what = (f"{len(tars)} .tar object(s) but no {index_url.rsplit('/', 1)[-1]}" if tars else "no shards")
+    raise PixelsegError(f"{base.rstrip('/')}/: {what}; write shards there with `pixelseg shards --out "
+                        f"{base.rstrip('/')}/` (the index names the split's shards)")
 
 
 def read_index(root, split: str) -> tuple[dict, list[str], list[int]]:
@@ -168,7 +240,7 @@ def read_index(root, split: str) -> tuple[dict, list[str], list[int]]:
         base, urls = root, None
     index_url = _join(base, f"{split}.json")
     try:
-        index = json.loads(_read_text(index_url))
+        index = json.loads(_read_index_text(base, index_url))
     except ValueError:
         raise PixelsegError(f"{index_url}: not a pixelseg shard index (invalid JSON)") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
@@ -190,6 +262,22 @@ def _rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rank `rank`'s stretch [lo, hi) of the epoch's sample stream: contiguous, so a rank reads only the
     shards that overlap it (about 1/world of the bytes), and sizes differ by at most one sample."""
     return rank * n // world, (rank + 1) * n // world
+
+
+def _open_shard(url: str, errors: list) -> list[dict]:
+    """[{"url", "stream"}] for webdataset's tar reader, or [] with the error recorded (missing shard)."""
+    import webdataset as wds
+    try:
+        return [{"url": url, "stream": remote.open_read(url) if remote.is_s3(url) else wds.gopen(url, "rb")}]
+    except PixelsegError:
+        raise  # s3fs missing: not a per-shard problem
+    except Exception as exc:
+        errors.append(exc)
+        return []
+
+
+def _cause(exc) -> str:
+    return "not found" if isinstance(exc, FileNotFoundError) else remote.cause(exc)
 
 
 class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
@@ -288,18 +376,42 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
                 errors.append(exc)
                 return False  # stop this shard; it is reported below
 
-            stream = wds.tariterators.url_opener([{"url": url}], handler=handler)
-            files = wds.tariterators.tar_file_expander(stream, handler=handler)
-            for pos, sample in enumerate(wds.tariterators.group_by_keys(files, handler=handler), first):
-                if pos >= min(hi, start):
-                    break
-                if pos >= lo:
-                    yield pos - lo, url, sample
-            if errors:
-                if self._skip(url):
+            stream = _open_shard(url, errors)
+            try:
+                files = wds.tariterators.tar_file_expander(stream, handler=handler)
+                samples = self._checked(url, wds.tariterators.group_by_keys(files, handler=handler))
+                for pos, sample in enumerate(samples, first):
+                    if pos >= min(hi, start):
+                        break
+                    if pos >= lo:
+                        yield pos - lo, url, sample
+            finally:
+                for opened in stream:
+                    opened["stream"].close()
+            if errors and self._skip(url):
+                if not stream:
+                    self._warn(f"{url}: cannot open the shard ({_cause(errors[0])}); its samples are skipped")
+                else:
                     self._warn(f"{url}: shard is truncated or corrupt ({str(errors[0]).split(' @ ')[0]}); the "
                                "samples before the damage were used, the rest of the shard is skipped; rewrite it "
                                "with `pixelseg shards`")
+
+    def _checked(self, url: str, samples):
+        """The shard's samples without its __info__ record, refusing a shard of other classes."""
+        for sample in samples:
+            if sample.get("__key__") != INFO_KEY:
+                yield sample
+                continue
+            try:
+                head = json.loads(sample["info.json"])
+                theirs = head["info"]["class_names"]
+            except (KeyError, TypeError, ValueError):
+                raise PixelsegError(f"{url}: unreadable {INFO_KEY} record; rewrite it with `pixelseg shards`") from None
+            if list(theirs) != list(self.info.class_names):
+                raise PixelsegError(f"{url}: a shard of {head.get('dataset', '?')} with other classes "
+                                    f"({_classes(theirs)}) mixed into shards of {self.info.name} "
+                                    f"({_classes(self.info.class_names)}); refused: keep one dataset per directory "
+                                    "or prefix")
 
     def _warn(self, msg: str) -> None:
         log.warning(msg)

@@ -1,0 +1,187 @@
+"""Two nodes for real: two torchrun agents on this machine (c10d rendezvous on 127.0.0.1, gloo, CPU), one
+process each, against one node with two processes; a node's agent killed mid-epoch, then --resume; a node
+started with other flags refused. With moto installed the data are shards in a local S3 server, split
+across the nodes. Every subprocess has a timeout and runs in its own session, so a hang fails the test
+and the whole node (agent and its worker) can be killed at once."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pixelseg.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "16", "--batch-size", "4", "--weights", "none", "--precision", "fp32", "--seed", "0",
+        "--deterministic", "--figure-samples", "1", "--device", "cpu", "--workers", "0", "--freeze-bn",
+        "--optimizer", "sgd", "--lr", "0.05"]
+TIMEOUT = 420
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra or {}))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _agent(node: int, port: int, args, env, log: Path):
+    """One node: a torchrun agent with one worker process, in a session of its own."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+           "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--rdzv-id", f"test-{port}", "--local-addr", "127.0.0.1", "--max-restarts", "0",
+           "-m", "pixelseg", "train", *args]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(p):
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+
+
+def _two_nodes(args, env, logs: Path, wait=True):
+    port = _port()
+    procs = [_agent(n, port, args, env, logs / f"node{n}.log") for n in range(2)]
+    if not wait:
+        return procs
+    try:
+        codes = [p.wait(TIMEOUT) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("two-node run hung: " + (logs / "node0.log").read_text()[-3000:])
+    finally:
+        for p in procs:
+            _kill(p)
+    return codes
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(dataset flags, extra environment): shards in a local S3 server when moto/s3fs are installed,
+    else the synthetic dataset."""
+    try:
+        import s3fs
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield ["--dataset", "synthetic", "--limit", "20"], {}  # 16 train, 4 val
+        return
+    from pixelseg.data.shards import write_shards
+    from pixelseg.data.synthetic import write_folder
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"]).mkdir("pixelseg-nodes")
+    root = tmp_path_factory.mktemp("folder")
+    write_folder(root, 22, (24, 24), seed=4)
+    for split in ("train", "val"):
+        write_shards("folder", root, split, "s3://pixelseg-nodes/ds/", maxcount=3, progress=False)
+    yield ["--dataset", "shards", "--data-root", "s3://pixelseg-nodes/ds/"], env
+    server.stop()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    flags, extra = data
+    d = tmp_path_factory.mktemp("nodes")
+    env = _env(extra)
+    codes = _two_nodes([*flags, *TINY, "--epochs", "1", "--run-dir", str(d / "nodes")], env, d)
+    if codes != [0, 0] and "rendezvous" in (d / "node0.log").read_text().lower() and not (d / "nodes").exists():
+        pytest.skip("torchrun's c10d rendezvous did not start on 127.0.0.1: " + (d / "node0.log").read_text()[-500:])
+    assert codes == [0, 0], (d / "node0.log").read_text()[-3000:] + (d / "node1.log").read_text()[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "pixelseg", "train", *flags, *TINY, "--epochs", "1", "--run-dir", str(d / "procs")],
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return {"nodes": d / "nodes", "procs": d / "procs", "logs": d, "flags": flags, "env": env}
+
+
+def test_two_nodes_match_one_node_with_two_processes(runs):
+    a = json.loads((runs["nodes"] / "metrics.json").read_text())
+    b = json.loads((runs["procs"] / "metrics.json").read_text())
+    for key in ("train_loss", "val_loss", "val_miou", "val_pixel_acc"):
+        assert [h[key] for h in a] == pytest.approx([h[key] for h in b], rel=1e-5), key
+    ca, cb = load_checkpoint(runs["nodes"] / "last.pt"), load_checkpoint(runs["procs"] / "last.pt")
+    assert ca["global_step"] == cb["global_step"] > 0
+    assert "global 4 = 2 per rank × 2 ranks" in (runs["nodes"] / "train.log").read_text()
+
+
+def test_only_rank_zero_writes_and_validation_counts_each_image_once(runs):
+    assert sorted(p.name for p in runs["nodes"].iterdir()) == sorted(p.name for p in runs["procs"].iterdir())
+    # a padding sampler would score an image twice; the single-process evaluation of the same weights agrees
+    r = subprocess.run([sys.executable, "-m", "pixelseg", "evaluate", str(runs["nodes"])],
+                       env=runs["env"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((runs["nodes"] / "eval_val.json").read_text())
+    hist = json.loads((runs["nodes"] / "metrics.json").read_text())
+    assert ev["miou"] == pytest.approx(hist[-1]["val_miou"], abs=1e-6)
+
+
+def test_a_node_with_another_config_is_refused_naming_the_keys(runs, tmp_path):
+    port = _port()
+    run = tmp_path / "run"
+    base = [*runs["flags"], *TINY, "--epochs", "1", "--run-dir", str(run)]
+    procs = [_agent(0, port, base, runs["env"], tmp_path / "node0.log"),
+             _agent(1, port, [*base, "--lr", "0.1", "--epochs", "2"], runs["env"], tmp_path / "node1.log")]
+    try:
+        codes = [p.wait(TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            _kill(p)
+    assert codes[0] != 0 and codes[1] != 0
+    logs = (tmp_path / "node0.log").read_text() + (tmp_path / "node1.log").read_text()
+    assert "started with different configs (epochs: rank 0 " in logs and "lr: rank 0 " in logs
+    assert "Traceback" not in logs.split("different configs")[0].rsplit("\n", 3)[-1]
+    assert not (run / "last.pt").exists()
+
+
+def test_resume_after_one_nodes_agent_is_killed_mid_epoch(runs, tmp_path):
+    run = tmp_path / "run"
+    args = [*runs["flags"], *TINY, "--epochs", "2", "--checkpoint-every", "1", "--batch-size", "2",
+            "--run-dir", str(run)]
+    procs = _two_nodes(args, runs["env"], tmp_path, wait=False)
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline:
+            try:
+                c = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
+            except Exception:
+                c = None
+            if c and c["step_in_epoch"] >= 2:
+                break
+            if any(p.poll() is not None for p in procs):
+                pytest.fail("a node ended early: " + (tmp_path / "node0.log").read_text()[-3000:])
+            time.sleep(0.1)
+        else:
+            pytest.fail("no mid-epoch checkpoint appeared")
+        os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 dies: its agent and its worker
+        procs[1].wait(30)
+        assert procs[0].wait(TIMEOUT) != 0  # node 0 notices the lost peer and stops (no hang)
+    finally:
+        for p in procs:
+            _kill(p)
+    killed_at = load_checkpoint(run / "last.pt")
+    assert killed_at["epoch"] < 2
+    codes = _two_nodes(["--resume", str(run)], runs["env"], tmp_path)
+    assert codes == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
+    final = load_checkpoint(run / "last.pt")
+    assert final["epoch"] == 2 and final["step_in_epoch"] == 0
+    assert [h["epoch"] for h in final["history"]] == [1, 2]
+    n_train = 18 if "shards" in runs["flags"] else 16
+    assert final["global_step"] == 2 * n_train // 2  # global batch 2: every step of both epochs once
+    assert "resumed" in (run / "train.log").read_text()

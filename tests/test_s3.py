@@ -1,0 +1,256 @@
+"""Shards in S3-compatible object storage, against a real S3 server (moto's server mode) on 127.0.0.1.
+
+The server runs in a thread of the test process; training reads it over HTTP as it would AWS or MinIO
+(endpoint and keys from the standard AWS_* variables). A small HTTP front in between answers the first
+requests with 503 or 403 to check the retry policy: transient errors retried, auth errors not.
+"""
+import http.client
+import http.server
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+s3fs = pytest.importorskip("s3fs", reason="s3fs not installed (pip install 'pixelseg[s3]')")
+moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed: no S3 server to test against")
+
+from pixelseg.checkpoint import load_checkpoint  # noqa: E402
+from pixelseg.cli import main  # noqa: E402
+from pixelseg.data.shards import write_shards  # noqa: E402
+from pixelseg.data.synthetic import write_folder  # noqa: E402
+from pixelseg.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = {"image_size": 16, "batch_size": 4, "epochs": 1, "weights": "none", "device": "cpu", "figure_samples": 0,
+       "precision": "fp32", "workers": 2, "seed": 0, "deterministic": True}
+TRAIN = ["train", "--dataset", "shards", "--image-size", "16", "--batch-size", "4", "--epochs", "1",
+         "--weights", "none", "--device", "cpu", "--figure-samples", "0", "--workers", "0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server with bucket `pixelseg-test` and the AWS_* environment pointing at it."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    try:
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"moto S3 server did not start on 127.0.0.1: {exc}")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_MAX_ATTEMPTS"]}
+    os.environ.update(env)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_MAX_ATTEMPTS"):
+        os.environ.pop(k, None)
+    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
+    fs.mkdir("pixelseg-test")
+    root = tmp_path_factory.mktemp("folder")
+    write_folder(root, 22, (24, 24), seed=4)
+    local = tmp_path_factory.mktemp("local-shards")
+    for split in ("train", "val"):
+        write_shards("folder", root, split, local, maxcount=4, progress=False)
+    yield {"fs": fs, "root": root, "local": local, "endpoint": env["AWS_ENDPOINT_URL"]}
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _write(s3, prefix: str):
+    for split in ("train", "val"):
+        assert main(["shards", "--dataset", "folder", "--data-root", str(s3["root"]), "--split", split,
+                     "--out", prefix, "--maxcount", "4"]) == 0
+    return prefix
+
+
+def test_train_from_s3_equals_training_from_local_shards(s3, tmp_path, capsys):
+    url = _write(s3, "s3://pixelseg-test/folder/")
+    assert "to s3://pixelseg-test/folder/" in capsys.readouterr().out
+    names = sorted(p.rsplit("/", 1)[1] for p in s3["fs"].ls("pixelseg-test/folder"))
+    assert names == sorted(p.name for p in s3["local"].iterdir())  # the same shards and indexes
+    a = train({**RUN, "dataset": "shards", "data_root": str(s3["local"]), "run_dir": str(tmp_path / "local")})
+    b = train({**RUN, "dataset": "shards", "data_root": url, "run_dir": str(tmp_path / "s3")})
+    ca, cb = load_checkpoint(tmp_path / "local" / "last.pt"), load_checkpoint(tmp_path / "s3" / "last.pt")
+    assert ca["global_step"] == cb["global_step"] == 5  # 18 training samples in batches of 4
+    assert cb["config"]["data_root"] == url  # a URL is recorded as given, not made a local path
+    assert [h["train_loss"] for h in ca["history"]] == [h["train_loss"] for h in cb["history"]]
+    assert [h["val_miou"] for h in ca["history"]] == [h["val_miou"] for h in cb["history"]]
+    assert a["skipped_files"] == b["skipped_files"] == []
+    assert main(["evaluate", str(tmp_path / "s3")]) == 0  # reads the recorded s3:// root back
+
+
+def test_two_ranks_read_every_s3_sample_once(s3, tmp_path):
+    from test_shards import _RANK  # the exactly-once check of local shards, here over S3
+    url = "s3://pixelseg-test/ids/"
+    root = tmp_path / "ids"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    import numpy as np
+    from PIL import Image
+    for i in range(13):
+        img = np.zeros((8, 8, 3), np.uint8)
+        img[..., 0] = i
+        Image.fromarray(img).save(root / "images" / f"s{i:03d}.png")
+        Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "masks" / f"s{i:03d}.png")
+    (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(13)))
+    (root / "val.txt").write_text("")
+    write_shards("folder", root, "train", url, maxcount=3, progress=False)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), url, str(tmp_path / f"r{r}.json")],
+                              env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    res = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+    assert sorted(res[0]["ids"] + res[1]["ids"]) == list(range(13))
+    assert len(res[0]["sizes"]) == len(res[1]["sizes"]) == res[0]["planned"]
+
+
+def test_damaged_and_missing_shards_are_named_and_skipped(s3, tmp_path):
+    url = _write(s3, "s3://pixelseg-test/damaged/")
+    fs = s3["fs"]
+    data = fs.cat_file("pixelseg-test/damaged/train-000001.tar")
+    fs.pipe_file("pixelseg-test/damaged/train-000001.tar", data[: len(data) // 2])
+    fs.rm_file("pixelseg-test/damaged/train-000003.tar")
+    summary = train({**RUN, "dataset": "shards", "data_root": url, "run_dir": str(tmp_path / "run")})
+    skipped = summary["skipped_files"]
+    assert url + "train-000003.tar" in skipped and url + "train-000001.tar" in skipped
+    assert all(s.startswith((url + "train-000001.tar", url + "train-000003.tar")) for s in skipped)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"{url}train-000003.tar: cannot open the shard (not found); its samples are skipped" in log
+    assert f"{url}train-000001.tar: shard is truncated or corrupt" in log
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 5  # the planned steps still run
+
+
+def test_empty_prefix_and_missing_bucket_are_one_line_errors(s3, tmp_path, capsys):
+    s3["fs"].pipe_file("pixelseg-test/stray/readme.txt", b"not shards")
+    for root, expect in [("s3://pixelseg-test/nothing-here/", "s3://pixelseg-test/nothing-here/: no shards; write "
+                                                               "shards there with `pixelseg shards --out"),
+                         ("s3://pixelseg-test/stray/", "s3://pixelseg-test/stray/: no shards"),
+                         ("s3://no-such-bucket-x/ds/", "s3://no-such-bucket-x/ds/train.json: bucket does not exist")]:
+        assert main([*TRAIN, "--data-root", root, "--run-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expect in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_unreachable_endpoint_is_one_line_naming_the_url(s3, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert main([*TRAIN, "--data-root", "s3://pixelseg-test/folder/", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("pixelseg train: error: s3://pixelseg-test/folder/train.json: cannot reach the endpoint "
+                          "http://127.0.0.1:")
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))
+
+
+class _Front(http.server.BaseHTTPRequestHandler):
+    """Answers the first `fail` requests with `status`, then forwards to the real server."""
+    target, fail, status, seen = None, 0, 503, 0
+    bodies = {503: b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+              403: b"<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not "
+                   b"exist in our records.</Message></Error>"}
+
+    def log_message(self, *args):
+        pass
+
+    def _any(self):
+        cls = type(self)
+        cls.seen += 1
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if cls.seen <= cls.fail:
+            out, status, headers = cls.bodies[cls.status], cls.status, {"Content-Type": "application/xml"}
+        else:
+            conn = http.client.HTTPConnection(*cls.target, timeout=30)
+            conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items()})
+            r = conn.getresponse()
+            out, status, headers = r.read(), r.status, dict(r.getheaders())
+            conn.close()
+        self.send_response(status)
+        for k, v in headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(out)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _any
+
+
+@pytest.fixture
+def front(s3, monkeypatch):
+    host, port = s3["endpoint"].rsplit("//", 1)[1].split(":")
+    handler = type("Front", (_Front,), {"target": (host, int(port)), "seen": 0})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
+    yield handler
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_transient_errors_are_retried_with_backoff(s3, front):
+    from pixelseg.data.shards import read_index
+    _write(s3, "s3://pixelseg-test/retry/")
+    front.fail, front.status, front.seen = 2, 503, 0
+    index, urls, counts = read_index("s3://pixelseg-test/retry/", "train")
+    assert front.seen >= 3 and sum(counts) == index["count"] == 18  # two 503 SlowDown, then the answer
+
+
+def test_wrong_credentials_fail_at_once_without_a_retry_storm(s3, front, tmp_path, capsys):
+    _write(s3, "s3://pixelseg-test/auth/")
+    front.fail, front.status, front.seen = 10**6, 403, 0
+    assert main([*TRAIN, "--data-root", "s3://pixelseg-test/auth/", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "s3://pixelseg-test/auth/train.json: access denied (" in err and "InvalidAccessKeyId" in err
+    assert "testing" not in err  # the key itself is never printed
+    assert front.seen <= 2  # one request (s3fs may ask twice: HEAD then GET), never the retry budget
+
+
+def test_another_datasets_shards_are_refused_naming_the_shard(s3, tmp_path, capsys):
+    url = _write(s3, "s3://pixelseg-test/mixed/")
+    # writing another dataset's classes into the prefix is refused up front
+    assert main(["shards", "--dataset", "synthetic", "--limit", "4", "--out", url]) == 2
+    err = capsys.readouterr().err
+    assert "--out s3://pixelseg-test/mixed/" in err and "holds shards of folder with other classes" in err
+    # a shard copied in by hand under a listed name is refused when read, naming it
+    other = tmp_path / "other"
+    write_shards("synthetic", None, "train", other, limit=4, progress=False)
+    s3["fs"].put_file(str(other / "train-000000.tar"), "pixelseg-test/mixed/train-000002.tar")
+    assert main([*TRAIN, "--data-root", url, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{url}train-000002.tar: a shard of synthetic with other classes (background, object, edge)" in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_s3fs_is_imported_only_for_s3_urls(s3):
+    code = ("import sys; from pixelseg.data import load_split; "
+            f"ds = load_split('shards', {str(s3['local'])!r}, 'train', 8); next(iter(ds.iter_samples())); "
+            "assert 's3fs' not in sys.modules and 'botocore' not in sys.modules, 'imported eagerly'")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_missing_s3fs_says_how_to_install(monkeypatch):
+    from pixelseg.data import remote
+    from pixelseg.errors import PixelsegError
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
+    with pytest.raises(PixelsegError, match=r"s3:// URLs need s3fs: pip install 'pixelseg\[s3\]'"):
+        remote.read_bytes("s3://pixelseg-test/folder/train.json")
