@@ -102,12 +102,12 @@ def test_two_ranks_read_every_s3_sample_once(s3, tmp_path):
     (root / "masks").mkdir()
     import numpy as np
     from PIL import Image
-    for i in range(13):
+    for i in range(14):
         img = np.zeros((8, 8, 3), np.uint8)
         img[..., 0] = i
         Image.fromarray(img).save(root / "images" / f"s{i:03d}.png")
         Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "masks" / f"s{i:03d}.png")
-    (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(13)))
+    (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(14)))
     (root / "val.txt").write_text("")
     write_shards("folder", root, "train", url, maxcount=3, progress=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -116,7 +116,7 @@ def test_two_ranks_read_every_s3_sample_once(s3, tmp_path):
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     res = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
-    assert sorted(res[0]["ids"] + res[1]["ids"]) == list(range(13))
+    assert sorted(res[0]["ids"] + res[1]["ids"]) == list(range(14))
     assert len(res[0]["sizes"]) == len(res[1]["sizes"]) == res[0]["planned"]
 
 
