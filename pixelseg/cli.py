@@ -188,7 +188,7 @@ def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_args(sub) -> None:
-    from .config import Limits
+    from .sizes import Limits
     d = Limits()
     p = sub.add_parser("serve", help="HTTP API and web page for a model (needs pip install pixelseg[serve])",
                        description="Serve a model over HTTP: a web page at /, POST /v1/predict, /v1/model, /healthz, "
@@ -308,7 +308,7 @@ def _run(args) -> int:
         return 0
     if args.command == "serve":
         from .server import serve
-        from .serving import Limits
+        from .sizes import Limits
         limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                         max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
                         upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,

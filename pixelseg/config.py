@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import PixelsegError
+from .sizes import OptionError, parse_size, show as _show
 
 GROUPS = {
     "data": "data",
@@ -41,37 +42,6 @@ def flag(key: str) -> str:
 
 
 # ---- value parsers: each turns a flag string, YAML value or Python value into the canonical value ----
-class OptionError(ValueError):
-    """A bad option value; the message reads after the flag and value, e.g. "must be >= 1"."""
-
-
-def parse_size(value) -> int | list[int]:
-    """128, "128", "360x480" or [360, 480] -> 128 (square) or [360, 480]; the one size syntax everywhere."""
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, str):
-            parts = [int(v) for v in value.strip().lower().replace("×", "x").split("x")]
-        elif isinstance(value, (list, tuple)):
-            parts = [int(v) for v in value]
-        else:
-            parts = [int(value)]
-    except (TypeError, ValueError):
-        raise OptionError("give N or HxW, e.g. 128 or 360x480") from None
-    if len(parts) not in (1, 2) or min(parts) < 8:
-        raise OptionError("give N or HxW with sides >= 8, e.g. 128 or 360x480")
-    return parts[0] if len(parts) == 1 or parts[0] == parts[1] else parts
-
-
-def size_hw(size, what: str = "--image-size") -> tuple[int, int]:
-    """An image size in any accepted form -> (height, width); ``what`` names it in the error."""
-    try:
-        size = parse_size(size)
-    except OptionError as exc:
-        raise PixelsegError(f"{what} {_show(size)}: {exc}") from None
-    return (size, size) if isinstance(size, int) else (size[0], size[1])
-
-
 def _int(minimum: int | None = None) -> Callable:
     def parse(value) -> int:
         if isinstance(value, bool):
@@ -424,10 +394,6 @@ def parse_value(key: str, value, source: str | None = None):
         raise PixelsegError(f"{where}{flag(key)} {_show(value)}: {exc}") from None
 
 
-def _show(value) -> str:
-    return value if isinstance(value, str) and value and " " not in value else repr(value)
-
-
 def _default_text(key: str) -> str:
     meta, default = OPTIONS[key].metadata, OPTIONS[key].default
     if meta["default_text"]:
@@ -584,36 +550,6 @@ def resolve_config(overrides: dict) -> dict:
     return cfg
 
 
-# ---- `pixelseg serve` limits (here, torch-free, because the serve flags' defaults come from them) ----------
-@dataclass
-class Limits:
-    """Server limits, each a `pixelseg serve` flag; the defaults are listed in docs/serving.md."""
-    max_upload_mb: float = 20.0
-    max_pixels: int = 40_000_000          # 40 MP: a 7300×5500 photo; decoded RGB is 120 MB
-    max_mc_samples: int = 32
-    default_mc_samples: int = 8
-    max_queue: int = 128                  # admitted requests (waiting, decoding, running); more get 503
-    deadline_s: float = 60.0              # a request that cannot be answered within this after admission: 503
-    upload_timeout_s: float = 30.0        # a client that has not sent its whole body by then gets 408
-    max_batch: int = 8                    # concurrent requests share one forward pass (dynamic batching); 1: off
-    batch_wait_ms: float = 5.0
-
-    def check(self) -> "Limits":
-        for flag, value, low in (("--max-upload-mb", self.max_upload_mb, 0), ("--max-pixels", self.max_pixels, 0),
-                                 ("--max-queue", self.max_queue, 0), ("--upload-timeout", self.upload_timeout_s, 0),
-                                 ("--deadline", self.deadline_s, 0),
-                                 ("--max-batch", self.max_batch, 0), ("--batch-wait-ms", self.batch_wait_ms, -1e-9),
-                                 ("--max-mc-samples", self.max_mc_samples, 1)):
-            if not value > low:
-                raise PixelsegError(f"{flag} {value:g}: must be {'at least 2' if low == 1 else 'positive'}"
-                                    if flag != "--batch-wait-ms" else f"{flag} {value:g}: must be 0 or more")
-        return self
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-
-__all__ = ["Limits", "TrainConfig", "OPTIONS", "DEFAULTS", "GROUPS", "RESUMABLE", "flag", "parse_size", "size_hw",
+__all__ = ["TrainConfig", "OPTIONS", "DEFAULTS", "GROUPS", "RESUMABLE", "flag",
            "parse_value", "parse_bool", "parse_tristate", "parse_weights", "add_train_args", "load_yaml",
            "overrides_from_args", "resolve_config"]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import engine, viz
 from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
-from .config import size_hw
+from .sizes import size_hw
 from .progress import progress as progress_bar
 from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
 from .data.io import UnreadableImage, collect_images, read_input

@@ -20,7 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from .serving import FORMATS, Engine, HTTPProblem, Limits, decode_upload, encode
+from .serving import FORMATS, Engine, HTTPProblem, decode_upload, encode
+from .sizes import Limits
 
 SERVE_HINT = "pip install 'pixelseg[serve]'"
 

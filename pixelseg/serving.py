@@ -22,7 +22,6 @@ from PIL import Image, UnidentifiedImageError
 from . import viz
 from .data import DatasetInfo
 from .data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
-from .config import Limits  # noqa: F401  (lives in torch-free config, so `pixelseg --help` stays light)
 from .errors import PixelsegError
 from .labels.rle import coco_rle_encode
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__, config, viz
+from . import __version__, config, sizes, viz
 from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .data import collate_batch, dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
@@ -304,7 +304,7 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"] or getattr(train_ds, "full_res", False):
         from .data.augment import build_train_transform
         train_ds.transform = build_train_transform(
-            config.size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
+            sizes.size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
             hflip=cfg["hflip"], vflip=cfg["vflip"], color_jitter=cfg["color_jitter"],
             ignore_index=train_ds.info.ignore_index)
         flip_in_loop = False
@@ -443,7 +443,7 @@ def _log_header(cfg, model, data: RunData, ctx: RunContext, per_rank_batch: int,
     skipped = len(data.train_ds.skipped) + len(data.val_ds.skipped)
     log.info(f"data: {data.info.name} train={cfg['train_split']} ({len(data.train_ds)} images) "
              f"val={cfg['val_split']} ({len(data.val_ds)} images) at "
-             f"{'×'.join(map(str, config.size_hw(cfg['image_size'])))}"
+             f"{'×'.join(map(str, sizes.size_hw(cfg['image_size'])))}"
              f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg['cache']}; DataLoader "
              f"workers {data.workers}; unreadable files skipped: {skipped}")
     log.info(f"batch: global {cfg['batch_size']} = {per_rank_batch} per rank × {world} ranks × "

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pixelseg import config
+from pixelseg import config, sizes
 from pixelseg.cli import _parsers, build_parser, main
 from pixelseg.errors import PixelsegError
 
@@ -75,14 +75,14 @@ def test_every_flag_named_in_the_package_exists():
     ([360, 480], [360, 480]), ((64, 64), 64), ([32], 32),
 ])
 def test_one_size_syntax(value, expected):
-    assert config.parse_size(value) == expected
-    assert config.size_hw(value) == ((expected, expected) if isinstance(expected, int) else tuple(expected))
+    assert sizes.parse_size(value) == expected
+    assert sizes.size_hw(value) == ((expected, expected) if isinstance(expected, int) else tuple(expected))
 
 
 @pytest.mark.parametrize("value", ["360,480", "big", "4", [1, 2, 3], True, "0x64", None])
 def test_bad_sizes_name_the_flag(value):
     with pytest.raises(PixelsegError, match="--image-size"):
-        config.size_hw(value)
+        sizes.size_hw(value)
 
 
 def test_tristate_and_bools_are_parsed_once():

@@ -25,7 +25,8 @@ from pixelseg.cli import main  # noqa: E402
 from pixelseg.data import synthetic  # noqa: E402
 from pixelseg.server import create_app  # noqa: E402
 from pixelseg.labels.rle import coco_rle_decode, coco_rle_encode as rle_encode  # noqa: E402
-from pixelseg.serving import Engine, Limits  # noqa: E402
+from pixelseg.serving import Engine  # noqa: E402
+from pixelseg.sizes import Limits  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import size_hw
+from ..sizes import size_hw
 from ..errors import PixelsegError
 from ..logs import logger as log
 from . import ade20k, camvid, cityscapes, folder, labelled, pets, shards, synthetic, voc
