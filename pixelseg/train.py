@@ -171,59 +171,89 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             pacer.add("checkpoints", time.time() - t_save)
 
         pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
+        loop = _Loop(cfg, ctx, data, model, model_without_ddp, forward, criterion, optimizer, scheduler, scaler,
+                     run_dir, steps_per_epoch)
         try:
-            epoch = state.epoch
-            while epoch < pacer.planned_epochs:
-                data.train_sampler.set_epoch(epoch)
-                set_train_mode(model, cfg["freeze_bn"])
-
-                def on_step(step_in_epoch: int) -> bool:
-                    state.global_step += 1
-                    if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
-                            and step_in_epoch < steps_per_epoch:
-                        save("last.pt", epoch, step_in_epoch)
-                    stop_now = stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
-                    # --iterations reached, or the time budget spent, inside the epoch
-                    done = pacer.on_step(scheduler, state.global_step, step_in_epoch)
-                    if stop_now and not done and step_in_epoch < steps_per_epoch:  # preempted: save here
-                        _preempted(save, run_dir, ctx, epoch, step_in_epoch, steps_per_epoch)
-                    return done
-
-                t_epoch, steps_before = time.time(), state.global_step
-                stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
-                                        data.info, epoch=epoch, epochs=pacer.planned_epochs,
-                                        accumulate=cfg["accumulate"], steps_done=state.step_in_epoch, forward=forward,
-                                        on_step=on_step, flip_seed=cfg["seed"] if data.flip_in_loop else None)
-                pacer.add("train", stats.train_time)
-                state.step_in_epoch = 0
-                t_val = time.time()
-                if cfg["precise_bn"]:
-                    precise_bn(model_without_ddp, data.train_loader, cfg["precise_bn"], ctx)
-                val_cm, val_loss = evaluate(forward, data.val_loader, ctx, data.info, criterion)
-                pacer.add("validation", time.time() - t_val)
-                row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
-                state.history.append(row)
-                if ctx.is_main:
-                    t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
-                    _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
-                                  pacer.planned_epochs)
-                    pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
-                barrier(dist_info)
-                epoch += 1
-                pacer.end_of_epoch(scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
-                                   time.time() - t_epoch)
-                warning = pacer.cannot_hold_epoch() if epoch == 1 else None
-                if warning:
-                    log.warning(warning)
-                if pacer.should_stop(state.global_step, state.history, cfg["early_stop"], cfg["early_stop_delta"]):
-                    break
-                if epoch < pacer.planned_epochs and stop.agreed(dist_info):  # SIGTERM during validation
-                    _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
+            epoch = _run_epochs(loop, state, pacer, stop, save, tracker)
         finally:
             tracker.close()
         if ctx.is_main:  # last.pt records the time of the whole run, validation and figures included
             save("last.pt", epoch, 0)
         return _finish(run_dir, cfg, state, data, dist_info, t_start, pacer)
+
+
+@dataclass
+class _Loop:
+    """What the epoch loop runs: the config, the data, the model and what trains it."""
+    cfg: dict
+    ctx: RunContext
+    data: object
+    model: object
+    model_without_ddp: object
+    forward: object
+    criterion: object
+    optimizer: object
+    scheduler: object
+    scaler: object
+    run_dir: Path
+    steps_per_epoch: int
+
+
+def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, save, tracker) -> int:
+    """Train and validate epoch by epoch until the plan, the budget, early stopping or a SIGTERM ends the run;
+    the epoch it ended at."""
+    cfg, ctx, data, model, model_without_ddp, forward = (loop.cfg, loop.ctx, loop.data, loop.model,
+                                                          loop.model_without_ddp, loop.forward)
+    criterion, optimizer, scheduler, scaler = loop.criterion, loop.optimizer, loop.scheduler, loop.scaler
+    run_dir, steps_per_epoch = loop.run_dir, loop.steps_per_epoch
+    epoch = state.epoch
+    while epoch < pacer.planned_epochs:
+        data.train_sampler.set_epoch(epoch)
+        set_train_mode(model, cfg["freeze_bn"])
+
+        def on_step(step_in_epoch: int) -> bool:
+            state.global_step += 1
+            if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
+                    and step_in_epoch < steps_per_epoch:
+                save("last.pt", epoch, step_in_epoch)
+            stop_now = stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
+            # --iterations reached, or the time budget spent, inside the epoch
+            done = pacer.on_step(scheduler, state.global_step, step_in_epoch)
+            if stop_now and not done and step_in_epoch < steps_per_epoch:  # preempted: save here
+                _preempted(save, run_dir, ctx, epoch, step_in_epoch, steps_per_epoch)
+            return done
+
+        t_epoch, steps_before = time.time(), state.global_step
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
+                                data.info, epoch=epoch, epochs=pacer.planned_epochs,
+                                accumulate=cfg["accumulate"], steps_done=state.step_in_epoch, forward=forward,
+                                on_step=on_step, flip_seed=cfg["seed"] if data.flip_in_loop else None)
+        pacer.add("train", stats.train_time)
+        state.step_in_epoch = 0
+        t_val = time.time()
+        if cfg["precise_bn"]:
+            precise_bn(model_without_ddp, data.train_loader, cfg["precise_bn"], ctx)
+        val_cm, val_loss = evaluate(forward, data.val_loader, ctx, data.info, criterion)
+        pacer.add("validation", time.time() - t_val)
+        row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
+        state.history.append(row)
+        if ctx.is_main:
+            t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
+            _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
+                          pacer.planned_epochs)
+            pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
+        barrier(ctx.dist)
+        epoch += 1
+        pacer.end_of_epoch(scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
+                           time.time() - t_epoch)
+        warning = pacer.cannot_hold_epoch() if epoch == 1 else None
+        if warning:
+            log.warning(warning)
+        if pacer.should_stop(state.global_step, state.history, cfg["early_stop"], cfg["early_stop_delta"]):
+            break
+        if epoch < pacer.planned_epochs and stop.agreed(ctx.dist):  # SIGTERM during validation
+            _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
+    return epoch
 
 
 def _preempted(save, run_dir: Path, ctx: RunContext, epoch: int, step_in_epoch: int, steps_per_epoch: int):
