@@ -85,9 +85,9 @@ class _Fp32BackwardDepthwiseConv2d(torch.nn.Conv2d):
     """A strided depthwise conv that leaves CPU bf16 autocast when it will be differentiated.
 
     Written by hand because oneDNN's bf16 backward for strided depthwise convolutions is
-    pathologically slow on CPU (torch 2.14, AVX-512-BF16): for MobileNetV2's 96-channel
-    64x64 -> 32x32 layer at batch 64, fwd+bwd takes 137 ms in bf16 vs 62 ms in fp32, and the
-    576-channel 8x8 one 60 ms vs 1.4 ms (benchmarks/bench_dwconv.py). Stride-1 depthwise and every
+    pathologically slow on CPU (torch 2.14, AVX-512-BF16): several times the fp32 time for
+    MobileNetV2's stride-2 layers (benchmarks/bench_dwconv.py; the measurements are in
+    docs/benchmarks.md, "Numbers behind choices in the code"). Stride-1 depthwise and every
     dense conv are faster in bf16, so only these layers run in fp32; the result is cast back to
     bf16 and the rest of the network is unchanged. State-dict keys are those of nn.Conv2d.
     """
@@ -123,8 +123,8 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
                 n += 1
         if n:
             notes.append(f"{n} strided depthwise convs run in fp32 (slow bf16 backward on CPU)")
-    # Not on CUDA: there the model is launch-bound and the extra kernels did not pay (H200, bf16:
-    # frozen step 6533 vs 8614 img/s plain).
+    # Not on CUDA: there the model is launch-bound and the extra kernels did not pay (H200, bf16; the
+    # numbers: docs/benchmarks.md, "Numbers behind choices in the code").
     if device.type == "cpu" and isinstance(model, UNet) and not isinstance(model, _SplitSkipConvs):
         _swap_class(model, _SplitSkipConvs)
         notes.append("U-Net skip convolutions split (no concatenation)")
