@@ -13,11 +13,6 @@ from pathlib import Path
 from . import config
 from .errors import PixelsegError
 
-def _load_yaml_config(path: Path) -> dict:
-    """The options in a YAML file, type-checked but not yet parsed (see config.read_yaml)."""
-    return config.read_yaml(path)
-
-
 def _add_resolution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", nargs="?", const=True, default=None, metavar="SIZE",
                    help="sliding-window inference at the image's native scale: windows of the training size, or "

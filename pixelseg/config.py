@@ -170,9 +170,7 @@ def _lower(value) -> str:
 
 
 def parse_cache(value) -> str:
-    """mmap | memory | none; True/False are the old --cache/--no-cache (mmap / memory)."""
-    if isinstance(value, bool):
-        return "mmap" if value else "memory"
+    """mmap | memory | none."""
     return _lower(value)
 
 
@@ -187,15 +185,13 @@ def parse_workers(value) -> int | str:
 
 # ---- the options ------------------------------------------------------------------------------------
 def option(default, help: str, group: str, *, parse: Callable | None = None, choices: tuple | None = None,
-           nullable: bool = False, default_text: str | None = None, metavar: str | None = None,
-           aliases: tuple = ()):
+           nullable: bool = False, default_text: str | None = None, metavar: str | None = None):
     """One training option. ``parse`` (default: str) canonicalises any value; ``nullable`` allows None
     (YAML null) as a real value; ``default_text`` is how --help shows the default when it is not a literal."""
     assert group in GROUPS, group
     return field(default=default, metadata=dict(help=help, group=group, parse=parse, choices=choices,
                                                 nullable=nullable or default is None,
-                                                default_text=default_text, metavar=metavar,
-                                                aliases=aliases))
+                                                default_text=default_text, metavar=metavar))
 
 
 @dataclass
@@ -249,10 +245,9 @@ class TrainConfig:
                                parse=_int(1), default_text="all")
     cache: str = option("mmap", "how decoded samples are held: mmap (decode once per machine into a disk store in "
                         "$PIXELSEG_CACHE or ~/.cache/pixelseg/cache, read through the shared page cache; memory does "
-                        "not grow with the dataset), memory (private arrays in RAM, no disk writes; --no-cache), none "
+                        "not grow with the dataset), memory (private arrays in RAM, no disk writes), none "
                         "(DataLoader workers decode each sample when needed); see docs/datasets.md", "data",
-                        parse=parse_cache, choices=("mmap", "memory", "none"),
-                        aliases=(("--no-cache", "memory", "same as --cache memory"),))
+                        parse=parse_cache, choices=("mmap", "memory", "none"))
     cache_max_side: int | None = option(None, "cache the source resolution with its longer side capped to this many "
                                         "pixels, e.g. 2048 (implied, uncapped, by --crop: random scale + crop then "
                                         "run per sample in the workers)", "data", parse=_int(8), default_text="off")
@@ -432,9 +427,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(flag(key), dest=key, type=_argparse_type(key), default=argparse.SUPPRESS,
                                metavar=_metavar(meta), help=help_)
-        for alias, const, alias_help in meta["aliases"]:
-            group.add_argument(alias, dest=key, action="store_const", const=const, default=argparse.SUPPRESS,
-                               help=alias_help)
 
 
 def _metavar(meta) -> str:
@@ -450,7 +442,7 @@ def _yaml_types(key: str) -> tuple:
     parse = OPTIONS[key].metadata["parse"]
     name = getattr(parse, "__name__", "")
     return {"parse_bool": (bool,), "int": (int,), "float": (float,), "parse_size": (int, str, list),
-            "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str, bool),
+            "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str,),
             "parse_workers": (int, str),
             "parse_duration": (str, int, float)}.get(name, (str,))
 

@@ -20,8 +20,7 @@ from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, ite
 from .data.io import UnreadableImage, collect_images, read_input
 from .engine import RunContext
 from .errors import PixelsegError
-from .loading import (input_size, load_model, load_onnx_predictor_parts, model_channels,  # noqa: F401
-                      recorded_data_root)
+from .loading import input_size, load_model, load_onnx_predictor_parts, model_channels, recorded_data_root
 from .metrics import ConfusionMatrix
 from .runtime import autocast, resolve_precision, select_device, to_model_input
 from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
@@ -161,7 +160,7 @@ def _score_at_training_size(ckpt, runner, data: _EvalData, ctx: RunContext, size
                             uncertainty: bool, mc_samples: int):
     """The split at the training resolution, as training scores it: (cm, uncertainty report, info, images, skipped)."""
     cfg = ckpt["config"]
-    ds = load_split(data.dataset, data.root, data.split, size, data.limit, use_cache=cfg.get("cache", True),
+    ds = load_split(data.dataset, data.root, data.split, size, data.limit, use_cache=cfg.get("cache", "mmap"),
                     channels=model_channels(ckpt), **data.options)
     info, n_images, skipped = ds.info, len(ds), ds.skipped
     _check_classes(ckpt, info, data.dataset, ckpt["model_config"]["num_classes"])

@@ -126,7 +126,7 @@ def split_arrays(ckpt: dict, split: str, limit: int | None, what: str):
     cfg = ckpt["config"]
     root = recorded_data_root(ckpt, f"the {what} needs the run's dataset")
     try:
-        ds = load_split(cfg["dataset"], root, split, input_size(ckpt), limit, use_cache=cfg.get("cache", True),
+        ds = load_split(cfg["dataset"], root, split, input_size(ckpt), limit, use_cache=cfg.get("cache", "mmap"),
                         channels=model_channels(ckpt), **dataset_options(cfg))
     except PixelsegError as exc:
         raise PixelsegError(f"cannot read {cfg['dataset']}/{split} for the {what} ({exc})") from None

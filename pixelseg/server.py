@@ -450,8 +450,7 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
           keep_exif_grid: bool = False, backend: str = "auto"):
     """Load the model (errors are one line before anything listens), then serve until interrupted."""
     try:
-        import fastapi  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
-        import prometheus_client  # noqa: F401
+        import prometheus_client  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
         import uvicorn
     except ImportError as exc:
         raise PixelsegError(f"`pixelseg serve` needs the serve extra ({exc.name} is missing): {SERVE_HINT}") from None

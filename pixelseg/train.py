@@ -39,19 +39,6 @@ from .plan import warn_recipe
 from .runtime import optimize_for_training, resolve_precision, seed_everything, select_device
 from .tracking import open_tracker
 
-# Kept for code that imported them from here; the options live in config.py.
-DEFAULTS, resolve_config, parse_size = config.DEFAULTS, config.resolve_config, config.parse_size
-
-
-def evaluate_model(model, loader, device, amp_dtype, num_classes, ignore_index, channels_last=True, loss_fn=None,
-                   dist_info: DistInfo | None = None, progress: bool = True, desc: str = "val"):
-    """The former loose-argument form of ``engine.evaluate``, kept for scripts written against it."""
-    from types import SimpleNamespace
-    info = SimpleNamespace(num_classes=num_classes, ignore_index=ignore_index)  # all evaluate reads of it
-    ctx = RunContext(device, amp_dtype, channels_last, dist_info or DistInfo())
-    return evaluate(model, loader, ctx, info, loss_fn, progress, desc)
-
-
 def channel_stats(images) -> dict:
     """Per-channel mean and std of float [0, 1] N x H x W x C images (float64 sums: no drift)."""
     c = images[0].shape[-1]

@@ -31,9 +31,6 @@ def test_every_option_is_one_complete_entry():
         assert config.flag(key) in flags, key
         if f.default is not None:  # every default is already canonical: parsing it changes nothing
             assert config.parse_value(key, f.default) == f.default, key
-    # the old names stay importable for code written against them
-    from pixelseg import train
-    assert train.DEFAULTS is config.DEFAULTS and train.resolve_config is config.resolve_config
 
 
 def test_help_is_grouped_prints_each_default_once_and_imports_no_torch():

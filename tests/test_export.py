@@ -13,7 +13,7 @@ from pixelseg.checkpoint import atomic_save, load_checkpoint
 from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 from pixelseg.export import check_parity, export, load_torchscript
-from pixelseg.inference import load_model
+from pixelseg.loading import load_model
 from pixelseg.models import create_model
 
 onnx = pytest.importorskip("onnx", reason="onnx (a pixelseg dependency) not installed")

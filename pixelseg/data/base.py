@@ -83,7 +83,7 @@ class CacheSpec:
 
 
 def cache_spec(use_cache) -> CacheSpec:
-    """True/False (the old --cache/--no-cache), a mode name, or a CacheSpec."""
+    """True/False (mmap / memory: what the loaders' use_cache means), a mode name, or a CacheSpec."""
     if isinstance(use_cache, CacheSpec):
         return use_cache
     if use_cache is None or use_cache is True:
