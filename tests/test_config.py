@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_run
 from pixelseg import config, sizes
 from pixelseg.cli import _parsers, build_parser, main
 from pixelseg.errors import PixelsegError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelseg"
-TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8",
-        "--weights", "none", "--figure-samples", "1", "--epochs", "1", "--precise-bn", "1"]
+TINY = tiny_run(epochs=1, precise_bn=1)
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> set[str]:

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_run
 from pixelseg.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
 from pixelseg.engine import RunContext, evaluate
 from pixelseg.loading import load_model
 
-TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8", "--weights", "none",
-        "--precision", "fp32", "--seed", "0", "--deterministic", "--figure-samples", "1", "--device", "cpu"]
+TINY = tiny_run(precision="fp32", seed=0, deterministic=True, device="cpu")
 
 
 def _env():

@@ -19,7 +19,7 @@ from pixelseg.models import create_model
 onnx = pytest.importorskip("onnx", reason="onnx (a pixelseg dependency) not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (a pixelseg dependency) not installed")
 
-from _fakes import fake_checkpoint  # noqa: E402
+from _fakes import NEW_ARCHS, ONE_PER_ARCH, fake_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +248,49 @@ def test_pooling_decisions_that_are_not_ties_fail_the_check(tmp_path, images, mo
     with pytest.raises(PixelsegError, match="NOT tied"):
         export(ckpt, "onnx", tmp_path / "s.onnx", check_images=[images])
     assert not (tmp_path / "s.onnx").exists()
+
+
+# ---- ONNX parity of the models themselves (this file is the one place for ONNX parity) -----------------
+@pytest.mark.parametrize(
+    "arch", ["segnet", pytest.param("unet", marks=pytest.mark.slow),
+             pytest.param("fcn8s", marks=pytest.mark.slow),
+             pytest.param("deeplabv3", marks=pytest.mark.slow)]
+)
+def test_onnx_export_with_dynamic_size(arch, tmp_path):
+    torch.manual_seed(0)
+    backbone, opts = ONE_PER_ARCH[arch]
+    model = create_model(arch, backbone, num_classes=5, **opts).eval()
+    if arch == "fcn8s":  # zero-initialised score layers would make the comparison vacuous
+        model = create_model("fcn8s", "vgg16", num_classes=5, head_channels=64).eval()
+        with torch.no_grad():
+            for conv in [model.head[-1], *model.score_skip]:
+                conv.weight.normal_(0, 0.01)
+    path = tmp_path / f"{arch}.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 64, 96),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    session = ort.InferenceSession(str(path))
+    x = torch.rand(2, 3, 50, 75)  # another batch and a size that needs padding
+    (y,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert y.shape == ref.shape == (2, 5, 50, 75)
+    assert np.abs(y - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# ONNX parity for every new architecture; the two with export-specific code paths (PSPNet's
+# adaptive pooling, SegFormer's transformers encoder) run by default, the rest with --runslow.
+@pytest.mark.parametrize("arch", [a if a in ("pspnet", "segformer") else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in NEW_ARCHS])
+def test_new_arch_exports_to_onnx_with_parity(arch, tmp_path):
+    if arch == "segformer":
+        pytest.importorskip("transformers", reason="pixelseg[segformer] extra not installed")
+    backbone, opts = NEW_ARCHS[arch]
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(37, 53), (90, 71)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"p{i}.png")
+    ckpt = fake_checkpoint(tmp_path / "m.pt", arch, backbone, size=64, **opts)
+    r = export(ckpt, "onnx", tmp_path / "m.onnx", check_images=[images])
+    assert r["ok"] and r["argmax_agreement"] >= 0.999 and (tmp_path / "m.onnx").is_file()
+    assert [s[2:] for s in r["inputs"][:2]] == [[37, 53], [90, 71]]
