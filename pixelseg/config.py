@@ -525,6 +525,8 @@ def resolve_config(overrides: dict) -> dict:
         raise PixelsegError("--epochs: null (no epoch limit) needs --time-budget to end the run")
     if cfg["scale_range"] is not None and not cfg["crop"]:
         raise PixelsegError("--scale-range needs --crop (the random rescale is cropped back to --image-size)")
+    if cfg["in_channels"] != 3 and cfg["color_jitter"]:  # before any data is decoded
+        raise PixelsegError(f"--color-jitter works on RGB images, not on {cfg['in_channels']}-channel inputs; drop it")
     # Cross-option and registry checks (these import the registries, and with them torch).
     from .data import default_split, get_dataset_module
     from .losses import parse_loss_spec

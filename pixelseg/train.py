@@ -313,8 +313,6 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
                           **dataset_options(cfg))
     val_ds = load_split(cfg["dataset"], cfg["data_root"], cfg["val_split"], size, cfg["limit"], CacheSpec(mode),
                         channels=channels, **dataset_options(cfg))
-    if channels != 3 and cfg["color_jitter"]:
-        raise PixelsegError(f"--color-jitter works on RGB images, not on {channels}-channel inputs; drop it")
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
     flip_in_loop = cfg["hflip"]

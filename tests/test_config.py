@@ -173,3 +173,9 @@ def test_recorded_config_reproduces_a_weights_none_run(tmp_path):
     a = torch.load(first / "last.pt", weights_only=True)["model"]
     b = torch.load(second / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_color_jitter_on_non_rgb_input_is_refused_by_the_config():
+    with pytest.raises(PixelsegError, match="--color-jitter works on RGB images, not on 4-channel inputs"):
+        config.resolve_config({"in_channels": 4, "color_jitter": 0.2, "dataset": "folder"})
+    assert config.resolve_config({"in_channels": 4, "dataset": "synthetic", "run_dir": "r"})["color_jitter"] == 0.0
