@@ -77,6 +77,24 @@ class EpochResult:
     data_time: float
 
 
+def train_step(forward, criterion, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, ctx: RunContext, *,
+               accumulate: int = 1, optimizer_step: bool = True, sync=None):
+    """One training step on a batch already on the device: autocast forward -> fp32 loss -> (GradScaler-)
+    scaled backward of loss / ``accumulate``, then, with ``optimizer_step``, the optimiser step and
+    zeroed gradients. ``sync``: a context for the backward (DDP's ``no_sync`` between accumulated
+    micro-batches). Returns (logits, loss). The step ``train_one_epoch`` runs and the benchmarks measure."""
+    with sync or contextlib.nullcontext():
+        with ctx.autocast():
+            logits = forward(x)
+        loss = criterion(logits.float(), y)
+        scaler.scale(loss / accumulate).backward()
+    if optimizer_step:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return logits, loss
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx: RunContext, info: DatasetInfo, *,
                     epoch: int, epochs: int, accumulate: int = 1, steps_done: int = 0, flip_seed: int | None = None,
                     forward=None, on_step=None) -> EpochResult:
@@ -113,15 +131,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
         x, y = ctx.to_input(images), ctx.to_target(masks)
         last_micro = (micro + 1) % accumulate == 0 or micro + 1 == micro_per_epoch
         sync = model.no_sync() if ctx.dist.enabled and not last_micro else contextlib.nullcontext()
-        with sync:
-            with ctx.autocast():
-                logits = forward(x)
-            loss = criterion(logits.float(), y)
-            scaler.scale(loss / accumulate).backward()
+        logits, loss = train_step(forward, criterion, optimizer, scaler, x, y, ctx, accumulate=accumulate,
+                                  optimizer_step=last_micro, sync=sync)
         if last_micro:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step_in_epoch += 1
             bar.update(1)
@@ -207,5 +219,5 @@ def predict_batch(model, images: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         return model(ctx.to_input(images)).float().argmax(1).cpu()
 
 
-__all__ = ["RunContext", "EpochResult", "set_train_mode", "train_one_epoch", "evaluate", "precise_bn",
+__all__ = ["RunContext", "EpochResult", "set_train_mode", "train_step", "train_one_epoch", "evaluate", "precise_bn",
            "predict_batch"]
