@@ -16,8 +16,9 @@ from . import engine, viz
 from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .sizes import size_hw
 from .progress import progress as progress_bar
-from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
+from .data import DatasetInfo, dataset_info, dataset_options, iter_full_res, load_split
 from .data.io import UnreadableImage, collect_images, read_input
+from .data.loader import make_loader
 from .engine import RunContext
 from .errors import PixelsegError
 from .loading import input_size, load_model, load_onnx_predictor_parts, model_channels, recorded_data_root
@@ -165,11 +166,7 @@ def _score_at_training_size(ckpt, runner, data: _EvalData, ctx: RunContext, size
     info, n_images, skipped = ds.info, len(ds), ds.skipped
     _check_classes(ckpt, info, data.dataset, ckpt["model_config"]["num_classes"])
     model = runner or load_model(ckpt, ctx.device, ctx.amp_dtype, ctx.channels_last)
-    if isinstance(ds, torch.utils.data.IterableDataset):  # shards: every sample once, in stream order
-        ds.configure(o.batch_size, 0, 0, 1, shuffle=False, even=False)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=collate_batch)
-    else:
-        loader = torch.utils.data.DataLoader(ds, batch_size=o.batch_size, collate_fn=collate_batch)
+    loader, _ = make_loader(ds, o.batch_size)  # every sample once, in order (shards: in stream order)
     unc = None
     if uncertainty:
         cm, unc = _uncertainty_pass(model, loader, ctx.device, ctx.amp_dtype, info, ctx.channels_last,

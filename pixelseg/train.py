@@ -24,10 +24,11 @@ import yaml
 
 from . import __version__, config, sizes, viz
 from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
-from .data import collate_batch, dataset_options, load_split
+from .data import dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
+from .data.loader import make_loader
 from .budget import Pacer
-from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, ShardSampler, StopSignal, barrier, check_batch, cleanup,
+from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, StopSignal, barrier, check_batch, cleanup,
                           ignore_stop_signal_in_worker, init_distributed)
 from .engine import RunContext, evaluate, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .errors import PixelsegError
@@ -328,31 +329,13 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     workers = resolve_workers(cfg["workers"],
                               train_ds.transform is not None or isinstance(train_ds, FileDataset) or streamed)
     val_workers = resolve_workers(cfg["workers"], isinstance(val_ds, (FileDataset, torch.utils.data.IterableDataset)))
-
-    def loader_kw(n):
-        # Persistent for streamed shards too: they read the epoch (their shuffle seed) from shared memory.
-        return dict(collate_fn=collate_batch, num_workers=n, pin_memory=ctx.device.type == "cuda",
-                    persistent_workers=n > 0, worker_init_fn=ignore_stop_signal_in_worker)
     for ds, n in ((train_ds, workers), (val_ds, val_workers)):
         if n > 0 and hasattr(ds, "open_skip_channel"):  # files are read in the workers: they report skips
             ds.open_skip_channel()
-    if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
-        train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
-                                           shuffle=True, even=True, seed=cfg["seed"])
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers))
-    else:
-        train_sampler = torch.utils.data.DistributedSampler(
-            train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler,
-                                                   **loader_kw(workers))
-    if isinstance(val_ds, torch.utils.data.IterableDataset):  # every sample scored exactly once
-        val_ds.configure(max(per_rank_batch, 16), val_workers, dist_info.rank, dist_info.world_size,
-                         shuffle=False, even=False)
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers))
-    else:
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
-                                                 sampler=ShardSampler(len(val_ds), dist_info),
-                                                 **loader_kw(val_workers))
+    kw = dict(dist=dist_info, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signal_in_worker)
+    train_loader, train_sampler = make_loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg["seed"],
+                                              **kw)
+    val_loader, _ = make_loader(val_ds, max(per_rank_batch, 16), workers=val_workers, **kw)  # each sample once
     # Spread over the split and its classes (the first images are often one breed or consecutive frames);
     # streamed shards have no random access: their first samples.
     if not cfg["figure_samples"]:
