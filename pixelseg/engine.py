@@ -158,9 +158,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
 
 @torch.no_grad()
 def evaluate(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, progress: bool = True,
-             desc: str = "val") -> tuple[ConfusionMatrix, float]:
+             desc: str = "val", on_batch=None) -> tuple[ConfusionMatrix, float]:
     """Confusion matrix (and mean per-pixel loss, NaN without ``criterion``) over the whole loader,
-    summed across ranks before scoring."""
+    summed across ranks before scoring. ``on_batch(x, y, logits)`` sees each batch on the device with its
+    fp32 logits (the uncertainty report of `pixelseg evaluate --uncertainty` is gathered so)."""
     model.eval()
     cm = ConfusionMatrix(info.num_classes, info.ignore_index, device=ctx.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of per-pixel losses, pixels)
@@ -170,6 +171,8 @@ def evaluate(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, 
         with ctx.autocast():
             logits = model(x)
         logits = logits.float()
+        if on_batch is not None:
+            on_batch(x, y, logits)
         if criterion is not None:
             valid = (y != info.ignore_index).sum()
             loss_sum[0] += criterion(logits, y).double() * valid

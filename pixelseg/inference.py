@@ -169,8 +169,7 @@ def _score_at_training_size(ckpt, runner, data: _EvalData, ctx: RunContext, size
     loader, _ = make_loader(ds, o.batch_size)  # every sample once, in order (shards: in stream order)
     unc = None
     if uncertainty:
-        cm, unc = _uncertainty_pass(model, loader, ctx.device, ctx.amp_dtype, info, ctx.channels_last,
-                                    mc_samples, o.progress, ckpt["path"], data.split)
+        cm, unc = _uncertainty_pass(model, loader, ctx, info, mc_samples, o.progress, ckpt["path"], data.split)
     else:
         cm, _ = engine.evaluate(FlipTTA(model) if o.tta else model, loader, ctx,
                                 info, progress=o.progress, desc=f"evaluate {data.split}")
@@ -202,14 +201,15 @@ def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples:
 
 
 @torch.no_grad()
-def _uncertainty_pass(model, loader, dev, amp, info: DatasetInfo, channels_last: bool, mc_samples: int,
-                      progress: bool, ckpt_path, split: str):
-    """One pass over the split: confusion matrix of the deterministic prediction plus the calibration
-    statistics of `pixelseg.calibration` for it (softmax entropy) and, with `mc_samples`, for MC dropout."""
+def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samples: int, progress: bool,
+                      ckpt_path, split: str):
+    """One pass over the split (the engine's evaluation loop): confusion matrix of the deterministic prediction
+    plus the calibration statistics of `pixelseg.calibration` for it (softmax entropy) and, with `mc_samples`,
+    for MC dropout."""
     from .calibration import UncertaintyStats, entropy_range, softmax_entropy
     from .metrics import scores_from_confusion
     from .models.uncertainty import _DROPOUT, mc_predict
-    c = info.num_classes
+    c, dev = info.num_classes, ctx.device
     if mc_samples and not any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules()):
         raise PixelsegError(f"{ckpt_path}: this model has no dropout layers, so --mc-samples has nothing to sample; "
                             "use --uncertainty for the softmax-entropy report of a plain model")
@@ -218,20 +218,18 @@ def _uncertainty_pass(model, loader, dev, amp, info: DatasetInfo, channels_last:
     single = UncertaintyStats({"entropy": entropy_range(c)}, device=dev)
     mc = UncertaintyStats({"entropy": entropy_range(c), "variance": (1 - 1 / c) / c}, device=dev) \
         if mc_samples else None
-    model.eval()
-    for images, masks in progress_bar(loader, desc=f"uncertainty {split}", unit="batch", enabled=progress):
-        x = to_model_input(images, dev, channels_last)
-        y = masks.to(dev)
-        with autocast(dev, amp):
-            probs = model(x).float().softmax(1)
+
+    def on_batch(x, y, logits):
+        probs = logits.softmax(1)
         cm.update(probs.argmax(1), y)
         single.update(probs, y, info.ignore_index, {"entropy": softmax_entropy(probs)})
         if mc is not None:
-            with autocast(dev, amp):
+            with ctx.autocast():
                 r = mc_predict(model, x, mc_samples)
             mean = r["mean"].float()
             cm_mc.update(mean.argmax(1), y)
             mc.update(mean, y, info.ignore_index, {"entropy": r["entropy"].float(), "variance": r["variance"].float()})
+    engine.evaluate(model, loader, ctx, info, progress=progress, desc=f"uncertainty {split}", on_batch=on_batch)
     report = {"mc_samples": mc_samples, "softmax": single.summary(),
               "_stats": {"softmax (1 pass)": single}}
     if mc is not None:
