@@ -7,7 +7,7 @@ memory (``resource.getrusage`` RSS on CPU, ``torch.cuda.max_memory_allocated`` o
 configuration's allocator state never leaks into the next. Achieved GFLOP/s = FLOPs per image
 (``torch.utils.flop_counter.FlopCounterMode``) × images/s, set against a GEMM peak measured here.
 
-The training step is train.py's own (``pixelseg.engine.train_step``): uint8 batch -> to_model_input ->
+The training step is train.py's own (``pixelseg.loop.train_step``): uint8 batch -> to_model_input ->
 autocast forward -> fp32 loss -> backward -> Adam (pixelseg.optim / pixelseg.losses), on in-memory
 random data: this is the model and optimiser cost alone; compare.py measures the whole
 `pixelseg train` loop with its data pipeline.
@@ -76,7 +76,7 @@ def build(config: str, frozen: bool, dev, training: bool = True):
 
 
 def worker(config: str, task: str, args) -> dict:
-    from pixelseg.engine import RunContext, train_step
+    from pixelseg.loop import RunContext, train_step
     from pixelseg.losses import build_loss
     from pixelseg.optim import build_optimizer
     from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input
@@ -100,7 +100,7 @@ def worker(config: str, task: str, args) -> dict:
         ctx = RunContext(dev, amp, channels_last)
         targets = masks.long()
 
-        def step():  # the trainer's own step (engine.train_step; a GradScaler only for fp16, as train.py)
+        def step():  # the trainer's own step (loop.train_step; a GradScaler only for fp16, as train.py)
             return train_step(fwd, loss_fn, opt, scaler, ctx.to_input(images), ctx.to_target(targets), ctx)[1]
     else:
         model.eval()

@@ -58,7 +58,7 @@ def forward_flops(spec: str, h: int, w: int) -> float:
 
 
 def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
-    from pixelseg.engine import RunContext, train_step as engine_train_step
+    from pixelseg.loop import RunContext, train_step as loop_train_step
     from pixelseg.losses import build_loss
     from pixelseg.models import create_model
     from pixelseg.optim import build_optimizer
@@ -87,7 +87,7 @@ def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)  # as train.py: only for fp16
 
     def train_step():  # the trainer's own step
-        engine_train_step(model, loss_fn, opt, scaler, ctx.to_input(images), ctx.to_target(masks), ctx)
+        loop_train_step(model, loss_fn, opt, scaler, ctx.to_input(images), ctx.to_target(masks), ctx)
 
     infer_model = None  # built after training: what evaluate/predict run (folded BatchNorm etc.)
 

@@ -57,7 +57,7 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-class ShardSampler(torch.utils.data.Sampler):
+class RankSampler(torch.utils.data.Sampler):
     """Evaluation sharding without padding: rank r gets indices r, r+W, r+2W, ... so every sample is
     scored exactly once (DistributedSampler pads with duplicates, which would bias the metrics)."""
 

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import engine, viz
+from . import loop, viz
 from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
 from .sizes import size_hw
 from .progress import progress as progress_bar
 from .data import DatasetInfo, dataset_info, dataset_options, iter_full_res, load_split
 from .data.io import UnreadableImage, collect_images, read_input
 from .data.loader import make_loader
-from .engine import RunContext
+from .loop import RunContext
 from .errors import PixelsegError
 from .loading import input_size, load_model, load_onnx_predictor_parts, model_channels, recorded_data_root
 from .metrics import ConfusionMatrix
@@ -171,7 +171,7 @@ def _score_at_training_size(ckpt, runner, data: _EvalData, ctx: RunContext, size
     if uncertainty:
         cm, unc = _uncertainty_pass(model, loader, ctx, info, mc_samples, o.progress, ckpt["path"], data.split)
     else:
-        cm, _ = engine.evaluate(FlipTTA(model) if o.tta else model, loader, ctx,
+        cm, _ = loop.evaluate_loader(FlipTTA(model) if o.tta else model, loader, ctx,
                                 info, progress=o.progress, desc=f"evaluate {data.split}")
     return cm, unc, info, n_images, skipped
 
@@ -229,7 +229,7 @@ def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samp
             mean = r["mean"].float()
             cm_mc.update(mean.argmax(1), y)
             mc.update(mean, y, info.ignore_index, {"entropy": r["entropy"].float(), "variance": r["variance"].float()})
-    engine.evaluate(model, loader, ctx, info, progress=progress, desc=f"uncertainty {split}", on_batch=on_batch)
+    loop.evaluate_loader(model, loader, ctx, info, progress=progress, desc=f"uncertainty {split}", on_batch=on_batch)
     report = {"mc_samples": mc_samples, "softmax": single.summary(),
               "_stats": {"softmax (1 pass)": single}}
     if mc is not None:

@@ -98,7 +98,7 @@ class OpenVinoModel:
         arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
         return torch.from_numpy(np.array(self.compiled(arr)[0])).to(x.device)
 
-    def eval(self):  # used where a torch model would be (engine.evaluate)
+    def eval(self):  # used where a torch model would be (loop.evaluate_loader)
         return self
 
 

@@ -3,7 +3,7 @@
 Defaults are the TensorFlow tutorial's recipe (Adam 1e-3, cross-entropy on logits, batch 64,
 20 epochs, 128×128, random horizontal flip) on the fast path (channels_last, bf16 autocast where
 the hardware has it). Runs under torchrun unchanged; only rank 0 writes. The options live in
-config.py, the epoch loop in engine.py.
+config.py, the epoch loop in loop.py.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .data.loader import make_loader
 from .budget import Pacer
 from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, StopSignal, barrier, check_batch, cleanup,
                           ignore_stop_signal_in_worker, init_distributed)
-from .engine import RunContext, evaluate, precise_bn, predict_batch, set_train_mode, train_one_epoch
+from .loop import RunContext, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .errors import PixelsegError
 from .logs import logger as log, run_log
 from .losses import build_loss, class_weights
@@ -221,7 +221,7 @@ def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, 
         t_val = time.time()
         if cfg["precise_bn"]:
             precise_bn(model_without_ddp, data.train_loader, cfg["precise_bn"], ctx)
-        val_cm, val_loss = evaluate(forward, data.val_loader, ctx, data.info, criterion)
+        val_cm, val_loss = evaluate_loader(forward, data.val_loader, ctx, data.info, criterion)
         pacer.add("validation", time.time() - t_val)
         row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
         state.history.append(row)

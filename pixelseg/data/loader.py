@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import DistInfo, ShardSampler
+from ..distributed import DistInfo, RankSampler
 from .base import collate_batch
 
 
@@ -32,7 +32,7 @@ def make_loader(ds, batch_size: int, *, train: bool = False, workers: int = 0, d
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
                                                       shuffle=True, seed=seed)
     else:
-        sampler = ShardSampler(len(ds), dist)
+        sampler = RankSampler(len(ds), dist)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, **kw), sampler
 
 

@@ -1,9 +1,10 @@
-"""The training engine: one epoch of training, evaluation, PreciseBN (torchvision references style).
+"""The training loop: one training step, one epoch of training, evaluation over a loader, PreciseBN
+(torchvision references' engine.py; named loop here because `serving.Engine` is a loaded model).
 
 The functions take the model and a ``RunContext`` (device, autocast dtype, memory layout,
 distributed info) instead of those four as loose arguments, and the dataset's ``DatasetInfo``
 instead of ``num_classes`` / ``ignore_index`` scalars. ``train.train`` orchestrates them;
-``inference.evaluate`` uses ``evaluate`` too.
+``inference.evaluate`` (the `pixelseg evaluate` command) runs ``evaluate_loader`` too.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, progress: bool = True,
+def evaluate_loader(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, progress: bool = True,
              desc: str = "val", on_batch=None) -> tuple[ConfusionMatrix, float]:
     """Confusion matrix (and mean per-pixel loss, NaN without ``criterion``) over the whole loader,
     summed across ranks before scoring. ``on_batch(x, y, logits)`` sees each batch on the device with its
@@ -222,5 +223,5 @@ def predict_batch(model, images: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         return model(ctx.to_input(images)).float().argmax(1).cpu()
 
 
-__all__ = ["RunContext", "EpochResult", "set_train_mode", "train_step", "train_one_epoch", "evaluate", "precise_bn",
+__all__ = ["RunContext", "EpochResult", "set_train_mode", "train_step", "train_one_epoch", "evaluate_loader", "precise_bn",
            "predict_batch"]
