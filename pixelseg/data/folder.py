@@ -646,10 +646,7 @@ class FolderReader:
 
     def __call__(self, s: Sample, size=None, max_side=None):
         isz = input_size(s.image)
-        msize = _open_mask(s.mask).size
-        if isz != msize:
-            raise PixelsegError(f"{s.mask}: mask is {msize[0]}×{msize[1]} but its image {s.image.name} is "
-                                f"{isz[0]}×{isz[1]}; image and mask must have the same size")
+        _base.check_same_size(s.mask, s.image.name, isz, _open_mask(s.mask).size)
         target = fit_size((isz[1], isz[0]), size, max_side)
         if self.channels == 3 and not is_tiff(s.image):
             img = _base.read_image(s.image, target)
