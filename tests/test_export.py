@@ -20,6 +20,7 @@ onnx = pytest.importorskip("onnx", reason="onnx (a pixelseg dependency) not inst
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (a pixelseg dependency) not installed")
 
 from _fakes import NEW_ARCHS, ONE_PER_ARCH, fake_checkpoint  # noqa: E402
+from conftest import tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     r = tmp_path_factory.mktemp("export") / "run"
-    assert main(["train", "--dataset", "synthetic", "--limit", "8", "--image-size", "32", "--batch-size", "8",
-                 "--epochs", "1", "--weights", "none", "--figure-samples", "1", "--run-dir", str(r)]) == 0
+    assert main(["train", *tiny_run(limit=8, epochs=1), "--run-dir", str(r)]) == 0
     return r
 
 
@@ -210,9 +210,7 @@ def test_trained_segnet_exports_with_pooling_decisions_checked(tmp_path, flat_im
     (0.04 against a 0.003 tolerance) because PyTorch and onnxruntime break rounding-level ties between
     maxima differently. Parity is now checked with PyTorch following the file's pooling decisions."""
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "synthetic", "--model", "segnet", "--limit", "8", "--image-size", "32",
-                 "--batch-size", "8", "--epochs", "1", "--lr", "0.01", "--weights", "none", "--figure-samples", "1",
-                 "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_run(model="segnet", limit=8, epochs=1, lr=0.01), "--run-dir", str(run)]) == 0
     r = export(run, "onnx", tmp_path / "segnet.onnx", check_images=[flat_images])
     assert r["ok"] and r["max_abs_diff"] <= 1e-4 and r["pool_decisions"] > 0 and r["pool_gap"] <= 1e-5
     assert [s[2:] for s in r["inputs"][:3]] == [[37, 53], [64, 48], [90, 121]]   # dynamic H and W
