@@ -292,12 +292,13 @@ def _run_train(args) -> int:
 
 
 def _run_evaluate(args) -> int:
-    from .inference import evaluate, format_scores
-    result = evaluate(args.checkpoint, data_root=args.data_root, split=args.split, dataset=args.dataset,
-                      limit=args.limit, device=args.device, precision=args.precision, out_dir=args.out,
-                      batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
-                      overlap=args.tile_overlap, tta=args.tta, uncertainty=args.uncertainty,
-                      mc_samples=args.mc_samples, backend=args.backend, exported=args.exported)
+    from .inference import EvalOptions, evaluate, format_scores
+    options = EvalOptions(data_root=args.data_root, split=args.split, dataset=args.dataset, limit=args.limit,
+                          device=args.device, precision=args.precision, out_dir=args.out,
+                          batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
+                          overlap=args.tile_overlap, tta=args.tta, uncertainty=args.uncertainty,
+                          mc_samples=args.mc_samples, backend=args.backend, exported=args.exported)
+    result = evaluate(args.checkpoint, options)
     print(format_scores(result))
     print(f"wrote {' and '.join(result['files'])}")
     return 0
