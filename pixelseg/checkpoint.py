@@ -56,6 +56,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# ---- the schema: what a checkpoint holds (train writes it, loading/inference/export/serving read it) ----------
+# Every checkpoint (best.pt, last.pt): MODEL_KEYS. last.pt adds TRAINING_KEYS, what --resume restores.
+MODEL_KEYS = ("pixelseg_version", "model", "model_config", "dataset", "config", "epoch", "global_step", "best_miou",
+              "metrics", "time_used_s", "timing")
+TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "step_in_epoch", "history", "rng")
+
+
+def model_checkpoint(model, info, cfg: dict, **fields) -> dict:
+    """The part every checkpoint holds: weights, the model's config (to rebuild it), the dataset's classes and
+    palette, and the run's config; ``fields``: the rest of MODEL_KEYS / TRAINING_KEYS."""
+    from . import __version__
+    out = {"pixelseg_version": __version__, "model": model.state_dict(), "model_config": model.config,
+           "dataset": info.to_dict(), "config": cfg}
+    out.update(fields)
+    return out
+
+
 def atomic_save(obj, path: Path) -> None:
     with _atomic_file(path) as f:
         torch.save(obj, f)
@@ -76,7 +93,7 @@ def load_checkpoint(path: Path | str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PixelsegError(_unreadable(path, exc)) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:  # MODEL_KEYS' core
         raise PixelsegError(f"{path}: not a pixelseg checkpoint (missing 'model'/'model_config'); "
                             "to start from plain encoder weights use --weights PATH")
     ckpt["path"] = str(path)

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from . import __version__, config, sizes, viz
-from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
+from .checkpoint import (atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir,
+                         model_checkpoint)
 from .data import dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
 from .data.loader import make_loader
@@ -549,19 +550,15 @@ def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, ste
                 full: bool = True):
     """last.pt (``full``) holds everything --resume needs; best.pt only the model and what describes it: the
     optimiser state (Adam's two moments) would triple its size for no use at inference."""
-    out = {
-        "pixelseg_version": __version__,
-        "model": model.state_dict(),
-        "model_config": model.config,
-        "dataset": info.to_dict(),
-        "config": cfg,
-        "epoch": epoch,                  # completed epochs
-        "global_step": state.global_step,
-        "best_miou": state.best_miou,
-        "metrics": state.history[-1] if state.history else None,
-        "time_used_s": state.time_used_s,
-        "timing": dict(state.timing),
-    }
+    out = model_checkpoint(
+        model, info, cfg,
+        epoch=epoch,                     # completed epochs
+        global_step=state.global_step,
+        best_miou=state.best_miou,
+        metrics=state.history[-1] if state.history else None,
+        time_used_s=state.time_used_s,
+        timing=dict(state.timing),
+    )
     if full:
         out.update({
             "optimizer": optimizer.state_dict(),

@@ -1,7 +1,7 @@
 """Shared test helpers (not a test module)."""
 import torch
 
-from pixelseg.checkpoint import atomic_save
+from pixelseg.checkpoint import atomic_save, model_checkpoint
 from pixelseg.data import synthetic
 from pixelseg.models import create_model
 
@@ -34,6 +34,6 @@ def fake_checkpoint(path, arch="unet", backbone=None, size=32, seed=0, **options
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    atomic_save({"model": model.state_dict(), "model_config": model.config, "dataset": synthetic.INFO.to_dict(),
-                 "config": {"image_size": size, "dataset": "synthetic", "val_split": "val", "data_root": None}}, path)
+    atomic_save(model_checkpoint(model, synthetic.INFO, {"image_size": size, "dataset": "synthetic", "val_split": "val",
+                                                         "data_root": None}), path)
     return path
