@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import check_output_dir, load_checkpoint, make_output_dir
+from .checkpoint import load_checkpoint
+from .files import check_output_dir, make_output_dir
 from .data.io import collect_images
 from .errors import PixelsegError
 from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript,

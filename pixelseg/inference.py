@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import loop, viz
-from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
+from .checkpoint import load_checkpoint
+from .files import atomic_write_text, check_output_dir, make_output_dir
 from .sizes import size_hw
 from .progress import progress as progress_bar
 from .data import DatasetInfo, dataset_info, dataset_options, iter_full_res, load_split

@@ -182,7 +182,8 @@ def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str 
                     ignore: list[str] | None = None, thresholds: dict | None = None, progress: bool = True) -> dict:
     """Write OUT.xml/.bin (+ OUT.onnx fallback) only if the gate on the run's `check_split` passes."""
     ov = require_openvino()
-    from .checkpoint import check_output_dir, load_checkpoint, make_output_dir
+    from .checkpoint import load_checkpoint
+    from .files import check_output_dir, make_output_dir
     from .export import _export_onnx, _metadata
     from .loading import input_size, load_model, model_channels
     out = Path(out)

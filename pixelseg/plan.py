@@ -643,7 +643,7 @@ def plan_from_options(options: dict, probe: Machine | None = None, progress: boo
 
 
 def write_plan(plan: Plan, path: Path, header: str = "") -> str:
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
     text = to_yaml(plan, header)
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -712,7 +712,7 @@ __all__ = ["Fingerprint", "Machine", "Plan", "fingerprint", "probe_machine", "fi
 def train_auto(options: dict, probe: Machine | None = None) -> dict:
     """`train --auto`: plan, save the plan as RUN/plan.yaml, train it with the user's options on top."""
     from datetime import datetime
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
     from .train import train
     if options.get("resume"):
         raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "

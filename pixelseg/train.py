@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from . import __version__, config, sizes, viz
-from .checkpoint import (atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir,
-                         model_checkpoint)
+from .checkpoint import atomic_save, load_checkpoint, model_checkpoint
+from .files import atomic_write_text, check_output_dir, make_output_dir
 from .data import dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
 from .data.loader import make_loader

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from pixelseg.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from pixelseg.checkpoint import atomic_save, load_checkpoint
+from pixelseg.files import atomic_write_text
 from pixelseg.errors import PixelsegError
 
 

@@ -102,7 +102,7 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
         raise PixelsegError(f"dataset {dataset} split {split!r}: no readable samples to write")
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dataset": dataset, "split": split,
              "info": ds.info.to_dict(), "count": n, "shards": shards, "skipped": skipped}
-    from ..checkpoint import atomic_write_text
+    from ..files import atomic_write_text
     atomic_write_text(out / f"{split}.json", json.dumps(index, indent=1))
     return index
 
