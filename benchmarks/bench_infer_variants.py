@@ -19,11 +19,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's pixelseg, installed or not
-VARIANTS = ("eager", "jit", "inductor", "subpixel")
+VARIANTS = ("eager", "jit", "inductor")
 
 
 def worker(variant: str, args) -> dict:
-    import pixelseg.runtime as rt
     from pixelseg.models import create_model
     from pixelseg.runtime import autocast, prepare_for_inference, resolve_precision, to_model_input
 
@@ -34,7 +33,6 @@ def worker(variant: str, args) -> dict:
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None)
     model.load_state_dict(reference.state_dict())
     prepare_for_inference(reference, amp, channels_last=True)  # what evaluate/predict run
-    rt.SUBPIXEL_CONV_TRANSPOSE = variant == "subpixel"
     prepare_for_inference(model, amp, channels_last=True)
     xb = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8,
                        generator=torch.Generator().manual_seed(0))

@@ -17,7 +17,7 @@ import torch
 
 from pixelseg.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, dataset_options, load_split
-from pixelseg.inference import load_model
+from pixelseg.loading import load_model
 from pixelseg.metrics import ConfusionMatrix
 from pixelseg.runtime import autocast, to_model_input
 

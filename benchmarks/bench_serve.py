@@ -134,7 +134,7 @@ def reference(run, photos, onnx_path, repeats) -> dict:
     if onnx_path:
         import onnxruntime as ort
 
-        from pixelseg.export import load_onnx_predictor_parts
+        from pixelseg.loading import load_onnx_predictor_parts
         from pixelseg.tiling import Predictor
         fn, info, size = load_onnx_predictor_parts(onnx_path)
         sess = fn.session

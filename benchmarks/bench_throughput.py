@@ -7,9 +7,10 @@ memory (``resource.getrusage`` RSS on CPU, ``torch.cuda.max_memory_allocated`` o
 configuration's allocator state never leaks into the next. Achieved GFLOP/s = FLOPs per image
 (``torch.utils.flop_counter.FlopCounterMode``) × images/s, set against a GEMM peak measured here.
 
-The training step is train.py's: uint8 batch -> to_model_input -> autocast forward -> fp32 loss ->
-backward -> Adam (pixelseg.optim / pixelseg.losses), on in-memory random data: this is the model and
-optimiser cost alone; compare.py measures the whole `pixelseg train` loop with its data pipeline.
+The training step is train.py's own (``pixelseg.loop.train_step``): uint8 batch -> to_model_input ->
+autocast forward -> fp32 loss -> backward -> Adam (pixelseg.optim / pixelseg.losses), on in-memory
+random data: this is the model and optimiser cost alone; compare.py measures the whole
+`pixelseg train` loop with its data pipeline.
 
     python benchmarks/bench_throughput.py                                  # full matrix, 3 repeats
     python benchmarks/bench_throughput.py --configs bf16_cl --tasks train_frozen --steps 3 --repeats 1
@@ -75,6 +76,7 @@ def build(config: str, frozen: bool, dev, training: bool = True):
 
 
 def worker(config: str, task: str, args) -> dict:
+    from pixelseg.loop import RunContext, train_step
     from pixelseg.losses import build_loss
     from pixelseg.optim import build_optimizer
     from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input
@@ -95,17 +97,11 @@ def worker(config: str, task: str, args) -> dict:
         opt = build_optimizer(model, "adam", 1e-3)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
 
-        def step():
-            x = to_model_input(images, dev, channels_last)
-            y = masks.to(dev, non_blocking=True).long()
-            with autocast(dev, amp):
-                logits = fwd(x)
-            loss = loss_fn(logits.float(), y)
-            scaler.scale(loss).backward()  # as train.py: a GradScaler only for fp16
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            return loss
+        ctx = RunContext(dev, amp, channels_last)
+        targets = masks.long()
+
+        def step():  # the trainer's own step (loop.train_step; a GradScaler only for fp16, as train.py)
+            return train_step(fwd, loss_fn, opt, scaler, ctx.to_input(images), ctx.to_target(targets), ctx)[1]
     else:
         model.eval()
 

@@ -58,6 +58,7 @@ def forward_flops(spec: str, h: int, w: int) -> float:
 
 
 def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
+    from pixelseg.loop import RunContext, train_step as loop_train_step
     from pixelseg.losses import build_loss
     from pixelseg.models import create_model
     from pixelseg.optim import build_optimizer
@@ -82,14 +83,11 @@ def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step():
-        x = to_model_input(images, dev, args.channels_last)
-        with autocast(dev, amp):
-            logits = model(x)
-        loss = loss_fn(logits.float(), masks.to(dev))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    ctx = RunContext(dev, amp, args.channels_last)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)  # as train.py: only for fp16
+
+    def train_step():  # the trainer's own step
+        loop_train_step(model, loss_fn, opt, scaler, ctx.to_input(images), ctx.to_target(masks), ctx)
 
     infer_model = None  # built after training: what evaluate/predict run (folded BatchNorm etc.)
 

@@ -13,11 +13,6 @@ from pathlib import Path
 from . import config
 from .errors import PixelsegError
 
-def _load_yaml_config(path: Path) -> dict:
-    """The options in a YAML file, type-checked but not yet parsed (see config.read_yaml)."""
-    return config.read_yaml(path)
-
-
 def _add_resolution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", nargs="?", const=True, default=None, metavar="SIZE",
                    help="sliding-window inference at the image's native scale: windows of the training size, or "
@@ -36,7 +31,21 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="pixelseg", description="Semantic segmentation: train, evaluate, predict.")
     parser.add_argument("--version", action="version", version=f"pixelseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    _add_plan_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
+    _add_export_parser(sub)
+    _add_shards_parser(sub)
+    _add_convert_parser(sub)
+    sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
+                                  "(* marks each architecture's default backbone)")
+    _add_serve_args(sub)
+    parser.subcommands = sub.choices  # main() applies a --config file to train's or plan's parser
+    return parser, sub.choices["train"]
 
+
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model", description="Train a segmentation model. Defaults are the "
                        "TensorFlow tutorial's recipe (U-Net/MobileNetV2, Adam 1e-3, batch 64, 20 epochs, 128×128).")
     config.add_train_args(p)
@@ -44,6 +53,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="plan the recipe from the data and this machine (`pixelseg plan`), save it as RUN/plan.yaml and "
                         "train it; options you give win over the plan, and plan.yaml records which ones did")
 
+
+def _add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="derive a training recipe from a dataset and this machine",
                        description="Read the dataset (sizes, channels, class frequencies, object scales, file-name "
                                    "patterns), measure a few seconds of training steps, and write a recipe YAML that "
@@ -52,6 +63,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     config.add_train_args(p)
     p.add_argument("--out", type=Path, default=Path("plan.yaml"), help="where to write the recipe (default: plan.yaml)")
 
+
+def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint on a split",
                        description="Score a checkpoint over a whole split; prints metrics, writes eval_<split>.json "
                                    "and confusion_<split>.png next to the checkpoint (or in --out).")
@@ -79,6 +92,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--exported", metavar="FILE", help="an .onnx or OpenVINO .xml from `pixelseg export` of this run")
     _add_resolution_args(p)
 
+
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="segment image files",
                        description="Write, for each image, its class mask at the original resolution (palette "
                                    "PNG, values = class ids) and a colour overlay.")
@@ -113,6 +128,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="labelstudio: image URLs are PREFIX + file name (default: /data/local-files/?d=PATH, "
                         "the path relative to the current directory)")
 
+
+def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, checked against PyTorch",
                        description="Export a checkpoint with dynamic batch, height and width. The file is run on real "
                                    "images and compared with PyTorch (max logit difference, argmax agreement); it "
@@ -136,6 +153,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                                    "the whole --check-split)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
 
+
+def _add_shards_parser(sub) -> None:
     p = sub.add_parser("shards", help="write a dataset split as WebDataset shards for streaming",
                        description="Write splits of any dataset pixelseg reads (oxford-pet, camvid, folder, ...) as "
                                    "WebDataset tar shards (source image bytes + class-id PNG masks) and an index "
@@ -151,6 +170,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--limit", type=int, help="only the first N samples of each split")
     _add_dataset_option_args(p)
 
+
+def _add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="an annotation export (COCO, CVAT, Label Studio, LabelMe, YOLO-seg) or any "
                                        "dataset to a folder of class-id PNG masks (or shards)",
                        description="Convert any dataset pixelseg reads to OUT/images/<split>/, OUT/masks/<split>/ "
@@ -168,12 +189,6 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard with --to shards (default: 1000)")
     _add_dataset_option_args(p)
 
-    sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
-                                  "(* marks each architecture's default backbone)")
-    _add_serve_args(sub)
-    parser.subcommands = sub.choices  # main() applies a --config file to train's or plan's parser
-    return parser, sub.choices["train"]
-
 
 def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
     """The dataset options of `train` (folder's --images-dir ..., the annotation readers' --overlap ...)."""
@@ -188,7 +203,7 @@ def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_args(sub) -> None:
-    from .config import Limits
+    from .sizes import Limits
     d = Limits()
     p = sub.add_parser("serve", help="HTTP API and web page for a model (needs pip install pixelseg[serve])",
                        description="Serve a model over HTTP: a web page at /, POST /v1/predict, /v1/model, /healthz, "
@@ -251,45 +266,61 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    if args.command == "plan":
-        from .plan import plan_from_options, write_plan
-        print(write_plan(plan_from_options(config.overrides_from_args(args)), args.out), end="")
-        print(f"wrote {args.out}; train it with: pixelseg train --config {args.out}")
-        return 0
-    if args.command == "train" and getattr(args, "auto", False):
+    run = _COMMANDS.get(args.command)
+    if run is None:
+        raise AssertionError(args.command)
+    return run(args)
+
+
+def _run_plan(args) -> int:
+    from .plan import plan_from_options, write_plan
+    print(write_plan(plan_from_options(config.overrides_from_args(args)), args.out), end="")
+    print(f"wrote {args.out}; train it with: pixelseg train --config {args.out}")
+    return 0
+
+
+def _run_train(args) -> int:
+    if getattr(args, "auto", False):
         from .plan import train_auto
         summary = train_auto(config.overrides_from_args(args))
         print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
         return 0
-    if args.command == "train":
-        from .train import train
-        summary = train(config.overrides_from_args(args))
-        print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
-        return 0
-    if args.command == "evaluate":
-        from .inference import evaluate, format_scores
-        result = evaluate(args.checkpoint, data_root=args.data_root, split=args.split, dataset=args.dataset,
-                          limit=args.limit, device=args.device, precision=args.precision, out_dir=args.out,
+    from .train import train
+    summary = train(config.overrides_from_args(args))
+    print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from .inference import EvalOptions, evaluate, format_scores
+    options = EvalOptions(data_root=args.data_root, split=args.split, dataset=args.dataset, limit=args.limit,
+                          device=args.device, precision=args.precision, out_dir=args.out,
                           batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
                           overlap=args.tile_overlap, tta=args.tta, uncertainty=args.uncertainty,
                           mc_samples=args.mc_samples, backend=args.backend, exported=args.exported)
-        print(format_scores(result))
-        print(f"wrote {' and '.join(result['files'])}")
-        return 0
-    if args.command == "predict":
-        from .inference import predict
-        results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
-                          mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
-                          backend=args.backend, format=args.format, shapes=args.shapes, min_area=args.min_area,
-                          rank=args.rank, image_url=args.image_url, keep_exif_grid=args.keep_exif_grid)
-        print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out} ({results[0]['backend']}, "
-              f"{results[0]['mode']})")
-        if args.format:
-            print(f"wrote {args.format} pre-annotations: {', '.join(results[0]['files'])}")
-        if args.rank:
-            print(f"wrote {' and '.join(results[0]['ranking'])}: most uncertain first ({results[0]['rank_method']})")
-        return 0
-    if args.command == "export" and args.format == "openvino":
+    result = evaluate(args.checkpoint, options)
+    print(format_scores(result))
+    print(f"wrote {' and '.join(result['files'])}")
+    return 0
+
+
+def _run_predict(args) -> int:
+    from .inference import predict
+    results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
+                      mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
+                      backend=args.backend, format=args.format, shapes=args.shapes, min_area=args.min_area,
+                      rank=args.rank, image_url=args.image_url, keep_exif_grid=args.keep_exif_grid)
+    print(f"wrote {len(results)} mask(s) and overlay(s) to {args.out} ({results[0]['backend']}, "
+          f"{results[0]['mode']})")
+    if args.format:
+        print(f"wrote {args.format} pre-annotations: {', '.join(results[0]['files'])}")
+    if args.rank:
+        print(f"wrote {' and '.join(results[0]['ranking'])}: most uncertain first ({results[0]['rank_method']})")
+    return 0
+
+
+def _run_export(args) -> int:
+    if args.format == "openvino":
         from .openvino_backend import export_openvino, format_gate
         r = export_openvino(args.checkpoint, args.out, int8=args.int8, calibration_split=args.calibration_split,
                             calibration_images=args.calibration_images, check_split=args.check_split,
@@ -299,51 +330,62 @@ def _run(args) -> int:
         print(f"wrote {r['out']} (+ .bin, + .onnx fallback; openvino {r['precision']}, {r['model']}, "
               f"{r['bytes'] / 1e6:.1f} MB weights)")
         return 0
-    if args.command == "export":
-        from .export import export, format_parity
-        r = export(args.checkpoint, args.format, args.out, check_images=args.check_images,
-                   check_limit=args.check_limit or 4, opset=args.opset)
-        print(f"parity on {r['parity_source']} ({len(r['inputs'])} inputs incl. a batch of 2): {format_parity(r)}")
-        print(f"wrote {r['out']} ({r['format']}, {r['model']}, {r['bytes'] / 1e6:.1f} MB)")
-        return 0
-    if args.command == "serve":
-        from .server import serve
-        from .serving import Limits
-        limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                        max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
-                        upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                        deadline_s=args.deadline)
-        serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
-              precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
-              keep_exif_grid=args.keep_exif_grid, backend=args.backend)
-        return 0
-    if args.command == "shards":
-        from .data import dataset_options, default_split
-        from .data.shards import write_shards
-        splits = args.split or list(dict.fromkeys(default_split(args.dataset, r) for r in ("train", "val")))
-        for split in splits:
-            idx = write_shards(args.dataset, args.data_root, split, args.out, args.maxcount, args.limit,
-                               **dataset_options(vars(args)))
-            print(f"wrote {idx['count']} samples of {args.dataset} {split} in {len(idx['shards'])} shard(s) to "
-                  f"{args.out} ({split}.json); skipped {len(idx['skipped'])} unreadable")
-        return 0
-    if args.command == "convert":
-        from .convert import convert, format_report
-        from .data import dataset_options
-        report = convert(args.dataset, args.data_root, args.out, args.to, args.split, args.limit, args.maxcount,
-                         **dataset_options(vars(args)))
-        print(format_report(report))
-        print(f"wrote {args.out} (convert_report.json, convert_overlay.png)")
-        return 0
-    if args.command == "models":
-        from .models import describe_models
-        rows = describe_models()
-        print(f"{'arch':<18}{'backbone':<16}{'params':>12}")
-        for r in rows:
-            name = r["backbone"] + (" *" if r["default"] else "")
-            params = f"{r['params'] / 1e6:>11.2f}M" if r["params"] is not None else "  n/a (pip install pixelseg[segformer])"
-            print(f"{r['arch']:<18}{name:<16}{params}")
-        print("* the architecture's default backbone (used when --backbone is not given)")
-        print("any timm model with features_only also works: --backbone timm:NAME (e.g. timm:convnext_tiny)")
-        return 0
-    raise AssertionError(args.command)
+    from .export import export, format_parity
+    r = export(args.checkpoint, args.format, args.out, check_images=args.check_images,
+               check_limit=args.check_limit or 4, opset=args.opset)
+    print(f"parity on {r['parity_source']} ({len(r['inputs'])} inputs incl. a batch of 2): {format_parity(r)}")
+    print(f"wrote {r['out']} ({r['format']}, {r['model']}, {r['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def _run_serve(args) -> int:
+    from .server import serve
+    from .sizes import Limits
+    limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                    max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
+                    upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                    deadline_s=args.deadline)
+    serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
+          precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
+          keep_exif_grid=args.keep_exif_grid, backend=args.backend)
+    return 0
+
+
+def _run_shards(args) -> int:
+    from .data import dataset_options, default_split
+    from .data.shards import write_shards
+    splits = args.split or list(dict.fromkeys(default_split(args.dataset, r) for r in ("train", "val")))
+    for split in splits:
+        idx = write_shards(args.dataset, args.data_root, split, args.out, args.maxcount, args.limit,
+                           **dataset_options(vars(args)))
+        print(f"wrote {idx['count']} samples of {args.dataset} {split} in {len(idx['shards'])} shard(s) to "
+              f"{args.out} ({split}.json); skipped {len(idx['skipped'])} unreadable")
+    return 0
+
+
+def _run_convert(args) -> int:
+    from .convert import convert, format_report
+    from .data import dataset_options
+    report = convert(args.dataset, args.data_root, args.out, args.to, args.split, args.limit, args.maxcount,
+                     **dataset_options(vars(args)))
+    print(format_report(report))
+    print(f"wrote {args.out} (convert_report.json, convert_overlay.png)")
+    return 0
+
+
+def _run_models(args) -> int:
+    from .models import describe_models
+    rows = describe_models()
+    print(f"{'arch':<18}{'backbone':<16}{'params':>12}")
+    for r in rows:
+        name = r["backbone"] + (" *" if r["default"] else "")
+        params = f"{r['params'] / 1e6:>11.2f}M" if r["params"] is not None else "  n/a (pip install pixelseg[segformer])"
+        print(f"{r['arch']:<18}{name:<16}{params}")
+    print("* the architecture's default backbone (used when --backbone is not given)")
+    print("any timm model with features_only also works: --backbone timm:NAME (e.g. timm:convnext_tiny)")
+    return 0
+
+
+_COMMANDS = {"plan": _run_plan, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
+             "export": _run_export, "serve": _run_serve, "shards": _run_shards, "convert": _run_convert,
+             "models": _run_models}

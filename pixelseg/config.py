@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import PixelsegError
+from .sizes import OptionError, parse_size, show as _show
 
 GROUPS = {
     "data": "data",
@@ -41,37 +42,6 @@ def flag(key: str) -> str:
 
 
 # ---- value parsers: each turns a flag string, YAML value or Python value into the canonical value ----
-class OptionError(ValueError):
-    """A bad option value; the message reads after the flag and value, e.g. "must be >= 1"."""
-
-
-def parse_size(value) -> int | list[int]:
-    """128, "128", "360x480" or [360, 480] -> 128 (square) or [360, 480]; the one size syntax everywhere."""
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, str):
-            parts = [int(v) for v in value.strip().lower().replace("×", "x").split("x")]
-        elif isinstance(value, (list, tuple)):
-            parts = [int(v) for v in value]
-        else:
-            parts = [int(value)]
-    except (TypeError, ValueError):
-        raise OptionError("give N or HxW, e.g. 128 or 360x480") from None
-    if len(parts) not in (1, 2) or min(parts) < 8:
-        raise OptionError("give N or HxW with sides >= 8, e.g. 128 or 360x480")
-    return parts[0] if len(parts) == 1 or parts[0] == parts[1] else parts
-
-
-def size_hw(size, what: str = "--image-size") -> tuple[int, int]:
-    """An image size in any accepted form -> (height, width); ``what`` names it in the error."""
-    try:
-        size = parse_size(size)
-    except OptionError as exc:
-        raise PixelsegError(f"{what} {_show(size)}: {exc}") from None
-    return (size, size) if isinstance(size, int) else (size[0], size[1])
-
-
 def _int(minimum: int | None = None) -> Callable:
     def parse(value) -> int:
         if isinstance(value, bool):
@@ -200,9 +170,7 @@ def _lower(value) -> str:
 
 
 def parse_cache(value) -> str:
-    """mmap | memory | none; True/False are the old --cache/--no-cache (mmap / memory)."""
-    if isinstance(value, bool):
-        return "mmap" if value else "memory"
+    """mmap | memory | none."""
     return _lower(value)
 
 
@@ -217,15 +185,13 @@ def parse_workers(value) -> int | str:
 
 # ---- the options ------------------------------------------------------------------------------------
 def option(default, help: str, group: str, *, parse: Callable | None = None, choices: tuple | None = None,
-           nullable: bool = False, default_text: str | None = None, metavar: str | None = None,
-           aliases: tuple = ()):
+           nullable: bool = False, default_text: str | None = None, metavar: str | None = None):
     """One training option. ``parse`` (default: str) canonicalises any value; ``nullable`` allows None
     (YAML null) as a real value; ``default_text`` is how --help shows the default when it is not a literal."""
     assert group in GROUPS, group
     return field(default=default, metadata=dict(help=help, group=group, parse=parse, choices=choices,
                                                 nullable=nullable or default is None,
-                                                default_text=default_text, metavar=metavar,
-                                                aliases=aliases))
+                                                default_text=default_text, metavar=metavar))
 
 
 @dataclass
@@ -279,10 +245,9 @@ class TrainConfig:
                                parse=_int(1), default_text="all")
     cache: str = option("mmap", "how decoded samples are held: mmap (decode once per machine into a disk store in "
                         "$PIXELSEG_CACHE or ~/.cache/pixelseg/cache, read through the shared page cache; memory does "
-                        "not grow with the dataset), memory (private arrays in RAM, no disk writes; --no-cache), none "
+                        "not grow with the dataset), memory (private arrays in RAM, no disk writes), none "
                         "(DataLoader workers decode each sample when needed); see docs/datasets.md", "data",
-                        parse=parse_cache, choices=("mmap", "memory", "none"),
-                        aliases=(("--no-cache", "memory", "same as --cache memory"),))
+                        parse=parse_cache, choices=("mmap", "memory", "none"))
     cache_max_side: int | None = option(None, "cache the source resolution with its longer side capped to this many "
                                         "pixels, e.g. 2048 (implied, uncapped, by --crop: random scale + crop then "
                                         "run per sample in the workers)", "data", parse=_int(8), default_text="off")
@@ -427,10 +392,6 @@ def parse_value(key: str, value, source: str | None = None):
         raise PixelsegError(f"{where}{flag(key)} {_show(value)}: {exc}") from None
 
 
-def _show(value) -> str:
-    return value if isinstance(value, str) and value and " " not in value else repr(value)
-
-
 def _default_text(key: str) -> str:
     meta, default = OPTIONS[key].metadata, OPTIONS[key].default
     if meta["default_text"]:
@@ -469,9 +430,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(flag(key), dest=key, type=_argparse_type(key), default=argparse.SUPPRESS,
                                metavar=_metavar(meta), help=help_)
-        for alias, const, alias_help in meta["aliases"]:
-            group.add_argument(alias, dest=key, action="store_const", const=const, default=argparse.SUPPRESS,
-                               help=alias_help)
 
 
 def _metavar(meta) -> str:
@@ -487,7 +445,7 @@ def _yaml_types(key: str) -> tuple:
     parse = OPTIONS[key].metadata["parse"]
     name = getattr(parse, "__name__", "")
     return {"parse_bool": (bool,), "int": (int,), "float": (float,), "parse_size": (int, str, list),
-            "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str, bool),
+            "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str,),
             "parse_workers": (int, str),
             "parse_duration": (str, int, float)}.get(name, (str,))
 
@@ -570,6 +528,8 @@ def resolve_config(overrides: dict) -> dict:
         raise PixelsegError("--epochs: null (no epoch limit) needs --time-budget to end the run")
     if cfg["scale_range"] is not None and not cfg["crop"]:
         raise PixelsegError("--scale-range needs --crop (the random rescale is cropped back to --image-size)")
+    if cfg["in_channels"] != 3 and cfg["color_jitter"]:  # before any data is decoded
+        raise PixelsegError(f"--color-jitter works on RGB images, not on {cfg['in_channels']}-channel inputs; drop it")
     # Cross-option and registry checks (these import the registries, and with them torch).
     from .data import default_split, get_dataset_module
     from .losses import parse_loss_spec
@@ -587,36 +547,6 @@ def resolve_config(overrides: dict) -> dict:
     return cfg
 
 
-# ---- `pixelseg serve` limits (here, torch-free, because the serve flags' defaults come from them) ----------
-@dataclass
-class Limits:
-    """Server limits, each a `pixelseg serve` flag; the defaults are listed in docs/serving.md."""
-    max_upload_mb: float = 20.0
-    max_pixels: int = 40_000_000          # 40 MP: a 7300×5500 photo; decoded RGB is 120 MB
-    max_mc_samples: int = 32
-    default_mc_samples: int = 8
-    max_queue: int = 128                  # admitted requests (waiting, decoding, running); more get 503
-    deadline_s: float = 60.0              # a request that cannot be answered within this after admission: 503
-    upload_timeout_s: float = 30.0        # a client that has not sent its whole body by then gets 408
-    max_batch: int = 8                    # concurrent requests share one forward pass (dynamic batching); 1: off
-    batch_wait_ms: float = 5.0
-
-    def check(self) -> "Limits":
-        for flag, value, low in (("--max-upload-mb", self.max_upload_mb, 0), ("--max-pixels", self.max_pixels, 0),
-                                 ("--max-queue", self.max_queue, 0), ("--upload-timeout", self.upload_timeout_s, 0),
-                                 ("--deadline", self.deadline_s, 0),
-                                 ("--max-batch", self.max_batch, 0), ("--batch-wait-ms", self.batch_wait_ms, -1e-9),
-                                 ("--max-mc-samples", self.max_mc_samples, 1)):
-            if not value > low:
-                raise PixelsegError(f"{flag} {value:g}: must be {'at least 2' if low == 1 else 'positive'}"
-                                    if flag != "--batch-wait-ms" else f"{flag} {value:g}: must be 0 or more")
-        return self
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-
-__all__ = ["Limits", "TrainConfig", "OPTIONS", "DEFAULTS", "GROUPS", "RESUMABLE", "flag", "parse_size", "size_hw",
+__all__ = ["TrainConfig", "OPTIONS", "DEFAULTS", "GROUPS", "RESUMABLE", "flag",
            "parse_value", "parse_bool", "parse_tristate", "parse_weights", "add_train_args", "load_yaml",
            "overrides_from_args", "resolve_config"]

@@ -47,7 +47,7 @@ def _labelset(dataset: str, root, options: dict):
 
 
 def _prepare_out(out: Path) -> Path:
-    from .checkpoint import check_output_dir
+    from .files import check_output_dir
     check_output_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise PixelsegError(f"--out {out}: exists and is not empty; convert writes a new folder (choose another "

@@ -81,7 +81,7 @@ def check_same_config(cfg: dict, info: DistInfo) -> None:
                             "every node with the same flags, config file and --data-root")
 
 
-class ShardSampler(torch.utils.data.Sampler):
+class RankSampler(torch.utils.data.Sampler):
     """Evaluation sharding without padding: rank r gets indices r, r+W, r+2W, ... so every sample is
     scored exactly once (DistributedSampler pads with duplicates, which would bias the metrics)."""
 

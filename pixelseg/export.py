@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import check_output_dir, load_checkpoint, make_output_dir
+from .checkpoint import load_checkpoint
+from .files import check_output_dir, make_output_dir
 from .data.io import collect_images
 from .errors import PixelsegError
-from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_onnx_predictor_parts,  # noqa: F401
-                      load_torchscript, require_onnxruntime)
+from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript,
+                      require_onnxruntime)
 
 FORMATS = ("onnx", "torchscript")
 MIN_AGREEMENT = 0.999

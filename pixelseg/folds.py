@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
+from .checkpoint import load_checkpoint
+from .files import atomic_write_text, check_output_dir, make_output_dir
 from .errors import PixelsegError
 from .logs import logger as log, run_log
 

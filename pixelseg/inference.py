@@ -1,8 +1,10 @@
 """Evaluate a checkpoint on a split, and predict masks for image files at their own resolution."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +12,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import engine, viz
-from .checkpoint import atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
-from .config import size_hw
+from . import loop, viz
+from .checkpoint import load_checkpoint
+from .files import atomic_write_text, check_output_dir, make_output_dir
+from .sizes import size_hw
 from .progress import progress as progress_bar
-from .data import DatasetInfo, collate_batch, dataset_info, dataset_options, iter_full_res, load_split
+from .data import DatasetInfo, dataset_info, dataset_options, iter_full_res, load_split
 from .data.io import UnreadableImage, collect_images, read_input
-from .engine import RunContext
+from .data.loader import make_loader
+from .loop import RunContext
 from .errors import PixelsegError
-from .loading import (input_size, load_model, load_onnx_predictor_parts, model_channels,  # noqa: F401
-                      recorded_data_root)
+from .loading import input_size, load_model, load_onnx_predictor_parts, model_channels, recorded_data_root
 from .metrics import ConfusionMatrix
 from .runtime import autocast, resolve_precision, select_device, to_model_input
 from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
@@ -37,9 +40,37 @@ def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
                             "at least 8, or --tile alone for the training size") from None
 
 
-def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, device="auto",
-             precision="auto", out_dir=None, batch_size=32, progress=True, full_res=False, tile=None,
-             overlap=0.25, tta=False, uncertainty=False, mc_samples=0, backend="torch", exported=None) -> dict:
+@dataclass
+class EvalOptions:
+    """What `pixelseg evaluate` scores and how: one field per flag (None = what the run recorded)."""
+    data_root: str | None = None
+    split: str | None = None
+    dataset: str | None = None
+    limit: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    out_dir: str | None = None
+    batch_size: int = 32
+    progress: bool = True
+    full_res: bool = False
+    tile: object = None
+    overlap: float = 0.25
+    tta: bool = False
+    uncertainty: bool = False
+    mc_samples: int = 0
+    backend: str = "torch"
+    exported: str | None = None
+
+
+def _warn_if_pooled(ckpt: dict, dataset: str, split: str) -> None:
+    """A --folds ensemble scored on a split its folds trained on: say the score is optimistic."""
+    if split in ckpt.get("pool_splits", ()) and dataset == ckpt["config"]["dataset"]:
+        tqdm.write(f"warning: every image of split {split!r} was in the cross-validation pool, so each fold model "
+                   "trained on most of them and this score is optimistic; the out-of-fold scores are in "
+                   f"{ckpt['path']}", file=sys.stderr)
+
+
+def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
     """Score a checkpoint on a split: at the training resolution (default, what training reports), or with
     `full_res` at each image's own resolution against the original-size masks (the honest number).
 
@@ -48,93 +79,119 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
     Monte-Carlo dropout's predictive entropy and variance; scores stay those of the deterministic pass.
 
     `backend` "onnx"/"openvino" scores the `exported` file made from this run instead of the PyTorch model
-    (the run still says which dataset and split)."""
+    (the run still says which dataset and split). Options: an `EvalOptions`, and/or its fields by keyword."""
+    o = dataclasses.replace(options or EvalOptions(), **fields)
     ckpt = load_checkpoint(run_or_ckpt)
-    runner = _exported_runner(backend, exported, uncertainty or mc_samples)
-    if out_dir:
-        check_output_dir(out_dir, "--out")
+    runner = _exported_runner(o.backend, o.exported, o.uncertainty or o.mc_samples)
+    if o.out_dir:
+        check_output_dir(o.out_dir, "--out")
     cfg = ckpt["config"]
-    dataset = dataset or cfg["dataset"]
-    split = split or cfg["val_split"]
-    if split in ckpt.get("pool_splits", ()) and (dataset == cfg["dataset"]):  # a --folds ensemble
-        tqdm.write(f"warning: every image of split {split!r} was in the cross-validation pool, so each fold model "
-                   "trained on most of them and this score is optimistic; the out-of-fold scores are in "
-                   f"{ckpt['path']}", file=sys.stderr)
-    root = data_root if data_root is not None else recorded_data_root(ckpt)
-    options = dataset_options(cfg) if dataset == cfg["dataset"] else {}
-    dev = select_device(device)
-    amp = resolve_precision(precision, dev)
+    dataset = o.dataset or cfg["dataset"]
+    split = o.split or cfg["val_split"]
+    _warn_if_pooled(ckpt, dataset, split)
+    root = o.data_root if o.data_root is not None else recorded_data_root(ckpt)
+    data = _EvalData(dataset, root, split, o.limit, dataset_options(cfg) if dataset == cfg["dataset"] else {})
+    dev = select_device(o.device)
+    ctx = RunContext(dev, resolve_precision(o.precision, dev), cfg.get("channels_last", True))
     size = input_size(ckpt)
-    window = tile_size(tile, size)
-    if window and not full_res:
+    window = tile_size(o.tile, size)
+    if window and not o.full_res:
         raise PixelsegError("--tile needs --full-res: at the training resolution every image is already one window")
-    mc_samples = int(mc_samples or 0)
-    uncertainty = bool(uncertainty or mc_samples)
+    mc_samples = int(o.mc_samples or 0)
+    uncertainty = bool(o.uncertainty or mc_samples)
     if mc_samples < 0:
         raise PixelsegError(f"--mc-samples {mc_samples}: must be >= 0")
-    if uncertainty and (full_res or tta):
+    if uncertainty and (o.full_res or o.tta):
         raise PixelsegError("--uncertainty/--mc-samples are measured at the training resolution without TTA; "
                             "drop --full-res/--tta")
-    num_classes = ckpt["model_config"]["num_classes"]
-    channels = model_channels(ckpt)
-    channels_last = cfg.get("channels_last", True)
-    skipped: list[str] = []
-    if full_res:
-        info = dataset_info(dataset, root, split=split, **options)
-        _check_classes(ckpt, info, dataset, num_classes)
-        model = runner or load_model(ckpt, dev, amp, channels_last)
-        predictor = Predictor(runner or torch_logits_fn(model, dev, amp, channels_last), size, window, overlap, tta,
-                              batch_size=min(batch_size, 16), device=dev)
-        cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
-        n_images = 0
-        warned = False
-        for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped, channels=channels, **options),
-                                           total=limit, desc=f"evaluate {split} (full resolution)", unit="img",
-                                           enabled=progress):
-            if not warned:
-                warned = True
-                warning = tile_scale_warning(img.shape[:2], size, window)
-                if warning:
-                    tqdm.write(warning, file=sys.stderr)
-            cm.update(predictor(img).argmax(1), torch.from_numpy(target).to(dev))
-            n_images += 1
-        if n_images == 0:
-            raise PixelsegError(f"dataset {dataset} split {split!r} at {root} has no readable images")
-        resolution = f"full resolution (each image's own size; {predictor.describe()})"
-        tag = f"{split}_fullres" + ("_tile" if window else "") + ("_tta" if tta else "")
+    unc = None
+    if o.full_res:
+        cm, info, n_images, skipped, resolution = _score_full_res(ckpt, runner, data, ctx, size, window, o)
+        tag = f"{split}_fullres" + ("_tile" if window else "") + ("_tta" if o.tta else "")
     else:
-        ds = load_split(dataset, root, split, size, limit, use_cache=cfg.get("cache", True), channels=channels,
-                        **options)
-        info, n_images, skipped = ds.info, len(ds), ds.skipped
-        _check_classes(ckpt, info, dataset, num_classes)
-        model = runner or load_model(ckpt, dev, amp, channels_last)
-        if isinstance(ds, torch.utils.data.IterableDataset):  # shards: every sample once, in stream order
-            ds.configure(batch_size, 0, 0, 1, shuffle=False, even=False)
-            loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=collate_batch)
-        else:
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_batch)
-        if uncertainty:
-            cm, unc = _uncertainty_pass(model, loader, dev, amp, info, channels_last, mc_samples, progress,
-                                        ckpt["path"], split)
-        else:
-            cm, _ = engine.evaluate(FlipTTA(model) if tta else model, loader, RunContext(dev, amp, channels_last),
-                                    info, progress=progress, desc=f"evaluate {split}")
-        resolution = f"{size[0]}x{size[1]} (training resolution{', flip TTA' if tta else ''})"
-        tag = split + ("_tta" if tta else "")
+        cm, unc, info, n_images, skipped = _score_at_training_size(ckpt, runner, data, ctx, size, o, uncertainty,
+                                                                  mc_samples)
+        resolution = f"{size[0]}x{size[1]} (training resolution{', flip TTA' if o.tta else ''})"
+        tag = split + ("_tta" if o.tta else "")
     scores = cm.compute()
     result = {
         "checkpoint": ckpt["path"], "dataset": dataset, "split": split, "images": n_images,
-        "resolution": resolution, "full_res": bool(full_res), "tile": list(window) if window else None,
-        "tta": bool(tta), "skipped_files": skipped,
+        "resolution": resolution, "full_res": bool(o.full_res), "tile": list(window) if window else None,
+        "tta": bool(o.tta), "skipped_files": skipped,
         "pixel_acc": scores["pixel_acc"], "mean_class_acc": scores["mean_class_acc"], "miou": scores["miou"],
         "mean_dice": scores["mean_dice"],
         "per_class": {n: {"iou": i, "dice": d, "acc": a} for n, i, d, a in
                       zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"])},
         "confusion_matrix": cm.mat.cpu().tolist(),
     }
-    out = make_output_dir(Path(out_dir) if out_dir else Path(ckpt["path"]).parent, "--out")
-    extra_files = []
+    return _write_eval(result, ckpt, cm, info, scores, tag, unc, mc_samples, window, o)
+
+
+@dataclass
+class _EvalData:
+    """The split being scored."""
+    dataset: str
+    root: object
+    split: str
+    limit: int | None
+    options: dict
+
+
+def _score_full_res(ckpt, runner, data: _EvalData, ctx: RunContext, size, window, o: EvalOptions):
+    """Each image at its own resolution against its original-size mask: (cm, info, images, skipped, resolution)."""
+    dataset, root, split, limit, options = data.dataset, data.root, data.split, data.limit, data.options
+    dev, amp, channels_last = ctx.device, ctx.amp_dtype, ctx.channels_last
+    num_classes = ckpt["model_config"]["num_classes"]
+    skipped: list[str] = []
+    info = dataset_info(dataset, root, split=split, **options)
+    _check_classes(ckpt, info, dataset, num_classes)
+    model = runner or load_model(ckpt, dev, amp, channels_last)
+    predictor = Predictor(runner or torch_logits_fn(model, dev, amp, channels_last), size, window, o.overlap, o.tta,
+                          batch_size=min(o.batch_size, 16), device=dev)
+    cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
+    n_images = 0
+    warned = False
+    for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped,
+                                                     channels=model_channels(ckpt), **options),
+                                       total=limit, desc=f"evaluate {split} (full resolution)", unit="img",
+                                       enabled=o.progress):
+        if not warned:
+            warned = True
+            warning = tile_scale_warning(img.shape[:2], size, window)
+            if warning:
+                tqdm.write(warning, file=sys.stderr)
+        cm.update(predictor(img).argmax(1), torch.from_numpy(target).to(dev))
+        n_images += 1
+    if n_images == 0:
+        raise PixelsegError(f"dataset {dataset} split {split!r} at {root} has no readable images")
+    return cm, info, n_images, skipped, f"full resolution (each image's own size; {predictor.describe()})"
+
+
+def _score_at_training_size(ckpt, runner, data: _EvalData, ctx: RunContext, size, o: EvalOptions,
+                            uncertainty: bool, mc_samples: int):
+    """The split at the training resolution, as training scores it: (cm, uncertainty report, info, images, skipped)."""
+    cfg = ckpt["config"]
+    ds = load_split(data.dataset, data.root, data.split, size, data.limit, use_cache=cfg.get("cache", "mmap"),
+                    channels=model_channels(ckpt), **data.options)
+    info, n_images, skipped = ds.info, len(ds), ds.skipped
+    _check_classes(ckpt, info, data.dataset, ckpt["model_config"]["num_classes"])
+    model = runner or load_model(ckpt, ctx.device, ctx.amp_dtype, ctx.channels_last)
+    loader, _ = make_loader(ds, o.batch_size)  # every sample once, in order (shards: in stream order)
+    unc = None
     if uncertainty:
+        cm, unc = _uncertainty_pass(model, loader, ctx, info, mc_samples, o.progress, ckpt["path"], data.split)
+    else:
+        cm, _ = loop.evaluate_loader(FlipTTA(model) if o.tta else model, loader, ctx,
+                                info, progress=o.progress, desc=f"evaluate {data.split}")
+    return cm, unc, info, n_images, skipped
+
+
+def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples: int, window, o: EvalOptions):
+    """eval_<tag>.json, confusion_<tag>.png (and the reliability figure) in --out or next to the checkpoint."""
+    dataset, split = result["dataset"], result["split"]
+    out = make_output_dir(Path(o.out_dir) if o.out_dir else Path(ckpt["path"]).parent, "--out")
+    extra_files = []
+    if unc is not None:
         from .calibration import reliability_figure
         sources = unc.pop("_stats")
         result["uncertainty"] = unc
@@ -146,22 +203,23 @@ def evaluate(run_or_ckpt, data_root=None, split=None, dataset=None, limit=None, 
         tag = tag_u
     atomic_write_text(out / f"eval_{tag}.json", json.dumps(result, indent=1))
     viz.confusion_figure(cm.mat.cpu().numpy(), info.class_names, out / f"confusion_{tag}.png",
-                         f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if full_res else "")
-                         + (" with flip TTA" if tta else "") + (f", tiles {window[0]}x{window[1]}" if window else ""))
+                         f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if o.full_res else "")
+                         + (" with flip TTA" if o.tta else "") + (f", tiles {window[0]}x{window[1]}" if window else ""))
     result["out_dir"] = str(out)
     result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png")] + extra_files
     return result
 
 
 @torch.no_grad()
-def _uncertainty_pass(model, loader, dev, amp, info: DatasetInfo, channels_last: bool, mc_samples: int,
-                      progress: bool, ckpt_path, split: str):
-    """One pass over the split: confusion matrix of the deterministic prediction plus the calibration
-    statistics of `pixelseg.calibration` for it (softmax entropy) and, with `mc_samples`, for MC dropout."""
+def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samples: int, progress: bool,
+                      ckpt_path, split: str):
+    """One pass over the split (the engine's evaluation loop): confusion matrix of the deterministic prediction
+    plus the calibration statistics of `pixelseg.calibration` for it (softmax entropy) and, with `mc_samples`,
+    for MC dropout."""
     from .calibration import UncertaintyStats, entropy_range, softmax_entropy
     from .metrics import scores_from_confusion
     from .models.uncertainty import _DROPOUT, mc_predict
-    c = info.num_classes
+    c, dev = info.num_classes, ctx.device
     if mc_samples and not any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules()):
         raise PixelsegError(f"{ckpt_path}: this model has no dropout layers, so --mc-samples has nothing to sample; "
                             "use --uncertainty for the softmax-entropy report of a plain model")
@@ -170,20 +228,18 @@ def _uncertainty_pass(model, loader, dev, amp, info: DatasetInfo, channels_last:
     single = UncertaintyStats({"entropy": entropy_range(c)}, device=dev)
     mc = UncertaintyStats({"entropy": entropy_range(c), "variance": (1 - 1 / c) / c}, device=dev) \
         if mc_samples else None
-    model.eval()
-    for images, masks in progress_bar(loader, desc=f"uncertainty {split}", unit="batch", enabled=progress):
-        x = to_model_input(images, dev, channels_last)
-        y = masks.to(dev)
-        with autocast(dev, amp):
-            probs = model(x).float().softmax(1)
+
+    def on_batch(x, y, logits):
+        probs = logits.softmax(1)
         cm.update(probs.argmax(1), y)
         single.update(probs, y, info.ignore_index, {"entropy": softmax_entropy(probs)})
         if mc is not None:
-            with autocast(dev, amp):
+            with ctx.autocast():
                 r = mc_predict(model, x, mc_samples)
             mean = r["mean"].float()
             cm_mc.update(mean.argmax(1), y)
             mc.update(mean, y, info.ignore_index, {"entropy": r["entropy"].float(), "variance": r["variance"].float()})
+    loop.evaluate_loader(model, loader, ctx, info, progress=progress, desc=f"uncertainty {split}", on_batch=on_batch)
     report = {"mc_samples": mc_samples, "softmax": single.summary(),
               "_stats": {"softmax (1 pass)": single}}
     if mc is not None:
@@ -302,11 +358,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
                                                            if backend == "onnx" else "--tile or --tta"))
     dev = select_device(device)
     if backend in ("onnx", "openvino"):
-        if backend == "openvino":
-            from .openvino_backend import load_openvino_predictor_parts as load_parts
-        else:
-            load_parts = load_onnx_predictor_parts
-        onnx_model, info, size = load_parts(run_or_ckpt, dev)
+        onnx_model, info, size = _exported_predictor_parts(backend)(run_or_ckpt, dev)
         fn, model, mode_dev = onnx_model, None, (dev if dev.type == "cuda" else torch.device("cpu"))
         channels, bands = model_channels(onnx_model.metadata), onnx_model.metadata.get("rgb_bands")
     else:
@@ -316,6 +368,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         channels, bands = model_channels(ckpt), ckpt["config"].get("rgb_bands")
     files = collect_images(images)
     decoded = _decode_all(files, channels=channels, exif_transpose=not keep_exif_grid)
+    amp = None
     if backend == "torch":
         amp = resolve_precision(precision, dev)
         model = load_model(ckpt, dev, amp)
@@ -336,19 +389,11 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(),
                  "backend": getattr(fn, "backend", backend)}
         if mc:
-            probs, maps = mc_uncertainty(model, img, size, dev, amp, mc_samples)
-            for key, m in maps.items():
-                vmax = float(np.log(info.num_classes)) if key == "entropy" else None
-                viz.heatmap_png(m.cpu().numpy(), out / f"{f.stem}_{key}.png", vmax=vmax)
-                entry[f"mean_{key}"] = float(m.mean())
+            probs = _write_mc_maps(model, img, size, dev, amp, mc_samples, info, out / f.stem, entry)
         else:
             probs = predictor(img)
         mask = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
-        viz.save_index_png(mask, info.palette, out / f"{f.stem}.png")
-        viz.save_rgb_png(viz.with_legend(viz.overlay(viz.rgb_view(img, bands), mask, info.palette), mask, info.palette, info.class_names),
-                         out / f"{f.stem}_overlay.png")
-        entry["mask"] = str(out / f"{f.stem}.png")
-        entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
+        _write_mask(img, mask, info, bands, out / f.stem, entry)
         if format or rank:
             from .calibration import softmax_entropy
             unc = entry["mean_entropy"] if mc else float(softmax_entropy(probs).mean())
@@ -358,15 +403,49 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
             entry["uncertainty"] = r.uncertainty
         results.append(entry)
     if format:
-        model_version = f"pixelseg-{Path(run_or_ckpt).name}-{_short_hash(run_or_ckpt)}"
-        results[0]["files"] = [str(p) for p in pre.write(format, regions, info.class_names, info.palette, out,
-                                                         shapes=shapes, model_version=model_version,
-                                                         image_url=image_url)]
+        _write_pre_annotations(run_or_ckpt, format, regions, info, out, shapes, image_url, results[0])
     if rank:
         method = f"mc-dropout entropy ({mc_samples} samples)" if mc else "softmax entropy"
         results[0]["ranking"] = [str(p) for p in pre.write_ranking(regions, out, method)]
         results[0]["rank_method"] = method
     return results
+
+
+def _write_pre_annotations(run_or_ckpt, format: str, regions: list, info: DatasetInfo, out: Path, shapes: str,
+                           image_url, first: dict) -> None:
+    """predict --format: the masks as pre-annotations of a labelling tool; the files in `first`["files"]."""
+    from .labels import write as pre
+    model_version = f"pixelseg-{Path(run_or_ckpt).name}-{_short_hash(run_or_ckpt)}"
+    first["files"] = [str(p) for p in pre.write(format, regions, info.class_names, info.palette, out,
+                                                shapes=shapes, model_version=model_version, image_url=image_url)]
+
+
+def _exported_predictor_parts(backend: str):
+    if backend == "openvino":
+        from .openvino_backend import load_openvino_predictor_parts
+        return load_openvino_predictor_parts
+    return load_onnx_predictor_parts
+
+
+def _write_mc_maps(model, img, size, dev, amp, mc_samples: int, info: DatasetInfo, stem: Path, entry: dict):
+    """MC dropout on one image: <stem>_entropy.png and <stem>_variance.png, their means in `entry`; the mean
+    probabilities."""
+    probs, maps = mc_uncertainty(model, img, size, dev, amp, mc_samples)
+    for key, m in maps.items():
+        vmax = float(np.log(info.num_classes)) if key == "entropy" else None
+        viz.heatmap_png(m.cpu().numpy(), stem.parent / f"{stem.name}_{key}.png", vmax=vmax)
+        entry[f"mean_{key}"] = float(m.mean())
+    return probs
+
+
+def _write_mask(img, mask, info: DatasetInfo, bands, stem: Path, entry: dict) -> None:
+    """<stem>.png (palette PNG of class ids) and <stem>_overlay.png; the mask's path and class shares in `entry`."""
+    out, name = stem.parent, stem.name
+    viz.save_index_png(mask, info.palette, out / f"{name}.png")
+    viz.save_rgb_png(viz.with_legend(viz.overlay(viz.rgb_view(img, bands), mask, info.palette), mask, info.palette, info.class_names),
+                     out / f"{name}_overlay.png")
+    entry["mask"] = str(out / f"{name}.png")
+    entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
 
 
 RANK_MC_SAMPLES = 8  # --rank uncertainty on a model with dropout, when --mc-samples is not given

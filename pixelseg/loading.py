@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import size_hw
+from .sizes import size_hw
 from .data import DatasetInfo
 from .errors import PixelsegError
 from .models import create_model

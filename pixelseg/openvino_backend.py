@@ -98,7 +98,7 @@ class OpenVinoModel:
         arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
         return torch.from_numpy(np.array(self.compiled(arr)[0])).to(x.device)
 
-    def eval(self):  # used where a torch model would be (engine.evaluate)
+    def eval(self):  # used where a torch model would be (loop.evaluate_loader)
         return self
 
 
@@ -126,7 +126,7 @@ def split_arrays(ckpt: dict, split: str, limit: int | None, what: str):
     cfg = ckpt["config"]
     root = recorded_data_root(ckpt, f"the {what} needs the run's dataset")
     try:
-        ds = load_split(cfg["dataset"], root, split, input_size(ckpt), limit, use_cache=cfg.get("cache", True),
+        ds = load_split(cfg["dataset"], root, split, input_size(ckpt), limit, use_cache=cfg.get("cache", "mmap"),
                         channels=model_channels(ckpt), **dataset_options(cfg))
     except PixelsegError as exc:
         raise PixelsegError(f"cannot read {cfg['dataset']}/{split} for the {what} ({exc})") from None
@@ -182,7 +182,8 @@ def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str 
                     ignore: list[str] | None = None, thresholds: dict | None = None, progress: bool = True) -> dict:
     """Write OUT.xml/.bin (+ OUT.onnx fallback) only if the gate on the run's `check_split` passes."""
     ov = require_openvino()
-    from .checkpoint import check_output_dir, load_checkpoint, make_output_dir
+    from .checkpoint import load_checkpoint
+    from .files import check_output_dir, make_output_dir
     from .export import _export_onnx, _metadata
     from .loading import input_size, load_model, model_channels
     out = Path(out)

@@ -57,8 +57,8 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     groups = param_groups(model, weight_decay)
     if not groups:
         raise PixelsegError("the model has no trainable parameters; unfreeze at least part of it")
-    # On CUDA the per-tensor Adam update was 43% of the tutorial model's step time (torch.profiler on an
-    # H200, docs/benchmarks.md); the fused kernel does all tensors in one launch.
+    # On CUDA the per-tensor Adam update was a large share of the tutorial model's step time (torch.profiler
+    # on an H200, docs/benchmarks.md, "Numbers behind choices in the code"); the fused kernel does all tensors in one launch.
     fused = all(p.is_cuda for g in groups for p in g["params"])
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, fused=fused or None)

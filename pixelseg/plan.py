@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import config
+from . import config, sizes
 from .errors import PixelsegError
 from .logs import logger as log
 
@@ -525,7 +525,7 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop)
     put("image_size", f"{hw[0]}x{hw[1]}" if hw[0] != hw[1] else hw[0], size_why)
     if "image_size" in user:
-        hw = config.size_hw(user["image_size"])
+        hw = sizes.size_hw(user["image_size"])
     for key, value, why in choose_augmentation(fp, obj_px):
         put(key, value, why)
     put("batch_size", batch, batch_why)
@@ -649,7 +649,7 @@ def plan_from_options(options: dict, probe: Machine | None = None, progress: boo
 
 
 def write_plan(plan: Plan, path: Path, header: str = "") -> str:
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
     text = to_yaml(plan, header)
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -675,7 +675,7 @@ def recipe_warnings(cfg: dict, n_train: int, n_val: int, steps_per_epoch: int,
         out.append(f"the validation split holds {n_val} image(s): its mIoU will jump from epoch to epoch and pick "
                    "best.pt by chance; give a larger --val-fraction or a val split of >= 10 images")
     if object_scale is not None:
-        h, w = config.size_hw(cfg["image_size"])
+        h, w = sizes.size_hw(cfg["image_size"])
         px = object_scale * min(h, w)
         if px < MIN_OBJECT_PX / 2:
             out.append(f"at --image-size {h}x{w} the median object of the smallest class is about {px:.1f} px: "
@@ -718,7 +718,7 @@ __all__ = ["Fingerprint", "Machine", "Plan", "fingerprint", "probe_machine", "fi
 def train_auto(options: dict, probe: Machine | None = None) -> dict:
     """`train --auto`: plan, save the plan as RUN/plan.yaml, train it with the user's options on top."""
     from datetime import datetime
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
     from .train import train
     if options.get("resume"):
         raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "

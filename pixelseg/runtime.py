@@ -85,9 +85,9 @@ class _Fp32BackwardDepthwiseConv2d(torch.nn.Conv2d):
     """A strided depthwise conv that leaves CPU bf16 autocast when it will be differentiated.
 
     Written by hand because oneDNN's bf16 backward for strided depthwise convolutions is
-    pathologically slow on CPU (torch 2.14, AVX-512-BF16): for MobileNetV2's 96-channel
-    64x64 -> 32x32 layer at batch 64, fwd+bwd takes 137 ms in bf16 vs 62 ms in fp32, and the
-    576-channel 8x8 one 60 ms vs 1.4 ms (benchmarks/bench_dwconv.py). Stride-1 depthwise and every
+    pathologically slow on CPU (torch 2.14, AVX-512-BF16): several times the fp32 time for
+    MobileNetV2's stride-2 layers (benchmarks/bench_dwconv.py; the measurements are in
+    docs/benchmarks.md, "Numbers behind choices in the code"). Stride-1 depthwise and every
     dense conv are faster in bf16, so only these layers run in fp32; the result is cast back to
     bf16 and the rest of the network is unchanged. State-dict keys are those of nn.Conv2d.
     """
@@ -123,8 +123,8 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
                 n += 1
         if n:
             notes.append(f"{n} strided depthwise convs run in fp32 (slow bf16 backward on CPU)")
-    # Not on CUDA: there the model is launch-bound and the extra kernels did not pay (H200, bf16:
-    # frozen step 6533 vs 8614 img/s plain).
+    # Not on CUDA: there the model is launch-bound and the extra kernels did not pay (H200, bf16; the
+    # numbers: docs/benchmarks.md, "Numbers behind choices in the code").
     if device.type == "cpu" and isinstance(model, UNet) and not isinstance(model, _SplitSkipConvs):
         _swap_class(model, _SplitSkipConvs)
         notes.append("U-Net skip convolutions split (no concatenation)")
@@ -231,13 +231,6 @@ class _InferenceCopyWhenFrozen:
         return super()._apply(fn, *args, **kwargs)
 
 
-# Off: measured slower on this CPU (torch 2.14 / oneDNN, 2-core AMD EPYC, bf16 and fp32): each U-Net
-# decoder layer takes ~2x as long in sub-pixel form (16/9 the multiply-adds plus the pad and shuffle
-# copies) and the whole model 0.69x the speed; oneDNN's stride-2 transposed conv is already its fastest
-# form here. Kept exact and tested for hardware where it wins; benchmarks/bench_subpixel.py decides.
-SUBPIXEL_CONV_TRANSPOSE = False
-
-
 def fold_batchnorm(model: torch.nn.Module) -> int:
     """Fold every eval-mode BatchNorm2d whose only input is a conv's output into that conv.
 
@@ -275,69 +268,6 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
     return n
 
 
-class SubPixelConvTranspose2d(torch.nn.Module):
-    """A stride-s ``ConvTranspose2d`` whose output is exactly s times its input, computed as one
-    dense ``Conv2d`` to s*s*C_out channels followed by ``pixel_shuffle(s)`` (sub-pixel convolution,
-    Shi et al. 2016).
-
-    Output pixel (s*i + a, s*j + b) of a transposed conv only ever reads inputs i + d with
-    kernel tap a + p - s*d, so each of the s*s output phases is an ordinary convolution over the
-    input; stacking the phases as channels turns the scatter-style transposed conv (oneDNN runs it
-    as a slow col2im on CPU: 59% of U-Net inference, docs/benchmarks.md) into one GEMM-friendly
-    convolution. Same function, same parameters rearranged; taps a phase never reads are zeros
-    (for pix2pix's k3/s2 block the 2x2 sub-pixel kernel does 16/9 of the multiply-adds, in a far
-    faster kernel). Built from a (BatchNorm-folded) transposed conv by ``subpixel_conv_transpose``.
-    """
-
-    def __init__(self, conv: torch.nn.ConvTranspose2d):
-        super().__init__()
-        s, p, k = conv.stride[0], conv.padding[0], conv.kernel_size[0]
-        d_min = -((k - 1 - p) // s)            # ceil((p - k + 1) / s)
-        d_max = (s - 1 + p) // s
-        taps = d_max - d_min + 1
-        cin, cout = conv.in_channels, conv.out_channels
-        w = conv.weight.detach()                # cin x cout x k x k
-        weight = w.new_zeros(cout, s, s, cin, taps, taps)
-        for a in range(s):
-            for ty in range(taps):
-                ky = a + p - s * (ty + d_min)
-                if not 0 <= ky < k:
-                    continue
-                for b in range(s):
-                    for tx in range(taps):
-                        kx = b + p - s * (tx + d_min)
-                        if 0 <= kx < k:
-                            weight[:, a, b, :, ty, tx] = w[:, :, ky, kx].t()
-        self.scale = s
-        self.pad = (-d_min, d_max, -d_min, d_max)  # left, right, top, bottom
-        self.conv = torch.nn.Conv2d(cin, cout * s * s, taps, bias=conv.bias is not None,
-                                    device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            self.conv.weight.copy_(weight.reshape(cout * s * s, cin, taps, taps))
-            if conv.bias is not None:
-                self.conv.bias.copy_(conv.bias.detach().repeat_interleave(s * s))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pixel_shuffle(self.conv(torch.nn.functional.pad(x, self.pad)), self.scale)
-
-
-def _subpixel_ok(m: torch.nn.Module) -> bool:
-    """Square, ungrouped, undilated, stride >= 2, and output exactly stride x input."""
-    if type(m) is not torch.nn.ConvTranspose2d or m.groups != 1 or m.dilation != (1, 1):
-        return False
-    (k, k2), (s, s2), (p, p2), (op, op2) = m.kernel_size, m.stride, m.padding, m.output_padding
-    return k == k2 and s == s2 and p == p2 and op == op2 and s >= 2 and k + op - 2 * p == s
-
-
-def subpixel_conv_transpose(model: torch.nn.Module) -> int:
-    """Replace every eligible ``ConvTranspose2d`` with its ``SubPixelConvTranspose2d`` (inference only:
-    the new weights are a copy). Returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if _subpixel_ok(m)]
-    for name, m in targets:
-        model.set_submodule(name, SubPixelConvTranspose2d(m))
-    return len(targets)
-
-
 def prepare_for_inference(model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
                           channels_last: bool = True) -> torch.nn.Module:
     """What evaluate/predict/benchmarks run: eval mode, folded BatchNorm, channels_last, and
@@ -347,8 +277,6 @@ def prepare_for_inference(model: torch.nn.Module, amp_dtype: torch.dtype | None 
     BatchNorm scales can leave fp16's range."""
     model.eval()
     fold_batchnorm(model)
-    if SUBPIXEL_CONV_TRANSPOSE:
-        subpixel_conv_transpose(model)
     if amp_dtype == torch.bfloat16:
         model.to(torch.bfloat16)
     if channels_last:

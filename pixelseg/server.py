@@ -14,15 +14,24 @@ under a deadline (408 for a client that stops sending; it never holds a slot or 
 """
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from .serving import FORMATS, Engine, HTTPProblem, Limits, decode_upload, encode
+from .errors import PixelsegError
+from .serving import FORMATS, Engine, HTTPProblem, decode_upload, encode
+from .sizes import Limits
 
 SERVE_HINT = "pip install 'pixelseg[serve]'"
+try:
+    from fastapi import APIRouter, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+except ImportError as exc:  # the serve extra: one line saying so instead of a traceback
+    raise PixelsegError(f"`pixelseg serve` needs the serve extra ({exc.name} is missing): {SERVE_HINT}") from None
 
 
 class Metrics:
@@ -261,144 +270,166 @@ async def image_bytes(request, body: bytes) -> tuple[bytes, str]:
     return await field.read(), f"upload {field.filename!r}" if field.filename else "upload"
 
 
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index():
+    return HTMLResponse(page_html(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "alive"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    if not request.app.state.ready.is_set():
+        return JSONResponse({"status": "warming up", "ready": False}, 503, headers={"Retry-After": "1"})
+    return {"status": "ready", "ready": True}
+
+
+@router.get("/v1/model")
+async def model(request: Request):
+    state = request.app.state
+    engine, limits = state.engine, state.limits
+    return {**engine.describe(), "limits": {
+        "max_upload_mb": limits.max_upload_mb, "max_pixels": limits.max_pixels,
+        "max_mc_samples": limits.max_mc_samples if engine.mc_dropout else 0,
+        "default_mc_samples": limits.default_mc_samples, "max_queue": limits.max_queue,
+        "deadline_s": limits.deadline_s,
+        "upload_timeout_s": limits.upload_timeout_s, "max_batch": limits.max_batch,
+        "batch_wait_ms": limits.batch_wait_ms}, "formats": list(FORMATS),
+        "exif_transpose": not state.keep_exif_grid}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus(request: Request):
+    body, ctype = request.app.state.metrics.render()
+    return Response(body, media_type=ctype)
+
+
+def mc_samples_asked(engine: Engine, limits: Limits, format: str, uncertainty: bool, mc_samples: int | None) -> int:
+    """The MC-dropout passes a /v1/predict request asks for (0: none); 422 for what this server cannot give."""
+    if format not in FORMATS:
+        raise HTTPProblem(422, f"format={format!r} is not one of {', '.join(FORMATS)}")
+    mc = 0
+    if uncertainty or mc_samples:
+        if not engine.mc_dropout:
+            raise HTTPProblem(422, f"uncertainty needs a model with dropout (Bayesian SegNet); {engine.id} has "
+                                   "none" + (" (an exported graph has no dropout)" if engine.model is None else ""))
+        mc = min(limits.default_mc_samples, limits.max_mc_samples) if mc_samples is None else mc_samples
+        if not 2 <= mc <= limits.max_mc_samples:
+            raise HTTPProblem(422, f"mc_samples={mc} is outside 2..{limits.max_mc_samples} "
+                                   "(the server's --max-mc-samples)")
+        if format != "json":
+            raise HTTPProblem(422, "uncertainty maps come back in format=json only")
+        if engine.predictor.tile or engine.predictor.tta:
+            raise HTTPProblem(422, "uncertainty runs at the training size; this server was started with "
+                                   "--tile/--tta")
+    return mc
+
+
+@router.post("/v1/predict", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+async def predict(request: Request, format: str = "png", uncertainty: bool = False,
+                  mc_samples: int | None = None, keep_exif_grid: bool | None = None):
+    """Segment one image: multipart field `file`, or the raw image as the body. Photos are turned upright
+    as their EXIF Orientation says unless keep_exif_grid=true (default: the server's --keep-exif-grid)."""
+    t0 = time.perf_counter()
+    state = request.app.state
+    engine, limits, sched, metrics = state.engine, state.limits, state.scheduler, state.metrics
+    mc = mc_samples_asked(engine, limits, format, uncertainty, mc_samples)
+    if not state.ready.is_set():
+        raise HTTPProblem(503, "model is still warming up", {"Retry-After": "1"})
+    body = await read_body(request, limits)
+    t_upload = time.perf_counter()
+    data, name = await image_bytes(request, body)
+    deadline = sched.admit()
+    admitted = time.perf_counter()
+    try:
+        upright = not (keep_exif_grid if keep_exif_grid is not None else state.keep_exif_grid)
+        mask, maps, infer_s, decode_s = await sched.segment(
+            lambda: decode_upload(data, limits.max_pixels, name, upright), deadline, mc)
+        del data, body
+        t_infer = time.perf_counter()
+        metrics.queue_wait.observe(max(0.0, t_infer - admitted - infer_s))
+        timing = {"upload": _ms(t_upload - t0), "decode": _ms(decode_s),
+                  "queue": _ms(t_infer - admitted - infer_s - decode_s), "inference": _ms(infer_s)}
+        t_enc = time.perf_counter()
+        out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing, upright)
+        enc_s = time.perf_counter() - t_enc
+        metrics.stage.labels("encode").observe(enc_s)
+        total = time.perf_counter() - t0
+    finally:
+        sched.release()
+    h, w = mask.shape
+    return Response(out, media_type=ctype, headers={
+        "X-Model-Id": engine.id, "X-Image-Size": f"{w}x{h}", "X-Latency-Ms": f"{total * 1000:.1f}",
+        "X-Inference-Ms": f"{infer_s * 1000:.1f}"})
+
+
+async def count_requests(request: Request, call_next):
+    """Middleware: requests by endpoint and status, and their latency."""
+    metrics = request.app.state.metrics
+    t0 = time.perf_counter()
+    endpoint = request.url.path if request.url.path in _ENDPOINTS else "other"
+    try:
+        response = await call_next(request)
+    except Exception:
+        metrics.requests.labels(endpoint, "500").inc()
+        raise
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+    return response
+
+
+async def problem(request: Request, exc: HTTPProblem):
+    return JSONResponse({"error": exc.message, "status": exc.status}, exc.status, headers=exc.headers)
+
+
+async def invalid(request: Request, exc: RequestValidationError):
+    msgs = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}" for e in exc.errors()]
+    return JSONResponse({"error": "; ".join(msgs), "status": 422}, 422)
+
+
+def _warm_up(state) -> None:
+    state.engine.warm_up(batch=state.limits.max_batch)
+    state.ready.set()
+    state.metrics.ready.set(1)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    state = app.state
+    if state.warm:
+        await asyncio.get_running_loop().run_in_executor(state.scheduler.infer_pool, _warm_up, state)
+    else:
+        warm_up_later = threading.Thread(target=_warm_up, args=(state,), daemon=True)
+        warm_up_later.start()
+    yield
+    state.scheduler.shutdown()
+
+
+def _queue_depth(state) -> int:
+    sched = getattr(state, "scheduler", None)
+    return sched.slots if sched else 0
+
+
 def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, keep_exif_grid: bool = False):
-    """The FastAPI app serving `engine`. /readyz turns 200 once warm-up (in a thread) has finished."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
+    """The FastAPI app serving `engine`: the module's router, with the engine, limits, scheduler and metrics on
+    `app.state`. /readyz turns 200 once warm-up (in a thread) has finished."""
     limits = limits or Limits()
-    state = {"ready": threading.Event(), "started": time.time()}
-    sched_box: dict = {}
-
-    def queue_depth():
-        s = sched_box.get("s")
-        return s.slots if s else 0
-    metrics = Metrics(queue_depth)
-    sched = Scheduler(engine, limits, metrics)
-    sched_box["s"] = sched
-
-    def warm_up():
-        engine.warm_up(batch=limits.max_batch)
-        state["ready"].set()
-        metrics.ready.set(1)
-
-    async def lifespan(app):
-        if warm:
-            await asyncio.get_running_loop().run_in_executor(sched.infer_pool, warm_up)
-        else:
-            warm_up_later = threading.Thread(target=warm_up, daemon=True)
-            warm_up_later.start()
-        yield
-        sched.shutdown()
-
-    app = FastAPI(title="pixelseg", version=_version(), lifespan=_lifespan_factory(lifespan),
-                  docs_url="/docs", redoc_url=None)
-    app.state.engine, app.state.limits, app.state.scheduler, app.state.metrics = engine, limits, sched, metrics
-    app.state.keep_exif_grid = keep_exif_grid
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        t0 = time.perf_counter()
-        endpoint = request.url.path if request.url.path in _ENDPOINTS else "other"
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.requests.labels(endpoint, "500").inc()
-            raise
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
-
-    @app.exception_handler(HTTPProblem)
-    async def problem(request: Request, exc: HTTPProblem):
-        return JSONResponse({"error": exc.message, "status": exc.status}, exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        msgs = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}" for e in exc.errors()]
-        return JSONResponse({"error": "; ".join(msgs), "status": 422}, 422)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index():
-        return HTMLResponse(page_html(), headers={"Cache-Control": "no-cache"})
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "alive"}
-
-    @app.get("/readyz")
-    async def readyz():
-        if not state["ready"].is_set():
-            return JSONResponse({"status": "warming up", "ready": False}, 503, headers={"Retry-After": "1"})
-        return {"status": "ready", "ready": True}
-
-    @app.get("/v1/model")
-    async def model():
-        return {**engine.describe(), "limits": {
-            "max_upload_mb": limits.max_upload_mb, "max_pixels": limits.max_pixels,
-            "max_mc_samples": limits.max_mc_samples if engine.mc_dropout else 0,
-            "default_mc_samples": limits.default_mc_samples, "max_queue": limits.max_queue,
-            "deadline_s": limits.deadline_s,
-            "upload_timeout_s": limits.upload_timeout_s, "max_batch": limits.max_batch,
-            "batch_wait_ms": limits.batch_wait_ms}, "formats": list(FORMATS),
-            "exif_transpose": not app.state.keep_exif_grid}
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus():
-        body, ctype = metrics.render()
-        return Response(body, media_type=ctype)
-
-    @app.post("/v1/predict", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
-    async def predict(request: Request, format: str = "png", uncertainty: bool = False,
-                      mc_samples: int | None = None, keep_exif_grid: bool | None = None):
-        """Segment one image: multipart field `file`, or the raw image as the body. Photos are turned upright
-        as their EXIF Orientation says unless keep_exif_grid=true (default: the server's --keep-exif-grid)."""
-        t0 = time.perf_counter()
-        if format not in FORMATS:
-            raise HTTPProblem(422, f"format={format!r} is not one of {', '.join(FORMATS)}")
-        mc = 0
-        if uncertainty or mc_samples:
-            if not engine.mc_dropout:
-                raise HTTPProblem(422, f"uncertainty needs a model with dropout (Bayesian SegNet); {engine.id} has "
-                                       "none" + (" (an exported graph has no dropout)" if engine.model is None else ""))
-            mc = min(limits.default_mc_samples, limits.max_mc_samples) if mc_samples is None else mc_samples
-            if not 2 <= mc <= limits.max_mc_samples:
-                raise HTTPProblem(422, f"mc_samples={mc} is outside 2..{limits.max_mc_samples} "
-                                       "(the server's --max-mc-samples)")
-            if format != "json":
-                raise HTTPProblem(422, "uncertainty maps come back in format=json only")
-            if engine.predictor.tile or engine.predictor.tta:
-                raise HTTPProblem(422, "uncertainty runs at the training size; this server was started with "
-                                       "--tile/--tta")
-        if not state["ready"].is_set():
-            raise HTTPProblem(503, "model is still warming up", {"Retry-After": "1"})
-        body = await read_body(request, limits)
-        t_upload = time.perf_counter()
-        data, name = await image_bytes(request, body)
-        deadline = sched.admit()
-        admitted = time.perf_counter()
-        try:
-            upright = not (keep_exif_grid if keep_exif_grid is not None else app.state.keep_exif_grid)
-            mask, maps, infer_s, decode_s = await sched.segment(
-                lambda: decode_upload(data, limits.max_pixels, name, upright), deadline, mc)
-            del data, body
-            t_infer = time.perf_counter()
-            metrics.queue_wait.observe(max(0.0, t_infer - admitted - infer_s))
-            timing = {"upload": _ms(t_upload - t0), "decode": _ms(decode_s),
-                      "queue": _ms(t_infer - admitted - infer_s - decode_s), "inference": _ms(infer_s)}
-            t_enc = time.perf_counter()
-            out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing, upright)
-            enc_s = time.perf_counter() - t_enc
-            metrics.stage.labels("encode").observe(enc_s)
-            total = time.perf_counter() - t0
-        finally:
-            sched.release()
-        h, w = mask.shape
-        return Response(out, media_type=ctype, headers={
-            "X-Model-Id": engine.id, "X-Image-Size": f"{w}x{h}", "X-Latency-Ms": f"{total * 1000:.1f}",
-            "X-Inference-Ms": f"{infer_s * 1000:.1f}"})
-
+    app = FastAPI(title="pixelseg", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    state = app.state
+    state.engine, state.limits, state.keep_exif_grid, state.warm = engine, limits, keep_exif_grid, warm
+    state.ready, state.started = threading.Event(), time.time()
+    state.metrics = Metrics(lambda: _queue_depth(state))
+    state.scheduler = Scheduler(engine, limits, state.metrics)
+    app.middleware("http")(count_requests)
+    app.add_exception_handler(HTTPProblem, problem)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.include_router(router)
     return app
 
 
@@ -414,21 +445,14 @@ def _version() -> str:
     return __version__
 
 
-def _lifespan_factory(fn):
-    import contextlib
-    return contextlib.asynccontextmanager(fn)
-
-
 def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, device: str = "auto",
           precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info",
           keep_exif_grid: bool = False, backend: str = "auto"):
     """Load the model (errors are one line before anything listens), then serve until interrupted."""
     try:
-        import fastapi  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
-        import prometheus_client  # noqa: F401
+        import prometheus_client  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
         import uvicorn
     except ImportError as exc:
-        from .errors import PixelsegError
         raise PixelsegError(f"`pixelseg serve` needs the serve extra ({exc.name} is missing): {SERVE_HINT}") from None
     from .serving import check_source
     limits = (limits or Limits()).check()

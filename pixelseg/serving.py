@@ -22,13 +22,12 @@ from PIL import Image, UnidentifiedImageError
 from . import viz
 from .data import DatasetInfo
 from .data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
-from .config import Limits  # noqa: F401  (lives in torch-free config, so `pixelseg --help` stays light)
 from .errors import PixelsegError
 from .labels.rle import coco_rle_encode
 
 FORMATS = ("png", "color", "json", "rle")
-# zlib level of the PNGs the server sends: 1 encodes a 500x375 mask ~2.5x faster than PIL's default 6 (measured
-# side by side, docs/benchmarks.md), and a class-id mask is mostly long runs, so the file grows little.
+# zlib level of the PNGs the server sends: 1 encodes a mask several times faster than PIL's default 6 (measured
+# side by side: docs/benchmarks.md, "Numbers behind choices in the code"), and a class-id mask is mostly long runs, so the file grows little.
 FAST_PNG = 1
 # Formats PIL decodes that people upload; anything else PIL might open (EPS via ghostscript, PSD, ...) is 415.
 IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO"}

@@ -3,7 +3,7 @@
 Defaults are the TensorFlow tutorial's recipe (Adam 1e-3, cross-entropy on logits, batch 64,
 20 epochs, 128×128, random horizontal flip) on the fast path (channels_last, bf16 autocast where
 the hardware has it). Runs under torchrun unchanged; only rank 0 writes. The options live in
-config.py, the epoch loop in engine.py.
+config.py, the epoch loop in loop.py.
 """
 from __future__ import annotations
 
@@ -22,14 +22,16 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__, config, viz
-from .checkpoint import atomic_save, atomic_write_text, check_output_dir, load_checkpoint, make_output_dir
-from .data import collate_batch, dataset_options, load_split
+from . import __version__, config, sizes, viz
+from .checkpoint import atomic_save, load_checkpoint, model_checkpoint
+from .files import atomic_write_text, check_output_dir, make_output_dir
+from .data import dataset_options, load_split
 from .data.base import CacheSpec, FileDataset
+from .data.loader import make_loader
 from .budget import Pacer
-from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, ShardSampler, StopSignal, barrier, check_batch,
-                          check_same_config, cleanup, ignore_stop_signal_in_worker, init_distributed)
-from .engine import RunContext, evaluate, precise_bn, predict_batch, set_train_mode, train_one_epoch
+from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, StopSignal, barrier, check_batch, check_same_config,
+                          cleanup, ignore_stop_signal_in_worker, init_distributed)
+from .loop import RunContext, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .errors import PixelsegError
 from .logs import logger as log, run_log
 from .losses import build_loss, class_weights
@@ -38,19 +40,6 @@ from .optim import build_optimizer, build_scheduler
 from .plan import warn_recipe
 from .runtime import optimize_for_training, resolve_precision, seed_everything, select_device
 from .tracking import open_tracker
-
-# Kept for code that imported them from here; the options live in config.py.
-DEFAULTS, resolve_config, parse_size = config.DEFAULTS, config.resolve_config, config.parse_size
-
-
-def evaluate_model(model, loader, device, amp_dtype, num_classes, ignore_index, channels_last=True, loss_fn=None,
-                   dist_info: DistInfo | None = None, progress: bool = True, desc: str = "val"):
-    """The former loose-argument form of ``engine.evaluate``, kept for scripts written against it."""
-    from types import SimpleNamespace
-    info = SimpleNamespace(num_classes=num_classes, ignore_index=ignore_index)  # all evaluate reads of it
-    ctx = RunContext(device, amp_dtype, channels_last, dist_info or DistInfo())
-    return evaluate(model, loader, ctx, info, loss_fn, progress, desc)
-
 
 def channel_stats(images) -> dict:
     """Per-channel mean and std of float [0, 1] N x H x W x C images (float64 sums: no drift)."""
@@ -173,59 +162,89 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             pacer.add("checkpoints", time.time() - t_save)
 
         pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
+        loop = _Loop(cfg, ctx, data, model, model_without_ddp, forward, criterion, optimizer, scheduler, scaler,
+                     run_dir, steps_per_epoch)
         try:
-            epoch = state.epoch
-            while epoch < pacer.planned_epochs:
-                data.train_sampler.set_epoch(epoch)
-                set_train_mode(model, cfg["freeze_bn"])
-
-                def on_step(step_in_epoch: int) -> bool:
-                    state.global_step += 1
-                    if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
-                            and step_in_epoch < steps_per_epoch:
-                        save("last.pt", epoch, step_in_epoch)
-                    stop_now = stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
-                    # --iterations reached, or the time budget spent, inside the epoch
-                    done = pacer.on_step(scheduler, state.global_step, step_in_epoch)
-                    if stop_now and not done and step_in_epoch < steps_per_epoch:  # preempted: save here
-                        _preempted(save, run_dir, ctx, epoch, step_in_epoch, steps_per_epoch)
-                    return done
-
-                t_epoch, steps_before = time.time(), state.global_step
-                stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
-                                        data.info, epoch=epoch, epochs=pacer.planned_epochs,
-                                        accumulate=cfg["accumulate"], steps_done=state.step_in_epoch, forward=forward,
-                                        on_step=on_step, flip_seed=cfg["seed"] if data.flip_in_loop else None)
-                pacer.add("train", stats.train_time)
-                state.step_in_epoch = 0
-                t_val = time.time()
-                if cfg["precise_bn"]:
-                    precise_bn(model_without_ddp, data.train_loader, cfg["precise_bn"], ctx)
-                val_cm, val_loss = evaluate(forward, data.val_loader, ctx, data.info, criterion)
-                pacer.add("validation", time.time() - t_val)
-                row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
-                state.history.append(row)
-                if ctx.is_main:
-                    t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
-                    _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
-                                  pacer.planned_epochs)
-                    pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
-                barrier(dist_info)
-                epoch += 1
-                pacer.end_of_epoch(scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
-                                   time.time() - t_epoch)
-                warning = pacer.cannot_hold_epoch() if epoch == 1 else None
-                if warning:
-                    log.warning(warning)
-                if pacer.should_stop(state.global_step, state.history, cfg["early_stop"], cfg["early_stop_delta"]):
-                    break
-                if epoch < pacer.planned_epochs and stop.agreed(dist_info):  # SIGTERM during validation
-                    _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
+            epoch = _run_epochs(loop, state, pacer, stop, save, tracker)
         finally:
             tracker.close()
         if ctx.is_main:  # last.pt records the time of the whole run, validation and figures included
             save("last.pt", epoch, 0)
         return _finish(run_dir, cfg, state, data, dist_info, t_start, pacer)
+
+
+@dataclass
+class _Loop:
+    """What the epoch loop runs: the config, the data, the model and what trains it."""
+    cfg: dict
+    ctx: RunContext
+    data: object
+    model: object
+    model_without_ddp: object
+    forward: object
+    criterion: object
+    optimizer: object
+    scheduler: object
+    scaler: object
+    run_dir: Path
+    steps_per_epoch: int
+
+
+def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, save, tracker) -> int:
+    """Train and validate epoch by epoch until the plan, the budget, early stopping or a SIGTERM ends the run;
+    the epoch it ended at."""
+    cfg, ctx, data, model, model_without_ddp, forward = (loop.cfg, loop.ctx, loop.data, loop.model,
+                                                          loop.model_without_ddp, loop.forward)
+    criterion, optimizer, scheduler, scaler = loop.criterion, loop.optimizer, loop.scheduler, loop.scaler
+    run_dir, steps_per_epoch = loop.run_dir, loop.steps_per_epoch
+    epoch = state.epoch
+    while epoch < pacer.planned_epochs:
+        data.train_sampler.set_epoch(epoch)
+        set_train_mode(model, cfg["freeze_bn"])
+
+        def on_step(step_in_epoch: int) -> bool:
+            state.global_step += 1
+            if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
+                    and step_in_epoch < steps_per_epoch:
+                save("last.pt", epoch, step_in_epoch)
+            stop_now = stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
+            # --iterations reached, or the time budget spent, inside the epoch
+            done = pacer.on_step(scheduler, state.global_step, step_in_epoch)
+            if stop_now and not done and step_in_epoch < steps_per_epoch:  # preempted: save here
+                _preempted(save, run_dir, ctx, epoch, step_in_epoch, steps_per_epoch)
+            return done
+
+        t_epoch, steps_before = time.time(), state.global_step
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
+                                data.info, epoch=epoch, epochs=pacer.planned_epochs,
+                                accumulate=cfg["accumulate"], steps_done=state.step_in_epoch, forward=forward,
+                                on_step=on_step, flip_seed=cfg["seed"] if data.flip_in_loop else None)
+        pacer.add("train", stats.train_time)
+        state.step_in_epoch = 0
+        t_val = time.time()
+        if cfg["precise_bn"]:
+            precise_bn(model_without_ddp, data.train_loader, cfg["precise_bn"], ctx)
+        val_cm, val_loss = evaluate_loader(forward, data.val_loader, ctx, data.info, criterion)
+        pacer.add("validation", time.time() - t_val)
+        row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
+        state.history.append(row)
+        if ctx.is_main:
+            t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
+            _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
+                          pacer.planned_epochs)
+            pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
+        barrier(ctx.dist)
+        epoch += 1
+        pacer.end_of_epoch(scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
+                           time.time() - t_epoch)
+        warning = pacer.cannot_hold_epoch() if epoch == 1 else None
+        if warning:
+            log.warning(warning)
+        if pacer.should_stop(state.global_step, state.history, cfg["early_stop"], cfg["early_stop_delta"]):
+            break
+        if epoch < pacer.planned_epochs and stop.agreed(ctx.dist):  # SIGTERM during validation
+            _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
+    return epoch
 
 
 def _preempted(save, run_dir: Path, ctx: RunContext, epoch: int, step_in_epoch: int, steps_per_epoch: int):
@@ -303,15 +322,13 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
         train_ds, val_ds = fold_datasets(cfg, load, train_spec, val_spec)
     else:
         train_ds, val_ds = load(cfg["train_split"], train_spec), load(cfg["val_split"], val_spec)
-    if channels != 3 and cfg["color_jitter"]:
-        raise PixelsegError(f"--color-jitter works on RGB images, not on {channels}-channel inputs; drop it")
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
     flip_in_loop = cfg["hflip"]
     if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"] or getattr(train_ds, "full_res", False):
         from .data.augment import build_train_transform
         train_ds.transform = build_train_transform(
-            config.size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
+            sizes.size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
             hflip=cfg["hflip"], vflip=cfg["vflip"], color_jitter=cfg["color_jitter"],
             ignore_index=train_ds.info.ignore_index)
         flip_in_loop = False
@@ -320,31 +337,13 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     workers = resolve_workers(cfg["workers"],
                               train_ds.transform is not None or isinstance(train_ds, FileDataset) or streamed)
     val_workers = resolve_workers(cfg["workers"], isinstance(val_ds, (FileDataset, torch.utils.data.IterableDataset)))
-
-    def loader_kw(n):
-        # Persistent for streamed shards too: they read the epoch (their shuffle seed) from shared memory.
-        return dict(collate_fn=collate_batch, num_workers=n, pin_memory=ctx.device.type == "cuda",
-                    persistent_workers=n > 0, worker_init_fn=ignore_stop_signal_in_worker)
     for ds, n in ((train_ds, workers), (val_ds, val_workers)):
         if n > 0 and hasattr(ds, "open_skip_channel"):  # files are read in the workers: they report skips
             ds.open_skip_channel()
-    if streamed:  # every rank and worker streams its own share, the same number of batches everywhere
-        train_sampler = train_ds.configure(per_rank_batch, workers, dist_info.rank, dist_info.world_size,
-                                           shuffle=True, even=True, seed=cfg["seed"])
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=None, **loader_kw(workers))
-    else:
-        train_sampler = torch.utils.data.DistributedSampler(
-            train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg["seed"])
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler,
-                                                   **loader_kw(workers))
-    if isinstance(val_ds, torch.utils.data.IterableDataset):  # every sample scored exactly once
-        val_ds.configure(max(per_rank_batch, 16), val_workers, dist_info.rank, dist_info.world_size,
-                         shuffle=False, even=False)
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, **loader_kw(val_workers))
-    else:
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(per_rank_batch, 16),
-                                                 sampler=ShardSampler(len(val_ds), dist_info),
-                                                 **loader_kw(val_workers))
+    kw = dict(dist=dist_info, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signal_in_worker)
+    train_loader, train_sampler = make_loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg["seed"],
+                                              **kw)
+    val_loader, _ = make_loader(val_ds, max(per_rank_batch, 16), workers=val_workers, **kw)  # each sample once
     # Spread over the split and its classes (the first images are often one breed or consecutive frames);
     # streamed shards have no random access: their first samples.
     if not cfg["figure_samples"]:
@@ -451,7 +450,7 @@ def _log_header(cfg, model, data: RunData, ctx: RunContext, per_rank_batch: int,
     log.info(f"data: {data.info.name} train={getattr(data.train_ds, 'split_name', cfg['train_split'])} "
              f"({len(data.train_ds)} images) val={getattr(data.val_ds, 'split_name', cfg['val_split'])} "
              f"({len(data.val_ds)} images) at "
-             f"{'×'.join(map(str, config.size_hw(cfg['image_size'])))}"
+             f"{'×'.join(map(str, sizes.size_hw(cfg['image_size'])))}"
              f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg['cache']}; DataLoader "
              f"workers {data.workers}; unreadable files skipped: {skipped}")
     log.info(f"batch: global {cfg['batch_size']} = {per_rank_batch} per rank × {world} ranks × "
@@ -559,19 +558,15 @@ def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, ste
                 full: bool = True):
     """last.pt (``full``) holds everything --resume needs; best.pt only the model and what describes it: the
     optimiser state (Adam's two moments) would triple its size for no use at inference."""
-    out = {
-        "pixelseg_version": __version__,
-        "model": model.state_dict(),
-        "model_config": model.config,
-        "dataset": info.to_dict(),
-        "config": cfg,
-        "epoch": epoch,                  # completed epochs
-        "global_step": state.global_step,
-        "best_miou": state.best_miou,
-        "metrics": state.history[-1] if state.history else None,
-        "time_used_s": state.time_used_s,
-        "timing": dict(state.timing),
-    }
+    out = model_checkpoint(
+        model, info, cfg,
+        epoch=epoch,                     # completed epochs
+        global_step=state.global_step,
+        best_miou=state.best_miou,
+        metrics=state.history[-1] if state.history else None,
+        time_used_s=state.time_used_s,
+        timing=dict(state.timing),
+    )
     if full:
         out.update({
             "optimizer": optimizer.state_dict(),

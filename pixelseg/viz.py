@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from .checkpoint import atomic_write_bytes  # noqa: E402
+from .files import atomic_write_bytes  # noqa: E402
 from .metrics import IGNORE_INDEX  # noqa: E402
 
 IGNORE_COLOR = (255, 0, 255)  # magenta: no dataset palette uses it, so "ignored" stands out

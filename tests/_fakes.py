@@ -1,9 +1,29 @@
 """Shared test helpers (not a test module)."""
 import torch
 
-from pixelseg.checkpoint import atomic_save
+from pixelseg.checkpoint import atomic_save, model_checkpoint
 from pixelseg.data import synthetic
 from pixelseg.models import create_model
+
+# One backbone per architecture, with options that keep CPU tests cheap.
+ONE_PER_ARCH = {
+    "unet": ("mobilenet_v2", {}),
+    "fcn32s": ("vgg16", dict(head_channels=64)),
+    "fcn16s": ("vgg16", dict(head_channels=64)),
+    "fcn8s": ("vgg16", dict(head_channels=64)),
+    "segnet": ("vgg16", {}),
+    "bayesian_segnet": ("vgg16", {}),
+    "deeplabv3": ("resnet50", {}),
+}
+
+# The architectures added in issue 14, each with a small backbone and widths: the wiring is under test.
+NEW_ARCHS = {
+    "deeplabv3plus": ("mobilenet_v1", dict(aspp_channels=32, decoder_channels=32, low_level_channels=8)),
+    "pspnet": ("mobilenet_v1", dict(head_channels=32)),
+    "fpn": ("mobilenet_v2", dict(pyramid_channels=32, segmentation_channels=16)),
+    "upernet": ("timm:resnet10t", dict(channels=32)),
+    "segformer": ("mit_b0", dict(decoder_channels=32)),
+}
 
 
 def fake_checkpoint(path, arch="unet", backbone=None, size=32, seed=0, **options):
@@ -14,6 +34,6 @@ def fake_checkpoint(path, arch="unet", backbone=None, size=32, seed=0, **options
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    atomic_save({"model": model.state_dict(), "model_config": model.config, "dataset": synthetic.INFO.to_dict(),
-                 "config": {"image_size": size, "dataset": "synthetic", "val_split": "val", "data_root": None}}, path)
+    atomic_save(model_checkpoint(model, synthetic.INFO, {"image_size": size, "dataset": "synthetic", "val_split": "val",
+                                                         "data_root": None}), path)
     return path

@@ -7,6 +7,21 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PETS = SHARED_DATA / "oxford-iiit-pet-sample"
 CAMVID = SHARED_DATA / "camvid"
 
+# The tiny training run most tests start from: 16 synthetic 32×32 images, batch 8, random init, one figure sample.
+TINY_RUN = {"dataset": "synthetic", "limit": 16, "image_size": 32, "batch_size": 8, "weights": "none",
+            "figure_samples": 1}
+
+
+def tiny_run(**flags) -> list[str]:
+    """`pixelseg train` arguments of the tiny run, with ``flags`` changed or added (``epochs=1`` -> --epochs 1,
+    ``deterministic=True`` -> --deterministic, None drops a flag). Test modules: ``from conftest import tiny_run``."""
+    args: list[str] = []
+    for key, value in {**TINY_RUN, **flags}.items():
+        if value is None:
+            continue
+        args += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
+    return args
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,

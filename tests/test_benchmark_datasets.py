@@ -219,7 +219,7 @@ def test_cli_trains_one_step_on_each_fake_tree(tmp_path, dataset, make, train, v
     run = tmp_path / "run"
     rc = main(["train", "--dataset", dataset, "--data-root", str(root), "--train-split", train, "--val-split", val,
                "--model", "unet", "--backbone", "mobilenet_v2", "--weights", "none", "--epochs", "1",
-               "--batch-size", "2", "--image-size", "32", "--no-cache", "--precise-bn", "0", "--figure-samples", "0",
+               "--batch-size", "2", "--image-size", "32", "--cache", "memory", "--precise-bn", "0", "--figure-samples", "0",
                "--run-dir", str(run), "--device", "cpu"])
     assert rc == 0
     import json

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_run
 from pixelseg.budget import Pacer, epochs_without_improvement, format_seconds, steps_that_fit
 from pixelseg.checkpoint import load_checkpoint
 from pixelseg.cli import main
@@ -11,8 +12,7 @@ from pixelseg.config import parse_value
 from pixelseg.errors import PixelsegError
 from pixelseg.optim import build_scheduler, lr_factor
 
-TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8",
-        "--weights", "none", "--figure-samples", "1", "--precise-bn", "0"]
+TINY = tiny_run(precise_bn=0)
 
 
 class FakeClock:

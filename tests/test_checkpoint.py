@@ -5,7 +5,9 @@ import stat
 import pytest
 import torch
 
-from pixelseg.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from conftest import tiny_run
+from pixelseg.checkpoint import atomic_save, load_checkpoint
+from pixelseg.files import atomic_write_text
 from pixelseg.errors import PixelsegError
 
 
@@ -43,8 +45,7 @@ def test_truncated_checkpoint_says_truncated_and_what_to_do(tmp_path):
 def test_best_holds_the_model_only_and_resume_uses_last(tmp_path):
     from pixelseg.cli import main
     run = tmp_path / "run"
-    tiny = ["--dataset", "synthetic", "--limit", "8", "--image-size", "32", "--batch-size", "8", "--weights", "none",
-            "--figure-samples", "1"]
+    tiny = tiny_run(limit=8)
     assert main(["train", *tiny, "--epochs", "1", "--run-dir", str(run)]) == 0
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     assert "optimizer" not in best and "rng" not in best and "optimizer" in last

@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from pixelseg import config
+from conftest import tiny_run
+from pixelseg import config, sizes
 from pixelseg.cli import _parsers, build_parser, main
 from pixelseg.errors import PixelsegError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelseg"
-TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8",
-        "--weights", "none", "--figure-samples", "1", "--epochs", "1", "--precise-bn", "1"]
+TINY = tiny_run(epochs=1, precise_bn=1)
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> set[str]:
@@ -31,9 +31,6 @@ def test_every_option_is_one_complete_entry():
         assert config.flag(key) in flags, key
         if f.default is not None:  # every default is already canonical: parsing it changes nothing
             assert config.parse_value(key, f.default) == f.default, key
-    # the old names stay importable for code written against them
-    from pixelseg import train
-    assert train.DEFAULTS is config.DEFAULTS and train.resolve_config is config.resolve_config
 
 
 def test_help_is_grouped_prints_each_default_once_and_imports_no_torch():
@@ -75,14 +72,14 @@ def test_every_flag_named_in_the_package_exists():
     ([360, 480], [360, 480]), ((64, 64), 64), ([32], 32),
 ])
 def test_one_size_syntax(value, expected):
-    assert config.parse_size(value) == expected
-    assert config.size_hw(value) == ((expected, expected) if isinstance(expected, int) else tuple(expected))
+    assert sizes.parse_size(value) == expected
+    assert sizes.size_hw(value) == ((expected, expected) if isinstance(expected, int) else tuple(expected))
 
 
 @pytest.mark.parametrize("value", ["360,480", "big", "4", [1, 2, 3], True, "0x64", None])
 def test_bad_sizes_name_the_flag(value):
     with pytest.raises(PixelsegError, match="--image-size"):
-        config.size_hw(value)
+        sizes.size_hw(value)
 
 
 def test_tristate_and_bools_are_parsed_once():
@@ -176,3 +173,9 @@ def test_recorded_config_reproduces_a_weights_none_run(tmp_path):
     a = torch.load(first / "last.pt", weights_only=True)["model"]
     b = torch.load(second / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_color_jitter_on_non_rgb_input_is_refused_by_the_config():
+    with pytest.raises(PixelsegError, match="--color-jitter works on RGB images, not on 4-channel inputs"):
+        config.resolve_config({"in_channels": 4, "color_jitter": 0.2, "dataset": "folder"})
+    assert config.resolve_config({"in_channels": 4, "dataset": "synthetic", "run_dir": "r"})["color_jitter"] == 0.0

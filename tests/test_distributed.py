@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_run
 from pixelseg.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
-from pixelseg.inference import load_model
-from pixelseg.train import evaluate_model
+from pixelseg.loading import load_model
+from pixelseg.loop import RunContext, evaluate_loader
 
-TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8", "--weights", "none",
-        "--precision", "fp32", "--seed", "0", "--deterministic", "--figure-samples", "1", "--device", "cpu"]
+TINY = tiny_run(precision="fp32", seed=0, deterministic=True, device="cpu")
 
 
 def _env():
@@ -99,8 +99,8 @@ def test_sharded_validation_equals_single_process_exactly(one_vs_two, tmp_path):
     two = json.loads(out.read_text())
     ds = load_split("synthetic", None, "val", 32, limit=n_val)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=collate_batch)
-    cm, _ = evaluate_model(load_model(load_checkpoint(ckpt_path), torch.device("cpu")), loader,
-                           torch.device("cpu"), None, 3, 255, True, progress=False)
+    cm, _ = evaluate_loader(load_model(load_checkpoint(ckpt_path), torch.device("cpu")), loader,
+                            RunContext(torch.device("cpu"), None, True), ds.info, progress=False)
     assert two["world"] == 2 and two["local"] == 7
     assert two["cm"] == cm.mat.tolist()
     assert sum(map(sum, two["cm"])) == n_val * 32 * 32

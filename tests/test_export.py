@@ -13,13 +13,14 @@ from pixelseg.checkpoint import atomic_save, load_checkpoint
 from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 from pixelseg.export import check_parity, export, load_torchscript
-from pixelseg.inference import load_model
+from pixelseg.loading import load_model
 from pixelseg.models import create_model
 
 onnx = pytest.importorskip("onnx", reason="onnx (a pixelseg dependency) not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (a pixelseg dependency) not installed")
 
-from _fakes import fake_checkpoint  # noqa: E402
+from _fakes import NEW_ARCHS, ONE_PER_ARCH, fake_checkpoint  # noqa: E402
+from conftest import tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     r = tmp_path_factory.mktemp("export") / "run"
-    assert main(["train", "--dataset", "synthetic", "--limit", "8", "--image-size", "32", "--batch-size", "8",
-                 "--epochs", "1", "--weights", "none", "--figure-samples", "1", "--run-dir", str(r)]) == 0
+    assert main(["train", *tiny_run(limit=8, epochs=1), "--run-dir", str(r)]) == 0
     return r
 
 
@@ -210,9 +210,7 @@ def test_trained_segnet_exports_with_pooling_decisions_checked(tmp_path, flat_im
     (0.04 against a 0.003 tolerance) because PyTorch and onnxruntime break rounding-level ties between
     maxima differently. Parity is now checked with PyTorch following the file's pooling decisions."""
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "synthetic", "--model", "segnet", "--limit", "8", "--image-size", "32",
-                 "--batch-size", "8", "--epochs", "1", "--lr", "0.01", "--weights", "none", "--figure-samples", "1",
-                 "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_run(model="segnet", limit=8, epochs=1, lr=0.01), "--run-dir", str(run)]) == 0
     r = export(run, "onnx", tmp_path / "segnet.onnx", check_images=[flat_images])
     assert r["ok"] and r["max_abs_diff"] <= 1e-4 and r["pool_decisions"] > 0 and r["pool_gap"] <= 1e-5
     assert [s[2:] for s in r["inputs"][:3]] == [[37, 53], [64, 48], [90, 121]]   # dynamic H and W
@@ -248,3 +246,49 @@ def test_pooling_decisions_that_are_not_ties_fail_the_check(tmp_path, images, mo
     with pytest.raises(PixelsegError, match="NOT tied"):
         export(ckpt, "onnx", tmp_path / "s.onnx", check_images=[images])
     assert not (tmp_path / "s.onnx").exists()
+
+
+# ---- ONNX parity of the models themselves (this file is the one place for ONNX parity) -----------------
+@pytest.mark.parametrize(
+    "arch", ["segnet", pytest.param("unet", marks=pytest.mark.slow),
+             pytest.param("fcn8s", marks=pytest.mark.slow),
+             pytest.param("deeplabv3", marks=pytest.mark.slow)]
+)
+def test_onnx_export_with_dynamic_size(arch, tmp_path):
+    torch.manual_seed(0)
+    backbone, opts = ONE_PER_ARCH[arch]
+    model = create_model(arch, backbone, num_classes=5, **opts).eval()
+    if arch == "fcn8s":  # zero-initialised score layers would make the comparison vacuous
+        model = create_model("fcn8s", "vgg16", num_classes=5, head_channels=64).eval()
+        with torch.no_grad():
+            for conv in [model.head[-1], *model.score_skip]:
+                conv.weight.normal_(0, 0.01)
+    path = tmp_path / f"{arch}.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 64, 96),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    session = ort.InferenceSession(str(path))
+    x = torch.rand(2, 3, 50, 75)  # another batch and a size that needs padding
+    (y,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert y.shape == ref.shape == (2, 5, 50, 75)
+    assert np.abs(y - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# ONNX parity for every new architecture; the two with export-specific code paths (PSPNet's
+# adaptive pooling, SegFormer's transformers encoder) run by default, the rest with --runslow.
+@pytest.mark.parametrize("arch", [a if a in ("pspnet", "segformer") else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in NEW_ARCHS])
+def test_new_arch_exports_to_onnx_with_parity(arch, tmp_path):
+    if arch == "segformer":
+        pytest.importorskip("transformers", reason="pixelseg[segformer] extra not installed")
+    backbone, opts = NEW_ARCHS[arch]
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(37, 53), (90, 71)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"p{i}.png")
+    ckpt = fake_checkpoint(tmp_path / "m.pt", arch, backbone, size=64, **opts)
+    r = export(ckpt, "onnx", tmp_path / "m.onnx", check_images=[images])
+    assert r["ok"] and r["argmax_agreement"] >= 0.999 and (tmp_path / "m.onnx").is_file()
+    assert [s[2:] for s in r["inputs"][:2]] == [[37, 53], [90, 71]]

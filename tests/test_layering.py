@@ -1,4 +1,6 @@
-"""Module layering: loading sits below inference/export/serving, and inference does not need the trainer."""
+"""Module layering: loading sits below inference/export/serving, inference does not need the trainer, config and
+data import each other in one direction only (sizes sits below both), and no function in pixelseg/ is over 80 lines."""
+import ast
 import os
 import subprocess
 import sys
@@ -14,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("pixelseg.export", ["pixelseg.inference", "pixelseg.train"]),
     ("pixelseg.inference", ["pixelseg.export", "pixelseg.train"]),
     ("pixelseg.config", ["torch"]),
+    ("pixelseg.data", ["pixelseg.config"]),  # config -> data (registries) only; sizes is below both
+    ("pixelseg.sizes", ["torch", "pixelseg.config", "pixelseg.data"]),
 ])
 def test_import_does_not_pull_in(module, forbidden):
     code = f"import sys, {module}; print(' '.join(m for m in {forbidden!r} if m in sys.modules))"
@@ -21,3 +25,18 @@ def test_import_does_not_pull_in(module, forbidden):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing {module} imported {out.stdout.strip()}"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_over_80_lines():
+    long = []
+    for path in sorted((ROOT / "pixelseg").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {lines} lines")
+    assert not long, "functions over 80 lines: " + "; ".join(long)

@@ -1,14 +1,13 @@
 """Training learns, shown without any dataset on disk: synthetic blobs, a few epochs."""
 import json
 
+from conftest import tiny_run
 from pixelseg.cli import main
 
 
 def test_loss_falls_and_miou_rises_well_above_chance(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "synthetic", "--limit", "32", "--image-size", "32", "--batch-size", "8",
-                 "--epochs", "3", "--lr", "0.003", "--weights", "none", "--deterministic", "--figure-samples", "1",
-                 "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_run(limit=32, epochs=3, lr=0.003, deterministic=True), "--run-dir", str(run)]) == 0
     hist = json.loads((run / "metrics.json").read_text())
     losses = [h["train_loss"] for h in hist]
     mious = [h["val_miou"] for h in hist]

@@ -91,7 +91,7 @@ def test_train_evaluate_predict_export_with_four_bands(tmp_path, capsys):
     make_multiband(root, n=8)
     assert main(["train", "--dataset", "folder", "--data-root", str(root), "--in-channels", "4", "--rgb-bands",
                  "3,2,1", "--image-size", "32x40", "--batch-size", "4", "--epochs", "2", "--weights", "none",
-                 "--figure-samples", "1", "--run-dir", str(run), "--no-cache"]) == 0
+                 "--figure-samples", "1", "--run-dir", str(run), "--cache", "memory"]) == 0
     ckpt = load_checkpoint(run / "best.pt")
     mc = ckpt["model_config"]
     assert mc["in_channels"] == 4 and len(mc["mean"]) == 4 and len(mc["std"]) == 4
@@ -122,7 +122,7 @@ def test_train_with_wrong_in_channels_stops_before_training(tmp_path, capsys):
     root = tmp_path / "data"
     make_multiband(root, n=4)
     assert main(["train", "--dataset", "folder", "--data-root", str(root), "--in-channels", "3", "--image-size",
-                 "32", "--epochs", "1", "--weights", "none", "--run-dir", str(tmp_path / "r"), "--no-cache"]) == 2
+                 "32", "--epochs", "1", "--weights", "none", "--run-dir", str(tmp_path / "r"), "--cache", "memory"]) == 2
     err = capsys.readouterr().err
     assert "image has 4 channel(s) but the model takes 3 (--in-channels 3)" in err
     assert not (tmp_path / "r" / "last.pt").exists()

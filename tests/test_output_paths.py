@@ -4,10 +4,10 @@ import os
 import pytest
 from PIL import Image
 
+from conftest import tiny_run
 from pixelseg.cli import main
 
-TINY = ["--dataset", "synthetic", "--limit", "8", "--image-size", "32", "--batch-size", "8", "--weights", "none",
-        "--epochs", "1", "--figure-samples", "1"]
+TINY = tiny_run(limit=8, epochs=1)
 
 
 def _one_line_error(capsys, *needles):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pixelseg import config, plan
+from pixelseg import config, plan, sizes
 from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 
@@ -68,7 +68,7 @@ def test_tiny_objects_get_a_larger_input_than_large_ones(tmp_path):
     probe = plan.fixed_machine(train_ips_128=20.0, eval_ips_128=80.0)
     large = plan.make_plan(fp_of(write_folder(tmp_path / "l", size=256, obj=80)), probe, 180)
     tiny = plan.make_plan(fp_of(write_folder(tmp_path / "t", size=256, obj=4)), probe, 180)
-    side = lambda p: min(config.size_hw(p.choices["image_size"].value))  # noqa: E731
+    side = lambda p: min(sizes.size_hw(p.choices["image_size"].value))  # noqa: E731
     assert side(large) == 128 and side(tiny) > 128
     assert "median object" in tiny.choices["image_size"].reason
     assert tiny.choices["scale_range"].value[0] > large.choices["scale_range"].value[0]  # no zooming out of sight

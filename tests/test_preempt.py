@@ -14,10 +14,10 @@ import pixelseg.train as tr
 from pixelseg.checkpoint import load_checkpoint
 from pixelseg.cli import main
 from pixelseg.distributed import PREEMPTED_EXIT_CODE
+from conftest import tiny_run
 
-ARGS = ["train", "--dataset", "synthetic", "--limit", "32", "--image-size", "32", "--batch-size", "8",
-        "--weights", "none", "--precision", "fp32", "--seed", "0", "--deterministic", "--figure-samples", "1",
-        "--device", "cpu", "--epochs", "2", "--workers", "0"]
+ARGS = ["train", *tiny_run(limit=32, precision="fp32", seed=0, deterministic=True, device="cpu", epochs=2,
+                           workers=0)]
 
 
 def _sigterm_at_step(monkeypatch, at: int):

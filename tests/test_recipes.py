@@ -8,7 +8,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pixelseg.cli import _load_yaml_config, main
+from pixelseg.cli import main
+from pixelseg.config import read_yaml
 from pixelseg.errors import PixelsegError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -22,18 +23,18 @@ def test_every_recipe_parses_and_cites_a_source():
     for path in RECIPES:
         raw = yaml.safe_load(path.read_text())
         assert isinstance(raw.get("source"), str) and len(raw["source"]) > 10, path.name
-        cfg = _load_yaml_config(path)
+        cfg = read_yaml(path)
         assert "source" not in cfg and cfg["dataset"] and cfg["model"]
 
 
 def test_published_settings_are_the_ones_the_issue_names():
-    voc = _load_yaml_config(CONFIGS / "deeplabv3_resnet101_voc.yaml")
+    voc = read_yaml(CONFIGS / "deeplabv3_resnet101_voc.yaml")
     assert (voc["backbone"], voc["output_stride"], voc["image_size"], voc["batch_size"], voc["schedule"],
             voc["train_split"], voc["crop"]) == ("resnet101", 16, 513, 16, "poly", "train_aug", True)
-    city = _load_yaml_config(CONFIGS / "deeplabv3_resnet101_cityscapes.yaml")
+    city = read_yaml(CONFIGS / "deeplabv3_resnet101_cityscapes.yaml")
     assert city["output_stride"] == 8 and city["crop"] is True and city["iterations"] == 80000
     for name in ("segnet_camvid", "bayesian_segnet_camvid"):
-        c = _load_yaml_config(CONFIGS / f"{name}.yaml")
+        c = read_yaml(CONFIGS / f"{name}.yaml")
         assert c["image_size"] == "360x480" and c["class_weighting"] == "median"
 
 
@@ -68,7 +69,7 @@ def test_wrong_type_names_file_and_key(tmp_path, capsys, text, key, expected):
 def test_exponent_floats_without_dot_are_accepted(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("weight_decay: 5e-4\nlr: 1e-2\n")  # PyYAML reads these as strings
-    assert _load_yaml_config(cfg) == {"weight_decay": 5e-4, "lr": 1e-2}
+    assert read_yaml(cfg) == {"weight_decay": 5e-4, "lr": 1e-2}
 
 
 def test_iterations_stop_mid_epoch_and_schedule_spans_them(tmp_path):
@@ -133,12 +134,12 @@ def _fake_root(dataset: str, root: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [p.name for p in RECIPES])
 def test_recipe_runs_one_step(tmp_path, recipe):
-    cfg = _load_yaml_config(CONFIGS / recipe)
+    cfg = read_yaml(CONFIGS / recipe)
     root = _fake_root(cfg["dataset"], tmp_path / "data")
     run = tmp_path / "run"
     rc = main(["train", "--config", str(CONFIGS / recipe), "--data-root", str(root), "--weights", "none",
                "--iterations", "1", "--batch-size", "2", "--image-size", "64", "--limit", "4", "--precise-bn", "0",
-               "--figure-samples", "1", "--no-cache", "--device", "cpu", "--run-dir", str(run)])
+               "--figure-samples", "1", "--cache", "memory", "--device", "cpu", "--run-dir", str(run)])
     assert rc == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     for key in ("model", "optimizer", "lr", "schedule", "loss", "class_weighting", "output_stride"):

@@ -13,8 +13,8 @@ import torch
 
 from pixelseg.models import ARCHITECTURES, create_model
 from pixelseg.models.unet import UNet
-from pixelseg.runtime import (SubPixelConvTranspose2d, _Fp32BackwardDepthwiseConv2d, fold_batchnorm,
-                              optimize_for_training, prepare_for_inference, subpixel_conv_transpose)
+from pixelseg.runtime import (_Fp32BackwardDepthwiseConv2d, fold_batchnorm, optimize_for_training,
+                              prepare_for_inference)
 
 # Light backbones for the architectures whose defaults are big (the folding is what is under test).
 LIGHT = {"deeplabv3plus": "mobilenet_v1", "pspnet": "mobilenet_v1", "fpn": "mobilenet_v2",
@@ -188,42 +188,3 @@ def test_frozen_encoder_runs_as_a_cached_inference_copy(arch):
     model.set_encoder_frozen(False)
     model(x).float().sum().backward()
     assert any(p.grad is not None for p in model.encoder.parameters())
-
-
-@pytest.mark.parametrize("k, s, p, op", [(3, 2, 1, 1), (4, 2, 1, 0), (16, 8, 4, 0), (2, 2, 0, 0), (3, 3, 0, 0)])
-def test_subpixel_conv_transpose_is_exact(k, s, p, op):
-    """Small integers: every product and sum is exact in fp32, so the two forms must agree bit for
-    bit (any misplaced tap would show). Covers pix2pix's k3/s2 block and FCN's bilinear upsamplers."""
-    g = torch.Generator().manual_seed(k * 10 + s)
-    conv = torch.nn.ConvTranspose2d(6, 5, k, s, p, op)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randint(-2, 3, conv.weight.shape, generator=g).float())
-        conv.bias.copy_(torch.randint(-2, 3, conv.bias.shape, generator=g).float())
-    x = torch.randint(-3, 4, (2, 6, 7, 10), generator=g).float()
-    sub = SubPixelConvTranspose2d(conv)
-    with torch.no_grad():
-        ref, out = conv(x), sub(x)
-        assert out.shape == ref.shape == (2, 5, 7 * s, 10 * s)
-        assert torch.equal(out, ref)
-        assert torch.equal(sub(x.contiguous(memory_format=torch.channels_last)), ref)
-
-
-@pytest.mark.parametrize("arch", ["unet", "fcn8s"])
-def test_inference_rewrite_replaces_every_transposed_conv_and_keeps_outputs(arch, monkeypatch):
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 64, 96)
-    opts = dict(head_channels=32) if arch == "fcn8s" else {}
-    model = _with_running_stats(create_model(arch, num_classes=4, weights=None, **opts), x)
-    n_t = sum(type(m) is torch.nn.ConvTranspose2d for m in model.modules())
-    with torch.no_grad():
-        ref = model(x)
-    fast = copy.deepcopy(model)
-    fold_batchnorm(fast)
-    assert subpixel_conv_transpose(fast) == n_t == (5 if arch == "unet" else 3)
-    assert not any(type(m) is torch.nn.ConvTranspose2d for m in fast.modules())
-    with torch.no_grad():
-        out = fast(x)
-    assert _rel(out, ref) < 1e-5
-    import pixelseg.runtime as rt
-    monkeypatch.setattr(rt, "SUBPIXEL_CONV_TRANSPOSE", True)  # off by default: slower on the CPUs measured
-    assert sum(isinstance(m, SubPixelConvTranspose2d) for m in prepare_for_inference(copy.deepcopy(model)).modules()) == n_t

@@ -25,7 +25,8 @@ from pixelseg.cli import main  # noqa: E402
 from pixelseg.data import synthetic  # noqa: E402
 from pixelseg.server import create_app  # noqa: E402
 from pixelseg.labels.rle import coco_rle_decode, coco_rle_encode as rle_encode  # noqa: E402
-from pixelseg.serving import Engine, Limits  # noqa: E402
+from pixelseg.serving import Engine  # noqa: E402
+from pixelseg.sizes import Limits  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
 
@@ -180,7 +181,7 @@ def test_tile_and_tta_match_cli_predict(ckpt, images, tmp_path):
 
 
 def test_an_onnx_file_is_served_like_predict_backend_onnx(ckpt, images, tmp_path):
-    pytest.importorskip("onnxruntime", reason="pixelseg[onnx] extra not installed")
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
     onnx_file = tmp_path / "model.onnx"
     assert main(["export", str(ckpt), "--out", str(onnx_file), "--check-images", str(images / "odd.png")]) == 0
     assert main(["predict", str(onnx_file), str(images), "--out", str(tmp_path / "p")]) == 0

@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("fastapi", reason="pixelseg[serve] extra not installed")
 import httpx  # noqa: E402
 
-from pixelseg.serving import Engine, Limits  # noqa: E402
+from pixelseg.serving import Engine  # noqa: E402
+from pixelseg.sizes import Limits  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
 from test_serve import _metric, error_of, mask_of, photo, png, running, running_app  # noqa: E402

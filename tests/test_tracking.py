@@ -3,11 +3,11 @@ import json
 
 import pytest
 
+from conftest import tiny_run
 from pixelseg.cli import main
 from pixelseg.tracking import scalars
 
-TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8", "--weights", "none",
-        "--figure-samples", "1", "--epochs", "2", "--precise-bn", "1"]
+TINY = tiny_run(epochs=2, precise_bn=1)
 
 
 def test_scalars_flatten_per_class_values():

@@ -6,12 +6,12 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import tiny_run
 from pixelseg.checkpoint import atomic_save, load_checkpoint
 from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 
-TINY = ["--dataset", "synthetic", "--limit", "16", "--image-size", "32", "--batch-size", "8",
-        "--weights", "none", "--figure-samples", "2"]
+TINY = tiny_run(figure_samples=2)
 
 
 def _train(tmp_path, name, *extra):

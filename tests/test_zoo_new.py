@@ -16,13 +16,7 @@ from pixelseg.models.blocks import adaptive_avg_pool2d
 
 transformers = pytest.importorskip("transformers", reason="pixelseg[segformer] extra not installed")
 
-NEW = {
-    "deeplabv3plus": ("mobilenet_v1", dict(aspp_channels=32, decoder_channels=32, low_level_channels=8)),
-    "pspnet": ("mobilenet_v1", dict(head_channels=32)),
-    "fpn": ("mobilenet_v2", dict(pyramid_channels=32, segmentation_channels=16)),
-    "upernet": ("timm:resnet10t", dict(channels=32)),
-    "segformer": ("mit_b0", dict(decoder_channels=32)),
-}
+from _fakes import NEW_ARCHS as NEW  # noqa: E402  (small backbones and widths per new architecture)
 
 
 def _model(arch, **kw):
@@ -100,29 +94,6 @@ def test_segformer_decoder_widths_follow_the_paper():
     enc = sum(p.numel() for p in b2.encoder.parameters())
     total = sum(p.numel() for p in b2.parameters())
     assert 24e6 < enc < 25.5e6 and 27e6 < total < 28e6
-
-
-# ONNX parity for every new architecture; the two with export-specific code paths (PSPNet's
-# adaptive pooling, SegFormer's transformers encoder) run by default, the rest with --runslow.
-@pytest.mark.parametrize("arch", [a if a in ("pspnet", "segformer") else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in NEW])
-def test_new_arch_exports_to_onnx_with_parity(arch, tmp_path):
-    pytest.importorskip("onnxruntime", reason="pixelseg[onnx] extra not installed")
-    from _fakes import fake_checkpoint  # noqa: PLC0415 - shared helper
-
-    from pixelseg.export import export
-    backbone, opts = NEW[arch]
-    images = tmp_path / "imgs"
-    images.mkdir()
-    from PIL import Image
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(37, 53), (90, 71)]):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"p{i}.png")
-    ckpt = fake_checkpoint(tmp_path / "m.pt", arch, backbone, size=64, **opts)
-    r = export(ckpt, "onnx", tmp_path / "m.onnx", check_images=[images])
-    assert r["ok"] and r["argmax_agreement"] >= 0.999 and (tmp_path / "m.onnx").is_file()
-    assert [s[2:] for s in r["inputs"][:2]] == [[37, 53], [90, 71]]
 
 
 # ---- timm:NAME encoders -------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def score_checkpoint(path: Path, data_root: Path, size: int) -> dict:
     import torch
 
     from pixelseg.checkpoint import load_checkpoint
-    from pixelseg.inference import load_model
+    from pixelseg.loading import load_model
     from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input
 
     ckpt = load_checkpoint(path)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import size_hw
+from ..sizes import size_hw
 from ..errors import PixelsegError
 from ..logs import logger as log
 from . import ade20k, camvid, cityscapes, folder, labelled, pets, shards, synthetic, voc
-from .base import ArrayDataset, DatasetInfo, collate_batch
+from .base import ArrayDataset, DatasetInfo, check_same_size, collate_batch
 
 # name -> dataset module. The protocol every module follows:
 #   INFO (DatasetInfo), DEFAULT_SPLITS {"train": ..., "val": ...},
@@ -131,9 +131,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
         except UnreadableImage as exc:
             return None, None, str(exc)
         target = read_target(s)
-        if target.shape != img.shape[:2]:
-            raise PixelsegError(f"{s.mask}: mask is {target.shape[1]}×{target.shape[0]} but its image "
-                                f"{s.image.name} is {img.shape[1]}×{img.shape[0]}; they must have the same size")
+        check_same_size(s.mask, s.image.name, img.shape[1::-1], target.shape[1::-1])
         return img, target, None
 
     with ThreadPoolExecutor(1) as pool:

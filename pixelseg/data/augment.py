@@ -27,7 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from pixelseg.config import size_hw
+from pixelseg.sizes import size_hw
 from pixelseg.errors import PixelsegError
 from pixelseg.metrics import IGNORE_INDEX
 

@@ -83,7 +83,7 @@ class CacheSpec:
 
 
 def cache_spec(use_cache) -> CacheSpec:
-    """True/False (the old --cache/--no-cache), a mode name, or a CacheSpec."""
+    """True/False (mmap / memory: what the loaders' use_cache means), a mode name, or a CacheSpec."""
     if isinstance(use_cache, CacheSpec):
         return use_cache
     if use_cache is None or use_cache is True:
@@ -352,6 +352,14 @@ def collate_batch(batch):
 
 
 # ---- reading one sample ---------------------------------------------------------------------------
+def check_same_size(mask, image_name: str, image_wh: tuple[int, int], mask_wh: tuple[int, int]) -> None:
+    """The one image/mask size check of the file readers (sizes as (width, height)): a one-line error naming
+    the mask."""
+    if tuple(image_wh) != tuple(mask_wh):
+        raise PixelsegError(f"{mask}: mask is {mask_wh[0]}×{mask_wh[1]} but its image {image_name} is "
+                            f"{image_wh[0]}×{image_wh[1]}; image and mask must have the same size")
+
+
 def fit_size(hw: tuple[int, int], size, max_side: int | None):
     """Target (h, w): `size` when given; else the source size `hw` scaled down to `max_side` (None: as is)."""
     if size is not None:
@@ -376,10 +384,7 @@ class LabelReader:
     def __call__(self, s: Sample, size=None, max_side=None):
         isz = _open(s.image).size
         if s.mask is not None:
-            msz = _open(s.mask).size
-            if isz != msz:
-                raise PixelsegError(f"{s.mask}: mask is {msz[0]}×{msz[1]} but its image {s.image.name} is "
-                                    f"{isz[0]}×{isz[1]}; image and mask must have the same size")
+            check_same_size(s.mask, s.image.name, isz, _open(s.mask).size)
         target = fit_size((isz[1], isz[0]), size, max_side)
         img = read_image(s.image, target)
         mask = read_mask(s.mask, target) if s.mask is not None else np.zeros(img.shape[:2], np.uint8)

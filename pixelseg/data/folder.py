@@ -428,21 +428,7 @@ def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = 
     index_known[IGNORE] = True
     notices: list[str] = []
     if csv_path.is_file():
-        table = read_classes_csv(csv_path)
-        k = len(table.names)
-        index_lut[:k] = np.arange(k)
-        index_known[:k] = True
-        pairs = sorted([(_rgb_code(c), i) for i, c in enumerate(table.palette)]
-                       + [(_rgb_code(c), IGNORE) for c in table.ignore_colors])
-        codes = np.array([p[0] for p in pairs], np.int32)
-        ids = np.array([p[1] for p in pairs], np.uint8)
-        info = DatasetInfo("folder", table.names, table.palette, IGNORE)
-        desc = f"{'/'.join(sorted(kinds))} masks, {k} classes from {csv_path.name}"
-        if table.ignore_colors:
-            desc += f" (ignored colours: {', '.join(map(str, table.ignore_colors))})"
-        codec = MaskCodec(info, index_lut, index_known, codes, ids, desc, notices)
-        _check_unknown(codec, scan, csv_path)
-        return codec
+        return _codec_from_csv(csv_path, kinds, scan, index_lut, index_known, notices)
     if len(kinds) > 1:
         rgb = next(p for p, r in scan.items() if r.get("kind") == "rgb")
         idx = next(p for p, r in scan.items() if r.get("kind") == "index")
@@ -452,43 +438,9 @@ def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = 
     kind = kinds.pop() if kinds else "index"
     found = sorted({v for r in scan.values() for v in r.get("values", [])})
     if kind == "index":
-        values = [v for v in found if v != IGNORE]
-        if found and set(found) <= {0, IGNORE} and IGNORE in found:
-            values = [0, IGNORE]
-            names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
-            notices.append("masks hold only 0 and 255: read as a binary mask, 0 -> class 0 (background), "
-                           "255 -> class 1 (foreground)")
-        else:
-            if IGNORE in found:
-                notices.append("mask value 255 is read as 'ignore' (left out of loss and metrics)")
-            names = [f"class_{v}" for v in values]
-            pal = next((r["palette"] for r in scan.values() if r.get("palette")), None)
-            palette = ([tuple(pal[3 * v: 3 * v + 3]) for v in values] if pal and len(pal) >= 3 * (max(values) + 1)
-                       else _default_palette(len(values)))
-            if values != list(range(len(values))):
-                notices.append("mask values " + ", ".join(f"{v}->{i}" for i, v in enumerate(values))
-                               + " are renumbered to consecutive class ids (write classes.csv to fix the ids)")
-        for i, v in enumerate(values):
-            index_lut[v] = i
-            index_known[v] = True
-        codes, ids = np.zeros(0, np.int32), np.zeros(0, np.uint8)
-        desc = f"index masks, {len(names)} classes numbered from the values found"
+        names, palette, codes, ids, desc = _index_classes(found, scan, index_lut, index_known, notices)
     else:
-        if len(found) > MAX_AUTO_CLASSES:
-            example = max(scan, key=lambda p: len(scan[p].get("values", [])))
-            raise PixelsegError(f"RGB masks hold {len(found)} distinct colours ({example} alone has "
-                                f"{len(scan[example]['values'])}): they look antialiased or JPEG-compressed; "
-                                f"save masks without smoothing, or list the class colours in {csv_path}")
-        if found == [0, _rgb_code((255, 255, 255))]:
-            names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
-            notices.append("masks are black/white: read as a binary mask, black -> class 0, white -> class 1")
-        else:
-            palette = [(c >> 16, (c >> 8) & 255, c & 255) for c in found]
-            names = [f"class_{i}" for i in range(len(found))]
-            notices.append(f"no {csv_path.name}: the {len(found)} mask colours found are numbered in RGB order "
-                           "(write classes.csv with id,name,r,g,b to name them and fix their ids)")
-        codes, ids = np.array(found, np.int32), np.arange(len(found), dtype=np.uint8)
-        desc = f"RGB masks, {len(names)} classes numbered from the colours found"
+        names, palette, codes, ids, desc = _rgb_classes(found, scan, csv_path, notices)
     if len(names) > 254:
         raise PixelsegError(f"masks hold {len(names)} distinct values; at most 254 classes are supported")
     if names_given:
@@ -500,6 +452,72 @@ def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = 
         names = names_given
     return MaskCodec(DatasetInfo("folder", names, list(palette), IGNORE), index_lut, index_known, codes, ids,
                      desc, notices)
+
+
+def _codec_from_csv(csv_path: Path, kinds: set, scan: dict[str, dict], index_lut, index_known,
+                    notices: list[str]) -> MaskCodec:
+    """The classes as classes.csv (or --classes) lists them: index value i and colour (r, g, b) -> class i."""
+    table = read_classes_csv(csv_path)
+    k = len(table.names)
+    index_lut[:k] = np.arange(k)
+    index_known[:k] = True
+    pairs = sorted([(_rgb_code(c), i) for i, c in enumerate(table.palette)]
+                   + [(_rgb_code(c), IGNORE) for c in table.ignore_colors])
+    codes = np.array([p[0] for p in pairs], np.int32)
+    ids = np.array([p[1] for p in pairs], np.uint8)
+    info = DatasetInfo("folder", table.names, table.palette, IGNORE)
+    desc = f"{'/'.join(sorted(kinds))} masks, {k} classes from {csv_path.name}"
+    if table.ignore_colors:
+        desc += f" (ignored colours: {', '.join(map(str, table.ignore_colors))})"
+    codec = MaskCodec(info, index_lut, index_known, codes, ids, desc, notices)
+    _check_unknown(codec, scan, csv_path)
+    return codec
+
+
+def _index_classes(found: list[int], scan: dict[str, dict], index_lut, index_known, notices: list[str]):
+    """Index masks without classes.csv: the values found, numbered in order (0/255 alone: binary)."""
+    values = [v for v in found if v != IGNORE]
+    if found and set(found) <= {0, IGNORE} and IGNORE in found:
+        values = [0, IGNORE]
+        names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
+        notices.append("masks hold only 0 and 255: read as a binary mask, 0 -> class 0 (background), "
+                       "255 -> class 1 (foreground)")
+    else:
+        if IGNORE in found:
+            notices.append("mask value 255 is read as 'ignore' (left out of loss and metrics)")
+        names = [f"class_{v}" for v in values]
+        pal = next((r["palette"] for r in scan.values() if r.get("palette")), None)
+        palette = ([tuple(pal[3 * v: 3 * v + 3]) for v in values] if pal and len(pal) >= 3 * (max(values) + 1)
+                   else _default_palette(len(values)))
+        if values != list(range(len(values))):
+            notices.append("mask values " + ", ".join(f"{v}->{i}" for i, v in enumerate(values))
+                           + " are renumbered to consecutive class ids (write classes.csv to fix the ids)")
+    for i, v in enumerate(values):
+        index_lut[v] = i
+        index_known[v] = True
+    codes, ids = np.zeros(0, np.int32), np.zeros(0, np.uint8)
+    desc = f"index masks, {len(names)} classes numbered from the values found"
+    return names, palette, codes, ids, desc
+
+
+def _rgb_classes(found: list[int], scan: dict[str, dict], csv_path: Path, notices: list[str]):
+    """RGB masks without classes.csv: the colours found, numbered in RGB order (black/white alone: binary)."""
+    if len(found) > MAX_AUTO_CLASSES:
+        example = max(scan, key=lambda p: len(scan[p].get("values", [])))
+        raise PixelsegError(f"RGB masks hold {len(found)} distinct colours ({example} alone has "
+                            f"{len(scan[example]['values'])}): they look antialiased or JPEG-compressed; "
+                            f"save masks without smoothing, or list the class colours in {csv_path}")
+    if found == [0, _rgb_code((255, 255, 255))]:
+        names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
+        notices.append("masks are black/white: read as a binary mask, black -> class 0, white -> class 1")
+    else:
+        palette = [(c >> 16, (c >> 8) & 255, c & 255) for c in found]
+        names = [f"class_{i}" for i in range(len(found))]
+        notices.append(f"no {csv_path.name}: the {len(found)} mask colours found are numbered in RGB order "
+                       "(write classes.csv with id,name,r,g,b to name them and fix their ids)")
+    codes, ids = np.array(found, np.int32), np.arange(len(found), dtype=np.uint8)
+    desc = f"RGB masks, {len(names)} classes numbered from the colours found"
+    return names, palette, codes, ids, desc
 
 
 def _check_unknown(codec: MaskCodec, scan: dict[str, dict], csv_path: Path) -> None:
@@ -628,10 +646,7 @@ class FolderReader:
 
     def __call__(self, s: Sample, size=None, max_side=None):
         isz = input_size(s.image)
-        msize = _open_mask(s.mask).size
-        if isz != msize:
-            raise PixelsegError(f"{s.mask}: mask is {msize[0]}×{msize[1]} but its image {s.image.name} is "
-                                f"{isz[0]}×{isz[1]}; image and mask must have the same size")
+        _base.check_same_size(s.mask, s.image.name, isz, _open_mask(s.mask).size)
         target = fit_size((isz[1], isz[0]), size, max_side)
         if self.channels == 3 and not is_tiff(s.image):
             img = _base.read_image(s.image, target)

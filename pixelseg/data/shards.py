@@ -113,7 +113,7 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
     if isinstance(out, str):
         remote.write_bytes(remote.join(out, f"{split}.json"), json.dumps(index, indent=1).encode())
     else:
-        from ..checkpoint import atomic_write_text
+        from ..files import atomic_write_text
         atomic_write_text(out / f"{split}.json", json.dumps(index, indent=1))
     return index
 

@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text
 from ..errors import PixelsegError
 from .rle import coco_rle_decode, coco_rle_encode, cvat_rle_encode, ls_rle_encode
 

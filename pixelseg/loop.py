@@ -1,9 +1,10 @@
-"""The training engine: one epoch of training, evaluation, PreciseBN (torchvision references style).
+"""The training loop: one training step, one epoch of training, evaluation over a loader, PreciseBN
+(torchvision references' engine.py; named loop here because `serving.Engine` is a loaded model).
 
 The functions take the model and a ``RunContext`` (device, autocast dtype, memory layout,
 distributed info) instead of those four as loose arguments, and the dataset's ``DatasetInfo``
 instead of ``num_classes`` / ``ignore_index`` scalars. ``train.train`` orchestrates them;
-``inference.evaluate`` uses ``evaluate`` too.
+``inference.evaluate`` (the `pixelseg evaluate` command) runs ``evaluate_loader`` too.
 """
 from __future__ import annotations
 
@@ -77,6 +78,24 @@ class EpochResult:
     data_time: float
 
 
+def train_step(forward, criterion, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, ctx: RunContext, *,
+               accumulate: int = 1, optimizer_step: bool = True, sync=None):
+    """One training step on a batch already on the device: autocast forward -> fp32 loss -> (GradScaler-)
+    scaled backward of loss / ``accumulate``, then, with ``optimizer_step``, the optimiser step and
+    zeroed gradients. ``sync``: a context for the backward (DDP's ``no_sync`` between accumulated
+    micro-batches). Returns (logits, loss). The step ``train_one_epoch`` runs and the benchmarks measure."""
+    with sync or contextlib.nullcontext():
+        with ctx.autocast():
+            logits = forward(x)
+        loss = criterion(logits.float(), y)
+        scaler.scale(loss / accumulate).backward()
+    if optimizer_step:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return logits, loss
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx: RunContext, info: DatasetInfo, *,
                     epoch: int, epochs: int, accumulate: int = 1, steps_done: int = 0, flip_seed: int | None = None,
                     forward=None, on_step=None) -> EpochResult:
@@ -113,15 +132,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
         x, y = ctx.to_input(images), ctx.to_target(masks)
         last_micro = (micro + 1) % accumulate == 0 or micro + 1 == micro_per_epoch
         sync = model.no_sync() if ctx.dist.enabled and not last_micro else contextlib.nullcontext()
-        with sync:
-            with ctx.autocast():
-                logits = forward(x)
-            loss = criterion(logits.float(), y)
-            scaler.scale(loss / accumulate).backward()
+        logits, loss = train_step(forward, criterion, optimizer, scaler, x, y, ctx, accumulate=accumulate,
+                                  optimizer_step=last_micro, sync=sync)
         if last_micro:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step_in_epoch += 1
             bar.update(1)
@@ -145,10 +158,11 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, progress: bool = True,
-             desc: str = "val") -> tuple[ConfusionMatrix, float]:
+def evaluate_loader(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, progress: bool = True,
+             desc: str = "val", on_batch=None) -> tuple[ConfusionMatrix, float]:
     """Confusion matrix (and mean per-pixel loss, NaN without ``criterion``) over the whole loader,
-    summed across ranks before scoring."""
+    summed across ranks before scoring. ``on_batch(x, y, logits)`` sees each batch on the device with its
+    fp32 logits (the uncertainty report of `pixelseg evaluate --uncertainty` is gathered so)."""
     model.eval()
     cm = ConfusionMatrix(info.num_classes, info.ignore_index, device=ctx.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of per-pixel losses, pixels)
@@ -158,6 +172,8 @@ def evaluate(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, 
         with ctx.autocast():
             logits = model(x)
         logits = logits.float()
+        if on_batch is not None:
+            on_batch(x, y, logits)
         if criterion is not None:
             valid = (y != info.ignore_index).sum()
             loss_sum[0] += criterion(logits, y).double() * valid
@@ -207,5 +223,5 @@ def predict_batch(model, images: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         return model(ctx.to_input(images)).float().argmax(1).cpu()
 
 
-__all__ = ["RunContext", "EpochResult", "set_train_mode", "train_one_epoch", "evaluate", "precise_bn",
+__all__ = ["RunContext", "EpochResult", "set_train_mode", "train_step", "train_one_epoch", "evaluate_loader", "precise_bn",
            "predict_batch"]

@@ -1,0 +1,93 @@
+"""Files and output directories: atomic writes (temp file beside the target, fsync, os.replace - a kill
+at any moment leaves the old file or the new one, never a truncated one) and output directories that are
+checked before any work and created with a write probe. Used for checkpoints, metrics, figures, exports."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import PixelsegError
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temp file beside `path`; on success fsync and rename it onto `path`, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make outputs private, unlike open()'s files
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_output_dir(path, flag: str) -> Path:
+    """Refuse, before any work, an output directory that cannot exist: a file in its place or on its path,
+    or a parent we may not write in. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PixelsegError(f"{flag} {path}: a file with that name exists; {flag} names a directory, so choose "
+                            "another name or move the file")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PixelsegError(f"{flag} {path}: {existing} is a file, so no directory can be made under it")
+    if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+        raise PixelsegError(f"{flag} {path}: no permission to create it in {existing}; choose a directory you "
+                            "can write to")
+    return path
+
+
+def make_output_dir(path, flag: str) -> Path:
+    """Create an output directory (and parents) and prove a file can be written there; on failure remove
+    whatever this call created and raise a one-line PixelsegError naming the flag."""
+    path = check_output_dir(path, flag)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pixelseg-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        for d in missing:  # deepest first: nothing half-made is left behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise PixelsegError(f"{flag} {path}: cannot create or write there ({exc.strerror or exc}); choose a "
+                            "directory on a writable file system") from None
+    return path
