@@ -81,7 +81,9 @@ def read_bytes(url: str) -> bytes:
 
 def open_read(url: str):
     """A sequential reader of one object (readahead blocks: a tar streams without holding the shard)."""
-    return filesystem().open(_key(url), "rb", block_size=4 << 20, cache_type="readahead")
+    fs = filesystem()
+    fs.invalidate_cache(_key(url))  # the size must be the object's now, not a listing's from earlier
+    return fs.open(_key(url), "rb", block_size=4 << 20, cache_type="readahead")
 
 
 def listing(prefix: str) -> list[str]:

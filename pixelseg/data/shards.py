@@ -380,11 +380,16 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
             try:
                 files = wds.tariterators.tar_file_expander(stream, handler=handler)
                 samples = self._checked(url, wds.tariterators.group_by_keys(files, handler=handler))
+                read = 0
                 for pos, sample in enumerate(samples, first):
                     if pos >= min(hi, start):
                         break
+                    read += 1
                     if pos >= lo:
                         yield pos - lo, url, sample
+                else:  # the whole shard was read: a tar cut at a member boundary ends without an error
+                    if stream and not errors and read < self.counts[sid]:
+                        errors.append(f"{read} of the {self.counts[sid]} samples its index lists")
             finally:
                 for opened in stream:
                     opened["stream"].close()
