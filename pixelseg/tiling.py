@@ -37,7 +37,7 @@ def flip_tta(fn: LogitsFn) -> LogitsFn:
 
 
 class FlipTTA(nn.Module):
-    """A model wrapped with horizontal-flip TTA, usable wherever the model is (e.g. evaluate_model)."""
+    """A model wrapped with horizontal-flip TTA, usable wherever the model is (evaluate, predict, serve)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
