@@ -5,6 +5,9 @@
   smp       segmentation_models_pytorch Unet("mobilenet_v2") in a plain fp32 training loop
             (compare/smp_unet.py), installed with `pip --target benchmarks/.envs/smp --no-deps`
   pixelseg  `pixelseg train` / the model with pixelseg's defaults (compare/pixelseg_runner.py)
+  openvino, openvino_int8
+            inference only: the same model through pixelseg's OpenVINO export path, fp32 or NNCF int8
+            (the `openvino` extra; skipped where it is not installed)
 
 Throughput runs on random images and blob masks written once in the official Oxford-IIIT Pet layout
 (benchmarks/out/random-pets-*), so every framework reads files through its normal pets path; images/s
@@ -17,6 +20,7 @@ scores the weights of the last epoch that ended inside it on the same test array
     python benchmarks/compare.py                          # defaults: 3 repeats, 120 s quality budget
     python benchmarks/compare.py --repeats 1 --epochs 2 --train-images 128 --budget 30   # smoke test
     python benchmarks/compare.py --runners pixelseg,smp --no-quality
+    python benchmarks/compare.py --runners tf,pixelseg,openvino,openvino_int8 --no-quality
 
 Nothing here is a pixelseg dependency, and no test depends on it.
 """
@@ -38,8 +42,10 @@ sys.path.insert(0, str(HERE / "compare"))
 import common  # noqa: E402
 
 ENVS = HERE / ".envs"
-RUNNERS = ("tf", "smp", "pixelseg")
-LABELS = {"tf": "TensorFlow tutorial (Keras fit)", "smp": "SMP Unet, plain loop", "pixelseg": "pixelseg defaults"}
+RUNNERS = ("tf", "smp", "pixelseg", "openvino", "openvino_int8")
+LABELS = {"tf": "TensorFlow tutorial (Keras fit)", "smp": "SMP Unet, plain loop", "pixelseg": "pixelseg defaults",
+          "openvino": "pixelseg, OpenVINO fp32", "openvino_int8": "pixelseg, OpenVINO int8"}
+INFER_ONLY = ("openvino", "openvino_int8")
 
 
 # ---- environments ------------------------------------------------------------------------------
@@ -93,6 +99,14 @@ def ensure_smp(spec: str) -> tuple[list[str] | None, dict, str]:
 def ensure_pixelseg() -> tuple[list[str], dict, str]:
     env = dict(os.environ, PIXELSEG_CACHE=str(common.OUT_DIR / "cache"), TQDM_DISABLE="1")
     return [sys.executable, str(HERE / "compare" / "pixelseg_runner.py")], env, ""
+
+
+def ensure_openvino(backend: str) -> tuple[list[str] | None, dict, str]:
+    ok, out = _check([sys.executable, "-c", "import openvino, nncf"])
+    if not ok:
+        return None, {}, f"openvino/nncf not importable here (pip install -e '.[openvino]'): {out.splitlines()[-1:]}"
+    cmd, env, _ = ensure_pixelseg()
+    return [*cmd, "--backend", backend], env, ""
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -160,7 +174,7 @@ def print_table(rows: dict, budget: float, mem_label: str) -> str:
             (f"{mem_label}, inference, GB", "mem_infer", ".2f", True),
             (f"test mIoU after {budget:g} s (epochs)", "miou", ".3f", False)]
     names = [n for n in RUNNERS if n in rows]
-    others = [n for n in names if n != "pixelseg"] if "pixelseg" in rows else []
+    others = [n for n in names if n not in ("pixelseg", *INFER_ONLY)] if "pixelseg" in rows else []
     head = "| metric | " + " | ".join(LABELS[n] for n in names) + " |" + "".join(f" pixelseg vs {n} |" for n in others)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     p = rows.get("pixelseg", {})
@@ -202,6 +216,13 @@ def goals(rows: dict) -> list[str]:
         r = a / b
         met = r <= target if lower else r >= target
         out.append(f"  {label}: pixelseg/TF = {r:.2f} -> {'met' if met else 'NOT met'}")
+    for name in INFER_ONLY:  # issue 19: the OpenVINO deployment path against the same TF inference
+        ov = rows.get(name)
+        if not ov or ov.get("infer") is None or tf.get("infer") is None:
+            continue
+        r, lat = ov["infer"] / tf["infer"], ov["latency"] / tf["latency"]
+        out.append(f"  {LABELS[name]} inference b64 ≥ 2×: {r:.2f} -> {'met' if r >= 2 else 'NOT met'}; "
+                   f"latency b1 ≤ 0.5×: {lat:.2f} -> {'met' if lat <= 0.5 else 'NOT met'}")
     return out
 
 
@@ -232,7 +253,8 @@ def main(argv=None) -> int:
     runners, skipped = {}, {}
     for name in wanted:
         cmd, env, why = {"tf": lambda: ensure_tf(args.tf_spec), "smp": lambda: ensure_smp(args.smp_spec),
-                         "pixelseg": ensure_pixelseg}[name]()
+                         "pixelseg": ensure_pixelseg, "openvino": lambda: ensure_openvino("openvino"),
+                         "openvino_int8": lambda: ensure_openvino("openvino_int8")}[name]()
         if cmd is None:
             skipped[name] = why
             print(f"[compare] skipping {name}: {why}", flush=True)
@@ -250,6 +272,8 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):  # interleaved, so slow drifts in machine load hit every runner alike
         for name, (cmd, env) in runners.items():
             for task, targs in tasks.items():
+                if name in INFER_ONLY and task != "infer":
+                    continue
                 t = time.time()
                 res = run_task(cmd, env, targs, args.timeout)
                 raw[name][task].append(res)
@@ -266,6 +290,8 @@ def main(argv=None) -> int:
                   "(pass --pets-root)", flush=True)
         else:
             for name, (cmd, env) in runners.items():
+                if name in INFER_ONLY:
+                    continue
                 qargs = ["quality", "--data-root", str(args.pets_root), "--freeze", "no", "--budget", str(args.budget),
                          "--t0", repr(time.time())]
                 res = run_task(cmd, env, qargs, args.budget + args.timeout)

@@ -34,6 +34,8 @@ def test_fp32_export_passes_the_gate_and_predict_matches_pytorch(ckpt, fp32, tmp
         assert Path(out).with_suffix(suffix).is_file(), suffix
     assert fp32["agreement"] >= 0.995 and fp32["worst_image_agreement"] >= 0.98 and fp32["images"] == 8
     assert abs(fp32["miou_change"]) <= 0.005
+    # fp32 as exported, also where OpenVINO's CPU default would be bf16 (AMX / AVX-512-BF16 machines)
+    assert OpenVinoModel(out).compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
     photo = tmp_path / "photo.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (41, 57, 3), dtype=np.uint8)).save(photo)
@@ -65,6 +67,26 @@ def test_an_export_that_fails_the_gate_is_refused_and_nothing_is_written(ckpt, t
     msg = str(e.value)
     assert "nothing written" in msg and "--int8-ignore" in msg and "\n" not in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no .xml, .bin, .onnx, nor the temporary folder
+
+
+def test_the_suggested_ignored_scope_names_the_stem_and_the_layer_that_makes_the_logits(fp32):
+    from pixelseg.openvino_backend import CONV_TYPES, sensitive_layers
+    model = openvino.Core().read_model(fp32["out"])
+    names = sensitive_layers(model)
+    by_name = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    assert len(names) == 2 and all(by_name[n].get_type_name() in CONV_TYPES for n in names)
+    # U-Net's head is a transposed conv: nothing conv-like lies between it and the output
+    assert by_name[names[1]].get_type_name() == "ConvolutionBackpropData"
+    seen, todo = set(), [op for op in model.get_ordered_ops() if op.get_friendly_name() == names[1]]
+    while todo:
+        node = todo.pop()
+        for out in node.outputs():
+            for target in out.get_target_inputs():
+                nxt = target.get_node()
+                assert nxt.get_type_name() not in CONV_TYPES, nxt.get_friendly_name()
+                if nxt.get_friendly_name() not in seen:
+                    seen.add(nxt.get_friendly_name())
+                    todo.append(nxt)
 
 
 def test_a_failed_compile_falls_back_to_onnxruntime_in_one_line(fp32, capsys):

@@ -5,6 +5,9 @@
   images/s is the run's own per-epoch `train_images_per_s` (whole loop incl. data), epoch 2 onward.
 - infer: `create_model` + the runtime's defaults (device auto, precision auto, channels_last, folded
   BatchNorm: `runtime.prepare_for_inference`), as `pixelseg evaluate/predict` run the model.
+- infer --backend openvino / openvino_int8: the same model exported as `pixelseg export --format openvino`
+  does (ONNX -> `openvino.convert_model`, int8 through NNCF post-training quantisation on 32 of the
+  batch's images) and run through `openvino_backend.OpenVinoModel`, as `predict --backend openvino` runs it.
 - quality: `python -m pixelseg train ... --epochs <many>` as a child, stopped when the wall-clock budget
   (counted from this runner's launch) runs out; the last per-epoch checkpoint (`last.pt`) written
   inside the budget is scored on the common test arrays.
@@ -80,10 +83,12 @@ def task_infer(args) -> dict:
     dev = select_device("auto")
     amp = resolve_precision("auto", dev)
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).to(dev)
-    prepare_for_inference(model, amp, channels_last=True)  # what evaluate/predict do
     gen = torch.Generator().manual_seed(0)
     xb_u8 = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, generator=gen)
     x1_u8 = xb_u8[:1].clone()
+    if args.backend != "pytorch":
+        return _infer_openvino(model.eval(), xb_u8, x1_u8, args)
+    prepare_for_inference(model, amp, channels_last=True)  # what evaluate/predict do
 
     @torch.no_grad()
     def run(images):
@@ -92,6 +97,37 @@ def task_infer(args) -> dict:
 
     res = common.time_inference(lambda: run(xb_u8), lambda: run(x1_u8).cpu(), args, sync=lambda: _sync(dev))
     return dict(res, precision=str(amp or torch.float32), peak_device_mem_bytes=_peak_device_memory(dev))
+
+
+def _infer_openvino(model, xb_u8, x1_u8, args) -> dict:
+    """The export path's conversion, then `OpenVinoModel`'s call (numpy in, torch logits out)."""
+    import openvino as ov
+    import torch
+
+    from pixelseg.openvino_backend import OpenVinoModel
+    from pixelseg.runtime import to_model_input
+
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (to_model_input(x1_u8, cpu, False),), str(onnx_path), dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "logits": {0: "batch", 2: "height", 3: "width"}})
+        ov_model = ov.convert_model(str(onnx_path))
+        if args.backend == "openvino_int8":
+            import nncf
+            calib = to_model_input(xb_u8[:32], cpu, False).numpy()
+            ov_model = nncf.quantize(ov_model, nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
+                                     subset_size=len(calib))
+        ov_model.set_rt_info(json.dumps({}), ["pixelseg"])
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+        runner = OpenVinoModel(xml, probe=lambda _path: None)  # compiled here; a crash shows as a failed run
+    xb, x1 = to_model_input(xb_u8, cpu, False), to_model_input(x1_u8, cpu, False)
+    res = common.time_inference(lambda: runner(xb), lambda: runner(x1), args)
+    return dict(res, precision="int8" if args.backend == "openvino_int8" else "fp32", backend=runner.backend,
+                peak_device_mem_bytes=None)
 
 
 def task_quality(args) -> dict:
@@ -150,6 +186,8 @@ def score_checkpoint(path: Path, data_root: Path, size: int) -> dict:
 
 def main(argv=None) -> int:
     p = common.runner_parser(__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=["pytorch", "openvino", "openvino_int8"], default="pytorch",
+                   help="infer only: run the model through an OpenVINO export (fp32 or NNCF int8)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further `pixelseg train` flags (train/quality), e.g. --extra --precision fp32")
     args = p.parse_args(argv)
