@@ -21,8 +21,9 @@ the index next to them supplies classes and counts.
 Splitting across ranks and DataLoader workers (every sample exactly once per epoch): shards go to
 ranks round-robin (each rank reads only its shards) when there are at least as many shards as ranks,
 else every rank reads every shard and keeps samples i % world == rank; inside a rank, sample j goes to
-worker j % workers. For training, every worker of every rank yields the same number of batches (sizes
-differ by at most one sample), so DDP ranks stay in step without padding or duplicate samples.
+worker j % workers. For training, every rank yields the same number of batches (sizes differ by at most
+one sample), so DDP ranks stay in step without padding or duplicate samples (the one exception: a batch
+size of 1 per rank with a sample count that does not divide by the ranks, see ShardDataset).
 """
 from __future__ import annotations
 
@@ -286,9 +287,11 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
     Batch policy (the folder path's, so that both give the same optimiser steps and batch sizes): every
     rank plans ceil(n / world) samples in batches of `batch_size` with a partial last batch, as
     DistributedSampler + DataLoader(drop_last=False) do; a rank that holds one sample fewer makes its last
-    batch one smaller (DistributedSampler would repeat a sample there), or repeats one sample when that
-    batch would otherwise be empty. Batch b goes to DataLoader worker b % workers, the order in which the
-    DataLoader takes batches from its workers, so the batch sequence does not depend on the worker count.
+    batch one smaller (DistributedSampler would repeat a sample there), or the one before it when the last
+    holds a single sample, so no sample is read twice. Only at a batch size of 1 per rank, where the short
+    rank has fewer samples than the others have steps, does it repeat one sample. Batch b goes to DataLoader
+    worker b % workers, the order in which the DataLoader takes batches from its workers, so the batch
+    sequence does not depend on the worker count.
     """
 
     def __init__(self, urls: list[str], counts: list[int], info: DatasetInfo, size, batch_size: int = 1,
@@ -348,8 +351,11 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
         target = -(-n // self.world)
         steps = -(-target // b)
         sizes = [b] * (steps - 1) + [target - (steps - 1) * b]
-        if m < target and sizes[-1] > 1:
-            sizes[-1] -= 1
+        if m < target:  # one sample short: one batch one smaller, never an empty or a padded one
+            if sizes[-1] > 1:
+                sizes[-1] -= 1
+            elif len(sizes) > 1 and b > 1:  # the last batch holds one sample: the one before it shrinks
+                sizes[-2] -= 1
         return sizes
 
     def num_batches(self) -> int:
