@@ -88,7 +88,9 @@ def train(overrides: dict) -> dict:
     from .folds import train_folds, wants_folds
     if wants_folds(overrides):  # --folds K: K runs RUN/fold_I, each through this function (folds.py)
         return train_folds(overrides, train)
-    dist_info = init_distributed(overrides.get("device") or "auto")
+    dist_info = init_distributed(overrides.get("device") or "auto",
+                                 config.parse_value("dist_timeout", overrides["dist_timeout"])
+                                 if overrides.get("dist_timeout") is not None else None)
     status: dict = {}
     try:
         with StopSignal() as status["stop"]:
@@ -97,8 +99,34 @@ def train(overrides: dict) -> dict:
         raise
     except KeyboardInterrupt:
         raise TrainingInterrupted(status.get("run_dir")) from None
+    except RuntimeError as exc:
+        lost = lost_peers(exc, dist_info, status.get("run_dir"), overrides.get("dist_timeout"))
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         cleanup(dist_info)
+
+
+# What gloo/nccl/c10d say when a peer process is gone (killed, its node lost) or stopped answering.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out",
+              "Socket Timeout", "Broken pipe", "NCCL communicator was aborted", "Watchdog caught collective")
+
+
+def lost_peers(exc: BaseException, info: DistInfo, run_dir, timeout_s) -> PixelsegError | None:
+    """A collective that failed because another rank is gone, as one line that says what to do; None for
+    any other error."""
+    text = str(exc)
+    if not info.enabled or not any(k in text for k in _PEER_LOST):
+        return None
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first.split("] ", 1)[-1][:160]  # gloo's "[.../pair.cc:545] " source location dropped
+    wait = f"--dist-timeout {float(timeout_s):g} s" if timeout_s else "the process group's timeout (--dist-timeout)"
+    again = (f"restart every node with: pixelseg train --resume {run_dir}" if run_dir is not None
+             else "run the same command again on every node")
+    return PixelsegError(f"rank {info.rank}: lost the other processes of this run ({first}); a node died, was "
+                         f"stopped or did not answer within {wait}; {again} (or let torchrun --max-restarts, or "
+                         "--resume auto, continue it)")
 
 
 @dataclass
