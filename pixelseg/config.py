@@ -346,10 +346,14 @@ class TrainConfig:
     # distributed
     sync_bn: bool = option(False, "SyncBatchNorm across processes (needs torchrun with several processes on CUDA)",
                            "distributed", parse=parse_bool)
+    dist_timeout: float | None = option(None, "seconds a rank waits in a collective for the others (a lost or hung "
+                                        "node) before the run stops with an error (default: torch's, 30 min for "
+                                        "gloo, 10 for nccl)", "distributed", parse=_float(1.0), metavar="SECONDS")
     # output
     run_dir: str | None = option(None, "output directory", "output", parse=parse_path,
                                  default_text="runs/<model>-<backbone>-<dataset>-<time>")
-    resume: str | None = option(None, "continue the run in this directory from its last.pt", "output",
+    resume: str | None = option(None, "continue the run in this directory from its last.pt; auto: continue --run-dir "
+                                "when it holds last.pt, else start it (torchrun restarts do so by themselves)", "output",
                                 parse=parse_path, metavar="RUN_DIR")
     checkpoint_every: int = option(0, "also write last.pt every N optimiser steps (0: only at the end of each epoch)",
                                    "output", parse=_int(0))
@@ -367,7 +371,7 @@ DATASET_FLAGS = ("images_dir", "masks_dir", "mask_suffix", "val_fraction", "val_
                  "overlap", "skip_bad", "iscrowd", "boxes")
 # Options that may change when a run is resumed (they do not change what is trained).
 RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger", "time_budget", "early_stop",
-             "early_stop_delta")
+             "early_stop_delta", "dist_timeout")
 
 
 def _canonical(key: str, value):

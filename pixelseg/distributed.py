@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,24 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise single process."""
+def _elastic_store(timeout: timedelta):
+    """The store of this attempt under torchrun: the agent's TCPStore with a prefix naming the restart.
+
+    torchrun's workers join the process group through the agent's store (TORCHELASTIC_USE_AGENT_STORE),
+    and with c10d rendezvous that store outlives a restart (--max-restarts): the restarted workers would
+    read the gloo addresses their dead predecessors published there and fail ("connectFullMesh ...
+    Connection refused"). A prefix per TORCHELASTIC_RESTART_COUNT keeps the attempts apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"/pixelseg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def init_distributed(device_name: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise single process.
+    `timeout_s` (--dist-timeout) bounds every collective: a rank whose peers stopped answering (a lost
+    node) fails after it instead of torch's default (30 min for gloo, 10 for nccl)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -37,7 +54,11 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        dist.init_process_group(backend=backend)
+        kw = {} if timeout_s is None else {"timeout": timedelta(seconds=float(timeout_s))}
+        store = _elastic_store(kw.get("timeout", timedelta(minutes=10)))
+        if store is not None:
+            kw.update(store=store, rank=int(os.environ["RANK"]), world_size=world)
+        dist.init_process_group(backend=backend, **kw)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -58,7 +79,7 @@ def cleanup(info: DistInfo) -> None:
 
 
 # Keys a node may set for itself: they change how fast it runs, not what is trained.
-NODE_LOCAL_KEYS = frozenset({"workers", "device"})
+NODE_LOCAL_KEYS = frozenset({"workers", "device", "dist_timeout"})
 
 
 def check_same_config(cfg: dict, info: DistInfo) -> None:

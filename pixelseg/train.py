@@ -88,7 +88,9 @@ def train(overrides: dict) -> dict:
     from .folds import train_folds, wants_folds
     if wants_folds(overrides):  # --folds K: K runs RUN/fold_I, each through this function (folds.py)
         return train_folds(overrides, train)
-    dist_info = init_distributed(overrides.get("device") or "auto")
+    dist_info = init_distributed(overrides.get("device") or "auto",
+                                 config.parse_value("dist_timeout", overrides["dist_timeout"])
+                                 if overrides.get("dist_timeout") is not None else None)
     status: dict = {}
     try:
         with StopSignal() as status["stop"]:
@@ -97,8 +99,34 @@ def train(overrides: dict) -> dict:
         raise
     except KeyboardInterrupt:
         raise TrainingInterrupted(status.get("run_dir")) from None
+    except RuntimeError as exc:
+        lost = lost_peers(exc, dist_info, status.get("run_dir"), overrides.get("dist_timeout"))
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         cleanup(dist_info)
+
+
+# What gloo/nccl/c10d say when a peer process is gone (killed, its node lost) or stopped answering.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out",
+              "Socket Timeout", "Broken pipe", "NCCL communicator was aborted", "Watchdog caught collective")
+
+
+def lost_peers(exc: BaseException, info: DistInfo, run_dir, timeout_s) -> PixelsegError | None:
+    """A collective that failed because another rank is gone, as one line that says what to do; None for
+    any other error."""
+    text = str(exc)
+    if not info.enabled or not any(k in text for k in _PEER_LOST):
+        return None
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first.split("] ", 1)[-1][:160]  # gloo's "[.../pair.cc:545] " source location dropped
+    wait = f"--dist-timeout {float(timeout_s):g} s" if timeout_s else "the process group's timeout (--dist-timeout)"
+    again = (f"restart every node with: pixelseg train --resume {run_dir}" if run_dir is not None
+             else "run the same command again on every node")
+    return PixelsegError(f"rank {info.rank}: lost the other processes of this run ({first}); a node died, was "
+                         f"stopped or did not answer within {wait}; {again} (or let torchrun --max-restarts, or "
+                         "--resume auto, continue it)")
 
 
 @dataclass
@@ -147,7 +175,9 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
         if ckpt is not None:
             _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
             pacer.resumed(scheduler, state, run_dir)
-            log.info(f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}")
+            why = ckpt.get("_resumed_because")
+            log.info(f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}"
+                     + (f" ({why}: continued from its last.pt by itself)" if why else ""))
         if ctx.is_main:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
             _log_header(cfg, model_without_ddp, data, ctx, per_rank_batch, steps_per_epoch)
@@ -259,8 +289,47 @@ def _preempted(save, run_dir: Path, ctx: RunContext, epoch: int, step_in_epoch: 
 
 
 # ---- the steps of a run, in the order train() calls them ---------------------------------------------
+def restart_count() -> int:
+    """How often torchrun has restarted this run's workers (--max-restarts): 0 on the first start."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
+def _auto_resume(overrides: dict) -> tuple[dict, str | None]:
+    """`--resume auto` (resume --run-dir when it holds last.pt, else start it), and a torchrun restart
+    (TORCHELASTIC_RESTART_COUNT > 0: the workers run their first command line again) continuing the run
+    in --run-dir from its last.pt, as --resume does. Returns the overrides to use and why they resume."""
+    restarts = restart_count()
+    auto = str(overrides.get("resume") or "") == "auto"
+    if not auto and (restarts == 0 or overrides.get("resume")):
+        return overrides, None
+    given = {k: v for k, v in overrides.items() if k != "resume"}
+    if not given.get("run_dir"):
+        if auto:
+            raise PixelsegError("--resume auto needs --run-dir: the run to continue when it holds last.pt")
+        log.warning(f"torchrun restart {restarts} without --run-dir: a new run starts; give --run-dir so that a "
+                    "restart continues the run")
+        return given, None
+    run_dir = Path(given["run_dir"])
+    if not (run_dir / "last.pt").is_file():
+        return given, None  # nothing saved yet: start (again) from the beginning
+    cfg = config.resolve_config(given)
+    recorded = load_checkpoint(run_dir / "last.pt").get("config", {})
+    fixed = [k for k in given if k not in (*config.RESUMABLE, "run_dir", "resume") and k in recorded
+             and repr(config.parse_value(k, recorded[k], "last.pt config")) != repr(cfg[k])]
+    if fixed:
+        said = ", ".join(f"{k}: run {recorded[k]!r}, given {cfg[k]!r}" for k in fixed[:6])
+        raise PixelsegError(f"--run-dir {run_dir} holds a run started with other options ({said}); continue it with "
+                            f"the same ones (only {', '.join(config.RESUMABLE)} may change) or choose another --run-dir")
+    why = f"torchrun restart {restarts}" if restarts else "--resume auto"
+    return {**{k: v for k, v in given.items() if k in config.RESUMABLE}, "resume": str(run_dir)}, why
+
+
 def _resolve_run(overrides: dict) -> tuple[dict, dict | None, Path]:
     """(config, checkpoint to resume or None, run directory); nothing is created here."""
+    overrides, why = _auto_resume(overrides)
     if overrides.get("resume"):
         run_dir = Path(overrides["resume"])
         last = run_dir / "last.pt"
@@ -279,6 +348,8 @@ def _resolve_run(overrides: dict) -> tuple[dict, dict | None, Path]:
             if key in overrides:
                 cfg[key] = config.parse_value(key, overrides[key])
         cfg["resume"] = str(run_dir)
+        if why:
+            ckpt["_resumed_because"] = why
         return cfg, ckpt, run_dir
     cfg = config.resolve_config(overrides)
     run_dir = check_output_dir(cfg["run_dir"], "--run-dir")

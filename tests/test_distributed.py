@@ -153,3 +153,20 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
     assert not list(run.glob(".*.tmp"))
     assert "resumed" in (run / "train.log").read_text()
+
+
+def test_a_lost_peer_is_one_line_saying_how_to_continue(tmp_path):
+    from pixelseg.distributed import DistInfo
+    from pixelseg.train import lost_peers
+    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                        "10000ms for recv operation to complete")
+    err = lost_peers(gloo, DistInfo(0, 2, 0), tmp_path, 10.0)
+    assert str(err) == (f"rank 0: lost the other processes of this run (Timed out waiting 10000ms for recv operation "
+                        f"to complete); a node died, was stopped or did not answer within --dist-timeout 10 s; restart "
+                        f"every node with: pixelseg train --resume {tmp_path} (or let torchrun --max-restarts, or "
+                        "--resume auto, continue it)")
+    reset = RuntimeError("[../pair.cc:545] Read error [127.0.0.1]:22454: Connection reset by peer. This is ...")
+    assert "(Read error [127.0.0.1]:22454: Connection reset by peer. This" in str(lost_peers(reset, DistInfo(1, 2, 0),
+                                                                                            None, None))
+    assert lost_peers(RuntimeError("CUDA out of memory"), DistInfo(0, 2, 0), tmp_path, None) is None
+    assert lost_peers(gloo, DistInfo(), tmp_path, None) is None  # one process: not a lost peer

@@ -113,3 +113,35 @@ def test_sigterm_to_one_rank_stops_both_with_workers(tmp_path):
     final = load_checkpoint(run / "last.pt")
     steps = int(log.split(" optimiser steps per epoch")[0].rsplit("; ", 1)[1])
     assert final["epoch"] == 2 and final["global_step"] == 2 * steps
+
+
+def test_resume_auto_starts_or_continues_the_run_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    one = [a if a != "2" or prev != "--epochs" else "1" for prev, a in zip(["", *ARGS], ARGS)]  # --epochs 1
+    assert main([*one, "--run-dir", str(run), "--resume", "auto"]) == 0  # nothing there yet: starts
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert main([*ARGS, "--run-dir", str(run), "--resume", "auto"]) == 0  # --epochs 2 may change: continues
+    final = load_checkpoint(run / "last.pt")
+    assert final["epoch"] == 2 and [h["epoch"] for h in final["history"]] == [1, 2]
+    assert "(--resume auto: continued from its last.pt by itself)" in (run / "train.log").read_text()
+    capsys.readouterr()
+    assert main([*ARGS, "--run-dir", str(run), "--resume", "auto", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"--run-dir {run} holds a run started with other options (lr: run " in err and "given 0.5" in err
+    assert main([*ARGS, "--resume", "auto"]) == 2
+    assert "--resume auto needs --run-dir" in capsys.readouterr().err
+
+
+def test_a_torchrun_restart_resumes_and_a_first_start_is_refused_as_before(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _sigterm_at_step(m, 6)  # a run that stopped mid-epoch 2, as a killed worker's would
+        assert main([*ARGS, "--run-dir", str(run)]) == PREEMPTED_EXIT_CODE
+    assert main([*ARGS, "--run-dir", str(run)]) == 2  # restart count 0: as today, the run dir is refused
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun --max-restarts sets on a restart
+    assert main([*ARGS, "--run-dir", str(run)]) == 0
+    final = load_checkpoint(run / "last.pt")
+    assert final["epoch"] == 2 and final["global_step"] == 8
+    assert "resumed " + str(run) + " at epoch 2, step 2 of 4 (torchrun restart 1: continued from its last.pt by " \
+           "itself)" in (run / "train.log").read_text()

@@ -4,15 +4,11 @@ The server runs in a thread of the test process; training reads it over HTTP as 
 (endpoint and keys from the standard AWS_* variables). A small HTTP front in between answers the first
 requests with 503 or 403 to check the retry policy: transient errors retried, auth errors not.
 """
-import http.client
-import http.server
 import json
-import logging
 import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,7 @@ from pixelseg.cli import main  # noqa: E402
 from pixelseg.data.shards import write_shards  # noqa: E402
 from pixelseg.data.synthetic import write_folder  # noqa: E402
 from pixelseg.train import train  # noqa: E402
+from _s3server import fault_front, moto_s3  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = {"image_size": 16, "batch_size": 4, "epochs": 1, "weights": "none", "device": "cpu", "figure_samples": 0,
@@ -42,33 +39,19 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server with bucket `pixelseg-test` and the AWS_* environment pointing at it."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     try:
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
+        server = moto_s3("pixelseg-test")
+        env = server.__enter__()
     except Exception as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"moto S3 server did not start on 127.0.0.1: {exc}")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    old = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_MAX_ATTEMPTS"]}
-    os.environ.update(env)
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_MAX_ATTEMPTS"):
-        os.environ.pop(k, None)
     fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
-    fs.mkdir("pixelseg-test")
     root = tmp_path_factory.mktemp("folder")
     write_folder(root, 22, (24, 24), seed=4)
     local = tmp_path_factory.mktemp("local-shards")
     for split in ("train", "val"):
         write_shards("folder", root, split, local, maxcount=4, progress=False)
     yield {"fs": fs, "root": root, "local": local, "endpoint": env["AWS_ENDPOINT_URL"]}
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    server.__exit__(None, None, None)
 
 
 def _write(s3, prefix: str):
@@ -158,69 +141,59 @@ def test_unreachable_endpoint_is_one_line_naming_the_url(s3, tmp_path, capsys, m
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))
 
 
-class _Front(http.server.BaseHTTPRequestHandler):
-    """Answers the first `fail` requests with `status`, then forwards to the real server."""
-    target, fail, status, seen = None, 0, 503, 0
-    bodies = {503: b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
-              403: b"<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not "
-                   b"exist in our records.</Message></Error>"}
-
-    def log_message(self, *args):
-        pass
-
-    def _any(self):
-        cls = type(self)
-        cls.seen += 1
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if cls.seen <= cls.fail:
-            out, status, headers = cls.bodies[cls.status], cls.status, {"Content-Type": "application/xml"}
-        else:
-            conn = http.client.HTTPConnection(*cls.target, timeout=30)
-            conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items()})
-            r = conn.getresponse()
-            out, status, headers = r.read(), r.status, dict(r.getheaders())
-            conn.close()
-        self.send_response(status)
-        for k, v in headers.items():
-            if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(out)
-
-    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _any
-
-
 @pytest.fixture
 def front(s3, monkeypatch):
-    host, port = s3["endpoint"].rsplit("//", 1)[1].split(":")
-    handler = type("Front", (_Front,), {"target": (host, int(port)), "seen": 0})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
-    yield handler
-    srv.shutdown()
-    srv.server_close()
+    """The S3 server behind a FaultFront (tests/_s3server.py); AWS_ENDPOINT_URL points at the front."""
+    with fault_front(s3["endpoint"]) as (handler, url):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        yield handler
 
 
-@pytest.mark.skip(reason="open (issue 20): the 503/403 HTTP front in front of moto hangs s3fs's aiohttp client; the retry policy is untested until the front is fixed")
 def test_transient_errors_are_retried_with_backoff(s3, front):
     from pixelseg.data.shards import read_index
     _write(s3, "s3://pixelseg-test/retry/")
+    front.seen = 0
+    read_index("s3://pixelseg-test/retry/", "train")
+    clean = front.seen  # s3fs: HEAD then GET
     front.fail, front.status, front.seen = 2, 503, 0
     index, urls, counts = read_index("s3://pixelseg-test/retry/", "train")
-    assert front.seen >= 3 and sum(counts) == index["count"] == 18  # two 503 SlowDown, then the answer
+    # two 503 SlowDown, then the answers: the two failed requests again, nothing more
+    assert front.seen == clean + 2 and sum(counts) == index["count"] == 18
 
 
-@pytest.mark.skip(reason="open (issue 20): the 503/403 HTTP front in front of moto hangs s3fs's aiohttp client; the retry policy is untested until the front is fixed")
+def test_a_run_through_a_503_succeeds_with_one_extra_request(s3, front, tmp_path, capsys):
+    url = _write(s3, "s3://pixelseg-test/retry-run/")
+    front.fail, front.seen = 0, 0
+    assert main([*TRAIN, "--data-root", url, "--run-dir", str(tmp_path / "clean")]) == 0
+    clean = front.seen
+    front.fail, front.status, front.seen = 1, 503, 0  # the run's first request answered 503 SlowDown
+    assert main([*TRAIN, "--data-root", url, "--run-dir", str(tmp_path / "retried")]) == 0
+    assert front.seen == clean + 1  # that one request again, nothing else repeated
+    a, b = load_checkpoint(tmp_path / "clean" / "last.pt"), load_checkpoint(tmp_path / "retried" / "last.pt")
+    assert a["global_step"] == b["global_step"] == 5
+    assert "error" not in capsys.readouterr().err
+
+
+def test_a_503_that_persists_ends_after_the_attempts_budget(s3, front, tmp_path, capsys, monkeypatch):
+    url = _write(s3, "s3://pixelseg-test/down/")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    front.fail, front.status, front.seen = 10**6, 503, 0
+    assert main([*TRAIN, "--data-root", url, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"pixelseg train: error: {url}train.json: the endpoint stayed unavailable ("), err
+    assert "through 3 attempts with backoff; try again later, or raise AWS_MAX_ATTEMPTS" in err
+    assert front.seen == 3  # AWS_MAX_ATTEMPTS requests in all, then the error
+
+
 def test_wrong_credentials_fail_at_once_without_a_retry_storm(s3, front, tmp_path, capsys):
     _write(s3, "s3://pixelseg-test/auth/")
     front.fail, front.status, front.seen = 10**6, 403, 0
     assert main([*TRAIN, "--data-root", "s3://pixelseg-test/auth/", "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert "s3://pixelseg-test/auth/train.json: access denied (" in err and "InvalidAccessKeyId" in err
+    # s3fs asks with HEAD first, and a 403 answer to HEAD has no body (as from AWS): the status is the cause
+    assert "s3://pixelseg-test/auth/train.json: access denied (Forbidden); check AWS_ACCESS_KEY_ID" in err
     assert "testing" not in err  # the key itself is never printed
     assert front.seen <= 2  # one request (s3fs may ask twice: HEAD then GET), never the retry budget
 

@@ -16,6 +16,7 @@ not-found errors are never retried.
 """
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 
@@ -35,6 +36,10 @@ def endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def max_attempts() -> int:
+    return int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+
+
 def filesystem():
     """The process's S3FileSystem (fsspec caches one per process and configuration; a forked DataLoader
     worker gets a fresh one). s3fs is imported only here, when an s3:// URL is used."""
@@ -42,7 +47,7 @@ def filesystem():
         import s3fs
     except ImportError:
         raise PixelsegError("s3:// URLs need s3fs: pip install 'pixelseg[s3]'") from None
-    retries = {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS),
+    retries = {"total_max_attempts": max_attempts(),  # AWS_MAX_ATTEMPTS counts the first try ("max_attempts" would not)
                "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
     fs = s3fs.S3FileSystem(endpoint_url=endpoint(),
                            config_kwargs={"retries": retries, "connect_timeout": 10, "read_timeout": 60})
@@ -61,6 +66,9 @@ def cause(exc: BaseException) -> str:
                 "or AWS_PROFILE and the bucket's policy")
     if "ConnectionError" in name or "ConnectTimeout" in name or "Could not connect" in text:
         return f"cannot reach the endpoint {endpoint() or 'of AWS S3'} ({name}); check AWS_ENDPOINT_URL and the network"
+    if (isinstance(exc, OSError) and exc.errno == errno.EBUSY) or "Service Unavailable" in text or "SlowDown" in text:
+        return (f"the endpoint stayed unavailable ({text.splitlines()[0][:120]}) through {max_attempts()} attempts "
+                "with backoff; try again later, or raise AWS_MAX_ATTEMPTS")
     if isinstance(exc, FileNotFoundError):
         return "bucket does not exist" if "bucket" in text.lower() else "not found"
     return f"{name}: {text.splitlines()[0][:200]}"
