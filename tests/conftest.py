@@ -63,3 +63,18 @@ def camvid_root():
     if not (CAMVID / "train.txt").is_file():
         pytest.skip(f"CamVid not found at {CAMVID} (expected ../shared/data beside the repo)")
     return CAMVID
+
+
+def rank_pid(parent: int, rank: int) -> int | None:
+    """The worker process torchrun started with RANK=rank."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (p / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(p.name)
+    return None

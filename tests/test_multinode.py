@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pixelseg.checkpoint import load_checkpoint
+from conftest import rank_pid
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "16", "--batch-size", "4", "--weights", "none", "--precision", "fp32", "--seed", "0",
@@ -264,8 +265,8 @@ def test_two_nodes_read_every_s3_sample_once(data, tmp_path):
     assert len(res[0]["sizes"]) == len(res[1]["sizes"]) == res[0]["planned"]
 
 
-@pytest.mark.skip(reason="open (issue 20): SIGSTOP of the agent's process group does not stop its worker (torchrun "
-                         "may start workers in a session of their own), so node 0 trains on; stop the worker by pid")
+@pytest.mark.skip(reason="open (issue 20): with node 1's worker and agent stopped (SIGSTOP by pid), node 0 still "
+                         "did not end within 300 s here; the --dist-timeout path is unit-tested in test_distributed.py")
 def test_a_hung_node_ends_the_other_within_the_dist_timeout(tmp_path):
     """Node 1 stopped (SIGSTOP: it holds its sockets open, as a node that drops off the network does, so no
     peer sees a connection reset): node 0 stops after --dist-timeout with one line, not after 30 min."""
@@ -273,18 +274,28 @@ def test_a_hung_node_ends_the_other_within_the_dist_timeout(tmp_path):
     args = ["--dataset", "synthetic", "--limit", "20", *TINY, "--epochs", "100", "--checkpoint-every", "1",
             "--batch-size", "2", "--dist-timeout", "10", "--run-dir", str(run)]  # far more than it will run
     procs = _two_nodes(args, _env(), tmp_path, wait=False)
+    worker = None
     try:
         deadline = time.time() + TIMEOUT
         while time.time() < deadline and not (run / "last.pt").is_file():
             if any(p.poll() is not None for p in procs):
                 pytest.fail("a node ended early: " + (tmp_path / "node0.log").read_text()[-3000:])
             time.sleep(0.1)
-        os.killpg(procs[1].pid, signal.SIGSTOP)  # node 1 hangs: agent and worker
+        worker = rank_pid(procs[1].pid, 1)  # torchrun's workers live in a session of their own: stop it by pid
+        assert worker is not None, "node 1's worker not found under its agent"
+        os.kill(worker, signal.SIGSTOP)  # node 1 hangs: worker and agent
+        os.killpg(procs[1].pid, signal.SIGSTOP)
         try:
             code = procs[0].wait(TIMEOUT)  # bounded: the assertion is that it ends at all, with the reason
         except subprocess.TimeoutExpired:
             pytest.fail("node 0 still waits for the stopped node")
     finally:
+        if worker is not None:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(worker, sig)
+                except ProcessLookupError:
+                    pass
         if procs[1].poll() is None:
             os.killpg(procs[1].pid, signal.SIGKILL)
             os.killpg(procs[1].pid, signal.SIGCONT)

@@ -14,7 +14,7 @@ import pixelseg.train as tr
 from pixelseg.checkpoint import load_checkpoint
 from pixelseg.cli import main
 from pixelseg.distributed import PREEMPTED_EXIT_CODE
-from conftest import tiny_run
+from conftest import rank_pid, tiny_run
 
 ARGS = ["train", *tiny_run(limit=32, precision="fp32", seed=0, deterministic=True, device="cpu", epochs=2,
                            workers=0)]
@@ -60,21 +60,6 @@ def _env():
     return env
 
 
-def _rank_pid(parent: int, rank: int) -> int | None:
-    """The worker process torchrun started with RANK=rank."""
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (p / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            return int(p.name)
-    return None
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_sigterm_to_one_rank_stops_both_with_workers(tmp_path):
     from pixelseg.data.synthetic import write_folder
@@ -92,7 +77,7 @@ def test_sigterm_to_one_rank_stops_both_with_workers(tmp_path):
         while time.time() < deadline and not ((run / "train.log").is_file()
                                                and "optimiser steps per epoch" in (run / "train.log").read_text()):
             time.sleep(0.1)
-        pid = _rank_pid(proc.pid, 1)
+        pid = rank_pid(proc.pid, 1)
         assert pid is not None, "rank 1 not found"
         time.sleep(1.0)
         os.kill(pid, signal.SIGTERM)  # only rank 1 is told: rank 0 must stop with it, at the same step
