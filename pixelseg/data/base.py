@@ -352,11 +352,12 @@ def collate_batch(batch):
 
 
 # ---- reading one sample ---------------------------------------------------------------------------
-def check_same_size(mask, image_name: str, image_wh: tuple[int, int], mask_wh: tuple[int, int]) -> None:
-    """The one image/mask size check of the file readers (sizes as (width, height)): a one-line error naming
-    the mask."""
+def check_same_size(mask, image_name: str | None, image_wh: tuple[int, int], mask_wh: tuple[int, int]) -> None:
+    """The one image/mask size check (file readers, shards; sizes as (width, height)): a one-line error naming
+    the mask (``image_name`` None: the pair has one name, e.g. a shard sample)."""
     if tuple(image_wh) != tuple(mask_wh):
-        raise PixelsegError(f"{mask}: mask is {mask_wh[0]}×{mask_wh[1]} but its image {image_name} is "
+        image = f"its image {image_name}" if image_name is not None else "the image"
+        raise PixelsegError(f"{mask}: mask is {mask_wh[0]}×{mask_wh[1]} but {image} is "
                             f"{image_wh[0]}×{image_wh[1]}; image and mask must have the same size")
 
 
