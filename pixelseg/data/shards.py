@@ -290,6 +290,7 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
     batch would otherwise be empty. Batch b goes to DataLoader worker b % workers, the order in which the
     DataLoader takes batches from its workers, so the batch sequence does not depend on the worker count.
     """
+    streamed, reads_files = True, True  # data.protocol.SplitDataset
 
     def __init__(self, urls: list[str], counts: list[int], info: DatasetInfo, size, batch_size: int = 1,
                  full_res: bool = False, max_side: int | None = None, shuffle: bool = False, seed: int = 0,
