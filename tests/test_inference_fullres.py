@@ -11,6 +11,7 @@ from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 from pixelseg.inference import evaluate, predict, tile_size
 from pixelseg.tiling import FlipTTA, Predictor, flip_tta, resize_restore, sliding_window, window_starts
+from conftest import tiny_run
 
 
 def pixelwise_fn(num_classes=4, seed=0):
@@ -137,9 +138,8 @@ def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("fullres")
     data = _index_dataset(base / "data")
     run = base / "run"
-    assert main(["train", "--dataset", "folder", "--data-root", str(data), "--epochs", "2", "--image-size", "32",
-                 "--batch-size", "4", "--weights", "none", "--lr", "0.01", "--run-dir", str(run),
-                 "--figure-samples", "1", "--val-fraction", "0.3"]) == 0
+    assert main(["train", *tiny_run(dataset="folder", data_root=data, limit=None, epochs=2, batch_size=4, lr=0.01,
+                                    run_dir=run, val_fraction=0.3)]) == 0
     return run, data
 
 
