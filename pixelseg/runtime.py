@@ -152,8 +152,8 @@ def _swap_class(module: torch.nn.Module, mixin: type) -> None:
 
 
 class _SplitSkipConvs:
-    """A U-Net decoder (``UNetDecoder``) training on CPU without the skip concatenations: 15-20% faster
-    with a frozen encoder, no slower without.
+    """A U-Net decoder (``UNetDecoder``) training on CPU without the skip concatenations: faster with a
+    frozen encoder, no slower without (docs/benchmarks.md, "Numbers behind choices in the code").
 
     Each transposed conv reads ``cat([up, skip])``; by linearity it equals the sum of two convs
     over the two parts with the matching slices of the weight. With a frozen encoder autograd
@@ -238,8 +238,8 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
 
     For inference only (the model must stay in eval mode afterwards): the BatchNorm becomes
     ``nn.Identity`` and its affine map moves into the conv's weight and bias, so each block costs
-    one oneDNN/cuDNN call instead of a conv plus a memory-bound normalisation pass (+17% images/s
-    for the tutorial model on CPU). The arithmetic is torch's own ``fuse_conv_bn_eval``. Pairs are
+    one oneDNN/cuDNN call instead of a conv plus a memory-bound normalisation pass (the gain:
+    docs/benchmarks.md). The arithmetic is torch's own ``fuse_conv_bn_eval``. Pairs are
     found where the data flow is certain: neighbours in an ``nn.Sequential`` (torchvision's
     Conv2dNormActivation, pix2pix's upsample block) and conv -> BN edges of an FX ``GraphModule``
     whose conv feeds nothing else (torchvision encoders are tapped with FX). Returns how many.
@@ -275,7 +275,7 @@ def prepare_for_inference(model: torch.nn.Module, amp_dtype: torch.dtype | None 
     """What evaluate/predict/benchmarks run: eval mode, folded BatchNorm, channels_last, and
     under bf16 autocast the weights stored in bf16 once, rather than cast on every call
     (autocast caches casts only for tensors that require grad, so inference re-casts each
-    weight each forward: 12% of batch-1 latency on CPU). fp16 weights are left fp32: folded
+    weight each forward; the cost: docs/benchmarks.md). fp16 weights are left fp32: folded
     BatchNorm scales can leave fp16's range."""
     model.eval()
     fold_batchnorm(model)
