@@ -2,6 +2,8 @@
 
 Implemented by `ArrayDataset` (decoded arrays), `FileDataset` (`--cache none`), `ShardDataset` (streamed
 WebDataset shards) and `folds.FoldSubset`, so callers ask these attributes instead of testing types.
+Splits that are not ``streamed`` also give random access: ``ds[i]``, ``masks`` (the epoch figures) and
+``read_sample(i)`` (the sample, or None when its files are unreadable; folds reads its parts so).
 """
 from __future__ import annotations
 
