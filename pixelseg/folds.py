@@ -120,14 +120,17 @@ def pool_folds(cfg: dict, load) -> tuple[dict, dict]:
 class FoldSubset(torch.utils.data.Dataset):
     """Some samples of one or more loaded splits, seen as one dataset: a fold's training side (the other
     folds) or its held-out side. The parts are read untransformed; this subset applies its own
-    `transform`, so the training side's augmentation never reaches the held-out side."""
+    `transform`, so the training side's augmentation never reaches the held-out side. A
+    data.protocol.SplitDataset over parts that are."""
+    streamed = False
 
     def __init__(self, parts: list[tuple[object, list[int]]]):
         self.parts = [(ds, idx) for ds, idx in parts if idx]
         self.index = [(p, i) for p, (_, idx) in enumerate(self.parts) for i in idx]
         self.info = parts[0][0].info
         self.names = [self.parts[p][0].names[i] for p, i in self.index]
-        self.full_res = any(getattr(ds, "full_res", False) for ds, _ in self.parts)
+        self.full_res = any(ds.full_res for ds, _ in self.parts)
+        self.reads_files = any(ds.reads_files for ds, _ in self.parts)
         self.transform = None
         self.images = _View(self, "images")
         self.masks = _View(self, "masks")
@@ -140,13 +143,11 @@ class FoldSubset(torch.utils.data.Dataset):
         return [n for ds, _ in self.parts for n in ds.skipped]
 
     def collect_skipped(self) -> list[str]:
-        return [n for ds, _ in self.parts for n in (ds.collect_skipped() if hasattr(ds, "collect_skipped")
-                                                    else ds.skipped)]
+        return [n for ds, _ in self.parts for n in ds.collect_skipped()]
 
     def open_skip_channel(self) -> None:
         for ds, _ in self.parts:
-            if hasattr(ds, "open_skip_channel"):
-                ds.open_skip_channel()
+            ds.open_skip_channel()
 
     def __getitem__(self, i):
         p, j = self.index[int(i)]
@@ -165,7 +166,7 @@ class FoldSubset(torch.utils.data.Dataset):
         for i in indices:  # --cache none: an unreadable file drops out of its batch, as in FileDataset
             p, j = self.index[int(i)]
             ds = self.parts[p][0]
-            item = ds._read(j) if hasattr(ds, "_read") else ds[j]
+            item = ds.read_sample(j)
             if item is not None:
                 items.append(self.transform(*item) if self.transform is not None else item)
         if not items:

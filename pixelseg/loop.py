@@ -66,7 +66,7 @@ def _flip_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator)
 def _batches(loader) -> int:
     """Batches the loader yields: len() of a loader over streamed shards counts samples, not batches."""
     ds = getattr(loader, "dataset", None)
-    return ds.num_batches() if hasattr(ds, "num_batches") else len(loader)
+    return ds.num_batches() if getattr(ds, "streamed", False) else len(loader)  # any loader: benchmarks' too
 
 
 @dataclass

@@ -697,7 +697,7 @@ def warn_recipe(cfg: dict, data, steps_per_epoch: int) -> list[str]:
     """train.py's hook: log the warnings for this run's recipe. Object scale is a share of the image, so
     masks cached at --image-size and at source resolution (--crop) measure it alike."""
     scale = None
-    masks = getattr(data.train_ds, "masks", None)
+    masks = None if data.train_ds.streamed else data.train_ds.masks
     if masks is not None:
         try:
             scale = _median_object_scale(masks, data.info.num_classes, data.info.ignore_index)

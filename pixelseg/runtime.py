@@ -104,7 +104,8 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
     """Per-device rewrites for training, applied as module substitutions; returns what changed, for the log.
 
     - CPU with bf16 autocast: strided depthwise convs become ``_Fp32BackwardDepthwiseConv2d``.
-    - CPU: U-Net computes each skip's transposed conv without the concatenation (``_SplitSkipConvs``).
+    - CPU: U-Net's decoder computes each skip's transposed conv without the concatenation
+      (``_SplitSkipConvs`` on its ``join``, ``_ConvTransposeOverParts`` on the convs).
     - A frozen encoder runs grad-enabled training steps as a cached inference copy
       (``_InferenceCopyWhenFrozen``; SegNet's pooling-indices encoder included).
 
@@ -125,8 +126,11 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
             notes.append(f"{n} strided depthwise convs run in fp32 (slow bf16 backward on CPU)")
     # Not on CUDA: there the model is launch-bound and the extra kernels did not pay (H200, bf16; the
     # numbers: docs/benchmarks.md, "Numbers behind choices in the code").
-    if device.type == "cpu" and isinstance(model, UNet) and not isinstance(model, _SplitSkipConvs):
-        _swap_class(model, _SplitSkipConvs)
+    if device.type == "cpu" and isinstance(model, UNet) and not isinstance(model.up_stack, _SplitSkipConvs):
+        _swap_class(model.up_stack, _SplitSkipConvs)
+        for conv in [up[0] for up in model.up_stack] + [model.last]:  # the convs that may read the parts
+            if type(conv) is torch.nn.ConvTranspose2d:
+                conv.__class__ = _ConvTransposeOverParts
         notes.append("U-Net skip convolutions split (no concatenation)")
     encoder = getattr(model, "encoder", None)
     if isinstance(encoder, torch.nn.Module) and not isinstance(encoder, _InferenceCopyWhenFrozen):
@@ -148,41 +152,39 @@ def _swap_class(module: torch.nn.Module, mixin: type) -> None:
 
 
 class _SplitSkipConvs:
-    """U-Net training on CPU without the skip concatenations: 15-20% faster with a frozen encoder, no
-    slower without.
+    """A U-Net decoder (``UNetDecoder``) training on CPU without the skip concatenations: faster with a
+    frozen encoder, no slower without (docs/benchmarks.md, "Numbers behind choices in the code").
 
     Each transposed conv reads ``cat([up, skip])``; by linearity it equals the sum of two convs
     over the two parts with the matching slices of the weight. With a frozen encoder autograd
     then computes no input gradient for the skip part (42-60% of each conv's input channels),
     work that a concatenated input would spend and throw away; either way the concatenation
-    copy and its backward disappear. Without grad (validation, figures) the plain decode runs:
-    one larger GEMM is faster there.
+    copy and its backward disappear. Only the decoder's ``join`` changes (it hands the parts on) and
+    the convs that read them accept the parts (``_ConvTransposeOverParts``). Without grad
+    (validation, figures) the plain concatenation runs: one larger GEMM is faster there.
     """
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return super().decode(x)
-        feats = self.encode(x)
-        skips = [feats[i] if i is not None else None for i in self.skip_index]
-        parts = [feats[-1]]
-        for up, skip in zip(self.up_stack, skips):
-            y = _conv_transpose_parts(up[0], parts)
-            parts = [up[1:](y)] + ([skip] if skip is not None else [])
-        return _conv_transpose_parts(self.last, parts)
+    def join(self, x: torch.Tensor, skip: torch.Tensor):
+        return [x, skip] if torch.is_grad_enabled() else super().join(x, skip)
 
 
-def _conv_transpose_parts(conv: torch.nn.ConvTranspose2d, parts: list[torch.Tensor]) -> torch.Tensor:
-    """``conv(torch.cat(parts, 1))`` without building the concatenation."""
-    out, start = None, 0
-    for p in parts:
-        n = p.shape[1]
-        y = torch.nn.functional.conv_transpose2d(p, conv.weight[start:start + n], None, conv.stride, conv.padding,
-                                                 conv.output_padding, conv.groups, conv.dilation)
-        out = y if out is None else out + y
-        start += n
-    if conv.bias is not None:
-        out = out + conv.bias.view(1, -1, 1, 1).to(out.dtype)
-    return out
+class _ConvTransposeOverParts(torch.nn.ConvTranspose2d):
+    """A transposed conv that also takes its input as a list of parts: ``conv(torch.cat(parts, 1))``
+    without building the concatenation. State-dict keys are those of nn.ConvTranspose2d."""
+
+    def forward(self, x, output_size=None):
+        if not isinstance(x, list):
+            return super().forward(x, output_size)
+        out, start = None, 0
+        for p in x:
+            n = p.shape[1]
+            y = torch.nn.functional.conv_transpose2d(p, self.weight[start:start + n], None, self.stride, self.padding,
+                                                     self.output_padding, self.groups, self.dilation)
+            out = y if out is None else out + y
+            start += n
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+        return out
 
 
 class _InferenceCopyWhenFrozen:
@@ -236,8 +238,8 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
 
     For inference only (the model must stay in eval mode afterwards): the BatchNorm becomes
     ``nn.Identity`` and its affine map moves into the conv's weight and bias, so each block costs
-    one oneDNN/cuDNN call instead of a conv plus a memory-bound normalisation pass (+17% images/s
-    for the tutorial model on CPU). The arithmetic is torch's own ``fuse_conv_bn_eval``. Pairs are
+    one oneDNN/cuDNN call instead of a conv plus a memory-bound normalisation pass (the gain:
+    docs/benchmarks.md). The arithmetic is torch's own ``fuse_conv_bn_eval``. Pairs are
     found where the data flow is certain: neighbours in an ``nn.Sequential`` (torchvision's
     Conv2dNormActivation, pix2pix's upsample block) and conv -> BN edges of an FX ``GraphModule``
     whose conv feeds nothing else (torchvision encoders are tapped with FX). Returns how many.
@@ -273,7 +275,7 @@ def prepare_for_inference(model: torch.nn.Module, amp_dtype: torch.dtype | None 
     """What evaluate/predict/benchmarks run: eval mode, folded BatchNorm, channels_last, and
     under bf16 autocast the weights stored in bf16 once, rather than cast on every call
     (autocast caches casts only for tensors that require grad, so inference re-casts each
-    weight each forward: 12% of batch-1 latency on CPU). fp16 weights are left fp32: folded
+    weight each forward; the cost: docs/benchmarks.md). fp16 weights are left fp32: folded
     BatchNorm scales can leave fp16's range."""
     model.eval()
     fold_batchnorm(model)

@@ -26,7 +26,7 @@ from . import __version__, config, sizes, viz
 from .checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from .files import atomic_write_text, check_output_dir, make_output_dir
 from .data import dataset_options, load_split
-from .data.base import CacheSpec, FileDataset
+from .data.base import CacheSpec
 from .data.loader import make_loader
 from .budget import Pacer
 from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, StopSignal, barrier, check_batch, check_same_config,
@@ -396,7 +396,7 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
     flip_in_loop = cfg["hflip"]
-    if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"] or getattr(train_ds, "full_res", False):
+    if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"] or train_ds.full_res:
         from .data.augment import build_train_transform
         train_ds.transform = build_train_transform(
             sizes.size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
@@ -404,12 +404,11 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
             ignore_index=train_ds.info.ignore_index)
         flip_in_loop = False
     dist_info = ctx.dist
-    streamed = isinstance(train_ds, torch.utils.data.IterableDataset)  # shards
-    workers = resolve_workers(cfg["workers"],
-                              train_ds.transform is not None or isinstance(train_ds, FileDataset) or streamed)
-    val_workers = resolve_workers(cfg["workers"], isinstance(val_ds, (FileDataset, torch.utils.data.IterableDataset)))
+    # data.protocol.SplitDataset: every split answers these, whichever class holds it
+    workers = resolve_workers(cfg["workers"], train_ds.transform is not None or train_ds.reads_files)
+    val_workers = resolve_workers(cfg["workers"], val_ds.reads_files)
     for ds, n in ((train_ds, workers), (val_ds, val_workers)):
-        if n > 0 and hasattr(ds, "open_skip_channel"):  # files are read in the workers: they report skips
+        if n > 0:  # files are read in the workers: they report skips
             ds.open_skip_channel()
     kw = dict(dist=dist_info, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signal_in_worker)
     train_loader, train_sampler = make_loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg["seed"],
@@ -419,11 +418,11 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     # streamed shards have no random access: their first samples.
     if not cfg["figure_samples"]:
         figure_idx = []
-    elif hasattr(val_ds, "masks"):
+    elif not val_ds.streamed:
         figure_idx = viz.pick_samples(val_ds.masks, cfg["figure_samples"], val_ds.info.num_classes)
     else:
         figure_idx = list(range(min(cfg["figure_samples"], len(val_ds))))
-    micro_per_epoch = train_ds.num_batches() if streamed else len(train_loader)
+    micro_per_epoch = train_ds.num_batches() if train_ds.streamed else len(train_loader)
     return RunData(train_ds, val_ds, train_sampler, train_loader, val_loader, flip_in_loop, full_res, workers,
                    figure_idx, micro_per_epoch)
 
@@ -574,7 +573,7 @@ def _skipped_files(data: RunData, dist_info: DistInfo) -> list[str]:
     """Unreadable samples met anywhere: this process, its DataLoader workers, every rank; each once."""
     mine = []
     for ds in (data.train_ds, data.val_ds):
-        mine += ds.collect_skipped() if hasattr(ds, "collect_skipped") else list(ds.skipped)
+        mine += ds.collect_skipped()
     if dist_info.enabled:
         everyone = [None] * dist_info.world_size
         torch.distributed.all_gather_object(everyone, mine)

@@ -12,6 +12,7 @@ from PIL import Image
 from pixelseg.cli import main
 from pixelseg.data import iter_full_res, load_split
 from pixelseg.errors import PixelsegError
+from conftest import tiny_run
 
 H, W = 12, 16
 
@@ -217,10 +218,9 @@ def test_cityscapes_label_outside_ids_and_no_root(tmp_path):
 def test_cli_trains_one_step_on_each_fake_tree(tmp_path, dataset, make, train, val):
     root = make(tmp_path / "data")
     run = tmp_path / "run"
-    rc = main(["train", "--dataset", dataset, "--data-root", str(root), "--train-split", train, "--val-split", val,
-               "--model", "unet", "--backbone", "mobilenet_v2", "--weights", "none", "--epochs", "1",
-               "--batch-size", "2", "--image-size", "32", "--cache", "memory", "--precise-bn", "0", "--figure-samples", "0",
-               "--run-dir", str(run), "--device", "cpu"])
+    rc = main(["train", *tiny_run(dataset=dataset, data_root=root, limit=None, train_split=train, val_split=val,
+                                  model="unet", backbone="mobilenet_v2", epochs=1, batch_size=2, cache="memory",
+                                  precise_bn=0, figure_samples=0, run_dir=run, device="cpu")])
     assert rc == 0
     import json
     hist = json.loads((run / "metrics.json").read_text())

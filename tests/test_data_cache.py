@@ -14,6 +14,7 @@ from pixelseg.data import load_split
 from pixelseg.data import base
 from pixelseg.data.base import CacheSpec, FileDataset
 from pixelseg.data.synthetic import write_folder
+from conftest import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,9 +205,8 @@ def test_train_crops_from_files_decoded_on_the_fly(folder, cache, tmp_path):
     import yaml
     from pixelseg.cli import main
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--crop",
-                 "--scale-range", "0.5,1.5", "--cache", "none", "--batch-size", "4", "--epochs", "1",
-                 "--weights", "none", "--figure-samples", "1", "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_run(dataset="folder", data_root=folder, limit=None, image_size=16, crop=True,
+                                    scale_range="0.5,1.5", cache="none", batch_size=4, epochs=1, run_dir=run)]) == 0
     log = (run / "train.log").read_text()
     assert "(crops of the source resolution); cache none; DataLoader workers" in log
     assert "DataLoader workers 0" not in log

@@ -11,6 +11,7 @@ from pixelseg.cli import main
 from pixelseg.data import dataset_info, load_split
 from pixelseg.data import folder
 from pixelseg.errors import PixelsegError
+from conftest import tiny_run
 
 COLOURS = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 0, 255)}
 CSV = "id,name,r,g,b\n0,background,0,0,0\n1,square,255,0,0\n2,disc,0,0,255\n"
@@ -255,9 +256,8 @@ def test_cli_train_evaluate_predict_end_to_end(tmp_path, capsys):
     data = tmp_path / "data"
     make_folder(data, n=12, sizes=[(40 + 3 * i, 56 - 2 * i) for i in range(12)])
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "folder", "--data-root", str(data), "--epochs", "1", "--image-size", "64",
-                 "--batch-size", "4", "--weights", "none", "--val-fraction", "0.25", "--run-dir", str(run),
-                 "--figure-samples", "1"]) == 0
+    assert main(["train", *tiny_run(dataset="folder", data_root=data, limit=None, epochs=1, image_size=64,
+                                    batch_size=4, val_fraction=0.25, run_dir=run)]) == 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["dataset"] == "folder" and cfg["val_fraction"] == 0.25 and cfg["data_root"] == str(data)
     ckpt = load_checkpoint(run / "best.pt")
@@ -372,10 +372,9 @@ def test_config_records_absolute_paths_and_evaluate_works_from_elsewhere(tmp_pat
     truth = _one_folder(data, n=6)
     (tmp_path / "classes.csv").write_text(CSV)
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--dataset", "folder", "--data-root", "data", "--images-dir", "all", "--masks-dir", "all",
-                 "--mask-suffix", "_mask", "--classes", "classes.csv", "--val-fraction", "0.34", "--epochs", "1",
-                 "--image-size", "32", "--batch-size", "4", "--weights", "none", "--figure-samples", "1",
-                 "--run-dir", "run"]) == 0
+    assert main(["train", *tiny_run(dataset="folder", data_root="data", limit=None, images_dir="all", masks_dir="all",
+                                    mask_suffix="_mask", classes="classes.csv", val_fraction=0.34, epochs=1,
+                                    batch_size=4, run_dir="run")]) == 0
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert cfg["data_root"] == str(data) and cfg["classes"] == str(tmp_path / "classes.csv")
     assert cfg["mask_suffix"] == "_mask" and len(truth) == 6

@@ -14,9 +14,10 @@ from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 from pixelseg.loading import Ensemble, load_model
 from pixelseg.models import create_model
+from conftest import tiny_run
 
-TRAIN = ["--image-size", "32", "--batch-size", "4", "--epochs", "1", "--weights", "none", "--precision", "fp32",
-         "--device", "cpu", "--figure-samples", "0", "--precise-bn", "0", "--workers", "0"]
+TRAIN = tiny_run(dataset=None, limit=None, batch_size=4, epochs=1, precision="fp32", device="cpu", figure_samples=0,
+                 precise_bn=0, workers=0)
 
 
 def write_folder(root, names, size=32, seed=0):

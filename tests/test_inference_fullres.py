@@ -11,6 +11,7 @@ from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 from pixelseg.inference import evaluate, predict, tile_size
 from pixelseg.tiling import FlipTTA, Predictor, flip_tta, resize_restore, sliding_window, window_starts
+from conftest import tiny_run
 
 
 def pixelwise_fn(num_classes=4, seed=0):
@@ -133,18 +134,17 @@ def _index_dataset(root: Path, n=10, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def fullres_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("fullres")
     data = _index_dataset(base / "data")
     run = base / "run"
-    assert main(["train", "--dataset", "folder", "--data-root", str(data), "--epochs", "2", "--image-size", "32",
-                 "--batch-size", "4", "--weights", "none", "--lr", "0.01", "--run-dir", str(run),
-                 "--figure-samples", "1", "--val-fraction", "0.3"]) == 0
+    assert main(["train", *tiny_run(dataset="folder", data_root=data, limit=None, epochs=2, batch_size=4, lr=0.01,
+                                    run_dir=run, val_fraction=0.3)]) == 0
     return run, data
 
 
-def test_evaluate_full_res_matches_an_independent_score_of_the_predicted_masks(tiny_run, tmp_path):
-    run, data = tiny_run
+def test_evaluate_full_res_matches_an_independent_score_of_the_predicted_masks(fullres_run, tmp_path):
+    run, data = fullres_run
     res = evaluate(run, device="cpu", precision="fp32", full_res=True, progress=False, out_dir=tmp_path)
     assert res["full_res"] and "full resolution" in res["resolution"]
     assert Path(res["files"][0]).name == "eval_val_fullres.json" and Path(res["files"][0]).is_file()
@@ -166,8 +166,8 @@ def test_evaluate_full_res_matches_an_independent_score_of_the_predicted_masks(t
     assert sum(map(sum, res["confusion_matrix"])) == sum(np.asarray(Image.open(s.mask)).size for s in val)
 
 
-def test_evaluate_default_stays_at_training_resolution_and_says_so(tiny_run, tmp_path, capsys):
-    run, _ = tiny_run
+def test_evaluate_default_stays_at_training_resolution_and_says_so(fullres_run, tmp_path, capsys):
+    run, _ = fullres_run
     assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "32x32 (training resolution)" in out and (tmp_path / "eval_val.json").is_file()
@@ -179,14 +179,14 @@ def test_evaluate_default_stays_at_training_resolution_and_says_so(tiny_run, tmp
     assert (tmp_path / "eval_val.json").is_file()          # the training-resolution score is kept beside it
 
 
-def test_evaluate_tile_without_full_res_is_refused(tiny_run, capsys):
-    run, _ = tiny_run
+def test_evaluate_tile_without_full_res_is_refused(fullres_run, capsys):
+    run, _ = fullres_run
     assert main(["evaluate", str(run), "--device", "cpu", "--tile"]) == 2
     assert "--tile needs --full-res" in capsys.readouterr().err
 
 
-def test_predict_tiled_with_tta_writes_full_size_masks(tiny_run, tmp_path, capsys):
-    run, data = tiny_run
+def test_predict_tiled_with_tta_writes_full_size_masks(fullres_run, tmp_path, capsys):
+    run, data = fullres_run
     big = np.asarray(Image.open(data / "images" / "p0.png").resize((160, 120)))
     Image.fromarray(big).save(tmp_path / "big.png")
     assert main(["predict", str(run), str(tmp_path / "big.png"), "--out", str(tmp_path / "o"), "--device", "cpu",
@@ -196,8 +196,8 @@ def test_predict_tiled_with_tta_writes_full_size_masks(tiny_run, tmp_path, capsy
         assert m.size == (160, 120) and m.mode == "P"
 
 
-def test_mc_samples_cannot_be_tiled(tiny_run, tmp_path, capsys):
-    run, data = tiny_run
+def test_mc_samples_cannot_be_tiled(fullres_run, tmp_path, capsys):
+    run, data = fullres_run
     assert main(["predict", str(run), str(data / "images" / "p0.png"), "--out", str(tmp_path), "--device", "cpu",
                  "--mc-samples", "4", "--tile"]) == 2
     assert "--mc-samples" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 from _labels_exports import CLASSES, SCENE, WRITERS, expected, write_coco, write_cvat, write_labelstudio
 from pixelseg.data import dataset_info, iter_full_res, load_split
 from pixelseg.data.base import CacheSpec
+from conftest import tiny_run
 
 CARDAMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-cardamage"
 
@@ -85,9 +86,8 @@ def test_resized_split_and_cache_modes_agree(tmp_path):
 def test_cardamage_train_evaluate_predict(tmp_path, capsys):
     from pixelseg.cli import main
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "coco", "--data-root", str(CARDAMAGE), "--weights", "none", "--image-size",
-                 "32", "--epochs", "1", "--limit", "4", "--batch-size", "4", "--run-dir", str(run),
-                 "--figure-samples", "1", "--precise-bn", "0", "--workers", "0", "--cache", "memory"]) == 0
+    assert main(["train", *tiny_run(dataset="coco", data_root=CARDAMAGE, epochs=1, limit=4, batch_size=4, run_dir=run,
+                                    precise_bn=0, workers=0, cache="memory")]) == 0
     ck = __import__("torch").load(run / "best.pt", weights_only=True, map_location="cpu")
     assert ck["dataset"]["class_names"][0] == "background" and len(ck["dataset"]["class_names"]) == 9
     assert "car" not in ck["dataset"]["class_names"]  # Roboflow's placeholder category is not a class

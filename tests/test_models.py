@@ -79,6 +79,43 @@ def test_mobilenet_v2_taps_are_the_tutorials():
     assert sum(p.numel() for p in encoder.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
+def _unet_decode_inline(model, x):
+    """UNet.decode as written before the decoder had a class of its own: the refactor's reference."""
+    feats = model.encode(x)
+    red = list(model.encoder.reductions)
+    skip_index = [max((i for i, r in enumerate(red) if r == s), default=None) for s in (16, 8, 4, 2)]
+    skips = [feats[i] if i is not None else None for i in skip_index]
+    x = feats[-1]
+    for up, skip in zip(model.up_stack, skips):
+        x = up(x) if skip is None else torch.cat([up(x), skip], dim=1)
+    return model.last(x)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "mit_b0"])  # with and without a stride-2 skip
+def test_unet_decoder_module_computes_what_the_inline_decode_did(backbone):
+    torch.manual_seed(0)
+    model = create_model("unet", backbone, num_classes=3, weights=None)
+    x = torch.rand(2, 3, 64, 64)
+    for train in (False, True):
+        model.train(train)
+        xn = (x - model.mean) / model.std  # 64 is a multiple of the output stride: no padding
+        with torch.no_grad():
+            torch.manual_seed(1)
+            ref = _unet_decode_inline(model, xn)
+            torch.manual_seed(1)
+            out = model.decode(xn)
+        assert torch.equal(out, ref)
+    # state-dict keys keep the pre-decoder-class layout: checkpoints written before load as they are
+    keys = list(model.state_dict())
+    assert {k.split(".")[0] for k in keys} == {"encoder", "up_stack", "last"}
+    assert "up_stack.0.0.weight" in keys and "up_stack.3.1.running_var" in keys and keys[-2:] == ["last.weight", "last.bias"]
+    old_layout = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = create_model("unet", backbone, num_classes=3, weights=None)
+    fresh.load_state_dict(old_layout)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
 @pytest.mark.parametrize("arch", list(ONE_PER_ARCH))
 @pytest.mark.parametrize("size", [(64, 64), (50, 75)])
 def test_output_shape_any_size(arch, size):

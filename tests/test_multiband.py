@@ -15,6 +15,7 @@ from pixelseg.cli import main
 from pixelseg.data import load_split
 from pixelseg.data.io import read_bands, read_input
 from pixelseg.errors import PixelsegError
+from conftest import tiny_run
 
 H, W = 36, 40
 
@@ -89,9 +90,8 @@ def test_folder_dataset_reads_bands_and_mismatch_names_the_file(tmp_path):
 def test_train_evaluate_predict_export_with_four_bands(tmp_path, capsys):
     root, run = tmp_path / "data", tmp_path / "run"
     make_multiband(root, n=8)
-    assert main(["train", "--dataset", "folder", "--data-root", str(root), "--in-channels", "4", "--rgb-bands",
-                 "3,2,1", "--image-size", "32x40", "--batch-size", "4", "--epochs", "2", "--weights", "none",
-                 "--figure-samples", "1", "--run-dir", str(run), "--cache", "memory"]) == 0
+    assert main(["train", *tiny_run(dataset="folder", data_root=root, limit=None, in_channels=4, rgb_bands="3,2,1",
+                                    image_size="32x40", batch_size=4, epochs=2, run_dir=run, cache="memory")]) == 0
     ckpt = load_checkpoint(run / "best.pt")
     mc = ckpt["model_config"]
     assert mc["in_channels"] == 4 and len(mc["mean"]) == 4 and len(mc["std"]) == 4

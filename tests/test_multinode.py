@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 
 from pixelseg.checkpoint import load_checkpoint
-from conftest import rank_pid
+from conftest import rank_pid, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "16", "--batch-size", "4", "--weights", "none", "--precision", "fp32", "--seed", "0",
-        "--deterministic", "--figure-samples", "1", "--device", "cpu", "--workers", "0", "--freeze-bn",
-        "--optimizer", "sgd", "--lr", "0.05"]
+TINY = tiny_run(dataset=None, limit=None, image_size=16, batch_size=4, precision="fp32", seed=0, deterministic=True,
+                device="cpu", workers=0, freeze_bn=True, optimizer="sgd", lr=0.05)
 TIMEOUT = 420
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from pixelseg import config, plan, sizes
 from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
+from conftest import tiny_run
 
 
 def write_folder(root, n=24, size=64, obj=16, names="img{i}", up=False, rare=False, seed=0):
@@ -139,9 +140,8 @@ def test_train_start_logs_the_warnings(tmp_path):
     # 8-px squares in 128-px images, trained on 32-px crops: 2-px objects
     root = write_folder(tmp_path / "d", n=12, size=128, obj=8)
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "folder", "--data-root", str(root), "--weights", "none", "--epochs", "1",
-                 "--image-size", "32", "--crop", "--precise-bn", "0", "--figure-samples", "0", "--cache", "memory",
-                 "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_run(dataset="folder", data_root=root, limit=None, batch_size=None, epochs=1, crop=True,
+                                    precise_bn=0, figure_samples=0, cache="memory", run_dir=run)]) == 0
     log = (run / "train.log").read_text()
     assert "--batch-size 64 is larger than the training split" in log
     assert "validation split holds 2 image(s)" in log

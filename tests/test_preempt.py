@@ -65,9 +65,8 @@ def test_sigterm_to_one_rank_stops_both_with_workers(tmp_path):
     from pixelseg.data.synthetic import write_folder
     data, run = tmp_path / "data", tmp_path / "run"
     write_folder(data, 24, (32, 32), seed=1)
-    args = ["--dataset", "folder", "--data-root", str(data), "--cache", "none", "--workers", "1", "--image-size", "32",
-            "--batch-size", "8", "--weights", "none", "--epochs", "2", "--device", "cpu", "--figure-samples", "0",
-            "--run-dir", str(run)]
+    args = tiny_run(dataset="folder", data_root=data, limit=None, cache="none", workers=1, epochs=2, device="cpu",
+                    figure_samples=0, run_dir=run)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pixelseg",
            "train", *args]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

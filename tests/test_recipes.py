@@ -11,6 +11,7 @@ from PIL import Image
 from pixelseg.cli import main
 from pixelseg.config import read_yaml
 from pixelseg.errors import PixelsegError
+from conftest import tiny_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
@@ -74,9 +75,8 @@ def test_exponent_floats_without_dot_are_accepted(tmp_path):
 
 def test_iterations_stop_mid_epoch_and_schedule_spans_them(tmp_path):
     run = tmp_path / "run"
-    rc = main(["train", "--dataset", "synthetic", "--model", "unet", "--backbone", "mobilenet_v2", "--weights", "none",
-               "--image-size", "32", "--batch-size", "4", "--iterations", "3", "--epochs", "50", "--schedule", "poly",
-               "--precise-bn", "0", "--figure-samples", "0", "--limit", "24", "--run-dir", str(run), "--device", "cpu"])
+    rc = main(["train", *tiny_run(model="unet", backbone="mobilenet_v2", batch_size=4, iterations=3, epochs=50,
+                                  schedule="poly", precise_bn=0, figure_samples=0, limit=24, run_dir=run, device="cpu")])
     assert rc == 0
     ck = __import__("torch").load(run / "last.pt", weights_only=True)
     hist = json.loads((run / "metrics.json").read_text())
@@ -137,9 +137,8 @@ def test_recipe_runs_one_step(tmp_path, recipe):
     cfg = read_yaml(CONFIGS / recipe)
     root = _fake_root(cfg["dataset"], tmp_path / "data")
     run = tmp_path / "run"
-    rc = main(["train", "--config", str(CONFIGS / recipe), "--data-root", str(root), "--weights", "none",
-               "--iterations", "1", "--batch-size", "2", "--image-size", "64", "--limit", "4", "--precise-bn", "0",
-               "--figure-samples", "1", "--cache", "memory", "--device", "cpu", "--run-dir", str(run)])
+    rc = main(["train", "--config", str(CONFIGS / recipe), *tiny_run(dataset=None, data_root=root, iterations=1,
+               batch_size=2, image_size=64, limit=4, precise_bn=0, cache="memory", device="cpu", run_dir=run)])
     assert rc == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     for key in ("model", "optimizer", "lr", "schedule", "loss", "class_weighting", "output_stride"):

@@ -22,12 +22,13 @@ from pixelseg.data.shards import write_shards  # noqa: E402
 from pixelseg.data.synthetic import write_folder  # noqa: E402
 from pixelseg.train import train  # noqa: E402
 from _s3server import fault_front, moto_s3  # noqa: E402
+from conftest import tiny_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = {"image_size": 16, "batch_size": 4, "epochs": 1, "weights": "none", "device": "cpu", "figure_samples": 0,
        "precision": "fp32", "workers": 2, "seed": 0, "deterministic": True}
-TRAIN = ["train", "--dataset", "shards", "--image-size", "16", "--batch-size", "4", "--epochs", "1",
-         "--weights", "none", "--device", "cpu", "--figure-samples", "0", "--workers", "0"]
+TRAIN = ["train", *tiny_run(dataset="shards", limit=None, image_size=16, batch_size=4, epochs=1, device="cpu",
+                            figure_samples=0, workers=0)]
 
 
 def _free_port() -> int:

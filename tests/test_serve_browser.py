@@ -19,6 +19,7 @@ from pixelseg.cli import main  # noqa: E402
 from pixelseg.serving import Engine  # noqa: E402
 
 from test_serve import running  # noqa: E402
+from conftest import tiny_run
 
 # Debian's package; Playwright's own browser download cannot work offline
 CHROMIUM = os.environ.get("PIXELSEG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -42,9 +43,8 @@ def browser():
 def pets_run(pets_root, tmp_path_factory):
     """A small but real model: U-Net/MobileNetV2 trained briefly on real pets (it marks pets, roughly)."""
     run = tmp_path_factory.mktemp("browser") / "pets"
-    assert main(["train", "--data-root", str(pets_root), "--weights", "none", "--limit", "48", "--epochs", "3",
-                 "--image-size", "64", "--batch-size", "16", "--lr", "3e-3", "--figure-samples", "1",
-                 "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_run(dataset=None, data_root=pets_root, limit=48, epochs=3, image_size=64,
+                                    batch_size=16, lr=3e-3, run_dir=run)]) == 0
     return run
 
 

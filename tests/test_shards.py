@@ -20,6 +20,7 @@ from pixelseg.data.io import read_image
 from pixelseg.data.shards import ShardDataset, read_index, write_shards
 from pixelseg.data.synthetic import write_folder
 from pixelseg.errors import PixelsegError
+from conftest import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,9 +155,8 @@ def test_cli_writes_shards_then_trains_and_evaluates_from_them(folder, tmp_path,
                  "--maxcount", "4"]) == 0
     assert "samples of folder train" in capsys.readouterr().out
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "shards", "--data-root", str(out), "--image-size", "32", "--crop",
-                 "--scale-range", "0.5,1.5", "--batch-size", "4", "--epochs", "1", "--weights", "none",
-                 "--workers", "1", "--figure-samples", "1", "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_run(dataset="shards", data_root=out, limit=None, crop=True, scale_range="0.5,1.5",
+                                    batch_size=4, epochs=1, workers=1, run_dir=run)]) == 0
     hist = json.loads((run / "metrics.json").read_text())
     assert hist[0]["train_loss"] > 0 and 0 <= hist[0]["val_miou"] <= 1
     assert main(["evaluate", str(run)]) == 0
@@ -173,9 +173,8 @@ def test_class_weighting_from_shards_matches_the_folder_it_came_from(folder, tmp
     weights = {}
     for name, dataset, root in (("shards", "shards", out), ("folder", "folder", folder)):
         run = tmp_path / name
-        assert main(["train", "--dataset", dataset, "--data-root", str(root), "--image-size", "32", "--batch-size", "4",
-                     "--epochs", "1", "--weights", "none", "--class-weighting", "median", "--workers", "0",
-                     "--figure-samples", "1", "--limit", "8", "--run-dir", str(run)]) == 0
+        assert main(["train", *tiny_run(dataset=dataset, data_root=root, batch_size=4, epochs=1,
+                                        class_weighting="median", workers=0, limit=8, run_dir=run)]) == 0
         lines = [ln for ln in (run / "train.log").read_text().splitlines() if "class weights (median):" in ln]
         assert len(lines) == 1, name
         weights[name] = lines[0].split("class weights (median):", 1)[1].strip()

@@ -24,6 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -198,9 +199,20 @@ class ArrayDataset(torch.utils.data.Dataset):
     transform: object = None  # callable(image uint8 3×H×W, mask H×W) -> same, applied per sample
     store: DiskStore | None = None
     full_res: bool = False    # samples keep their source sizes: a transform must crop/resize them
+    streamed: ClassVar[bool] = False   # data.protocol.SplitDataset
+    reads_files: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def open_skip_channel(self) -> None:  # decoded up front: nothing is read in workers
+        pass
+
+    def collect_skipped(self) -> list[str]:
+        return self.skipped
+
+    def read_sample(self, i):
+        return self[i]
 
     def _arrays(self, i):
         if self.store is not None:
@@ -286,6 +298,7 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
     """`--cache none`: nothing is decoded up front; each sample is read from its files when a DataLoader
     worker asks for it (same reader, same resize, so the same arrays as the cached modes). Unreadable
     files are skipped from their batch, reported by the process that meets them, and counted there."""
+    streamed, reads_files = False, True  # data.protocol.SplitDataset
 
     def __init__(self, samples: list[Sample], reader, info: DatasetInfo, size, max_side=None, full_res=False):
         self.samples, self.reader, self.info = list(samples), reader, info
@@ -297,7 +310,8 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read(self, i):
+    def read_sample(self, i):
+        """The sample, or None when its files are unreadable (reported)."""
         s = self.samples[int(i)]
         try:
             img, mask = self.reader(s, self.size, self.max_side)
@@ -310,13 +324,13 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
         return self.transform(img, mask) if self.transform is not None else (img, mask)
 
     def __getitem__(self, i):
-        item = self._read(i)
+        item = self.read_sample(i)
         if item is None:
             raise PixelsegError(f"{self.samples[int(i)].image}: unreadable (see the warning above)")
         return item
 
     def __getitems__(self, indices):
-        items = [it for it in (self._read(i) for i in indices) if it is not None]
+        items = [it for it in (self.read_sample(i) for i in indices) if it is not None]
         if not items:
             raise PixelsegError(f"every file of a batch is unreadable ({', '.join(str(self.samples[i].image) for i in indices[:3])} ...)")
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
@@ -352,11 +366,12 @@ def collate_batch(batch):
 
 
 # ---- reading one sample ---------------------------------------------------------------------------
-def check_same_size(mask, image_name: str, image_wh: tuple[int, int], mask_wh: tuple[int, int]) -> None:
-    """The one image/mask size check of the file readers (sizes as (width, height)): a one-line error naming
-    the mask."""
+def check_same_size(mask, image_name: str | None, image_wh: tuple[int, int], mask_wh: tuple[int, int]) -> None:
+    """The one image/mask size check (file readers, shards; sizes as (width, height)): a one-line error naming
+    the mask (``image_name`` None: the pair has one name, e.g. a shard sample)."""
     if tuple(image_wh) != tuple(mask_wh):
-        raise PixelsegError(f"{mask}: mask is {mask_wh[0]}×{mask_wh[1]} but its image {image_name} is "
+        image = f"its image {image_name}" if image_name is not None else "the image"
+        raise PixelsegError(f"{mask}: mask is {mask_wh[0]}×{mask_wh[1]} but {image} is "
                             f"{image_wh[0]}×{image_wh[1]}; image and mask must have the same size")
 
 

@@ -24,7 +24,7 @@ def make_loader(ds, batch_size: int, *, train: bool = False, workers: int = 0, d
     # Persistent for streamed shards too: they read the epoch (their shuffle seed) from shared memory.
     kw = dict(collate_fn=collate_batch, num_workers=workers, pin_memory=pin_memory,
               persistent_workers=workers > 0, worker_init_fn=worker_init_fn)
-    if isinstance(ds, torch.utils.data.IterableDataset):  # shards: batches are formed by the stream
+    if ds.streamed:  # shards (data.protocol.SplitDataset): batches are formed by the stream
         sampler = ds.configure(batch_size, workers, dist.rank, dist.world_size, shuffle=train, even=train,
                                seed=seed)
         return torch.utils.data.DataLoader(ds, batch_size=None, **kw), (sampler if train else None)

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import PixelsegError
 from ..logs import logger as log
-from .base import DatasetInfo, SkipReport, fit_size
+from .base import DatasetInfo, SkipReport, check_same_size, fit_size
 from . import remote
 from .io import UnreadableImage, read_image, read_mask
 
@@ -293,6 +293,7 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
     worker b % workers, the order in which the DataLoader takes batches from its workers, so the batch
     sequence does not depend on the worker count.
     """
+    streamed, reads_files = True, True  # data.protocol.SplitDataset
 
     def __init__(self, urls: list[str], counts: list[int], info: DatasetInfo, size, batch_size: int = 1,
                  full_res: bool = False, max_side: int | None = None, shuffle: bool = False, seed: int = 0,
@@ -444,9 +445,10 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
             from PIL import Image
             isz = Image.open(io.BytesIO(sample[img_key])).size
             msz = Image.open(io.BytesIO(sample["seg.png"])).size
-            if isz != msz:
-                self._warn(f"{where} ({name}): mask is {msz[0]}×{msz[1]} but the image is {isz[0]}×{isz[1]}; "
-                           "sample skipped (image and mask must have the same size)")
+            try:
+                check_same_size(f"{where} ({name})", None, isz, msz)
+            except PixelsegError as exc:
+                self._warn(f"{exc}; sample skipped")
                 self._skip(where)
                 return None
             target = fit_size((isz[1], isz[0]), None if self.full_res else self.size, self.max_side)

@@ -33,7 +33,38 @@ def pix2pix_upsample(in_channels: int, out_channels: int, dropout: bool = False)
     return nn.Sequential(*layers)
 
 
+class UNetDecoder(nn.ModuleList):
+    """The pix2pix upsampling path: the deepest feature up through the skips (deepest first), each
+    upsample block's output concatenated with its skip. Returns the stride-2 feature the head reads.
+
+    A ModuleList of the upsample blocks, held by the model as ``up_stack``: state-dict keys stay those
+    of checkpoints written before the decoder had a class of its own. ``join`` is the one piece
+    `runtime` replaces for CPU training (``_SplitSkipConvs``)."""
+
+    def __init__(self, encoder_channels, reductions, decoder_channels=(512, 256, 128, 64), dropout=False):
+        # Deepest skip first: the last stage at each of strides 16, 8, 4, 2 (None: no such stage).
+        red = list(reductions)
+        skip_index = [max((i for i, r in enumerate(red) if r == s), default=None) for s in (16, 8, 4, 2)]
+        ups, in_ch = [], encoder_channels[-1]
+        for out_ch, i in zip(decoder_channels, skip_index):
+            ups.append(pix2pix_upsample(in_ch, out_ch, dropout=dropout))
+            in_ch = out_ch + (encoder_channels[i] if i is not None else 0)
+        super().__init__(ups)
+        self.skip_index = skip_index
+        self.out_channels = in_ch
+
+    def forward(self, feats: list[torch.Tensor]):
+        x = feats[-1]
+        for up, i in zip(self, self.skip_index):
+            x = up(x) if i is None else self.join(up(x), feats[i])
+        return x
+
+    def join(self, x: torch.Tensor, skip: torch.Tensor):
+        return torch.cat([x, skip], dim=1)
+
+
 class UNet(SegmentationModel):
+    """encoder -> decoder (``up_stack``, a UNetDecoder) -> head (``last``, a stride-2 transposed conv)."""
     arch = "unet"
     default_backbone = "mobilenet_v2"
     options = dict(decoder_channels=(512, 256, 128, 64), decoder_dropout=False)
@@ -54,24 +85,11 @@ class UNet(SegmentationModel):
                 f"unet decoder_channels needs 4 values (one per skip), got {list(decoder_channels)}"
             )
         super().__init__(encoder, num_classes, 32, mean, std, config)
-        # Deepest skip first: the last stage at each of strides 16, 8, 4, 2 (None: no such stage).
-        red = list(encoder.reductions)
-        self.skip_index = [max((i for i, r in enumerate(red) if r == s), default=None)
-                           for s in (16, 8, 4, 2)]
-        ups, in_ch = [], encoder.channels[-1]
-        for out_ch, i in zip(decoder_channels, self.skip_index):
-            ups.append(pix2pix_upsample(in_ch, out_ch, dropout=decoder_dropout))
-            in_ch = out_ch + (encoder.channels[i] if i is not None else 0)
-        self.up_stack = nn.ModuleList(ups)
+        self.up_stack = UNetDecoder(encoder.channels, encoder.reductions, decoder_channels, decoder_dropout)
         # Keras Conv2DTranspose(num_classes, 3, strides=2, padding="same") with bias.
         self.last = nn.ConvTranspose2d(
-            in_ch, num_classes, 3, stride=2, padding=1, output_padding=1
+            self.up_stack.out_channels, num_classes, 3, stride=2, padding=1, output_padding=1
         )
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encode(x)
-        skips = [feats[i] if i is not None else None for i in self.skip_index]
-        x = feats[-1]
-        for up, skip in zip(self.up_stack, skips):
-            x = up(x) if skip is None else torch.cat([up(x), skip], dim=1)
-        return self.last(x)
+        return self.last(self.up_stack(self.encode(x)))
