@@ -347,8 +347,8 @@ class TrainConfig:
     sync_bn: bool = option(False, "SyncBatchNorm across processes (needs torchrun with several processes on CUDA)",
                            "distributed", parse=parse_bool)
     dist_timeout: float | None = option(None, "seconds a rank waits in a collective for the others (a lost or hung "
-                                        "node) before the run stops with an error (default: torch's, 30 min for "
-                                        "gloo, 10 for nccl)", "distributed", parse=_float(1.0), metavar="SECONDS")
+                                        "node) before the run stops with an error; unset: torch's own, 30 min "
+                                        "for gloo, 10 for nccl", "distributed", parse=_float(1.0), metavar="SECONDS")
     # output
     run_dir: str | None = option(None, "output directory", "output", parse=parse_path,
                                  default_text="runs/<model>-<backbone>-<dataset>-<time>")

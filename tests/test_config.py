@@ -60,8 +60,9 @@ def test_every_flag_named_in_the_package_exists():
     for path in PACKAGE.rglob("*.py"):
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w])", path.read_text()):
             named.setdefault(flag, path.name)
-    # other programs' flags: torchrun's --nproc_per_node (the regex stops at the _), tensorboard's and mlflow's
-    external = {"--nproc", "--logdir", "--backend-store-uri"}
+    # other programs' flags: torchrun's --nproc_per_node (the regex stops at the _) and --max-restarts,
+    # tensorboard's and mlflow's
+    external = {"--nproc", "--max-restarts", "--logdir", "--backend-store-uri"}
     missing = {f: p for f, p in named.items() if f not in known and f not in external}
     assert not missing, f"flags named in the source but not in the parser: {missing}"
     assert "--model" in named and "--image-size" in named  # the scan does find flags

@@ -184,7 +184,6 @@ def test_resume_after_one_nodes_agent_is_killed_mid_epoch(runs, tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_max_restarts_continues_by_itself_after_a_worker_is_killed(tmp_path):
-    from test_preempt import _rank_pid
     run = tmp_path / "run"
     args = ["--dataset", "synthetic", "--limit", "20", *TINY, "--epochs", "2", "--checkpoint-every", "1",
             "--batch-size", "2", "--run-dir", str(run)]
@@ -206,7 +205,7 @@ def test_max_restarts_continues_by_itself_after_a_worker_is_killed(tmp_path):
             time.sleep(0.1)
         else:
             pytest.fail("no mid-epoch checkpoint appeared")
-        pid = _rank_pid(proc.pid, 1)
+        pid = rank_pid(proc.pid, 1)
         assert pid is not None, "rank 1 not found"
         os.kill(pid, signal.SIGKILL)  # a worker dies mid-epoch 1: torchrun restarts both workers once
         code = proc.wait(TIMEOUT)
