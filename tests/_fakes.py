@@ -37,3 +37,20 @@ def fake_checkpoint(path, arch="unet", backbone=None, size=32, seed=0, **options
     atomic_save(model_checkpoint(model, synthetic.INFO, {"image_size": size, "dataset": "synthetic", "val_split": "val",
                                                          "data_root": None}), path)
     return path
+
+
+def write_id_folder(root, n: int = 14):
+    """A folder dataset of n lossless 8x8 images whose first pixel encodes the sample id (all in train):
+    a reader can tell exactly which samples it saw."""
+    import numpy as np
+    from PIL import Image
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        img = np.zeros((8, 8, 3), np.uint8)
+        img[..., 0] = i
+        Image.fromarray(img).save(root / "images" / f"s{i:03d}.png")
+        Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "masks" / f"s{i:03d}.png")
+    (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(n)))
+    (root / "val.txt").write_text("")
+    return root

@@ -141,25 +141,30 @@ def test_a_node_with_another_config_is_refused_naming_the_keys(runs, tmp_path):
     assert not (run / "last.pt").exists()
 
 
+def _wait_for_mid_epoch_checkpoint(run: Path, procs, log: Path, epoch: int | None = None) -> None:
+    """Until RUN/last.pt is a checkpoint at least 2 steps into an epoch (`epoch`, if given); fails if a
+    process ends first or nothing appears within TIMEOUT."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        try:
+            c = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
+        except Exception:  # caught mid-write by the reader: try again
+            c = None
+        if c and c["step_in_epoch"] >= 2 and (epoch is None or c["epoch"] == epoch):
+            return
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("a process ended early: " + log.read_text()[-3000:])
+        time.sleep(0.1)
+    pytest.fail("no mid-epoch checkpoint appeared")
+
+
 def test_resume_after_one_nodes_agent_is_killed_mid_epoch(runs, tmp_path):
     run = tmp_path / "run"
     args = [*runs["flags"], *TINY, "--epochs", "2", "--checkpoint-every", "1", "--batch-size", "2",
             "--run-dir", str(run)]
     procs = _two_nodes(args, runs["env"], tmp_path, wait=False)
     try:
-        deadline = time.time() + TIMEOUT
-        while time.time() < deadline:
-            try:
-                c = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
-            except Exception:
-                c = None
-            if c and c["step_in_epoch"] >= 2:
-                break
-            if any(p.poll() is not None for p in procs):
-                pytest.fail("a node ended early: " + (tmp_path / "node0.log").read_text()[-3000:])
-            time.sleep(0.1)
-        else:
-            pytest.fail("no mid-epoch checkpoint appeared")
+        _wait_for_mid_epoch_checkpoint(run, procs, tmp_path / "node0.log")
         os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 dies: its agent and its worker
         procs[1].wait(30)
         # node 0's rank then waits in a gloo collective until the process group's timeout (30 min by
@@ -192,19 +197,7 @@ def test_max_restarts_continues_by_itself_after_a_worker_is_killed(tmp_path):
     log = tmp_path / "torchrun.log"
     proc = subprocess.Popen(cmd, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + TIMEOUT
-        while time.time() < deadline:
-            try:
-                c = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
-            except Exception:
-                c = None
-            if c and c["epoch"] == 0 and c["step_in_epoch"] >= 2:
-                break
-            if proc.poll() is not None:
-                pytest.fail("the run ended early: " + log.read_text()[-3000:])
-            time.sleep(0.1)
-        else:
-            pytest.fail("no mid-epoch checkpoint appeared")
+        _wait_for_mid_epoch_checkpoint(run, [proc], log, epoch=0)
         pid = rank_pid(proc.pid, 1)
         assert pid is not None, "rank 1 not found"
         os.kill(pid, signal.SIGKILL)  # a worker dies mid-epoch 1: torchrun restarts both workers once
@@ -229,20 +222,10 @@ def test_two_nodes_read_every_s3_sample_once(data, tmp_path):
     flags, extra = data
     if "shards" not in flags:
         pytest.skip("moto/s3fs not installed: no S3 server to read shards from")
-    import numpy as np
-    from PIL import Image
     from pixelseg.data.shards import write_shards
+    from _fakes import write_id_folder
     from test_shards import _RANK  # rank, url, out: the exactly-once check of local shards
-    root = tmp_path / "ids"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(14):  # lossless images whose first pixel encodes the sample id
-        img = np.zeros((8, 8, 3), np.uint8)
-        img[..., 0] = i
-        Image.fromarray(img).save(root / "images" / f"s{i:03d}.png")
-        Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "masks" / f"s{i:03d}.png")
-    (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(14)))
-    (root / "val.txt").write_text("")
+    root = write_id_folder(tmp_path / "ids", 14)
     url = "s3://pixelseg-nodes/ids/"
     write_shards("folder", root, "train", url, maxcount=3, progress=False)
     script = tmp_path / "rank.py"

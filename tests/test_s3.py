@@ -21,6 +21,7 @@ from pixelseg.cli import main  # noqa: E402
 from pixelseg.data.shards import write_shards  # noqa: E402
 from pixelseg.data.synthetic import write_folder  # noqa: E402
 from pixelseg.train import train  # noqa: E402
+from _fakes import write_id_folder  # noqa: E402
 from _s3server import fault_front, moto_s3  # noqa: E402
 from conftest import tiny_run  # noqa: E402
 
@@ -81,18 +82,7 @@ def test_train_from_s3_equals_training_from_local_shards(s3, tmp_path, capsys):
 def test_two_ranks_read_every_s3_sample_once(s3, tmp_path):
     from test_shards import _RANK  # the exactly-once check of local shards, here over S3
     url = "s3://pixelseg-test/ids/"
-    root = tmp_path / "ids"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    import numpy as np
-    from PIL import Image
-    for i in range(14):
-        img = np.zeros((8, 8, 3), np.uint8)
-        img[..., 0] = i
-        Image.fromarray(img).save(root / "images" / f"s{i:03d}.png")
-        Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(root / "masks" / f"s{i:03d}.png")
-    (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(14)))
-    (root / "val.txt").write_text("")
+    root = write_id_folder(tmp_path / "ids", 14)
     write_shards("folder", root, "train", url, maxcount=3, progress=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), url, str(tmp_path / f"r{r}.json")],
