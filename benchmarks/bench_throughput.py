@@ -79,8 +79,9 @@ def worker(config: str, task: str, args) -> dict:
     from pixelseg.loop import RunContext, train_step
     from pixelseg.losses import build_loss
     from pixelseg.optim import build_optimizer
-    from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input
+    from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input, tune_malloc
 
+    tune_malloc()  # what every pixelseg command does first
     dev = select_device(args.device)
     precision, channels_last, _ = CONFIGS[config]
     amp = resolve_precision(precision, dev)

@@ -269,6 +269,8 @@ def _run(args) -> int:
     run = _COMMANDS.get(args.command)
     if run is None:
         raise AssertionError(args.command)
+    from .runtime import tune_malloc
+    tune_malloc()  # before the first large tensor: every command allocates activations step after step
     return run(args)
 
 

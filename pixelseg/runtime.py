@@ -33,6 +33,44 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+_MALLOC_STATE: dict = {}
+
+
+def tune_malloc() -> str:
+    """Keep freed memory in the process instead of handing it back to the kernel (Linux/glibc).
+
+    glibc serves every block over 32 MB with a fresh ``mmap`` and unmaps it on free, so each
+    training step pays page faults for every large activation (MobileNetV2's 64x64 tensors at batch
+    64 are 50-100 MB) and zeroes the pages again. With mmap off and no trimming the heap keeps them:
+    the tutorial's training step 1.18x faster on CPU for +12 % peak RSS (docs/benchmarks.md,
+    "Numbers behind choices in the code"). What jemalloc/tcmalloc via LD_PRELOAD would give, without
+    a preload. Skipped when the user chose: PIXELSEG_MALLOC=system, MALLOC_* or GLIBC_TUNABLES set,
+    or another allocator preloaded. Returns what it did, for the log.
+    """
+    if "result" in _MALLOC_STATE:
+        return _MALLOC_STATE["result"]
+    if os.environ.get("PIXELSEG_MALLOC", "").lower() == "system":
+        result = "system default (PIXELSEG_MALLOC=system)"
+    elif any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) or any(
+            name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        result = "left as configured (MALLOC_*/GLIBC_TUNABLES/LD_PRELOAD set)"
+    else:
+        import ctypes
+        import ctypes.util
+        import platform
+        result = "system default (not glibc)"
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**62) == 1
+                result = "freed memory kept for reuse (glibc mmap off, no trim)" if ok else "system default (mallopt refused)"
+            except (OSError, AttributeError):
+                pass
+    _MALLOC_STATE["result"] = result
+    return result
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -81,29 +119,84 @@ def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bo
     return x
 
 
-class _Fp32BackwardDepthwiseConv2d(torch.nn.Conv2d):
-    """A strided depthwise conv that leaves CPU bf16 autocast when it will be differentiated.
+def _depthwise_s2_grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Input gradient of a 3x3, stride-2, padding-1 depthwise conv over an even-sized input.
 
-    Written by hand because oneDNN's bf16 backward for strided depthwise convolutions is
-    pathologically slow on CPU (torch 2.14, AVX-512-BF16): several times the fp32 time for
-    MobileNetV2's stride-2 layers (benchmarks/bench_dwconv.py; the measurements are in
-    docs/benchmarks.md, "Numbers behind choices in the code"). Stride-1 depthwise and every
-    dense conv are faster in bf16, so only these layers run in fp32; the result is cast back to
-    bf16 and the rest of the network is unchanged. State-dict keys are those of nn.Conv2d.
+    Each of the four (row, column) parities of the input sees a fixed subset of the taps, so the
+    gradient is four *stride-1* depthwise convs over ``g`` (kernels 1x1, 1x2, 2x1, 2x2 taken from
+    the 3x3 weight), written into the interleaved positions. Stride-1 depthwise convs are among
+    oneDNN's fast bf16 kernels; its own strided backward-data is not (below).
+    """
+    n, c, h, w = g.shape
+    k = weight[:, 0]  # C x 3 x 3
+    gp = torch.nn.functional.pad(g, (0, 1, 0, 1))  # the taps that fall past the last output row/column read 0
+    out = torch.empty((n, c, 2 * h, 2 * w), dtype=g.dtype, device=g.device, memory_format=torch.channels_last)
+    zero = torch.zeros_like(k[:, 0, 0])
+    # input (2i+a, 2j+b) <- output (i, j) through tap (a+1, b+1) and output (i+1, j+1) through tap (a-1, b-1)
+    for (a, b), taps in {(0, 0): (k[:, 1, 1], zero, zero, zero),
+                         (0, 1): (k[:, 1, 2], k[:, 1, 0], zero, zero),
+                         (1, 0): (k[:, 2, 1], zero, k[:, 0, 1], zero),
+                         (1, 1): (k[:, 2, 2], k[:, 2, 0], k[:, 0, 2], k[:, 0, 0])}.items():
+        kernel = torch.stack(taps, -1).view(c, 1, 2, 2)
+        out[:, :, a::2, b::2] = torch.nn.functional.conv2d(gp, kernel, None, 1, 0, 1, c)
+    return out
+
+
+class _DepthwiseStride2(torch.autograd.Function):
+    """bf16 3x3/stride-2 depthwise conv whose backward avoids oneDNN's strided bf16 backward-data.
+
+    Written by hand because that kernel is pathologically slow on CPU (torch 2.14, on AMX and
+    AVX-512-BF16 alike): 94 ms for MobileNetV2's 96-channel 64x64 layer at batch 64, against 4 ms
+    for the same layer's bf16 weight gradient and 1.7 ms for its forward
+    (benchmarks/bench_dwconv.py). The forward and the weight gradient stay oneDNN's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.conv2d(x, weight, None, 2, 1, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g = g.contiguous(memory_format=torch.channels_last)
+        grad_x = _depthwise_s2_grad_input(g, weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(g, x, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0],
+                                                          x.shape[1], [False, True, False])[1]
+        return grad_x, grad_w
+
+
+class _FastBackwardDepthwiseConv2d(torch.nn.Conv2d):
+    """A strided depthwise conv whose CPU bf16 training backward does not use oneDNN's slow strided
+    bf16 backward-data (see ``_DepthwiseStride2``).
+
+    The common case (3x3, stride 2, padding 1, no bias, even input: every such layer of
+    MobileNetV2/EfficientNet-style encoders at even sizes) runs ``_DepthwiseStride2`` in bf16;
+    anything else leaves autocast and runs in fp32, the result cast back to bf16. Eval and no-grad
+    calls are plain ``nn.Conv2d``. State-dict keys are those of nn.Conv2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and torch.is_grad_enabled() and self.weight.requires_grad and torch.is_autocast_enabled("cpu"):
-            out_dtype = torch.get_autocast_dtype("cpu")
+        if not (x.is_cpu and torch.is_grad_enabled() and self.weight.requires_grad
+                and torch.is_autocast_enabled("cpu")):
+            return super().forward(x)
+        out_dtype = torch.get_autocast_dtype("cpu")
+        if (out_dtype == torch.bfloat16 and self.kernel_size == (3, 3) and self.stride == (2, 2)
+                and self.padding == (1, 1) and self.dilation == (1, 1) and self.bias is None
+                and self.padding_mode == "zeros" and x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0):
             with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float()).to(out_dtype)
-        return super().forward(x)
+                return _DepthwiseStride2.apply(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last),
+                                               self.weight.to(torch.bfloat16))
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float()).to(out_dtype)
 
 
 def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> str:
     """Per-device rewrites for training, applied as module substitutions; returns what changed, for the log.
 
-    - CPU with bf16 autocast: strided depthwise convs become ``_Fp32BackwardDepthwiseConv2d``.
+    - CPU with bf16 autocast: strided depthwise convs become ``_FastBackwardDepthwiseConv2d``.
     - CPU: U-Net's decoder computes each skip's transposed conv without the concatenation
       (``_SplitSkipConvs`` on its ``join``, ``_ConvTransposeOverParts`` on the convs).
     - A frozen encoder runs grad-enabled training steps as a cached inference copy
@@ -120,10 +213,10 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
         for m in model.modules():
             if (type(m) is torch.nn.Conv2d and m.groups > 1 and m.groups == m.in_channels
                     and m.groups == m.out_channels and max(m.stride) > 1):
-                m.__class__ = _Fp32BackwardDepthwiseConv2d
+                m.__class__ = _FastBackwardDepthwiseConv2d
                 n += 1
         if n:
-            notes.append(f"{n} strided depthwise convs run in fp32 (slow bf16 backward on CPU)")
+            notes.append(f"{n} strided depthwise convs get a hand-written backward (slow bf16 backward-data on CPU)")
     # Not on CUDA: there the model is launch-bound and the extra kernels did not pay (H200, bf16; the
     # numbers: docs/benchmarks.md, "Numbers behind choices in the code").
     if device.type == "cpu" and isinstance(model, UNet) and not isinstance(model.up_stack, _SplitSkipConvs):

@@ -38,7 +38,7 @@ from .losses import build_loss, class_weights
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
 from .plan import warn_recipe
-from .runtime import optimize_for_training, resolve_precision, seed_everything, select_device
+from .runtime import optimize_for_training, resolve_precision, seed_everything, select_device, tune_malloc
 from .tracking import open_tracker
 
 def channel_stats(images) -> dict:
@@ -472,6 +472,7 @@ def _build_model(cfg: dict, info, ctx: RunContext, norm: dict | None = None):
     kernel_note = optimize_for_training(model, ctx.device, ctx.amp_dtype)
     if kernel_note != "none":
         notes.append(f"kernels: {kernel_note}")
+    notes.append(f"allocator: {tune_malloc()}")
     if cfg["sync_bn"]:
         if not ctx.dist.enabled:
             raise PixelsegError("--sync-bn needs several processes (launch with torchrun --nproc_per_node=N); "

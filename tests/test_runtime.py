@@ -14,8 +14,8 @@ from torch import nn
 
 from pixelseg.models import ARCHITECTURES, create_model
 from pixelseg.models.unet import UNet, UNetDecoder
-from pixelseg.runtime import (_Fp32BackwardDepthwiseConv2d, fold_batchnorm, optimize_for_training,
-                              prepare_for_inference)
+from pixelseg.runtime import (_depthwise_s2_grad_input, _FastBackwardDepthwiseConv2d, fold_batchnorm,
+                              optimize_for_training, prepare_for_inference)
 
 # Light backbones for the architectures whose defaults are big (the folding is what is under test).
 LIGHT = {"deeplabv3plus": "mobilenet_v1", "pspnet": "mobilenet_v1", "fpn": "mobilenet_v2",
@@ -91,32 +91,48 @@ def test_optimize_for_training_retargets_only_strided_depthwise_convs():
     keys = list(model.state_dict())
     fp32 = copy.deepcopy(model)
     assert "depthwise" not in optimize_for_training(fp32, torch.device("cpu"), None)
-    assert not any(isinstance(m, _Fp32BackwardDepthwiseConv2d) for m in fp32.modules())
+    assert not any(isinstance(m, _FastBackwardDepthwiseConv2d) for m in fp32.modules())
     strided_dw = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
                   and m.groups == m.in_channels == m.out_channels and max(m.stride) > 1]
     note = optimize_for_training(model, torch.device("cpu"), torch.bfloat16)
-    swapped = [n for n, m in model.named_modules() if isinstance(m, _Fp32BackwardDepthwiseConv2d)]
+    swapped = [n for n, m in model.named_modules() if isinstance(m, _FastBackwardDepthwiseConv2d)]
     # every strided depthwise conv, and nothing else (MobileNetV2 has some; how many is torchvision's business)
     assert strided_dw and swapped == strided_dw and note.startswith(f"{len(strided_dw)} ")
     assert list(model.state_dict()) == keys
 
 
-def test_fp32_depthwise_conv_gradients_match_plain_bf16():
+@pytest.mark.parametrize("size", [32, 31])  # even: the hand-written bf16 backward; odd: the fp32 fallback
+def test_fast_depthwise_conv_gradients_match_fp32(size):
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
     fast = copy.deepcopy(plain)
-    fast.__class__ = _Fp32BackwardDepthwiseConv2d
-    x = torch.randn(2, 16, 32, 32)
+    fast.__class__ = _FastBackwardDepthwiseConv2d
+    x = torch.randn(2, 16, size, size)
     grads = []
-    for conv in (plain, fast):
+    for conv, amp in ((plain, False), (fast, True)):  # the reference is plain fp32
         xx = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             y = conv(xx)
-        assert y.dtype == torch.bfloat16  # the rest of the network still sees bf16
+        if amp:
+            assert y.dtype == torch.bfloat16  # the rest of the network still sees bf16
         (y.float() ** 2).sum().backward()
         grads.append((y.detach().float(), xx.grad, conv.weight.grad))
     for a, b in zip(*grads):
-        assert _rel(b, a) < 0.02  # fp32 is the more accurate of the two
+        assert b.shape == a.shape
+        assert _rel(b, a) < 0.02  # bf16 inputs: 8 mantissa bits
+
+
+def test_depthwise_stride2_input_gradient_is_the_transposed_conv():
+    """The four stride-1 convs over the parities equal autograd's gradient of the strided conv, tap by tap."""
+    torch.manual_seed(0)
+    for c, h, w in ((3, 8, 8), (5, 6, 10)):
+        weight = torch.randn(c, 1, 3, 3, dtype=torch.float64)
+        x = torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, c, h // 2, w // 2, dtype=torch.float64)
+        torch.nn.functional.conv2d(x, weight, None, 2, 1, 1, c).backward(g)
+        got = _depthwise_s2_grad_input(g.contiguous(memory_format=torch.channels_last), weight)
+        assert got.shape == x.shape
+        assert torch.allclose(got, x.grad, atol=1e-12)
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -191,3 +207,40 @@ def test_frozen_encoder_runs_as_a_cached_inference_copy(arch):
     model.set_encoder_frozen(False)
     model(x).float().sum().backward()
     assert any(p.grad is not None for p in model.encoder.parameters())
+
+
+_MALLOC_PROBE = r"""
+import ctypes, json, os, sys
+import torch
+from pixelseg.runtime import tune_malloc
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+note = tune_malloc()
+t = torch.empty(48 * 2**20, dtype=torch.uint8).fill_(1)  # 48 MB: above glibc's largest mmap threshold
+mapped = libc.mallinfo2().hblkhd
+del t
+print(json.dumps({"note": note, "mapped": mapped, "arena_after_free": libc.mallinfo2().arena}))
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"PIXELSEG_MALLOC": "system"}])
+def test_tune_malloc_keeps_large_blocks_on_the_heap(env):
+    import json
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt is Linux-only")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env={**clean, **env}, capture_output=True, text=True,
+                         check=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    if env:
+        assert res["note"].startswith("system default") and res["mapped"] >= 48 * 2**20  # glibc mmaps it
+    else:
+        assert res["note"].startswith("freed memory kept") and res["mapped"] < 48 * 2**20
+        assert res["arena_after_free"] >= 48 * 2**20  # freed, not returned: the next step reuses the pages

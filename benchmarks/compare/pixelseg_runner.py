@@ -78,8 +78,10 @@ def task_infer(args) -> dict:
     import torch
 
     from pixelseg.models import create_model
-    from pixelseg.runtime import autocast, prepare_for_inference, resolve_precision, select_device, to_model_input
+    from pixelseg.runtime import (autocast, prepare_for_inference, resolve_precision, select_device, to_model_input,
+                                  tune_malloc)
 
+    tune_malloc()  # what every pixelseg command does first
     dev = select_device("auto")
     amp = resolve_precision("auto", dev)
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).to(dev)
