@@ -30,6 +30,7 @@ from .checkpoint import load_checkpoint
 from .files import check_output_dir, make_output_dir
 from .data.io import collect_images
 from .errors import PixelsegError
+from .metrics import class_ids
 from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript,
                       require_onnxruntime)
 
@@ -146,7 +147,7 @@ def check_parity(reference, candidate, inputs: list[torch.Tensor]) -> dict:
                                 f"PyTorch {tuple(ref.shape)}: the export is not dynamic in that axis")
         max_diff = max(max_diff, float((out - ref).abs().max()))
         max_ref = max(max_ref, float(ref.abs().max()))
-        agree += int((out.argmax(1) == ref.argmax(1)).sum())
+        agree += int((class_ids(out) == class_ids(ref)).sum())
         total += ref.shape[0] * ref.shape[2] * ref.shape[3]
         shapes.append(tuple(x.shape))
     agreement = agree / max(total, 1)

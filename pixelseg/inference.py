@@ -23,7 +23,7 @@ from .data.loader import make_loader
 from .loop import RunContext
 from .errors import PixelsegError
 from .loading import input_size, load_model, load_onnx_predictor_parts, model_channels, recorded_data_root
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, class_ids
 from .runtime import autocast, resolve_precision, select_device, to_model_input
 from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
 
@@ -160,7 +160,7 @@ def _score_full_res(ckpt, runner, data: _EvalData, ctx: RunContext, size, window
             warning = tile_scale_warning(img.shape[:2], size, window)
             if warning:
                 tqdm.write(warning, file=sys.stderr)
-        cm.update(predictor(img).argmax(1), torch.from_numpy(target).to(dev))
+        cm.update(class_ids(predictor(img)), torch.from_numpy(target).to(dev))
         n_images += 1
     if n_images == 0:
         raise PixelsegError(f"dataset {dataset} split {split!r} at {root} has no readable images")
@@ -231,13 +231,13 @@ def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samp
 
     def on_batch(x, y, logits):
         probs = logits.softmax(1)
-        cm.update(probs.argmax(1), y)
+        cm.update(class_ids(probs), y)
         single.update(probs, y, info.ignore_index, {"entropy": softmax_entropy(probs)})
         if mc is not None:
             with ctx.autocast():
                 r = mc_predict(model, x, mc_samples)
             mean = r["mean"].float()
-            cm_mc.update(mean.argmax(1), y)
+            cm_mc.update(class_ids(mean), y)
             mc.update(mean, y, info.ignore_index, {"entropy": r["entropy"].float(), "variance": r["variance"].float()})
     loop.evaluate_loader(model, loader, ctx, info, progress=progress, desc=f"uncertainty {split}", on_batch=on_batch)
     report = {"mc_samples": mc_samples, "softmax": single.summary(),
@@ -392,7 +392,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
             probs = _write_mc_maps(model, img, size, dev, amp, mc_samples, info, out / f.stem, entry)
         else:
             probs = predictor(img)
-        mask = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        mask = class_ids(probs)[0].to(torch.uint8).cpu().numpy()
         _write_mask(img, mask, info, bands, out / f.stem, entry)
         if format or rank:
             from .calibration import softmax_entropy

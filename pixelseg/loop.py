@@ -16,7 +16,7 @@ import torch
 
 from .data import DatasetInfo
 from .distributed import DistInfo, all_reduce_sum
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, class_ids
 from .progress import progress as progress_bar
 from .runtime import autocast, to_model_input
 
@@ -141,7 +141,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
             if on_step is not None:
                 stop = bool(on_step(step_in_epoch))
         loss_sum += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64)
-        confusion.update(logits.detach().argmax(1), y)
+        confusion.update(class_ids(logits.detach()), y)
         seen += x.shape[0]
         micro += 1
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # redraw on tqdm's interval, not every step (log files)
@@ -178,7 +178,7 @@ def evaluate_loader(model, loader, ctx: RunContext, info: DatasetInfo, criterion
             valid = (y != info.ignore_index).sum()
             loss_sum[0] += criterion(logits, y).double() * valid
             loss_sum[1] += valid
-        cm.update(logits.argmax(1), y)
+        cm.update(class_ids(logits), y)
     all_reduce_sum(cm.mat, ctx.dist)
     all_reduce_sum(loss_sum, ctx.dist)
     mean_loss = float(loss_sum[0] / loss_sum[1].clamp(min=1)) if criterion is not None else float("nan")
@@ -220,7 +220,7 @@ def predict_batch(model, images: torch.Tensor, ctx: RunContext) -> torch.Tensor:
     """Class ids (N×H×W, on CPU) for a uint8 batch, in eval mode."""
     model.eval()
     with ctx.autocast():
-        return model(ctx.to_input(images)).float().argmax(1).cpu()
+        return class_ids(model(ctx.to_input(images)).float()).cpu()
 
 
 __all__ = ["RunContext", "EpochResult", "set_train_mode", "train_step", "train_one_epoch", "evaluate_loader", "precise_bn",

@@ -12,6 +12,16 @@ import torch
 IGNORE_INDEX = 255
 
 
+def class_ids(scores: torch.Tensor) -> torch.Tensor:
+    """The class of each pixel: index of the largest score along dim 1 (first one on ties, as argmax).
+
+    ``max(1).indices`` rather than ``argmax(1)``: on CPU (torch 2.14) argmax over the class dim of a
+    contiguous N×C×H×W tensor is a slow strided reduction, 48 ms for one 3-class 400×600 photo's
+    probabilities against 1.2 ms here; the difference was most of `pixelseg serve`'s per-request time.
+    """
+    return scores.max(1).indices
+
+
 class ConfusionMatrix:
     """Rows are true classes, columns predicted classes; pixels labelled `ignore_index` are skipped."""
 

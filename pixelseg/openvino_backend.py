@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import PixelsegError
+from .metrics import class_ids
 
 OPENVINO_HINT = "pip install 'pixelseg[openvino]' (openvino and nncf)"
 METADATA_KEY = "pixelseg"
@@ -151,7 +152,7 @@ def gate(reference, candidate, images, masks, info, batch: int = 16, thresholds=
     per_image = []
     for i in range(0, len(images), batch):
         x, y = images[i: i + batch], masks[i: i + batch]
-        a, b = reference(x).argmax(1), candidate(x).argmax(1)
+        a, b = class_ids(reference(x)), class_ids(candidate(x))
         per_image += (a == b).flatten(1).float().mean(1).tolist()
         cm_ref.update(a, y)
         cm_new.update(b, y)

@@ -66,15 +66,27 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def torch_thread() -> ThreadPoolExecutor:
+    """The one thread that runs torch in the server: loading, warm-up and every forward pass.
+
+    One thread because each thread that enters an OpenMP region gets an OpenMP team of its own, and
+    once the process holds more OpenMP threads than cores, libgomp stops spinning between regions
+    (throttled wait): every op of a batch-1 forward pass then waits for a sleeping worker. Measured
+    on 2 cores, the pets model's batch-1 mask: 9.7 ms from one thread, 22-25 ms once a second thread
+    had run torch, for every thread afterwards (docs/benchmarks.md, "Numbers behind choices in the
+    code"). Decoding and encoding on the I/O threads use numpy and PIL only."""
+    return ThreadPoolExecutor(1, thread_name_prefix="pixelseg-infer")
+
+
 class Scheduler:
     """Admission (bounded queue, per-request deadline), the decode-ahead window and the single
     inference thread with dynamic batching."""
 
-    def __init__(self, engine: Engine, limits: Limits, metrics: Metrics):
+    def __init__(self, engine: Engine, limits: Limits, metrics: Metrics, infer_pool: ThreadPoolExecutor | None = None):
         self.engine, self.limits, self.metrics = engine, limits, metrics
         self.slots = 0          # admitted and not yet answered
         self.decoding = 0       # inside the decode-ahead window, not yet handed to the batcher
-        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="pixelseg-infer")
+        self.infer_pool = infer_pool or torch_thread()
         self.io_pool = ThreadPoolExecutor(2, thread_name_prefix="pixelseg-io")
         # recent seconds of wall clock per answered request while busy (gaps between forward passes
         # included, so decoding, encoding and other processes' load on the cores count as they really do)
@@ -402,11 +414,9 @@ def _warm_up(state) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app):
     state = app.state
+    warm_up = state.scheduler.infer_pool.submit(_warm_up, state)  # on the torch thread, like every forward pass
     if state.warm:
-        await asyncio.get_running_loop().run_in_executor(state.scheduler.infer_pool, _warm_up, state)
-    else:
-        warm_up_later = threading.Thread(target=_warm_up, args=(state,), daemon=True)
-        warm_up_later.start()
+        await asyncio.wrap_future(warm_up)
     yield
     state.scheduler.shutdown()
 
@@ -416,16 +426,17 @@ def _queue_depth(state) -> int:
     return sched.slots if sched else 0
 
 
-def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, keep_exif_grid: bool = False):
+def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, keep_exif_grid: bool = False,
+               infer_pool: ThreadPoolExecutor | None = None):
     """The FastAPI app serving `engine`: the module's router, with the engine, limits, scheduler and metrics on
-    `app.state`. /readyz turns 200 once warm-up (in a thread) has finished."""
+    `app.state`. /readyz turns 200 once warm-up (on the torch thread, `infer_pool`) has finished."""
     limits = limits or Limits()
     app = FastAPI(title="pixelseg", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
     state = app.state
     state.engine, state.limits, state.keep_exif_grid, state.warm = engine, limits, keep_exif_grid, warm
     state.ready, state.started = threading.Event(), time.time()
     state.metrics = Metrics(lambda: _queue_depth(state))
-    state.scheduler = Scheduler(engine, limits, state.metrics)
+    state.scheduler = Scheduler(engine, limits, state.metrics, infer_pool)
     app.middleware("http")(count_requests)
     app.add_exception_handler(HTTPProblem, problem)
     app.add_exception_handler(RequestValidationError, invalid)
@@ -457,8 +468,10 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
     from .serving import check_source
     limits = (limits or Limits()).check()
     check_source(source)
-    engine = Engine(source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta, backend=backend)
-    app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid)
+    pool = torch_thread()  # the model is loaded where it will run (torch_thread says why)
+    engine = pool.submit(Engine, source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta,
+                         backend=backend).result()
+    app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid, infer_pool=pool)
     print(f"pixelseg serve: {engine.id} ({engine.backend}, {engine.predictor.describe()}) on http://{host}:{port}/ "
           "- /readyz turns 200 after warm-up", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, access_log=False,

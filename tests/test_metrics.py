@@ -51,3 +51,11 @@ def test_ignore_index_inside_class_range_is_skipped():
 def test_scores_from_confusion_rejects_nothing_on_empty_matrix():
     s = scores_from_confusion(torch.zeros(3, 3, dtype=torch.int64))
     assert math.isnan(s["pixel_acc"]) and math.isnan(s["miou"])
+
+
+def test_class_ids_equal_argmax_ties_and_layouts_included():
+    from pixelseg.metrics import class_ids
+    torch.manual_seed(0)
+    scores = torch.randint(0, 3, (2, 4, 9, 7)).float()  # many ties: argmax's first-index rule must hold
+    for x in (scores, scores.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(class_ids(x), x.argmax(1))

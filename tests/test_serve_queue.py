@@ -143,3 +143,59 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_admission(engine):
         assert first[0].status_code == 200
         sched.per_request_s = 0.01
         assert mask_of(httpx.post(u + "/v1/predict", content=png(photo(8, 8)))).shape == (8, 8)
+
+
+class ThreadRecordingEngine(GatedEngine):
+    """Records which thread runs each forward pass and the warm-up (the gate stays open)."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.gate.set()
+        self.threads = []
+
+    def _wait(self, n):
+        self.threads.append(threading.current_thread().name)
+        super()._wait(n)
+
+    def warm_up(self, batch=1):
+        self.threads.append(threading.current_thread().name)
+        self.engine.warm_up(batch)
+
+
+@pytest.mark.parametrize("max_batch", [8, 1])
+def test_warm_up_and_every_forward_pass_run_on_one_torch_thread(engine, max_batch):
+    """Each thread that runs torch brings an OpenMP team of its own, and more OpenMP threads than cores
+    slow every op (server.torch_thread): warm-up, batched and lone passes all share one thread."""
+    rec = ThreadRecordingEngine(engine)
+    with running(rec, Limits(max_batch=max_batch, batch_wait_ms=0)) as u:
+        results, threads = _burst(u, 5)
+        for t in threads:
+            t.join(120)
+        assert [r.status_code for r in results] == [200] * 5
+    assert len(rec.threads) >= 2 and len(set(rec.threads)) == 1, rec.threads  # warm-up + passes, one thread
+    assert rec.threads[0].startswith("pixelseg-infer")
+
+
+def test_serve_loads_the_model_on_the_torch_thread(monkeypatch, tmp_path):
+    """`serve` builds the Engine on the thread that will run it, before anything listens."""
+    import pixelseg.server as server
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(source, **kw):
+        seen["load"] = threading.current_thread().name
+        return engine_obj
+    engine_obj = Engine(fake_checkpoint(tmp_path / "model.pt"))
+
+    def fake_run(app, **kw):
+        seen["pool"] = app.state.scheduler.infer_pool
+        raise Stop
+    monkeypatch.setattr(server, "Engine", fake_engine)
+    import uvicorn
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    with pytest.raises(Stop):
+        server.serve(tmp_path / "model.pt")
+    assert seen["load"].startswith("pixelseg-infer")
+    assert seen["pool"].submit(lambda: threading.current_thread().name).result() == seen["load"]

@@ -107,7 +107,9 @@ def decode_jpeg_fast(path, exif_transpose: bool = False) -> np.ndarray | None:
         data = path.getvalue() if hasattr(path, "getvalue") else Path(path).read_bytes()
         t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                         apply_exif_orientation=exif_transpose)
-        return t.permute(1, 2, 0).contiguous().numpy()
+        # numpy's copy, not torch's: a torch copy this size is an OpenMP region, and `pixelseg serve` decodes on
+        # I/O threads, where every such region would start another OpenMP team beside the model's (server.py).
+        return np.ascontiguousarray(t.numpy().transpose(1, 2, 0))
     except Exception:  # anything decode_jpeg refuses (progressive oddities, CMYK, ...) goes to PIL
         return None
 
