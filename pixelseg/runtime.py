@@ -63,7 +63,9 @@ def tune_malloc() -> str:
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
             try:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**62) == 1
+                # mallopt's value is a C int: 2**31 - 1 is the largest trim threshold it takes (a larger
+                # Python int would be truncated, to 0 for 2**62: trim on every free)
+                ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
                 result = "freed memory kept for reuse (glibc mmap off, no trim)" if ok else "system default (mallopt refused)"
             except (OSError, AttributeError):
                 pass
