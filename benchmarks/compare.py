@@ -16,6 +16,8 @@ whose peak RSS is read with os.wait4; on CUDA the runners also report peak devic
 Time-to-quality trains each from random weights (all layers) on the real pets sample
 (trainval -> train, test -> test) for the same wall-clock budget, counted from process launch, and
 scores the weights of the last epoch that ended inside it on the same test arrays with the same mIoU.
+On CPU it ends with each runner's achieved GFLOP/s as a share of this machine's measured fp32 and bf16 GEMM
+peaks (benchmarks/gemm_peak.py, run after the runners; `--no-peak` skips it).
 
     python benchmarks/compare.py                          # defaults: 3 repeats, 120 s quality budget
     python benchmarks/compare.py --repeats 1 --epochs 2 --train-images 128 --budget 30   # smoke test
@@ -226,6 +228,37 @@ def goals(rows: dict) -> list[str]:
     return out
 
 
+def share_of_peak(rows: dict, gemm_repeats: int) -> dict:
+    """Achieved GFLOP/s of each runner's training and inference (the model's FLOPs per image, counted by
+    bench_throughput.flops_per_image, × its images/s) as a share of this CPU's measured GEMM peaks, measured
+    after the runs so the probe does not share the cores with them. TF trains in fp32 (Keras' default),
+    pixelseg in bf16 where the CPU has it: both are set against both peaks."""
+    sys.path.insert(0, str(HERE))
+    from bench_throughput import flops_per_image
+    peaks = {}
+    for dtype in ("fp32", "bf16"):
+        r = subprocess.run([sys.executable, str(HERE / "gemm_peak.py"), "--dtypes", dtype, "--repeats", str(gemm_repeats)],
+                           capture_output=True, text=True)
+        peaks[dtype] = json.loads(r.stdout.strip().splitlines()[-1])["gflops"] if r.returncode == 0 else None
+    if not all(peaks.values()):
+        print("share of peak: the GEMM probe failed; skipped")
+        return {}
+    flops = flops_per_image(128)
+    print(f"share of this CPU's GEMM peak (fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; model "
+          f"{flops['train_full'] / 1e9:.2f} GFLOP per image per training step, {flops['infer'] / 1e9:.2f} per inference):")
+    out = {"peaks_gflops": peaks, "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}}
+    for name, row in rows.items():
+        for task in ("train_full", "train_frozen", "infer"):
+            if row.get(task) is None:
+                continue
+            gflops = row[task] * flops[task] / 1e9
+            out.setdefault(name, {})[task] = {"gflops": gflops, "fp32_share": gflops / peaks["fp32"],
+                                              "bf16_share": gflops / peaks["bf16"]}
+            print(f"  {name} {task}: {gflops:.0f} GFLOP/s = {100 * gflops / peaks['bf16']:.1f}% of the bf16 peak "
+                  f"({100 * gflops / peaks['fp32']:.0f}% of fp32)")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -239,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--latency-iters", type=int, default=30, help="timed batch-1 forward passes")
     p.add_argument("--budget", type=float, default=120.0, help="time-to-quality wall-clock budget in seconds")
     p.add_argument("--no-quality", action="store_true", help="skip the time-to-quality row")
+    p.add_argument("--no-peak", action="store_true", help="skip the share-of-GEMM-peak lines (CPU only)")
+    p.add_argument("--gemm-repeats", type=int, default=3, help="GEMM products per dtype for the peak")
     p.add_argument("--pets-root", type=Path, default=common.PETS_SAMPLE, help="Oxford-IIIT Pet folder (official layout)")
     p.add_argument("--tf-spec", default="tensorflow", help="pip requirement for the TF env (GPU: 'tensorflow[and-cuda]')")
     p.add_argument("--smp-spec", default="segmentation-models-pytorch", help="pip requirement for the SMP env")
@@ -327,12 +362,13 @@ def main(argv=None) -> int:
         print("\n".join(goal_lines))
     for name, why in skipped.items():
         print(f"not run: {name}: {why}")
+    peak_share = {} if args.no_peak or on_gpu else share_of_peak(rows, args.gemm_repeats)
 
     out = args.out or common.OUT_DIR / f"compare-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                                "rows": rows, "raw": raw, "quality": quality, "skipped": skipped,
-                               "table": table, "goals": goal_lines}, indent=1))
+                               "table": table, "goals": goal_lines, "peak_share": peak_share}, indent=1))
     print(f"results: {out}")
     return 0
 

@@ -57,10 +57,9 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     groups = param_groups(model, weight_decay)
     if not groups:
         raise PixelsegError("the model has no trainable parameters; unfreeze at least part of it")
-    # The per-tensor Adam update was a large share of the tutorial model's step time: 43% on an H200, and
-    # 51 ms of a ~830 ms CPU step against 3.3 ms fused (docs/benchmarks.md, "Numbers behind choices in the
-    # code"); the fused kernel (CUDA, and CPU since torch 2.4) updates every tensor in one call.
-    fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
+    # On CUDA the per-tensor Adam update was a large share of the tutorial model's step time (torch.profiler
+    # on an H200, docs/benchmarks.md, "Numbers behind choices in the code"); the fused kernel does all tensors in one launch.
+    fused = all(p.is_cuda for g in groups for p in g["params"])
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, fused=fused or None)
     if name == "adamw":

@@ -199,6 +199,7 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
     """Per-device rewrites for training, applied as module substitutions; returns what changed, for the log.
 
     - CPU with bf16 autocast: strided depthwise convs become ``_FastBackwardDepthwiseConv2d``.
+    - CPU: ReLU/ReLU6 modules run out of place (an in-place one clones its input under autograd).
     - CPU: U-Net's decoder computes each skip's transposed conv without the concatenation
       (``_SplitSkipConvs`` on its ``join``, ``_ConvTransposeOverParts`` on the convs).
     - A frozen encoder runs grad-enabled training steps as a cached inference copy
@@ -219,6 +220,17 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
                 n += 1
         if n:
             notes.append(f"{n} strided depthwise convs get a hand-written backward (slow bf16 backward-data on CPU)")
+    if device.type == "cpu":
+        # Out-of-place activations: under autograd an in-place ReLU/ReLU6 on CPU first clones its input (a
+        # copy of every activation the size of the block), then clamps it; out of place it writes once.
+        # The tutorial's training step 809 vs 883 ms (docs/benchmarks.md, "Numbers behind choices in the code").
+        n = 0
+        for m in model.modules():
+            if type(m) in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh) and m.inplace:
+                m.inplace = False
+                n += 1
+        if n:
+            notes.append(f"{n} activations out of place")
     # Not on CUDA: there the model is launch-bound and the extra kernels did not pay (H200, bf16; the
     # numbers: docs/benchmarks.md, "Numbers behind choices in the code").
     if device.type == "cpu" and isinstance(model, UNet) and not isinstance(model.up_stack, _SplitSkipConvs):

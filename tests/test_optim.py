@@ -164,26 +164,3 @@ def test_scheduler_errors(kwargs):
     opt = build_optimizer(nn.Conv2d(1, 1, 1), "sgd", lr=0.1)
     with pytest.raises(PixelsegError):
         build_scheduler(opt, **kwargs)
-
-
-@pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_adam_is_fused_on_cpu_and_steps_like_the_per_tensor_loop(name):
-    """The fused kernel (one call for every tensor) is the default on CPU too; it must update as the loop does."""
-    import copy
-    torch.manual_seed(0)
-    # no BatchNorm right after a biased conv: that bias gets a ~0 gradient whose rounding noise Adam would amplify
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
-    ref_model = copy.deepcopy(model)
-    opt = build_optimizer(model, name, 1e-2, weight_decay=1e-4)
-    assert opt.defaults["fused"] is True
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    from pixelseg.optim import param_groups
-    ref = cls(param_groups(ref_model, 1e-4), lr=1e-2, fused=False)
-    x = torch.randn(4, 3, 10, 10)
-    for _ in range(3):
-        for m, o in ((model, opt), (ref_model, ref)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
-    for a, b in zip(model.parameters(), ref_model.parameters()):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
