@@ -210,14 +210,17 @@ def test_frozen_encoder_runs_as_a_cached_inference_copy(arch):
 
 
 _MALLOC_PROBE = r"""
-import json, resource, torch
+import ctypes, json, resource
 from pixelseg.runtime import tune_malloc
 note = tune_malloc()
-x = torch.ones(16 * 2**20)  # 64 MB
-def step():  # what a training step does with its large activations: allocate, write, free
-    y = x * 2
-    z = y + 1
-    del y, z
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def step():  # what a training step does with each large activation: allocate, write, free
+    p = libc.malloc(64 * 2**20)
+    libc.memset(p, 1, 64 * 2**20)
+    libc.free(p)
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
@@ -226,9 +229,11 @@ print(json.dumps({"note": note, "faults": resource.getrusage(resource.RUSAGE_SEL
 """
 
 
-def test_tune_malloc_reuses_freed_pages():
-    """Five rounds of two 64 MB results: glibc's defaults map and unmap each (all 163 k pages page-fault
-    again); with tune_malloc freed blocks stay in the heap and most rounds find their pages there."""
+def test_tune_malloc_keeps_freed_blocks_in_the_heap():
+    """Five allocate-write-free rounds of 64 MB through glibc: its defaults mmap and unmap the block each
+    round (all 16 k pages fault again); after tune_malloc the block stays in the heap and no page faults.
+    (Through torch the reuse is partial, as its 64-byte-aligned allocations fragment the heap: the gain on
+    the training step is measured by benchmarks/bench_throughput.py, docs/benchmarks.md.)"""
     import json
     import os
     import platform
@@ -243,9 +248,9 @@ def test_tune_malloc_reuses_freed_pages():
                              text=True, check=True).stdout
         res[name] = json.loads(out.strip().splitlines()[-1])
     assert res["tuned"]["note"].startswith("freed memory kept") and res["system"]["note"].startswith("system default")
-    pages = 5 * 2 * 64 * 2**20 // 4096
-    assert res["system"]["faults"] > pages // 2  # the premise: glibc's defaults fault the pages again
-    assert res["tuned"]["faults"] < res["system"]["faults"] // 2, res
+    pages = 5 * 64 * 2**20 // 4096
+    assert res["system"]["faults"] >= pages  # the premise: glibc's defaults fault the pages again
+    assert res["tuned"]["faults"] < pages // 100, res
 
 
 def test_cpu_training_runs_activations_out_of_place_with_the_same_gradients():
@@ -253,14 +258,18 @@ def test_cpu_training_runs_activations_out_of_place_with_the_same_gradients():
     x = torch.rand(2, 3, 64, 64)
     y = torch.randint(0, 3, (2, 64, 64))
     plain = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).train()
+    assert any(m.inplace for m in plain.modules() if type(m) in (nn.ReLU, nn.ReLU6))  # the premise
     fast = copy.deepcopy(plain)
     note = optimize_for_training(fast, torch.device("cpu"), None)
     acts = [m for m in fast.modules() if type(m) in (nn.ReLU, nn.ReLU6)]
     assert acts and not any(m.inplace for m in acts) and "activations out of place" in note
-    assert any(m.inplace for m in plain.modules() if type(m) in (nn.ReLU, nn.ReLU6))  # the premise
+    inplace = copy.deepcopy(fast)  # every other rewrite too, so only the activations differ
+    for m in inplace.modules():
+        if type(m) in (nn.ReLU, nn.ReLU6):
+            m.inplace = True
     grads = []
-    for m in (plain, fast):
+    for m in (inplace, fast):
         torch.nn.functional.cross_entropy(m(x), y).backward()
         grads.append([p.grad for p in m.parameters()])
     for a, b in zip(*grads):
-        assert _rel(b, a) < 1e-4  # the split skip convs sum in another order; the activations are exact
+        assert torch.equal(a, b)
