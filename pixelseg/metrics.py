@@ -16,8 +16,8 @@ def class_ids(scores: torch.Tensor) -> torch.Tensor:
     """The class of each pixel: index of the largest score along dim 1 (first one on ties, as argmax).
 
     ``max(1).indices`` rather than ``argmax(1)``: on CPU (torch 2.14) argmax over the class dim of a
-    contiguous N×C×H×W tensor is a slow strided reduction, 48 ms for one 3-class 400×600 photo's
-    probabilities against 1.2 ms here; the difference was most of `pixelseg serve`'s per-request time.
+    contiguous N×C×H×W tensor is a slow strided reduction, many times this (docs/benchmarks.md, "Numbers
+    behind choices in the code"); it was most of `pixelseg serve`'s per-request time.
     """
     return scores.max(1).indices
 
@@ -33,7 +33,7 @@ class ConfusionMatrix:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         # Skipped pixels go to one extra bin instead of being masked out: a boolean index costs a
-        # nonzero() and two gathers per batch, 4x this on a CPU training step's 1M pixels.
+        # nonzero() and two gathers per batch (docs/benchmarks.md, "Numbers behind choices in the code").
         c = self.num_classes
         pred = pred.reshape(-1).to(self.mat.device)
         target = target.reshape(-1).to(self.mat.device).long()

@@ -42,9 +42,9 @@ def tune_malloc() -> str:
 
     glibc serves every block over 32 MB with a fresh ``mmap`` and unmaps it on free, so each
     training step pays page faults for every large activation (MobileNetV2's 64x64 tensors at batch
-    64 are 50-100 MB) and zeroes the pages again. With mmap off and no trimming the heap keeps them:
-    the tutorial's training step 1.18x faster on CPU for +12 % peak RSS (docs/benchmarks.md,
-    "Numbers behind choices in the code"). What jemalloc/tcmalloc via LD_PRELOAD would give, without
+    64 are 50-100 MB) and zeroes the pages again. With mmap off and no trimming the heap keeps them,
+    for a few percent more peak RSS (the gain: docs/benchmarks.md, "Numbers behind choices in the
+    code"). What jemalloc/tcmalloc via LD_PRELOAD would give, without
     a preload. Skipped when the user chose: PIXELSEG_MALLOC=system, MALLOC_* or GLIBC_TUNABLES set,
     or another allocator preloaded. Returns what it did, for the log.
     """
@@ -148,9 +148,9 @@ class _DepthwiseStride2(torch.autograd.Function):
     """bf16 3x3/stride-2 depthwise conv whose backward avoids oneDNN's strided bf16 backward-data.
 
     Written by hand because that kernel is pathologically slow on CPU (torch 2.14, on AMX and
-    AVX-512-BF16 alike): 94 ms for MobileNetV2's 96-channel 64x64 layer at batch 64, against 4 ms
-    for the same layer's bf16 weight gradient and 1.7 ms for its forward
-    (benchmarks/bench_dwconv.py). The forward and the weight gradient stay oneDNN's.
+    AVX-512-BF16 alike): many times the layer's bf16 forward and weight gradient together
+    (docs/benchmarks.md, "Numbers behind choices in the code"). The forward and the weight gradient
+    stay oneDNN's.
     """
 
     @staticmethod
@@ -222,8 +222,8 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
             notes.append(f"{n} strided depthwise convs get a hand-written backward (slow bf16 backward-data on CPU)")
     if device.type == "cpu":
         # Out-of-place activations: under autograd an in-place ReLU/ReLU6 on CPU first clones its input (a
-        # copy of every activation the size of the block), then clamps it; out of place it writes once.
-        # The tutorial's training step 809 vs 883 ms (docs/benchmarks.md, "Numbers behind choices in the code").
+        # copy of every activation the size of the block), then clamps it; out of place it writes once
+        # (the gain: docs/benchmarks.md, "Numbers behind choices in the code").
         n = 0
         for m in model.modules():
             if type(m) in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh) and m.inplace:

@@ -71,10 +71,9 @@ def torch_thread() -> ThreadPoolExecutor:
 
     One thread because each thread that enters an OpenMP region gets an OpenMP team of its own, and
     once the process holds more OpenMP threads than cores, libgomp stops spinning between regions
-    (throttled wait): every op of a batch-1 forward pass then waits for a sleeping worker. Measured
-    on 2 cores, the pets model's batch-1 mask: 9.7 ms from one thread, 22-25 ms once a second thread
-    had run torch, for every thread afterwards (docs/benchmarks.md, "Numbers behind choices in the
-    code"). Decoding and encoding on the I/O threads use numpy and PIL only."""
+    (throttled wait): every op of a batch-1 forward pass then waits for a sleeping worker, on every
+    thread, for good (docs/benchmarks.md, "Numbers behind choices in the code"). Decoding and encoding
+    on the I/O threads use numpy and PIL only."""
     return ThreadPoolExecutor(1, thread_name_prefix="pixelseg-infer")
 
 
