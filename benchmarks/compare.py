@@ -234,19 +234,17 @@ def share_of_peak(rows: dict, gemm_repeats: int) -> dict:
     after the runs so the probe does not share the cores with them. TF trains in fp32 (Keras' default),
     pixelseg in bf16 where the CPU has it: both are set against both peaks."""
     sys.path.insert(0, str(HERE))
-    from bench_throughput import flops_per_image
-    peaks = {}
-    for dtype in ("fp32", "bf16"):
-        r = subprocess.run([sys.executable, str(HERE / "gemm_peak.py"), "--dtypes", dtype, "--repeats", str(gemm_repeats)],
-                           capture_output=True, text=True)
-        peaks[dtype] = json.loads(r.stdout.strip().splitlines()[-1])["gflops"] if r.returncode == 0 else None
-    if not all(peaks.values()):
+    from types import SimpleNamespace
+
+    from bench_throughput import flops_per_image, measure_peaks
+    peaks = measure_peaks(SimpleNamespace(device="cpu", gemm_repeats=gemm_repeats))
+    if not (peaks.get("fp32") and peaks.get("bf16")):
         print("share of peak: the GEMM probe failed; skipped")
         return {}
     flops = flops_per_image(128)
     print(f"share of this CPU's GEMM peak (fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; model "
           f"{flops['train_full'] / 1e9:.2f} GFLOP per image per training step, {flops['infer'] / 1e9:.2f} per inference):")
-    out = {"peaks_gflops": peaks, "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}}
+    out = {"peaks_gflops": {k: peaks[k] for k in ("fp32", "bf16")}, "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}}
     for name, row in rows.items():
         for task in ("train_full", "train_frozen", "infer"):
             if row.get(task) is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import random
 
@@ -34,9 +35,9 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
-_MALLOC_STATE: dict = {}
 
 
+@functools.cache
 def tune_malloc() -> str:
     """Keep freed memory in the process instead of handing it back to the kernel (Linux/glibc).
 
@@ -44,33 +45,28 @@ def tune_malloc() -> str:
     training step pays page faults for every large activation (MobileNetV2's 64x64 tensors at batch
     64 are 50-100 MB) and zeroes the pages again. With mmap off and no trimming the heap keeps them,
     for a few percent more peak RSS (the gain: docs/benchmarks.md, "Numbers behind choices in the
-    code"). What jemalloc/tcmalloc via LD_PRELOAD would give, without
-    a preload. Skipped when the user chose: PIXELSEG_MALLOC=system, MALLOC_* or GLIBC_TUNABLES set,
-    or another allocator preloaded. Returns what it did, for the log.
+    code"): what jemalloc/tcmalloc via LD_PRELOAD would give, without a preload. Skipped when the
+    user chose: PIXELSEG_MALLOC=system, MALLOC_* or GLIBC_TUNABLES set, or another allocator
+    preloaded. Once per process; returns what it did, for the log.
     """
-    if "result" in _MALLOC_STATE:
-        return _MALLOC_STATE["result"]
     if os.environ.get("PIXELSEG_MALLOC", "").lower() == "system":
-        result = "system default (PIXELSEG_MALLOC=system)"
-    elif any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) or any(
+        return "system default (PIXELSEG_MALLOC=system)"
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) or any(
             name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
-        result = "left as configured (MALLOC_*/GLIBC_TUNABLES/LD_PRELOAD set)"
-    else:
-        import ctypes
-        import ctypes.util
-        import platform
-        result = "system default (not glibc)"
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                # mallopt's value is a C int: 2**31 - 1 is the largest trim threshold it takes (a larger
-                # Python int would be truncated, to 0 for 2**62: trim on every free)
-                ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-                result = "freed memory kept for reuse (glibc mmap off, no trim)" if ok else "system default (mallopt refused)"
-            except (OSError, AttributeError):
-                pass
-    _MALLOC_STATE["result"] = result
-    return result
+        return "left as configured (MALLOC_*/GLIBC_TUNABLES/LD_PRELOAD set)"
+    import ctypes
+    import ctypes.util
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "system default (not glibc)"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # mallopt's value is a C int: 2**31 - 1 is the largest trim threshold it takes (a larger
+        # Python int would be truncated, to 0 for 2**62: trim on every free)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "freed memory kept for reuse (glibc mmap off, no trim)" if ok else "system default (mallopt refused)"
 
 
 def cpu_has_native_bf16() -> bool:
