@@ -2,7 +2,7 @@
 
 For each server configuration (default dynamic batching, and e.g. `--max-batch 1` = off) a fresh
 `pixelseg serve` process is started on the model on 127.0.0.1 (loopback only: nothing leaves the
-machine), warmed up, and driven by N closed-loop clients in this process (asyncio + httpx: each client
+machine), warmed up, and driven by N closed-loop clients in this process (asyncio, `RawClient` or httpx: each client
 sends its next photo as soon as its last answer came), per level for at most --duration seconds and at
 most --max-requests requests. Photos are real pets JPEGs sent as raw bodies; the answer is the
 class-id PNG at the photo's size. Reported per level: requests/s, p50/p95/p99 latency (every request,
@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,39 +53,91 @@ def wait_ready(url, proc, timeout=600):
     raise SystemExit("server did not become ready")
 
 
-async def _closed_loop(url, clients, duration, max_requests, photos) -> list:
+class RawClient:
+    """One keep-alive HTTP/1.1 connection that POSTs a body and reads the answer, on asyncio streams.
+
+    Hand-written because the load generator runs on the same cores as the server: httpx costs a few times
+    more CPU per request than this (docs/benchmarks.md), and what the clients burn the server cannot use.
+    Enough HTTP for this server's answers (Content-Length bodies); `--client httpx` keeps the old client."""
+
+    def __init__(self, host, port):
+        self.host, self.port, self.conn = host, port, None
+
+    async def post(self, path, body, ctype="image/jpeg") -> int:
+        import asyncio
+        if self.conn is None:
+            self.conn = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.conn
+        try:
+            writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                         % (path.encode(), self.host.encode(), self.port, ctype.encode(), len(body)) + body)
+            await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            length, close = 0, False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                key, _, value = line.partition(b":")
+                key = key.strip().lower()
+                if key == b"content-length":
+                    length = int(value)
+                elif key == b"connection":
+                    close = value.strip().lower() == b"close"
+            await reader.readexactly(length)
+        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
+            close, status = True, 0
+        if close:
+            await self.close()
+        return status
+
+    async def close(self):
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+
+async def _closed_loop(url, clients, duration, max_requests, photos, kind="raw") -> list:
     """`clients` closed-loop clients (each sends its next photo when the last answer came) until
     `duration` seconds or `max_requests` requests in all; returns (latency ms, status) per request
     (status 0 for a dropped connection or client timeout)."""
     import asyncio
     import random
+    from urllib.parse import urlsplit
 
     import httpx
     records, sent = [], [0]
     stop = time.perf_counter() + duration
+    host, port = urlsplit(url).hostname, urlsplit(url).port
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         async def one(seed):
             rng = random.Random(seed)
+            raw = RawClient(host, port)
             while time.perf_counter() < stop and sent[0] < max_requests:
                 sent[0] += 1
+                photo = rng.choice(photos)
                 t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/predict", content=rng.choice(photos),
-                                          headers={"Content-Type": "image/jpeg"})
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = 0
+                if kind == "raw":
+                    try:
+                        status = await asyncio.wait_for(raw.post("/v1/predict", photo), 120)
+                    except asyncio.TimeoutError:
+                        status = 0
+                        await raw.close()
+                else:
+                    try:
+                        r = await client.post("/v1/predict", content=photo, headers={"Content-Type": "image/jpeg"})
+                        status = r.status_code
+                    except httpx.HTTPError:
+                        status = 0
                 records.append((1000 * (time.perf_counter() - t0), status))
+            await raw.close()
         t_start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(clients)))
         records.append((None, time.perf_counter() - t_start))
     return records
 
 
-def run_level(url, clients, duration, max_requests, photos) -> dict:
+def run_level(url, clients, duration, max_requests, photos, kind="raw") -> dict:
     import asyncio
-    records = asyncio.run(_closed_loop(url, clients, duration, max_requests, photos))
+    records = asyncio.run(_closed_loop(url, clients, duration, max_requests, photos, kind))
     wall = records.pop()[1]
     ok = [t for t, s in records if s == 200]
     statuses = {}
@@ -169,6 +220,8 @@ def fresh_reference(args, onnx_path) -> dict:
     (threads, allocator state) can slow it down."""
     cmd = [sys.executable, __file__, args.run, "--reference-only", "--photos", args.photos, "--n-photos",
            str(args.n_photos), "--reference-repeats", str(args.reference_repeats)]
+    if args.photo:
+        cmd += ["--photo", args.photo]
     if onnx_path:
         cmd += ["--onnx", onnx_path]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -180,6 +233,8 @@ def main():
     ap.add_argument("run", help="run directory or checkpoint (the tutorial model)")
     ap.add_argument("--photos", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images"))
     ap.add_argument("--n-photos", type=int, default=32)
+    ap.add_argument("--photo", help="post only this one photo (the issue's protocol: one 500x375 JPEG, "
+                    "e.g. Abyssinian_105.jpg of the pets sample), instead of --n-photos of --photos")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--duration", type=float, default=20, help="at most this many seconds per level")
     ap.add_argument("--max-requests", type=int, default=2000, help="at most this many requests per level")
@@ -190,11 +245,13 @@ def main():
     ap.add_argument("--reference-repeats", type=int, default=3, help="passes over the photos in-process")
     ap.add_argument("--reference-only", action="store_true",
                     help="print the in-process reference as JSON and exit (run in a fresh process by the main mode)")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="the load generator: raw asyncio HTTP/1.1 (light on the shared cores) or httpx (earlier runs)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--out", default=str(HERE / "out" / "bench_serve.json"))
     args = ap.parse_args()
 
-    photos = sorted(Path(args.photos).glob("*.jpg"))[: args.n_photos]
+    photos = [Path(args.photo)] if args.photo else sorted(Path(args.photos).glob("*.jpg"))[: args.n_photos]
     if not photos:
         raise SystemExit(f"no .jpg photos in {args.photos}")
     if args.reference_only:
@@ -202,6 +259,7 @@ def main():
         return
     datas = [p.read_bytes() for p in photos]
     results = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "photos": len(photos),
+               "client": args.client,
                "servers": []}
     if not args.no_reference:  # right before the 1-client level, which it is the yardstick for
         results["reference"] = fresh_reference(args, args.onnx)
@@ -214,10 +272,10 @@ def main():
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_ready(url, proc)
-            run_level(url, 1, 3, 50, datas)  # warm the connection path and allocator
+            run_level(url, 1, 3, 50, datas, args.client)  # warm the connection path and allocator
             levels = []
             for c in [int(c) for c in args.clients.split(",")]:
-                r = run_level(url, c, args.duration, args.max_requests, datas)
+                r = run_level(url, c, args.duration, args.max_requests, datas, args.client)
                 r["load_avg"] = os.getloadavg()[0]
                 print(json.dumps({"max_batch": batch, **r}), flush=True)
                 levels.append(r)
@@ -233,6 +291,17 @@ def main():
         results["reference_after"] = fresh_reference(args, args.onnx)
         print(json.dumps({"reference_after": results["reference_after"]}), flush=True)
     results["machine"]["load_avg_end"] = os.getloadavg()
+    if not args.no_reference:  # the issue's two serve ratios, per server configuration
+        ref = min(results["reference"]["pixelseg_in_process"]["sum_ms"],
+                  results["reference_after"]["pixelseg_in_process"]["sum_ms"])
+        for server in results["servers"]:
+            by = {lv["clients"]: lv for lv in server["levels"]}
+            if 1 in by:
+                server["p95_1_client_vs_in_process"] = by[1]["p95_ms"] / ref
+            if 1 in by and 16 in by:
+                server["throughput_16_vs_1"] = by[16]["req_per_s"] / by[1]["req_per_s"]
+            print(json.dumps({"max_batch": server["max_batch"], "in_process_ms": ref, **{
+                k: v for k, v in server.items() if k.endswith(("_vs_1", "_in_process"))}}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

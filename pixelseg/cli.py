@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -260,15 +261,33 @@ def main(argv=None) -> int:
         print(exc.advice() if hasattr(exc, "advice") else "interrupted", file=sys.stderr)
         return getattr(exc, "exit_code", 130)  # 143 for SIGTERM (train.TrainingPreempted): requeue
     except BrokenPipeError:  # `pixelseg models | head`: the reader left; not an error of ours
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return 0
+
+
+# How long libgomp's workers spin after a parallel region before they sleep, for `serve` (its default is
+# 300,000 spins, milliseconds of a core). A server's torch thread ends each forward pass and hands over to
+# the event loop, decoding and encoding on the same cores, which a still-spinning worker slows down: the
+# p95 at one client was 1.7x the median (docs/benchmarks.md, "Numbers behind choices in the code"). Short
+# enough to stop soon after a pass, long enough to bridge the gaps between the ops of one.
+SERVE_GOMP_SPINCOUNT = "10000"
+
+
+def serve_openmp_env(environ=os.environ) -> str | None:
+    """Set GOMP_SPINCOUNT for `serve` unless the user chose an OpenMP wait policy; libgomp reads it once,
+    when torch loads it, so this runs before the first torch import. Returns the value set, or None."""
+    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ or "torch" in sys.modules:
+        return None
+    environ["GOMP_SPINCOUNT"] = SERVE_GOMP_SPINCOUNT
+    return SERVE_GOMP_SPINCOUNT
 
 
 def _run(args) -> int:
     run = _COMMANDS.get(args.command)
     if run is None:
         raise AssertionError(args.command)
+    if args.command == "serve":
+        serve_openmp_env()
     from .runtime import tune_malloc
     tune_malloc()  # before the first large tensor: every command allocates activations step after step
     return run(args)

@@ -30,6 +30,7 @@ try:
     from fastapi import APIRouter, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:  # the serve extra: one line saying so instead of a traceback
     raise PixelsegError(f"`pixelseg serve` needs the serve extra ({exc.name} is missing): {SERVE_HINT}") from None
 
@@ -254,6 +255,8 @@ async def read_body(request, limits: Limits) -> bytes:
         return b"".join(chunks)
     try:
         return await asyncio.wait_for(collect(), limits.upload_timeout_s)
+    except ClientDisconnect:  # gone mid-upload (httptools reports it so): nobody to answer, no traceback in the log
+        raise HTTPProblem(499, "the client closed the connection before the upload finished") from None
     except asyncio.TimeoutError:
         raise HTTPProblem(408, f"the upload did not finish within {limits.upload_timeout_s:g} s "
                                "(--upload-timeout)", {"Connection": "close"}) from None
@@ -380,19 +383,32 @@ async def predict(request: Request, format: str = "png", uncertainty: bool = Fal
         "X-Inference-Ms": f"{infer_s * 1000:.1f}"})
 
 
-async def count_requests(request: Request, call_next):
-    """Middleware: requests by endpoint and status, and their latency."""
-    metrics = request.app.state.metrics
-    t0 = time.perf_counter()
-    endpoint = request.url.path if request.url.path in _ENDPOINTS else "other"
-    try:
-        response = await call_next(request)
-    except Exception:
-        metrics.requests.labels(endpoint, "500").inc()
-        raise
-    metrics.requests.labels(endpoint, str(response.status_code)).inc()
-    metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-    return response
+class CountRequests:
+    """ASGI middleware: requests by endpoint and status, and their latency. Plain ASGI rather than
+    `app.middleware("http")` (Starlette's BaseHTTPMiddleware), which runs every request through an extra
+    task and a memory stream: a per-request cost a batch-1 client pays in full (docs/benchmarks.md)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics = scope["app"].state.metrics
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+        status = [500]  # what is counted if the app raises before it starts a response
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            metrics.requests.labels(endpoint, str(status[0])).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 async def problem(request: Request, exc: HTTPProblem):
@@ -436,7 +452,7 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, 
     state.ready, state.started = threading.Event(), time.time()
     state.metrics = Metrics(lambda: _queue_depth(state))
     state.scheduler = Scheduler(engine, limits, state.metrics, infer_pool)
-    app.middleware("http")(count_requests)
+    app.add_middleware(CountRequests)
     app.add_exception_handler(HTTPProblem, problem)
     app.add_exception_handler(RequestValidationError, invalid)
     app.include_router(router)

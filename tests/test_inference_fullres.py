@@ -103,6 +103,34 @@ def test_predictor_modes_and_descriptions():
     assert "sliding window 32x32" in b.describe() and "flip TTA" in b.describe()
 
 
+def test_predictor_batch_groups_sizes_and_keeps_each_image_its_own_answer():
+    """Images of one size share one resize and one restore call; the answers come back in the order
+    given, each equal to the image's own one-image pass (a mix-up between two same-size images fails)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    model.eval()
+    from pixelseg.tiling import torch_logits_fn
+    fn = torch_logits_fn(model, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    shapes = [(40, 60), (33, 47), (40, 60), (32, 32), (33, 47), (40, 60)]
+    images = [(rng.random((*hw, 3)) * 255).astype(np.uint8) for hw in shapes]
+    pred = Predictor(fn, (32, 32))
+    batched = pred.batch(images)
+    assert [tuple(p.shape[-2:]) for p in batched] == shapes
+    for img, got in zip(images, batched):
+        torch.testing.assert_close(got, pred(img), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(batched[0], batched[2])  # same size, different photos, different answers
+
+
+def test_torch_logits_fn_hands_back_nchw_logits_from_a_channels_last_model():
+    from pixelseg.tiling import torch_logits_fn
+    model = torch.nn.Conv2d(3, 4, 1).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 16, 16)
+    out = torch_logits_fn(model, torch.device("cpu"))(x)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    torch.testing.assert_close(out, model(x))
+
+
 @pytest.mark.parametrize("value, expected", [(None, None), (True, (64, 64)), ("", (64, 64)), ("128", (128, 128)),
                                              ("360x480", (360, 480))])
 def test_tile_flag_values(value, expected):

@@ -477,3 +477,24 @@ def test_serve_cli_rejects_bad_limits_in_one_line(ckpt, capsys):
     assert main(["serve", str(ckpt), "--max-queue", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--max-queue 0" in err
+
+
+def test_a_client_gone_mid_upload_is_a_4xx_not_a_traceback():
+    """httptools reports a client that hangs up mid-body as ClientDisconnect from the body stream: the
+    handler turns it into a 499 (nobody is left to read it), so no 500 is counted and nothing is logged."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from pixelseg.server import read_body
+    from pixelseg.serving import HTTPProblem
+
+    class GoneRequest:
+        headers = {"content-length": "1000"}
+
+        async def stream(self):
+            yield b"\0" * 100
+            raise ClientDisconnect()
+    with pytest.raises(HTTPProblem) as err:
+        asyncio.run(read_body(GoneRequest(), LIMITS))
+    assert err.value.status == 499 and "closed the connection" in err.value.message

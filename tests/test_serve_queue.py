@@ -199,3 +199,25 @@ def test_serve_loads_the_model_on_the_torch_thread(monkeypatch, tmp_path):
         server.serve(tmp_path / "model.pt")
     assert seen["load"].startswith("pixelseg-infer")
     assert seen["pool"].submit(lambda: threading.current_thread().name).result() == seen["load"]
+
+
+def test_serve_sets_the_openmp_spin_count_before_torch_loads():
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: `pixelseg serve` sets it first (in a fresh
+    process, where torch is not loaded yet), and leaves a wait policy the user chose alone."""
+    import os
+    import subprocess
+    import sys
+
+    from pixelseg import cli
+    env = {}
+    assert cli.serve_openmp_env(env) is None  # torch is loaded in this test process: too late, so hands off
+    code = ("import os, sys, pixelseg.cli as c; orig = c.serve_openmp_env; seen = []\n"
+            "c.serve_openmp_env = lambda: seen.append('torch' in sys.modules) or orig()\n"
+            "rc = c.main(['serve', sys.argv[1]]); print(seen, os.environ.get('GOMP_SPINCOUNT'), rc)")
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    missing = "/nonexistent/run"
+    out = subprocess.run([sys.executable, "-c", code, missing], env=base, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["[False]", cli.SERVE_GOMP_SPINCOUNT, "2"], out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", code, missing], env={**base, "OMP_WAIT_POLICY": "PASSIVE"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["[False]", "None", "2"], out.stdout + out.stderr

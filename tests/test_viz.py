@@ -56,3 +56,22 @@ def test_figures_have_legend_for_ignored_pixels_and_integer_epochs(tmp_path):
     ticks = [t for t in captured["fig"].axes[0].get_xticks() if 1 <= t <= 2]
     assert ticks and all(float(t).is_integer() for t in ticks)
     real_close(captured["fig"])
+
+
+def test_grey_png_is_read_back_exactly_by_pil_as_an_l_image():
+    import io
+    rng = np.random.default_rng(0)
+    mask = np.zeros((375, 500), np.uint8)
+    mask[100:300, 50:400] = 1
+    mask[200:220] = 2
+    for arr in (mask, rng.integers(0, 256, (1, 1), dtype=np.uint8), rng.integers(0, 256, (7, 3), dtype=np.uint8),
+                rng.integers(0, 256, (2, 1001), dtype=np.uint8)):
+        for level in (1, 6):
+            data = viz.png_bytes(arr, compress_level=level)
+            img = Image.open(io.BytesIO(data))
+            img.load()  # checks every CRC and the zlib stream
+            assert img.mode == "L" and img.size == arr.shape[::-1]
+            assert np.array_equal(np.asarray(img), arr)
+    # palette and RGB PNGs are still PIL's
+    assert Image.open(io.BytesIO(viz.png_bytes(mask, [(0, 0, 0), (255, 0, 0), (0, 255, 0)]))).mode == "P"
+    assert Image.open(io.BytesIO(viz.png_bytes(np.zeros((4, 5, 3), np.uint8)))).mode == "RGB"
