@@ -124,28 +124,20 @@ class Predictor:
         this is exactly `__call__`; `pixelseg serve --max-batch` uses it."""
         if self.tile:
             return [self(img) for img in images]
-        # Images of one size are resized, restored and softmaxed as one tensor: one call per size instead of
-        # per image (the same numbers: each image is its own plane in these kernels), as photos from one
-        # camera all are the same size.
-        groups: dict[tuple, list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape), []).append(i)
-        order, small = [], []
-        for idx in groups.values():
-            x = torch.stack([torch.as_tensor(images[i]) for i in idx]).permute(0, 3, 1, 2).to(self.device)
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()  # as __call__
-            small.append(F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True, align_corners=False)
-                         if x.shape[-2:] != self.train_size else x)
-            order.append((idx, x.shape[-2:]))
-        logits = self.fn(torch.cat(small)).float()
-        out, start = [None] * len(images), 0
-        for idx, hw in order:
-            lg = logits[start: start + len(idx)]
-            start += len(idx)
-            if lg.shape[-2:] != hw:
-                lg = F.interpolate(lg, size=tuple(hw), mode="bilinear", align_corners=False)
-            for i, p in zip(idx, lg.softmax(1)):
-                out[i] = p[None]
+        xs = []
+        for img in images:
+            x = torch.as_tensor(img).permute(2, 0, 1)[None].to(self.device)
+            xs.append(x.float().div_(255) if x.dtype == torch.uint8 else x.float())  # as __call__
+        small = torch.cat([F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True,
+                                         align_corners=False) if x.shape[-2:] != self.train_size else x
+                           for x in xs])
+        logits = self.fn(small).float()
+        out = []
+        for i, x in enumerate(xs):
+            lg = logits[i: i + 1]
+            if lg.shape[-2:] != x.shape[-2:]:
+                lg = F.interpolate(lg, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+            out.append(lg.softmax(1))
         return out
 
     @torch.no_grad()

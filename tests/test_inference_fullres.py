@@ -103,9 +103,9 @@ def test_predictor_modes_and_descriptions():
     assert "sliding window 32x32" in b.describe() and "flip TTA" in b.describe()
 
 
-def test_predictor_batch_groups_sizes_and_keeps_each_image_its_own_answer():
-    """Images of one size share one resize and one restore call; the answers come back in the order
-    given, each equal to the image's own one-image pass (a mix-up between two same-size images fails)."""
+def test_predictor_batch_keeps_each_image_its_own_answer():
+    """One forward pass for images of several sizes: the answers come back in the order given, each at
+    its own size and equal to the image's own one-image pass (a mix-up between two same-size images fails)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
     model.eval()
@@ -120,6 +120,9 @@ def test_predictor_batch_groups_sizes_and_keeps_each_image_its_own_answer():
     for img, got in zip(images, batched):
         torch.testing.assert_close(got, pred(img), atol=1e-6, rtol=1e-5)
     assert not torch.allclose(batched[0], batched[2])  # same size, different photos, different answers
+    floats = [rng.random((40, 60, 3), dtype=np.float32) for _ in range(2)]  # N-band inputs come as [0, 1]
+    for img, got in zip(floats, pred.batch(floats)):
+        torch.testing.assert_close(got, pred(img), atol=1e-6, rtol=1e-5)
 
 
 def test_torch_logits_fn_hands_back_nchw_logits_from_a_channels_last_model():

@@ -1,0 +1,114 @@
+"""The parts of a served mask that issue 19's last pass changed, old way against new, in one process.
+
+- logits upsampling: bilinear from the training size back to the photo's, on the channels-last tensor the
+  model returns vs on an NCHW copy (what `tiling.torch_logits_fn` now returns);
+- one photo's `Engine.mask` and a dynamic batch of 8's `Engine.masks`, each beside the model's forward
+  pass alone;
+- PNG encoding of the class-id masks at the server's zlib level: PIL (adaptive row filters) vs
+  `viz.grey_png` (filter 0).
+
+Rounds are interleaved; medians are printed. libgomp's spin count and the allocator are
+`serve`'s. The masks come from the run's model on real pets photos.
+
+    python benchmarks/bench_serve_parts.py RUN_DIR [--photo JPEG] [--repeats 30]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def median_ms(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="run directory or checkpoint")
+    ap.add_argument("--photo", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images/Abyssinian_105.jpg"))
+    ap.add_argument("--photos", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images"))
+    ap.add_argument("--n-photos", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+
+    from pixelseg.cli import serve_openmp_env
+    serve_openmp_env()  # the server's libgomp spin count, before torch loads
+    from pixelseg.runtime import tune_malloc
+    tune_malloc()  # and its allocator settings (every CLI command's)
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from pixelseg import viz
+    from pixelseg.serving import FAST_PNG, Engine, HTTPProblem, decode_upload
+
+    engine = Engine(args.run)
+    engine.warm_up(batch=8)
+    img = decode_upload(Path(args.photo).read_bytes(), 10**9, args.photo)
+    h, w = img.shape[:2]
+    size = engine.size
+    pred = engine.predictor
+    print(f"photo {Path(args.photo).name} {w}x{h}, model input {size[1]}x{size[0]}, {engine.describe()['precision']}")
+
+    x = torch.as_tensor(img).permute(2, 0, 1)[None].float().div_(255)
+    small = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    nchw = pred.fn(small)
+    cl = nchw.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(F.interpolate(cl, size=(h, w), mode="bilinear", align_corners=False),
+                       F.interpolate(nchw, size=(h, w), mode="bilinear", align_corners=False))
+    small8 = small.expand(8, -1, -1, -1).contiguous()
+    jobs = {
+        "upsample, channels-last logits": lambda: F.interpolate(cl, size=(h, w), mode="bilinear", align_corners=False),
+        "upsample, NCHW logits": lambda: F.interpolate(nchw, size=(h, w), mode="bilinear", align_corners=False),
+        "model forward, batch 1": lambda: pred.fn(small),
+        "model forward, batch 8": lambda: pred.fn(small8),
+        "Engine.masks, batch 8": lambda: engine.masks([img] * 8),
+        "Engine.mask, batch 1": lambda: engine.mask(img),
+    }
+    rows = {k: [] for k in jobs}
+    for _ in range(3):
+        for k, fn in jobs.items():
+            rows[k].append(median_ms(fn, max(3, args.repeats // 3)))
+    for k, v in rows.items():
+        print(f"{k:32s} {statistics.median(v):8.2f} ms")
+
+    photos = sorted(Path(args.photos).glob("*.jpg"))[: args.n_photos]
+    masks = []
+    for p in photos:
+        try:
+            masks.append(engine.mask(decode_upload(p.read_bytes(), 10**9, p.name))[0])
+        except HTTPProblem:  # a file the server would refuse is not what this measures
+            continue
+
+    def pil_png(m):
+        buf = io.BytesIO()
+        Image.fromarray(m).save(buf, format="PNG", compress_level=FAST_PNG)
+        return buf.getvalue()
+    for m in masks:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(viz.grey_png(m, FAST_PNG)))), m)
+    enc = {"PIL": pil_png, "viz.grey_png": lambda m: viz.grey_png(m, FAST_PNG)}
+    t = {k: [] for k in enc}
+    for _ in range(3):
+        for k, fn in enc.items():
+            t[k].append(median_ms(lambda: [fn(m) for m in masks], max(3, args.repeats // 3)) / len(masks))
+    for k, fn in enc.items():
+        kb = statistics.mean(len(fn(m)) for m in masks) / 1000
+        print(f"PNG of {len(masks)} real masks, zlib {FAST_PNG}, {k:14s} {statistics.median(t[k]):6.2f} ms, {kb:5.1f} kB mean")
+
+
+if __name__ == "__main__":
+    main()
