@@ -56,9 +56,9 @@ def wait_ready(url, proc, timeout=600):
 class RawClient:
     """One keep-alive HTTP/1.1 connection that POSTs a body and reads the answer, on asyncio streams.
 
-    Hand-written because the load generator runs on the same cores as the server: httpx costs 10-30x
-    more CPU per request than this (docs/benchmarks.md), and what the clients burn the server cannot use.
-    Enough HTTP for this server's answers (Content-Length bodies); `--client httpx` keeps the old client."""
+    Hand-written because the load generator runs on the same cores as the server: httpx costs many times
+    more CPU per request than this (benchmarks/bench_http_client.py, docs/benchmarks.md), and what the
+    clients burn the server cannot use. Enough HTTP for this server's answers (Content-Length bodies); `--client httpx` keeps the old client."""
 
     def __init__(self, host, port):
         self.host, self.port, self.conn = host, port, None

@@ -267,8 +267,8 @@ def main(argv=None) -> int:
 
 # How long libgomp's workers spin after a parallel region before they sleep, for `serve` (its default is
 # 300,000 spins, milliseconds of a core). A server's torch thread ends each forward pass and hands over to
-# the event loop, decoding and encoding on the same cores, which a still-spinning worker slows down: the
-# p95 at one client was 1.7x the median (docs/benchmarks.md, "Numbers behind choices in the code"). Short
+# the event loop, decoding and encoding on the same cores, which a still-spinning worker slows down and the
+# one-client tail shows (the sweep: docs/benchmarks.md, "Numbers behind choices in the code"). Short
 # enough to stop soon after a pass, long enough to bridge the gaps between the ops of one.
 SERVE_GOMP_SPINCOUNT = "10000"
 

@@ -158,7 +158,7 @@ def torch_logits_fn(model: nn.Module, device, amp_dtype=None, channels_last: boo
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(torch.device(device), amp_dtype):
-            # NCHW logits: bilinear upsampling back to the photo's size is ~3x faster on CPU than on the
+            # NCHW logits: bilinear upsampling back to the photo's size is faster on CPU than on the
             # channels-last tensor the model returns, and bit-identical (docs/benchmarks.md)
             return model(x).to(torch.float32, memory_format=torch.contiguous_format)
     return fn
