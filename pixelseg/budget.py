@@ -110,7 +110,9 @@ class Pacer:
                                 f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
                                 f"e.g. --time-budget {format_seconds(self.budget * 2)} (the budget counts the "
                                 "whole run, all sessions)")
-        self.total = max(self.total, state.global_step + 1)
+        # at least one step more, and one epoch more: a budget that ran out inside an epoch ended that epoch
+        # early (it counts as done), so global_step + 1 can still be inside it and the loop would not start
+        self.total = max(self.total, state.global_step + 1, state.epoch * self.spe + 1)
 
     # ---- estimates ----
     def _respan(self, scheduler, global_step: int, in_epoch: int) -> None:

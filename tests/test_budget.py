@@ -92,6 +92,20 @@ def test_explicit_epochs_bound_the_budget_and_budget_stops_inside_epoch():
     assert "cannot hold one epoch" in tight.cannot_hold_epoch()
 
 
+def test_resuming_a_budget_run_that_stopped_inside_an_epoch_runs_another_epoch():
+    """A budget that ran out one step into the 7th epoch of 2 steps each (13 steps) ends that epoch early;
+    a resume with a larger total must plan an 8th epoch, not 14 steps = 7 epochs, which trains nothing."""
+    from types import SimpleNamespace
+    clock = FakeClock()
+    sched = _scheduler()
+    sched.lr_lambdas[0].total_steps = 13  # the span the checkpoint holds
+    state = SimpleNamespace(global_step=13, epoch=7, step_in_epoch=0)
+    pacer = Pacer({"time_budget": 600.0, "epochs": 8, "iterations": None}, steps_per_epoch=2, n_val=4,
+                  batch_size=4, used_s=6.0, timing={"train": 1.3, "validation": 0.7}, clock=clock)
+    pacer.resumed(sched, state, "run")
+    assert pacer.planned_epochs == 8 > state.epoch and pacer.total > state.global_step
+
+
 def test_epochs_without_improvement():
     rows = [{"val_miou": v} for v in (0.1, 0.3, 0.3005, 0.2, 0.31)]
     assert epochs_without_improvement(rows, 0.001) == 0   # 0.31 beats 0.3 by more than 0.001
