@@ -53,12 +53,20 @@ def wait_ready(url, proc, timeout=600):
     raise SystemExit("server did not become ready")
 
 
+def start_server(run, port, flags=()) -> subprocess.Popen:
+    """`pixelseg serve RUN` of this checkout on 127.0.0.1:port (wait for it with `wait_ready`)."""
+    cmd = [sys.executable, "-m", "pixelseg", "serve", str(run), "--host", "127.0.0.1", "--port", str(port), *flags]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 class RawClient:
     """One keep-alive HTTP/1.1 connection that POSTs a body and reads the answer, on asyncio streams.
 
     Hand-written because the load generator runs on the same cores as the server: httpx costs many times
     more CPU per request than this (benchmarks/bench_http_client.py, docs/benchmarks.md), and what the
-    clients burn the server cannot use. Enough HTTP for this server's answers (Content-Length bodies); `--client httpx` keeps the old client."""
+    clients burn the server cannot use. Enough HTTP for this server's answers (Content-Length bodies);
+    `--client httpx` keeps the old client."""
 
     def __init__(self, host, port):
         self.host, self.port, self.conn = host, port, None
@@ -266,10 +274,7 @@ def main():
         print(json.dumps({"reference": results["reference"]}), flush=True)
     url = f"http://127.0.0.1:{args.port}"
     for batch in [int(b) for b in args.batch.split(",")]:
-        cmd = [sys.executable, "-m", "pixelseg", "serve", args.run, "--host", "127.0.0.1", "--port", str(args.port),
-               "--max-batch", str(batch), *args.serve_args.split()]
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = start_server(args.run, args.port, ["--max-batch", str(batch), *args.serve_args.split()])
         try:
             wait_ready(url, proc)
             run_level(url, 1, 3, 50, datas, args.client)  # warm the connection path and allocator

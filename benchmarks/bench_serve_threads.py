@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,9 +42,7 @@ def main():
     ap.add_argument("--serve-args", default="")
     args = ap.parse_args()
     photo = Path(args.photo).read_bytes()
-    exe = shutil.which("pixelseg") or str(Path(sys.executable).with_name("pixelseg"))
-    srv = subprocess.Popen([exe, "serve", args.run, "--port", str(args.port), *args.serve_args.split()],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = bench_serve.start_server(args.run, args.port, args.serve_args.split())
     url = f"http://127.0.0.1:{args.port}"
     try:
         bench_serve.wait_ready(url, srv)

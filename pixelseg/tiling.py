@@ -124,10 +124,7 @@ class Predictor:
         this is exactly `__call__`; `pixelseg serve --max-batch` uses it."""
         if self.tile:
             return [self(img) for img in images]
-        xs = []
-        for img in images:
-            x = torch.as_tensor(img).permute(2, 0, 1)[None].to(self.device)
-            xs.append(x.float().div_(255) if x.dtype == torch.uint8 else x.float())  # as __call__
+        xs = [self._input(img) for img in images]
         small = torch.cat([F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True,
                                          align_corners=False) if x.shape[-2:] != self.train_size else x
                            for x in xs])
@@ -140,10 +137,14 @@ class Predictor:
             out.append(lg.softmax(1))
         return out
 
+    def _input(self, image) -> torch.Tensor:
+        """H×W×C image -> 1×C×H×W float on the device: uint8 scaled to [0, 1]; N-band inputs come as [0, 1] floats."""
+        x = torch.as_tensor(image).permute(2, 0, 1)[None].to(self.device)
+        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
     @torch.no_grad()
     def __call__(self, image) -> torch.Tensor:
-        x = torch.as_tensor(image).permute(2, 0, 1)[None].to(self.device)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()  # N-band inputs come as [0, 1] floats
+        x = self._input(image)
         if self.tile:
             return sliding_window(self.fn, x, self.tile, self.overlap, self.batch_size)
         return resize_restore(self.fn, x, self.train_size)
