@@ -2,6 +2,8 @@
 
 - logits upsampling: bilinear from the training size back to the photo's, on the channels-last tensor the
   model returns vs on an NCHW copy (what `tiling.torch_logits_fn` now returns);
+- the photo's resize to the model's input: on [0, 1] floats vs on the uint8 pixels, as training's resize;
+- class ids of the upsampled logits with and without a softmax first;
 - one photo's `Engine.mask` and a dynamic batch of 8's `Engine.masks`, each beside the model's forward
   pass alone;
 - PNG encoding of the class-id masks at the server's zlib level: PIL (adaptive row filters) vs
@@ -71,11 +73,29 @@ def main():
     assert torch.equal(F.interpolate(cl, size=(h, w), mode="bilinear", align_corners=False),
                        F.interpolate(nchw, size=(h, w), mode="bilinear", align_corners=False))
     small8 = small.expand(8, -1, -1, -1).contiguous()
+    up = F.interpolate(nchw, size=(h, w), mode="bilinear", align_corners=False)
+    from pixelseg.metrics import class_ids
+    u8 = torch.as_tensor(img).permute(2, 0, 1)[None]
+
+    def old_masks(images):  # Engine.masks before: float resize, softmax, then class ids
+        xs = [torch.as_tensor(i).permute(2, 0, 1)[None].float().div_(255) for i in images]
+        lg = pred.fn(torch.cat([F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+                                for x in xs]))
+        return [class_ids(F.interpolate(lg[k: k + 1], size=tuple(x.shape[-2:]), mode="bilinear",
+                                        align_corners=False).softmax(1))[0].to(torch.uint8).numpy()
+                for k, x in enumerate(xs)]
     jobs = {
+        "resize, [0, 1] floats (before)": lambda: F.interpolate(u8.float().div_(255), size=size, mode="bilinear",
+                                                                antialias=True, align_corners=False),
+        "resize, uint8 then /255": lambda: F.interpolate(u8, size=size, mode="bilinear", antialias=True,
+                                                         align_corners=False).float().div_(255),
+        "class ids, softmax first (before)": lambda: class_ids(up.softmax(1)),
+        "class ids, from the logits": lambda: class_ids(up),
         "upsample, channels-last logits": lambda: F.interpolate(cl, size=(h, w), mode="bilinear", align_corners=False),
         "upsample, NCHW logits": lambda: F.interpolate(nchw, size=(h, w), mode="bilinear", align_corners=False),
         "model forward, batch 1": lambda: pred.fn(small),
         "model forward, batch 8": lambda: pred.fn(small8),
+        "Engine.masks, batch 8, before": lambda: old_masks([img] * 8),
         "Engine.masks, batch 8": lambda: engine.masks([img] * 8),
         "Engine.mask, batch 1": lambda: engine.mask(img),
     }
@@ -84,15 +104,20 @@ def main():
         for k, fn in jobs.items():
             rows[k].append(median_ms(fn, max(3, args.repeats // 3)))
     for k, v in rows.items():
-        print(f"{k:32s} {statistics.median(v):8.2f} ms")
+        print(f"{k:34s} {statistics.median(v):8.2f} ms")
 
     photos = sorted(Path(args.photos).glob("*.jpg"))[: args.n_photos]
-    masks = []
+    masks, agree, worst = [], 0, 1.0
     for p in photos:
         try:
-            masks.append(engine.mask(decode_upload(p.read_bytes(), 10**9, p.name))[0])
+            im = decode_upload(p.read_bytes(), 10**9, p.name)
         except HTTPProblem:  # a file the server would refuse is not what this measures
             continue
+        masks.append(engine.mask(im)[0])
+        a = float((old_masks([im])[0] == masks[-1]).mean())
+        agree, worst = agree + a, min(worst, a)
+    print(f"masks now vs before on {len(masks)} photos: {100 * agree / len(masks):.2f}% of pixels agree, "
+          f"worst photo {100 * worst:.2f}%")
 
     def pil_png(m):
         buf = io.BytesIO()

@@ -160,7 +160,7 @@ def _score_full_res(ckpt, runner, data: _EvalData, ctx: RunContext, size, window
             warning = tile_scale_warning(img.shape[:2], size, window)
             if warning:
                 tqdm.write(warning, file=sys.stderr)
-        cm.update(class_ids(predictor(img)), torch.from_numpy(target).to(dev))
+        cm.update(class_ids(predictor(img, probs=False)), torch.from_numpy(target).to(dev))
         n_images += 1
     if n_images == 0:
         raise PixelsegError(f"dataset {dataset} split {split!r} at {root} has no readable images")
@@ -391,7 +391,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         if mc:
             probs = _write_mc_maps(model, img, size, dev, amp, mc_samples, info, out / f.stem, entry)
         else:
-            probs = predictor(img)
+            probs = predictor(img, probs=bool(format or rank))  # the softmax only when it is read
         mask = class_ids(probs)[0].to(torch.uint8).cpu().numpy()
         _write_mask(img, mask, info, bands, out / f.stem, entry)
         if format or rank:

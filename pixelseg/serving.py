@@ -140,7 +140,7 @@ class Engine:
     @torch.no_grad()
     def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Class-id masks (uint8 H×W) for several images in one forward pass (resize mode)."""
-        return [class_ids(p)[0].to(torch.uint8).cpu().numpy() for p in self.predictor.batch(images)]
+        return [class_ids(p)[0].to(torch.uint8).cpu().numpy() for p in self.predictor.batch(images, probs=False)]
 
     @torch.no_grad()
     def mask(self, image: np.ndarray, mc_samples: int = 0) -> tuple[np.ndarray, dict | None]:
@@ -150,7 +150,7 @@ class Engine:
             from .inference import mc_uncertainty
             probs, maps = mc_uncertainty(self.model, image, self.size, self.device, self.amp, mc_samples)
             return class_ids(probs)[0].to(torch.uint8).cpu().numpy(), {k: v.cpu().numpy() for k, v in maps.items()}
-        return class_ids(self.predictor(image))[0].to(torch.uint8).cpu().numpy(), None
+        return class_ids(self.predictor(image, probs=False))[0].to(torch.uint8).cpu().numpy(), None
 
     def warm_up(self, batch: int = 1, repeats: int = 2) -> float:
         """Run a few dummy images so the first real request does not pay for allocator/kernel set-up."""

@@ -48,17 +48,6 @@ class FlipTTA(nn.Module):
         return self._fn(x)
 
 
-def resize_restore(fn: LogitsFn, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Probabilities at x's size from one pass at `size` (antialiased down, bilinear logits back up)."""
-    h, w = x.shape[-2:]
-    small = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False) \
-        if (h, w) != tuple(size) else x
-    logits = fn(small).float()
-    if logits.shape[-2:] != (h, w):
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return logits.softmax(1)
-
-
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
     """Window origins covering [0, length): stride window·(1 - overlap), last window flush with the end."""
     if length <= window:
@@ -118,24 +107,38 @@ class Predictor:
         return s + (", flip TTA" if self.tta else "")
 
     @torch.no_grad()
-    def batch(self, images) -> list[torch.Tensor]:
+    def batch(self, images, probs: bool = True) -> list[torch.Tensor]:
         """Several images (any sizes) through one forward pass at the training size, each returned at
         its own size: resize mode only (windows are batched within an image already). For one image
-        this is exactly `__call__`; `pixelseg serve --max-batch` uses it."""
+        this is exactly `__call__`; `pixelseg serve --max-batch` uses it. `probs=False` hands back the
+        upsampled scores without the softmax, for callers that only take the argmax (softmax keeps it)."""
         if self.tile:
             return [self(img) for img in images]
-        xs = [self._input(img) for img in images]
-        small = torch.cat([F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True,
-                                         align_corners=False) if x.shape[-2:] != self.train_size else x
-                           for x in xs])
-        logits = self.fn(small).float()
-        out = []
-        for i, x in enumerate(xs):
-            lg = logits[i: i + 1]
-            if lg.shape[-2:] != x.shape[-2:]:
-                lg = F.interpolate(lg, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-            out.append(lg.softmax(1))
-        return out
+        logits = self.fn(torch.cat([self._resized(img) for img in images]))
+        return [self._restore(logits[i: i + 1], img.shape[:2], probs) for i, img in enumerate(images)]
+
+    def _resized(self, image) -> torch.Tensor:
+        """H×W×C image -> 1×C×h×w float model input at the training size, on the device.
+
+        uint8 photos are resized as uint8 (antialiased bilinear) and then scaled to [0, 1]: that is
+        what training's PIL / torchvision resize feeds the model, about 30x closer to it than resizing
+        the [0, 1] floats, and ~3x faster (docs/benchmarks.md, "Numbers behind choices in the code").
+        It runs on the CPU where the photo is, so only the small tensor travels to a GPU.
+        N-band inputs come as [0, 1] floats and are resized as floats."""
+        x = torch.as_tensor(image).permute(2, 0, 1)[None]
+        if x.dtype != torch.uint8:
+            x = x.float()
+        if tuple(x.shape[-2:]) != self.train_size:
+            x = F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True, align_corners=False)
+        x = x.to(self.device)
+        return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+    def _restore(self, logits: torch.Tensor, hw, probs: bool) -> torch.Tensor:
+        """One image's logits at the training size -> scores (probabilities with `probs`) at its own size."""
+        logits = logits.float()
+        if tuple(logits.shape[-2:]) != tuple(hw):
+            logits = F.interpolate(logits, size=tuple(hw), mode="bilinear", align_corners=False)
+        return logits.softmax(1) if probs else logits
 
     def _input(self, image) -> torch.Tensor:
         """H×W×C image -> 1×C×H×W float on the device: uint8 scaled to [0, 1]; N-band inputs come as [0, 1] floats."""
@@ -143,11 +146,12 @@ class Predictor:
         return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
     @torch.no_grad()
-    def __call__(self, image) -> torch.Tensor:
-        x = self._input(image)
+    def __call__(self, image, probs: bool = True) -> torch.Tensor:
+        """1×C×H×W probabilities for one H×W×C image (scores without the softmax with `probs=False`;
+        sliding windows blend probabilities, so they always come as probabilities)."""
         if self.tile:
-            return sliding_window(self.fn, x, self.tile, self.overlap, self.batch_size)
-        return resize_restore(self.fn, x, self.train_size)
+            return sliding_window(self.fn, self._input(image), self.tile, self.overlap, self.batch_size)
+        return self._restore(self.fn(self._resized(image)), image.shape[:2], probs)
 
 
 def torch_logits_fn(model: nn.Module, device, amp_dtype=None, channels_last: bool = True) -> LogitsFn:

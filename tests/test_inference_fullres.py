@@ -10,7 +10,7 @@ from PIL import Image
 from pixelseg.cli import main
 from pixelseg.errors import PixelsegError
 from pixelseg.inference import evaluate, predict, tile_size
-from pixelseg.tiling import FlipTTA, Predictor, flip_tta, resize_restore, sliding_window, window_starts
+from pixelseg.tiling import FlipTTA, Predictor, flip_tta, sliding_window, window_starts
 from conftest import tiny_run
 
 
@@ -81,16 +81,39 @@ def test_flip_tta_averages_the_mirrored_prediction():
         torch.testing.assert_close(FlipTTA(conv)(x).softmax(1), conv(x).softmax(1), atol=1e-5, rtol=1e-5)
 
 
-def test_resize_restore_returns_the_input_size():
+def test_resize_mode_returns_the_input_size():
     fn = pixelwise_fn(3)
-    x = torch.rand(1, 3, 123, 77)
-    with torch.no_grad():
-        probs = resize_restore(fn, x, (32, 32))
+    img = (np.random.default_rng(0).random((123, 77, 3)) * 255).astype(np.uint8)
+    pred = Predictor(fn, (32, 32))
+    probs = pred(img)
     assert probs.shape == (1, 3, 123, 77)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 123, 77))
     # a flat-colour image gives the same answer whatever the resolution
-    flat = torch.full((1, 3, 50, 90), 0.3)
-    with torch.no_grad():
-        torch.testing.assert_close(resize_restore(fn, flat, (32, 32)), fn(flat).softmax(1), atol=1e-5, rtol=1e-5)
+    flat = np.full((50, 90, 3), 77, np.uint8)
+    want = fn(torch.full((1, 3, 1, 1), 77 / 255)).softmax(1)
+    torch.testing.assert_close(pred(flat), want.expand(1, 3, 50, 90), atol=1e-5, rtol=1e-5)
+    # scores without the softmax: the same classes, and their softmax is the probabilities
+    scores = pred(img, probs=False)
+    torch.testing.assert_close(scores.softmax(1), probs)
+    assert torch.equal(scores.max(1).indices, probs.max(1).indices)
+    assert not torch.allclose(scores.sum(1), torch.ones(1, 123, 77))
+
+
+def test_resize_mode_feeds_the_model_what_training_resize_feeds_it():
+    """A uint8 photo reaches the model as PIL's antialiased resize of it (the training data path) would:
+    resizing the [0, 1] floats instead is off by a quarter of a grey level on average."""
+    from PIL import Image
+    seen = []
+    fn = lambda x: (seen.append(x), pixelwise_fn(3)(x))[1]  # noqa: E731
+    rng = np.random.default_rng(1)
+    img = (rng.random((47, 61, 3)) * 255).astype(np.uint8)
+    img = np.asarray(Image.fromarray(img).resize((300, 230), Image.BILINEAR))  # smooth, like a photo
+    Predictor(fn, (32, 40))(img)
+    pil = np.asarray(Image.fromarray(img).resize((40, 32), Image.BILINEAR, reducing_gap=None))
+    want = torch.from_numpy(pil).permute(2, 0, 1)[None].float() / 255
+    assert seen[0].shape == want.shape and seen[0].dtype == torch.float32
+    assert (seen[0] - want).abs().max() <= 1 / 255 + 1e-6
+    assert (seen[0] - want).abs().mean() < 0.05 / 255
 
 
 def test_predictor_modes_and_descriptions():
