@@ -108,6 +108,7 @@ def main():
 
     photos = sorted(Path(args.photos).glob("*.jpg"))[: args.n_photos]
     masks, agree, worst = [], 0, 1.0
+    gap = {k: [] for k in ("floats", "floats max", "uint8", "uint8 max")}
     for p in photos:
         try:
             im = decode_upload(p.read_bytes(), 10**9, p.name)
@@ -116,8 +117,19 @@ def main():
         masks.append(engine.mask(im)[0])
         a = float((old_masks([im])[0] == masks[-1]).mean())
         agree, worst = agree + a, min(worst, a)
+        # the model's input against what training feeds it (PIL's antialiased resize of the uint8 photo)
+        pil = torch.from_numpy(np.asarray(Image.fromarray(im).resize((size[1], size[0]), Image.BILINEAR,
+                                                                    reducing_gap=None))).permute(2, 0, 1)[None]
+        t = torch.as_tensor(im).permute(2, 0, 1)[None]
+        for k, x in (("floats", F.interpolate(t.float(), size=size, mode="bilinear", antialias=True,
+                                              align_corners=False)), ("uint8", pred._resized(im) * 255)):
+            gap[k].append((x - pil.float()).abs().mean().item())
+            gap[k + " max"].append((x - pil.float()).abs().max().item())
     print(f"masks now vs before on {len(masks)} photos: {100 * agree / len(masks):.2f}% of pixels agree, "
           f"worst photo {100 * worst:.2f}%")
+    for k in ("floats", "uint8"):
+        print(f"model input resized as {k:6s} vs PIL's resize (training's): mean {statistics.mean(gap[k]):.3f}, "
+              f"max {max(gap[k + ' max']):.2f} grey levels")
 
     def pil_png(m):
         buf = io.BytesIO()
