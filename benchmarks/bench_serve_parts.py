@@ -122,7 +122,7 @@ def main():
                                                                     reducing_gap=None))).permute(2, 0, 1)[None]
         t = torch.as_tensor(im).permute(2, 0, 1)[None]
         for k, x in (("floats", F.interpolate(t.float(), size=size, mode="bilinear", antialias=True,
-                                              align_corners=False)), ("uint8", pred._resized(im) * 255)):
+                                              align_corners=False)), ("uint8", pred._input(im, size) * 255)):
             gap[k].append((x - pil.float()).abs().mean().item())
             gap[k + " max"].append((x - pil.float()).abs().max().item())
     print(f"masks now vs before on {len(masks)} photos: {100 * agree / len(masks):.2f}% of pixels agree, "

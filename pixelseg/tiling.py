@@ -114,24 +114,23 @@ class Predictor:
         upsampled scores without the softmax, for callers that only take the argmax (softmax keeps it)."""
         if self.tile:
             return [self(img) for img in images]
-        logits = self.fn(torch.cat([self._resized(img) for img in images]))
+        logits = self.fn(torch.cat([self._input(img, self.train_size) for img in images]))
         return [self._restore(logits[i: i + 1], img.shape[:2], probs) for i, img in enumerate(images)]
 
-    def _resized(self, image) -> torch.Tensor:
-        """H×W×C image -> 1×C×h×w float model input at the training size, on the device.
+    def _input(self, image, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """H×W×C image -> 1×C×h×w float on the device, resized to `size` when given; uint8 is scaled to
+        [0, 1], N-band inputs come as [0, 1] floats.
 
-        uint8 photos are resized as uint8 (antialiased bilinear) and then scaled to [0, 1]: that is
-        what training's PIL / torchvision resize feeds the model, about 30x closer to it than resizing
-        the [0, 1] floats, and ~3x faster (docs/benchmarks.md, "Numbers behind choices in the code").
-        It runs on the CPU where the photo is, so only the small tensor travels to a GPU.
-        N-band inputs come as [0, 1] floats and are resized as floats."""
+        uint8 photos are resized as uint8 (antialiased bilinear) before the scaling: that is what
+        training's PIL / torchvision resize feeds the model, about 30x closer to it than resizing the
+        [0, 1] floats, and ~3x faster (docs/benchmarks.md, "Numbers behind choices in the code"). The
+        resize runs on the CPU where the photo is, so only the small tensor travels to a GPU."""
         x = torch.as_tensor(image).permute(2, 0, 1)[None]
-        if x.dtype != torch.uint8:
-            x = x.float()
-        if tuple(x.shape[-2:]) != self.train_size:
-            x = F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True, align_corners=False)
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x if x.dtype == torch.uint8 else x.float(), size=size, mode="bilinear",
+                              antialias=True, align_corners=False)
         x = x.to(self.device)
-        return x.float().div_(255) if x.dtype == torch.uint8 else x
+        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
     def _restore(self, logits: torch.Tensor, hw, probs: bool) -> torch.Tensor:
         """One image's logits at the training size -> scores (probabilities with `probs`) at its own size."""
@@ -140,18 +139,13 @@ class Predictor:
             logits = F.interpolate(logits, size=tuple(hw), mode="bilinear", align_corners=False)
         return logits.softmax(1) if probs else logits
 
-    def _input(self, image) -> torch.Tensor:
-        """H×W×C image -> 1×C×H×W float on the device: uint8 scaled to [0, 1]; N-band inputs come as [0, 1] floats."""
-        x = torch.as_tensor(image).permute(2, 0, 1)[None].to(self.device)
-        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
     @torch.no_grad()
     def __call__(self, image, probs: bool = True) -> torch.Tensor:
         """1×C×H×W probabilities for one H×W×C image (scores without the softmax with `probs=False`;
         sliding windows blend probabilities, so they always come as probabilities)."""
         if self.tile:
             return sliding_window(self.fn, self._input(image), self.tile, self.overlap, self.batch_size)
-        return self._restore(self.fn(self._resized(image)), image.shape[:2], probs)
+        return self._restore(self.fn(self._input(image, self.train_size)), image.shape[:2], probs)
 
 
 def torch_logits_fn(model: nn.Module, device, amp_dtype=None, channels_last: bool = True) -> LogitsFn:

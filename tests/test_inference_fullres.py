@@ -102,9 +102,11 @@ def test_resize_mode_returns_the_input_size():
 def test_resize_mode_feeds_the_model_what_training_resize_feeds_it():
     """A uint8 photo reaches the model as PIL's antialiased resize of it (the training data path) would:
     resizing the [0, 1] floats instead is off by a quarter of a grey level on average."""
-    from PIL import Image
     seen = []
-    fn = lambda x: (seen.append(x), pixelwise_fn(3)(x))[1]  # noqa: E731
+
+    def fn(x):
+        seen.append(x)
+        return pixelwise_fn(3)(x)
     rng = np.random.default_rng(1)
     img = (rng.random((47, 61, 3)) * 255).astype(np.uint8)
     img = np.asarray(Image.fromarray(img).resize((300, 230), Image.BILINEAR))  # smooth, like a photo
