@@ -163,8 +163,12 @@ class StopSignal:
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        self.requested = self.requested or bool(flag.item() > 0)
-        return self.requested
+        # Only the sum decides: it is what every other rank sees. The handler may set `requested` while the
+        # collective runs; counting that here would stop this rank one step before the others, which then
+        # wait for it in the next step's collectives until the timeout. That signal counts at the next step.
+        agreed = bool(flag.item() > 0)
+        self.requested = self.requested or agreed
+        return agreed
 
 
 def ignore_stop_signal_in_worker(_worker_id: int) -> None:

@@ -65,8 +65,8 @@ def camvid_root():
     return CAMVID
 
 
-def rank_pid(parent: int, rank: int) -> int | None:
-    """The worker process torchrun started with RANK=rank."""
+def _children(parent: int):
+    """(pid, environ entries) of each process whose parent is `parent`, read from /proc."""
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -75,6 +75,28 @@ def rank_pid(parent: int, rank: int) -> int | None:
             env = (p / "environ").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            return int(p.name)
-    return None
+        if ppid == parent:
+            yield int(p.name), env
+
+
+def rank_pid(parent: int, rank: int) -> int | None:
+    """The worker process torchrun started with RANK=rank."""
+    return next((pid for pid, env in _children(parent) if f"RANK={rank}".encode() in env), None)
+
+
+def kill_torchrun(proc) -> None:
+    """SIGKILL a torchrun agent started with start_new_session=True, and its workers: torchrun starts each
+    worker in a session of its own, so killing the agent's group alone leaves them running, orphaned (and a
+    hung run's ranks would sit in their collectives for the rest of the test session)."""
+    import signal
+    if proc.poll() is None:
+        workers = [pid for pid, env in _children(proc.pid) if any(e.startswith(b"RANK=") for e in env)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers:
+            try:
+                group = os.getpgid(pid)
+                if group != os.getpgid(0):
+                    os.killpg(group, signal.SIGKILL)  # the worker and what it forked (DataLoader workers, ...)
+            except ProcessLookupError:
+                pass
+        proc.wait(30)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pixelseg.checkpoint import load_checkpoint
-from conftest import rank_pid, tiny_run
+from conftest import kill_torchrun, rank_pid, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_run(dataset=None, limit=None, image_size=16, batch_size=4, precision="fp32", seed=0, deterministic=True,
@@ -45,9 +45,7 @@ def _agent(node: int, port: int, args, env, log: Path, program=("-m", "pixelseg"
 
 
 def _kill(p):
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(30)
+    kill_torchrun(p)
 
 
 def _two_nodes(args, env, logs: Path, wait=True):

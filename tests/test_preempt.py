@@ -14,7 +14,7 @@ import pixelseg.train as tr
 from pixelseg.checkpoint import load_checkpoint
 from pixelseg.cli import main
 from pixelseg.distributed import PREEMPTED_EXIT_CODE
-from conftest import rank_pid, tiny_run
+from conftest import kill_torchrun, rank_pid, tiny_run
 
 ARGS = ["train", *tiny_run(limit=32, precision="fp32", seed=0, deterministic=True, device="cpu", epochs=2,
                            workers=0)]
@@ -54,6 +54,23 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(tmp_path, monkeypatch, caps
     assert [h["train_loss"] for h in b["history"]][0] == a["history"][0]["train_loss"]
 
 
+def test_a_sigterm_during_the_vote_counts_at_the_next_step(monkeypatch):
+    """Each step the ranks vote to stop with an all-reduce, and the sum alone decides: a SIGTERM that lands
+    while the collective runs must not stop this rank a step before the others, which would then wait for it
+    in the next step's collectives until the timeout (the hang CI once met under load)."""
+    import pixelseg.distributed as d
+    stop = d.StopSignal()
+
+    def all_reduce(flag, op):  # the other rank votes 0; this rank's SIGTERM handler runs meanwhile
+        stop._handle(signal.SIGTERM, None)
+
+    monkeypatch.setattr(d.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(d.dist, "all_reduce", all_reduce)
+    two = d.DistInfo(rank=1, world_size=2)
+    assert stop.agreed(two) is False  # what the other rank computed from the same sum: carry on
+    assert stop.requested and stop.agreed(two) is True  # the next step's vote carries it: both stop there
+
+
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
@@ -82,8 +99,7 @@ def test_sigterm_to_one_rank_stops_both_with_workers(tmp_path):
         os.kill(pid, signal.SIGTERM)  # only rank 1 is told: rank 0 must stop with it, at the same step
         out, _ = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started
+        kill_torchrun(proc)  # torchrun and the ranks it started, if it still runs
     assert proc.returncode != 0
     log = (run / "train.log").read_text()
     assert "SIGTERM: stopped at epoch" in log and f"--resume {run}" in log, out[-3000:]
