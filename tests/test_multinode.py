@@ -163,8 +163,7 @@ def test_resume_after_one_nodes_agent_is_killed_mid_epoch(runs, tmp_path):
     procs = _two_nodes(args, runs["env"], tmp_path, wait=False)
     try:
         _wait_for_mid_epoch_checkpoint(run, procs, tmp_path / "node0.log")
-        os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 dies: its agent and its worker
-        procs[1].wait(30)
+        kill_torchrun(procs[1])  # node 1 dies: its agent and its worker (a session of its own, found by pid)
         # node 0's rank then waits in a gloo collective until the process group's timeout (30 min by
         # default); a scheduler ends the whole job when a node is lost (srun --kill-on-bad-exit, the
         # PyTorchJob restarting every pod), as done here
