@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,6 @@ def kill_torchrun(proc) -> None:
     """SIGKILL a torchrun agent started with start_new_session=True, and its workers: torchrun starts each
     worker in a session of its own, so killing the agent's group alone leaves them running, orphaned (and a
     hung run's ranks would sit in their collectives for the rest of the test session)."""
-    import signal
     if proc.poll() is None:
         workers = [pid for pid, env in _children(proc.pid) if any(e.startswith(b"RANK=") for e in env)]
         os.killpg(proc.pid, signal.SIGKILL)
