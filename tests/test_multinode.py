@@ -44,10 +44,6 @@ def _agent(node: int, port: int, args, env, log: Path, program=("-m", "pixelseg"
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill(p):
-    kill_torchrun(p)
-
-
 def _two_nodes(args, env, logs: Path, wait=True):
     port = _port()
     procs = [_agent(n, port, args, env, logs / f"node{n}.log") for n in range(2)]
@@ -59,7 +55,7 @@ def _two_nodes(args, env, logs: Path, wait=True):
         pytest.fail("two-node run hung: " + (logs / "node0.log").read_text()[-3000:])
     finally:
         for p in procs:
-            _kill(p)
+            kill_torchrun(p)
     return codes
 
 
@@ -131,7 +127,7 @@ def test_a_node_with_another_config_is_refused_naming_the_keys(runs, tmp_path):
         codes = [p.wait(TIMEOUT) for p in procs]
     finally:
         for p in procs:
-            _kill(p)
+            kill_torchrun(p)
     assert codes[0] != 0 and codes[1] != 0
     logs = (tmp_path / "node0.log").read_text() + (tmp_path / "node1.log").read_text()
     assert "started with different configs (epochs: rank 0 " in logs and "lr: rank 0 " in logs
@@ -168,10 +164,10 @@ def test_resume_after_one_nodes_agent_is_killed_mid_epoch(runs, tmp_path):
         # default); a scheduler ends the whole job when a node is lost (srun --kill-on-bad-exit, the
         # PyTorchJob restarting every pod), as done here
         time.sleep(2)
-        _kill(procs[0])
+        kill_torchrun(procs[0])
     finally:
         for p in procs:
-            _kill(p)
+            kill_torchrun(p)
     killed_at = load_checkpoint(run / "last.pt")
     assert killed_at["epoch"] < 2
     codes = _two_nodes(["--resume", str(run)], runs["env"], tmp_path)
@@ -202,7 +198,7 @@ def test_max_restarts_continues_by_itself_after_a_worker_is_killed(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the restarted run hung: " + log.read_text()[-3000:])
     finally:
-        _kill(proc)
+        kill_torchrun(proc)
     assert code == 0, log.read_text()[-3000:]
     final = load_checkpoint(run / "last.pt")
     assert final["epoch"] == 2 and final["step_in_epoch"] == 0
@@ -236,7 +232,7 @@ def test_two_nodes_read_every_s3_sample_once(data, tmp_path):
         pytest.fail("two-node read hung: " + (tmp_path / "node0.log").read_text()[-3000:])
     finally:
         for p in procs:
-            _kill(p)
+            kill_torchrun(p)
     assert codes == [0, 0], (tmp_path / "node0.log").read_text()[-3000:] + (tmp_path / "node1.log").read_text()[-3000:]
     res = [json.loads((tmp_path / f"r{n}.json").read_text()) for n in range(2)]
     assert sorted(res[0]["ids"] + res[1]["ids"]) == list(range(14))
@@ -278,7 +274,7 @@ def test_a_hung_node_ends_the_other_within_the_dist_timeout(tmp_path):
             os.killpg(procs[1].pid, signal.SIGKILL)
             os.killpg(procs[1].pid, signal.SIGCONT)
         for p in procs:
-            _kill(p)
+            kill_torchrun(p)
     log = (tmp_path / "node0.log").read_text()
     assert code != 0
     assert "rank 0: lost the other processes of this run (" in log, log[-3000:]
