@@ -162,7 +162,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             log.info(note)
         criterion = _build_criterion(cfg, data, ctx)
         optimizer = build_optimizer(model_without_ddp, cfg["optimizer"], cfg["lr"], cfg["weight_decay"],
-                                    cfg["momentum"])
+                                    cfg["momentum"], cfg["encoder_lr_mult"])
         steps_per_epoch = math.ceil(data.micro_per_epoch / cfg["accumulate"])
         if cfg["iterations"] and not cfg["time_budget"]:  # papers give schedules in iterations; validate per epoch
             cfg["epochs"] = math.ceil(cfg["iterations"] / steps_per_epoch)
@@ -465,6 +465,12 @@ def _build_model(cfg: dict, info, ctx: RunContext, norm: dict | None = None):
             notes.append("encoder: random init (no pretrained weights), so it is trained, not frozen "
                          "(freezing a random encoder is pointless; pass --freeze-encoder yes to force it)")
     model.set_encoder_frozen(bool(freeze))
+    if cfg["freeze_encoder_bn"] and not freeze:
+        model.encoder_bn_frozen = True
+        model.train(model.training)
+    if not freeze and model.pretrained and (cfg["encoder_lr_mult"] != 1.0 or cfg["freeze_encoder_bn"]):
+        notes.append(f"pretrained encoder trained at {cfg['encoder_lr_mult']:g} x lr"
+                     + (", its BatchNorm on the pretrained statistics" if cfg["freeze_encoder_bn"] else ""))
     cfg["backbone"] = model.backbone
     model.to(ctx.device)
     if ctx.channels_last:
