@@ -83,7 +83,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
                             (doc.get("imageWidth"), doc.get("imageHeight"))) if stem else None
         if found is None:
             continue
-        item = Item(stem, found[0], found[1], found[2], split=split, source=path)
+        item = Item(stem, found[0], found[1], found[2], split=split, source=path, orientation=found[3])
         for k, sh in enumerate(doc["shapes"]):
             sid = f"shape #{k} label={sh.get('label') if isinstance(sh, dict) else None!r}"
             if not isinstance(sh, dict):
