@@ -173,7 +173,6 @@ def test_labelstudio_unlabelled_and_cancelled_tasks_left_out_and_counted(tmp_pat
 
 def test_labelstudio_image_key_from_config(tmp_path):
     """Suspected item: the task's image is data[KEY] for the config's <Image value="$KEY">, not data's first string."""
-    from pixelseg.labels import labelstudio
     root = write_labelstudio(tmp_path / "ls")
     tasks = json.loads((root / "export.json").read_text())
     for t in tasks:
@@ -266,8 +265,8 @@ def test_coco_year_suffixed_files_are_splits(tmp_path):
 def test_yolo_val_that_is_the_training_folder_is_not_a_val_split(tmp_path):
     """Issue 30 #4: `val: images/train` validated on the training images, silently. Now it is dropped with a
     note and val is carved out of train; val images that are also training images are left out of val."""
-    from pixelseg.labels import yolo
     from pixelseg.data.labelled import splits
+    from pixelseg.labels import yolo
     root = WRITERS["yolo"](tmp_path / "y")
     (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/train\nnames: [dent, scratch]\n")
     labels = yolo.read(root)
@@ -283,3 +282,19 @@ def test_yolo_val_that_is_the_training_folder_is_not_a_val_split(tmp_path):
     labels = yolo.read(root)
     assert sorted((it.split, it.name) for it in labels.items) == [("train", "a"), ("train", "b"), ("val", "c")]
     assert any("1 val image(s)" in n for n in labels.notes), labels.notes
+
+
+def test_labelme_embedded_image_data(tmp_path, monkeypatch):
+    """Suspected item (confirmed): LabelMe embeds the image (`imageData`, its default); JSON-only folders read."""
+    import base64
+    monkeypatch.setenv("PIXELSEG_CACHE", str(tmp_path / "cache"))
+    root = WRITERS["labelme"](tmp_path / "lm")
+    for name in SCENE:
+        doc = json.loads((root / f"{Path(name).stem}.json").read_text())
+        doc["imageData"] = base64.b64encode((root / name).read_bytes()).decode()
+        (root / f"{Path(name).stem}.json").write_text(json.dumps(doc))
+        (root / name).unlink()
+    got = full_res("labelme", root)
+    for name in SCENE:
+        np.testing.assert_array_equal(got[Path(name).stem], expected(name))
+    assert len(list((tmp_path / "cache" / "labelme-images").iterdir())) == 2

@@ -98,11 +98,11 @@ def _colours():
 
     import matplotlib
     for c in matplotlib.colormaps["tab20"].colors:
-        yield tuple(int(round(255 * v)) for v in c)
+        yield tuple(round(255 * v) for v in c)
     i = 0
     while True:
         rgb = colorsys.hsv_to_rgb((i * 0.6180339887) % 1.0, (0.9, 0.6, 0.4)[i % 3], (0.95, 0.75, 0.55)[(i // 3) % 3])
-        yield tuple(int(round(255 * v)) for v in rgb)
+        yield tuple(round(255 * v) for v in rgb)
         i += 1
 
 
