@@ -64,6 +64,7 @@ class Fingerprint:
     train_names: list
     val_names: list
     val_group_option: bool    # the dataset can group its own val split (folder-like)
+    val_carved: bool = False  # val is --val-fraction's share of train, not a split the dataset has
     read_s_per_image: float = 0.0
     seconds: float = 0.0
 
@@ -152,27 +153,46 @@ def _samples(cfg: dict, split: str):
     return list(ds.names), readers, (lambda: [tuple(np.asarray(ds.images[0]).shape[:2])] * len(ds)), []
 
 
-def _bit_depth(paths: list) -> tuple[int, int]:
-    """(channels, bits per channel) of a few files, from their headers."""
+def _header_channels(path) -> tuple[int, int] | None:
+    """(channels a model must take, bits per channel) of one file from its header; None: unreadable.
+    8-bit grey, palette and RGBA files are read as RGB (3); 16-bit grey files as one band; a TIFF as its
+    bands (TIFFs are read band by band, data.io.read_input)."""
     from PIL import Image
-    chans, bits = 3, 8
-    for p in paths[:5]:
-        try:
-            if str(p).lower().endswith((".tif", ".tiff")):
-                import tifffile
-                with tifffile.TiffFile(p) as tf:
-                    page = tf.pages[0]
-                    chans = max(1, page.samplesperpixel)
-                    bits = max(bits, page.bitspersample)
-                continue
-            with Image.open(p) as im:
-                if im.mode in ("I;16", "I;16B", "I"):
-                    chans, bits = 1, 16
-                elif im.mode in ("L", "1"):
-                    chans = 1
-        except Exception:  # noqa: BLE001 - a header we cannot read is reported by the loader, not here
+    from .data.io import is_tiff
+    try:
+        if is_tiff(Path(path)):
+            import tifffile
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                return max(1, int(page.samplesperpixel)), int(page.bitspersample)
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return 1, 16
+            return 3, 8
+    except Exception:  # noqa: BLE001 - a header we cannot read is reported by the loader, not here
+        return None
+
+
+def _channels(paths: list, dataset: str = "") -> tuple[int, int]:
+    """(in_channels, bits per channel) decided from every sampled file, as the docs promise: 1 for 16-bit
+    grey, the band count of multi-band (TIFF) rasters, else 3 (8-bit grey and RGB photos are read as RGB).
+    Files that need different counts cannot train one model: one line naming an example of each."""
+    seen: dict[int, str] = {}
+    bits = 8
+    for p in paths:
+        head = _header_channels(p)
+        if head is None:
             continue
-    return chans, bits
+        seen.setdefault(head[0], str(p))
+        bits = max(bits, head[1])
+    if len(seen) > 1:
+        from .data.io import is_tiff
+        if all(c == 3 or not is_tiff(Path(f)) for c, f in seen.items()):
+            return 3, bits  # 16-bit grey beside RGB photos: all read as RGB, what read_input does for 3
+        examples = ", ".join(f"{Path(f).name}: {c}" for c, f in sorted(seen.items()))
+        raise PixelsegError(f"--dataset {dataset}: the images need different channel counts ({examples}); a "
+                            "model takes one count (--in-channels): convert them to one")
+    return (next(iter(seen)) if seen else 3), bits
 
 
 def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
@@ -180,10 +200,14 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     from .data import dataset_info, dataset_options, get_dataset_module
     t0 = time.time()
     info = dataset_info(cfg["dataset"], cfg["data_root"], cfg["val_split"], **dataset_options(cfg))
+    cfg = dict(cfg)  # its in_channels is decided below, before the readers (which look it up) read
     names, readers, sizes, paths = _samples(cfg, cfg["train_split"])
     val_names = _samples(cfg, cfg["val_split"])[0]
     k, ignore = info.num_classes, info.ignore_index
     picked = _even_sample(list(range(len(readers))), max_images)
+    # channels from the headers of every sampled file, before the pixels are read with that count
+    chans, bits = _channels([paths[i] for i in picked], cfg["dataset"]) if paths else (3, 8)
+    chans = cfg["in_channels"] = cfg["in_channels"] if cfg["in_channels"] != 3 else chans
     counts, present = np.zeros(k), np.zeros(k)
     scales: list[list[float]] = [[] for _ in range(k)]
     sides = np.zeros((4, k))
@@ -206,10 +230,9 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     read_s = (time.time() - t_read) / max(1, len(picked))
     mean = csum / npx
     std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
-    chans, bits = _bit_depth(paths) if paths else (3, 8)
     return Fingerprint(
         dataset=cfg["dataset"], n_train=len(names), n_val=len(val_names), sampled=len(picked),
-        sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=cfg["in_channels"] if cfg["in_channels"] != 3 else chans,
+        sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=chans,
         bit_depth=bits, mean=[round(float(v), 4) for v in mean], std=[round(float(v), 4) for v in std],
         class_names=list(info.class_names), pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
         image_freq=[float(v) for v in present / max(1, len(picked))],
@@ -217,7 +240,13 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
         up_asymmetry=_tv(sides[0], sides[1]), side_asymmetry=_tv(sides[2], sides[3]),
         train_names=names, val_names=list(val_names),
         val_group_option="val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}),
-        read_s_per_image=read_s, seconds=time.time() - t0)
+        val_carved=_val_carved(cfg), read_s_per_image=read_s, seconds=time.time() - t0)
+
+
+def _val_carved(cfg: dict) -> bool:
+    """Whether the val split is carved out of train by --val-fraction (then --val-group shapes it)."""
+    from .folds import _val_is_carved
+    return cfg["val_split"] == "val" and _val_is_carved(cfg)
 
 
 def name_groups(names: list[str]) -> tuple[str | None, str, dict]:
@@ -574,7 +603,9 @@ def _show(value) -> str:
 
 
 def _split_notes(fp: Fingerprint, c: dict) -> list[str]:
-    """val_group for folder-like data whose names look like sequences/tiles; a note for official splits."""
+    """val_group where val is carved out of train (--val-fraction) and the names look like sequences/tiles;
+    for a split the dataset has (its own val/, val.txt, an annotation file's val), a note when its train and
+    val share sequences: --val-group only shapes a carved split, so setting it there would do nothing."""
     pattern, what, groups = name_groups(fp.train_names + fp.val_names)
     if not pattern:
         return []
@@ -583,17 +614,19 @@ def _split_notes(fp: Fingerprint, c: dict) -> list[str]:
     def group(n):
         m = key.search(n)
         return m.group(1) if m else n
-    shared = sorted({group(n) for n in fp.train_names} & {group(n) for n in fp.val_names})
-    if fp.val_group_option and len(groups) >= 3:
+    if fp.val_group_option and fp.val_carved and len(groups) >= 3:
         c["val_group"] = Choice(pattern, f"file names look like {what} ({len(groups)} groups, e.g. "
-                                         f"{', '.join(sorted(groups)[:3])}): keep each on one side of the val split, "
-                                         "or near-duplicates make validation optimistic")
+                                         f"{', '.join(sorted(groups)[:3])}): keep each on one side of the val split "
+                                         "carved out of train, or near-duplicates make validation optimistic")
         return []
+    shared = sorted({group(n) for n in fp.train_names} & {group(n) for n in fp.val_names})
     if shared:
         n_shared = sum(group(n) in set(shared) for n in fp.train_names)
-        return [f"the official split shares {what} {', '.join(shared[:3])} between train and val ({n_shared} of "
-                f"{fp.n_train} training images): val overstates what the model does on unseen ones; kept as "
-                "published"]
+        which = ("the --val-fraction split (too few groups to keep apart)" if fp.val_carved else
+                 "the official split")
+        return [f"{which} shares {what} {', '.join(shared[:3])} between train and val ({n_shared} of "
+                f"{fp.n_train} training images): val overstates what the model does on unseen ones"
+                + ("" if fp.val_carved else "; kept as published")]
     return []
 
 

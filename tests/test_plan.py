@@ -166,3 +166,80 @@ def test_a_budget_that_cannot_hold_one_epoch_says_the_epoch_time(tmp_path):
     slow = plan.fixed_machine(train_ips_128=0.05, eval_ips_128=0.2)
     with pytest.raises(PixelsegError, match=r"--time-budget 30s cannot hold one epoch: one epoch takes about \d+s"):
         plan.make_plan(fp_of(write_folder(tmp_path / "d")), slow, 30)
+
+
+def _split_folder(root, train_names, val_names, size=32):
+    """A folder dataset with its own split: images/{train,val}/ + masks/{train,val}/."""
+    rng = np.random.default_rng(0)
+    for split, names in (("train", train_names), ("val", val_names)):
+        for d in ("images", "masks"):
+            (root / d / split).mkdir(parents=True)
+        for n in names:
+            mask = np.zeros((size, size), np.uint8)
+            mask[4:12, 4:12] = 1
+            Image.fromarray((rng.integers(0, 255, (size, size, 3))).astype(np.uint8)).save(
+                root / "images" / split / f"{n}.png")
+            Image.fromarray(mask).save(root / "masks" / split / f"{n}.png")
+    return root
+
+
+def test_val_group_only_where_val_is_carved_out_of_train_else_the_shared_sequences_note(tmp_path):
+    # defect 6: a dataset with its own val split (val/ sub-folders) gets no val_group (it would do nothing
+    # there), but the note that its official split shares sequences between train and val
+    seqs = [f"seq{s}_{f:04d}" for s in range(4) for f in range(6)]
+    root = _split_folder(tmp_path / "own", [n for n in seqs if int(n[-1]) < 4], [n for n in seqs if int(n[-1]) >= 4])
+    p = plan.make_plan(fp_of(root), FAST, 600)
+    assert "val_group" not in p.choices
+    assert any("official split shares sequences seq0, seq1, seq2" in n for n in p.notes)
+    assert "# note: the official split shares sequences" in plan.to_yaml(p)
+    # the same names with val carved out of train (no val/): val_group, as before
+    carved = plan.make_plan(fp_of(write_folder(tmp_path / "c", names="seq{seq}_{frame:04d}")), FAST, 600)
+    assert carved.choices["val_group"].value == "prefix" and carved.notes == []
+    assert carved.fingerprint.val_carved and not p.fingerprint.val_carved
+
+
+def _save_image(path, arr):
+    if path.suffix == ".tif":
+        import tifffile
+        tifffile.imwrite(path, arr)
+    else:
+        Image.fromarray(arr).save(path)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("first_grey_then_rgb", 3),   # 8-bit grey first, RGB after: read as RGB (the plan used to say 1)
+    ("all_grey8", 3),             # 8-bit grey is read as RGB: the docs promise in_channels only for 16-bit/multi-band
+    ("all_grey16", 1),            # 16-bit grey: one channel
+    ("multiband", 4),             # 4-band rasters: four (the fingerprint used to fail reading them as RGB)
+])
+def test_in_channels_decided_from_every_sampled_image(tmp_path, kind, expected):
+    root = write_folder(tmp_path / "d", n=12, size=32, obj=8)
+    rng = np.random.default_rng(1)
+    for i, path in enumerate(sorted((root / "images").iterdir())):
+        if kind == "first_grey_then_rgb" and i > 0:
+            continue
+        path.unlink()
+        if kind in ("first_grey_then_rgb", "all_grey8"):
+            _save_image(path, rng.integers(0, 255, (32, 32), dtype=np.uint8))
+        elif kind == "all_grey16":
+            Image.fromarray(rng.integers(0, 65535, (32, 32)).astype(np.uint16)).save(path)
+        else:
+            _save_image(path.with_suffix(".tif"), rng.integers(0, 65535, (32, 32, 4)).astype(np.uint16))
+    p = plan.make_plan(fp_of(root), FAST, 600)
+    assert p.fingerprint.channels == expected
+    assert p.choices["in_channels"].value == expected if expected != 3 else "in_channels" not in p.choices
+    cfg = config.resolve_config(p.overrides() | {"run_dir": str(tmp_path / "r")})
+    from pixelseg.data.io import read_input
+    for path in (root / "images").iterdir():  # every image reads with the planned count
+        assert read_input(path, cfg["in_channels"]).shape[2] == expected
+
+
+def test_images_that_need_different_channel_counts_are_one_line(tmp_path):
+    import tifffile
+    root = write_folder(tmp_path / "d", n=6, size=32, obj=8)
+    rng = np.random.default_rng(2)
+    for i, path in enumerate(sorted((root / "images").iterdir())):
+        path.unlink()
+        tifffile.imwrite(path.with_suffix(".tif"), rng.integers(0, 255, (32, 32, 4 if i % 2 else 1), dtype=np.uint8))
+    with pytest.raises(PixelsegError, match=r"need different channel counts \(img\d\.tif: 1, img\d\.tif: 4\)"):
+        fp_of(root)
