@@ -756,6 +756,7 @@ def train_auto(options: dict, probe: Machine | None = None) -> dict:
     if options.get("resume"):
         raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "
                             "(config.yaml, plan.yaml); drop --auto to continue it")
+    t_plan = time.time()  # the fingerprint and the speed probe are part of the run's time and --time-budget
     plan = plan_from_options(options, probe)
     overrides = {**plan.overrides(), **options}  # the user's options win (the plan has recorded them)
     if not overrides.get("run_dir"):
@@ -771,7 +772,7 @@ def train_auto(options: dict, probe: Machine | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "plan.yaml", text)  # written first: a user can read it while the run trains
     try:
-        return train(overrides)
+        return train(overrides, spent_s=time.time() - t_plan)
     except BaseException:
         if created and not (run_dir / "config.yaml").exists():  # the run never started: leave nothing behind
             (run_dir / "plan.yaml").unlink(missing_ok=True)

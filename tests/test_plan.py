@@ -110,12 +110,26 @@ def test_user_options_win_and_the_plan_records_them(tmp_path):
 
 
 def test_train_auto_saves_the_plan_and_records_the_overrides(tmp_path):
+    import json
+    import time
+    slept = []
+
+    def slow_speed(model, backbone, size_hw, batch):  # a probe that takes a second (a sleep: a lower bound)
+        if not slept:
+            time.sleep(1.0)
+            slept.append(1)
+        return FAST.speed(model, backbone, size_hw, batch)
+    probe = plan.Machine("cpu", 16.0, "fp32", slow_speed, 2, read_s_per_image=0.01)
     root = write_folder(tmp_path / "d", n=12, size=32, obj=8)
     run = tmp_path / "run"
     summary = plan.train_auto({"dataset": "folder", "data_root": str(root), "epochs": 1, "image_size": 32,
-                               "run_dir": str(run), "precise_bn": 0, "figure_samples": 0,
-                               "scale_range": [0.8, 1.25]}, FAST)  # needs --crop, which the plan sets
+                               "run_dir": str(run), "precise_bn": 0, "figure_samples": 0, "time_budget": 600,
+                               "scale_range": [0.8, 1.25]}, probe)  # needs --crop, which the plan sets
     assert summary["run_dir"] == str(run)
+    # defect 15: the fingerprint and the speed probe are part of the run's --time-budget
+    s = json.loads((run / "summary.json").read_text())
+    assert s["time_s"]["planning"] >= 1.0
+    assert s["time_used_s"] >= s["time_s"]["planning"] + s["time_s"]["setup"] + s["time_s"]["train"]
     saved = (run / "plan.yaml").read_text()
     assert "# overridden by you: image_size, scale_range, epochs" in saved
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -243,3 +257,4 @@ def test_images_that_need_different_channel_counts_are_one_line(tmp_path):
         tifffile.imwrite(path.with_suffix(".tif"), rng.integers(0, 255, (32, 32, 4 if i % 2 else 1), dtype=np.uint8))
     with pytest.raises(PixelsegError, match=r"need different channel counts \(img\d\.tif: 1, img\d\.tif: 4\)"):
         fp_of(root)
+
