@@ -39,6 +39,14 @@ RARE_FREQ = 0.15            # a class under this share of the pixels is "rare": 
                             # uses CE+Dice everywhere; thin classes such as borders gain most)
 IMBALANCE = 10.0            # max/min class frequency above this: median-frequency class weights
 DEFAULT_BUDGET_S = 15 * 60  # what the plan assumes when no --time-budget is given
+CACHE_MEMORY_SHARE = 0.4    # the decoded training split (--crop caches source resolution) may take this share of
+                            # the host's RAM: the mmap store is read through the page cache, which must hold it
+TRAIN_MEMORY_SHARE = {"cpu": 0.5, "gpu": 0.8}  # of the device's memory for one training step (weights, Adam
+                            # state, activations); a CPU's RAM also holds the cache and the data workers
+RESIZE_S_PER_MPX = 0.02     # seconds to rescale one megapixel of a cached uint8 image (antialiased, one core),
+                            # where the probe does not measure it (fixed_machine)
+ACT_PER_PX, PARAMS = 476, 6.5e6  # U-Net/MobileNetV2's saved activations per input pixel (sum of its layers'
+                            # outputs) and parameters, where the probe does not measure them (fixed_machine)
 SEQUENCE = r"^(.*?)[-_. ]*\d+$"               # = data.folder.PREFIX_GROUP: frame/slice number at the end
 TILE = r"^(.*?)[-_. ]*(?:r|row|y)?\d+[-_. ]+(?:c|col|x)?\d+$"  # two trailing numbers: tiles of one image
 
@@ -281,6 +289,52 @@ class Machine:
     speed: Callable
     cores: int = 1
     read_s_per_image: float | None = None  # decode time per image; None: as measured by the fingerprint
+    host_memory_gb: float | None = None    # RAM, for the decoded cache; None: memory_gb (a CPU's own)
+    resize_s: Callable | None = None       # (cached (h, w), crop (h, w)) -> s to rescale + crop one image; None:
+                                           # RESIZE_S_PER_MPX of the cached size
+    train_gb: Callable | None = None       # (model, backbone, (h, w), micro-batch) -> GB one step needs; None:
+                                           # U-Net/MobileNetV2's constants (ACT_PER_PX, PARAMS)
+
+    @property
+    def ram_gb(self) -> float:
+        return self.host_memory_gb if self.host_memory_gb is not None else self.memory_gb
+
+    def resize_seconds(self, src_hw, crop_hw) -> float:
+        if self.resize_s is not None:
+            return self.resize_s(tuple(src_hw), tuple(crop_hw))
+        return RESIZE_S_PER_MPX * src_hw[0] * src_hw[1] / 1e6
+
+    def step_gb(self, model: str, backbone: str, hw, batch: int) -> float:
+        if self.train_gb is not None:
+            return self.train_gb(model, backbone, tuple(hw), batch)
+        return train_memory_gb(ACT_PER_PX, PARAMS, hw, batch, self.precision)
+
+
+def train_memory_gb(act_per_px: float, params: float, hw, batch: int, precision: str) -> float:
+    """One training step's memory: fp32 weights, gradients and Adam's two moments (16 bytes a parameter)
+    plus the activations autograd keeps (4 bytes each in float32, about 2 under bf16/fp16 autocast)."""
+    act_bytes = 4 if "32" in str(precision) else 2
+    return (16 * params + act_bytes * act_per_px * hw[0] * hw[1] * batch) / 2 ** 30
+
+
+def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tuple[float, float]:
+    """(activations per input pixel, parameters) of a model: the outputs of its layers on a 64×64 input,
+    the tensors autograd keeps for the backward pass (in-place ones counted too: an upper bound)."""
+    import torch
+    from .models import create_model
+    m = create_model(model, backbone=backbone, num_classes=2, weights=None, in_channels=in_channels)
+    total = [0]
+
+    def hook(_mod, _inp, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel()
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if not list(mod.children())]
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(1, in_channels, 64, 64))
+    for h in handles:
+        h.remove()
+    return total[0] / (64 * 64), float(sum(p.numel() for p in m.parameters()))
 
 
 def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: int, num_classes: int = 2,
@@ -339,8 +393,30 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
     else:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
         name = "cpu"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     measured: dict = {}
+    resized: dict = {}
+    weighed: dict = {}
+
+    def resize_s(src_hw, crop_hw):  # the training transform on a cached image of this size, best of 3
+        if (src_hw, crop_hw) not in resized:
+            from .data.augment import build_train_transform
+            tf = build_train_transform(crop_hw, scale=ZOOM, crop=True)
+            img = torch.randint(0, 256, (3, *src_hw), dtype=torch.uint8)
+            mask = torch.zeros(src_hw, dtype=torch.uint8)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                tf(img, mask)
+                times.append(time.perf_counter() - t0)
+            resized[(src_hw, crop_hw)] = min(times)
+        return resized[(src_hw, crop_hw)]
+
+    def train_gb(model, backbone, size_hw, batch):
+        if (model, backbone) not in weighed:
+            weighed[(model, backbone)] = activations_per_pixel(model, backbone)
+        return train_memory_gb(*weighed[(model, backbone)], size_hw, batch, str(amp or torch.float32))
 
     def speed(model, backbone, size_hw, batch):
         key = (model, backbone)
@@ -351,16 +427,18 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
         f = (h0 * w0) / (size_hw[0] * size_hw[1])
         return tr * f, ev * f
     return Machine(f"{dev}" + (f" ({name})" if dev.type == "cuda" else ""), round(mem, 1),
-                   str(amp or torch.float32).replace("torch.", ""), speed, cores)
+                   str(amp or torch.float32).replace("torch.", ""), speed, cores, host_memory_gb=round(ram, 1),
+                   resize_s=resize_s, train_gb=train_gb)
 
 
 def fixed_machine(train_ips_128: float = 20.0, eval_ips_128: float = 80.0, device: str = "cpu",
-                  memory_gb: float = 16.0) -> Machine:
-    """A probe that measures nothing: speed at 128×128 scaled by pixels (tests; planning for another box)."""
+                  memory_gb: float = 16.0, host_memory_gb: float | None = None) -> Machine:
+    """A probe that measures nothing: speed at 128×128 scaled by pixels, rescaling at RESIZE_S_PER_MPX and
+    memory from U-Net/MobileNetV2's constants (tests; planning for another box)."""
     def speed(model, backbone, size_hw, batch):
         f = 128 * 128 / (size_hw[0] * size_hw[1])
         return train_ips_128 * f, eval_ips_128 * f
-    return Machine(device, memory_gb, "fp32", speed, 2, read_s_per_image=0.01)
+    return Machine(device, memory_gb, "fp32", speed, 2, read_s_per_image=0.01, host_memory_gb=host_memory_gb)
 
 
 # ---- rules ---------------------------------------------------------------------------------------------
@@ -408,14 +486,80 @@ def _smallest_object(fp: Fingerprint) -> tuple[float | None, str]:
 
 
 def epoch_seconds(fp: Fingerprint, machine: Machine, model: str, backbone: str, hw, batch: int,
-                  crop: bool) -> float:
-    """Training + PreciseBN + validation + epoch-end writes; crops cost extra CPU in the data workers."""
+                  crop: bool, scale_hi: float = ZOOM[1]) -> float:
+    """Training + PreciseBN + validation + epoch-end writes; crops cost extra CPU in the data workers, and
+    each training image is rescaled from its cached size (choose_cache) every step."""
     tr, ev = machine.speed(model, backbone, hw, batch)
     data = 1.25 if crop and machine.device.startswith("cpu") else 1.0
-    return fp.n_train / tr * data + (fp.n_val + 4 * batch) / ev + 2.0
+    train_s = fp.n_train / tr * data
+    rescale_s = rescale_seconds(fp, machine, hw, scale_hi)[0] if crop else 0.0
+    if machine.device.startswith("cpu"):  # the workers share the cores with the training
+        train_s += rescale_s / max(1, machine.cores)
+    else:  # the workers run beside the GPU; it waits only for what they cannot keep up with
+        train_s = max(train_s, rescale_s / max(1, min(machine.cores, 8)))
+    return train_s + (fp.n_val + 4 * batch) / ev + 2.0
 
 
-def choose_size(fp, machine, budget_s, model, backbone, batch, crop) -> tuple[tuple[int, int], str, float]:
+def rescale_seconds(fp: Fingerprint, machine: Machine, hw, scale_hi: float = ZOOM[1]) -> tuple[float, tuple]:
+    """(one core's seconds per epoch to rescale + crop every training image from the --crop cache, the
+    median cached (h, w)), with the cache side choose_cache plans for this input size."""
+    src = choose_cache(fp, machine, hw, scale_hi)[2]
+    return fp.n_train * machine.resize_seconds(src, hw), src
+
+
+def _gb(x: float) -> str:
+    return f"{x * 1024:.0f} MB" if x < 1 else f"{x:.1f} GB"
+
+
+def _cache_bytes_per_px(fp: Fingerprint) -> int:
+    """Decoded bytes per pixel: uint8 RGB + mask, or float32 bands + mask (read_input)."""
+    return fp.channels + 1 if fp.channels == 3 and fp.bit_depth <= 8 else 4 * fp.channels + 1
+
+
+def choose_cache(fp: Fingerprint, machine: Machine, hw, scale_hi: float = ZOOM[1]) -> tuple[int | None, str, tuple]:
+    """--cache-max-side for --crop (which caches source resolution): what the random rescale can use (a
+    shorter side of up to scale_hi × the input's, at the data's widest aspect), lowered until the decoded
+    training split fits CACHE_MEMORY_SHARE of the RAM. Returns (side or None, reason, median cached (h, w))."""
+    a = np.array(fp.sizes_hw, float)
+    longs = a.max(1)
+    aspect = float((longs / a.min(1)).max())
+    need = 32 * math.ceil(scale_hi * min(hw) * aspect / 32)
+    bpp, ram = _cache_bytes_per_px(fp), machine.ram_gb
+    limit = CACHE_MEMORY_SHARE * ram * 2 ** 30
+
+    def cached(side):
+        return a if side is None else a * np.minimum(1.0, side / longs)[:, None]
+
+    def gb(side):
+        return fp.n_train * float(np.mean(np.prod(cached(side), 1))) * bpp / 2 ** 30
+
+    def median(side):
+        c = cached(side)
+        return int(np.median(c[:, 0])), int(np.median(c[:, 1]))
+    share = f"{100 * CACHE_MEMORY_SHARE:.0f}% of the {ram:g} GB RAM"
+    full = gb(None)
+    if longs.max() <= need and full * 2 ** 30 <= limit:
+        return None, (f"none: the training images (longest side {longs.max():.0f} px) are cached as they are, "
+                      f"~{_gb(full)} decoded (within {share}); rescale + crop never needs more"), median(None)
+    side = min(need, 32 * math.ceil(longs.max() / 32))
+    floor = 32 * math.ceil(max(hw) / 32)
+    while gb(side) * 2 ** 30 > limit and side > floor:
+        side = max(floor, side - 32)
+    why = (f"{side}: the cache keeps source resolution for random rescale + crop, which needs at most a shorter "
+           f"side of {scale_hi:g} × {min(hw)} px (aspect up to {aspect:.2f}, longer side {need}); the sources "
+           f"(longest side {longs.max():.0f} px) would take ~{_gb(full)} decoded, capped ~{_gb(gb(side))}")
+    if side < need:
+        why += f", lowered from {need} to fit {share}: zoomed-in crops are upsampled"
+    else:
+        why += f" (within {share})"
+    if gb(side) * 2 ** 30 > limit:
+        why += (f"; even at {side} it exceeds {share}: give --cache none (decode every epoch) or a machine "
+                "with more memory")
+    return side, why, median(side)
+
+
+def choose_size(fp, machine, budget_s, model, backbone, batch, crop,
+                scale_hi: float = ZOOM[1]) -> tuple[tuple[int, int], str, float]:
     """The smallest ladder size at which the smallest objects stay >= MIN_OBJECT_PX, raised while the
     budget still holds MIN_EPOCHS at the larger size, lowered (never below visibility) while it does not."""
     h, w = fp.median_hw
@@ -431,7 +575,7 @@ def choose_size(fp, machine, budget_s, model, backbone, batch, crop) -> tuple[tu
     start = max(fits[0] if fits else ladder[-1], floor)
 
     def epochs_at(s):
-        return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop)
+        return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop, scale_hi)
     i = ladder.index(start)
     while i > 0 and epochs_at(ladder[i]) < MIN_EPOCHS and ladder[i - 1] >= floor:
         i -= 1
@@ -455,8 +599,31 @@ def choose_batch(fp: Fingerprint, machine: Machine) -> tuple[int, int, str]:
         batch *= 2
     steps = math.ceil(fp.n_train / batch)
     return batch, 1, (f"{batch}: {steps} optimiser steps per epoch from {fp.n_train} training images (>= "
-                      f"{MIN_STEPS_PER_EPOCH} wanted), at most {cap} on {machine.device.split(' ')[0]}; "
-                      "no accumulation: it fits memory")
+                      f"{MIN_STEPS_PER_EPOCH} wanted), at most {cap} on {machine.device.split(' ')[0]}")
+
+
+def choose_accumulate(machine: Machine, model: str, backbone: str, hw, batch: int) -> tuple[int, str]:
+    """Gradient accumulation only where a step of ``batch`` at ``hw`` would not fit TRAIN_MEMORY_SHARE of the
+    device's memory (estimated: weights, Adam state, activations): micro-batches of batch / accumulate, the
+    same optimiser steps."""
+    cpu = machine.device.startswith("cpu")
+    limit = TRAIN_MEMORY_SHARE["cpu" if cpu else "gpu"] * machine.memory_gb
+    where = f"{100 * TRAIN_MEMORY_SHARE['cpu' if cpu else 'gpu']:.0f}% of the {machine.memory_gb:g} GB " + (
+        "RAM" if cpu else "GPU memory")
+    size = f"{hw[0]}×{hw[1]}"
+    micro, acc = batch, 1
+    need = machine.step_gb(model, backbone, hw, batch)
+    while machine.step_gb(model, backbone, hw, micro) > limit and micro > 1 and micro % 2 == 0:
+        micro, acc = micro // 2, acc * 2
+    got = machine.step_gb(model, backbone, hw, micro)
+    if acc == 1:
+        why = f"no accumulation: a batch of {batch} at {size} needs ~{_gb(need)} (estimated), within {where}"
+    else:
+        why = (f"a batch of {batch} at {size} would need ~{_gb(need)} (estimated), over {where}: {acc} "
+               f"micro-batches of {micro} (~{_gb(got)}) make the same optimiser steps")
+    if got > limit:
+        why += f"; even a micro-batch of {micro} needs ~{_gb(got)}: lower --image-size or use a lighter model"
+    return acc, why
 
 
 def choose_loss(fp: Fingerprint) -> list[tuple[str, object, str]]:
@@ -548,18 +715,24 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     # later rules depend on earlier choices: they see the user's value where one was given
     model = user.get("model", c["model"].value)
     backbone = user.get("backbone", c["backbone"].value)
-    batch, accumulate, batch_why = choose_batch(fp, machine)
+    batch, _, batch_why = choose_batch(fp, machine)
     eff_batch = int(user.get("batch_size", batch))
     crop = bool(user.get("crop", True))
-    hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop)
+    scale_hi = float(config.parse_value("scale_range", user["scale_range"])[1]) if user.get("scale_range") \
+        else ZOOM[1]
+    hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop, scale_hi)
     put("image_size", f"{hw[0]}x{hw[1]}" if hw[0] != hw[1] else hw[0], size_why)
     if "image_size" in user:
         hw = sizes.size_hw(user["image_size"])
     for key, value, why in choose_augmentation(fp, obj_px):
         put(key, value, why)
+    if crop:  # --crop caches source resolution: bound it to what the crops use and what memory holds
+        side, cache_why, _ = choose_cache(fp, machine, hw, scale_hi)
+        put("cache_max_side", side, cache_why)
     put("batch_size", batch, batch_why)
-    put("accumulate", accumulate, "one optimiser step per batch")
-    epoch_s = epoch_seconds(fp, machine, model, backbone, hw, eff_batch, crop)
+    accumulate, acc_why = choose_accumulate(machine, model, backbone, hw, eff_batch)
+    put("accumulate", accumulate, acc_why)
+    epoch_s = epoch_seconds(fp, machine, model, backbone, hw, eff_batch, crop, scale_hi)
     read_s = fp.read_s_per_image if machine.read_s_per_image is None else machine.read_s_per_image
     first_epoch_extra = read_s * (fp.n_train + fp.n_val)  # decoding into the cache, once
     epochs = int((0.95 * budget - first_epoch_extra) // epoch_s)

@@ -258,3 +258,56 @@ def test_images_that_need_different_channel_counts_are_one_line(tmp_path):
     with pytest.raises(PixelsegError, match=r"need different channel counts \(img\d\.tif: 1, img\d\.tif: 4\)"):
         fp_of(root)
 
+
+
+def synthetic_fp(n_train=400, hw=(4000, 6000), n_val=100):
+    """A fingerprint without files: ``n_train`` photos of ``hw`` with one mid-sized class."""
+    return plan.Fingerprint(
+        dataset="folder", n_train=n_train, n_val=n_val, sampled=120, sizes_hw=[hw] * min(n_train, 1000), channels=3,
+        bit_depth=8, mean=[0.5] * 3, std=[0.2] * 3, class_names=["bg", "thing"], pixel_freq=[0.8, 0.2],
+        image_freq=[1.0, 1.0], object_scale=[0.9, 0.2], up_asymmetry=0.2, side_asymmetry=0.01,
+        train_names=[f"p{i}" for i in range(n_train)], val_names=[], val_group_option=True, val_carved=True)
+
+
+def test_crop_plans_a_cache_side_that_fits_memory_and_the_epoch_estimate_pays_the_rescale():
+    # defect 14: 400 photos of 6000×4000 would cache ~36 GB at source resolution; --crop only ever uses a
+    # shorter side of 1.5 × the input's, so the plan caps the cache there (and lower where RAM is short)
+    fp = synthetic_fp()
+    p = plan.make_plan(fp, FAST, 600)
+    hw = sizes.size_hw(p.choices["image_size"].value)
+    side = p.choices["cache_max_side"].value
+    assert p.choices["crop"].value is True and side is not None
+    assert side == 32 * -(-1.5 * min(hw) * 1.5 // 32)  # hi 1.5 × the shorter side, at aspect 1.5, up to 32
+    assert "would take ~35.8 GB decoded" in p.choices["cache_max_side"].reason
+    cached_gb = 400 * side * (side / 1.5) * 4 / 2 ** 30
+    assert cached_gb <= plan.CACHE_MEMORY_SHARE * 16
+    small = plan.make_plan(fp, plan.fixed_machine(400.0, 1600.0, memory_gb=16.0, host_memory_gb=0.5), 600,
+                           {"image_size": p.choices["image_size"].value})
+    low = small.choices["cache_max_side"].value
+    assert max(hw) <= low < side and "lowered from" in small.choices["cache_max_side"].reason
+    assert 400 * low * (low / 1.5) * 4 / 2 ** 30 <= plan.CACHE_MEMORY_SHARE * 0.5
+    # the epoch estimate pays for rescaling each cached image (from the capped size): the same count of
+    # photos at the input size is cheaper by exactly that
+    args = (FAST, "unet", "mobilenet_v2", hw, 16, True)
+    assert plan.rescale_seconds(fp, FAST, hw)[1] == (side * 2 // 3, side)
+    big_s, small_s = plan.epoch_seconds(fp, *args), plan.epoch_seconds(synthetic_fp(hw=hw), *args)
+    extra = 400 * plan.RESIZE_S_PER_MPX * (side * (side * 2 // 3) - hw[0] * hw[1]) / 1e6 / FAST.cores
+    assert extra > 0 and big_s - small_s == pytest.approx(extra)
+    # images no larger than what the crops use are cached as they are; without --crop no cache side
+    assert plan.make_plan(synthetic_fp(hw=(128, 128)), FAST, 600).choices["cache_max_side"].value is None
+    assert "cache_max_side" not in plan.make_plan(fp, FAST, 600, {"crop": False}).choices
+
+
+def test_accumulation_only_where_the_batch_does_not_fit_memory():
+    # suspected defect: "no accumulation: it fits memory" was said without looking at memory
+    fp = synthetic_fp(n_train=2000, hw=(512, 512))
+    roomy = plan.make_plan(fp, plan.fixed_machine(400.0, 1600.0, memory_gb=64.0), 3600, {"image_size": 512})
+    assert roomy.choices["accumulate"].value == 1 and "within 50% of the 64 GB RAM" in roomy.choices["accumulate"].reason
+    # a batch of 16 at 512×512 needs ~7.5 GB here (U-Net/MobileNetV2's activations): a 4 GB machine accumulates
+    tight = plan.make_plan(fp, plan.fixed_machine(400.0, 1600.0, memory_gb=4.0), 3600, {"image_size": 512})
+    acc, batch = tight.choices["accumulate"].value, tight.choices["batch_size"].value
+    assert batch == 16 and acc > 1 and batch % acc == 0
+    assert tight.fingerprint is fp and "over 50% of the 4 GB RAM" in tight.choices["accumulate"].reason
+    assert plan.fixed_machine(memory_gb=4.0).step_gb("unet", "mobilenet_v2", (512, 512), batch // acc) <= 2.0
+    assert plan.fixed_machine(memory_gb=4.0).step_gb("unet", "mobilenet_v2", (512, 512), 2 * batch // acc) > 2.0
+    config.resolve_config(tight.overrides() | {"run_dir": "r", "data_root": "x"})  # batch divides by accumulate
