@@ -37,8 +37,8 @@ VARIANTS: dict[str, list[str]] = {
     # discriminative: the encoder at a tenth of the decoder's lr
     "full_lr0.1": LITE0 + ["--freeze-encoder", "no", "--encoder-lr-mult", "0.1"],
     # ... with the encoder's BatchNorm kept on its ImageNet statistics
-    "full_lr0.1_bn": LITE0 + ["--freeze-encoder", "no", "--encoder-lr-mult", "0.1", "--freeze-encoder-bn", "yes"],
-    "full_bn": LITE0 + ["--freeze-encoder", "no", "--encoder-lr-mult", "1", "--freeze-encoder-bn", "yes"],
+    "full_lr0.1_bn": LITE0 + ["--freeze-encoder", "no", "--encoder-lr-mult", "0.1", "--freeze-encoder-bn"],
+    "full_bn": LITE0 + ["--freeze-encoder", "no", "--encoder-lr-mult", "1", "--freeze-encoder-bn"],
     # the previous main job: the tutorial's MobileNetV2, from scratch
     "scratch": ["--backbone", "mobilenet_v2", "--weights", "none"],
 }
@@ -67,7 +67,7 @@ def run(name: str, extra: list[str], out_dir: Path) -> dict:
     history = json.loads((run_dir / "metrics.json").read_text())
     rows = history if isinstance(history, list) else history.get("epochs", [])
     best = max(rows, key=lambda r: r["val_miou"]) if rows else {}
-    return {"variant": name, "best_test_miou": summary.get("best_miou"), "best_epoch": best.get("epoch"),
+    return {"variant": name, "best_test_miou": summary.get("best_val_miou"), "best_epoch": best.get("epoch"),
             "last_test_miou": rows[-1]["val_miou"] if rows else None, "wall_s": round(wall, 1),
             "cmd": "pixelseg " + " ".join(cmd[3:])}
 
