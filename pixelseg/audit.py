@@ -45,6 +45,7 @@ KIND_COLORS = {"missing_label": (255, 215, 0), "wrong_class": (255, 0, 255), "sp
                "boundary": (255, 120, 0)}
 BOUNDARY_SHARE = 0.9          # a region this much inside the band along a labelled edge is a boundary error
 FORMATS = ("auto", "coco", "cvat", "labelstudio", "yolo", "none")
+REVIEW_MAX_REGIONS = 25       # per image in review/, heaviest first: a reviewer fixes the big ones, then re-audits
 
 
 # ---- the scoring core: probabilities + labels -> thresholds, suspects, score ------------------------
@@ -57,11 +58,18 @@ class Suspect:
     bbox: list                 # x, y, w, h in pixels
     confidence: float          # mean p_suggested over the region
     margin: float              # mean p_suggested - p_given
-    rle: dict = field(repr=False, default=None)   # COCO RLE of the region's pixels
+    crop: np.ndarray = field(repr=False, default=None)   # the region's pixels within its bbox
 
     @property
     def mass(self) -> float:
         return self.margin * self.area
+
+    def mask(self, h: int, w: int) -> np.ndarray:
+        """The region as an H×W bool mask (kept as a bbox crop: an image may have hundreds of regions)."""
+        x, y, bw, bh = self.bbox
+        out = np.zeros((h, w), bool)
+        out[y:y + bh, x:x + bw] = self.crop
+        return out
 
 
 class Thresholds:
@@ -122,7 +130,6 @@ def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, 
                   ignore_index: int = 255, band: int | None = None, min_area: int | None = None) -> list[Suspect]:
     """The suspect regions of one image (module doc, steps 3-4); probs C×H×W, label H×W."""
     import cv2
-    from .labels.rle import coco_rle_encode
     c, h, w = probs.shape
     band = default_band(h, w) if band is None else band
     min_area = default_min_area(h, w) if min_area is None else min_area
@@ -136,9 +143,10 @@ def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, 
     p_sugg = np.take_along_axis(probs, np.maximum(conf, 0)[None], 0)[0]
     dist = edge_distance(label)
     out = []
-    pairs = np.unique(np.stack([label[issue], conf[issue]]), axis=1).T
-    for g, s in pairs:
-        m = issue & (label == g) & (conf == s)
+    code = label.astype(np.int64) * c + conf        # one int per (given, suggested) pair
+    for pair in np.flatnonzero(np.bincount(code[issue], minlength=1)):
+        g, s = divmod(int(pair), c)
+        m = issue & (code == pair)
         n, comps, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
         for k in range(1, n):
             x, y, bw, bh, area = (int(v) for v in stats[k])
@@ -154,10 +162,8 @@ def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, 
                 kind = "spurious_label"
             else:
                 kind = "wrong_class"
-            full = np.zeros((h, w), bool)
-            full[sl] = comp
             out.append(Suspect(kind, int(g), int(s), area, [x, y, bw, bh], float(p_sugg[sl][comp].mean()),
-                               float((p_sugg[sl][comp] - p_given[sl][comp]).mean()), coco_rle_encode(full)))
+                               float((p_sugg[sl][comp] - p_given[sl][comp]).mean()), comp))
     out.sort(key=lambda r: -r.mass)
     return out
 
@@ -468,7 +474,6 @@ def _write_tables(report: dict, out: Path) -> list[Path]:
 def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.ndarray:
     """Three panels: image + label, image + held-out prediction, image with the suspects outlined by kind."""
     import cv2
-    from .labels.rle import coco_rle_decode
     from .viz import overlay, rgb_view
     img = image if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 else rgb_view(image)
     h, w = target.shape
@@ -480,7 +485,7 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
     c = (img.astype(np.float32) * 0.7).astype(np.uint8).copy()
     c = cv2.resize(c, size, interpolation=cv2.INTER_AREA)
     for r in suspects:
-        m = cv2.resize(coco_rle_decode(r.rle, h, w).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        m = cv2.resize(r.mask(h, w).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(c, contours, -1, KIND_COLORS[r.kind], 2)
     panels = [cv2.resize(a, size, interpolation=cv2.INTER_AREA), cv2.resize(b, size, interpolation=cv2.INTER_AREA), c]
@@ -536,17 +541,25 @@ def _safe(name: str) -> str:
 def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int) -> list:
     """Suspects as pre-annotation Regions: labelled with the class the model suggests, or, where it suggests
     background (a spurious label), with the labelled class, so the tool shows what to delete; kind, given and
-    suggested classes ride along as attributes."""
+    suggested classes ride along as attributes. Holes are filled: a review region marks where to look."""
+    import cv2
     from .labels.write import Region, mask_polygons
-    from .labels.rle import coco_rle_decode, coco_rle_encode
+    from .labels.rle import coco_rle_encode
     regions = []
-    for r in sus:
+    for r in sus[:REVIEW_MAX_REGIONS]:
         label = r.given if r.suggested in bg else r.suggested
         if label in bg:   # background both ways cannot happen (they differ), but a tool has no label for it
             continue
         attrs = {"kind": r.kind, "given": src_names[r.given], "suggested": src_names[r.suggested]}
-        for poly, comp in mask_polygons(coco_rle_decode(r.rle, h, w), min_area=0) or []:
-            regions.append(Region(src_names[label], coco_rle_encode(comp), r.confidence, [poly], attributes=attrs))
+        x, y, bw, bh = r.bbox
+        crop = np.pad(r.crop, 1).astype(np.uint8)      # polygons of the crop, moved back into the image
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        crop = cv2.drawContours(np.zeros_like(crop), contours, -1, 1, -1) > 0
+        for poly, comp in mask_polygons(crop, min_area=0):
+            full = np.zeros((h, w), bool)
+            full[y:y + bh, x:x + bw] = comp[1:-1, 1:-1]
+            regions.append(Region(src_names[label], coco_rle_encode(full), r.confidence, [poly + [x - 1, y - 1]],
+                                  attributes=attrs))
     return regions
 
 

@@ -106,7 +106,7 @@ def test_each_corruption_gets_its_kind_and_place(audited):
         top = sus[i][0]                                              # the heaviest suspect region
         assert top.kind == kind, (i, how, [(s.kind, s.area) for s in sus[i]])
         changed = labels[i] != clean_mask(i)
-        region = coco_rle_decode(top.rle, H, W)
+        region = top.mask(H, W)
         iou = (region & changed).sum() / (region | changed).sum()
         assert iou > (0.4 if kind == "boundary" else 0.7), (i, iou)
     assert CLASSES[sus[8][0].given] == "dent" and CLASSES[sus[8][0].suggested] == "scratch"
