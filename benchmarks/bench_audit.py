@@ -53,7 +53,7 @@ def choose(names: list[str], rate: float, seed: int) -> dict[str, str]:
 def _shift_vector(rng, h: int, w: int) -> tuple[int, int]:
     a = rng.uniform(0, 2 * np.pi)
     d = 0.1 * min(h, w)
-    return int(round(d * np.cos(a))), int(round(d * np.sin(a)))
+    return round(d * np.cos(a)), round(d * np.sin(a))
 
 
 def _morph(mask: np.ndarray, px: int, grow: bool) -> np.ndarray:
@@ -218,7 +218,7 @@ def run(cmd: list[str], log: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print("$ " + shlex.join(cmd), flush=True)
     with open(log, "a") as f:
-        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
     if r.returncode:
         sys.exit(f"failed ({r.returncode}); see {log}")
 

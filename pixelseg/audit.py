@@ -341,32 +341,8 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
         # pass 1: each image through the model that held it out; logits kept at the training size (float16,
         # on disk), probabilities at the image's size feed the thresholds
         logits = np.lib.format.open_memmap(Path(tmp) / "logits.npy", "w+", np.float16, (len(src.entries), c, *size))
-        order = sorted(range(len(src.entries)), key=lambda i: (src.entries[i].fold or 0, i))
-        shapes: dict[int, tuple] = {}
-        bar = progress_bar(total=len(order), desc="audit: held-out predictions", unit="img", enabled=progress)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            groups: dict = {}
-            for i in chunk:
-                groups.setdefault(src.entries[i].fold, []).append(i)
-            for fold, idx in groups.items():
-                imgs, ok = [], []
-                for i in idx:
-                    img = _read(src, src.entries[i], skipped)
-                    if img is not None:
-                        imgs.append(img)
-                        ok.append(i)
-                if not ok:
-                    continue
-                p = predictor(fold)
-                lg = p.fn(torch.cat([p._input(img, size) for img in imgs])).float()
-                for j, i in enumerate(ok):
-                    logits[i] = lg[j].cpu().numpy().astype(np.float16)
-                    target = src.target(src.entries[i])
-                    _check_size(src.entries[i], imgs[j], target)
-                    shapes[i] = target.shape
-                    thresholds.add(_probs(logits[i], target.shape), target)
-            bar.update(len(chunk))
+        bar = progress_bar(total=len(src.entries), desc="audit: held-out predictions", unit="img", enabled=progress)
+        shapes = _held_out_pass(src, predictor, size, batch_size, logits, thresholds, skipped, bar)
         bar.close()
         if not shapes:
             raise PixelsegError(f"{src.run}: none of the {len(src.entries)} images could be read")
@@ -392,6 +368,38 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
             files += _write_review(src, records, fmt, made)
     report["files"] = [str(f) for f in files]
     return report
+
+
+def _held_out_pass(src: Source, predictor, size, batch_size: int, logits, thresholds: Thresholds, skipped: list,
+                   bar) -> dict:
+    """Pass 1: each image through the model that held it out (batches of one fold); training-size logits
+    into `logits`, the image-size probabilities into the thresholds. Returns {entry index: (H, W)}."""
+    order = sorted(range(len(src.entries)), key=lambda i: (src.entries[i].fold or 0, i))
+    shapes: dict[int, tuple] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        groups: dict = {}
+        for i in chunk:
+            groups.setdefault(src.entries[i].fold, []).append(i)
+        for fold, idx in groups.items():
+            imgs, ok = [], []
+            for i in idx:
+                img = _read(src, src.entries[i], skipped)
+                if img is not None:
+                    imgs.append(img)
+                    ok.append(i)
+            if not ok:
+                continue
+            p = predictor(fold)
+            lg = p.fn(torch.cat([p._input(img, size) for img in imgs])).float()
+            for j, i in enumerate(ok):
+                logits[i] = lg[j].cpu().numpy().astype(np.float16)
+                target = src.target(src.entries[i])
+                _check_size(src.entries[i], imgs[j], target)
+                shapes[i] = target.shape
+                thresholds.add(_probs(logits[i], target.shape), target)
+        bar.update(len(chunk))
+    return shapes
 
 
 def _read(src: Source, e: Entry, skipped: list):
@@ -582,9 +590,9 @@ def _write_review(src: Source, records, fmt: str, out: Path) -> list[Path]:
 
 
 def format_summary(report: dict, top: int = 10) -> str:
-    lines = [f"audited {report['images']} images of {report['dataset']} "
-             f"({'each by the fold model that held it out' if report['held_out'] else 'by the model that trained on them: optimistic'}); "
-             f"{report['flagged']} with suspect regions",
+    how = ("each by the fold model that held it out" if report["held_out"] else
+           "by the model that trained on them: optimistic")
+    lines = [f"audited {report['images']} images of {report['dataset']} ({how}); {report['flagged']} with suspect regions",
              "thresholds (mean self-confidence per class): " + ", ".join(
                  f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in report["thresholds"].items()),
              f"{'rank':>4}  {'quality':>7}  {'regions':>7}  image"]

@@ -116,7 +116,7 @@ def test_each_corruption_gets_its_kind_and_place(audited):
 
 @pytest.mark.parametrize("fmt", ["coco", "cvat", "labelstudio"])
 def test_review_export_reads_back_through_the_format_reader(tmp_path, audited, fmt):
-    labels, _, _, sus, scores = audited
+    _, _, _, sus, scores = audited
     (tmp_path / "images").mkdir()
     bg = au.background_ids(CLASSES)
     items, want = [], {}
