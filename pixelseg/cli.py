@@ -1,4 +1,4 @@
-"""`pixelseg` command line: train, evaluate, predict, models, export, serve.
+"""`pixelseg` command line: train, evaluate, predict, models, export, serve, audit.
 
 User-fixable problems (PixelsegError) print one line and exit 2; anything else is a bug and keeps
 its traceback.
@@ -39,6 +39,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _add_export_parser(sub)
     _add_shards_parser(sub)
     _add_convert_parser(sub)
+    _add_audit_parser(sub)
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
                                   "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
@@ -189,6 +190,31 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="only the first N samples of each split")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard with --to shards (default: 1000)")
     _add_dataset_option_args(p)
+
+
+def _add_audit_parser(sub) -> None:
+    p = sub.add_parser("audit", help="find likely label errors in a run's training data (confident learning with "
+                                     "the held-out fold models of a --folds run)",
+                       description="Score every training image with the fold model that did not train on it, flag "
+                                   "regions where that model is confident in another class than the label (missing "
+                                   "label, wrong class, spurious label, boundary) and rank the images by label "
+                                   "quality. Writes audit.csv, audit.json, overlays/ of the top images and review/, "
+                                   "the suspects as pre-annotations in the dataset's format. See docs/labels.md.")
+    p.add_argument("run", help="a `pixelseg train --folds K` run directory (a plain run works, with a warning)")
+    p.add_argument("--out", help="output directory (default: RUN/audit)")
+    p.add_argument("--top", type=int, default=20, help="overlay PNGs for this many top-ranked images (default: 20)")
+    p.add_argument("--format", default="auto", choices=("auto", "coco", "cvat", "labelstudio", "yolo", "none"),
+                   help="review tasks: auto (default) = the dataset's own format (coco, cvat, labelstudio, yolo), "
+                        "coco for datasets of mask files; none: no export")
+    p.add_argument("--data-root", help="the dataset's directory, if it moved since training (default: the run's)")
+    p.add_argument("--band", type=int, help="width in pixels of the band along labelled edges whose suspects count "
+                                            "as boundary errors (default: 2%% of the image's longer side, >= 3)")
+    p.add_argument("--min-area", type=int, help="smallest suspect region in pixels (default: 0.025%% of the image, "
+                                                ">= 16)")
+    p.add_argument("--limit", type=int, help="only the first N images (a quick look)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
 
 
 def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
@@ -394,6 +420,17 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _run_audit(args) -> int:
+    from .audit import audit, format_summary
+    report = audit(args.run, args.out, top=args.top, fmt=args.format, data_root=args.data_root, device=args.device,
+                   precision=args.precision, band=args.band, min_area=args.min_area, limit=args.limit,
+                   batch_size=args.batch_size)
+    print(format_summary(report))
+    print(f"wrote {len(report['files'])} files to {Path(report['files'][0]).parent}: audit.csv, audit.json, "
+          "overlays/, review/")
+    return 0
+
+
 def _run_models(args) -> int:
     from .models import describe_models
     rows = describe_models()
@@ -409,4 +446,4 @@ def _run_models(args) -> int:
 
 _COMMANDS = {"plan": _run_plan, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
              "export": _run_export, "serve": _run_serve, "shards": _run_shards, "convert": _run_convert,
-             "models": _run_models}
+             "models": _run_models, "audit": _run_audit}

@@ -55,6 +55,7 @@ class Region:
     rle: dict                      # COCO RLE (str counts) of the region's pixels
     score: float
     polygons: list = field(default_factory=list)   # each N×2 float (x, y), pixel-corner coordinates
+    attributes: dict = field(default_factory=dict)  # name -> str, written where the format has them (audit)
 
 
 @dataclass
@@ -167,6 +168,8 @@ def write_coco(items: list[ImageRegions], labels: list[str], palette: dict, out:
             seg = [[round(float(v), 2) for v in p.ravel()] for p in r.polygons] if r.polygons else r.rle
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat[r.label], "segmentation": seg,
                          "area": _area(r.rle), "bbox": _bbox(r.rle), "iscrowd": 0, "score": round(r.score, 6)})
+            if r.attributes:
+                anns[-1]["attributes"] = dict(r.attributes)
     doc = {"info": {"description": "pixelseg pre-annotations"}, "images": images, "annotations": anns,
            "categories": [{"id": cat[n], "name": n, "supercategory": ""} for n in labels]}
     path = out / "annotations.coco.json"
@@ -178,8 +181,10 @@ def _hex(rgb) -> str:
     return "#" + "".join(f"{int(v):02x}" for v in rgb)
 
 
-def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out: Path, **_) -> list[Path]:
-    """CVAT for images 1.1 XML; shapes have source="auto" (CVAT's mark for machine-made shapes)."""
+def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out: Path,
+               attributes: dict | None = None, **_) -> list[Path]:
+    """CVAT for images 1.1 XML; shapes have source="auto" (CVAT's mark for machine-made shapes).
+    `attributes` (name -> values) are declared on every label, as CVAT needs before it imports them."""
     root = ET.Element("annotations")
     ET.SubElement(root, "version").text = "1.1"
     task = ET.SubElement(ET.SubElement(root, "meta"), "task")
@@ -191,18 +196,27 @@ def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out:
         ET.SubElement(lab, "name").text = n
         ET.SubElement(lab, "color").text = _hex(palette[n])
         ET.SubElement(lab, "type").text = "any"
-        ET.SubElement(lab, "attributes")
+        attrs = ET.SubElement(lab, "attributes")
+        for a_name, values in (attributes or {}).items():
+            a = ET.SubElement(attrs, "attribute")
+            ET.SubElement(a, "name").text = a_name
+            ET.SubElement(a, "mutable").text = "False"
+            ET.SubElement(a, "input_type").text = "select"
+            ET.SubElement(a, "default_value").text = values[0]
+            ET.SubElement(a, "values").text = "\n".join(values)
     for i, it in enumerate(items):
         im = ET.SubElement(root, "image", id=str(i), name=it.image.name, width=str(it.width), height=str(it.height))
         for r in it.regions:
             common = {"label": r.label, "source": "auto", "occluded": "0", "z_order": "0"}
             if r.polygons:
                 pts = ";".join(f"{x:.2f},{y:.2f}" for x, y in r.polygons[0])
-                ET.SubElement(im, "polygon", points=pts, **common)
+                shape = ET.SubElement(im, "polygon", points=pts, **common)
             else:
                 counts, left, top, width, height = cvat_rle_encode(coco_rle_decode(r.rle, it.height, it.width))
-                ET.SubElement(im, "mask", rle=", ".join(map(str, counts)), left=str(left), top=str(top),
-                              width=str(width), height=str(height), **common)
+                shape = ET.SubElement(im, "mask", rle=", ".join(map(str, counts)), left=str(left), top=str(top),
+                                      width=str(width), height=str(height), **common)
+            for a_name, value in r.attributes.items():
+                ET.SubElement(shape, "attribute", name=a_name).text = str(value)
     ET.indent(root)
     path = out / "annotations.xml"
     atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n")
@@ -242,6 +256,8 @@ def labelstudio_tasks(items: list[ImageRegions], model_version: str, image_url: 
         for k, r in enumerate(it.regions):
             base = {"id": f"r{k}", "from_name": LS_FROM, "to_name": LS_TO, "original_width": it.width,
                     "original_height": it.height, "image_rotation": 0, "score": round(r.score, 6)}
+            if r.attributes:   # Label Studio shows a region's meta text beside it
+                base["meta"] = {"text": [", ".join(f"{a}: {v}" for a, v in r.attributes.items())]}
             if r.polygons:
                 pts = (r.polygons[0] * [100.0 / it.width, 100.0 / it.height]).round(4).tolist()
                 result.append({**base, "type": "polygonlabels",
