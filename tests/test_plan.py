@@ -311,3 +311,31 @@ def test_accumulation_only_where_the_batch_does_not_fit_memory():
     assert plan.fixed_machine(memory_gb=4.0).step_gb("unet", "mobilenet_v2", (512, 512), batch // acc) <= 2.0
     assert plan.fixed_machine(memory_gb=4.0).step_gb("unet", "mobilenet_v2", (512, 512), 2 * batch // acc) > 2.0
     config.resolve_config(tight.overrides() | {"run_dir": "r", "data_root": "x"})  # batch divides by accumulate
+
+
+# -- pretrained encoders: used where installed, fitted to the data, named where missing -------------------------
+
+def test_plan_uses_an_installed_pretrained_encoder_and_fits_it_to_the_data(tmp_path, monkeypatch):
+    photos = fp_of(write_folder(tmp_path / "p", up=True))  # an 'up': photos of the world
+    aerial = fp_of(write_folder(tmp_path / "a"))  # squares anywhere: no 'up', the aerial/microscopy guess
+    monkeypatch.setattr(plan, "_pretrained", lambda backbone: backbone == "efficientnet_lite0")
+    p = plan.make_plan(photos, FAST, 600).choices
+    assert p["backbone"].value == "efficientnet_lite0" and p["weights"].value == "imagenet"
+    assert "installed" in p["weights"].reason
+    assert p["freeze_encoder"].value is False and p["encoder_lr_mult"].value == plan.FINETUNE_LR_MULT
+    assert p["freeze_encoder_bn"].value is True
+    a = plan.make_plan(aerial, FAST, 600).choices
+    assert a["weights"].value == "imagenet" and a["encoder_lr_mult"].value == 1.0
+    assert a["freeze_encoder_bn"].value is False and "no 'up'" in a["encoder_lr_mult"].reason
+    text = plan.to_yaml(plan.plan_from_options({"dataset": "folder", "data_root": str(tmp_path / "p")}, FAST, False))
+    cfg = config.resolve_config(config.parse_yaml_text(text) if hasattr(config, "parse_yaml_text")
+                                else yaml.safe_load(text))
+    assert cfg["backbone"] == "efficientnet_lite0" and cfg["freeze_encoder_bn"] is True
+
+
+def test_plan_without_weights_trains_from_scratch_and_names_the_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan, "_pretrained", lambda backbone: False)
+    p = plan.make_plan(fp_of(write_folder(tmp_path / "p", up=True)), FAST, 600).choices
+    assert p["backbone"].value == "mobilenet_v2" and p["weights"].value is None
+    assert "pip install 'pixelseg[weights]'" in p["weights"].reason
+    assert p["encoder_lr_mult"].value == 1.0 and p["freeze_encoder_bn"].value is False
