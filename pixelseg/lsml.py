@@ -19,6 +19,7 @@ knows is refused (422).
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import io
 import json
@@ -258,11 +259,7 @@ def _train_overrides(ckpt: dict, job: dict, data: Path, run_dir: Path) -> dict:
     out["model"] = mc.get("arch", out.get("model"))
     if mc.get("backbone"):
         out["backbone"] = mc["backbone"]
-    names = job["class_names"]
-    if any("," in n for n in names):
-        raise PixelsegError(f"class names with commas ({', '.join(n for n in names if ',' in n)}) cannot be "
-                            "passed to the fine-tune as --class-names")
-    out.update({"dataset": "folder", "data_root": str(data), "class_names": ",".join(names),
+    out.update({"dataset": "folder", "data_root": str(data),
                 "image_size": recorded.get("image_size", job["image_size"]), "weights": job["checkpoint"],
                 "freeze_encoder": "no", "time_budget": job["time_budget"], "run_dir": str(run_dir),
                 "workers": 0, "cache": "memory", "figure_samples": 0, "logger": "none",
@@ -324,10 +321,18 @@ def run_job(round_dir: Path) -> dict:
     if not held or not train_ids:
         raise PixelsegError(f"{len(pairs)} annotated task(s) with readable images: need at least 2 (one to train "
                             f"on, one held out to judge the new model)")
-    stems = "".join(f"task_{t}\n" for t in train_ids)
-    # val = the training tasks: best.pt is picked by fit to them; the held-out tasks judge old against new
-    (data / "train.txt").write_text(stems)
-    (data / "val.txt").write_text(stems)
+    # val = the training tasks again (links named fit_*: a pair belongs to one split): best.pt is picked by fit to
+    # them, and the held-out tasks, never trained on nor used to pick, judge old against new
+    for t in train_ids:
+        for sub in ("images", "masks"):
+            os.link(data / sub / f"task_{t}.png", data / sub / f"fit_{t}.png")
+    with open(data / "classes.csv", "w", newline="") as f:   # the served model's classes, ids and names
+        rows = csv.writer(f)
+        rows.writerow(["id", "name", "r", "g", "b"])
+        palette = job.get("palette") or [(k, k, k) for k in range(len(names))]
+        rows.writerows([k, n, *palette[k]] for k, n in enumerate(names))
+    (data / "train.txt").write_text("".join(f"task_{t}\n" for t in train_ids))
+    (data / "val.txt").write_text("".join(f"fit_{t}\n" for t in train_ids))
     ckpt = load_checkpoint(job["checkpoint"])
     run_dir = round_dir / "run"
     train(_train_overrides(ckpt, job, data, run_dir))

@@ -194,6 +194,7 @@ class Backend:
         round_dir.mkdir(parents=True, exist_ok=True)
         limits = app.state.limits
         job = {"checkpoint": self.checkpoint, "class_names": list(engine.info.class_names),
+               "palette": [list(c) for c in engine.info.palette],
                "image_size": list(engine.size), "holdout": self.o.holdout, "time_budget": self.o.retrain_budget_s,
                "device": self.o.train_device, "max_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
                "tasks": list(self.annotations.values()), "base_version": self.version}
