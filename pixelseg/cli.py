@@ -399,8 +399,12 @@ def _label_studio_options(args):
     if not args.label_studio:
         return None
     from .lsml_server import LSOptions
-    return LSOptions(work_dir=args.ls_dir, retrain_after=args.retrain_after,
-                     retrain_budget_s=config.parse_duration(args.retrain_budget), holdout=args.holdout,
+    try:
+        budget = config.parse_duration(args.retrain_budget)
+    except ValueError as exc:   # OptionError
+        raise PixelsegError(f"--retrain-budget {args.retrain_budget}: {exc}") from None
+    return LSOptions(work_dir=args.ls_dir, retrain_after=args.retrain_after, retrain_budget_s=budget,
+                     holdout=args.holdout,
                      url=args.label_studio_url, token=os.environ.get("LABEL_STUDIO_API_KEY") or None,
                      train_device=args.device).check()
 
