@@ -265,6 +265,29 @@ def _add_serve_args(sub) -> None:
                    help="segment uploads as stored; default: turn photos upright as their EXIF Orientation says "
                         "(a request may override with ?keep_exif_grid=true/false)")
     _add_resolution_args(p)
+    _add_label_studio_args(p)
+
+
+def _add_label_studio_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Label Studio ML backend (docs/serving.md#label-studio-ml-backend)")
+    g.add_argument("--label-studio", action="store_true",
+                   help="also answer Label Studio's ML backend protocol (/health, /setup, /predict, /webhook, /train): "
+                        "predictions as the project's brush or polygon labels, and fine-tuning on submitted "
+                        "annotations in the background")
+    g.add_argument("--retrain-after", type=int, default=10, metavar="N",
+                   help="fine-tune after N newly submitted annotations (default: 10; 0: only on Label Studio's "
+                        "'Start training')")
+    g.add_argument("--retrain-budget", default="5m", metavar="DURATION",
+                   help="time budget of each fine-tune, e.g. 90s, 5m (default: 5m)")
+    g.add_argument("--holdout", type=float, default=0.2,
+                   help="share of the annotated tasks held out to judge a fine-tuned model; it is served only if "
+                        "it scores no worse on them than the model serving (default: 0.2)")
+    g.add_argument("--ls-dir", default=None,
+                   help="where the backend keeps annotations, versions and retrain rounds (default: RUN/label-studio)")
+    g.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio's address for fetching task images (default: $LABEL_STUDIO_URL, else the "
+                        "address Label Studio sends when it connects); its token: $LABEL_STUDIO_API_KEY, else the one "
+                        "it sends")
 
 
 def main(argv=None) -> int:
@@ -394,8 +417,22 @@ def _run_serve(args) -> int:
                     deadline_s=args.deadline)
     serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
           precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
-          keep_exif_grid=args.keep_exif_grid, backend=args.backend)
+          keep_exif_grid=args.keep_exif_grid, backend=args.backend, label_studio=_label_studio_options(args))
     return 0
+
+
+def _label_studio_options(args):
+    if not args.label_studio:
+        return None
+    from .lsml_server import LSOptions
+    try:
+        budget = config.parse_duration(args.retrain_budget)
+    except ValueError as exc:   # OptionError
+        raise PixelsegError(f"--retrain-budget {args.retrain_budget}: {exc}") from None
+    return LSOptions(work_dir=args.ls_dir, retrain_after=args.retrain_after, retrain_budget_s=budget,
+                     holdout=args.holdout,
+                     url=args.label_studio_url, token=os.environ.get("LABEL_STUDIO_API_KEY") or None,
+                     train_device=args.device).check()
 
 
 def _run_shards(args) -> int:
