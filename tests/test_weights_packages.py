@@ -247,4 +247,4 @@ def test_frozen_parameters_and_statistics_do_not_move(tmp_path, flags, weights_m
     decoder = [k for k in start if k.startswith("up_stack") and k.endswith("weight")]
     assert any(not torch.equal(after[k], start[k]) for k in decoder)  # the decoder trained either way
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["best_miou"] >= 0
+    assert summary["best_val_miou"] >= 0
