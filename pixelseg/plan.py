@@ -35,6 +35,7 @@ MIN_OBJECT_PX = 8           # a median object smaller than this at the input siz
 SIZE_LADDER = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 MIN_SIDE = 128             # the smallest input side the plan picks (unless the images are smaller)
 MIN_EPOCHS = 25             # from scratch, fewer passes over a small dataset leave a model far from done
+MIN_EPOCHS_PRETRAINED = 12  # a pretrained encoder is most of the way there: the budget buys input size instead
 RARE_FREQ = 0.15            # a class under this share of the pixels is "rare": add Dice to CE (nnU-Net
                             # uses CE+Dice everywhere; thin classes such as borders gain most)
 IMBALANCE = 10.0            # max/min class frequency above this: median-frequency class weights
@@ -559,9 +560,12 @@ def choose_cache(fp: Fingerprint, machine: Machine, hw, scale_hi: float = ZOOM[1
 
 
 def choose_size(fp, machine, budget_s, model, backbone, batch, crop,
-                scale_hi: float = ZOOM[1]) -> tuple[tuple[int, int], str, float]:
+                scale_hi: float = ZOOM[1], min_epochs: int = MIN_EPOCHS) -> tuple[tuple[int, int], str, float]:
     """The smallest ladder size at which the smallest objects stay >= MIN_OBJECT_PX, raised while the
-    budget still holds MIN_EPOCHS at the larger size, lowered (never below visibility) while it does not."""
+    budget still holds ``min_epochs`` at the larger size, lowered (never below visibility) while it does not.
+    A pretrained encoder needs fewer epochs (MIN_EPOCHS_PRETRAINED) and sees its ImageNet features at a scale
+    nearer the one they were learnt at (224 px), so the same budget buys it a larger input."""
+    MIN_EPOCHS = min_epochs  # noqa: N806 - the rule below reads as the module constant it replaces
     h, w = fp.median_hw
     native = min(h, w)
     scale, cls = _smallest_object(fp)
@@ -760,7 +764,11 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     crop = bool(user.get("crop", True))
     scale_hi = float(config.parse_value("scale_range", user["scale_range"])[1]) if user.get("scale_range") \
         else ZOOM[1]
-    hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop, scale_hi)
+    pretrained = user.get("weights", c["weights"].value) not in (None, "none")
+    hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop, scale_hi,
+                                       MIN_EPOCHS_PRETRAINED if pretrained else MIN_EPOCHS)
+    if pretrained:
+        size_why += " (a pretrained encoder needs fewer epochs: the budget buys a larger input)"
     put("image_size", f"{hw[0]}x{hw[1]}" if hw[0] != hw[1] else hw[0], size_why)
     if "image_size" in user:
         hw = sizes.size_hw(user["image_size"])

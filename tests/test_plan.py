@@ -46,6 +46,13 @@ def fp_of(root, **opts):
 FAST = plan.fixed_machine(train_ips_128=400.0, eval_ips_128=1600.0)
 
 
+@pytest.fixture(autouse=True)
+def _no_installed_weights(monkeypatch):
+    """The rules under test read the data, not this machine's installed weights packages (CI installs them);
+    the pretrained-encoder tests below say which weights exist."""
+    monkeypatch.setattr(plan, "_pretrained", lambda backbone: False)
+
+
 def test_plan_is_deterministic_every_choice_has_a_reason_and_train_reads_it(tmp_path):
     root = write_folder(tmp_path / "d")
     texts = [plan.to_yaml(plan.plan_from_options({"dataset": "folder", "data_root": str(root)}, FAST, False))
