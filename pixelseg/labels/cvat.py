@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import PixelsegError
 from .files import Names, class_names, class_table, sized_image
+from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
                      mask_rle, polygons_rle)
 from .rle import RLEError, cvat_rle_decode
@@ -64,6 +65,7 @@ def _labels(root_el: ET.Element, path: Path) -> tuple[dict[str, int], list]:
     return table, palette
 
 
+@shape_values
 def _shape_rle(el: ET.Element, h: int, w: int, boxes: bool):
     tag = el.tag
     if tag == "polygon":
@@ -90,6 +92,7 @@ def _shape_rle(el: ET.Element, h: int, w: int, boxes: bool):
     raise AssertionError(tag)
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     path = find_xml(Path(root))
     base = path.parent

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import PixelsegError
 from .files import Names, class_names, class_table, read_json, sized_image
+from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
                      polygons_rle)
 
@@ -29,6 +30,7 @@ def _files(root: Path) -> list[tuple[str | None, Path]]:
     return [(None, p) for p in sorted(root.rglob("*.json"))]
 
 
+@shape_values
 def _polygon(shape: dict, h: int, w: int, boxes: bool):
     kind = shape.get("shape_type") or "polygon"
     try:
@@ -53,6 +55,7 @@ def _polygon(shape: dict, h: int, w: int, boxes: bool):
     raise KeyError(kind)
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     root = Path(root)
     files = _files(root)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import PixelsegError
 from .files import Names, class_names, class_table, read_json, sized_image
+from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape, mask_rle,
                      polygons_rle)
 from .rle import RLEError, ls_rle_decode
@@ -50,6 +51,7 @@ def _declared(base: Path) -> tuple[list[str] | None, dict, Path | None]:
     return None, {}, None
 
 
+@shape_values
 def _region(r: dict, kind: str, h: int, w: int, boxes: bool):
     v = r.get("value") or {}
     if kind == "polygonlabels":
@@ -91,6 +93,7 @@ def _label_of(r: dict, kind: str):
     return names[0] if isinstance(names, list) and names else None
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     path = find_export(Path(root))
     base = path.parent

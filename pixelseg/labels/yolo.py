@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import PixelsegError
 from .files import IMAGE_SUFFIXES, Names, image_hw
+from .raster import export_values, shape_values
 from .raster import (HUGE, BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette,
                      make_shape, polygons_rle)
 
@@ -84,6 +85,7 @@ def _label_file(image: Path, images_dir: Path) -> Path:
     return (labels_dir / rel).with_suffix(".txt")
 
 
+@shape_values
 def _line(vals: list[str], h: int, w: int, k_names: int, boxes: bool):
     try:
         cls = int(vals[0])
@@ -104,6 +106,7 @@ def _line(vals: list[str], h: int, w: int, k_names: int, boxes: bool):
     return (cls, *polygons_rle([xy.reshape(-1, 2) * [w, h]], h, w))
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     path, data = _yaml(Path(root))
     names_ = _names(data, path)
