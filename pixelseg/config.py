@@ -111,7 +111,12 @@ def parse_weights(value) -> str | None:
 
 
 def parse_path(value) -> str:
-    return str(Path(value)) if not isinstance(value, str) else value
+    if isinstance(value, str):
+        return value
+    try:
+        return str(Path(value))
+    except TypeError:  # a list or a number where a path belongs (resolve_config / a caller's dict)
+        raise OptionError("expected a path") from None
 
 
 def parse_scale_range(value) -> list[float]:

@@ -65,3 +65,24 @@ def test_labelme_label_that_is_a_list(tmp_path, capsys):
     doc["shapes"][0]["label"] = ["dent"]
     (root / "a.json").write_text(json.dumps(doc))
     _convert_refused(tmp_path, capsys, "labelme", root, str(root))
+
+
+def test_a_decompression_bomb_file_is_one_line(tmp_path, capsys):
+    """A PNG header claiming 30000×30000 used to raise PIL's DecompressionBombError (not an OSError) out of
+    data/io.py; the readers now refuse it in one line naming the file (datasets skip it as unreadable)."""
+    from test_fuzz_images import bomb_png
+    from pixelseg.data.io import UnreadableImage, image_size, read_image, read_mask
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png(30000, 30000))
+    for read in (image_size, read_image, read_mask):
+        with pytest.raises(UnreadableImage, match="bomb.png: not read: Image size"):
+            read(path)
+
+
+@pytest.mark.parametrize("value", [[], ["a"], {"a": 1}])
+def test_a_path_option_given_a_list(value):
+    """resolve_config({'data_root': []}) used to raise TypeError from Path(); now one line naming the flag."""
+    from pixelseg.config import resolve_config
+    from pixelseg.errors import PixelsegError
+    with pytest.raises(PixelsegError, match="^--data-root .*: expected a path$"):
+        resolve_config({"data_root": value})

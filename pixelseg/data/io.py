@@ -32,6 +32,8 @@ def _open(path, name=None) -> Image.Image:
         return img
     except FileNotFoundError as exc:
         raise UnreadableImage(f"{name}: file not found") from exc
+    except Image.DecompressionBombError as exc:  # not an OSError: it used to escape as a traceback
+        raise UnreadableImage(f"{name}: not read: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
 
