@@ -192,6 +192,18 @@ LINE = st.lists(TOKENS, max_size=14).map(" ".join)
 YAML_BASE = {"path": ".", "train": "images/train", "names": {0: "dent", 1: "scratch"}}
 
 
+def _inside(value):
+    """An absolute folder ("/") or one above the export in data.yaml would make the reader walk the whole
+    disk: what the file asks for, not a defect, and no test's business; such strings become images/train."""
+    if isinstance(value, str):
+        return "images/train" if value.strip().startswith(("/", "\\", "~")) or ".." in value else value
+    if isinstance(value, list):
+        return [_inside(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _inside(v) for k, v in value.items()}
+    return value
+
+
 @examples(60)
 @given(lines=st.lists(LINE, max_size=5), data=st.data(), skip_bad=st.booleans(), damage=DAMAGE,
        boxes=st.booleans(), mutate_yaml=st.booleans())
@@ -202,11 +214,7 @@ def test_yolo_reader(tmp_path, lines, data, skip_bad, damage, boxes, mutate_yaml
         (root / "labels" / "train" / "a.txt").write_text("\n".join(lines) + "\n")
         if mutate_yaml:
             doc = data.draw(mutated(YAML_BASE))
-            # an absolute folder ("/") would make the reader walk the whole disk: a real request, not a defect
-            if isinstance(doc, dict):
-                for k in ("path", "train", "val", "test"):
-                    if isinstance(doc.get(k), str) and (doc[k].startswith(("/", "\\")) or ".." in doc[k]):
-                        doc[k] = "images/train"
+            doc = _inside(doc)
             (root / "data.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
         _damage_image(root, damage)
         check_read("yolo", root, skip_bad, boxes=boxes)
