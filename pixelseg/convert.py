@@ -53,7 +53,9 @@ def _prepare_out(out: Path) -> Path:
         raise PixelsegError(f"--out {out}: exists and is not empty; convert writes a new folder (choose another "
                             "name or remove it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from .files import pid_prefix, remove_stale_temps
+    remove_stale_temps(out.parent, f".{out.name}.tmp-")  # a killed convert's half-written folder
+    return Path(tempfile.mkdtemp(prefix=pid_prefix(f".{out.name}.tmp-"), dir=out.parent))
 
 
 def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | None = None, limit: int | None = None,

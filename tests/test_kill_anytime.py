@@ -205,3 +205,31 @@ def test_train_killed_at_random_times_resumes_to_the_same_weights(tmp_path):
             json.loads((ref / "summary.json").read_text())["best_val_miou"])
         assert not list(rd.glob(".*.tmp"))
     print("train outcomes:", outcomes, f"T={t_ref:.1f}s")
+
+
+# ---- regression: temp leftovers of a killed writer ---------------------------------------------------------
+def test_a_killed_converts_temp_folder_is_removed_by_the_next_run(tmp_path):
+    """Found by test_convert_killed_at_random_times: a convert SIGKILLed mid-way left .out.tmp-* (a copy of
+    the images) for good; the next convert to that --out now removes it (its process is gone), and never a
+    running convert's."""
+    from pixelseg.convert import convert
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}-abc"
+    (stale / "images").mkdir(parents=True)
+    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"
+    live.mkdir()
+    convert("coco", write_coco(tmp_path / "coco"), tmp_path / "out", progress=False)
+    assert not stale.exists() and live.is_dir() and (tmp_path / "out" / "convert_report.json").is_file()
+
+
+def test_a_killed_shards_unfinished_shard_is_removed_by_the_next_run(tmp_path):
+    from pixelseg.data.shards import write_shards
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".train-{dead.pid}-abc.tar.tmp"
+    stale.write_bytes(b"half a tar")
+    write_shards("synthetic", None, "train", out, maxcount=8, limit=8, progress=False)
+    assert not stale.exists() and (out / "train.json").is_file()
