@@ -96,7 +96,9 @@ def test_convert_killed_at_random_times(tmp_path):
         work.mkdir()
         out = work / "out"
         args = ["convert", "--dataset", "coco", "--data-root", str(root), "--out", str(out)]
-        outcomes.append(run_and_kill(args, tmp_path, delay))
+        outcome = run_and_kill(args, tmp_path, delay)
+        outcomes.append(f"{outcome} at {delay:.1f}s: " + ("out complete" if out.exists() else
+                                                          f"no out, {len(leftovers(work))} temp folder(s)"))
         if out.exists():  # complete: the rename is the last step
             assert tree(out) == want
             again = run(args, tmp_path)  # refuses to overwrite, in one line, touching nothing
@@ -134,7 +136,10 @@ def test_shards_killed_at_random_times(tmp_path):
     outcomes = []
     for i, delay in enumerate(delays(t_ref)):
         out = tmp_path / f"k{i}"
-        outcomes.append(run_and_kill([*base, "--out", str(out)], tmp_path, delay))
+        outcome = run_and_kill([*base, "--out", str(out)], tmp_path, delay)
+        outcomes.append(f"{outcome} at {delay:.1f}s: " + ("index + all shards" if (out / "train.json").exists() else
+                        f"no index, {len(list(out.glob('*.tar')))} finished shard(s), "
+                        f"{len(list(out.glob('.*.tmp')))} temp" if out.exists() else "no out"))
         if (out / "train.json").exists():  # the index is written last: when it is there, the set is complete
             assert _shard_members(out) == want
         for p in out.glob("*.tar") if out.exists() else []:  # a shard under its final name is whole
@@ -166,7 +171,9 @@ def test_export_killed_at_random_times(tmp_path):
         work.mkdir()
         out = work / "m.onnx"
         args = ["export", str(ckpt), "--format", "onnx", "--out", str(out)]
-        outcomes.append(run_and_kill(args, tmp_path, delay))
+        outcome = run_and_kill(args, tmp_path, delay)
+        outcomes.append(f"{outcome} at {delay:.1f}s: " + ("out complete" if out.exists() else "no out")
+                        + (", .partial left" if (work / ".m.onnx.partial").exists() else ""))
         if out.exists():
             np.testing.assert_array_equal(_onnx_outputs(out), want)
         again = run(args, tmp_path)
@@ -189,7 +196,10 @@ def test_train_killed_at_random_times_resumes_to_the_same_weights(tmp_path):
     for i, delay in enumerate(delays(t_ref, 2)):
         rd = tmp_path / f"k{i}"
         args = [*TRAIN, "--run-dir", str(rd), "--resume", "auto"]
-        outcomes.append(run_and_kill(args, tmp_path, delay))
+        outcome = run_and_kill(args, tmp_path, delay)
+        last = load_checkpoint(rd / "last.pt") if (rd / "last.pt").exists() else None
+        outcomes.append(f"{outcome} at {delay:.1f}s: " + (f"last.pt at step {last['global_step']}" if last else
+                                                          "no last.pt" if rd.exists() else "no run dir"))
         if rd.exists():
             for pt in rd.glob("*.pt"):  # every checkpoint left behind loads
                 load_checkpoint(pt)
