@@ -190,10 +190,14 @@ def verdicts(rows: list[dict], warm_s: float) -> dict:
     five = sum(v for k, v in total.items() if k.startswith("5"))
     return {"statuses": total, "5xx": five, "dropped (status 0)": total.get("0", 0),
             "rss_after_warmup_mib": [min(rss), max(rss)], "rss_spread": (max(rss) - min(rss)) / min(rss),
-            "fds": [after[0]["fds"], rows[-1]["fds"]], "threads": [after[0]["threads"], rows[-1]["threads"]],
+            # fds: idle before the load vs idle after it (under load each open connection holds one);
+            # threads: the first sample after warm-up (the I/O pool exists by then) vs the end
+            "fds_idle_before_after": [rows[0]["fds"], rows[-1]["fds"]],
+            "fds_under_load": [min(r["fds"] for r in after), max(r["fds"] for r in after)],
+            "threads": [after[0]["threads"], rows[-1]["threads"]],
             "ok_no_5xx": five == 0 and total.get("0", 0) == 0,
             "ok_rss_flat_10pct": (max(rss) - min(rss)) / min(rss) <= 0.10,
-            "ok_fds": rows[-1]["fds"] <= after[0]["fds"], "ok_threads": rows[-1]["threads"] <= after[0]["threads"],
+            "ok_fds": rows[-1]["fds"] <= rows[0]["fds"], "ok_threads": rows[-1]["threads"] <= after[0]["threads"],
             "warmup_s": warm_s, "samples_after_warmup": len(after)}
 
 

@@ -138,7 +138,7 @@ def parse_rgb_bands(value) -> list[int]:
     """"3,2,1" or [3, 2, 1] -> band indices (how many and which are checked against the image in viz)."""
     try:
         vals = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         vals = []
     if not vals:
         raise OptionError("give 1 or 3 band indices, e.g. 3,2,1")
@@ -482,7 +482,8 @@ def read_yaml(path: Path) -> dict:
     data.pop("source", None)
     unknown = sorted(set(data) - set(OPTIONS))
     if unknown:
-        raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see `pixelseg train --help`")
+        raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(map(_show, unknown))}; see "
+                            "`pixelseg train --help`")
     for key, value in data.items():
         expected = _yaml_types(key)
         if float in expected and isinstance(value, str):

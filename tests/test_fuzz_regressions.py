@@ -86,3 +86,49 @@ def test_a_path_option_given_a_list(value):
     from pixelseg.errors import PixelsegError
     with pytest.raises(PixelsegError, match="^--data-root .*: expected a path$"):
         resolve_config({"data_root": value})
+
+
+@pytest.mark.parametrize("key,value", [("rgb_bands", [float("inf")]), ("image_size", [float("inf"), 8]),
+                                       ("image_size", float("-inf"))])
+def test_an_infinite_number_where_an_integer_belongs(key, value):
+    """int(inf) used to escape parse_rgb_bands / parse_size as OverflowError (long fuzz profile)."""
+    from pixelseg.config import flag, parse_value
+    from pixelseg.errors import PixelsegError
+    with pytest.raises(PixelsegError, match=f"^{flag(key)} "):
+        parse_value(key, value)
+
+
+def test_a_flag_or_key_with_a_newline_is_quoted_in_one_line(tmp_path):
+    """`--cache $'\\n'` and a YAML key '\\n' used to print a two-line message (the value shown bare)."""
+    import argparse
+    from pixelseg.config import _argparse_type, load_yaml
+    from pixelseg.errors import PixelsegError
+    with pytest.raises(argparse.ArgumentTypeError) as exc:
+        _argparse_type("cache")("\n")
+    assert "\n" not in str(exc.value) and "'\\n'" in str(exc.value)
+    path = tmp_path / "c.yaml"
+    path.write_text('"\\n": 1\n')
+    with pytest.raises(PixelsegError) as exc:
+        load_yaml(path)
+    assert "\n" not in str(exc.value) and "unknown option(s) '\\n'" in str(exc.value)
+
+
+@pytest.mark.parametrize("field,value", [("max_upload_mb", float("inf")), ("deadline_s", float("inf"))])
+def test_an_infinite_serve_limit_is_refused(field, value):
+    """`serve --max-upload-mb inf` used to start, then fail every upload with OverflowError (a 500)."""
+    from pixelseg.errors import PixelsegError
+    from pixelseg.sizes import Limits
+    with pytest.raises(PixelsegError, match="must be a finite number"):
+        Limits(**{field: value}).check()
+    assert Limits(max_upload_mb=1.7e302).check().max_upload_bytes == 2 ** 62  # huge but finite: no overflow
+
+
+@pytest.mark.parametrize("data", [b"II*\x00", b"II+\x00", b"MM\x00*\x00"])
+def test_a_truncated_tiff_header(tmp_path, data):
+    """A file that is only a TIFF magic number used to raise struct.error from tifffile (input_size, read_bands)."""
+    from pixelseg.data.io import UnreadableImage, input_size, read_bands
+    path = tmp_path / "cut.tif"
+    path.write_bytes(data)
+    for read in (input_size, read_bands):
+        with pytest.raises(UnreadableImage, match="cut.tif: not a readable TIFF"):
+            read(path)

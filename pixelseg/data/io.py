@@ -1,6 +1,7 @@
 """Image and mask decoding that reports bad files by name instead of failing deep inside PIL."""
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -189,7 +190,7 @@ def _read_tiff(path: Path) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             arr, axes = series.asarray(), series.axes
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, struct.error) as exc:
         raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
     if arr.dtype not in _SCALE:
         raise PixelsegError(f"{path}: TIFF sample format {arr.dtype} is not supported; use 8- or 16-bit "
@@ -269,7 +270,7 @@ def input_size(path: Path | str) -> tuple[int, int]:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 shape, axes = series.shape, series.axes
-        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError, struct.error) as exc:
             raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
         return shape[axes.index("X")], shape[axes.index("Y")]
     return _open(path).size
