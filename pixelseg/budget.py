@@ -63,6 +63,7 @@ class Pacer:
         self.clock = clock  # injectable, for tests of the estimates
         self.t0 = clock() if t_start is None else t_start
         self.timing = dict(timing or {})
+        self.cap_in_epochs = not cfg.get("iterations") and bool(cfg.get("epochs"))
         if cfg.get("iterations"):
             self.cap = int(cfg["iterations"])
         elif cfg.get("epochs"):
@@ -72,6 +73,9 @@ class Pacer:
         self.total = self.cap if self.cap is not None else 1000 * steps_per_epoch  # until measured
         self.step_s: float | None = None
         self.overhead_s: float | None = None
+        # global_step at the start of epoch e is e * spe + offset: a budget that ran out inside an epoch ended
+        # it early (offset < 0 from then on; set on --resume, the only time an epoch starts after such a one)
+        self.offset = 0
         self._probe: list[float] = []
         self.stopped_by = "iterations" if cfg.get("iterations") else "epochs"
         self.reason = ""
@@ -88,21 +92,23 @@ class Pacer:
 
     @property
     def planned_epochs(self) -> int:
-        return max(1, math.ceil(self.total / self.spe))
+        return max(1, math.ceil((self.total - self.offset) / self.spe))
 
     def resumed(self, scheduler, state, run_dir) -> None:
-        """After --resume: a budget run keeps the span its checkpoint holds and needs time left; otherwise the
-        span follows the configured length (--epochs may grow on resume)."""
+        """After --resume: a budget run needs time left and is re-spanned over what is left, from the run's own
+        measured step and epoch-end costs (a finished run resumed with a larger --time-budget continues with
+        full epochs on a warm-restarted schedule, not a one-step epoch at the old schedule's end, lr ~ 0);
+        otherwise the span follows the configured length (--epochs may grow on resume)."""
         if not self.budget:
             set_total_steps(scheduler, self.total)
             return
-        self.total = scheduler.lr_lambdas[0].total_steps
-        if self.cap:
-            self.total = min(self.total, self.cap)
+        self.offset = (state.global_step - state.step_in_epoch) - state.epoch * self.spe
+        if self.cap and self.cap_in_epochs:
+            self.cap += self.offset  # --epochs N counts epochs, some of which ended early
         # the run's own measured costs: resuming is refused exactly when its stop rule would fire at once
         if state.global_step and self.timing.get("train"):
             self.step_s = self.timing["train"] / state.global_step
-            after = sum(v for k, v in self.timing.items() if k not in ("setup", "train"))
+            after = sum(v for k, v in self.timing.items() if k not in ("setup", "train", "planning"))
             self.overhead_s = after / max(1, state.epoch)
         if self.left() <= (self.step_s or 0) + (self.overhead_s or 0):
             from .errors import PixelsegError
@@ -110,9 +116,16 @@ class Pacer:
                                 f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
                                 f"e.g. --time-budget {format_seconds(self.budget * 2)} (the budget counts the "
                                 "whole run, all sessions)")
-        # at least one step more, and one epoch more: a budget that ran out inside an epoch ended that epoch
-        # early (it counts as done), so global_step + 1 can still be inside it and the loop would not start
-        self.total = max(self.total, state.global_step + 1, state.epoch * self.spe + 1)
+        if self.step_s is not None:  # the steps that fit what is left, from where the run stands
+            fit = state.global_step + steps_that_fit(self.left(), self.step_s, self.overhead_s, self.spe,
+                                                     state.step_in_epoch)
+        else:  # nothing measured yet: the rest of this epoch, re-estimated after PROBE_STEPS as in a new run
+            fit = state.global_step + self.spe - state.step_in_epoch
+        # at least one step more (the refusal above guarantees the time for it), never past --epochs/--iterations
+        self.total = max(fit, state.global_step + 1)
+        if self.cap:
+            self.total = min(self.total, max(self.cap, state.global_step))
+        set_total_steps(scheduler, self.total)
 
     # ---- estimates ----
     def _respan(self, scheduler, global_step: int, in_epoch: int) -> None:

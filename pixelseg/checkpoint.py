@@ -16,7 +16,7 @@ from .files import atomic_file
 # ---- the schema: what a checkpoint holds (train writes it, loading/inference/export/serving read it) ----------
 # Every checkpoint (best.pt, last.pt): MODEL_KEYS. last.pt adds TRAINING_KEYS, what --resume restores.
 MODEL_KEYS = ("pixelseg_version", "model", "model_config", "dataset", "config", "epoch", "global_step", "best_miou",
-              "metrics", "time_used_s", "timing")
+              "metrics", "time_used_s", "timing", "encoder_weights")
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "step_in_epoch", "history", "rng")
 
 
@@ -25,7 +25,9 @@ def model_checkpoint(model, info, cfg: dict, **fields) -> dict:
     palette, and the run's config; ``fields``: the rest of MODEL_KEYS / TRAINING_KEYS."""
     from . import __version__
     out = {"pixelseg_version": __version__, "model": model.state_dict(), "model_config": model.config,
-           "dataset": info.to_dict(), "config": cfg}
+           "dataset": info.to_dict(), "config": cfg,
+           # where the encoder's starting weights came from: package + version + sha256, hub file, or a path
+           "encoder_weights": getattr(model, "weights_source", None)}
     out.update(fields)
     return out
 

@@ -1,4 +1,4 @@
-"""`pixelseg` command line: train, evaluate, predict, models, export, serve.
+"""`pixelseg` command line: train, evaluate, predict, models, export, serve, audit.
 
 User-fixable problems (PixelsegError) print one line and exit 2; anything else is a bug and keeps
 its traceback.
@@ -39,6 +39,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _add_export_parser(sub)
     _add_shards_parser(sub)
     _add_convert_parser(sub)
+    _add_audit_parser(sub)
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
                                   "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
@@ -191,6 +192,31 @@ def _add_convert_parser(sub) -> None:
     _add_dataset_option_args(p)
 
 
+def _add_audit_parser(sub) -> None:
+    p = sub.add_parser("audit", help="find likely label errors in a run's training data (confident learning with "
+                                     "the held-out fold models of a --folds run)",
+                       description="Score every training image with the fold model that did not train on it, flag "
+                                   "regions where that model is confident in another class than the label (missing "
+                                   "label, wrong class, spurious label, boundary) and rank the images by label "
+                                   "quality. Writes audit.csv, audit.json, overlays/ of the top images and review/, "
+                                   "the suspects as pre-annotations in the dataset's format. See docs/labels.md.")
+    p.add_argument("run", help="a `pixelseg train --folds K` run directory (a plain run works, with a warning)")
+    p.add_argument("--out", help="output directory (default: RUN/audit)")
+    p.add_argument("--top", type=int, default=20, help="overlay PNGs for this many top-ranked images (default: 20)")
+    p.add_argument("--format", default="auto", choices=("auto", "coco", "cvat", "labelstudio", "yolo", "none"),
+                   help="review tasks: auto (default) = the dataset's own format (coco, cvat, labelstudio, yolo), "
+                        "coco for datasets of mask files; none: no export")
+    p.add_argument("--data-root", help="the dataset's directory, if it moved since training (default: the run's)")
+    p.add_argument("--band", type=int, help="width in pixels of the band along labelled edges whose suspects count "
+                                            "as boundary errors (default: 2%% of the image's longer side, >= 3)")
+    p.add_argument("--min-area", type=int, help="smallest suspect region in pixels (default: 0.025%% of the image, "
+                                                ">= 16)")
+    p.add_argument("--limit", type=int, help="only the first N images (a quick look)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+
+
 def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
     """The dataset options of `train` (folder's --images-dir ..., the annotation readers' --overlap ...)."""
     for key in config.DATASET_FLAGS:
@@ -239,6 +265,29 @@ def _add_serve_args(sub) -> None:
                    help="segment uploads as stored; default: turn photos upright as their EXIF Orientation says "
                         "(a request may override with ?keep_exif_grid=true/false)")
     _add_resolution_args(p)
+    _add_label_studio_args(p)
+
+
+def _add_label_studio_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Label Studio ML backend (docs/serving.md#label-studio-ml-backend)")
+    g.add_argument("--label-studio", action="store_true",
+                   help="also answer Label Studio's ML backend protocol (/health, /setup, /predict, /webhook, /train): "
+                        "predictions as the project's brush or polygon labels, and fine-tuning on submitted "
+                        "annotations in the background")
+    g.add_argument("--retrain-after", type=int, default=10, metavar="N",
+                   help="fine-tune after N newly submitted annotations (default: 10; 0: only on Label Studio's "
+                        "'Start training')")
+    g.add_argument("--retrain-budget", default="5m", metavar="DURATION",
+                   help="time budget of each fine-tune, e.g. 90s, 5m (default: 5m)")
+    g.add_argument("--holdout", type=float, default=0.2,
+                   help="share of the annotated tasks held out to judge a fine-tuned model; it is served only if "
+                        "it scores no worse on them than the model serving (default: 0.2)")
+    g.add_argument("--ls-dir", default=None,
+                   help="where the backend keeps annotations, versions and retrain rounds (default: RUN/label-studio)")
+    g.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio's address for fetching task images (default: $LABEL_STUDIO_URL, else the "
+                        "address Label Studio sends when it connects); its token: $LABEL_STUDIO_API_KEY, else the one "
+                        "it sends")
 
 
 def main(argv=None) -> int:
@@ -368,8 +417,22 @@ def _run_serve(args) -> int:
                     deadline_s=args.deadline)
     serve(args.model, host=args.host, port=args.port, limits=limits, device=args.device,
           precision=args.precision, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
-          keep_exif_grid=args.keep_exif_grid, backend=args.backend)
+          keep_exif_grid=args.keep_exif_grid, backend=args.backend, label_studio=_label_studio_options(args))
     return 0
+
+
+def _label_studio_options(args):
+    if not args.label_studio:
+        return None
+    from .lsml_server import LSOptions
+    try:
+        budget = config.parse_duration(args.retrain_budget)
+    except ValueError as exc:   # OptionError
+        raise PixelsegError(f"--retrain-budget {args.retrain_budget}: {exc}") from None
+    return LSOptions(work_dir=args.ls_dir, retrain_after=args.retrain_after, retrain_budget_s=budget,
+                     holdout=args.holdout,
+                     url=args.label_studio_url, token=os.environ.get("LABEL_STUDIO_API_KEY") or None,
+                     train_device=args.device).check()
 
 
 def _run_shards(args) -> int:
@@ -394,6 +457,17 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _run_audit(args) -> int:
+    from .audit import audit, format_summary
+    report = audit(args.run, args.out, top=args.top, fmt=args.format, data_root=args.data_root, device=args.device,
+                   precision=args.precision, band=args.band, min_area=args.min_area, limit=args.limit,
+                   batch_size=args.batch_size)
+    print(format_summary(report))
+    print(f"wrote {len(report['files'])} files to {Path(report['files'][0]).parent}: audit.csv, audit.json, "
+          "overlays/, review/")
+    return 0
+
+
 def _run_models(args) -> int:
     from .models import describe_models
     rows = describe_models()
@@ -409,4 +483,4 @@ def _run_models(args) -> int:
 
 _COMMANDS = {"plan": _run_plan, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
              "export": _run_export, "serve": _run_serve, "shards": _run_shards, "convert": _run_convert,
-             "models": _run_models}
+             "models": _run_models, "audit": _run_audit}

@@ -281,6 +281,11 @@ class TrainConfig:
     freeze_encoder: str | bool = option("auto", "auto (freeze iff pretrained weights are loaded, as the tutorial "
                                         "does), yes, no", "model", parse=parse_tristate,
                                         metavar="{auto,yes,no}")
+    encoder_lr_mult: float = option(1.0, "learning rate of a trained (not frozen) encoder as a multiple of --lr, e.g. "
+                                    "0.1: a pretrained encoder moves slower than the new decoder", "model",
+                                    parse=_float(0.0))
+    freeze_encoder_bn: bool = option(False, "keep the encoder's BatchNorm on its pretrained running statistics while "
+                                     "its weights train (small batches)", "model", parse=parse_bool)
     # optimisation
     epochs: int | None = option(20, "number of epochs (with --time-budget: an upper bound when given; null = the "
                                 "budget alone decides)", "optimisation", parse=_int(1), nullable=True)

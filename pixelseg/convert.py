@@ -1,21 +1,30 @@
 """`pixelseg convert`: any dataset pixelseg reads (coco, cvat, labelstudio, labelme, yolo, folder, voc, ...) to a
 folder of class-id PNG masks + classes.csv that `--dataset folder` reads back, or to WebDataset shards.
 
-    OUT/images/<split>/<name><ext>   the source image files, byte for byte
+    OUT/images/<split>/<name><ext>   the source image files, byte for byte; except that an annotated image with an
+                                     EXIF Orientation tag is written upright as <name>.png (its annotations are
+                                     upright, labels/rules.py, and a folder dataset reads the stored grid)
     OUT/masks/<split>/<name>.png     8-bit class ids (palette PNG coloured with the classes' colours; 255 = ignore)
-    OUT/classes.csv                  id,name,r,g,b
+    OUT/classes.csv                  id,name,r,g,b (RFC 4180 quoting; one distinct colour per class)
     OUT/convert_report.json          images, classes, pixel share per class, images without labels, shapes
                                      clipped at the border, shapes dropped and why, items skipped (--skip-bad)
     OUT/convert_overlay.png          a few samples with their masks drawn over them, to check by eye
 
-Everything is written into a temporary directory next to OUT and renamed into place at the end: an error
-(bad input, full disk) leaves nothing half-written. OUT must not exist yet (or be empty).
+Everything is written into a temporary directory next to OUT (.OUT.tmp-*) and renamed into place at the end:
+an error (bad input, full disk) leaves nothing half-written, and the folder gets the mode a plain mkdir would
+(the umask's), not the temporary directory's private 0700. A convert killed outright (SIGKILL, power cut) leaves
+its .OUT.tmp-* behind; the next convert to OUT removes it (unless the process that made it is still running).
+OUT must not exist yet (or be empty). Splits: every split an annotation export has; for other datasets train,
+val and, where the dataset has one, test.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -23,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import PixelsegError
-from .labels.raster import IGNORE
+from .labels.raster import IGNORE, distinct_palette
 
 OVERLAY_SAMPLES = 4
 TARGETS = ("folder", "shards")
@@ -35,7 +44,19 @@ def _splits(dataset: str, root, options: dict) -> list[str]:
     if isinstance(module, labelled.AnnotationFormat):  # an annotation format: every split the export has
         o = labelled.options(module.OPTIONS, options)
         return list(labelled.splits(labelled.parse(dataset, module.read, Path(root), o), o))
-    return list(dict.fromkeys(default_split(dataset, r) for r in ("train", "val")))
+    out = list(dict.fromkeys(default_split(dataset, r) for r in ("train", "val")))
+    if "test" in getattr(module, "SPLITS", ()) and "test" not in out and _has_split(dataset, root, "test", options):
+        out.append("test")
+    return out
+
+
+def _has_split(dataset: str, root, split: str, options: dict) -> bool:
+    from .data import load_split
+    from .data.base import CacheSpec
+    try:
+        return len(load_split(dataset, root, split, (64, 64), 1, CacheSpec("none", full_res=True), **options)) > 0
+    except PixelsegError:
+        return False
 
 
 def _labelset(dataset: str, root, options: dict):
@@ -46,16 +67,40 @@ def _labelset(dataset: str, root, options: dict):
     return labelled.parse(dataset, module.read, Path(root), labelled.options(module.OPTIONS, options))
 
 
+OWNER = ".pixelseg-convert-owner"   # host and pid of the convert writing a temporary folder
+
+
+def _alive(owner: Path) -> bool:
+    """Whether the convert that made a temporary folder may still be running (same host, pid alive)."""
+    try:
+        host, pid = owner.read_text().split()
+        if host != socket.gethostname():
+            return True   # another machine's (a shared file system): not ours to judge
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False      # no owner file (killed before writing it), an unparseable one, or a dead pid
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove the .OUT.tmp-* folders that killed converts to OUT left behind."""
+    for d in out.parent.glob(f".{out.name}.tmp-*"):
+        if d.is_dir() and not d.is_symlink() and not _alive(d / OWNER):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _prepare_out(out: Path) -> Path:
-    from .files import check_output_dir
+    from .files import _umask, check_output_dir
     check_output_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise PixelsegError(f"--out {out}: exists and is not empty; convert writes a new folder (choose another "
                             "name or remove it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from .files import pid_prefix, remove_stale_temps
-    remove_stale_temps(out.parent, f".{out.name}.tmp-")  # a killed convert's half-written folder
-    return Path(tempfile.mkdtemp(prefix=pid_prefix(f".{out.name}.tmp-"), dir=out.parent))
+    _clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0700 would survive the rename: outputs readable as mkdir's
+    (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return tmp
 
 
 def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | None = None, limit: int | None = None,
@@ -74,7 +119,8 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
         counts = np.zeros(256, np.int64)
         report = {"dataset": dataset, "data_root": str(root), "to": to, "splits": {}, "images": 0,
                   "images_without_labels": []}
-        overlays = []
+        overlays, turned = [], 0
+        palette = distinct_palette(list(info.palette))   # classes.csv needs one colour per class
         for split in splits:
             ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
             n = 0
@@ -86,7 +132,7 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
                 elif len(overlays) < OVERLAY_SAMPLES:
                     overlays.append((f"{split}/{s.name}", img, mask))
                 if to == "folder":
-                    _write_pair(tmp, split, s, mask, info.palette)
+                    turned += _write_pair(tmp, split, s, img, mask, palette)
                 n += 1
             report["splits"][split] = n
             report["images"] += n
@@ -94,11 +140,15 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
                 from .data.shards import write_shards
                 write_shards(dataset, root, split, tmp, maxcount, limit, progress, **options)
         _finish_report(report, counts, info, _labelset(dataset, root, options))
+        if turned:
+            report.setdefault("notes", []).append(
+                f"{turned} image(s) with an EXIF Orientation tag written upright as PNG (their annotations are upright)")
         if to == "folder":
-            _write_classes(tmp / "classes.csv", info)
+            _write_classes(tmp / "classes.csv", info.class_names, palette)
         (tmp / "convert_report.json").write_text(json.dumps(report, indent=1))
         if overlays:
             _overlay_png(overlays, info, tmp / "convert_overlay.png")
+        (tmp / OWNER).unlink()
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
@@ -109,18 +159,30 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
     return report
 
 
-def _write_pair(tmp: Path, split: str, s, mask: np.ndarray, palette) -> None:
+def _write_pair(tmp: Path, split: str, s, img: np.ndarray, mask: np.ndarray, palette) -> int:
+    """Image and mask of one sample; 1 when the image was written upright (EXIF-oriented, annotated upright)."""
+    from PIL import Image
+
     from .viz import save_index_png
     (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
     (tmp / "masks" / split).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(s.image, tmp / "images" / split / f"{s.name}{Path(s.image).suffix.lower()}")
+    turned = getattr(s, "orientation", 1) != 1
+    if turned:   # the pixels the annotations were drawn on, without a tag that would turn them again
+        Image.fromarray(img).save(tmp / "images" / split / f"{s.name}.png")
+    else:
+        shutil.copyfile(s.image, tmp / "images" / split / f"{s.name}{Path(s.image).suffix.lower()}")
     save_index_png(mask, palette, tmp / "masks" / split / f"{s.name}.png")
+    return int(turned)
 
 
-def _write_classes(path: Path, info) -> None:
-    rows = ["id,name,r,g,b"] + [f"{i},{n},{c[0]},{c[1]},{c[2]}" for i, (n, c) in
-                                enumerate(zip(info.class_names, info.palette))]
-    path.write_text("\n".join(rows) + "\n")
+def _write_classes(path: Path, names: list[str], palette) -> None:
+    """classes.csv as `--dataset folder` reads it: csv-quoted names, one distinct colour per class."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "name", "r", "g", "b"])
+    for i, (n, c) in enumerate(zip(names, palette)):
+        w.writerow([i, n, *c])
+    path.write_text(buf.getvalue(), encoding="utf-8")
 
 
 def _finish_report(report: dict, counts: np.ndarray, info, labels) -> None:
@@ -134,7 +196,7 @@ def _finish_report(report: dict, counts: np.ndarray, info, labels) -> None:
         report["shapes_clipped_at_border"] = labels.clipped
         report["shapes_dropped"] = dict(labels.dropped)
         report["skipped_bad"] = list(labels.bad)
-        report["notes"] = list(labels.notes)
+        report["notes"] = list(labels.notes) + report.get("notes", [])
 
 
 def format_report(report: dict) -> str:

@@ -30,22 +30,33 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("constant", "poly", "cosine")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters as ``[{decay group}, {no-decay group}]``, empty groups dropped."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_mult: float = 1.0,
+                 lr: float | None = None) -> list[dict]:
+    """Trainable parameters as decay / no-decay groups, empty groups dropped. With ``encoder_lr_mult`` != 1
+    the encoder's parameters get groups of their own at ``lr * encoder_lr_mult`` (discriminative fine-tuning:
+    a pretrained encoder moves slower than the new decoder, ULMFiT / MMSegmentation's ``lr_mult``)."""
+    encoder = getattr(model, "encoder", None)
+    in_encoder = {id(p) for p in encoder.parameters()} if encoder_lr_mult != 1.0 and encoder is not None else set()
+    buckets: dict[tuple[bool, bool], list] = {}
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+        buckets.setdefault((id(param) in in_encoder, param.ndim <= 1), []).append(param)
+    groups = []
+    for is_encoder in (False, True):
+        for no_decay in (False, True):
+            params = buckets.get((is_encoder, no_decay))
+            if not params:
+                continue
+            group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+            if is_encoder and lr is not None:
+                group["lr"] = lr * encoder_lr_mult
+            groups.append(group)
+    return groups
 
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9) -> Optimizer:
+                    momentum: float = 0.9, encoder_lr_mult: float = 1.0) -> Optimizer:
     """``adam`` (L2-coupled decay), ``adamw`` (decoupled decay) or ``sgd`` (momentum, no Nesterov)."""
     name = name.lower() if isinstance(name, str) else name
     if name not in OPTIMIZERS:
@@ -54,7 +65,9 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
         raise PixelsegError(f"--lr must be positive, got {lr}")
     if weight_decay < 0:
         raise PixelsegError(f"--weight-decay must be >= 0, got {weight_decay}")
-    groups = param_groups(model, weight_decay)
+    if not encoder_lr_mult > 0:
+        raise PixelsegError(f"--encoder-lr-mult must be positive, got {encoder_lr_mult}")
+    groups = param_groups(model, weight_decay, encoder_lr_mult, lr)
     if not groups:
         raise PixelsegError("the model has no trainable parameters; unfreeze at least part of it")
     # On CUDA the per-tensor Adam update was a large share of the tutorial model's step time (torch.profiler

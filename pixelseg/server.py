@@ -473,8 +473,9 @@ def _version() -> str:
 
 def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, device: str = "auto",
           precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info",
-          keep_exif_grid: bool = False, backend: str = "auto"):
-    """Load the model (errors are one line before anything listens), then serve until interrupted."""
+          keep_exif_grid: bool = False, backend: str = "auto", label_studio=None):
+    """Load the model (errors are one line before anything listens), then serve until interrupted.
+    `label_studio` (lsml_server.LSOptions): also speak Label Studio's ML backend protocol."""
     try:
         import prometheus_client  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
         import uvicorn
@@ -483,10 +484,19 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
     from .serving import check_source
     limits = (limits or Limits()).check()
     check_source(source)
+    if label_studio is not None:  # a restarted backend serves its last accepted version
+        from .lsml_server import checkpoint_to_serve
+        source = checkpoint_to_serve(source, label_studio.check())
     pool = torch_thread()  # the model is loaded where it will run (torch_thread says why)
     engine = pool.submit(Engine, source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta,
                          backend=backend).result()
     app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid, infer_pool=pool)
+    if label_studio is not None:
+        from .lsml_server import attach
+        ls = attach(app, label_studio, source, dict(device=device, precision=precision, tile=tile, overlap=overlap,
+                                                    tta=tta, backend=backend))
+        print(f"pixelseg serve: Label Studio ML backend at http://{host}:{port}/ serving {ls.version}; state in "
+              f"{ls.work}", flush=True)
     print(f"pixelseg serve: {engine.id} ({engine.backend}, {engine.predictor.describe()}) on http://{host}:{port}/ "
           "- /readyz turns 200 after warm-up", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, access_log=False,

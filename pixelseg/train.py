@@ -83,18 +83,25 @@ class TrainingPreempted(TrainingInterrupted):
                 f"pixelseg train --resume {self.run_dir}")
 
 
-def train(overrides: dict) -> dict:
-    """Train from a config dict (CLI flags / YAML); returns the run summary."""
+def train(overrides: dict, spent_s: float = 0.0) -> dict:
+    """Train from a config dict (CLI flags / YAML); returns the run summary. ``spent_s``: seconds this run
+    already used before it started (`train --auto`'s planning), counted against --time-budget and kept in
+    summary.json's time_s as ``planning`` (with --folds, by the first fold, which it delays)."""
     from .folds import train_folds, wants_folds
     if wants_folds(overrides):  # --folds K: K runs RUN/fold_I, each through this function (folds.py)
-        return train_folds(overrides, train)
+        unpaid = [spent_s]
+
+        def fold_train(opts: dict) -> dict:
+            spent, unpaid[0] = unpaid[0], 0.0
+            return train(opts, spent)
+        return train_folds(overrides, fold_train)
     dist_info = init_distributed(overrides.get("device") or "auto",
                                  config.parse_value("dist_timeout", overrides["dist_timeout"])
                                  if overrides.get("dist_timeout") is not None else None)
     status: dict = {}
     try:
         with StopSignal() as status["stop"]:
-            return _train(overrides, dist_info, status)
+            return _train(overrides, dist_info, status, spent_s)
     except TrainingPreempted:
         raise
     except KeyboardInterrupt:
@@ -141,7 +148,7 @@ class TrainState:
     timing: dict = field(default_factory=dict)  # where it went: setup, train, validation, ...
 
 
-def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> dict:
+def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spent_s: float = 0.0) -> dict:
     t_start = time.time()
     stop = (status or {}).get("stop") or StopSignal()  # SIGTERM handler installed by train()
     cfg, ckpt, run_dir = _resolve_run(overrides)
@@ -162,11 +169,13 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None) -> 
             log.info(note)
         criterion = _build_criterion(cfg, data, ctx)
         optimizer = build_optimizer(model_without_ddp, cfg["optimizer"], cfg["lr"], cfg["weight_decay"],
-                                    cfg["momentum"])
+                                    cfg["momentum"], cfg["encoder_lr_mult"])
         steps_per_epoch = math.ceil(data.micro_per_epoch / cfg["accumulate"])
         if cfg["iterations"] and not cfg["time_budget"]:  # papers give schedules in iterations; validate per epoch
             cfg["epochs"] = math.ceil(cfg["iterations"] / steps_per_epoch)
         state = TrainState() if ckpt is None else _train_state(ckpt)
+        if ckpt is None and spent_s > 0:  # train --auto's planning: part of the run's time (and budget)
+            state.time_used_s, state.timing = spent_s, {"planning": spent_s}
         pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing,
                       t_start)
         scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=pacer.total,
@@ -465,6 +474,12 @@ def _build_model(cfg: dict, info, ctx: RunContext, norm: dict | None = None):
             notes.append("encoder: random init (no pretrained weights), so it is trained, not frozen "
                          "(freezing a random encoder is pointless; pass --freeze-encoder yes to force it)")
     model.set_encoder_frozen(bool(freeze))
+    if cfg["freeze_encoder_bn"] and not freeze:
+        model.encoder_bn_frozen = True
+        model.train(model.training)
+    if not freeze and model.pretrained and (cfg["encoder_lr_mult"] != 1.0 or cfg["freeze_encoder_bn"]):
+        notes.append(f"pretrained encoder trained at {cfg['encoder_lr_mult']:g} x lr"
+                     + (", its BatchNorm on the pretrained statistics" if cfg["freeze_encoder_bn"] else ""))
     cfg["backbone"] = model.backbone
     model.to(ctx.device)
     if ctx.channels_last:

@@ -33,11 +33,32 @@ def expected(name: str, rule: str = "smaller") -> np.ndarray:
     return out
 
 
-def write_images(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+# the transpose that undoes each EXIF orientation's (PIL.ImageOps.exif_transpose applies the inverse)
+STORE = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_270}
+
+
+def upright_pixels(name: str) -> np.ndarray:
+    """The H×W×3 image of `name` as a viewer shows it (what the annotations are drawn on)."""
     rng = np.random.default_rng(0)
+    imgs = {n: rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for n in SCENE}
+    return imgs[name]
+
+
+def write_images(folder: Path, orientation: int = 1) -> None:
+    """The scene's images; with `orientation` != 1 the file stores the pixels turned so that its EXIF tag
+    turns them back upright (as a phone camera writes them); the annotations stay in the upright frame."""
+    folder.mkdir(parents=True, exist_ok=True)
     for name in SCENE:
-        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(folder / name)
+        im = Image.fromarray(upright_pixels(name))
+        if orientation == 1:
+            im.save(folder / name)
+            continue
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.transpose(STORE[orientation]).save(folder / name, exif=exif, **({"quality": 100} if name.endswith(".jpg")
+                                                                          else {}))
 
 
 def coco_dict(rle: bool = False) -> dict:
@@ -57,21 +78,21 @@ def coco_dict(rle: bool = False) -> dict:
     return {"images": images, "annotations": anns, "categories": cats}
 
 
-def write_coco(root: Path, layout: str = "roboflow", rle: bool = False) -> Path:
+def write_coco(root: Path, layout: str = "roboflow", rle: bool = False, orientation: int = 1) -> Path:
     d = coco_dict(rle)
     if layout == "roboflow":
-        write_images(root / "train")
+        write_images(root / "train", orientation)
         (root / "train" / "_annotations.coco.json").write_text(json.dumps(d))
     else:
-        write_images(root / "images" / "train")
+        write_images(root / "images" / "train", orientation)
         (root / "annotations").mkdir(parents=True)
         (root / "annotations" / "instances_train.json").write_text(json.dumps(d))
     return root
 
 
-def write_cvat(root: Path, as_mask: bool = False) -> Path:
+def write_cvat(root: Path, as_mask: bool = False, orientation: int = 1) -> Path:
     from pixelseg.labels.rle import cvat_rle_encode
-    write_images(root / "images")
+    write_images(root / "images", orientation)
     rows = ['<?xml version="1.0" encoding="utf-8"?>', "<annotations><version>1.1</version><meta><task><labels>"]
     rows += [f"<label><name>{n}</name><color>#{30 * k:02x}80ff</color></label>" for k, n in enumerate(CLASSES)]
     rows.append("</labels></task></meta>")
@@ -91,9 +112,9 @@ def write_cvat(root: Path, as_mask: bool = False) -> Path:
     return root
 
 
-def write_labelstudio(root: Path, brush: bool = False) -> Path:
+def write_labelstudio(root: Path, brush: bool = False, orientation: int = 1) -> Path:
     from pixelseg.labels.rle import ls_rle_encode
-    write_images(root / "images")
+    write_images(root / "images", orientation)
     tasks = []
     for i, (name, shapes) in enumerate(SCENE.items()):
         result = []
@@ -115,8 +136,8 @@ def write_labelstudio(root: Path, brush: bool = False) -> Path:
     return root
 
 
-def write_labelme(root: Path) -> Path:
-    write_images(root)
+def write_labelme(root: Path, orientation: int = 1) -> Path:
+    write_images(root, orientation)
     for name, shapes in SCENE.items():
         doc = {"version": "5.4.1", "shapes": [{"label": lab, "points": pts, "shape_type": "polygon", "group_id": None}
                                               for lab, pts in shapes],
@@ -126,8 +147,8 @@ def write_labelme(root: Path) -> Path:
     return root
 
 
-def write_yolo(root: Path) -> Path:
-    write_images(root / "images" / "train")
+def write_yolo(root: Path, orientation: int = 1) -> Path:
+    write_images(root / "images" / "train", orientation)
     (root / "labels" / "train").mkdir(parents=True)
     for name, shapes in SCENE.items():
         lines = [" ".join([str(CLASSES.index(lab))] + [f"{x / W:.6f} {y / H:.6f}" for x, y in pts])

@@ -150,3 +150,39 @@ def test_early_stop_fires_and_says_why(tmp_path):
     assert s["epochs_done"] == 3 and s["stopped_by"] == "early_stop"
     assert "did not improve by more than 1 for 2 epochs" in s["stop_reason"]
     assert "did not improve" in (run / "train.log").read_text()
+
+
+def test_resuming_a_finished_budget_run_with_a_larger_budget_respans_over_what_is_left():
+    """Defect 13: a run that spent its 60 s budget in 10 epochs of 10 steps (0.5 s a step, 1 s of validation
+    each), resumed with --time-budget 120: the schedule is re-spanned over the ~57 s left (9 more epochs
+    and a partial one), not extended by one step (a one-step epoch at lr ~ 0, then a validation)."""
+    from types import SimpleNamespace
+    clock = FakeClock()
+    sched = _scheduler(total=100)
+    for _ in range(100):  # where the finished run left its schedule: at the end, lr ~ 0
+        sched.optimizer.step()
+        sched.step()
+    assert sched.optimizer.param_groups[0]["lr"] < 1e-3
+    state = SimpleNamespace(global_step=100, epoch=10, step_in_epoch=0)
+    pacer = Pacer({"time_budget": 120.0, "epochs": None, "iterations": None}, steps_per_epoch=10, n_val=4,
+                  batch_size=4, used_s=60.0, timing={"setup": 2.0, "train": 50.0, "validation": 10.0}, clock=clock)
+    pacer.resumed(sched, state, "run")
+    left = 120 * 0.98 - 60
+    assert pacer.total == 100 + steps_that_fit(left, 0.5, 1.0, 10) > 100 + 10  # full epochs, not one step
+    assert sched.lr_lambdas[0].total_steps == pacer.total and pacer.planned_epochs == 10 + 10
+    assert sched.optimizer.param_groups[0]["lr"] > 0.3  # a warm restart on the new span, not lr ~ 0
+    # the first resumed steps do not stop the run: no early end, no one-step epoch
+    assert not any(pacer.on_step(sched, step, step - 100) for step in range(101, 111))
+
+
+def test_resuming_a_budget_run_whose_last_epoch_ended_early_keeps_epoch_boundaries():
+    """The run stopped 1 step into its 7th epoch of 4 steps (25 steps): epochs now start at 25, 29, ...; the
+    resumed plan counts its epochs from there and --epochs 9 still means two more whole epochs."""
+    from types import SimpleNamespace
+    clock = FakeClock()
+    sched = _scheduler(total=25)
+    state = SimpleNamespace(global_step=25, epoch=7, step_in_epoch=0)
+    pacer = Pacer({"time_budget": 600.0, "epochs": 9, "iterations": None}, steps_per_epoch=4, n_val=4,
+                  batch_size=4, used_s=30.0, timing={"train": 25.0, "validation": 3.5}, clock=clock)
+    pacer.resumed(sched, state, "run")
+    assert pacer.total == 25 + 2 * 4 and pacer.planned_epochs == 9

@@ -218,22 +218,10 @@ def test_train_killed_at_random_times_resumes_to_the_same_weights(tmp_path):
 
 
 # ---- regression: temp leftovers of a killed writer ---------------------------------------------------------
-def test_a_killed_converts_temp_folder_is_removed_by_the_next_run(tmp_path):
-    """Found by test_convert_killed_at_random_times: a convert SIGKILLed mid-way left .out.tmp-* (a copy of
-    the images) for good; the next convert to that --out now removes it (its process is gone), and never a
-    running convert's."""
-    from pixelseg.convert import convert
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".out.tmp-{dead.pid}-abc"
-    (stale / "images").mkdir(parents=True)
-    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"
-    live.mkdir()
-    convert("coco", write_coco(tmp_path / "coco"), tmp_path / "out", progress=False)
-    assert not stale.exists() and live.is_dir() and (tmp_path / "out" / "convert_report.json").is_file()
-
-
 def test_a_killed_shards_unfinished_shard_is_removed_by_the_next_run(tmp_path):
+    """Found by test_shards_killed_at_random_times' design: a shards run SIGKILLed mid-shard left its
+    .train-*.tar.tmp in --out for good; the next run to that --out removes it (its writer's pid is gone).
+    (convert's temp folder: removed by main's convert._clean_stale, checked by test_convert_killed_at_random_times.)"""
     from pixelseg.data.shards import write_shards
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -44,6 +44,16 @@ COCO_CASES = {
                        ["annotation id 3", "NaN"]),
     "rle length": (lambda d: d["annotations"][0].update(segmentation={"size": [30, 40], "counts": [5, 10]}),
                    ["annotation id 1", "add up to 15", "1200"]),
+    "rle size not numbers": (lambda d: d["annotations"][0].update(segmentation={"size": ["30px", 40], "counts": [1200]}),
+                             ["annotation id 1", "RLE size", "not two whole numbers"]),
+    "rle counts not numbers": (lambda d: d["annotations"][0].update(segmentation={"size": [30, 40],
+                                                                                  "counts": [600, "x", 600]}),
+                               ["annotation id 1", "'x'", "not a whole number"]),
+    "rle counts fractional": (lambda d: d["annotations"][0].update(segmentation={"size": [30, 40],
+                                                                                 "counts": [600.5, 599.5]}),
+                              ["annotation id 1", "600.5"]),
+    "rle size none": (lambda d: d["annotations"][0].update(segmentation={"size": [None, 40], "counts": "PP"}),
+                      ["annotation id 1", "RLE size"]),
     "empty export": (lambda d: d.update(images=[], annotations=[]), ["empty export"]),
     "duplicate name": (lambda d: d["images"][1].update(file_name="a.jpg"), ["duplicate image name 'a'"]),
 }
@@ -102,3 +112,54 @@ def test_skip_bad_skips_and_counts(tmp_path, capsys):
     report = json.loads((out / "convert_report.json").read_text())
     assert len(report["skipped_bad"]) == 1 and "annotation id 2" in report["skipped_bad"][0]
     assert report["shapes"] == 2 and "1 damaged item(s) skipped" in printed
+
+
+def test_labelstudio_rotation_not_a_number(tmp_path, capsys):
+    """Issue 30 #12: a non-numeric rectangle rotation is one line naming the file and the result id."""
+    ls = write_labelstudio(tmp_path / "ls")
+    tasks = json.loads((ls / "export.json").read_text())
+    tasks[0]["annotations"][0]["result"].append({"id": "rot", "type": "rectanglelabels", "original_width": 40,
+                                                 "original_height": 30, "value": {
+                                                     "x": 10, "y": 10, "width": 20, "height": 20,
+                                                     "rotation": "ninety", "rectanglelabels": ["dent"]}})
+    (ls / "export.json").write_text(json.dumps(tasks))
+    refused(tmp_path, capsys, "labelstudio", ls, "export.json", "task 1 result 'rot'", "rotation 'ninety'",
+            extra=["--boxes"])
+
+
+def test_cvat_rotation_not_a_number(tmp_path, capsys):
+    root = write_cvat(tmp_path / "cvat")
+    xml = root / "annotations.xml"
+    xml.write_text(xml.read_text().replace("</image>", '<box label="dent" xtl="1" ytl="1" xbr="9" ybr="9" '
+                                           'rotation="left" z_order="0"/></image>', 1))
+    refused(tmp_path, capsys, "cvat", root, "annotations.xml", "<box>", "rotation 'left'", extra=["--boxes"])
+
+
+def _many_coco(root, k):
+    d = json.loads(coco_file(root).read_text())
+    d["categories"] = [{"id": i, "name": f"c{i}", "supercategory": "none"} for i in range(1, k + 1)]
+    d["annotations"][-1]["category_id"] = k
+    coco_file(root).write_text(json.dumps(d))
+
+
+def _many_yolo(root, k):
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nnames:\n" + "".join(f"  {i}: c{i}\n"
+                                                                                      for i in range(k)))
+    (root / "labels" / "train" / "b.txt").write_text(f"{k - 1} 0.1 0.1 0.5 0.1 0.5 0.5\n")
+
+
+@pytest.mark.parametrize("fmt", ["coco", "yolo"])
+def test_class_limit_one_message(tmp_path, capsys, fmt):
+    """Issue 30 #8: 300 classes is refused, by COCO and YOLO as by the others, with the one message."""
+    root = (write_coco if fmt == "coco" else write_yolo)(tmp_path / fmt)
+    (_many_coco if fmt == "coco" else _many_yolo)(root, 300)
+    refused(tmp_path, capsys, fmt, root, "300", "at most 254 classes besides background")
+
+
+def test_class_limit_254_reads(tmp_path):
+    """254 classes (ids 1..254) is the most there can be: the last one is painted as itself, not as ignore."""
+    from pixelseg.data import iter_full_res
+    root = write_yolo(tmp_path / "yo")
+    _many_yolo(root, 254)
+    got = {n: t for sp in ("train", "val") for n, _, t in iter_full_res("yolo", root, sp, 64)}
+    assert got["b"].max() == 254 and 255 not in got["b"]

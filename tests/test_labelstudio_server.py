@@ -65,7 +65,10 @@ def label_studio(tmp_path_factory):
     template = exe.parent.parent / "pixelseg-test-db.sqlite3"
     if template.is_file():
         shutil.copy(template, data / "label_studio.sqlite3")
-    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data)}
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+           # the ML backend test (test_ls_backend_e2e.py) connects a backend on 127.0.0.1, which Label Studio
+           # refuses by default (SSRF protection): allow loopback for this throwaway server
+           "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false"}
     env.pop("PYTHONPATH", None)   # its own venv, not our checkout
     log = open(data / "server.log", "wb")
     proc = subprocess.Popen([str(exe), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port),

@@ -47,6 +47,7 @@ def test_registry_covers_the_contract():
         "vgg16", "vgg19", "resnet50", "resnet101", "resnet152", "mobilenet_v1", "mobilenet_v2",
         "densenet121", "densenet169", "densenet201", "densenet264", "xception", "xception65",
         "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5",
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
     }
     pairs = list_models()
     assert len(pairs) == len(set(pairs))
@@ -54,7 +55,8 @@ def test_registry_covers_the_contract():
     # Pooling indices exist only for VGG; DeepLab needs a backbone a library can dilate.
     assert {b for a, b in pairs if a == "segnet"} == {"vgg16", "vgg19"}
     assert {b for a, b in pairs if a == "deeplabv3"} == {
-        "resnet50", "resnet101", "resnet152", "mobilenet_v1", "xception65"
+        "resnet50", "resnet101", "resnet152", "mobilenet_v1", "xception65",
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
     }
     for arch, cls in ARCHITECTURES.items():
         assert (arch, cls.default_backbone) in pairs

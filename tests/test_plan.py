@@ -110,12 +110,26 @@ def test_user_options_win_and_the_plan_records_them(tmp_path):
 
 
 def test_train_auto_saves_the_plan_and_records_the_overrides(tmp_path):
+    import json
+    import time
+    slept = []
+
+    def slow_speed(model, backbone, size_hw, batch):  # a probe that takes a second (a sleep: a lower bound)
+        if not slept:
+            time.sleep(1.0)
+            slept.append(1)
+        return FAST.speed(model, backbone, size_hw, batch)
+    probe = plan.Machine("cpu", 16.0, "fp32", slow_speed, 2, read_s_per_image=0.01)
     root = write_folder(tmp_path / "d", n=12, size=32, obj=8)
     run = tmp_path / "run"
     summary = plan.train_auto({"dataset": "folder", "data_root": str(root), "epochs": 1, "image_size": 32,
-                               "run_dir": str(run), "precise_bn": 0, "figure_samples": 0,
-                               "scale_range": [0.8, 1.25]}, FAST)  # needs --crop, which the plan sets
+                               "run_dir": str(run), "precise_bn": 0, "figure_samples": 0, "time_budget": 600,
+                               "scale_range": [0.8, 1.25]}, probe)  # needs --crop, which the plan sets
     assert summary["run_dir"] == str(run)
+    # defect 15: the fingerprint and the speed probe are part of the run's --time-budget
+    s = json.loads((run / "summary.json").read_text())
+    assert s["time_s"]["planning"] >= 1.0
+    assert s["time_used_s"] >= s["time_s"]["planning"] + s["time_s"]["setup"] + s["time_s"]["train"]
     saved = (run / "plan.yaml").read_text()
     assert "# overridden by you: image_size, scale_range, epochs" in saved
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -166,3 +180,162 @@ def test_a_budget_that_cannot_hold_one_epoch_says_the_epoch_time(tmp_path):
     slow = plan.fixed_machine(train_ips_128=0.05, eval_ips_128=0.2)
     with pytest.raises(PixelsegError, match=r"--time-budget 30s cannot hold one epoch: one epoch takes about \d+s"):
         plan.make_plan(fp_of(write_folder(tmp_path / "d")), slow, 30)
+
+
+def _split_folder(root, train_names, val_names, size=32):
+    """A folder dataset with its own split: images/{train,val}/ + masks/{train,val}/."""
+    rng = np.random.default_rng(0)
+    for split, names in (("train", train_names), ("val", val_names)):
+        for d in ("images", "masks"):
+            (root / d / split).mkdir(parents=True)
+        for n in names:
+            mask = np.zeros((size, size), np.uint8)
+            mask[4:12, 4:12] = 1
+            Image.fromarray((rng.integers(0, 255, (size, size, 3))).astype(np.uint8)).save(
+                root / "images" / split / f"{n}.png")
+            Image.fromarray(mask).save(root / "masks" / split / f"{n}.png")
+    return root
+
+
+def test_val_group_only_where_val_is_carved_out_of_train_else_the_shared_sequences_note(tmp_path):
+    # defect 6: a dataset with its own val split (val/ sub-folders) gets no val_group (it would do nothing
+    # there), but the note that its official split shares sequences between train and val
+    seqs = [f"seq{s}_{f:04d}" for s in range(4) for f in range(6)]
+    root = _split_folder(tmp_path / "own", [n for n in seqs if int(n[-1]) < 4], [n for n in seqs if int(n[-1]) >= 4])
+    p = plan.make_plan(fp_of(root), FAST, 600)
+    assert "val_group" not in p.choices
+    assert any("official split shares sequences seq0, seq1, seq2" in n for n in p.notes)
+    assert "# note: the official split shares sequences" in plan.to_yaml(p)
+    # the same names with val carved out of train (no val/): val_group, as before
+    carved = plan.make_plan(fp_of(write_folder(tmp_path / "c", names="seq{seq}_{frame:04d}")), FAST, 600)
+    assert carved.choices["val_group"].value == "prefix" and carved.notes == []
+    assert carved.fingerprint.val_carved and not p.fingerprint.val_carved
+
+
+def _save_image(path, arr):
+    if path.suffix == ".tif":
+        import tifffile
+        tifffile.imwrite(path, arr)
+    else:
+        Image.fromarray(arr).save(path)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("first_grey_then_rgb", 3),   # 8-bit grey first, RGB after: read as RGB (the plan used to say 1)
+    ("all_grey8", 3),             # 8-bit grey is read as RGB: the docs promise in_channels only for 16-bit/multi-band
+    ("all_grey16", 1),            # 16-bit grey: one channel
+    ("multiband", 4),             # 4-band rasters: four (the fingerprint used to fail reading them as RGB)
+])
+def test_in_channels_decided_from_every_sampled_image(tmp_path, kind, expected):
+    root = write_folder(tmp_path / "d", n=12, size=32, obj=8)
+    rng = np.random.default_rng(1)
+    for i, path in enumerate(sorted((root / "images").iterdir())):
+        if kind == "first_grey_then_rgb" and i > 0:
+            continue
+        path.unlink()
+        if kind in ("first_grey_then_rgb", "all_grey8"):
+            _save_image(path, rng.integers(0, 255, (32, 32), dtype=np.uint8))
+        elif kind == "all_grey16":
+            Image.fromarray(rng.integers(0, 65535, (32, 32)).astype(np.uint16)).save(path)
+        else:
+            _save_image(path.with_suffix(".tif"), rng.integers(0, 65535, (32, 32, 4)).astype(np.uint16))
+    p = plan.make_plan(fp_of(root), FAST, 600)
+    assert p.fingerprint.channels == expected
+    assert p.choices["in_channels"].value == expected if expected != 3 else "in_channels" not in p.choices
+    cfg = config.resolve_config(p.overrides() | {"run_dir": str(tmp_path / "r")})
+    from pixelseg.data.io import read_input
+    for path in (root / "images").iterdir():  # every image reads with the planned count
+        assert read_input(path, cfg["in_channels"]).shape[2] == expected
+
+
+def test_images_that_need_different_channel_counts_are_one_line(tmp_path):
+    import tifffile
+    root = write_folder(tmp_path / "d", n=6, size=32, obj=8)
+    rng = np.random.default_rng(2)
+    for i, path in enumerate(sorted((root / "images").iterdir())):
+        path.unlink()
+        tifffile.imwrite(path.with_suffix(".tif"), rng.integers(0, 255, (32, 32, 4 if i % 2 else 1), dtype=np.uint8))
+    with pytest.raises(PixelsegError, match=r"need different channel counts \(img\d\.tif: 1, img\d\.tif: 4\)"):
+        fp_of(root)
+
+
+
+def synthetic_fp(n_train=400, hw=(4000, 6000), n_val=100):
+    """A fingerprint without files: ``n_train`` photos of ``hw`` with one mid-sized class."""
+    return plan.Fingerprint(
+        dataset="folder", n_train=n_train, n_val=n_val, sampled=120, sizes_hw=[hw] * min(n_train, 1000), channels=3,
+        bit_depth=8, mean=[0.5] * 3, std=[0.2] * 3, class_names=["bg", "thing"], pixel_freq=[0.8, 0.2],
+        image_freq=[1.0, 1.0], object_scale=[0.9, 0.2], up_asymmetry=0.2, side_asymmetry=0.01,
+        train_names=[f"p{i}" for i in range(n_train)], val_names=[], val_group_option=True, val_carved=True)
+
+
+def test_crop_plans_a_cache_side_that_fits_memory_and_the_epoch_estimate_pays_the_rescale():
+    # defect 14: 400 photos of 6000×4000 would cache ~36 GB at source resolution; --crop only ever uses a
+    # shorter side of 1.5 × the input's, so the plan caps the cache there (and lower where RAM is short)
+    fp = synthetic_fp()
+    p = plan.make_plan(fp, FAST, 600)
+    hw = sizes.size_hw(p.choices["image_size"].value)
+    side = p.choices["cache_max_side"].value
+    assert p.choices["crop"].value is True and side is not None
+    assert side == 32 * -(-1.5 * min(hw) * 1.5 // 32)  # hi 1.5 × the shorter side, at aspect 1.5, up to 32
+    assert "would take ~35.8 GB decoded" in p.choices["cache_max_side"].reason
+    cached_gb = 400 * side * (side / 1.5) * 4 / 2 ** 30
+    assert cached_gb <= plan.CACHE_MEMORY_SHARE * 16
+    small = plan.make_plan(fp, plan.fixed_machine(400.0, 1600.0, memory_gb=16.0, host_memory_gb=0.5), 600,
+                           {"image_size": p.choices["image_size"].value})
+    low = small.choices["cache_max_side"].value
+    assert max(hw) <= low < side and "lowered from" in small.choices["cache_max_side"].reason
+    assert 400 * low * (low / 1.5) * 4 / 2 ** 30 <= plan.CACHE_MEMORY_SHARE * 0.5
+    # the epoch estimate pays for rescaling each cached image (from the capped size): the same count of
+    # photos at the input size is cheaper by exactly that
+    args = (FAST, "unet", "mobilenet_v2", hw, 16, True)
+    assert plan.rescale_seconds(fp, FAST, hw)[1] == (side * 2 // 3, side)
+    big_s, small_s = plan.epoch_seconds(fp, *args), plan.epoch_seconds(synthetic_fp(hw=hw), *args)
+    extra = 400 * plan.RESIZE_S_PER_MPX * (side * (side * 2 // 3) - hw[0] * hw[1]) / 1e6 / FAST.cores
+    assert extra > 0 and big_s - small_s == pytest.approx(extra)
+    # images no larger than what the crops use are cached as they are; without --crop no cache side
+    assert plan.make_plan(synthetic_fp(hw=(128, 128)), FAST, 600).choices["cache_max_side"].value is None
+    assert "cache_max_side" not in plan.make_plan(fp, FAST, 600, {"crop": False}).choices
+
+
+def test_accumulation_only_where_the_batch_does_not_fit_memory():
+    # suspected defect: "no accumulation: it fits memory" was said without looking at memory
+    fp = synthetic_fp(n_train=2000, hw=(512, 512))
+    roomy = plan.make_plan(fp, plan.fixed_machine(400.0, 1600.0, memory_gb=64.0), 3600, {"image_size": 512})
+    assert roomy.choices["accumulate"].value == 1 and "within 50% of the 64 GB RAM" in roomy.choices["accumulate"].reason
+    # a batch of 16 at 512×512 needs ~7.5 GB here (U-Net/MobileNetV2's activations): a 4 GB machine accumulates
+    tight = plan.make_plan(fp, plan.fixed_machine(400.0, 1600.0, memory_gb=4.0), 3600, {"image_size": 512})
+    acc, batch = tight.choices["accumulate"].value, tight.choices["batch_size"].value
+    assert batch == 16 and acc > 1 and batch % acc == 0
+    assert tight.fingerprint is fp and "over 50% of the 4 GB RAM" in tight.choices["accumulate"].reason
+    assert plan.fixed_machine(memory_gb=4.0).step_gb("unet", "mobilenet_v2", (512, 512), batch // acc) <= 2.0
+    assert plan.fixed_machine(memory_gb=4.0).step_gb("unet", "mobilenet_v2", (512, 512), 2 * batch // acc) > 2.0
+    config.resolve_config(tight.overrides() | {"run_dir": "r", "data_root": "x"})  # batch divides by accumulate
+
+
+# -- pretrained encoders: used where installed, fitted to the data, named where missing -------------------------
+
+def test_plan_uses_an_installed_pretrained_encoder_and_fits_it_to_the_data(tmp_path, monkeypatch):
+    photos = fp_of(write_folder(tmp_path / "p", up=True))  # an 'up': photos of the world
+    aerial = fp_of(write_folder(tmp_path / "a"))  # squares anywhere: no 'up', the aerial/microscopy guess
+    monkeypatch.setattr(plan, "_pretrained", lambda backbone: backbone == "efficientnet_lite0")
+    p = plan.make_plan(photos, FAST, 600).choices
+    assert p["backbone"].value == "efficientnet_lite0" and p["weights"].value == "imagenet"
+    assert "installed" in p["weights"].reason
+    assert p["freeze_encoder"].value is False and p["encoder_lr_mult"].value == plan.FINETUNE_LR_MULT
+    assert p["freeze_encoder_bn"].value is True
+    a = plan.make_plan(aerial, FAST, 600).choices
+    assert a["weights"].value == "imagenet" and a["encoder_lr_mult"].value == 1.0
+    assert a["freeze_encoder_bn"].value is False and "no 'up'" in a["encoder_lr_mult"].reason
+    text = plan.to_yaml(plan.plan_from_options({"dataset": "folder", "data_root": str(tmp_path / "p")}, FAST, False))
+    cfg = config.resolve_config(config.parse_yaml_text(text) if hasattr(config, "parse_yaml_text")
+                                else yaml.safe_load(text))
+    assert cfg["backbone"] == "efficientnet_lite0" and cfg["freeze_encoder_bn"] is True
+
+
+def test_plan_without_weights_trains_from_scratch_and_names_the_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan, "_pretrained", lambda backbone: False)
+    p = plan.make_plan(fp_of(write_folder(tmp_path / "p", up=True)), FAST, 600).choices
+    assert p["backbone"].value == "mobilenet_v2" and p["weights"].value is None
+    assert "pip install 'pixelseg[weights]'" in p["weights"].reason
+    assert p["encoder_lr_mult"].value == 1.0 and p["freeze_encoder_bn"].value is False

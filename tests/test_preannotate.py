@@ -252,3 +252,75 @@ def test_bad_options_fail_before_any_output(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(PixelsegError, match="--min-area"):
         pre.check_options("coco", "polygon", -1)
+
+
+def test_yolo_same_names_get_distinct_files_and_never_write_through_links(tmp_path, monkeypatch):
+    """Issue 30 #1: d1/img0.png and d2/img0.png: the first is hard-linked into the export; the second used to be
+    copied THROUGH that link into d1/img0.png. Now each gets its own name and the user's files are untouched."""
+    m = [np.zeros((20, 30), np.uint8), np.ones((20, 30), np.uint8)]
+    p1 = _dataset(tmp_path / "d1", m[:1])
+    p2 = _dataset(tmp_path / "d2", m[1:])   # also images/img0.png, other pixels
+    assert p1[0].name == p2[0].name
+    before = {p: p.read_bytes() for p in p1 + p2}
+    for link_works in (True, False):
+        out = tmp_path / f"out{link_works}"
+        out.mkdir()
+        if not link_works:   # another file system: copies, created new, never opened through a link
+            monkeypatch.setattr(pre.os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError("EXDEV")))
+        (root,) = pre.write("yolo", _items(p1 + p2, m, "polygon"), CLASSES, PALETTE, out)
+        assert {p: p.read_bytes() for p in p1 + p2} == before
+        files = sorted(f.relative_to(root / "images").as_posix() for f in (root / "images").rglob("*.png"))
+        assert len(files) == 2 and len({Path(f).stem for f in files}) == 2
+        listed = [ln for s in ("train", "val") if (root / f"{s}.txt").is_file()
+                  for ln in (root / f"{s}.txt").read_text().split()]
+        assert sorted(listed) == ["images/" + f for f in files]
+        back = {it.name: it for it in yolo.read(root).items}
+        assert len(back) == 2 and len(list((root / "labels").rglob("*.txt"))) == 2
+        for f in files:   # each copy holds its own input's pixels
+            src = p1[0] if Path(f).stem == "img0" else p2[0]
+            assert (root / "images" / f).read_bytes() == src.read_bytes()
+
+
+def test_yolo_export_has_a_real_val_split_and_no_partial_folder_on_failure(tmp_path, monkeypatch):
+    """Issue 30 #4: the export's val is not the training folder; reading it back validates on other images.
+    And a failed write removes yolo.partial/ (suspected item)."""
+    masks = [scene(s) for s in range(6)]
+    paths = _dataset(tmp_path, masks)
+    (root,) = pre.write("yolo", _items(paths, masks, "polygon"), CLASSES, PALETTE, tmp_path)
+    import yaml
+    doc = yaml.safe_load((root / "data.yaml").read_text())
+    assert doc["train"] == "images/train" and doc["val"] == "images/val"
+    labels = yolo.read(root)
+    parts = labels.splits()
+    assert len(parts["val"]) >= 1 and len(parts["train"]) + len(parts["val"]) == 6
+    assert not {it.name for it in parts["val"]} & {it.name for it in parts["train"]}
+    assert not any("training images" in n for n in labels.notes)
+
+    def boom(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(pre, "_place_image", boom)
+    with pytest.raises(OSError):
+        pre.write("yolo", _items(paths, masks, "polygon"), CLASSES, PALETTE, tmp_path / "again")
+    assert not (tmp_path / "again" / "yolo.partial").exists() and not (tmp_path / "again" / "yolo").exists()
+
+
+@pytest.mark.parametrize("name", ["my photo.png", "a.png", "ü+#%.png"])
+def test_labelstudio_reads_pixelseg_local_file_references(tmp_path, monkeypatch, name):
+    """Issue 30 #11: predict -> Label Studio -> train: `/data/local-files/?d=images/my%20photo.png` (URL-encoded,
+    relative to where predict ran) and `?d=a.png` resolve to the files next to the export."""
+    m = [scene(0)]
+    root = tmp_path / "proj"
+    (root / "images").mkdir(parents=True)
+    img = root / "images" / name
+    Image.fromarray(np.zeros((*m[0].shape, 3), np.uint8)).save(img, format="PNG")
+    for cwd, ref_dir in ((root, "images"), (root / "images", "")):
+        monkeypatch.chdir(cwd)
+        tasks = pre.labelstudio_tasks(_items([Path(ref_dir or ".") / name], m, "mask"), "v")
+        ref = tasks[0]["data"]["image"]
+        assert ref.startswith("/data/local-files/?d=") and " " not in ref
+        for t in tasks:
+            t["annotations"] = [{"result": t.pop("predictions")[0]["result"]}]
+        (root / "project.json").write_text(json.dumps(tasks))
+        (root / "config.xml").write_text(pre.labelstudio_config(CLASSES[1:], dict(zip(CLASSES, PALETTE)), "mask"))
+        labels = labelstudio.read(root)
+        assert [it.image for it in labels.items] == [img]

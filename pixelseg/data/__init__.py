@@ -127,7 +127,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
 
     def work(s):
         try:
-            img = read_input(s.image, channels)
+            img = read_input(s.image, channels, exif_transpose=getattr(s, "orientation", 1) != 1)  # labels/rules.py
         except UnreadableImage as exc:
             return None, None, str(exc)
         target = read_target(s)

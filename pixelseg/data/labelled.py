@@ -3,7 +3,8 @@
 
 Each sample carries its shapes as COCO RLE; `ShapeReader` rasterises them at the image's own size (one
 overlap rule, labels/raster.py) and resizes the mask with NEAREST, so the decode cache, `--cache none`
-workers, shards and `evaluate --full-res` all see the same masks. Splits: the export's own (Roboflow's
+workers, shards and `evaluate --full-res` all see the same masks. Images are read upright as their EXIF
+Orientation says, because the tools annotate what a viewer shows (labels/rules.py). Splits: the export's own (Roboflow's
 train/valid/test, COCO's instances_<split>, CVAT's subset, sub-folders); where there is no val split,
 folder's seeded `--val-fraction` (grouped by `--val-group`) holds one out.
 """
@@ -33,6 +34,13 @@ class LabelSample(Sample):
     height: int = 0
     width: int = 0
     shapes: list = field(default_factory=list)
+    orientation: int = 1   # EXIF Orientation: != 1 -> the pixels are turned upright before use (labels/rules.py)
+
+
+def upright_size(s: LabelSample) -> tuple[int, int]:
+    """(width, height) of the sample's file as viewers show it."""
+    w, h = _open(s.image).size
+    return (h, w) if s.orientation in (5, 6, 7, 8) else (w, h)
 
 
 @dataclass
@@ -41,12 +49,12 @@ class ShapeReader:
     overlap: str = "smaller"
 
     def __call__(self, s: LabelSample, size=None, max_side=None):
-        isz = _open(s.image).size
+        isz = upright_size(s)
         if isz != (s.width, s.height):
             raise PixelsegError(f"{s.image}: the file is {isz[0]}×{isz[1]} but its annotations ({s.mask}) were "
                                 f"read for {s.width}×{s.height}; it changed since")
         target = fit_size((s.height, s.width), size, max_side)
-        img = read_image(s.image, target)
+        img = read_image(s.image, target, exif_transpose=s.orientation != 1)
         return img, self.target(s, target)
 
     def target(self, s: LabelSample, size=None) -> np.ndarray:
@@ -95,7 +103,8 @@ def report_line(labels: LabelSet, root) -> str:
 def splits(labels: LabelSet, o: dict) -> dict[str, list[LabelSample]]:
     out: dict[str, list[LabelSample]] = {}
     for split, items in labels.splits().items():
-        out[split] = [LabelSample(it.name, it.image, it.source, it.height, it.width, it.shapes) for it in items]
+        out[split] = [LabelSample(it.name, it.image, it.source, it.height, it.width, it.shapes, it.orientation)
+                      for it in items]
     if "train" not in out and len(out) == 1:  # one unnamed split (CVAT's "default", a single file)
         out = {"train": next(iter(out.values()))}
     if "train" in out and "val" not in out:
@@ -116,6 +125,8 @@ def _split(name: str, root, parts: dict, split: str) -> list[LabelSample]:
 def _signature(labels: LabelSet, o: dict) -> str:
     h = hashlib.sha1(repr(sorted(o.items())).encode())
     for it in labels.items:
+        if it.orientation != 1:  # read upright: not the pixels an older cache holds
+            h.update(f"{it.name}|exif{it.orientation}".encode())
         for s in it.shapes:
             h.update(s.rle["counts"] if isinstance(s.rle["counts"], bytes) else str(s.rle["counts"]).encode())
             h.update(f"{s.class_id}|{s.z}|{s.order}".encode())

@@ -180,9 +180,10 @@ def _source_items(ds, file_dataset_cls):
                 yield str(s.image), None, None, None
                 continue
             ext = {"jpeg": "jpg", "png": "png"}.get(fmt)
-            if ext is None:  # other formats are stored as PNG of what the dataset reads (lossless)
+            turn = getattr(s, "orientation", 1) != 1   # annotated upright (labels/rules.py): stored upright
+            if ext is None or turn:  # other formats are stored as PNG of what the dataset reads (lossless)
                 buf = io.BytesIO()
-                Image.fromarray(read_image(s.image)).save(buf, format="PNG")
+                Image.fromarray(read_image(s.image, exif_transpose=turn)).save(buf, format="PNG")
                 data, ext = buf.getvalue(), "png"
             yield s.name, data, ext, mask
     else:  # array datasets (synthetic): lossless PNG of the arrays

@@ -6,15 +6,19 @@ Layouts found without flags (`--data-root`):
                (CVAT's COCO export: annotations/instances_default.json + images/ -> one split, val by --val-fraction)
     one file   ROOT/_annotations.coco.json or ROOT/annotations.json next to the images
 
-Categories become class ids 1..K in category-id order (0 is background), named from the file. A category
-that no annotation uses and that other categories name as their supercategory is left out: that is
-Roboflow's placeholder (id 0, the project name), not a class. iscrowd (`--iscrowd`): `class` (default) paints
+Categories become class ids 1..K in category-id order (0 is background), named from the file; a category
+named "background" is class 0 and at most 254 classes are read (labels/rules.py, as every reader). A
+category that no annotation uses and that *other* categories name as their supercategory is left out: that
+is Roboflow's placeholder (id 0, the project name), not a class (COCO's own `person`, its own supercategory,
+stays a class). Split names: `valid`/`validation` -> val, and COCO's year suffix is dropped
+(instances_train2017.json -> train, images still looked for in images/train2017/ or train2017/). iscrowd (`--iscrowd`): `class` (default) paints
 a crowd region with its category, as torchvision's COCO segmentation reference and COCO-Stuff's PNG
 conversion do (semantic segmentation has no instances to separate); `ignore` paints it 255 (left out of loss
 and metrics) for exports whose crowd masks are loose.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import PixelsegError
@@ -23,10 +27,18 @@ from .raster import export_values, shape_values
 from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
                      polygons_rle)
 from .rle import RLEError, coco_rle_checked
+from .rules import class_ids
 
 ISCROWD = ("class", "ignore")
 ROBOFLOW_FILE = "_annotations.coco.json"
 SPLIT_ALIASES = {"valid": "val", "validation": "val"}
+
+
+def split_name(name: str) -> str:
+    """A folder's or file's split name as pixelseg calls it: valid -> val, train2017 -> train."""
+    m = re.fullmatch(r"(train|val|valid|validation|test)(?:[-_]?(?:19|20)\d\d)", name)
+    name = m.group(1) if m else name
+    return SPLIT_ALIASES.get(name, name)
 
 
 def discover(root: Path) -> list[tuple[str, Path, list[Path]]]:
@@ -36,13 +48,13 @@ def discover(root: Path) -> list[tuple[str, Path, list[Path]]]:
     found = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         if (d / ROBOFLOW_FILE).is_file():
-            found.append((SPLIT_ALIASES.get(d.name, d.name), d / ROBOFLOW_FILE, [d, d / "images"]))
+            found.append((split_name(d.name), d / ROBOFLOW_FILE, [d, d / "images"]))
     if found:
         return found
     for f in sorted((root / "annotations").glob("instances_*.json")):
         split = f.stem[len("instances_"):]
         folders = [root / "images" / split, root / split, root / "images", root]
-        found.append((SPLIT_ALIASES.get(split, split), f, folders))
+        found.append((split_name(split), f, folders))
     if found:
         return found
     for name in (ROBOFLOW_FILE, "annotations.json", "instances.json"):
@@ -66,17 +78,22 @@ def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[st
                                     "the splits must share one category table")
             cats[cid] = (name, str(c.get("supercategory") or ""), path)
         used.update(a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict))
-    supers = {sup for _, sup, _ in cats.values()}
     notes, keep = [], []
     for cid in sorted(cats, key=lambda v: (str(type(v)), v)):
         name = cats[cid][0]
-        if cid not in used and name in supers:
+        parent_of_others = any(sup == name and other != cid for other, (_, sup, _) in cats.items())
+        if cid not in used and parent_of_others:
             notes.append(f"category {cid} {name!r} left out: no annotation uses it and it is the supercategory of "
                          "the others (Roboflow's placeholder), not a class")
             continue
         keep.append(cid)
-    table = {cid: i + 1 for i, cid in enumerate(keep)}
-    return table, ["background"] + [cats[c][0] for c in keep], notes
+    ids = class_ids([cats[c][0] for c in keep], files[0][0] if files else "COCO", "categorie", unique=False)  # "...categories"
+    table = dict(zip(keep, ids))
+    names = ["background"] + [""] * max([v for v in ids if v != IGNORE], default=0)
+    for c, v in zip(keep, ids):
+        if 0 < v < IGNORE and not names[v]:
+            names[v] = cats[c][0]
+    return table, names, notes
 
 
 @shape_values
@@ -115,7 +132,8 @@ def _read_file(path: Path, data: dict, split: str, folders: list[Path], table: d
         found = sized_image(problems, path, f"image id {im['id']}", str(im["file_name"]), folders,
                             (im.get("width"), im.get("height")))
         if found is not None:
-            images[im["id"]] = Item(name, found[0], found[1], found[2], split=split, source=path)
+            images[im["id"]] = Item(name, found[0], found[1], found[2], split=split, source=path,
+                                    orientation=found[3])
     dropped_images = {im.get("id") for im in data["images"] if isinstance(im, dict)} - set(images)
     for order, ann in enumerate(data.get("annotations") or []):
         where = f"annotation id {ann.get('id')!r}" if isinstance(ann, dict) else f"annotation #{order}"

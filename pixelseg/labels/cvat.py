@@ -1,4 +1,5 @@
-"""CVAT for images 1.1 XML: <polygon>, <mask> (CVAT's RLE over left/top/width/height), <box> (--boxes), z_order.
+"""CVAT for images 1.1 XML: <polygon>, <mask> (CVAT's RLE over left/top/width/height), <box> (--boxes, turned by
+its `rotation`, degrees clockwise about its centre, as CVAT draws it), z_order.
 
 Layout: ROOT/annotations.xml (or the one *.xml in ROOT) + the images in ROOT/images/ (CVAT's "save images"
 export) or ROOT/. Labels and colours come from <meta>'s <labels>; an image's `subset` attribute (Train,
@@ -14,7 +15,7 @@ from ..errors import PixelsegError
 from .files import Names, class_names, class_table, sized_image
 from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
-                     mask_rle, polygons_rle)
+                     mask_rle, polygons_rle, rotated_box)
 from .rle import RLEError, cvat_rle_decode
 
 SUBSETS = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
@@ -81,7 +82,7 @@ def _shape_rle(el: ET.Element, h: int, w: int, boxes: bool):
             x0, y0, x1, y1 = (float(el.get(k)) for k in ("xtl", "ytl", "xbr", "ybr"))
         except (TypeError, ValueError):
             raise BadShape("box needs numeric xtl, ytl, xbr, ybr") from None
-        return polygons_rle([box_polygon(x0, y0, x1, y1)], h, w)
+        return polygons_rle([rotated_box(box_polygon(x0, y0, x1, y1), el.get("rotation"))], h, w)
     if tag == "mask":
         try:
             m = cvat_rle_decode(el.get("rle", ""), el.get("left", 0), el.get("top", 0), el.get("width", 0),
@@ -110,11 +111,10 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
         found = sized_image(problems, path, where, fname, folders, (im.get("width"), im.get("height"))) if stem else None
         if found is None:
             continue
-        item = Item(stem, found[0], found[1], found[2], split=split, source=path)
+        item = Item(stem, found[0], found[1], found[2], split=split, source=path, orientation=found[3])
         for k, el in enumerate(im):
             if el.tag in NOT_REGIONS or el.tag == "tag":
-                if el.tag != "tag":
-                    out.dropped[f"<{el.tag}> is not a region"] += 1
+                out.dropped[f"<{el.tag}> is not a region"] += 1
                 continue
             if el.tag not in ("polygon", "box", "mask"):
                 continue

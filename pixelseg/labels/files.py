@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from ..errors import PixelsegError
 from .raster import Problems
+from .rules import class_ids, stored_size_note, upright_hw
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -23,20 +25,28 @@ def read_json(path: Path):
 
 
 def image_hw(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the file's header, None when it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            return im.size[1], im.size[0]
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+    """(height, width) of the image as viewers show it (EXIF-upright, rules.py), None when missing or unreadable."""
+    hw = upright_hw(path)
+    return None if hw is None else hw[:2]
+
+
+def reference_name(name: str) -> str:
+    """The file path an export records for an image: a relative path, or what a URL points at. Label Studio's
+    local-files URLs (`/data/local-files/?d=images/my%20photo.jpg`, as pixelseg's writer makes them) carry it
+    URL-encoded in `d`; upload URLs (`/data/upload/1/0123abcd-a.jpg`) and http(s) URLs in their path."""
+    name = name.replace("\\", "/")
+    if "://" in name or name.startswith("/data/") or "?d=" in name:
+        parts = urlsplit(name)
+        d = [unquote(v[2:]) for v in parts.query.split("&") if v.startswith("d=")]  # %20 decoded, "+" kept
+        if d and d[0]:
+            return d[0].lstrip("/")
+        return unquote(parts.path).rsplit("/", 1)[-1]
+    return name
 
 
 def find_image(name: str, folders: list[Path]) -> Path | None:
     """`name` (as the export records it: a relative path, a URL or an upload path) under one of `folders`."""
-    name = name.replace("\\", "/")
-    if "://" in name or name.startswith("/data/"):
-        name = name.rsplit("/", 1)[-1]
+    name = reference_name(name)
     cands = [name, name.rsplit("/", 1)[-1]]
     m = re.match(r"^[0-9a-f]{8}-(.+)$", cands[-1])  # Label Studio prefixes uploads with 8 hex digits
     if m:
@@ -50,13 +60,14 @@ def find_image(name: str, folders: list[Path]) -> Path | None:
 
 
 def sized_image(problems: Problems, file, where: str, name: str, folders: list[Path],
-                recorded: tuple | None = None) -> tuple[Path, int, int] | None:
-    """The image of an annotation, checked: exists, decodes, and has the recorded (width, height)."""
+                recorded: tuple | None = None) -> tuple[Path, int, int, int] | None:
+    """The image of an annotation, checked: exists, decodes, and has the recorded (width, height) when turned
+    upright (rules.py); returns (path, upright height, upright width, EXIF orientation)."""
     path = find_image(name, folders)
     if path is None:
         problems.bad(file, where, f"image {name!r} not found in {', '.join(str(f) for f in folders[:3])}")
         return None
-    hw = image_hw(path)
+    hw = upright_hw(path)
     if hw is None:
         problems.bad(file, where, f"image {path} cannot be read")
         return None
@@ -66,10 +77,12 @@ def sized_image(problems: Problems, file, where: str, name: str, folders: list[P
         except (TypeError, ValueError):
             problems.bad(file, where, f"recorded size {recorded} is not a number pair")
             return None
-        if (rh, rw) != hw:
-            problems.bad(file, where, f"records {name!r} as {rw}×{rh} but the file {path.name} is {hw[1]}×{hw[0]}")
+        if (rh, rw) != hw[:2]:
+            why = stored_size_note(hw[2]) if (rw, rh) == (hw[0], hw[1]) and hw[2] >= 5 else ""
+            problems.bad(file, where, f"records {name!r} as {rw}×{rh} but the file {path.name} is {hw[1]}×{hw[0]}"
+                         + (" upright" if hw[2] >= 5 else "") + why)
             return None
-    return path, hw[0], hw[1]
+    return path, hw[0], hw[1], hw[2]
 
 
 class Names:
@@ -90,23 +103,8 @@ class Names:
 
 
 def class_table(names: list[str], file, what: str) -> dict[str, int]:
-    """Declared label names -> class ids 1..K (0 is background); '__ignore__' (LabelMe's) -> 255."""
-    out: dict[str, int] = {}
-    k = 1
-    for n in names:
-        if n in out:
-            raise PixelsegError(f"{file}: {what} {n!r} is declared twice")
-        if n in ("__ignore__",):
-            out[n] = 255
-            continue
-        if n in ("_background_", "background"):
-            out[n] = 0
-            continue
-        out[n] = k
-        k += 1
-    if k > 255:
-        raise PixelsegError(f"{file}: {k - 1} {what}s; at most 254 classes are supported")
-    return out
+    """Declared label names -> class ids (rules.py: background names 0, '__ignore__' 255, others 1..K)."""
+    return dict(zip(map(str, names), class_ids(names, file, what)))
 
 
 def class_names(table: dict[str, int]) -> list[str]:

@@ -3,17 +3,23 @@
 Layout: ROOT/**/*.json next to (or pointing at, via imagePath) the images; ROOT/train/, ROOT/val/, ROOT/test/
 sub-folders are splits. Classes: ROOT/labels.txt as labelme2voc reads it (one name per line; `__ignore__`
 -> 255, `_background_` -> 0), in its order; without it, the labels found, sorted. line, linestrip, point
-and mask shapes are left out and counted.
+and mask shapes are left out and counted. A JSON whose image file is not there but which embeds it
+(`imageData`, base64: LabelMe's default) is read from the embedded bytes, written once to the decode cache
+($PIXELSEG_CACHE/labelme-images/<sha1>.<ext>), as labelme's own json_to_dataset does.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import PixelsegError
-from .files import Names, class_names, class_table, read_json, sized_image
+from .files import Names, class_names, class_table, find_image, read_json, sized_image
 from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
                      polygons_rle)
@@ -55,6 +61,28 @@ def _polygon(shape: dict, h: int, w: int, boxes: bool):
     raise KeyError(kind)
 
 
+def _embedded(doc: dict, path: Path, problems: Problems) -> Path | None:
+    """The image LabelMe embedded in the JSON (`imageData`), as a file in the cache (written once)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data.base import cache_dir
+    from ..files import atomic_write_bytes
+    try:
+        data = base64.b64decode(doc["imageData"], validate=True)
+        fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
+    except (binascii.Error, ValueError, TypeError, OSError, UnidentifiedImageError) as exc:
+        problems.bad(path, "imageData", f"embedded image cannot be decoded ({exc.__class__.__name__})")
+        return None
+    out = cache_dir() / "labelme-images" / f"{hashlib.sha1(data).hexdigest()}.{'jpg' if fmt == 'jpeg' else fmt}"
+    if not out.is_file():
+        try:
+            atomic_write_bytes(out, data)
+        except OSError as exc:
+            raise PixelsegError(f"{path}: cannot write its embedded image to {out} ({exc.strerror or exc}); set "
+                                "PIXELSEG_CACHE to a writable folder") from None
+    return out
+
+
 @export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     root = Path(root)
@@ -82,11 +110,18 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     for split, path, doc in docs:
         img = str(doc.get("imagePath") or path.with_suffix(".jpg").name)
         stem = names.take(path, "imagePath", split, img)
-        found = sized_image(problems, path, "imagePath", img, [path.parent, path.parent / Path(img).parent],
+        folders = [path.parent, path.parent / Path(img).parent]
+        where = "imagePath"
+        if stem and find_image(img, folders) is None and isinstance(doc.get("imageData"), str) and doc["imageData"]:
+            emb = _embedded(doc, path, problems)
+            if emb is None:
+                continue
+            img, folders, where = emb.name, [emb.parent], "imageData"
+        found = sized_image(problems, path, where, img, folders,
                             (doc.get("imageWidth"), doc.get("imageHeight"))) if stem else None
         if found is None:
             continue
-        item = Item(stem, found[0], found[1], found[2], split=split, source=path)
+        item = Item(stem, found[0], found[1], found[2], split=split, source=path, orientation=found[3])
         for k, sh in enumerate(doc["shapes"]):
             sid = f"shape #{k} label={sh.get('label') if isinstance(sh, dict) else None!r}"
             if not isinstance(sh, dict):

@@ -3,23 +3,27 @@
 Layout: ROOT/<export>.json (the one JSON list of tasks in ROOT, or ROOT itself as the file) + the images in
 ROOT/images/ or ROOT/ (matched by file name; Label Studio's 8-hex-digit upload prefix is tried both ways).
 Labels: declared by a labelling config next to the export (ROOT/*.xml with <Label value="..."/>), in its
-order; without one, the names found, sorted (said so in the report). A task's last annotation that was not
-cancelled is used. Splits: none in the export; val by --val-fraction.
+order; without one, the names found, sorted (said so in the report). The image of a task is `data[KEY]` for
+the config's <Image value="$KEY">; without a config, data's `image` (or its first value naming an image file).
+Local-files URLs (`/data/local-files/?d=images/my%20photo.jpg`) are decoded and looked up under ROOT too.
+A task's last annotation that was not cancelled is used; a task without one (nobody labelled it, or every
+annotation was cancelled) is left out and counted, not trained as all background (labels/rules.py).
+Splits: none in the export; val by --val-fraction.
 """
 from __future__ import annotations
 
-import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import PixelsegError
-from .files import Names, class_names, class_table, read_json, sized_image
+from .files import IMAGE_SUFFIXES, Names, class_names, class_table, read_json, sized_image
 from .raster import export_values, shape_values
-from .raster import (BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape, mask_rle,
-                     polygons_rle)
+from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
+                     mask_rle, polygons_rle, rotated_box)
 from .rle import RLEError, ls_rle_decode
+from .rules import note_left_out
 
 KINDS = ("polygonlabels", "brushlabels", "rectanglelabels")
 
@@ -34,7 +38,8 @@ def find_export(root: Path) -> Path:
                         f"{len(jsons)}" + (f" ({', '.join(p.name for p in jsons[:4])})" if jsons else ""))
 
 
-def _declared(base: Path) -> tuple[list[str] | None, dict, Path | None]:
+def _declared(base: Path) -> tuple[list[str] | None, dict, Path | None, str | None]:
+    """(label names, their colours, the config file, the data key of its <Image>) of the labelling config."""
     for p in sorted(base.glob("*.xml")):
         try:
             doc = ET.parse(p).getroot()
@@ -47,8 +52,24 @@ def _declared(base: Path) -> tuple[list[str] | None, dict, Path | None]:
                 c = (el.get("background") or "").lstrip("#")
                 if len(c) == 6:
                     colours[el.get("value")] = tuple(int(c[i:i + 2], 16) for i in (0, 2, 4))
-            return list(dict.fromkeys(el.get("value") for el in labels)), colours, p
-    return None, {}, None
+            image = next((el.get("value", "") for el in doc.iter("Image") if el.get("value", "").startswith("$")), "")
+            return list(dict.fromkeys(el.get("value") for el in labels)), colours, p, image[1:] or None
+    return None, {}, None, None
+
+
+def _image_ref(data, key: str | None):
+    """The task's image reference: data[key] (the config's <Image value="$key">), else data's `image`, else its
+    first string that names an image file or URL."""
+    if not isinstance(data, dict):
+        return None
+    if key is not None:
+        v = data.get(key)
+        return v if isinstance(v, str) else None
+    if isinstance(data.get("image"), str):
+        return data["image"]
+    strings = [v for v in data.values() if isinstance(v, str)]
+    looks = [v for v in strings if "/" in v or Path(v.split("?")[0]).suffix.lower() in IMAGE_SUFFIXES]
+    return (looks or strings or [None])[0]
 
 
 @shape_values
@@ -77,10 +98,8 @@ def _region(r: dict, kind: str, h: int, w: int, boxes: bool):
     except (KeyError, TypeError, ValueError):
         raise BadShape("rectangle needs numeric x, y, width, height") from None
     x, y, bw, bh = x * w / 100, y * h / 100, bw * w / 100, bh * h / 100
-    a = math.radians(float(v.get("rotation") or 0))  # Label Studio rotates about the top-left corner
-    corners = np.array([[0, 0], [bw, 0], [bw, bh], [0, bh]], np.float64)
-    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    return polygons_rle([corners @ rot.T + [x, y]], h, w)
+    # Label Studio turns a rectangle about its top-left corner (x, y)
+    return polygons_rle([rotated_box(box_polygon(x, y, x + bw, y + bh), v.get("rotation"), (x, y))], h, w)
 
 
 def _annotation(task: dict) -> dict | None:
@@ -102,7 +121,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
         tasks = [tasks]
     if not isinstance(tasks, list):
         raise PixelsegError(f"{path}: not a Label Studio JSON export (expected a list of tasks)")
-    declared, colours, config = _declared(base)
+    declared, colours, config, key = _declared(base)
     notes = []
     if declared is None:
         found = sorted({str(_label_of(r, r.get("type"))) for t in tasks if isinstance(t, dict) and _annotation(t)
@@ -119,23 +138,27 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     problems = Problems(skip_bad)
     names = Names(problems)
     out = LabelSet("labelstudio", f"Label Studio {path.name}", names_, palette, [], notes)
+    unlabelled = 0
     for t_i, task in enumerate(tasks):
         if not isinstance(task, dict):
             problems.bad(path, f"task #{t_i}", "not an object")
             continue
-        _task(path, task, t_i, [base / "images", base], table, boxes, problems, names, out)
+        if _annotation(task) is None:
+            unlabelled += 1
+            continue
+        _task(path, task, t_i, [base / "images", base], table, boxes, problems, names, out, key)
+    note_left_out(out.notes, unlabelled, "task(s) without an annotation (none, or all cancelled)")
     out.bad = problems.skipped
     return check_not_empty(out, path)
 
 
-def _task(path, task, t_i, folders, table, boxes, problems, names, out) -> None:
+def _task(path, task, t_i, folders, table, boxes, problems, names, out, key=None) -> None:
     where = f"task {task.get('id', '#' + str(t_i))}"
-    data = task.get("data") or {}
-    img_name = next((v for v in data.values() if isinstance(v, str)), None) if isinstance(data, dict) else None
+    img_name = _image_ref(task.get("data") or {}, key)
     if not img_name:
-        problems.bad(path, where, "data holds no image reference")
+        problems.bad(path, where, f"data holds no image reference{f' under {key!r}' if key else ''}")
         return
-    ann = _annotation(task) or {}
+    ann = _annotation(task)
     results = [r for r in (ann.get("result") or []) if isinstance(r, dict)]
     recorded = next(((r.get("original_width"), r.get("original_height")) for r in results
                      if r.get("original_width")), None)
@@ -143,7 +166,7 @@ def _task(path, task, t_i, folders, table, boxes, problems, names, out) -> None:
     stem = names.take(path, where, None, found[0].name) if found else None  # the file's name, not the upload's
     if stem is None:
         return
-    item = Item(stem, found[0], found[1], found[2], source=path)
+    item = Item(stem, found[0], found[1], found[2], source=path, orientation=found[3])
     for k, r in enumerate(results):
         kind = r.get("type")
         sid = f"{where} result {r.get('id', k)!r}"

@@ -44,7 +44,7 @@ class Shape:
 
 @dataclass
 class Item:
-    """One image and its shapes; `height`/`width` are the image file's."""
+    """One image and its shapes; `height`/`width` are the image's as viewers show it (EXIF-upright, rules.py)."""
     name: str
     image: Path
     height: int
@@ -52,6 +52,7 @@ class Item:
     shapes: list[Shape] = field(default_factory=list)
     split: str | None = None
     source: Path | None = None   # the annotation file (its mtime keys the decode cache)
+    orientation: int = 1         # the file's EXIF Orientation: != 1 means its pixels are turned upright to read
 
 
 @dataclass
@@ -126,11 +127,37 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
-def default_palette(n: int) -> list[tuple[int, int, int]]:
-    """Black background, then tab20 colours."""
+def _colours():
+    """tab20, then golden-ratio hues over three saturations and three values: an endless stream of colours."""
+    import colorsys
+
     import matplotlib
-    colors = matplotlib.colormaps["tab20"].colors
-    return [(0, 0, 0)] + [tuple(int(round(255 * c)) for c in colors[i % len(colors)]) for i in range(n - 1)]
+    for c in matplotlib.colormaps["tab20"].colors:
+        yield tuple(round(255 * v) for v in c)
+    i = 0
+    while True:
+        rgb = colorsys.hsv_to_rgb((i * 0.6180339887) % 1.0, (0.9, 0.6, 0.4)[i % 3], (0.95, 0.75, 0.55)[(i // 3) % 3])
+        yield tuple(round(255 * v) for v in rgb)
+        i += 1
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """Black background, then tab20's colours, then more: n distinct colours for any n."""
+    return distinct_palette([(0, 0, 0)] + [None] * (n - 1))
+
+
+def distinct_palette(palette: list) -> list[tuple[int, int, int]]:
+    """`palette` with every missing (None) or repeated colour replaced by the next unused default one, so each
+    colour names one class (as `--dataset folder`'s classes.csv requires); background keeps black."""
+    out, used = [], set()
+    stream = _colours()
+    for c in palette:
+        c = None if c is None else tuple(int(v) for v in c)
+        while c is None or c in used:
+            c = next(stream)
+        out.append(c)
+        used.add(c)
+    return out
 
 
 def _check_points(pts: np.ndarray, h: int, w: int) -> bool:
@@ -164,6 +191,30 @@ def polygons_rle(polygons, h: int, w: int) -> tuple[dict, bool]:
 
 def box_polygon(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+
+
+def rotation_degrees(value) -> float:
+    """A shape's `rotation` attribute as degrees; BadShape when it is not a finite number."""
+    if value is None or value == "":
+        return 0.0
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise BadShape(f"rotation {value!r} is not a number (degrees)") from None
+    if not math.isfinite(a):
+        raise BadShape(f"rotation {value!r} is not a finite number (degrees)")
+    return a
+
+
+def rotated_box(corners: np.ndarray, degrees, about=None) -> np.ndarray:
+    """A box's 4 corners turned `degrees` clockwise on screen (y points down) about `about` (default: the
+    box's centre, as CVAT turns boxes; Label Studio turns about the top-left corner)."""
+    a = math.radians(rotation_degrees(degrees))
+    if a == 0:
+        return corners
+    c = corners.mean(0) if about is None else np.asarray(about, np.float64)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return (corners - c) @ rot.T + c
 
 
 def mask_rle(mask: np.ndarray) -> dict:

@@ -167,23 +167,57 @@ def coco_rle_checked(rle: dict, h: int, w: int) -> dict:
     size = rle.get("size") if isinstance(rle, dict) else None
     if not (isinstance(size, (list, tuple)) and len(size) == 2):
         raise RLEError("RLE has no size [height, width]")
-    if [int(size[0]), int(size[1])] != [h, w]:
+    try:
+        rh, rw = (_whole(v) for v in size)
+    except (TypeError, ValueError, OverflowError):
+        raise RLEError(f"RLE size {size!r} is not two whole numbers [height, width]") from None
+    if [rh, rw] != [h, w]:
         raise RLEError(f"RLE size {size[1]}×{size[0]} (w×h) differs from the image's {w}×{h}")
     counts = rle.get("counts")
     if isinstance(counts, list):  # uncompressed: check the length before pycocotools reads past it
-        if sum(int(c) for c in counts) != h * w:
-            raise RLEError(f"uncompressed RLE runs add up to {sum(int(c) for c in counts)} pixels but the image "
-                           f"has {h * w}")
-        rle = mask_utils.frPyObjects(rle, h, w)
+        try:
+            runs = [_whole(c) for c in counts]
+        except (TypeError, ValueError, OverflowError):
+            bad = next(c for c in counts if not _is_whole(c))
+            raise RLEError(f"uncompressed RLE counts hold {bad!r}, not a whole number") from None
+        if min(runs, default=0) < 0:
+            raise RLEError(f"uncompressed RLE has a negative run length {min(runs)}")
+        if sum(runs) != h * w:
+            raise RLEError(f"uncompressed RLE runs add up to {sum(runs)} pixels but the image has {h * w}")
+        rle = mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w)
     elif isinstance(counts, (str, bytes)):
-        rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        raise RLEError("RLE counts must be a string (compressed) or a list of integers (uncompressed)")
-    if isinstance(counts, (str, bytes)):
-        runs = coco_counts_from_string(counts.decode("ascii") if isinstance(counts, bytes) else counts)
+        try:
+            text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+            text.encode("ascii")
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise RLEError("compressed RLE counts hold non-ASCII characters") from None
+        runs = coco_counts_from_string(text)
         if min(runs, default=0) < 0 or sum(runs) != h * w:
             raise RLEError(f"compressed RLE runs add up to {sum(runs)} pixels but the image has {h * w}")
+        rle = {"size": [h, w], "counts": text.encode("ascii")}
+    else:
+        raise RLEError("RLE counts must be a string (compressed) or a list of integers (uncompressed)")
     return rle
+
+
+def _whole(v) -> int:
+    """An int, or a float/str that is exactly one (JSON writers emit 30.0); anything else raises ValueError."""
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, int):
+        return v
+    f = float(v)
+    if not f.is_integer():
+        raise ValueError(v)
+    return int(f)
+
+
+def _is_whole(v) -> bool:
+    try:
+        _whole(v)
+        return True
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def coco_counts_from_string(counts: str) -> list[int]:

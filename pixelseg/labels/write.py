@@ -4,8 +4,9 @@
     cvat         ONE file  annotations.xml         CVAT for images 1.1: <polygon>, or <mask> (CVAT's RLE)
     labelstudio  TWO files labelstudio_tasks.json  tasks with `predictions` (polygonlabels in percent, or
                            labelstudio_config.xml  brushlabels RLE), and the labelling config they match
-    yolo         A FOLDER  yolo/                   data.yaml, train.txt, labels/train/*.txt, images/train/
-                                                   (hard links, else copies, of the inputs); polygons only
+    yolo         A FOLDER  yolo/                   data.yaml, train.txt, val.txt, labels/{train,val}/*.txt,
+                                                   images/{train,val}/ (hard links, else copies, of the inputs;
+                                                   never written through); polygons only
 
 Regions. One region per class (`--shapes mask`: the class's pixels exactly) or per connected component of
 a class (`--shapes polygon`, the default: polygons are what people drag). Classes named "background"
@@ -54,6 +55,7 @@ class Region:
     rle: dict                      # COCO RLE (str counts) of the region's pixels
     score: float
     polygons: list = field(default_factory=list)   # each N×2 float (x, y), pixel-corner coordinates
+    attributes: dict = field(default_factory=dict)  # name -> str, written where the format has them (audit)
 
 
 @dataclass
@@ -166,6 +168,8 @@ def write_coco(items: list[ImageRegions], labels: list[str], palette: dict, out:
             seg = [[round(float(v), 2) for v in p.ravel()] for p in r.polygons] if r.polygons else r.rle
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat[r.label], "segmentation": seg,
                          "area": _area(r.rle), "bbox": _bbox(r.rle), "iscrowd": 0, "score": round(r.score, 6)})
+            if r.attributes:
+                anns[-1]["attributes"] = dict(r.attributes)
     doc = {"info": {"description": "pixelseg pre-annotations"}, "images": images, "annotations": anns,
            "categories": [{"id": cat[n], "name": n, "supercategory": ""} for n in labels]}
     path = out / "annotations.coco.json"
@@ -177,8 +181,10 @@ def _hex(rgb) -> str:
     return "#" + "".join(f"{int(v):02x}" for v in rgb)
 
 
-def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out: Path, **_) -> list[Path]:
-    """CVAT for images 1.1 XML; shapes have source="auto" (CVAT's mark for machine-made shapes)."""
+def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out: Path,
+               attributes: dict | None = None, **_) -> list[Path]:
+    """CVAT for images 1.1 XML; shapes have source="auto" (CVAT's mark for machine-made shapes).
+    `attributes` (name -> values) are declared on every label, as CVAT needs before it imports them."""
     root = ET.Element("annotations")
     ET.SubElement(root, "version").text = "1.1"
     task = ET.SubElement(ET.SubElement(root, "meta"), "task")
@@ -190,18 +196,27 @@ def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out:
         ET.SubElement(lab, "name").text = n
         ET.SubElement(lab, "color").text = _hex(palette[n])
         ET.SubElement(lab, "type").text = "any"
-        ET.SubElement(lab, "attributes")
+        attrs = ET.SubElement(lab, "attributes")
+        for a_name, values in (attributes or {}).items():
+            a = ET.SubElement(attrs, "attribute")
+            ET.SubElement(a, "name").text = a_name
+            ET.SubElement(a, "mutable").text = "False"
+            ET.SubElement(a, "input_type").text = "select"
+            ET.SubElement(a, "default_value").text = values[0]
+            ET.SubElement(a, "values").text = "\n".join(values)
     for i, it in enumerate(items):
         im = ET.SubElement(root, "image", id=str(i), name=it.image.name, width=str(it.width), height=str(it.height))
         for r in it.regions:
             common = {"label": r.label, "source": "auto", "occluded": "0", "z_order": "0"}
             if r.polygons:
                 pts = ";".join(f"{x:.2f},{y:.2f}" for x, y in r.polygons[0])
-                ET.SubElement(im, "polygon", points=pts, **common)
+                shape = ET.SubElement(im, "polygon", points=pts, **common)
             else:
                 counts, left, top, width, height = cvat_rle_encode(coco_rle_decode(r.rle, it.height, it.width))
-                ET.SubElement(im, "mask", rle=", ".join(map(str, counts)), left=str(left), top=str(top),
-                              width=str(width), height=str(height), **common)
+                shape = ET.SubElement(im, "mask", rle=", ".join(map(str, counts)), left=str(left), top=str(top),
+                                      width=str(width), height=str(height), **common)
+            for a_name, value in r.attributes.items():
+                ET.SubElement(shape, "attribute", name=a_name).text = str(value)
     ET.indent(root)
     path = out / "annotations.xml"
     atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n")
@@ -241,6 +256,8 @@ def labelstudio_tasks(items: list[ImageRegions], model_version: str, image_url: 
         for k, r in enumerate(it.regions):
             base = {"id": f"r{k}", "from_name": LS_FROM, "to_name": LS_TO, "original_width": it.width,
                     "original_height": it.height, "image_rotation": 0, "score": round(r.score, 6)}
+            if r.attributes:   # Label Studio shows a region's meta text beside it
+                base["meta"] = {"text": [", ".join(f"{a}: {v}" for a, v in r.attributes.items())]}
             if r.polygons:
                 pts = (r.polygons[0] * [100.0 / it.width, 100.0 / it.height]).round(4).tolist()
                 result.append({**base, "type": "polygonlabels",
@@ -263,35 +280,85 @@ def write_labelstudio(items: list[ImageRegions], labels: list[str], palette: dic
     return [tasks, config]
 
 
+VAL_EVERY = 5   # YOLO export: every 5th image (from the 3rd, in input order) is val, so val is ~20% and spread
+
+
+def _yolo_split(n: int) -> list[str]:
+    """Split of each of n images: one image can only be train (no val then); otherwise every VAL_EVERY-th
+    image, at least one, is val."""
+    if n < 2:
+        return ["train"] * n
+    split = ["val" if k % VAL_EVERY == VAL_EVERY // 2 else "train" for k in range(n)]
+    if "val" not in split:
+        split[-1] = "val"
+    return split
+
+
+def _unique_names(items: list[ImageRegions]) -> list[str]:
+    """Output file names: each input's own, and for inputs that share one (d1/a.jpg, d2/a.jpg) a -2, -3 ...
+    suffix on the stem, so no image and no label file is written twice."""
+    stems, out = set(), []   # label files are per stem, so a.jpg and a.png collide too
+    for it in items:
+        name, k = it.image.name, 1
+        while Path(name).stem.lower() in stems:
+            k += 1
+            name = f"{it.image.stem}-{k}{it.image.suffix}"
+        stems.add(Path(name).stem.lower())
+        out.append(name)
+    return out
+
+
+def _place_image(src: Path, dst: Path) -> None:
+    """A hard link to `src` at the new path `dst`, or a copy: never opening an existing file to write into
+    it (a hard link there would be the user's photo)."""
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(f"{dst} exists")  # names are unique: a bug, not a file to overwrite
+    try:
+        os.link(src, dst)
+        return
+    except OSError:   # another file system, or links not allowed
+        pass
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # a new file, or an error: never through a link
+    with os.fdopen(fd, "wb") as f, open(src, "rb") as g:
+        shutil.copyfileobj(g, f)
+    shutil.copystat(src, dst)
+
+
 def write_yolo(items: list[ImageRegions], labels: list[str], palette: dict, out: Path, shapes: str = "polygon",
                **_) -> list[Path]:
     """Ultralytics YOLO-seg, as CVAT imports it ("Ultralytics YOLO Segmentation 1.0") and Ultralytics trains
-    on it: one split, train. Written to yolo.partial/ and renamed, so no half folder is left."""
+    on it: train and val splits (every 5th image val, `_yolo_split`), so the folder reads back with a real
+    val split. Written to yolo.partial/ and renamed, so no half folder is left (and a failed write removes it)."""
     if shapes != "polygon":
         raise PixelsegError("--format yolo holds polygons only; drop --shapes mask")
     final, tmp = out / "yolo", out / "yolo.partial"
     if final.exists():
         raise PixelsegError(f"{final} exists; choose another --out or remove it")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "labels" / "train").mkdir(parents=True)
-    (tmp / "images" / "train").mkdir(parents=True)
-    cls = {n: i for i, n in enumerate(labels)}
-    listing = []
-    for it in items:
-        lines = [f"{cls[r.label]} " + " ".join(f"{v:.6f}" for v in (r.polygons[0] / [it.width, it.height]).ravel())
-                 for r in it.regions]
-        (tmp / "labels" / "train" / f"{it.image.stem}.txt").write_text("".join(ln + "\n" for ln in lines))
-        dst = tmp / "images" / "train" / it.image.name
-        try:
-            os.link(it.image, dst)
-        except OSError:   # another file system, or links not allowed
-            shutil.copy2(it.image, dst)
-        listing.append(f"images/train/{it.image.name}")
-    (tmp / "train.txt").write_text("".join(s + "\n" for s in listing))
-    import yaml
-    (tmp / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/train",
-                                                   "names": {i: n for i, n in enumerate(labels)}}, sort_keys=False))
-    os.replace(tmp, final)
+    try:
+        cls = {n: i for i, n in enumerate(labels)}
+        listing: dict[str, list[str]] = {"train": [], "val": []}
+        for it, name, split in zip(items, _unique_names(items), _yolo_split(len(items))):
+            (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
+            (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
+            lines = [f"{cls[r.label]} " + " ".join(f"{v:.6f}" for v in (r.polygons[0] / [it.width, it.height]).ravel())
+                     for r in it.regions]
+            (tmp / "labels" / split / f"{Path(name).stem}.txt").write_text("".join(ln + "\n" for ln in lines))
+            _place_image(it.image, tmp / "images" / split / name)
+            listing[split].append(f"images/{split}/{name}")
+        (tmp / "images" / "train").mkdir(parents=True, exist_ok=True)
+        doc = {"path": ".", "train": "images/train"}
+        for split, rows in listing.items():
+            if rows:
+                (tmp / f"{split}.txt").write_text("".join(s + "\n" for s in rows))
+                doc[split] = f"images/{split}"
+        import yaml
+        doc["names"] = {i: n for i, n in enumerate(labels)}
+        (tmp / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return [final]
 
 

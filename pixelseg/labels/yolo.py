@@ -1,10 +1,14 @@
 """YOLO-seg (Ultralytics): data.yaml names + images/<split>/ and labels/<split>/*.txt, one polygon per line.
 
 Line: `class x1 y1 x2 y2 ...`, coordinates normalised to 0..1; class k (0-based, data.yaml's `names`) becomes
-class id k + 1 (0 is background). A detection line (`class cx cy w h`) is a box: painted with --boxes, else
+class id k + 1 (0 is background), except that a class named "background" is 0 and the ones after it close up
+(labels/rules.py, as in every reader); at most 254 classes. Coordinates are fractions of the image as viewers
+(and Ultralytics, through OpenCV) show it: turned upright by its EXIF Orientation. A detection line (`class cx cy w h`) is a box: painted with --boxes, else
 left out and counted. An image without a .txt has no labels (all background). Splits: data.yaml's train/val/
 test (relative to its `path` or its folder; Roboflow's `../train/images` too), else images/<split>/ or
-<split>/images/ found without it (names still from data.yaml).
+<split>/images/ found without it (names still from data.yaml). A val that is the training folder (or holds
+only training images) is not a validation split: it is dropped, with a note, and val is carved out of train
+by --val-fraction; val images that are also training images are left out of val.
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PixelsegError
-from .files import IMAGE_SUFFIXES, Names, image_hw
+from .files import IMAGE_SUFFIXES, Names
 from .raster import export_values, shape_values
 from .raster import (HUGE, BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette,
                      make_shape, polygons_rle)
+from .rules import class_ids, upright_hw
 
 SPLIT_KEYS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 
@@ -106,6 +111,27 @@ def _line(vals: list[str], h: int, w: int, k_names: int, boxes: bool):
     return (cls, *polygons_rle([xy.reshape(-1, 2) * [w, h]], h, w))
 
 
+def _split_files(dirs: list[tuple[str, Path]], notes: list[str]) -> list[tuple[str, Path, list[Path]]]:
+    """(split, folder, image files) per split, without validating on training images: a val (or test) folder
+    that is the training folder, or holds only training images, is dropped (val then comes from
+    --val-fraction); a val image that is also a training image is left out of val. Both said in `notes`."""
+    listed = [(split, d, sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)) for split, d in dirs]
+    train = {p.resolve() for split, _, files in listed if split == "train" for p in files}
+    out = []
+    for split, d, files in listed:
+        if split != "train" and train:
+            shared = [p for p in files if p.resolve() in train]
+            if shared and len(shared) == len(files):
+                notes.append(f"data.yaml's {split} ({d}) holds only training images: not used as a {split} split"
+                             + (" (val is carved out of train by --val-fraction instead)" if split == "val" else ""))
+                continue
+            if shared:
+                notes.append(f"{len(shared)} {split} image(s) in {d} are also training images: left out of {split}")
+                files = [p for p in files if p.resolve() not in train]
+        out.append((split, d, files))
+    return out
+
+
 @export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     path, data = _yaml(Path(root))
@@ -113,20 +139,26 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     dirs = _split_dirs(path, data)
     if not dirs:
         raise PixelsegError(f"{path}: no image folders found (train:/val: in data.yaml, or images/<split>/)")
+    ids = class_ids(names_, path, "class", unique=False)   # yolo class k -> class id
+    classes = ["background"] + [""] * max([v for v in ids if v != 255], default=0)
+    for n, v in zip(names_, ids):
+        if 0 < v < 255 and not classes[v]:
+            classes[v] = n
     problems = Problems(skip_bad)
     names = Names(problems)
-    out = LabelSet("yolo", f"YOLO-seg {path.name}", ["background"] + names_, default_palette(len(names_) + 1), [])
+    out = LabelSet("yolo", f"YOLO-seg {path.name}", classes, default_palette(len(classes)), [])
     unlabelled = 0
-    for split, d in dirs:
-        for img in sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for split, d, files in _split_files(dirs, out.notes):
+        for img in files:
             txt = _label_file(img, d)
             stem = names.take(txt, "image", split, img.name)
-            hw = image_hw(img) if stem else None
+            hw = upright_hw(img) if stem else None
             if hw is None:
                 if stem:
                     problems.bad(img, "image", "cannot be read")
                 continue
-            item = Item(stem, img, hw[0], hw[1], split=split, source=txt if txt.is_file() else None)
+            item = Item(stem, img, hw[0], hw[1], split=split, source=txt if txt.is_file() else None,
+                        orientation=hw[2])
             if not txt.is_file():
                 unlabelled += 1
                 out.items.append(item)
@@ -144,7 +176,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
                     out.dropped["detection box lines (pass --boxes to paint boxes)"] += 1
                     continue
                 out.clipped += clipped
-                item.shapes.append(make_shape(cls + 1, rle, f"{txt.name}:{n}", 0, n))
+                item.shapes.append(make_shape(ids[cls], rle, f"{txt.name}:{n}", 0, n))
             out.items.append(item)
     if unlabelled:
         out.notes.append(f"{unlabelled} image(s) have no label file: all background")

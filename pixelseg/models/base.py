@@ -74,7 +74,9 @@ class SegmentationModel(nn.Module):
         self.num_classes = int(num_classes)
         self.output_stride = int(output_stride)
         self.pretrained = False
+        self.weights_source = None  # where the encoder weights came from (models/weights.py), for checkpoints
         self.encoder_frozen = False
+        self.encoder_bn_frozen = False  # encoder BatchNorm on its running statistics while its weights train
         self._config = dict(config)
         # Not persistent: they follow from the backbone, so state dicts stay portable.
         self.in_channels = len(mean)
@@ -121,7 +123,7 @@ class SegmentationModel(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.encoder_frozen:
+        if mode and (self.encoder_frozen or self.encoder_bn_frozen):
             for m in self.encoder.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()

@@ -25,7 +25,7 @@ from .segformer import SegFormer
 from .segnet import BayesianSegNet, SegNet
 from .unet import UNet
 from .upernet import UPerNet
-from .weights import imagenet_file, load_state_dict_file
+from .weights import encoder_state, load_encoder_state, load_weights_file, resolve_imagenet
 
 ARCHITECTURES: dict[str, type[SegmentationModel]] = {
     "unet": UNet,
@@ -93,9 +93,9 @@ def create_model(
 ) -> SegmentationModel:
     """Build a segmentation model.
 
-    ``weights``: None / "none" (random init), "imagenet" (official ImageNet weights for the
-    encoder, from the torch-hub cache or downloaded once), or a path to a whole-model state
-    dict (e.g. a pixelseg checkpoint). ``arch_options`` are architecture specific, see
+    ``weights``: None / "none" (random init), "imagenet" (ImageNet weights for the encoder: an
+    installed weights package, the torch-hub cache, or downloaded once; see models/weights.py), or a
+    path to a whole-model state dict (e.g. a pixelseg checkpoint) or an encoder's alone. ``arch_options`` are architecture specific, see
     ``ARCHITECTURES[arch].options``. ``backbone`` is a registered name or ``timm:NAME`` for any
     timm model with ``features_only``. ``in_channels`` other than 3 adapts the encoder's first
     convolution (pretrained RGB filters via timm's ``adapt_input_conv``); ``mean``/``std`` (one
@@ -115,11 +115,12 @@ def create_model(
     if std is not None and min(std) <= 0:
         raise PixelsegError(f"std values must be positive (got {list(std)})")
 
-    weights_file, state_file = None, None
+    weights_file, state_file, resolved = None, None, None
     if isinstance(weights, str) and weights.lower() in ("none", ""):
         weights = None
     if isinstance(weights, str) and weights.lower() == "imagenet":
-        weights_file = imagenet_file(spec)
+        resolved = resolve_imagenet(spec)  # a weights package, the hub cache or a download
+        weights_file = resolved.file  # None for a package: its state dict is loaded below
     elif weights is not None:
         state_file = weights
 
@@ -144,9 +145,14 @@ def create_model(
             f"({reason}); delete that file so it is fetched again, or use --weights none"
         ) from None
     model.pretrained = weights_file is not None
-    if state_file is not None:
-        load_state_dict_file(model, state_file)
+    model.weights_source = resolved.record if resolved is not None else None
+    if resolved is not None and resolved.state is not None:
+        load_encoder_state(model, encoder_state(resolved.state, model, resolved.record["file"]))
         model.pretrained = True
+    if state_file is not None:
+        kind = load_weights_file(model, state_file)
+        model.pretrained = True
+        model.weights_source = dict(source="file", loaded=kind, file=str(state_file))
     if freeze_encoder:
         model.set_encoder_frozen(True)
     return model
