@@ -123,12 +123,25 @@ def test_an_infinite_serve_limit_is_refused(field, value):
     assert Limits(max_upload_mb=1.7e302).check().max_upload_bytes == 2 ** 62  # huge but finite: no overflow
 
 
-@pytest.mark.parametrize("data", [b"II*\x00", b"II+\x00", b"MM\x00*\x00"])
+# the last two: 1×1 TIFFs with a few bytes changed, from the long profile (tifffile raised TypeError /
+# numpy a reshape ValueError on them)
+DAMAGED_TIFFS = [b"II*\x00", b"II+\x00", b"MM\x00*\x00",
+                 b'II*\x00\x08\x00\x00\x00\t\x00\x01\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x01\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x02\x01\x03\x00\x01\x00\x00\x00\x08\x00\x00\x00\x03\x01\x03\x00\x01\x00\x00\x00\x01\x00\x00\x00\x06\x01\x03\x00\x01\x00\x00\x00\x01\x00\x00\x00\x11\x01\x04\x00\x01\x00\x00\x00z\x00\x00\x00\x16\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x17\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x1c\x01\x03\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00~',
+                 b'II*\x00\x08\x00\x00\x00\x08\x00\x00\x01\x01\x00\x01\x00\x00\x00\x01\x00\x00\x00\x01\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x03\x01\x03\x00\x01\x00\x00\x00\x01\x00\x00\x00\x06\x01\x03\x00\x01\x00\x00\x00\x01\x00\x00\x00\x11\x01\x04\x00\x01\x00\x00\x00n\x00\x00\x00\x16\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x17\x01\x04\x00\x01\x00\x00\x00\x01\x00\x00\x00\x1c\x01\x03\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00']
+
+
+@pytest.mark.parametrize("data", DAMAGED_TIFFS)
 def test_a_truncated_tiff_header(tmp_path, data):
-    """A file that is only a TIFF magic number used to raise struct.error from tifffile (input_size, read_bands)."""
+    """A TIFF cut after its magic number (struct.error) or with damaged tags (TypeError, an empty array's
+    ValueError) used to escape input_size / read_bands as a traceback."""
     from pixelseg.data.io import UnreadableImage, input_size, read_bands
     path = tmp_path / "cut.tif"
     path.write_bytes(data)
+    refused = 0
     for read in (input_size, read_bands):
-        with pytest.raises(UnreadableImage, match="cut.tif: not a readable TIFF"):
-            read(path)
+        try:
+            read(path)  # a header intact enough to give a size is an answer
+        except UnreadableImage as exc:
+            assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc), exc
+            refused += 1
+    assert refused >= 1  # no pixels can be read from any of them
