@@ -553,7 +553,13 @@ def resolve_config(overrides: dict) -> dict:
     cfg["train_split"] = cfg["train_split"] or default_split(cfg["dataset"], "train")
     cfg["val_split"] = cfg["val_split"] or default_split(cfg["dataset"], "val")
     arch_options = {} if cfg["output_stride"] is None else {"output_stride": cfg["output_stride"]}
-    cfg["backbone"] = check_model(cfg["model"], cfg["backbone"], **arch_options)
+    try:
+        cfg["backbone"] = check_model(cfg["model"], cfg["backbone"], **arch_options)
+    except PixelsegError as exc:  # the registry's message names the value; a config file's reader needs the option
+        if str(exc).startswith("--"):
+            raise
+        which = f"--model {_show(cfg['model'])}" + (f" --backbone {_show(cfg['backbone'])}" if cfg["backbone"] else "")
+        raise PixelsegError(f"{which}: {exc}") from None
     parse_loss_spec(cfg["loss"])
     if cfg["run_dir"] is None:
         from datetime import datetime

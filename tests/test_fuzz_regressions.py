@@ -145,3 +145,27 @@ def test_a_truncated_tiff_header(tmp_path, data):
             assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc), exc
             refused += 1
     assert refused >= 1  # no pixels can be read from any of them
+
+
+@pytest.mark.parametrize("cfg,flag_", [({"model": 128}, "--model 128: unknown architecture"),
+                                       ({"backbone": "128"}, "--model unet --backbone 128: unknown backbone")])
+def test_an_unknown_model_in_a_config_file_names_the_option(tmp_path, cfg, flag_):
+    """`model: 128` in a --config file used to say "unknown architecture '128'" without naming the option."""
+    import yaml
+    from pixelseg.config import load_yaml, resolve_config
+    from pixelseg.errors import PixelsegError
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({k: str(v) for k, v in cfg.items()}))
+    with pytest.raises(PixelsegError, match=f"^{flag_}"):
+        resolve_config(load_yaml(path))
+
+
+def test_a_yolo_data_yaml_folder_name_too_long_for_the_os(tmp_path, capsys):
+    """data.yaml `path:` of 5000 characters used to raise OSError (File name too long) from Path.is_dir()."""
+    root = WRITERS["yolo"](tmp_path / "yolo")
+    (root / "data.yaml").write_text("path: " + "x" * 5000 + "\ntrain: images/train\nnames:\n  0: dent\n  1: scratch\n")
+    out = tmp_path / "out"
+    rc = main(["convert", "--dataset", "yolo", "--data-root", str(root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and "Traceback" not in err, err  # the folder next to data.yaml is used, as without `path`
+    assert (out / "convert_report.json").is_file()

@@ -58,6 +58,14 @@ def _names(data: dict, path: Path) -> list[str]:
     raise PixelsegError(f"{path}: names must be a list or a mapping")
 
 
+def _is_dir(p: Path) -> bool:
+    """Path.is_dir() that is False for a name the OS refuses (too long, NUL): data.yaml's folders are outside data."""
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _split_dirs(path: Path, data: dict) -> list[tuple[str, Path]]:
     base = path.parent
     if data.get("path"):
@@ -68,7 +76,7 @@ def _split_dirs(path: Path, data: dict) -> list[tuple[str, Path]]:
         val = data.get(key)
         for v in ([val] if isinstance(val, str) else val or []):
             cands = [base / v, path.parent / v, path.parent / str(v).replace("../", "", 1)]
-            d = next((c for c in cands if c.is_dir()), None)
+            d = next((c for c in cands if _is_dir(c)), None)
             if d is not None:
                 out.append((split, d))
     if out:
