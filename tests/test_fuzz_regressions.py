@@ -169,3 +169,14 @@ def test_a_yolo_data_yaml_folder_name_too_long_for_the_os(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and "Traceback" not in err, err  # the folder next to data.yaml is used, as without `path`
     assert (out / "convert_report.json").is_file()
+
+
+def test_a_labelme_image_path_too_long_for_the_os(tmp_path, capsys):
+    """imagePath of 5000 characters used to raise OSError (File name too long) from Path.is_file(); now the
+    image is reported missing, in one line naming the JSON file."""
+    root = WRITERS["labelme"](tmp_path / "lm")
+    doc = json.loads((root / "a.json").read_text())
+    doc["imagePath"] = "y" * 5000 + ".jpg"
+    (root / "a.json").write_text(json.dumps(doc))
+    last = _convert_refused(tmp_path, capsys, "labelme", root, "a.json", "not found")
+    assert "pass --skip-bad" in last
