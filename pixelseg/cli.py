@@ -147,8 +147,9 @@ def _add_export_parser(sub) -> None:
                                                "(default: the run's training split)")
     p.add_argument("--calibration-images", type=int, default=100, help="openvino --int8: how many (default: 100)")
     p.add_argument("--check-split", help="openvino: split the gate is measured on (default: the run's validation split)")
-    p.add_argument("--int8-ignore", help="openvino --int8: comma-separated layer names kept in higher precision "
-                                         "(NNCF ignored scope; a refused export names candidates)")
+    p.add_argument("--int8-ignore", help="openvino --int8: layers kept in higher precision (NNCF ignored scope), "
+                                         "comma-separated names or the groups 'ends' (stem and logits layer) and "
+                                         "'encoder' (only the decoder in int8); a refused export names candidates")
     p.add_argument("--check-images", nargs="+", metavar="PATH",
                    help="images (files or directories) for the parity check (default: the run's validation images)")
     p.add_argument("--check-limit", type=int, help="images used for the parity check (default: 4; openvino: "

@@ -278,9 +278,10 @@ class TrainConfig:
     weights: str | None = option("imagenet", "encoder weights: imagenet, none, or a path to a state-dict file",
                                  "model", parse=parse_weights, nullable=True,
                                  metavar="{imagenet,none,PATH}")
-    freeze_encoder: str | bool = option("auto", "auto (freeze iff pretrained weights are loaded, as the tutorial "
-                                        "does), yes, no", "model", parse=parse_tristate,
-                                        metavar="{auto,yes,no}")
+    freeze_encoder: str | bool = option(False, "no (train every layer: pretrained encoders fine-tune better than "
+                                        "frozen ones, docs/training.md), yes, or auto (freeze iff pretrained "
+                                        "weights are loaded, as the tutorial does)", "model", parse=parse_tristate,
+                                        metavar="{no,yes,auto}")
     encoder_lr_mult: float = option(1.0, "learning rate of a trained (not frozen) encoder as a multiple of --lr, e.g. "
                                     "0.1: a pretrained encoder moves slower than the new decoder", "model",
                                     parse=_float(0.0))

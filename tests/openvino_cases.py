@@ -89,6 +89,19 @@ def test_the_suggested_ignored_scope_names_the_stem_and_the_layer_that_makes_the
                     todo.append(nxt)
 
 
+def test_int8_ignore_groups_name_the_ends_and_the_encoder(fp32):
+    from pixelseg.openvino_backend import CONV_TYPES, resolve_ignored, sensitive_layers
+    model = openvino.Core().read_model(fp32["out"])
+    convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in CONV_TYPES]
+    ends = resolve_ignored(model, ["ends"])
+    assert ends == sensitive_layers(model)
+    enc = resolve_ignored(model, ["encoder", "extra_name"])
+    encoder_convs = [n for n in convs if n.startswith("/encoder/")]
+    assert encoder_convs and set(encoder_convs) <= set(enc) and set(ends) <= set(enc) and "extra_name" in enc
+    decoder_convs = [n for n in convs if n not in encoder_convs and n not in ends]
+    assert decoder_convs and not set(decoder_convs) & set(enc)  # the decoder stays int8
+
+
 def test_a_failed_compile_falls_back_to_onnxruntime_in_one_line(fp32, capsys):
     model = OpenVinoModel(fp32["out"], probe=lambda path: "the compile probe ended with signal 11")
     err = capsys.readouterr().err.strip()

@@ -318,19 +318,21 @@ def test_accumulation_only_where_the_batch_does_not_fit_memory():
 def test_plan_uses_an_installed_pretrained_encoder_and_fits_it_to_the_data(tmp_path, monkeypatch):
     photos = fp_of(write_folder(tmp_path / "p", up=True))  # an 'up': photos of the world
     aerial = fp_of(write_folder(tmp_path / "a"))  # squares anywhere: no 'up', the aerial/microscopy guess
+    grey = fp_of(write_folder(tmp_path / "g"))
+    grey.channels = 1
     monkeypatch.setattr(plan, "_pretrained", lambda backbone: backbone == "efficientnet_lite0")
     p = plan.make_plan(photos, FAST, 600).choices
     assert p["backbone"].value == "efficientnet_lite0" and p["weights"].value == "imagenet"
-    assert "installed" in p["weights"].reason
-    assert p["freeze_encoder"].value is False and p["encoder_lr_mult"].value == plan.FINETUNE_LR_MULT
-    assert p["freeze_encoder_bn"].value is True
+    assert "installed" in p["weights"].reason and "no 'up'" not in p["weights"].reason
+    assert p["freeze_encoder"].value is False and p["encoder_lr_mult"].value == 1.0
+    assert p["freeze_encoder_bn"].value is False
     a = plan.make_plan(aerial, FAST, 600).choices
-    assert a["weights"].value == "imagenet" and a["encoder_lr_mult"].value == 1.0
-    assert a["freeze_encoder_bn"].value is False and "no 'up'" in a["encoder_lr_mult"].reason
+    assert a["weights"].value == "imagenet" and "no 'up'" in a["weights"].reason
+    g = plan.make_plan(grey, FAST, 600).choices
+    assert g["weights"].value is None and "1-channel" in g["weights"].reason
     text = plan.to_yaml(plan.plan_from_options({"dataset": "folder", "data_root": str(tmp_path / "p")}, FAST, False))
-    cfg = config.resolve_config(config.parse_yaml_text(text) if hasattr(config, "parse_yaml_text")
-                                else yaml.safe_load(text))
-    assert cfg["backbone"] == "efficientnet_lite0" and cfg["freeze_encoder_bn"] is True
+    cfg = config.resolve_config(yaml.safe_load(text))
+    assert cfg["backbone"] == "efficientnet_lite0" and cfg["weights"] == "imagenet"
 
 
 def test_plan_without_weights_trains_from_scratch_and_names_the_install(tmp_path, monkeypatch):

@@ -225,7 +225,7 @@ def _encoder_tensors(state: dict, bn_only: bool = False) -> dict:
     return {k: state[k] for k in keys}
 
 
-@pytest.mark.parametrize("flags, weights_move", [({}, False),
+@pytest.mark.parametrize("flags, weights_move", [({"freeze_encoder": "yes"}, False),
                                                   ({"freeze_encoder": "no", "freeze_encoder_bn": True,
                                                     "encoder_lr_mult": 0.1}, True)])
 def test_frozen_parameters_and_statistics_do_not_move(tmp_path, flags, weights_move):
