@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,15 +51,17 @@ def timed_reference(args, cwd, started) -> tuple[float, float]:
     """Run the reference; (when `started()` first held, total wall time T), both in seconds from the start.
     `started` says the command is past start-up and writing (its temp output exists): kills are aimed there."""
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pixelseg", *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    t_first = None
-    while proc.poll() is None:
-        if t_first is None and started():
-            t_first = time.monotonic() - t0
-        time.sleep(0.02)
-    total = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads while it runs, a full pipe blocks it
+        proc = subprocess.Popen([sys.executable, "-m", "pixelseg", *args], cwd=cwd, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        t_first = None
+        while proc.poll() is None:
+            if t_first is None and started():
+                t_first = time.monotonic() - t0
+            time.sleep(0.02)
+        total = time.monotonic() - t0
+        err.seek(0)
+        assert proc.returncode == 0, err.read()[-2000:]
     return (t_first if t_first is not None else 0.15 * total), total
 
 
