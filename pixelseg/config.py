@@ -111,7 +111,12 @@ def parse_weights(value) -> str | None:
 
 
 def parse_path(value) -> str:
-    return str(Path(value)) if not isinstance(value, str) else value
+    if isinstance(value, str):
+        return value
+    try:
+        return str(Path(value))
+    except TypeError:  # a list or a number where a path belongs (resolve_config / a caller's dict)
+        raise OptionError("expected a path") from None
 
 
 def parse_scale_range(value) -> list[float]:
@@ -133,7 +138,7 @@ def parse_rgb_bands(value) -> list[int]:
     """"3,2,1" or [3, 2, 1] -> band indices (how many and which are checked against the image in viz)."""
     try:
         vals = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         vals = []
     if not vals:
         raise OptionError("give 1 or 3 band indices, e.g. 3,2,1")
@@ -483,7 +488,8 @@ def read_yaml(path: Path) -> dict:
     data.pop("source", None)
     unknown = sorted(set(data) - set(OPTIONS))
     if unknown:
-        raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see `pixelseg train --help`")
+        raise PixelsegError(f"--config {path}: unknown option(s) {', '.join(map(_show, unknown))}; see "
+                            "`pixelseg train --help`")
     for key, value in data.items():
         expected = _yaml_types(key)
         if float in expected and isinstance(value, str):
@@ -548,7 +554,13 @@ def resolve_config(overrides: dict) -> dict:
     cfg["train_split"] = cfg["train_split"] or default_split(cfg["dataset"], "train")
     cfg["val_split"] = cfg["val_split"] or default_split(cfg["dataset"], "val")
     arch_options = {} if cfg["output_stride"] is None else {"output_stride": cfg["output_stride"]}
-    cfg["backbone"] = check_model(cfg["model"], cfg["backbone"], **arch_options)
+    try:
+        cfg["backbone"] = check_model(cfg["model"], cfg["backbone"], **arch_options)
+    except PixelsegError as exc:  # the registry's message names the value; a config file's reader needs the option
+        if str(exc).startswith("--"):
+            raise
+        which = f"--model {_show(cfg['model'])}" + (f" --backbone {_show(cfg['backbone'])}" if cfg["backbone"] else "")
+        raise PixelsegError(f"{which}: {exc}") from None
     parse_loss_spec(cfg["loss"])
     if cfg["run_dir"] is None:
         from datetime import datetime

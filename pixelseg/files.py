@@ -43,6 +43,40 @@ def atomic_file(path: Path):
         raise
 
 
+def pid_prefix(base: str) -> str:
+    """A temp name prefix that records this process: `remove_stale_temps` can tell a killed writer's leftovers
+    from a running one's."""
+    return f"{base}{os.getpid()}-"
+
+
+def remove_stale_temps(folder: Path, base: str) -> None:
+    """Delete `folder/<base><pid>-*` (files or folders made under `pid_prefix(base)`) whose process is gone: what
+    a writer killed mid-way (SIGKILL, power) left behind. A running writer's temps are kept."""
+    import glob
+    import shutil
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.glob(glob.escape(base) + "*"):
+        pid = p.name[len(base):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)

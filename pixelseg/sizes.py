@@ -5,6 +5,7 @@ other for it; the serve flags' defaults come from ``Limits`` without importing t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import PixelsegError
@@ -12,7 +13,7 @@ from .errors import PixelsegError
 
 def show(value) -> str:
     """A value as an error message quotes it: bare when it is a word, repr() otherwise."""
-    return value if isinstance(value, str) and value and " " not in value else repr(value)
+    return value if isinstance(value, str) and value and " " not in value and value.isprintable() else repr(value)
 
 
 class OptionError(ValueError):
@@ -30,7 +31,7 @@ def parse_size(value) -> int | list[int]:
             parts = [int(v) for v in value]
         else:
             parts = [int(value)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise OptionError("give N or HxW, e.g. 128 or 360x480") from None
     if len(parts) not in (1, 2) or min(parts) < 8:
         raise OptionError("give N or HxW with sides >= 8, e.g. 128 or 360x480")
@@ -65,6 +66,8 @@ class Limits:
                                  ("--deadline", self.deadline_s, 0),
                                  ("--max-batch", self.max_batch, 0), ("--batch-wait-ms", self.batch_wait_ms, -1e-9),
                                  ("--max-mc-samples", self.max_mc_samples, 1)):
+            if not math.isfinite(value):  # inf: int(inf) used to fail every request with a 500
+                raise PixelsegError(f"{flag} {value:g}: must be a finite number")
             if not value > low:
                 raise PixelsegError(f"{flag} {value:g}: must be {'at least 2' if low == 1 else 'positive'}"
                                     if flag != "--batch-wait-ms" else f"{flag} {value:g}: must be 0 or more")
@@ -72,7 +75,7 @@ class Limits:
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        return int(min(self.max_upload_mb * 1024 * 1024, 2 ** 62))  # a huge finite limit overflows to inf
 
 
 __all__ = ["OptionError", "parse_size", "size_hw", "show", "Limits"]

@@ -32,6 +32,8 @@ def _open(path, name=None) -> Image.Image:
         return img
     except FileNotFoundError as exc:
         raise UnreadableImage(f"{name}: file not found") from exc
+    except Image.DecompressionBombError as exc:  # not an OSError: it used to escape as a traceback
+        raise UnreadableImage(f"{name}: not read: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
 
@@ -187,7 +189,7 @@ def _read_tiff(path: Path) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             arr, axes = series.asarray(), series.axes
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+    except Exception as exc:  # tifffile raises many types on damaged files (struct.error, TypeError, ...)
         raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
     if arr.dtype not in _SCALE:
         raise PixelsegError(f"{path}: TIFF sample format {arr.dtype} is not supported; use 8- or 16-bit "
@@ -195,6 +197,8 @@ def _read_tiff(path: Path) -> np.ndarray:
     # Bring Y and X first and fold every other axis (samples, channels, pages) into channels.
     if "Y" not in axes or "X" not in axes:
         raise UnreadableImage(f"{path}: TIFF has no image plane (axes {axes})")
+    if arr.size == 0:
+        raise UnreadableImage(f"{path}: TIFF holds no pixels (shape {arr.shape})")
     order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a not in "YX"]
     arr = np.transpose(arr, order)
     return arr.reshape(arr.shape[0], arr.shape[1], -1)
@@ -267,7 +271,9 @@ def input_size(path: Path | str) -> tuple[int, int]:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 shape, axes = series.shape, series.axes
-        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        except Exception as exc:  # tifffile raises many types on damaged files (struct.error, TypeError, ...)
             raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
+        if "X" not in axes or "Y" not in axes:
+            raise UnreadableImage(f"{path}: TIFF has no image plane (axes {axes})")
         return shape[axes.index("X")], shape[axes.index("Y")]
     return _open(path).size

@@ -69,6 +69,9 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
     ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
     _refuse_other_classes(existing, dataset, ds.info)
     out, staging = (str(out), Path(tempfile.mkdtemp(prefix="pixelseg-shards-"))) if remote.is_s3(out) else (Path(out), Path(out))
+    from ..files import pid_prefix, remove_stale_temps
+    if staging == out:
+        remove_stale_temps(out, f".{split}-")  # a killed run's unfinished shard
     shards, buf_count, writer, tmp, n, skipped = [], 0, None, None, 0, []
     header = {"__key__": INFO_KEY, "info.json": json.dumps({"dataset": dataset, "info": ds.info.to_dict()}).encode()}
 
@@ -90,7 +93,7 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
                 skipped.append(name)
                 continue
             if writer is None:
-                fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".tar.tmp", dir=staging)
+                fd, tmp = tempfile.mkstemp(prefix=pid_prefix(f".{split}-"), suffix=".tar.tmp", dir=staging)
                 os.close(fd)
                 writer = wds.TarWriter(tmp)
                 writer.write(header)  # the shard's classes: a shard mixed into another dataset's is refused

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import PixelsegError
 from .files import Names, read_json, sized_image
+from .raster import export_values, shape_values
 from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
                      polygons_rle)
 from .rle import RLEError, coco_rle_checked
@@ -95,6 +96,7 @@ def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[st
     return table, names, notes
 
 
+@shape_values
 def _shape(ann: dict, h: int, w: int):
     """(COCO RLE, clipped?) of one annotation's segmentation."""
     seg = ann.get("segmentation")
@@ -162,6 +164,7 @@ def _read_file(path: Path, data: dict, split: str, folders: list[Path], table: d
     out.items.extend(images.values())
 
 
+@export_values
 def read(root: Path, iscrowd: str = "class", skip_bad: bool = False) -> LabelSet:
     if iscrowd not in ISCROWD:
         raise PixelsegError(f"--iscrowd {iscrowd}: choose one of {', '.join(ISCROWD)}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import PixelsegError
 from .files import Names, class_names, class_table, sized_image
+from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
                      mask_rle, polygons_rle, rotated_box)
 from .rle import RLEError, cvat_rle_decode
@@ -65,6 +66,7 @@ def _labels(root_el: ET.Element, path: Path) -> tuple[dict[str, int], list]:
     return table, palette
 
 
+@shape_values
 def _shape_rle(el: ET.Element, h: int, w: int, boxes: bool):
     tag = el.tag
     if tag == "polygon":
@@ -91,6 +93,7 @@ def _shape_rle(el: ET.Element, h: int, w: int, boxes: bool):
     raise AssertionError(tag)
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     path = find_xml(Path(root))
     base = path.parent

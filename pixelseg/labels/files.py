@@ -54,9 +54,18 @@ def find_image(name: str, folders: list[Path]) -> Path | None:
     for folder in folders:
         for c in cands:
             p = folder / c
-            if p.is_file():
+            if is_file(p):
                 return p
     return None
+
+
+def is_file(p: Path) -> bool:
+    """Path.is_file() that is False for a name the OS refuses (too long, NUL byte): names in an export are
+    outside data, and such a name is a missing image, reported as one."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def sized_image(problems: Problems, file, where: str, name: str, folders: list[Path],

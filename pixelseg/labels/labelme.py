@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import PixelsegError
 from .files import Names, class_names, class_table, find_image, read_json, sized_image
+from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
                      polygons_rle)
 
@@ -35,6 +36,7 @@ def _files(root: Path) -> list[tuple[str | None, Path]]:
     return [(None, p) for p in sorted(root.rglob("*.json"))]
 
 
+@shape_values
 def _polygon(shape: dict, h: int, w: int, boxes: bool):
     kind = shape.get("shape_type") or "polygon"
     try:
@@ -81,6 +83,7 @@ def _embedded(doc: dict, path: Path, problems: Problems) -> Path | None:
     return out
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     root = Path(root)
     files = _files(root)

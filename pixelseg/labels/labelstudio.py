@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import PixelsegError
 from .files import IMAGE_SUFFIXES, Names, class_names, class_table, read_json, sized_image
+from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
                      mask_rle, polygons_rle, rotated_box)
 from .rle import RLEError, ls_rle_decode
@@ -71,6 +72,7 @@ def _image_ref(data, key: str | None):
     return (looks or strings or [None])[0]
 
 
+@shape_values
 def _region(r: dict, kind: str, h: int, w: int, boxes: bool):
     v = r.get("value") or {}
     if kind == "polygonlabels":
@@ -110,6 +112,7 @@ def _label_of(r: dict, kind: str):
     return names[0] if isinstance(names, list) and names else None
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     path = find_export(Path(root))
     base = path.parent

@@ -16,6 +16,7 @@ Overlap rule (`--overlap`), for a pixel covered by several shapes:
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,6 +91,40 @@ class Problems:
 
 class BadShape(Exception):
     """A shape that cannot be used; the message says why (readers report it through Problems)."""
+
+
+# What Python raises on a value of the wrong type or range deep inside a conversion (int(None), a list as a
+# dict key, float("x"), a number too large for numpy): in an export, damage to report, not a pixelseg bug.
+VALUE_ERRORS = (TypeError, ValueError, OverflowError, AttributeError, IndexError)
+
+
+def shape_values(fn):
+    """Decorate a reader's shape conversion: a wrong-typed value inside one shape is a BadShape (reported with
+    the file and the shape's id, or skipped by --skip-bad), not a traceback (found by tests/test_fuzz_labels.py)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VALUE_ERRORS as exc:
+            raise BadShape(f"unexpected value ({type(exc).__name__}: {_first_line(exc)})") from None
+    return wrapper
+
+
+def export_values(fn):
+    """Decorate a reader's read(root, ...): a wrong-typed value in the export's structure (a list as an image id,
+    a number as a name) is one PixelsegError naming the export, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(root, *args, **kwargs):
+        try:
+            return fn(root, *args, **kwargs)
+        except (*VALUE_ERRORS, KeyError, RecursionError) as exc:
+            raise PixelsegError(f"{root}: damaged export: unexpected value ({type(exc).__name__}: "
+                                f"{_first_line(exc)})") from None
+    return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def _colours():

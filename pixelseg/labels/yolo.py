@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import PixelsegError
 from .files import IMAGE_SUFFIXES, Names
+from .raster import export_values, shape_values
 from .raster import (HUGE, BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette,
                      make_shape, polygons_rle)
 from .rules import class_ids, upright_hw
@@ -57,6 +58,14 @@ def _names(data: dict, path: Path) -> list[str]:
     raise PixelsegError(f"{path}: names must be a list or a mapping")
 
 
+def _is_dir(p: Path) -> bool:
+    """Path.is_dir() that is False for a name the OS refuses (too long, NUL): data.yaml's folders are outside data."""
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _split_dirs(path: Path, data: dict) -> list[tuple[str, Path]]:
     base = path.parent
     if data.get("path"):
@@ -67,7 +76,7 @@ def _split_dirs(path: Path, data: dict) -> list[tuple[str, Path]]:
         val = data.get(key)
         for v in ([val] if isinstance(val, str) else val or []):
             cands = [base / v, path.parent / v, path.parent / str(v).replace("../", "", 1)]
-            d = next((c for c in cands if c.is_dir()), None)
+            d = next((c for c in cands if _is_dir(c)), None)
             if d is not None:
                 out.append((split, d))
     if out:
@@ -89,6 +98,7 @@ def _label_file(image: Path, images_dir: Path) -> Path:
     return (labels_dir / rel).with_suffix(".txt")
 
 
+@shape_values
 def _line(vals: list[str], h: int, w: int, k_names: int, boxes: bool):
     try:
         cls = int(vals[0])
@@ -130,6 +140,7 @@ def _split_files(dirs: list[tuple[str, Path]], notes: list[str]) -> list[tuple[s
     return out
 
 
+@export_values
 def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     path, data = _yaml(Path(root))
     names_ = _names(data, path)
