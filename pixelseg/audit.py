@@ -305,9 +305,10 @@ def _read_folds_csv(path: Path) -> dict:
 # ---- the audit -----------------------------------------------------------------------------------------
 def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, device: str = "auto",
           precision: str = "auto", band: int | None = None, min_area: int | None = None, limit: int | None = None,
-          batch_size: int = 16, progress: bool = True) -> dict:
+          batch_size: int = 16, progress: bool = True, unlabelled=None, next_top: int | None = None) -> dict:
     """Audit a run's training labels; writes audit.csv, audit.json, overlays/ and review/ into `out`
-    (default RUN/audit). Returns the report (the dict in audit.json, plus ``files``)."""
+    (default RUN/audit). `unlabelled` (folders or files of new images): also next/, one list of the suspects
+    and those images (pixelseg.label_next). Returns the report (the dict in audit.json, plus ``files``)."""
     from .loading import input_size, load_model
     from .progress import progress as progress_bar
     from .runtime import resolve_precision, select_device
@@ -320,6 +321,7 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
     src = open_run(run, data_root, limit)
     out = check_output_dir(Path(out) if out else src.run / "audit", "--out")
     fmt = _export_format(fmt, src)
+    new_files = _check_unlabelled(src, unlabelled, fmt, next_top)
     dev = select_device(device)
     amp = resolve_precision(precision, dev)
     size = input_size(src.ckpt)
@@ -366,8 +368,42 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
         files += _write_overlays(src, records[:top], logits, made)
         if fmt != "none":
             files += _write_review(src, records, fmt, made)
+        if new_files is not None:
+            files += _write_next(src, records, new_files, fmt, made, dev, amp, next_top, progress, report)
     report["files"] = [str(f) for f in files]
     return report
+
+
+def _check_unlabelled(src: Source, unlabelled, fmt: str, next_top) -> list | None:
+    """--unlabelled, checked before any work: its image files, less those the audit has labels for."""
+    if not unlabelled:
+        return None
+    from .label_next import check_names, unlabelled_files
+    if next_top is not None and next_top < 1:
+        raise PixelsegError(f"--next-top {next_top}: must be >= 1")
+    audited = [e.image for e in src.entries]
+    files, labelled = unlabelled_files(unlabelled, audited)
+    if labelled:
+        log.info(f"--unlabelled: {labelled} of the images are labelled images of the dataset (audited, not listed twice)")
+    check_names(files, audited, fmt)
+    return files
+
+
+def _write_next(src: Source, records, new_files: list, fmt: str, out: Path, dev, amp, next_top, progress,
+                report: dict) -> list[Path]:
+    """next/: the suspects and the unlabelled images in one list (pixelseg.label_next)."""
+    from .label_next import merge, score_unlabelled, suspect_item, write_next
+    suspects = []
+    for i, score, sus, _, (h, w) in records:
+        e = src.entries[i]
+        item = suspect_item(e.image or Path(e.name), h, w, score, sus, src.class_names) if sus else None
+        if item is not None:
+            suspects.append(item)
+    items = merge(suspects, score_unlabelled(src, new_files, dev, amp, progress), next_top)
+    if fmt == "yolo" and (out / "next" / "yolo").exists():
+        shutil.rmtree(out / "next" / "yolo")
+    report["next"] = items
+    return write_next(items, fmt, src.class_names, src.palette, out / "next", model_version="pixelseg-next")
 
 
 def _held_out_pass(src: Source, predictor, size, batch_size: int, logits, thresholds: Thresholds, skipped: list,
