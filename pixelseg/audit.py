@@ -396,7 +396,8 @@ def _write_next(src: Source, records, new_files: list, fmt: str, out: Path, dev,
     suspects = []
     for i, score, sus, _, (h, w) in records:
         e = src.entries[i]
-        item = suspect_item(e.image or Path(e.name), h, w, score, sus, src.class_names) if sus else None
+        label = src.target(e) if sus and fmt == "labelstudio" else None
+        item = suspect_item(e.image or Path(e.name), h, w, score, sus, src.class_names, label) if sus else None
         if item is not None:
             suspects.append(item)
     items = merge(suspects, score_unlabelled(src, new_files, dev, amp, progress), next_top)

@@ -13,7 +13,8 @@ segments well (~0.05), which comes before a label drawn a few pixels off (~0.01)
 images the order is close to `predict --rank uncertainty` (mean entropy, also written as `uncertainty`).
 
 What each item carries into the tool: a suspect image its suspect regions (audit's review/ regions: the class
-the model suggests, kind and classes as attributes); an unlabelled image the model's pre-annotation (as
+the model suggests, kind and classes as attributes; in Label Studio tasks also the label as it is, as the
+task's annotation, so the reviewer corrects it in place); an unlabelled image the model's pre-annotation (as
 `predict --format`), its regions with kind "prediction". Written by pixelseg.labels.write, so they import as
 audit's review/ and predict's pre-annotations do; next.csv/next.json hold the ranking.
 """
@@ -43,6 +44,7 @@ class NextItem:
     reason: str                # what a person is asked to do, in words
     quality: float | None = None        # suspects: audit's label quality
     uncertainty: float | None = None    # unlabelled: mean per-pixel entropy (nats)
+    current: list | None = None         # suspects: the label as it is (Regions), for tools that take it along
 
     @property
     def name(self) -> str:
@@ -55,17 +57,23 @@ def merge(suspects: list[NextItem], unlabelled: list[NextItem], top: int | None 
     return both[:top] if top else both
 
 
-def suspect_item(image: Path, h: int, w: int, score: float, suspects: list, class_names: list[str]) -> NextItem | None:
-    """A flagged audit image as a list item (None: no region a tool can show)."""
+def suspect_item(image: Path, h: int, w: int, score: float, suspects: list, class_names: list[str],
+                 label: np.ndarray | None = None) -> NextItem | None:
+    """A flagged audit image as a list item (None: no region a tool can show); `label` (H×W class ids), the
+    mask as it is, rides along as `current` (Label Studio tasks carry it as the annotation to correct)."""
     from .audit import KINDS, background_ids, suspect_regions
-    from .labels.write import ImageRegions
+    from .labels.write import ImageRegions, image_regions
     regions = suspect_regions(class_names, suspects, background_ids(class_names), h, w)
     if not regions:
         return None
     counts = [(sum(r.kind == k for r in suspects), k) for k in KINDS]
     reason = "fix the label: " + ", ".join(f"{n} {k.replace('_', ' ')}" for n, k in counts if n)
+    current = None
+    if label is not None:
+        current = image_regions(Path(image), np.where(label < len(class_names), label, 0).astype(np.uint8),
+                                np.ones(label.shape, np.float32), class_names, 0.0).regions
     return NextItem("suspect", round(1.0 - score, 6), ImageRegions(Path(image), h, w, regions, score, 1.0 - score),
-                    reason, quality=round(score, 6))
+                    reason, quality=round(score, 6), current=current)
 
 
 def unlabelled_item(image: Path, probs: np.ndarray, class_names: list[str], min_area: int = 16) -> NextItem:
@@ -154,9 +162,14 @@ def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette,
     if fmt == "labelstudio":   # the tasks carry their place in the list, for the Data Manager to sort by
         colours = {class_names[k]: tuple(palette[k]) for k in pre.labelled_classes(class_names)}
         tasks = pre.labelstudio_tasks(regions, model_version, image_url)
-        for t, row in zip(tasks, rows):
+        for t, row, n in zip(tasks, rows, items):
             t["data"].update({"next_rank": row["rank"], "next_source": row["source"],
                               "next_priority": row["priority"], "next_reason": row["reason"]})
+            if n.current is not None:   # the label as it is: the annotation a reviewer corrects and submits
+                it = n.item
+                label = pre.ImageRegions(it.image, it.height, it.width, n.current, 1.0, 0.0)
+                t["annotations"] = [{"result": pre.labelstudio_tasks([label], model_version)[0]["predictions"][0]
+                                     ["result"]}]
         atomic_write_text(out / "labelstudio_config.xml", pre.labelstudio_config(labels, colours, "polygon"))
         atomic_write_text(out / "labelstudio_tasks.json", json.dumps(tasks))
         return files + [out / "labelstudio_tasks.json", out / "labelstudio_config.xml"]

@@ -35,11 +35,11 @@ def _image(path: Path) -> Path:
 @pytest.fixture()
 def next_items(tmp_path, audited):
     """(suspect items, unlabelled items) with image files under tmp_path/images."""
-    _, _, _, sus, scores = audited
+    labels, _, _, sus, scores = audited
     suspects = []
     for i in range(N):
-        item = nx.suspect_item(_image(tmp_path / "images" / f"img{i}.png"), H, W, scores[i], sus[i], CLASSES) \
-            if sus[i] else None
+        item = nx.suspect_item(_image(tmp_path / "images" / f"img{i}.png"), H, W, scores[i], sus[i], CLASSES,
+                               labels[i]) if sus[i] else None
         if item is not None:
             suspects.append(item)
     unlabelled = []
@@ -73,7 +73,8 @@ def test_merged_list_ranks_both_kinds_by_one_scale(next_items):
 
 
 @pytest.mark.parametrize("fmt", ["coco", "cvat", "labelstudio"])
-def test_next_list_reads_back_through_each_format_reader(tmp_path, next_items, fmt):
+def test_next_list_reads_back_through_each_format_reader(tmp_path, audited, next_items, fmt):
+    labels = audited[0]
     merged = nx.merge(*next_items)
     out = tmp_path          # beside images/, where the readers look for them
     files = nx.write_next(merged, fmt, CLASSES, PALETTE, out)
@@ -84,6 +85,21 @@ def test_next_list_reads_back_through_each_format_reader(tmp_path, next_items, f
         tasks = json.loads(files[2].read_text())
         assert [t["data"]["next_rank"] for t in tasks] == list(range(1, len(merged) + 1))
         assert [t["data"]["next_source"] for t in tasks] == [n.source for n in merged]
+        suspect = next(t for t in tasks if t["data"]["next_source"] == "suspect")   # the label as it is, to fix
+        assert suspect["annotations"][0]["result"] and "annotations" not in tasks[[n.source for n in merged].index("unlabelled")]
+        current = tmp_path / "current"
+        current.mkdir()
+        (current / "project.json").write_text(json.dumps([suspect]))
+        shutil.copy(files[3], current / "config.xml")
+        shutil.copytree(tmp_path / "images", current / "images")
+        i = int(Path(suspect["data"]["image"]).stem[3:])
+        have = labelstudio.read(current).items[0]
+        for k in (1, 2):
+            a = np.zeros((H, W), bool)
+            for s in have.shapes:
+                if s.class_id == k:
+                    a |= coco_rle_decode(s.rle, H, W)
+            assert (a ^ (labels[i] == k)).sum() < 0.02 * H * W
         for t in tasks:
             t["annotations"] = [{"result": t.pop("predictions")[0]["result"]}]
         exported = tmp_path / "export"
