@@ -14,8 +14,12 @@ Dataset Labels", JAIR 70, 2021), applied per pixel and written here from the pap
    at least `min_area` pixels, each given a kind: *boundary* (>= 90% of it within `band` pixels of an edge of
    the labelled mask: a contour drawn off), else *missing label* (labelled background, confidently an
    object), *spurious label* (labelled an object, confidently background) or *wrong class* (object vs object).
-5. Label quality. 1 - (sum over suspect regions of p_suggested - p_given) / labelled pixels: the expected
-   share of the image's labelled pixels that are wrong, so 1 is clean and the ranking puts the lowest first.
+5. Label quality. 1 - (m_1 + REST_WEIGHT × (m_2 + m_3 + ...)) / labelled pixels, where m_k are the masses
+   (area × mean margin p_suggested - p_given) of the image's suspect regions, heaviest first: about the share
+   of the image's labelled pixels that are wrong, with the heaviest region counted whole and the others at a
+   quarter (a real error is mostly one object, while a blurry model leaves weak regions along every edge of
+   every image; summed, they buried single errors: docs/labels.md, "Measured"). 1 is clean; the ranking puts
+   the lowest first.
 
 Everything runs at each image's own resolution (the model at its training size, its logits resized back,
 as `predict` does), so suspect regions line up with the annotations they are exported beside.
@@ -168,11 +172,17 @@ def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, 
     return out
 
 
+REST_WEIGHT = 0.25            # in an image's score, its suspect regions after the heaviest count this much
+
+
 def label_quality(suspects: list[Suspect], labelled_pixels: int) -> float:
-    """1 - the expected share of labelled pixels that are wrong (module doc, step 5); 1 = no suspects."""
+    """1 - (the heaviest suspect region's mass + REST_WEIGHT × the others') / labelled pixels (module doc,
+    step 5); 1 = no suspects. A region's mass is its area × mean margin p_suggested - p_given."""
     if labelled_pixels <= 0:
         return 1.0
-    return float(max(0.0, 1.0 - sum(r.mass for r in suspects) / labelled_pixels))
+    masses = sorted((r.mass for r in suspects), reverse=True)
+    weighted = (masses[0] + REST_WEIGHT * sum(masses[1:])) if masses else 0.0
+    return float(max(0.0, 1.0 - weighted / labelled_pixels))
 
 
 def background_ids(class_names: list[str]) -> set:

@@ -5,7 +5,8 @@
 
 Both kinds are ranked on one scale, the **expected share of the image's pixels a person will change**:
     suspect     1 - label quality (pixelseg.audit): the probability mass by which the held-out model prefers
-                another class over the label, summed over the suspect regions, per labelled pixel;
+                another class over the label, over the suspect regions (the heaviest whole, the others at a
+                quarter), per labelled pixel;
     unlabelled  the mean over the pixels of 1 - max_j p_j under the run's model (the fold ensemble of a
                 --folds run): the expected share of the pre-annotation's pixels that are wrong.
 So a label with a dropped object covering a third of the photo (~0.3) comes before a new photo the model
