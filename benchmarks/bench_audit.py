@@ -1,7 +1,7 @@
 """`pixelseg audit` on known label errors: corrupt a share of the training masks with a fixed seed, train
 `--folds 3`, audit, and measure how well the ranking finds the corrupted images, per kind of corruption.
 
-    python benchmarks/bench_audit.py                          # pets sample and coco-cardamage, the plan's recipe
+    python benchmarks/bench_audit.py                          # pets sample and coco-cardamage, pretrained encoder
     python benchmarks/bench_audit.py --sets pets --train-args "--auto --weights none --time-budget 20m"
     python benchmarks/bench_audit.py --limit 24 --train-args "--epochs 1 --image-size 64 --weights none"  # smoke
 
@@ -15,7 +15,8 @@ The corrupted copy lives in --work (images are symlinks; only the changed masks 
 Metrics, per kind, over the ranking restricted to that kind's images and the clean ones (images with another
 kind of corruption left out): average precision (mean of the precision at each corrupted image's rank) and
 precision at the number corrupted; plus the same over all kinds together, and how often the audit's own kind
-for the image's heaviest suspect matches. Writes benchmarks/out/audit/<set>.json and prints a table.
+for the image's heaviest suspect matches. Writes <set>.json beside --work (default benchmarks/out/audit/) and
+prints a table; `--audit-only` scores an earlier run's folds again (after a change to the audit method).
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ KINDS = ("swap", "drop", "boundary", "shift")
 EXPECTED = {"swap": {"wrong_class"}, "drop": {"missing_label"}, "boundary": {"boundary"},
             "shift": {"missing_label", "spurious_label", "boundary"}}
 PETS_PET, PETS_BG, PETS_BORDER = 1, 2, 3
+TRAIN_ARGS = ("--backbone efficientnet_lite0 --weights imagenet --freeze-encoder no --batch-size 16 --loss ce+dice "
+              "--schedule cosine --epochs 12 --figure-samples 1")
 
 
 # ---- corrupting a copy ---------------------------------------------------------------------------------
@@ -214,6 +217,16 @@ def metrics(ranking: list[dict], truth: dict[str, str]) -> dict:
     return out
 
 
+def machine() -> str:
+    """lscpu's model name and the CPU count, for the record."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+    except OSError:
+        model = "?"
+    return f"{model}, {os.cpu_count()} CPUs"
+
+
 def run(cmd: list[str], log: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print("$ " + shlex.join(cmd), flush=True)
@@ -229,19 +242,31 @@ def bench_set(name: str, a, work: Path) -> dict:
         print(f"{name}: {src} not found, skipped")
         return {}
     base = work / name
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    pool = pool_names(dataset, src, split, a.limit)
-    make = make_pets if name == "pets" else make_coco
-    truth = make(src, base / "data", pool, a.rate, a.seed, a.boundary_px)
+    if a.audit_only:   # the corrupted copy and the fold runs of an earlier bench run: audit and score again
+        if not (base / "truth.json").is_file() or not (base / "run" / "cv.json").is_file():
+            sys.exit(f"--audit-only: no earlier run in {base} (truth.json, run/cv.json)")
+        truth = json.loads((base / "truth.json").read_text())
+        pool = pool_names(dataset, base / "data", split, a.limit)
+        earlier = json.loads((base / "bench.json").read_text()) if (base / "bench.json").is_file() else {}
+        train_s, a.train_args = earlier.get("train_s"), earlier.get("train_args", a.train_args)
+        shutil.rmtree(base / "audit", ignore_errors=True)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        pool = pool_names(dataset, src, split, a.limit)
+        make = make_pets if name == "pets" else make_coco
+        truth = make(src, base / "data", pool, a.rate, a.seed, a.boundary_px)
+        (base / "truth.json").write_text(json.dumps(truth, indent=1))
     print(f"{name}: corrupted {len(truth)} of {len(pool)} pool images "
           f"({', '.join(f'{k} {sum(v == k for v in truth.values())}' for k in KINDS)}) in {base / 'data'}")
     t0 = time.time()
-    train = [sys.executable, "-m", "pixelseg", "train", "--dataset", dataset, "--data-root", str(base / "data"),
-             "--folds", str(a.folds), "--seed", str(a.seed), "--run-dir", str(base / "run")]
-    train += (["--limit", str(a.limit)] if a.limit else []) + shlex.split(a.train_args)
-    run(train, base / "log.txt")
+    if not a.audit_only:
+        train = [sys.executable, "-m", "pixelseg", "train", "--dataset", dataset, "--data-root", str(base / "data"),
+                 "--folds", str(a.folds), "--seed", str(a.seed), "--run-dir", str(base / "run")]
+        train += (["--limit", str(a.limit)] if a.limit else []) + shlex.split(a.train_args)
+        run(train, base / "log.txt")
     t1 = time.time()
+    train_s = train_s if a.audit_only else round(t1 - t0, 1)
     run([sys.executable, "-m", "pixelseg", "audit", str(base / "run"), "--out", str(base / "audit"), "--top",
          str(a.top), "--format", "none"], base / "log.txt")
     t2 = time.time()
@@ -249,8 +274,10 @@ def bench_set(name: str, a, work: Path) -> dict:
     cv = json.loads((base / "run" / "cv.json").read_text())
     result = {"set": name, "dataset": dataset, "pool": len(pool), "corrupted": truth, "rate": a.rate, "seed": a.seed,
               "boundary_px": a.boundary_px, "train_args": a.train_args, "limit": a.limit,
-              "cv_miou": cv["miou"], "train_s": round(t1 - t0, 1), "audit_s": round(t2 - t1, 1),
+              "cv_miou": cv["miou"], "train_s": train_s, "audit_s": round(t2 - t1, 1),
+              "machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS"),
               "thresholds": report["thresholds"], "metrics": metrics(report["ranking"], truth)}
+    (base / "bench.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -260,7 +287,7 @@ def table(results: list[dict]) -> str:
         for kind, m in r["metrics"].items():
             lines.append(f"{r['set']:<10}{kind:<10}{m['corrupted']:>10}{m['images']:>8}{m['ap']:>8.3f}"
                          f"{m['precision_at_n']:>8.3f}{m['kind_matches']:>9.2f}")
-        lines.append(f"{'':<10}cv mIoU {r['cv_miou']['mean']:.3f}, train {r['train_s']:.0f}s, audit {r['audit_s']:.0f}s")
+        lines.append(f"{'':<10}cv mIoU {r['cv_miou']['mean']:.3f}, train {r['train_s'] or 0:.0f}s, audit {r['audit_s']:.0f}s")
     return "\n".join(lines)
 
 
@@ -272,9 +299,14 @@ def main() -> None:
     p.add_argument("--boundary-px", type=int, default=8, help="dilation/erosion of boundary corruptions (default: 8)")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--limit", type=int, help="only the first N pool images (smoke runs)")
+    p.add_argument("--audit-only", action="store_true",
+                   help="reuse --work's corrupted copies and fold runs from an earlier run: audit and score again "
+                        "(after a change to the audit method)")
     p.add_argument("--top", type=int, default=10, help="overlays written by the audit (default: 10)")
-    p.add_argument("--train-args", default="--auto --weights none --time-budget 20m",
-                   help="more `pixelseg train` flags (default: the plan's recipe within 20 minutes per set)")
+    p.add_argument("--train-args", default=TRAIN_ARGS,
+                   help=f"more `pixelseg train` flags (default: {TRAIN_ARGS!r}: an ImageNet EfficientNet-Lite0 "
+                        "encoder trained whole, a fixed number of epochs rather than a time budget, so a busy "
+                        "machine gets the same steps)")
     p.add_argument("--work", type=Path, default=HERE / "out" / "audit" / "work",
                    help="where the corrupted copies, runs and audits go")
     a = p.parse_args()
@@ -282,7 +314,7 @@ def main() -> None:
     for name in a.sets.split(","):
         r = bench_set(name.strip(), a, a.work)
         if r:
-            out = HERE / "out" / "audit" / f"{name.strip()}.json"
+            out = a.work.parent / f"{name.strip()}.json"   # default: benchmarks/out/audit/<set>.json
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(r, indent=1))
             results.append(r)

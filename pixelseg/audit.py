@@ -14,8 +14,12 @@ Dataset Labels", JAIR 70, 2021), applied per pixel and written here from the pap
    at least `min_area` pixels, each given a kind: *boundary* (>= 90% of it within `band` pixels of an edge of
    the labelled mask: a contour drawn off), else *missing label* (labelled background, confidently an
    object), *spurious label* (labelled an object, confidently background) or *wrong class* (object vs object).
-5. Label quality. 1 - (sum over suspect regions of p_suggested - p_given) / labelled pixels: the expected
-   share of the image's labelled pixels that are wrong, so 1 is clean and the ranking puts the lowest first.
+5. Label quality. 1 - (m_1 + REST_WEIGHT × (m_2 + m_3 + ...)) / labelled pixels, where m_k are the masses
+   (area × mean margin p_suggested - p_given) of the image's suspect regions, heaviest first: about the share
+   of the image's labelled pixels that are wrong, with the heaviest region counted whole and the others at a
+   quarter (a real error is mostly one object, while a blurry model leaves weak regions along every edge of
+   every image; summed, they buried single errors: docs/labels.md, "Measured"). 1 is clean; the ranking puts
+   the lowest first.
 
 Everything runs at each image's own resolution (the model at its training size, its logits resized back,
 as `predict` does), so suspect regions line up with the annotations they are exported beside.
@@ -168,11 +172,17 @@ def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, 
     return out
 
 
+REST_WEIGHT = 0.25            # in an image's score, its suspect regions after the heaviest count this much
+
+
 def label_quality(suspects: list[Suspect], labelled_pixels: int) -> float:
-    """1 - the expected share of labelled pixels that are wrong (module doc, step 5); 1 = no suspects."""
+    """1 - (the heaviest suspect region's mass + REST_WEIGHT × the others') / labelled pixels (module doc,
+    step 5); 1 = no suspects. A region's mass is its area × mean margin p_suggested - p_given."""
     if labelled_pixels <= 0:
         return 1.0
-    return float(max(0.0, 1.0 - sum(r.mass for r in suspects) / labelled_pixels))
+    masses = sorted((r.mass for r in suspects), reverse=True)
+    weighted = (masses[0] + REST_WEIGHT * sum(masses[1:])) if masses else 0.0
+    return float(max(0.0, 1.0 - weighted / labelled_pixels))
 
 
 def background_ids(class_names: list[str]) -> set:
@@ -305,9 +315,10 @@ def _read_folds_csv(path: Path) -> dict:
 # ---- the audit -----------------------------------------------------------------------------------------
 def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, device: str = "auto",
           precision: str = "auto", band: int | None = None, min_area: int | None = None, limit: int | None = None,
-          batch_size: int = 16, progress: bool = True) -> dict:
+          batch_size: int = 16, progress: bool = True, unlabelled=None, next_top: int | None = None) -> dict:
     """Audit a run's training labels; writes audit.csv, audit.json, overlays/ and review/ into `out`
-    (default RUN/audit). Returns the report (the dict in audit.json, plus ``files``)."""
+    (default RUN/audit). `unlabelled` (folders or files of new images): also next/, one list of the suspects
+    and those images (pixelseg.label_next). Returns the report (the dict in audit.json, plus ``files``)."""
     from .loading import input_size, load_model
     from .progress import progress as progress_bar
     from .runtime import resolve_precision, select_device
@@ -320,6 +331,7 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
     src = open_run(run, data_root, limit)
     out = check_output_dir(Path(out) if out else src.run / "audit", "--out")
     fmt = _export_format(fmt, src)
+    new_files = _check_unlabelled(src, unlabelled, fmt, next_top)
     dev = select_device(device)
     amp = resolve_precision(precision, dev)
     size = input_size(src.ckpt)
@@ -366,8 +378,43 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
         files += _write_overlays(src, records[:top], logits, made)
         if fmt != "none":
             files += _write_review(src, records, fmt, made)
+        if new_files is not None:
+            files += _write_next(src, records, new_files, fmt, made, dev, amp, next_top, progress, report)
     report["files"] = [str(f) for f in files]
     return report
+
+
+def _check_unlabelled(src: Source, unlabelled, fmt: str, next_top) -> list | None:
+    """--unlabelled, checked before any work: its image files, less those the audit has labels for."""
+    if not unlabelled:
+        return None
+    from .label_next import check_names, unlabelled_files
+    if next_top is not None and next_top < 1:
+        raise PixelsegError(f"--next-top {next_top}: must be >= 1")
+    audited = [e.image for e in src.entries]
+    files, labelled = unlabelled_files(unlabelled, audited)
+    if labelled:
+        log.info(f"--unlabelled: {labelled} of the images are labelled images of the dataset (audited, not listed twice)")
+    check_names(files, audited, fmt)
+    return files
+
+
+def _write_next(src: Source, records, new_files: list, fmt: str, out: Path, dev, amp, next_top, progress,
+                report: dict) -> list[Path]:
+    """next/: the suspects and the unlabelled images in one list (pixelseg.label_next)."""
+    from .label_next import merge, score_unlabelled, suspect_item, write_next
+    suspects = []
+    for i, score, sus, _, (h, w) in records:
+        e = src.entries[i]
+        label = src.target(e) if sus and fmt == "labelstudio" else None
+        item = suspect_item(e.image or Path(e.name), h, w, score, sus, src.class_names, label) if sus else None
+        if item is not None:
+            suspects.append(item)
+    items = merge(suspects, score_unlabelled(src, new_files, dev, amp, progress), next_top)
+    if fmt == "yolo" and (out / "next" / "yolo").exists():
+        shutil.rmtree(out / "next" / "yolo")
+    report["next"] = items
+    return write_next(items, fmt, src.class_names, src.palette, out / "next", model_version="pixelseg-next")
 
 
 def _held_out_pass(src: Source, predictor, size, batch_size: int, logits, thresholds: Thresholds, skipped: list,

@@ -213,6 +213,11 @@ def _add_audit_parser(sub) -> None:
     p.add_argument("--min-area", type=int, help="smallest suspect region in pixels (default: 0.025%% of the image, "
                                                 ">= 16)")
     p.add_argument("--limit", type=int, help="only the first N images (a quick look)")
+    p.add_argument("--unlabelled", action="append", metavar="DIR",
+                   help="folder (or file) of images without labels (repeat): also write OUT/next/, one next-to-label "
+                        "list of these images (pre-annotated by the run's model) and the suspects, ranked by the "
+                        "expected share of pixels a person will change, in --format's tool format; see docs/labels.md")
+    p.add_argument("--next-top", type=int, help="with --unlabelled: only the first N of the list (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
@@ -462,10 +467,13 @@ def _run_audit(args) -> int:
     from .audit import audit, format_summary
     report = audit(args.run, args.out, top=args.top, fmt=args.format, data_root=args.data_root, device=args.device,
                    precision=args.precision, band=args.band, min_area=args.min_area, limit=args.limit,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, unlabelled=args.unlabelled, next_top=args.next_top)
     print(format_summary(report))
     print(f"wrote {len(report['files'])} files to {Path(report['files'][0]).parent}: audit.csv, audit.json, "
-          "overlays/, review/")
+          "overlays/, review/" + (", next/" if args.unlabelled else ""))
+    if args.unlabelled:
+        from .label_next import format_summary as next_summary
+        print(next_summary(report["next"]))
     return 0
 
 
