@@ -49,7 +49,8 @@ def test_new_archs_are_registered_with_valid_default_pairs():
         assert (arch, ARCHITECTURES[arch].default_backbone) in pairs
     # Dilation-only architectures list only dilatable backbones; MiT serves the stride-4..32 decoders.
     assert {b for a, b in pairs if a == "deeplabv3plus"} == {"resnet50", "resnet101", "resnet152",
-                                                            "mobilenet_v1", "xception65"}
+                                                            "mobilenet_v1", "xception65", "efficientnet_lite0",
+                                                            "efficientnet_lite1", "efficientnet_lite2"}
     assert {"mit_b0", "mit_b5"} <= {b for a, b in pairs if a == "segformer"}
     assert ("upernet", "mit_b2") in pairs and ("fpn", "densenet121") in pairs
     assert ("deeplabv3plus", "mit_b0") not in pairs  # MiT cannot be dilated
