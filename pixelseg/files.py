@@ -4,6 +4,7 @@ checked before any work and created with a write probe. Used for checkpoints, me
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -125,3 +126,12 @@ def make_output_dir(path, flag: str) -> Path:
         raise PixelsegError(f"{flag} {path}: cannot create or write there ({exc.strerror or exc}); choose a "
                             "directory on a writable file system") from None
     return path
+
+
+def file_sha256(path) -> str:
+    """A file's sha256, read in 1 MiB blocks (checkpoints and weights files run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

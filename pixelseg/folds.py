@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from .checkpoint import load_checkpoint
-from .files import atomic_write_text, check_output_dir, make_output_dir
+from .files import atomic_write_text, check_output_dir, file_sha256, make_output_dir
 from .errors import PixelsegError
 from .logs import logger as log, run_log
 
@@ -377,18 +377,10 @@ def write_cv(run_dir: Path, summaries: list[dict], about: dict) -> dict:
           "per_class_iou": {c: _stats([r["val_iou"].get(c) for r in rows]) for c in classes},
           "per_fold": [{k: v for k, v in r.items() if k != "val_iou"} for r in rows],
           "members": [{"fold": r["fold"], "checkpoint": f"fold_{r['fold']}/best.pt",
-                       "sha256": _sha256(run_dir / f"fold_{r['fold']}" / "best.pt")} for r in rows]}
+                       "sha256": file_sha256(run_dir / f"fold_{r['fold']}" / "best.pt")} for r in rows]}
     cv_figure(cv, run_dir / "cv.png")
     atomic_write_text(run_dir / "cv.json", json.dumps(cv, indent=1))
     return cv
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cv_figure(cv: dict, path: Path) -> None:

@@ -458,7 +458,7 @@ def _has_dropout(model) -> bool:
 
 def _short_hash(run_or_ckpt) -> str:
     """8 hex digits of the checkpoint file: tells Label Studio's model versions apart."""
-    from .serving import file_sha256
+    from .files import file_sha256
     p = Path(run_or_ckpt)
     if p.is_dir():  # a run's best.pt, or a --folds run's cv.json (it holds its members' hashes)
         p = p / "best.pt" if (p / "best.pt").is_file() else p / "cv.json"

@@ -565,7 +565,6 @@ def choose_size(fp, machine, budget_s, model, backbone, batch, crop,
     budget still holds ``min_epochs`` at the larger size, lowered (never below visibility) while it does not.
     A pretrained encoder needs fewer epochs (MIN_EPOCHS_PRETRAINED) and sees its ImageNet features at a scale
     nearer the one they were learnt at (224 px), so the same budget buys it a larger input."""
-    MIN_EPOCHS = min_epochs  # noqa: N806 - the rule below reads as the module constant it replaces
     h, w = fp.median_hw
     native = min(h, w)
     scale, cls = _smallest_object(fp)
@@ -581,16 +580,16 @@ def choose_size(fp, machine, budget_s, model, backbone, batch, crop,
     def epochs_at(s):
         return budget_s / epoch_seconds(fp, machine, model, backbone, _fit_hw(s, fp.aspect), batch, crop, scale_hi)
     i = ladder.index(start)
-    while i > 0 and epochs_at(ladder[i]) < MIN_EPOCHS and ladder[i - 1] >= floor:
+    while i > 0 and epochs_at(ladder[i]) < min_epochs and ladder[i - 1] >= floor:
         i -= 1
-    while i + 1 < len(ladder) and epochs_at(ladder[i + 1]) >= 2 * MIN_EPOCHS:
+    while i + 1 < len(ladder) and epochs_at(ladder[i + 1]) >= 2 * min_epochs:
         i += 1
     side = ladder[i]
     hw = _fit_hw(side, fp.aspect)
     obj = f"{cls}'s median object {scale * side:.0f} px" if scale else "no objects measured"
     why = (f"shorter side {side} (images {w}×{h} median): {obj} at this size (>= {MIN_OBJECT_PX} px wanted"
            + (f", which needs {need:.0f} px" if need > side else "") + f"), ~{epochs_at(side):.0f} epochs fit the "
-           f"budget (>= {MIN_EPOCHS} wanted)")
+           f"budget (>= {min_epochs} wanted)")
     if fits == [] and scale:
         why += f"; the smallest objects stay below {MIN_OBJECT_PX} px even at native size: tile the images"
     return hw, why, scale * side if scale else float("inf")

@@ -10,7 +10,6 @@ The model is loaded with the same calls as `pixelseg predict` (checkpoint -> `lo
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from . import viz
 from .data import DatasetInfo
 from .data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from .errors import PixelsegError
+from .files import file_sha256
 from .metrics import class_ids
 from .labels.rle import coco_rle_encode
 
@@ -77,14 +77,6 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "upload", exif_trans
         raise HTTPProblem(400, f"{exc}; the file is truncated or corrupt") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise HTTPProblem(400, f"{name}: image data is truncated or corrupt ({exc})") from None
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Engine:

@@ -16,7 +16,6 @@ recognised by its keys.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -31,6 +30,7 @@ import torchvision
 from torch import nn
 
 from pixelseg.errors import PixelsegError
+from pixelseg.files import file_sha256
 
 from .backbones import BackboneSpec
 
@@ -95,14 +95,6 @@ class ResolvedWeights:
         return f"encoder weights: ImageNet from the {r['source']} ({r['file']})"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_package(spec: BackboneSpec) -> WeightsPackage | None:
     """The table's row for this backbone, if any (timm backbones only)."""
     return WEIGHTS_PACKAGES.get(spec.library_name) if spec.source == "timm" else None
@@ -156,7 +148,7 @@ def map_positional(state: dict, library_name: str, what: str) -> dict:
     return {name: state[k] for k, (name, _) in zip(keys, target)}
 
 
-def _package_weights(spec: BackboneSpec, row: WeightsPackage, path: Path) -> ResolvedWeights:
+def _package_weights(row: WeightsPackage, path: Path) -> ResolvedWeights:
     digest = file_sha256(path)
     if digest != row.sha256:
         raise PixelsegError(
@@ -180,10 +172,10 @@ def resolve_imagenet(spec: BackboneSpec) -> ResolvedWeights:
     if row is not None:
         path = installed_package_file(row)
         if path is not None:
-            resolved = _package_weights(spec, row, path)
+            resolved = _package_weights(row, path)
             log.info(resolved.describe())
             return resolved
-    url, filename = imagenet_source(spec, row)
+    url, filename = imagenet_source(spec)
     dest = Path(torch.hub.get_dir()) / "checkpoints" / filename
     source = "torch-hub cache" if dest.is_file() else "download"
     path = imagenet_file(spec)
@@ -192,7 +184,7 @@ def resolve_imagenet(spec: BackboneSpec) -> ResolvedWeights:
     return resolved
 
 
-def imagenet_source(spec: BackboneSpec, row: WeightsPackage | None = None) -> tuple[str, str]:
+def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
     """``(url, file name in the hub cache)`` of the backbone's ImageNet weights."""
     if spec.source == "transformers":
         from .mit import HUB_FILENAME, HUB_IDS
