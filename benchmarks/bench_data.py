@@ -45,7 +45,7 @@ class Capped(torch.utils.data.DataLoader):
     def __len__(self):
         return min(steps, super().__len__())
 torch.utils.data.DataLoader = Capped
-import pixelseg.data as data, pixelseg.train as train
+import pixelseg.data as data, pixelseg.training.train as train
 load = data.load_split
 cpu = [0.0]
 def timed(*a, **k):

@@ -24,7 +24,7 @@ VARIANTS = ("eager", "jit", "inductor")
 
 def worker(variant: str, args) -> dict:
     from pixelseg.models import create_model
-    from pixelseg.runtime import autocast, prepare_for_inference, resolve_precision, to_model_input
+    from pixelseg.core.runtime import autocast, prepare_for_inference, resolve_precision, to_model_input
 
     torch.manual_seed(0)
     dev = torch.device("cpu")

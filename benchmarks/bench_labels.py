@@ -150,7 +150,7 @@ def decode(args) -> dict:
 
 
 def convert(args) -> dict:
-    from pixelseg.convert import convert as run
+    from pixelseg.data.convert import convert as run
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         r = run("coco", CARDAMAGE, Path(tmp) / "out", progress=False)
@@ -172,7 +172,7 @@ def _train(dataset: str, root: Path, run: Path, cache: str, limit: int, size: in
 
 
 def epoch(args) -> dict:
-    from pixelseg.convert import convert as run_convert
+    from pixelseg.data.convert import convert as run_convert
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -31,11 +31,11 @@ def main():
 
     import torch
 
-    from pixelseg.checkpoint import load_checkpoint
-    from pixelseg.loading import load_model
-    from pixelseg.openvino_backend import OpenVinoModel, split_arrays
-    from pixelseg.runtime import resolve_precision
-    from pixelseg.tiling import torch_logits_fn
+    from pixelseg.core.checkpoint import load_checkpoint
+    from pixelseg.inference.predict.loading import load_model
+    from pixelseg.inference.predict.openvino import OpenVinoModel, split_arrays
+    from pixelseg.core.runtime import resolve_precision
+    from pixelseg.inference.predict.tiling import torch_logits_fn
     ckpt = load_checkpoint(args.run)
     images, _, _ = split_arrays(ckpt, ckpt["config"]["val_split"], 64, "benchmark")
     dev = torch.device("cpu")

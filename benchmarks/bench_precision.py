@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, dataset_options, load_split
-from pixelseg.loading import load_model
-from pixelseg.metrics import ConfusionMatrix
-from pixelseg.runtime import autocast, to_model_input
+from pixelseg.inference.predict.loading import load_model
+from pixelseg.core.metrics import ConfusionMatrix
+from pixelseg.core.runtime import autocast, to_model_input
 
 
 def main() -> None:

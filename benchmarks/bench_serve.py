@@ -164,8 +164,8 @@ def reference(run, photos, onnx_path, repeats) -> dict:
     import numpy as np
     import torch
 
-    from pixelseg import viz
-    from pixelseg.serving import FAST_PNG, Engine, decode_upload
+    from pixelseg.core import viz
+    from pixelseg.inference.predict.serving import FAST_PNG, Engine, decode_upload
 
     datas = [p.read_bytes() for p in photos]
 
@@ -193,8 +193,8 @@ def reference(run, photos, onnx_path, repeats) -> dict:
     if onnx_path:
         import onnxruntime as ort
 
-        from pixelseg.loading import load_onnx_predictor_parts
-        from pixelseg.tiling import Predictor
+        from pixelseg.inference.predict.loading import load_onnx_predictor_parts
+        from pixelseg.inference.predict.tiling import Predictor
         fn, info, size = load_onnx_predictor_parts(onnx_path)
         sess = fn.session
         predictor = Predictor(fn, size)

@@ -48,15 +48,15 @@ def main():
 
     from pixelseg.cli import serve_openmp_env
     serve_openmp_env()  # the server's libgomp spin count, before torch loads
-    from pixelseg.runtime import tune_malloc
+    from pixelseg.core.runtime import tune_malloc
     tune_malloc()  # and its allocator settings (every CLI command's)
     import numpy as np
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
-    from pixelseg import viz
-    from pixelseg.serving import FAST_PNG, Engine, HTTPProblem, decode_upload
+    from pixelseg.core import viz
+    from pixelseg.inference.predict.serving import FAST_PNG, Engine, HTTPProblem, decode_upload
 
     engine = Engine(args.run)
     engine.warm_up(batch=8)
@@ -74,7 +74,7 @@ def main():
                        F.interpolate(nchw, size=(h, w), mode="bilinear", align_corners=False))
     small8 = small.expand(8, -1, -1, -1).contiguous()
     up = F.interpolate(nchw, size=(h, w), mode="bilinear", align_corners=False)
-    from pixelseg.metrics import class_ids
+    from pixelseg.core.metrics import class_ids
     u8 = torch.as_tensor(img).permute(2, 0, 1)[None]
 
     def old_masks(images):  # Engine.masks before: float resize, softmax, then class ids

@@ -52,7 +52,7 @@ def bench(n: int, scratch: Path, epochs: int, workers: int) -> list[dict]:
         cpu = _run([sys.executable, "-m", "pixelseg", "train", *data, *FLAGS, "--epochs", str(epochs),
                     "--workers", str(workers), "--run-dir", str(run)], env)
         hist = json.loads((run / "metrics.json").read_text())
-        from pixelseg.checkpoint import load_checkpoint
+        from pixelseg.core.checkpoint import load_checkpoint
         steps = load_checkpoint(run / "last.pt")["global_step"]
         rows.append({"n": n, "source": source, "epoch_s": hist[-1]["epoch_time_s"],
                      "img_s": hist[-1]["train_images_per_s"], "steps": steps, **cpu})

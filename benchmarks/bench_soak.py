@@ -63,7 +63,7 @@ def proc_stats(pid: int) -> dict:
 
 def tutorial_checkpoint(folder: Path) -> Path:
     """A random-init U-Net/MobileNetV2 at 128 px (the main job's model) when no run is given."""
-    from pixelseg.checkpoint import atomic_save, model_checkpoint
+    from pixelseg.core.checkpoint import atomic_save, model_checkpoint
     from pixelseg.data import synthetic
     from pixelseg.models import create_model
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3)

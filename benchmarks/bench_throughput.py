@@ -7,8 +7,8 @@ memory (``resource.getrusage`` RSS on CPU, ``torch.cuda.max_memory_allocated`` o
 configuration's allocator state never leaks into the next. Achieved GFLOP/s = FLOPs per image
 (``torch.utils.flop_counter.FlopCounterMode``) × images/s, set against a GEMM peak measured here.
 
-The training step is train.py's own (``pixelseg.loop.train_step``): uint8 batch -> to_model_input ->
-autocast forward -> fp32 loss -> backward -> Adam (pixelseg.optim / pixelseg.losses), on in-memory
+The training step is train.py's own (``pixelseg.training.loop.train_step``): uint8 batch -> to_model_input ->
+autocast forward -> fp32 loss -> backward -> Adam (pixelseg.training.optim / pixelseg.training.losses), on in-memory
 random data: this is the model and optimiser cost alone; compare.py measures the whole
 `pixelseg train` loop with its data pipeline.
 
@@ -33,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's pixelseg, installed or not
 
-# name -> (precision for pixelseg.runtime.resolve_precision, channels_last, compile)
+# name -> (precision for pixelseg.core.runtime.resolve_precision, channels_last, compile)
 CONFIGS = {
     "fp32": ("fp32", False, False),
     "channels_last": ("fp32", True, False),
@@ -56,7 +56,7 @@ def _sync(dev):
 
 def build(config: str, frozen: bool, dev, training: bool = True):
     from pixelseg.models import create_model
-    from pixelseg.runtime import optimize_for_training, prepare_for_inference, resolve_precision
+    from pixelseg.core.runtime import optimize_for_training, prepare_for_inference, resolve_precision
 
     precision, channels_last, compile_ = CONFIGS[config]
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None)
@@ -76,10 +76,10 @@ def build(config: str, frozen: bool, dev, training: bool = True):
 
 
 def worker(config: str, task: str, args) -> dict:
-    from pixelseg.loop import RunContext, train_step
-    from pixelseg.losses import build_loss
-    from pixelseg.optim import build_optimizer
-    from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input, tune_malloc
+    from pixelseg.training.loop import RunContext, train_step
+    from pixelseg.training.losses import build_loss
+    from pixelseg.training.optim import build_optimizer
+    from pixelseg.core.runtime import autocast, resolve_precision, select_device, to_model_input, tune_malloc
 
     tune_malloc()  # what every pixelseg command does first
     dev = select_device(args.device)

@@ -58,11 +58,11 @@ def forward_flops(spec: str, h: int, w: int) -> float:
 
 
 def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
-    from pixelseg.loop import RunContext, train_step as loop_train_step
-    from pixelseg.losses import build_loss
+    from pixelseg.training.loop import RunContext, train_step as loop_train_step
+    from pixelseg.training.losses import build_loss
     from pixelseg.models import create_model
-    from pixelseg.optim import build_optimizer
-    from pixelseg.runtime import (autocast, optimize_for_training, prepare_for_inference, resolve_precision,
+    from pixelseg.training.optim import build_optimizer
+    from pixelseg.core.runtime import (autocast, optimize_for_training, prepare_for_inference, resolve_precision,
                                   select_device, to_model_input)
 
     dev = select_device(args.device)

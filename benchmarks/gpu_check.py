@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import copy
 
 from pixelseg.models import ARCHITECTURES, create_model, mc_predict
-from pixelseg.runtime import prepare_for_inference
+from pixelseg.core.runtime import prepare_for_inference
 
 
 def main() -> int:

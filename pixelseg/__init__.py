@@ -1,6 +1,6 @@
 """pixelseg: train, evaluate and run semantic-segmentation models (U-Net, FCN, SegNet, DeepLabV3)."""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def __getattr__(name):

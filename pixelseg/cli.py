@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import config
-from .errors import PixelsegError
+from .training import config
+from .core.errors import PixelsegError
 
 def _add_resolution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", nargs="?", const=True, default=None, metavar="SIZE",
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser and its train sub-parser (YAML options become the latter's defaults)."""
-    from . import __version__
+    from ._version import __version__
     parser = argparse.ArgumentParser(prog="pixelseg", description="Semantic segmentation: train, evaluate, predict.")
     parser.add_argument("--version", action="version", version=f"pixelseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,7 +236,7 @@ def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_args(sub) -> None:
-    from .sizes import Limits
+    from .core.sizes import Limits
     d = Limits()
     p = sub.add_parser("serve", help="HTTP API and web page for a model (needs pip install pixelseg[serve])",
                        description="Serve a model over HTTP: a web page at /, POST /v1/predict, /v1/model, /healthz, "
@@ -343,13 +343,13 @@ def _run(args) -> int:
         raise AssertionError(args.command)
     if args.command == "serve":
         serve_openmp_env()
-    from .runtime import tune_malloc
+    from .core.runtime import tune_malloc
     tune_malloc()  # before the first large tensor: every command allocates activations step after step
     return run(args)
 
 
 def _run_plan(args) -> int:
-    from .plan import plan_from_options, write_plan
+    from .training.plan import plan_from_options, write_plan
     print(write_plan(plan_from_options(config.overrides_from_args(args)), args.out), end="")
     print(f"wrote {args.out}; train it with: pixelseg train --config {args.out}")
     return 0
@@ -357,18 +357,18 @@ def _run_plan(args) -> int:
 
 def _run_train(args) -> int:
     if getattr(args, "auto", False):
-        from .plan import train_auto
+        from .training.plan import train_auto
         summary = train_auto(config.overrides_from_args(args))
         print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
         return 0
-    from .train import train
+    from .training.train import train
     summary = train(config.overrides_from_args(args))
     print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
     return 0
 
 
 def _run_evaluate(args) -> int:
-    from .inference import EvalOptions, evaluate, format_scores
+    from .inference.predict import EvalOptions, evaluate, format_scores
     options = EvalOptions(data_root=args.data_root, split=args.split, dataset=args.dataset, limit=args.limit,
                           device=args.device, precision=args.precision, out_dir=args.out,
                           batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
@@ -381,7 +381,7 @@ def _run_evaluate(args) -> int:
 
 
 def _run_predict(args) -> int:
-    from .inference import predict
+    from .inference.predict import predict
     results = predict(args.checkpoint, args.images, args.out, device=args.device, precision=args.precision,
                       mc_samples=args.mc_samples, tile=args.tile, overlap=args.tile_overlap, tta=args.tta,
                       backend=args.backend, format=args.format, shapes=args.shapes, min_area=args.min_area,
@@ -397,7 +397,7 @@ def _run_predict(args) -> int:
 
 def _run_export(args) -> int:
     if args.format == "openvino":
-        from .openvino_backend import export_openvino, format_gate
+        from .inference.openvino import export_openvino, format_gate
         r = export_openvino(args.checkpoint, args.out, int8=args.int8, calibration_split=args.calibration_split,
                             calibration_images=args.calibration_images, check_split=args.check_split,
                             check_limit=args.check_limit,
@@ -406,7 +406,7 @@ def _run_export(args) -> int:
         print(f"wrote {r['out']} (+ .bin, + .onnx fallback; openvino {r['precision']}, {r['model']}, "
               f"{r['bytes'] / 1e6:.1f} MB weights)")
         return 0
-    from .export import export, format_parity
+    from .inference.export import export, format_parity
     r = export(args.checkpoint, args.format, args.out, check_images=args.check_images,
                check_limit=args.check_limit or 4, opset=args.opset)
     print(f"parity on {r['parity_source']} ({len(r['inputs'])} inputs incl. a batch of 2): {format_parity(r)}")
@@ -415,8 +415,8 @@ def _run_export(args) -> int:
 
 
 def _run_serve(args) -> int:
-    from .server import serve
-    from .sizes import Limits
+    from .inference.server import serve
+    from .core.sizes import Limits
     limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                     max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
                     upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
@@ -430,7 +430,7 @@ def _run_serve(args) -> int:
 def _label_studio_options(args):
     if not args.label_studio:
         return None
-    from .lsml_server import LSOptions
+    from .inference.lsml_server import LSOptions
     try:
         budget = config.parse_duration(args.retrain_budget)
     except ValueError as exc:   # OptionError
@@ -454,7 +454,7 @@ def _run_shards(args) -> int:
 
 
 def _run_convert(args) -> int:
-    from .convert import convert, format_report
+    from .data.convert import convert, format_report
     from .data import dataset_options
     report = convert(args.dataset, args.data_root, args.out, args.to, args.split, args.limit, args.maxcount,
                      **dataset_options(vars(args)))
@@ -464,7 +464,7 @@ def _run_convert(args) -> int:
 
 
 def _run_audit(args) -> int:
-    from .audit import audit, format_summary
+    from .inference.audit import audit, format_summary
     report = audit(args.run, args.out, top=args.top, fmt=args.format, data_root=args.data_root, device=args.device,
                    precision=args.precision, band=args.band, min_area=args.min_area, limit=args.limit,
                    batch_size=args.batch_size, unlabelled=args.unlabelled, next_top=args.next_top)
@@ -472,7 +472,7 @@ def _run_audit(args) -> int:
     print(f"wrote {len(report['files'])} files to {Path(report['files'][0]).parent}: audit.csv, audit.json, "
           "overlays/, review/" + (", next/" if args.unlabelled else ""))
     if args.unlabelled:
-        from .label_next import format_summary as next_summary
+        from .inference.label_next import format_summary as next_summary
         print(next_summary(report["next"]))
     return 0
 

@@ -4,11 +4,11 @@ import sys
 
 import torch
 
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
-from pixelseg.distributed import RankSampler, cleanup, init_distributed
-from pixelseg.loading import load_model
-from pixelseg.loop import RunContext, evaluate_loader
+from pixelseg.core.distributed import RankSampler, cleanup, init_distributed
+from pixelseg.inference.predict.loading import load_model
+from pixelseg.training.loop import RunContext, evaluate_loader
 
 ckpt_path, n_val, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 info = init_distributed("cpu")

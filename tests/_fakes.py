@@ -1,7 +1,7 @@
 """Shared test helpers (not a test module)."""
 import torch
 
-from pixelseg.checkpoint import atomic_save, model_checkpoint
+from pixelseg.core.checkpoint import atomic_save, model_checkpoint
 from pixelseg.data import synthetic
 from pixelseg.models import create_model
 

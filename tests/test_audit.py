@@ -1,4 +1,4 @@
-"""pixelseg audit: confident learning on held-out fold predictions (pixelseg.audit).
+"""pixelseg audit: confident learning on held-out fold predictions (pixelseg.inference.audit).
 
 The scoring core is tested on probability maps of a known "good model" (the clean masks, blurred and noised)
 against labels with known corruptions, which must rank first with the right kinds; the review export must
@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_run  # noqa: E402
 
-from pixelseg import audit as au  # noqa: E402
+from pixelseg.inference.predict import audit as au  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.labels import coco, cvat, labelstudio  # noqa: E402
 from pixelseg.labels import write as pre  # noqa: E402

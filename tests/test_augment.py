@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pixelseg.data.augment import build_train_transform
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 
 IGNORE = 255
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pixelseg.cli import main
 from pixelseg.data import iter_full_res, load_split
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from conftest import tiny_run
 
 H, W = 12, 16

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from pixelseg.budget import Pacer, epochs_without_improvement, format_seconds, steps_that_fit
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.training.budget import Pacer, epochs_without_improvement, format_seconds, steps_that_fit
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.cli import main
-from pixelseg.config import parse_value
-from pixelseg.errors import PixelsegError
-from pixelseg.optim import build_scheduler, lr_factor
+from pixelseg.training.config import parse_value
+from pixelseg.core.errors import PixelsegError
+from pixelseg.training.optim import build_scheduler, lr_factor
 
 TINY = tiny_run(precise_bn=0)
 

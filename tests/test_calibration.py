@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelseg.calibration import UncertaintyStats, softmax_entropy
-from pixelseg.checkpoint import atomic_save
+from pixelseg.inference.predict.calibration import UncertaintyStats, softmax_entropy
+from pixelseg.core.checkpoint import atomic_save
 from pixelseg.cli import main
 from pixelseg.data import default_split
 from pixelseg.models import create_model

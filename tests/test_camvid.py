@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from pixelseg.data import camvid, iter_full_res, load_split
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 
 
 def test_real_splits_sizes_and_classes(camvid_root):

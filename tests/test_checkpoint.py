@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from pixelseg.checkpoint import atomic_save, load_checkpoint
-from pixelseg.files import atomic_write_text
-from pixelseg.errors import PixelsegError
+from pixelseg.core.checkpoint import atomic_save, load_checkpoint
+from pixelseg.core.files import atomic_write_text
+from pixelseg.core.errors import PixelsegError
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])

@@ -10,9 +10,10 @@ import torch
 import yaml
 
 from conftest import tiny_run
-from pixelseg import config, sizes
+from pixelseg.training import config
+from pixelseg.core import sizes
 from pixelseg.cli import _parsers, build_parser, main
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelseg"
 TINY = tiny_run(epochs=1, precise_bn=1)

@@ -192,7 +192,7 @@ def test_full_disk_while_writing_falls_back_and_leaves_nothing(folder, cache, mo
 
 
 def test_workers_auto(monkeypatch):
-    from pixelseg.train import resolve_workers
+    from pixelseg.training.train import resolve_workers
     assert resolve_workers("auto", per_sample_work=False) == 0  # whole-batch reads need no workers
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     one = resolve_workers("auto", per_sample_work=True)

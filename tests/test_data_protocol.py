@@ -10,7 +10,7 @@ from pixelseg.data.base import ArrayDataset, FileDataset, LabelReader, Sample
 from pixelseg.data.loader import make_loader
 from pixelseg.data.protocol import SplitDataset
 from pixelseg.data.shards import ShardDataset
-from pixelseg.folds import FoldSubset
+from pixelseg.training.folds import FoldSubset
 
 
 def _arrays():

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
-from pixelseg.loading import load_model
-from pixelseg.loop import RunContext, evaluate_loader
+from pixelseg.inference.predict.loading import load_model
+from pixelseg.training.loop import RunContext, evaluate_loader
 
 TINY = tiny_run(precision="fp32", seed=0, deterministic=True, device="cpu")
 
@@ -156,8 +156,8 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
 
 
 def test_a_lost_peer_is_one_line_saying_how_to_continue(tmp_path):
-    from pixelseg.distributed import DistInfo
-    from pixelseg.train import lost_peers
+    from pixelseg.core.distributed import DistInfo
+    from pixelseg.training.train import lost_peers
     gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
                         "10000ms for recv operation to complete")
     err = lost_peers(gloo, DistInfo(0, 2, 0), tmp_path, 10.0)

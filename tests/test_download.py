@@ -23,7 +23,7 @@ from pixelseg.data.download import (
     ensure_oxford_pet,
     extract_archive,
 )
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 
 NAMES = ["Abyssinian_1", "Bengal_2", "american_bulldog_3"]
 

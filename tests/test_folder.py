@@ -6,11 +6,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.cli import main
 from pixelseg.data import dataset_info, load_split
 from pixelseg.data import folder
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from conftest import tiny_run
 
 COLOURS = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 0, 255)}

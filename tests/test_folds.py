@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelseg import config, folds
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.training import config, folds
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.cli import main
-from pixelseg.errors import PixelsegError
-from pixelseg.loading import Ensemble, load_model
+from pixelseg.core.errors import PixelsegError
+from pixelseg.inference.predict.loading import Ensemble, load_model
 from pixelseg.models import create_model
 from conftest import tiny_run
 
@@ -131,7 +131,7 @@ def test_too_small_for_k_folds_is_one_line_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_auto_plans_once_then_folds(tmp_path):
-    from pixelseg import plan
+    from pixelseg.training import plan
     root = write_folder(tmp_path / "d", ["a", "b", "c"])
     run = tmp_path / "run"
     probe = plan.fixed_machine(train_ips_128=400.0, eval_ips_128=1600.0)
@@ -194,9 +194,9 @@ def _mean_softmax(run, x):
 
 def test_folds_dir_loads_as_ensemble_in_evaluate_predict_and_serve(cv_run, tmp_path):
     from pixelseg.data import load_split
-    from pixelseg.inference import evaluate, predict
-    from pixelseg.metrics import ConfusionMatrix
-    from pixelseg.serving import Engine
+    from pixelseg.inference.predict import evaluate, predict
+    from pixelseg.core.metrics import ConfusionMatrix
+    from pixelseg.inference.predict.serving import Engine
     run, root, names = cv_run
     ckpt = load_checkpoint(run)
     assert len(ckpt["members"]) == 2 and ckpt["path"] == str(run / "cv.json")

@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _fuzz import HOSTILE, TEXT, count, examples, no_hang, one_line_naming
-from pixelseg.config import OPTIONS, _argparse_type, flag, load_yaml, parse_value, resolve_config
-from pixelseg.errors import PixelsegError
-from pixelseg.sizes import Limits, size_hw
+from pixelseg.training.config import OPTIONS, _argparse_type, flag, load_yaml, parse_value, resolve_config
+from pixelseg.core.errors import PixelsegError
+from pixelseg.core.sizes import Limits, size_hw
 
 KEYS = sorted(OPTIONS)
 # values a person plausibly writes, beside the hostile ones: numbers as text, sizes, durations, lists

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from _fuzz import HOSTILE, TEXT, count, examples, mutated, no_hang, one_line_naming
 from _labels_exports import WRITERS, coco_dict
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from pixelseg.labels import coco, cvat, labelme, labelstudio, yolo
 from pixelseg.labels.raster import IGNORE, rasterize
 

@@ -82,8 +82,8 @@ def test_a_decompression_bomb_file_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("value", [[], ["a"], {"a": 1}])
 def test_a_path_option_given_a_list(value):
     """resolve_config({'data_root': []}) used to raise TypeError from Path(); now one line naming the flag."""
-    from pixelseg.config import resolve_config
-    from pixelseg.errors import PixelsegError
+    from pixelseg.training.config import resolve_config
+    from pixelseg.core.errors import PixelsegError
     with pytest.raises(PixelsegError, match="^--data-root .*: expected a path$"):
         resolve_config({"data_root": value})
 
@@ -92,8 +92,8 @@ def test_a_path_option_given_a_list(value):
                                        ("image_size", float("-inf"))])
 def test_an_infinite_number_where_an_integer_belongs(key, value):
     """int(inf) used to escape parse_rgb_bands / parse_size as OverflowError (long fuzz profile)."""
-    from pixelseg.config import flag, parse_value
-    from pixelseg.errors import PixelsegError
+    from pixelseg.training.config import flag, parse_value
+    from pixelseg.core.errors import PixelsegError
     with pytest.raises(PixelsegError, match=f"^{flag(key)} "):
         parse_value(key, value)
 
@@ -101,8 +101,8 @@ def test_an_infinite_number_where_an_integer_belongs(key, value):
 def test_a_flag_or_key_with_a_newline_is_quoted_in_one_line(tmp_path):
     """`--cache $'\\n'` and a YAML key '\\n' used to print a two-line message (the value shown bare)."""
     import argparse
-    from pixelseg.config import _argparse_type, load_yaml
-    from pixelseg.errors import PixelsegError
+    from pixelseg.training.config import _argparse_type, load_yaml
+    from pixelseg.core.errors import PixelsegError
     with pytest.raises(argparse.ArgumentTypeError) as exc:
         _argparse_type("cache")("\n")
     assert "\n" not in str(exc.value) and "'\\n'" in str(exc.value)
@@ -116,8 +116,8 @@ def test_a_flag_or_key_with_a_newline_is_quoted_in_one_line(tmp_path):
 @pytest.mark.parametrize("field,value", [("max_upload_mb", float("inf")), ("deadline_s", float("inf"))])
 def test_an_infinite_serve_limit_is_refused(field, value):
     """`serve --max-upload-mb inf` used to start, then fail every upload with OverflowError (a 500)."""
-    from pixelseg.errors import PixelsegError
-    from pixelseg.sizes import Limits
+    from pixelseg.core.errors import PixelsegError
+    from pixelseg.core.sizes import Limits
     with pytest.raises(PixelsegError, match="must be a finite number"):
         Limits(**{field: value}).check()
     assert Limits(max_upload_mb=1.7e302).check().max_upload_bytes == 2 ** 62  # huge but finite: no overflow
@@ -152,8 +152,8 @@ def test_a_truncated_tiff_header(tmp_path, data):
 def test_an_unknown_model_in_a_config_file_names_the_option(tmp_path, cfg, flag_):
     """`model: 128` in a --config file used to say "unknown architecture '128'" without naming the option."""
     import yaml
-    from pixelseg.config import load_yaml, resolve_config
-    from pixelseg.errors import PixelsegError
+    from pixelseg.training.config import load_yaml, resolve_config
+    from pixelseg.core.errors import PixelsegError
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({k: str(v) for k, v in cfg.items()}))
     with pytest.raises(PixelsegError, match=f"^{flag_}"):

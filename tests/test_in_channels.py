@@ -8,7 +8,7 @@ import torch
 import torchvision
 from timm.models import adapt_input_conv
 
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from pixelseg.models import create_model
 from pixelseg.models.backbones import BACKBONES, adapt_first_conv
 

@@ -30,7 +30,7 @@ import torch
 from _fakes import fake_checkpoint
 from _labels_exports import write_coco
 from conftest import tiny_run
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 
 SEEDS = (0, 1, 2)
 REPO = Path(__file__).resolve().parents[1]

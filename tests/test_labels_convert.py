@@ -7,7 +7,7 @@ import pytest
 
 from _labels_exports import CLASSES, write_cvat, write_labelme
 from pixelseg.cli import main
-from pixelseg.convert import convert
+from pixelseg.data.convert import convert
 from pixelseg.data import dataset_info, iter_full_res
 
 
@@ -53,7 +53,7 @@ def test_convert_to_shards_and_from_folder(tmp_path):
 
 
 def test_convert_unknown_target_writes_nothing(tmp_path):
-    from pixelseg.errors import PixelsegError
+    from pixelseg.core.errors import PixelsegError
     with pytest.raises(PixelsegError, match="--to"):
         convert("labelme", write_labelme(tmp_path / "lm"), tmp_path / "o", to="zip")
     assert not (tmp_path / "o").exists()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from pixelseg.labels.rle import (coco_counts_from_string, coco_rle_decode, coco_rle_encode, cvat_rle_decode,
                                  cvat_rle_encode, ls_rle_decode, ls_rle_encode)
 

@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("module, forbidden", [
-    ("pixelseg.loading", ["pixelseg.inference", "pixelseg.export", "pixelseg.train"]),
-    ("pixelseg.export", ["pixelseg.inference", "pixelseg.train"]),
-    ("pixelseg.inference", ["pixelseg.export", "pixelseg.train"]),
-    ("pixelseg.config", ["torch"]),
-    ("pixelseg.data", ["pixelseg.config"]),  # config -> data (registries) only; sizes is below both
-    ("pixelseg.sizes", ["torch", "pixelseg.config", "pixelseg.data"]),
+    ("pixelseg.inference.loading", ["pixelseg.inference.predict", "pixelseg.inference.export", "pixelseg.training.train"]),
+    ("pixelseg.inference.export", ["pixelseg.inference.predict", "pixelseg.training.train"]),
+    ("pixelseg.inference.predict", ["pixelseg.inference.export", "pixelseg.training.train"]),
+    ("pixelseg.training.config", ["torch"]),
+    ("pixelseg.data", ["pixelseg.training.config"]),  # config -> data (registries) only; sizes is below both
+    ("pixelseg.core.sizes", ["torch", "pixelseg.training.config", "pixelseg.data"]),
 ])
 def test_import_does_not_pull_in(module, forbidden):
     code = f"import sys, {module}; print(' '.join(m for m in {forbidden!r} if m in sys.modules))"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pixelseg.errors import PixelsegError
-from pixelseg.losses import build_loss, class_weights
+from pixelseg.core.errors import PixelsegError
+from pixelseg.training.losses import build_loss, class_weights
 
 IGNORE = 255
 

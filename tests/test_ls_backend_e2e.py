@@ -66,7 +66,7 @@ def _edge_everywhere(path):
     fine-tuned model, whatever the few seconds of training give, scores no worse and is served (the test is about
     the loop; tests/test_ls_backend.py covers a model that is not served)."""
     import torch
-    from pixelseg.checkpoint import atomic_save, load_checkpoint
+    from pixelseg.core.checkpoint import atomic_save, load_checkpoint
     fake_checkpoint(path, seed=0)
     ckpt = load_checkpoint(path)
     state = ckpt["model"]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pixelseg.metrics import ConfusionMatrix, scores_from_confusion
+from pixelseg.core.metrics import ConfusionMatrix, scores_from_confusion
 
 
 def test_scores_match_hand_computed_values():
@@ -54,7 +54,7 @@ def test_scores_from_confusion_rejects_nothing_on_empty_matrix():
 
 
 def test_class_ids_equal_argmax_ties_and_layouts_included():
-    from pixelseg.metrics import class_ids
+    from pixelseg.core.metrics import class_ids
     torch.manual_seed(0)
     scores = torch.randint(0, 3, (2, 4, 9, 7)).float()  # many ties: argmax's first-index rule must hold
     for x in (scores, scores.contiguous(memory_format=torch.channels_last)):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from pixelseg.models import (
     ARCHITECTURES,
     BACKBONES,

@@ -10,11 +10,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.cli import main
 from pixelseg.data import load_split
 from pixelseg.data.io import read_bands, read_input
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from conftest import tiny_run
 
 H, W = 36, 40

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 from conftest import kill_torchrun, rank_pid, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pixelseg.errors import PixelsegError
-from pixelseg.optim import build_optimizer, build_scheduler
+from pixelseg.core.errors import PixelsegError
+from pixelseg.training.optim import build_optimizer, build_scheduler
 
 
 class Tiny(nn.Module):

@@ -55,7 +55,7 @@ def test_predict_out_is_an_existing_file(tmp_path, capsys):
 
 
 def test_ctrl_c_prints_the_resume_command(tmp_path, capsys, monkeypatch):
-    import pixelseg.train as tr
+    import pixelseg.training.train as tr
     run = tmp_path / "run"
     real = tr._write_history
     calls = []

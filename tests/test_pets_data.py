@@ -8,7 +8,7 @@ from PIL import Image
 import pixelseg.data.base as base
 from pixelseg.data import load_split
 from pixelseg.data.io import read_image
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 
 
 def test_splits_sizes_and_labels(pets_root):

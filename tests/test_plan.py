@@ -9,9 +9,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pixelseg import config, plan, sizes
+from pixelseg.training import config, plan
+from pixelseg.core import sizes
 from pixelseg.cli import main
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from conftest import tiny_run
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _fakes import fake_checkpoint  # noqa: E402
 
 from pixelseg.cli import main  # noqa: E402
-from pixelseg.errors import PixelsegError  # noqa: E402
+from pixelseg.core.errors import PixelsegError  # noqa: E402
 from pixelseg.labels import coco, cvat, labelstudio, raster, yolo  # noqa: E402
 from pixelseg.labels import write as pre  # noqa: E402
 
@@ -196,7 +196,7 @@ class _ColourModel(torch.nn.Module):
 
 @pytest.mark.parametrize("p, method", [(0.0, "softmax entropy"), (0.3, "mc-dropout")])
 def test_predict_rank_uncertainty_end_to_end(tmp_path, monkeypatch, p, method):
-    import pixelseg.inference as inference
+    import pixelseg.inference.predict.predict as inference
     monkeypatch.setattr(inference, "load_model", lambda *a, **k: _ColourModel(p).eval())
     ckpt = fake_checkpoint(tmp_path / "m.pt")
     imgs = tmp_path / "imgs"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import pixelseg.train as tr
-from pixelseg.checkpoint import load_checkpoint
+import pixelseg.training.train as tr
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.cli import main
-from pixelseg.distributed import PREEMPTED_EXIT_CODE
+from pixelseg.core.distributed import PREEMPTED_EXIT_CODE
 from conftest import kill_torchrun, rank_pid, tiny_run
 
 ARGS = ["train", *tiny_run(limit=32, precision="fp32", seed=0, deterministic=True, device="cpu", epochs=2,
@@ -58,7 +58,7 @@ def test_a_sigterm_during_the_vote_counts_at_the_next_step(monkeypatch):
     """Each step the ranks vote to stop with an all-reduce, and the sum alone decides: a SIGTERM that lands
     while the collective runs must not stop this rank a step before the others, which would then wait for it
     in the next step's collectives until the timeout (the hang CI once met under load)."""
-    import pixelseg.distributed as d
+    import pixelseg.core.distributed as d
     stop = d.StopSignal()
 
     def all_reduce(flag, op):  # the other rank votes 0; this rank's SIGTERM handler runs meanwhile

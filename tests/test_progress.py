@@ -1,7 +1,7 @@
 """Progress: a bar on a terminal, periodic plain lines in a log."""
 import io
 
-from pixelseg.progress import progress
+from pixelseg.core.progress import progress
 
 
 def test_log_gets_plain_lines_not_carriage_returns():

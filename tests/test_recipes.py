@@ -9,8 +9,8 @@ import yaml
 from PIL import Image
 
 from pixelseg.cli import main
-from pixelseg.config import read_yaml
-from pixelseg.errors import PixelsegError
+from pixelseg.training.config import read_yaml
+from pixelseg.core.errors import PixelsegError
 from conftest import tiny_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -14,7 +14,7 @@ from torch import nn
 
 from pixelseg.models import ARCHITECTURES, create_model
 from pixelseg.models.unet import UNet, UNetDecoder
-from pixelseg.runtime import (_depthwise_s2_grad_input, _FastBackwardDepthwiseConv2d, fold_batchnorm,
+from pixelseg.core.runtime import (_depthwise_s2_grad_input, _FastBackwardDepthwiseConv2d, fold_batchnorm,
                               optimize_for_training, prepare_for_inference)
 
 # Light backbones for the architectures whose defaults are big (the folding is what is under test).
@@ -211,7 +211,7 @@ def test_frozen_encoder_runs_as_a_cached_inference_copy(arch):
 
 _MALLOC_PROBE = r"""
 import ctypes, json, resource
-from pixelseg.runtime import tune_malloc
+from pixelseg.core.runtime import tune_malloc
 note = tune_malloc()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

@@ -16,11 +16,11 @@ import pytest
 s3fs = pytest.importorskip("s3fs", reason="s3fs not installed (pip install 'pixelseg[s3]')")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed: no S3 server to test against")
 
-from pixelseg.checkpoint import load_checkpoint  # noqa: E402
+from pixelseg.core.checkpoint import load_checkpoint  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.data.shards import write_shards  # noqa: E402
 from pixelseg.data.synthetic import write_folder  # noqa: E402
-from pixelseg.train import train  # noqa: E402
+from pixelseg.training.train import train  # noqa: E402
 from _fakes import write_id_folder  # noqa: E402
 from _s3server import fault_front, moto_s3  # noqa: E402
 from conftest import tiny_run  # noqa: E402
@@ -217,7 +217,7 @@ def test_s3fs_is_imported_only_for_s3_urls(s3):
 
 def test_missing_s3fs_says_how_to_install(monkeypatch):
     from pixelseg.data import remote
-    from pixelseg.errors import PixelsegError
+    from pixelseg.core.errors import PixelsegError
     monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
     with pytest.raises(PixelsegError, match=r"s3:// URLs need s3fs: pip install 'pixelseg\[s3\]'"):
         remote.read_bytes("s3://pixelseg-test/folder/train.json")

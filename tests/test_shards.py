@@ -19,7 +19,7 @@ from pixelseg.data.base import CacheSpec
 from pixelseg.data.io import read_image
 from pixelseg.data.shards import ShardDataset, read_index, write_shards
 from pixelseg.data.synthetic import write_folder
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from conftest import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]

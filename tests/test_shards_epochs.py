@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from pixelseg.checkpoint import load_checkpoint
+from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
 from pixelseg.data.base import CacheSpec
 from pixelseg.data.shards import write_shards
 from pixelseg.data.synthetic import write_folder
-from pixelseg.train import train
+from pixelseg.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_training_workers_are_started_once_per_run(data, tmp_path, monkeypatch):
     """Persistent DataLoader workers: two epochs from shards start each loader's workers once."""
     import os
 
-    import pixelseg.train as train_mod
+    import pixelseg.training.train as train_mod
     log = tmp_path / "workers.txt"
 
     def record(worker_id):  # runs in each worker when it starts

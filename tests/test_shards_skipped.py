@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pixelseg.data.shards import write_shards
 from pixelseg.data.synthetic import write_folder
-from pixelseg.train import train
+from pixelseg.training.train import train
 
 RUN = {"image_size": 32, "batch_size": 5, "epochs": 1, "weights": "none", "device": "cpu", "figure_samples": 0,
        "precision": "fp32", "workers": 1}

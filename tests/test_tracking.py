@@ -5,7 +5,7 @@ import pytest
 
 from conftest import tiny_run
 from pixelseg.cli import main
-from pixelseg.tracking import scalars
+from pixelseg.training.tracking import scalars
 
 TINY = tiny_run(epochs=2, precise_bn=1)
 

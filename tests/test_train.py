@@ -7,9 +7,9 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_run
-from pixelseg.checkpoint import atomic_save, load_checkpoint
+from pixelseg.core.checkpoint import atomic_save, load_checkpoint
 from pixelseg.cli import main
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 
 TINY = tiny_run(figure_samples=2)
 

@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from pixelseg import viz
+from pixelseg.core import viz
 
 
 def test_samples_cover_the_classes_and_spread_across_the_split():

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from conftest import PETS, tiny_run
-from pixelseg.checkpoint import load_checkpoint
-from pixelseg.errors import PixelsegError
+from pixelseg.core.checkpoint import load_checkpoint
+from pixelseg.core.errors import PixelsegError
 from pixelseg.models import create_model
 from pixelseg.models import weights as weights_mod
 from pixelseg.models.backbones import get_backbone

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixelseg.errors import PixelsegError
+from pixelseg.core.errors import PixelsegError
 from pixelseg.models import ARCHITECTURES, create_model, list_models
 from pixelseg.models.backbones import get_backbone
 from pixelseg.models.blocks import adaptive_avg_pool2d

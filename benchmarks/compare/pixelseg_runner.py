@@ -55,7 +55,7 @@ def train_argv(data_root, run_dir, freeze: str, epochs: int, extra: list[str]) -
 
 def task_train(args) -> dict:
     from pixelseg.cli import main as cli_main
-    from pixelseg.runtime import select_device
+    from pixelseg.core.runtime import select_device
 
     run_dir = Path(tempfile.mkdtemp(prefix="pixelseg-bench-"))
     shutil.rmtree(run_dir)
@@ -78,7 +78,7 @@ def task_infer(args) -> dict:
     import torch
 
     from pixelseg.models import create_model
-    from pixelseg.runtime import (autocast, prepare_for_inference, resolve_precision, select_device, to_model_input,
+    from pixelseg.core.runtime import (autocast, prepare_for_inference, resolve_precision, select_device, to_model_input,
                                   tune_malloc)
 
     tune_malloc()  # what every pixelseg command does first
@@ -106,8 +106,8 @@ def _infer_openvino(model, xb_u8, x1_u8, args) -> dict:
     import openvino as ov
     import torch
 
-    from pixelseg.openvino_backend import OpenVinoModel
-    from pixelseg.runtime import to_model_input
+    from pixelseg.inference.predict.openvino import OpenVinoModel
+    from pixelseg.core.runtime import to_model_input
 
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,9 +164,9 @@ def score_checkpoint(path: Path, data_root: Path, size: int) -> dict:
     import numpy as np
     import torch
 
-    from pixelseg.checkpoint import load_checkpoint
-    from pixelseg.loading import load_model
-    from pixelseg.runtime import autocast, resolve_precision, select_device, to_model_input
+    from pixelseg.core.checkpoint import load_checkpoint
+    from pixelseg.inference.predict.loading import load_model
+    from pixelseg.core.runtime import autocast, resolve_precision, select_device, to_model_input
 
     ckpt = load_checkpoint(path)
     dev = select_device("auto")
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     import torch  # only now: the quality task's budget must not pay for it
 
     import pixelseg
-    from pixelseg.runtime import select_device
+    from pixelseg.core.runtime import select_device
 
     result.update(framework=f"pixelseg {pixelseg.__version__} / torch {torch.__version__}",
                   device=str(select_device("auto")))

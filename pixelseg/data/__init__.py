@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sizes import size_hw
-from ..errors import PixelsegError
-from ..logs import logger as log
+from ..core.sizes import size_hw
+from ..core.errors import PixelsegError
+from ..core.logs import logger as log
 from . import ade20k, camvid, cityscapes, folder, labelled, pets, shards, synthetic, voc
 from .base import ArrayDataset, DatasetInfo, check_same_size, collate_batch
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .base import DatasetInfo, Sample, decode_samples
 
 # objectInfo150.txt's names (first synonym), in id order 1..150.

@@ -27,9 +27,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from pixelseg.sizes import size_hw
-from pixelseg.errors import PixelsegError
-from pixelseg.metrics import IGNORE_INDEX
+from ..core.sizes import size_hw
+from ..core.errors import PixelsegError
+from ..core.metrics import IGNORE_INDEX
 
 __all__ = ["build_train_transform", "JointTransform"]
 

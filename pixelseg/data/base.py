@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import PixelsegError
-from ..logs import logger as log
-from ..metrics import IGNORE_INDEX
+from ..core.errors import PixelsegError
+from ..core.logs import logger as log
+from ..core.metrics import IGNORE_INDEX
 from .io import UnreadableImage, read_image, read_mask, _open
 
 CACHE_VERSION = 2          # meta.json "version"; a store of another version is decoded again and replaced

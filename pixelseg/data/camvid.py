@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .base import DatasetInfo, Sample, decode_samples
 
 # Class order and colours of the SegNet tutorial (Scripts/test_segmentation_camvid.py); its 11-class

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .base import DatasetInfo, Sample, decode_samples
 
 # (train id order) name, colour, label id — cityscapesScripts helpers/labels.py.

@@ -8,7 +8,7 @@ offline with a deep urllib traceback instead of a one-line fix. Here:
 * downloads stream into ``<dest>.part``, resume it with an HTTP ``Range`` request, check the
   md5 and only then ``os.replace`` onto ``dest``, so ``dest`` is either absent or complete;
 * archives unpack into a temporary folder beside the target and are renamed into place;
-* every failure the user can fix is a :class:`~pixelseg.errors.PixelsegError`.
+* every failure the user can fix is a :class:`~pixelseg.core.errors.PixelsegError`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 __all__ = [
     "PETS_HOMEPAGE",

@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import PixelsegError
-from ..logs import logger as log
+from ..core.errors import PixelsegError
+from ..core.logs import logger as log
 from . import base as _base
 from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
 from .io import UnreadableImage, _open, input_size, is_tiff, read_input

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; while decode_jpeg exists it is used
 # for full-resolution JPEGs (see decode_jpeg_fast), and when it goes PIL takes over with identical pixels.

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from ..labels.raster import OVERLAP_RULES, LabelSet, rasterize
-from ..logs import logger as log
+from ..core.logs import logger as log
 from .base import DatasetInfo, Sample, build_split, fit_size
 from .folder import _fraction_split
 from .io import _open, read_image

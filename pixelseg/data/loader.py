@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import DistInfo, RankSampler
+from ..core.distributed import DistInfo, RankSampler
 from .base import collate_batch
 
 

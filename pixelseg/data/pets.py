@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .base import DatasetInfo, Sample, decode_samples
 
 INFO = DatasetInfo(

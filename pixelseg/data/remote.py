@@ -20,7 +20,7 @@ import errno
 import os
 import posixpath
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 
 DEFAULT_MAX_ATTEMPTS = 4
 BODY_READ_RETRIES = 3

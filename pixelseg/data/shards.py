@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import PixelsegError
-from ..logs import logger as log
+from ..core.errors import PixelsegError
+from ..core.logs import logger as log
 from .base import DatasetInfo, SkipReport, check_same_size, fit_size
 from . import remote
 from .io import UnreadableImage, read_image, read_mask
@@ -69,7 +69,7 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
     ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
     _refuse_other_classes(existing, dataset, ds.info)
     out, staging = (str(out), Path(tempfile.mkdtemp(prefix="pixelseg-shards-"))) if remote.is_s3(out) else (Path(out), Path(out))
-    from ..files import pid_prefix, remove_stale_temps
+    from ..core.files import pid_prefix, remove_stale_temps
     if staging == out:
         remove_stale_temps(out, f".{split}-")  # a killed run's unfinished shard
     shards, buf_count, writer, tmp, n, skipped = [], 0, None, None, 0, []
@@ -117,7 +117,7 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
     if isinstance(out, str):
         remote.write_bytes(remote.join(out, f"{split}.json"), json.dumps(index, indent=1).encode())
     else:
-        from ..files import atomic_write_text
+        from ..core.files import atomic_write_text
         atomic_write_text(out / f"{split}.json", json.dumps(index, indent=1))
     return index
 

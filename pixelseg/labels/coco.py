@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .files import Names, read_json, sized_image
 from .raster import export_values, shape_values
 from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .files import Names, class_names, class_table, sized_image
 from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,

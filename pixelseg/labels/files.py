@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .raster import Problems
 from .rules import class_ids, stored_size_note, upright_hw
 

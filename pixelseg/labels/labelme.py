@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .files import Names, class_names, class_table, find_image, read_json, sized_image
 from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
@@ -66,7 +66,7 @@ def _embedded(doc: dict, path: Path, problems: Problems) -> Path | None:
     from PIL import Image, UnidentifiedImageError
 
     from ..data.base import cache_dir
-    from ..files import atomic_write_bytes
+    from ..core.files import atomic_write_bytes
     try:
         data = base64.b64decode(doc["imageData"], validate=True)
         fmt = (Image.open(io.BytesIO(data)).format or "png").lower()

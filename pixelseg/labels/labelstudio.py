@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .files import IMAGE_SUFFIXES, Names, class_names, class_table, read_json, sized_image
 from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,

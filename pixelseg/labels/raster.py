@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 
 IGNORE = 255
 OVERLAP_RULES = ("smaller", "order", "ignore")

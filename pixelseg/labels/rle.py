@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 
 
 class RLEError(PixelsegError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 
 BACKGROUND_NAMES = ("background", "_background_")
 IGNORE_NAMES = ("__ignore__",)

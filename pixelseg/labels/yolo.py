@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelsegError
+from ..core.errors import PixelsegError
 from .files import IMAGE_SUFFIXES, Names
 from .raster import export_values, shape_values
 from .raster import (HUGE, BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 from .base import SegmentationModel
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 from .base import SegmentationModel
 from .blocks import conv_bn_relu, missing_strides, require_batch_of_two, stage_index, upsample_to

@@ -12,7 +12,7 @@ from os import PathLike
 
 import torch
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 from .backbones import BACKBONES, get_backbone
 from .base import SegmentationModel

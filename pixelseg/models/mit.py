@@ -15,7 +15,7 @@ import contextlib
 import torch
 from torch import nn
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 # Per variant: hidden sizes, blocks per stage (Xie et al. 2021, Table 6); heads 1/2/5/8,
 # spatial-reduction ratios 8/4/2/1 and MLP ratio 4 are shared (transformers' defaults).

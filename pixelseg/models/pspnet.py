@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 from .base import SegmentationModel
 from .blocks import PyramidPooling, conv_bn_relu, require_batch_of_two

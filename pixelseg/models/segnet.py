@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 from .base import SegmentationModel, input_normalisation
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 from .base import SegmentationModel
 

@@ -29,8 +29,8 @@ import torch
 import torchvision
 from torch import nn
 
-from pixelseg.errors import PixelsegError
-from pixelseg.files import file_sha256
+from ..core.errors import PixelsegError
+from ..core.files import file_sha256
 
 from .backbones import BackboneSpec
 
@@ -214,7 +214,7 @@ def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
 
 def _download(url: str, dest: Path) -> Path:
     """Fetch with pixelseg's downloader (kept separate so tests can replace it)."""
-    from pixelseg.data.download import download_file
+    from ..data.download import download_file
 
     return download_file(url, dest, md5=None)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import PixelsegError
-from .sizes import OptionError, parse_size, show as _show
+from ..core.errors import PixelsegError
+from ..core.sizes import OptionError, parse_size, show as _show
 
 GROUPS = {
     "data": "data",
@@ -547,9 +547,9 @@ def resolve_config(overrides: dict) -> dict:
     if cfg["in_channels"] != 3 and cfg["color_jitter"]:  # before any data is decoded
         raise PixelsegError(f"--color-jitter works on RGB images, not on {cfg['in_channels']}-channel inputs; drop it")
     # Cross-option and registry checks (these import the registries, and with them torch).
-    from .data import default_split, get_dataset_module
+    from ..data import default_split, get_dataset_module
     from .losses import parse_loss_spec
-    from .models import check_model
+    from ..models import check_model
     get_dataset_module(cfg["dataset"])
     cfg["train_split"] = cfg["train_split"] or default_split(cfg["dataset"], "train")
     cfg["val_split"] = cfg["val_split"] or default_split(cfg["dataset"], "val")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PixelsegError
-from .metrics import class_ids
+from ..core.errors import PixelsegError
+from ..core.metrics import class_ids
 
 OPENVINO_HINT = "pip install 'pixelseg[openvino]' (openvino and nncf)"
 METADATA_KEY = "pixelseg"
@@ -115,7 +115,7 @@ def read_metadata(model, path) -> dict:
 
 def load_openvino_predictor_parts(path, device="cpu"):
     """(callable, DatasetInfo, training size), as loading.load_onnx_predictor_parts."""
-    from .data import DatasetInfo
+    from ..data import DatasetInfo
     model = OpenVinoModel(path, device)
     meta = model.metadata
     return model, DatasetInfo.from_dict(meta["dataset"]), tuple(meta["image_size"])
@@ -124,7 +124,7 @@ def load_openvino_predictor_parts(path, device="cpu"):
 # ---- export -------------------------------------------------------------------------------------------
 def split_arrays(ckpt: dict, split: str, limit: int | None, what: str):
     """(images N×C×H×W float [0,1], masks N×H×W) of the run's own dataset split at the training size."""
-    from .data import dataset_options, load_split
+    from ..data import dataset_options, load_split
     from .loading import input_size, model_channels, recorded_data_root
     cfg = ckpt["config"]
     root = recorded_data_root(ckpt, f"the {what} needs the run's dataset")
@@ -145,7 +145,7 @@ def split_arrays(ckpt: dict, split: str, limit: int | None, what: str):
 def gate(reference, candidate, images, masks, info, batch: int = 16, thresholds=None) -> dict:
     """Agreement of `candidate`'s argmax with `reference`'s (fp32 PyTorch) over the split and per image,
     and both mIoUs against the ground truth; `ok` when every threshold of GATE holds."""
-    from .metrics import ConfusionMatrix
+    from ..core.metrics import ConfusionMatrix
     t = {**GATE, **(thresholds or {})}
     c = info.num_classes
     cm_ref, cm_new = ConfusionMatrix(c, info.ignore_index), ConfusionMatrix(c, info.ignore_index)
@@ -217,8 +217,8 @@ def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str 
                     ignore: list[str] | None = None, thresholds: dict | None = None, progress: bool = True) -> dict:
     """Write OUT.xml/.bin (+ OUT.onnx fallback) only if the gate on the run's `check_split` passes."""
     ov = require_openvino()
-    from .checkpoint import load_checkpoint
-    from .files import check_output_dir, make_output_dir
+    from ..core.checkpoint import load_checkpoint
+    from ..core.files import check_output_dir, make_output_dir
     from .export import _export_onnx, _metadata
     from .loading import input_size, load_model, model_channels
     out = Path(out)

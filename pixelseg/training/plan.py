@@ -21,9 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import config, sizes
-from .errors import PixelsegError
-from .logs import logger as log
+from . import config
+from ..core import sizes
+from ..core.errors import PixelsegError
+from ..core.logs import logger as log
 
 # ---- the constants the rules use (one place, so a reader can argue with them) --------------------------
 MAX_SAMPLED = 120           # images read for the statistics; more are sampled evenly by a fixed rule
@@ -142,8 +143,8 @@ def _tv(a: np.ndarray, b: np.ndarray) -> float:
 
 def _samples(cfg: dict, split: str):
     """(names, [(read image+target) callables], header sizes) of a split, through the dataset registry."""
-    from .data import dataset_options, get_dataset_module, load_split
-    from .data.io import input_size, read_input
+    from ..data import dataset_options, get_dataset_module, load_split
+    from ..data.io import input_size, read_input
     module = get_dataset_module(cfg["dataset"])
     opts = dataset_options(cfg)
     root = Path(cfg["data_root"]) if cfg["data_root"] and cfg["dataset"] != "shards" else cfg["data_root"]
@@ -167,7 +168,7 @@ def _header_channels(path) -> tuple[int, int] | None:
     8-bit grey, palette and RGBA files are read as RGB (3); 16-bit grey files as one band; a TIFF as its
     bands (TIFFs are read band by band, data.io.read_input)."""
     from PIL import Image
-    from .data.io import is_tiff
+    from ..data.io import is_tiff
     try:
         if is_tiff(Path(path)):
             import tifffile
@@ -195,7 +196,7 @@ def _channels(paths: list, dataset: str = "") -> tuple[int, int]:
         seen.setdefault(head[0], str(p))
         bits = max(bits, head[1])
     if len(seen) > 1:
-        from .data.io import is_tiff
+        from ..data.io import is_tiff
         if all(c == 3 or not is_tiff(Path(f)) for c, f in seen.items()):
             return 3, bits  # 16-bit grey beside RGB photos: all read as RGB, what read_input does for 3
         examples = ", ".join(f"{Path(f).name}: {c}" for c, f in sorted(seen.items()))
@@ -206,7 +207,7 @@ def _channels(paths: list, dataset: str = "") -> tuple[int, int]:
 
 def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
     """What the training split is, from at most ``max_images`` images read at their own resolution."""
-    from .data import dataset_info, dataset_options, get_dataset_module
+    from ..data import dataset_info, dataset_options, get_dataset_module
     t0 = time.time()
     info = dataset_info(cfg["dataset"], cfg["data_root"], cfg["val_split"], **dataset_options(cfg))
     cfg = dict(cfg)  # its in_channels is decided below, before the readers (which look it up) read
@@ -223,7 +224,7 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     csum = csq = None
     npx = 0
     t_read = time.time()
-    from .progress import progress as bar
+    from ..core.progress import progress as bar
     for i in bar(picked, desc="fingerprint", unit="img", enabled=progress):
         img, mask = readers[i]()
         img = np.asarray(img)
@@ -322,7 +323,7 @@ def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tu
     """(activations per input pixel, parameters) of a model: the outputs of its layers on a 64×64 input,
     the tensors autograd keeps for the backward pass (in-place ones counted too: an upper bound)."""
     import torch
-    from .models import create_model
+    from ..models import create_model
     m = create_model(model, backbone=backbone, num_classes=2, weights=None, in_channels=in_channels)
     total = [0]
 
@@ -343,8 +344,8 @@ def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: in
     """Training and inference images/s of real steps (random weights and data) on this machine."""
     import torch
     import torch.nn.functional as F
-    from .models import create_model
-    from .runtime import autocast, optimize_for_training, resolve_precision, select_device
+    from ..models import create_model
+    from ..core.runtime import autocast, optimize_for_training, resolve_precision, select_device
     dev = select_device(device)
     amp = resolve_precision("auto", dev)
     m = create_model(model, backbone=backbone, num_classes=num_classes, weights=None, in_channels=in_channels)
@@ -385,7 +386,7 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
     and a batch of at most 8, and scales by pixel count to other sizes (a convnet's cost is close to
     linear in pixels; measuring at the candidate size would make a busy machine's probe take minutes)."""
     import torch
-    from .runtime import resolve_precision, select_device
+    from ..core.runtime import resolve_precision, select_device
     dev = select_device(device)
     amp = resolve_precision("auto", dev)
     if dev.type == "cuda":
@@ -402,7 +403,7 @@ def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
 
     def resize_s(src_hw, crop_hw):  # the training transform on a cached image of this size, best of 3
         if (src_hw, crop_hw) not in resized:
-            from .data.augment import build_train_transform
+            from ..data.augment import build_train_transform
             tf = build_train_transform(crop_hw, scale=ZOOM, crop=True)
             img = torch.randint(0, 256, (3, *src_hw), dtype=torch.uint8)
             mask = torch.zeros(src_hw, dtype=torch.uint8)
@@ -679,8 +680,8 @@ def _pretrained(backbone: str) -> bool:
     """``--weights imagenet`` finds ``backbone``'s weights here without a download: an installed weights package
     (``pixelseg[weights]``) or a file in the torch-hub cache (nothing is downloaded by a plan)."""
     try:
-        from .models.backbones import get_backbone
-        from .models.weights import installed_weights
+        from ..models.backbones import get_backbone
+        from ..models.weights import installed_weights
         return installed_weights(get_backbone(backbone))
     except Exception:  # noqa: BLE001 - no published weights or no cache: train from scratch
         return False
@@ -902,7 +903,7 @@ def plan_from_options(options: dict, probe: Machine | None = None, progress: boo
 
 
 def write_plan(plan: Plan, path: Path, header: str = "") -> str:
-    from .files import atomic_write_text
+    from ..core.files import atomic_write_text
     text = to_yaml(plan, header)
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -971,7 +972,7 @@ __all__ = ["Fingerprint", "Machine", "Plan", "fingerprint", "probe_machine", "fi
 def train_auto(options: dict, probe: Machine | None = None) -> dict:
     """`train --auto`: plan, save the plan as RUN/plan.yaml, train it with the user's options on top."""
     from datetime import datetime
-    from .files import atomic_write_text
+    from ..core.files import atomic_write_text
     from .train import train
     if options.get("resume"):
         raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "

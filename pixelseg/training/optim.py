@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from pixelseg.errors import PixelsegError
+from ..core.errors import PixelsegError
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "LrSchedule", "build_optimizer", "build_scheduler", "lr_factor",
            "param_groups", "set_total_steps"]

@@ -21,9 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from .errors import PixelsegError
+from ..core.errors import PixelsegError
 from .serving import FORMATS, Engine, HTTPProblem, decode_upload, encode
-from .sizes import Limits
+from ..core.sizes import Limits
 
 SERVE_HINT = "pip install 'pixelseg[serve]'"
 try:
@@ -232,7 +232,7 @@ class Scheduler:
 
 
 def page_html() -> str:
-    return resources.files("pixelseg").joinpath("static/serve.html").read_text(encoding="utf-8")
+    return resources.files("pixelseg.inference").joinpath("static/serve.html").read_text(encoding="utf-8")
 
 
 async def read_body(request, limits: Limits) -> bytes:
@@ -467,7 +467,7 @@ def _ms(s: float) -> float:
 
 
 def _version() -> str:
-    from . import __version__
+    from .._version import __version__
     return __version__
 
 

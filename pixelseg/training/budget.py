@@ -111,7 +111,7 @@ class Pacer:
             after = sum(v for k, v in self.timing.items() if k not in ("setup", "train", "planning"))
             self.overhead_s = after / max(1, state.epoch)
         if self.left() <= (self.step_s or 0) + (self.overhead_s or 0):
-            from .errors import PixelsegError
+            from ..core.errors import PixelsegError
             raise PixelsegError(f"--resume {run_dir}: the run has used {format_seconds(self.elapsed())} of its "
                                 f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
                                 f"e.g. --time-budget {format_seconds(self.budget * 2)} (the budget counts the "

@@ -23,7 +23,7 @@ TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "step_in_epoch", "history",
 def model_checkpoint(model, info, cfg: dict, **fields) -> dict:
     """The part every checkpoint holds: weights, the model's config (to rebuild it), the dataset's classes and
     palette, and the run's config; ``fields``: the rest of MODEL_KEYS / TRAINING_KEYS."""
-    from . import __version__
+    from .._version import __version__
     out = {"pixelseg_version": __version__, "model": model.state_dict(), "model_config": model.config,
            "dataset": info.to_dict(), "config": cfg,
            # where the encoder's starting weights came from: package + version + sha256, hub file, or a path
@@ -46,7 +46,7 @@ def load_checkpoint(path: Path | str) -> dict:
                 break
         else:
             if (path / "folds.json").is_file():  # a `train --folds` run: its folds as one ensemble
-                from .folds import load_ensemble
+                from ..training.folds import load_ensemble
                 return load_ensemble(path)
             raise PixelsegError(f"{path}: no best.pt or last.pt in this run directory; pass a checkpoint file")
     if not path.is_file():

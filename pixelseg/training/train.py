@@ -22,23 +22,25 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__, config, sizes, viz
-from .checkpoint import atomic_save, load_checkpoint, model_checkpoint
-from .files import atomic_write_text, check_output_dir, make_output_dir
-from .data import dataset_options, load_split
-from .data.base import CacheSpec
-from .data.loader import make_loader
+from .._version import __version__
+from . import config
+from ..core import sizes, viz
+from ..core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
+from ..core.files import atomic_write_text, check_output_dir, make_output_dir
+from ..data import dataset_options, load_split
+from ..data.base import CacheSpec
+from ..data.loader import make_loader
 from .budget import Pacer
-from .distributed import (PREEMPTED_EXIT_CODE, DistInfo, StopSignal, barrier, check_batch, check_same_config,
+from ..core.distributed import (PREEMPTED_EXIT_CODE, DistInfo, StopSignal, barrier, check_batch, check_same_config,
                           cleanup, ignore_stop_signal_in_worker, init_distributed)
 from .loop import RunContext, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
-from .errors import PixelsegError
-from .logs import logger as log, run_log
+from ..core.errors import PixelsegError
+from ..core.logs import logger as log, run_log
 from .losses import build_loss, class_weights
-from .models import create_model
+from ..models import create_model
 from .optim import build_optimizer, build_scheduler
 from .plan import warn_recipe
-from .runtime import optimize_for_training, resolve_precision, seed_everything, select_device, tune_malloc
+from ..core.runtime import optimize_for_training, resolve_precision, seed_everything, select_device, tune_malloc
 from .tracking import open_tracker
 
 def channel_stats(images) -> dict:
@@ -406,7 +408,7 @@ def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
     flip_in_loop = cfg["hflip"]
     if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"] or train_ds.full_res:
-        from .data.augment import build_train_transform
+        from ..data.augment import build_train_transform
         train_ds.transform = build_train_transform(
             sizes.size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
             hflip=cfg["hflip"], vflip=cfg["vflip"], color_jitter=cfg["color_jitter"],

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import load_checkpoint
-from .files import atomic_write_text, check_output_dir, file_sha256, make_output_dir
-from .errors import PixelsegError
-from .logs import logger as log, run_log
+from ..core.checkpoint import load_checkpoint
+from ..core.files import atomic_write_text, check_output_dir, file_sha256, make_output_dir
+from ..core.errors import PixelsegError
+from ..core.logs import logger as log, run_log
 
 MANIFEST = "folds.json"
 # What every member of an ensemble must share: its classes and what it takes as input.
@@ -52,8 +52,8 @@ def pool_splits(cfg: dict) -> list[str]:
 
 def _val_is_carved(cfg: dict) -> bool:
     """Whether the val split is folder's --val-fraction share of train rather than the dataset's own."""
-    from .data import dataset_options, get_dataset_module
-    from .data import folder, labelled
+    from ..data import dataset_options, get_dataset_module
+    from ..data import folder, labelled
     module = get_dataset_module(cfg["dataset"])
     opts = dataset_options(cfg)
     if cfg["dataset"] == "folder":
@@ -69,8 +69,8 @@ def _val_is_carved(cfg: dict) -> bool:
 
 def grouping(cfg: dict) -> tuple:
     """(name -> group, description): --val-group where the dataset takes it, else one group per image."""
-    from .data import get_dataset_module
-    from .data.folder import group_key
+    from ..data import get_dataset_module
+    from ..data.folder import group_key
     pattern = cfg.get("val_group")
     if pattern and "val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}):
         return group_key(pattern), f"grouped by --val-group {pattern}"
@@ -98,7 +98,7 @@ def assign_folds(names: list[str], k: int, seed: int, key=lambda n: n) -> list[i
 def pool_folds(cfg: dict, load) -> tuple[dict, dict]:
     """({(split, name): fold}, a description of the pool) for cfg's --folds; `load(split, CacheSpec)` reads
     a split (listed, not decoded). A pool too small for K folds is a one-line error."""
-    from .data.base import CacheSpec
+    from ..data.base import CacheSpec
     k, splits = cfg["folds"], pool_splits(cfg)
     keys = [(s, n) for s in splits for n in load(s, CacheSpec("none")).names]
     key, how = grouping(cfg)
@@ -227,7 +227,7 @@ def wants_folds(overrides: dict) -> bool:
 
 
 def _loader(cfg: dict):
-    from .data import dataset_options, load_split
+    from ..data import dataset_options, load_split
 
     def load(split, spec):
         return load_split(cfg["dataset"], cfg["data_root"], split, cfg["image_size"], cfg["limit"], spec,
@@ -385,7 +385,7 @@ def write_cv(run_dir: Path, summaries: list[dict], about: dict) -> dict:
 
 def cv_figure(cv: dict, path: Path) -> None:
     """Per-class IoU (mean, std error bars, each fold a dot) beside per-fold mIoU (mean ± std band)."""
-    from .viz import _save_fig, plt
+    from ..core.viz import _save_fig, plt
     classes = list(cv["per_class_iou"])
     nan = float("nan")
     means = [cv["per_class_iou"][c]["mean"] if cv["per_class_iou"][c]["mean"] is not None else nan for c in classes]

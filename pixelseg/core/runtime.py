@@ -205,7 +205,7 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
     and optimiser parameter lists stay as they were, and the model files stay plain models. Every
     rewrite computes the same function (tests/test_runtime.py checks outputs and gradients).
     """
-    from .models.unet import UNet
+    from ..models.unet import UNet
     notes = []
     if device.type == "cpu" and amp_dtype == torch.bfloat16:
         n = 0

@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import PixelsegError
-from .labels.raster import IGNORE, distinct_palette
+from ..core.errors import PixelsegError
+from ..labels.raster import IGNORE, distinct_palette
 
 OVERLAY_SAMPLES = 4
 TARGETS = ("folder", "shards")
 
 
 def _splits(dataset: str, root, options: dict) -> list[str]:
-    from .data import default_split, get_dataset_module, labelled
+    from . import default_split, get_dataset_module, labelled
     module = get_dataset_module(dataset)
     if isinstance(module, labelled.AnnotationFormat):  # an annotation format: every split the export has
         o = labelled.options(module.OPTIONS, options)
@@ -51,8 +51,8 @@ def _splits(dataset: str, root, options: dict) -> list[str]:
 
 
 def _has_split(dataset: str, root, split: str, options: dict) -> bool:
-    from .data import load_split
-    from .data.base import CacheSpec
+    from . import load_split
+    from .base import CacheSpec
     try:
         return len(load_split(dataset, root, split, (64, 64), 1, CacheSpec("none", full_res=True), **options)) > 0
     except PixelsegError:
@@ -60,7 +60,7 @@ def _has_split(dataset: str, root, split: str, options: dict) -> bool:
 
 
 def _labelset(dataset: str, root, options: dict):
-    from .data import get_dataset_module, labelled
+    from . import get_dataset_module, labelled
     module = get_dataset_module(dataset)
     if not isinstance(module, labelled.AnnotationFormat):
         return None
@@ -90,7 +90,7 @@ def _clean_stale(out: Path) -> None:
 
 
 def _prepare_out(out: Path) -> Path:
-    from .files import _umask, check_output_dir
+    from ..core.files import _umask, check_output_dir
     check_output_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise PixelsegError(f"--out {out}: exists and is not empty; convert writes a new folder (choose another "
@@ -106,8 +106,8 @@ def _prepare_out(out: Path) -> Path:
 def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | None = None, limit: int | None = None,
             maxcount: int = 1000, progress: bool = True, **options) -> dict:
     """Convert and return the report (also written to OUT/convert_report.json)."""
-    from .data import dataset_info, load_split
-    from .data.base import CacheSpec
+    from . import dataset_info, load_split
+    from .base import CacheSpec
     if to not in TARGETS:
         raise PixelsegError(f"--to {to}: choose one of {', '.join(TARGETS)}")
     out = Path(out)
@@ -137,7 +137,7 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
             report["splits"][split] = n
             report["images"] += n
             if to == "shards":
-                from .data.shards import write_shards
+                from .shards import write_shards
                 write_shards(dataset, root, split, tmp, maxcount, limit, progress, **options)
         _finish_report(report, counts, info, _labelset(dataset, root, options))
         if turned:
@@ -163,7 +163,7 @@ def _write_pair(tmp: Path, split: str, s, img: np.ndarray, mask: np.ndarray, pal
     """Image and mask of one sample; 1 when the image was written upright (EXIF-oriented, annotated upright)."""
     from PIL import Image
 
-    from .viz import save_index_png
+    from ..core.viz import save_index_png
     (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
     (tmp / "masks" / split).mkdir(parents=True, exist_ok=True)
     turned = getattr(s, "orientation", 1) != 1
@@ -221,7 +221,7 @@ def _overlay_png(samples, info, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .viz import legend_handles, overlay
+    from ..core.viz import legend_handles, overlay
     fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4.6), squeeze=False)
     present: set = set()
     for ax, (name, img, mask) in zip(axes[0], samples):

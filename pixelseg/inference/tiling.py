@@ -150,7 +150,7 @@ class Predictor:
 
 def torch_logits_fn(model: nn.Module, device, amp_dtype=None, channels_last: bool = True) -> LogitsFn:
     """The PyTorch model as a LogitsFn (autocast and memory layout as in training)."""
-    from .runtime import autocast
+    from ..core.runtime import autocast
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device)

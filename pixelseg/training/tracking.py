@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PixelsegError
+from ..core.errors import PixelsegError
 
 TRACKERS = ("none", "tensorboard", "mlflow")
 

@@ -4,7 +4,7 @@
 `pixelseg audit RUN --unlabelled DIR` writes it to OUT/next/ (docs/labels.md, "The next-to-label list").
 
 Both kinds are ranked on one scale, the **expected share of the image's pixels a person will change**:
-    suspect     1 - label quality (pixelseg.audit): the probability mass by which the held-out model prefers
+    suspect     1 - label quality (pixelseg.inference.audit): the probability mass by which the held-out model prefers
                 another class over the label, over the suspect regions (the heaviest whole, the others at a
                 quarter), per labelled pixel;
     unlabelled  the mean over the pixels of 1 - max_j p_j under the run's model (the fold ensemble of a
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PixelsegError
-from .files import atomic_write_text
+from ..core.errors import PixelsegError
+from ..core.files import atomic_write_text
 
 PREDICTION = "prediction"      # the kind attribute of an unlabelled image's pre-annotation regions
 SOURCES = ("suspect", "unlabelled")
@@ -63,7 +63,7 @@ def suspect_item(image: Path, h: int, w: int, score: float, suspects: list, clas
     """A flagged audit image as a list item (None: no region a tool can show); `label` (H×W class ids), the
     mask as it is, rides along as `current` (Label Studio tasks carry it as the annotation to correct)."""
     from .audit import KINDS, background_ids, suspect_regions
-    from .labels.write import ImageRegions, image_regions
+    from ..labels.write import ImageRegions, image_regions
     regions = suspect_regions(class_names, suspects, background_ids(class_names), h, w)
     if not regions:
         return None
@@ -79,7 +79,7 @@ def suspect_item(image: Path, h: int, w: int, score: float, suspects: list, clas
 
 def unlabelled_item(image: Path, probs: np.ndarray, class_names: list[str], min_area: int = 16) -> NextItem:
     """An unlabelled image (probs C×H×W at its own size) as a list item with its pre-annotation."""
-    from .labels.write import image_regions
+    from ..labels.write import image_regions
     top = probs.max(0)
     mask = probs.argmax(0).astype(np.uint8)
     entropy = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(0).mean())
@@ -95,7 +95,7 @@ def unlabelled_item(image: Path, probs: np.ndarray, class_names: list[str], min_
 def unlabelled_files(paths, audited: list) -> tuple[list[Path], int]:
     """The image files under `paths` (files or folders), less those the audit already has labels for
     (same resolved path); returns (files, how many were left out as labelled)."""
-    from .data.io import collect_images
+    from ..data.io import collect_images
     labelled = {Path(p).resolve() for p in audited if p is not None}
     files = collect_images(paths)
     keep = [f for f in files if f.resolve() not in labelled]
@@ -120,9 +120,9 @@ def check_names(files: list[Path], audited: list, fmt: str) -> None:
 def score_unlabelled(src, files: list[Path], device, amp, progress: bool = True, min_area: int = 16) -> list[NextItem]:
     """Each unlabelled image through the run's model (a --folds run: the ensemble of its fold models, as
     `predict` uses it), at its own size."""
-    from .data.io import read_input
+    from ..data.io import read_input
     from .loading import input_size, load_model
-    from .progress import progress as progress_bar
+    from ..core.progress import progress as progress_bar
     from .tiling import Predictor, torch_logits_fn
     channels_last = src.ckpt["config"].get("channels_last", True)
     model = load_model(src.ckpt, device, amp, channels_last)
@@ -145,7 +145,7 @@ def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette,
                model_version: str = "pixelseg-next", image_url: str | None = None) -> list[Path]:
     """next.csv, next.json and (fmt != none) the list in the tool's format, into the folder `out`."""
     from .audit import KINDS
-    from .labels import write as pre
+    from ..labels import write as pre
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(items)
     buf = io.StringIO()

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelseg.errors import PixelsegError
-from pixelseg.metrics import IGNORE_INDEX
+from ..core.errors import PixelsegError
+from ..core.metrics import IGNORE_INDEX
 
 __all__ = [
     "LOSSES",

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .checkpoint import load_checkpoint
-from .files import check_output_dir, make_output_dir
-from .data.io import collect_images
-from .errors import PixelsegError
-from .metrics import class_ids
+from .._version import __version__
+from ..core.checkpoint import load_checkpoint
+from ..core.files import check_output_dir, make_output_dir
+from ..data.io import collect_images
+from ..core.errors import PixelsegError
+from ..core.metrics import class_ids
 from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript,
                       require_onnxruntime)
 
@@ -90,7 +90,7 @@ def _export_torchscript(model, example: torch.Tensor, path: Path, meta: dict) ->
 # ---- parity ----------------------------------------------------------------------------------------
 def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple[list[torch.Tensor], str]:
     """Real images (each at its own size, longest side capped) plus a batch of two at the training size."""
-    from .data.io import UnreadableImage, read_input
+    from ..data.io import UnreadableImage, read_input
     from .loading import model_channels
     channels = model_channels(ckpt)
     arrays = []
@@ -108,7 +108,7 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
         if root is None and dataset != "synthetic":
             raise PixelsegError(f"{ckpt['path']}: the run's dataset has no --data-root recorded, so there are no "
                                 "images to check parity on; pass --check-images PATH (a few real images)")
-        from .data import dataset_options, iter_full_res
+        from ..data import dataset_options, iter_full_res
         try:
             for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), input_size(ckpt), limit, channels=channels,
                                            **dataset_options(cfg)):
@@ -192,7 +192,7 @@ class _RoutedReference:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .models import segnet
+        from ..models import segnet
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.float().numpy())})
         forced = [torch.from_numpy(o) for o in outs[1:]]
         if len(forced) != self.n_pools:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import DatasetInfo
-from .distributed import DistInfo, all_reduce_sum
-from .metrics import ConfusionMatrix, class_ids
-from .progress import progress as progress_bar
-from .runtime import autocast, to_model_input
+from ..data import DatasetInfo
+from ..core.distributed import DistInfo, all_reduce_sum
+from ..core.metrics import ConfusionMatrix, class_ids
+from ..core.progress import progress as progress_bar
+from ..core.runtime import autocast, to_model_input
 
 
 @dataclass(frozen=True)

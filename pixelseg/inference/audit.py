@@ -40,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import PixelsegError
-from .files import atomic_write_bytes, atomic_write_text, check_output_dir, make_output_dir
-from .logs import logger as log
+from ..core.errors import PixelsegError
+from ..core.files import atomic_write_bytes, atomic_write_text, check_output_dir, make_output_dir
+from ..core.logs import logger as log
 
 KINDS = ("missing_label", "wrong_class", "spurious_label", "boundary")
 KIND_COLORS = {"missing_label": (255, 215, 0), "wrong_class": (255, 0, 255), "spurious_label": (0, 200, 255),
@@ -187,7 +187,7 @@ def label_quality(suspects: list[Suspect], labelled_pixels: int) -> float:
 
 def background_ids(class_names: list[str]) -> set:
     """The classes that mean "no object" (named background, as the pre-annotation writers treat them)."""
-    from .labels.write import labelled_classes
+    from ..labels.write import labelled_classes
     return set(range(len(class_names))) - set(labelled_classes(class_names))
 
 
@@ -220,7 +220,7 @@ class Source:
     def image(self, e: Entry) -> np.ndarray:
         if e.image is None:
             return np.asarray(self.arrays[e.split].images[e.sample])
-        from .data.io import read_input
+        from ..data.io import read_input
         return read_input(e.image, self.channels)
 
     def target(self, e: Entry) -> np.ndarray:
@@ -232,9 +232,9 @@ class Source:
 def open_run(run, data_root=None, limit: int | None = None) -> Source:
     """Everything checked before any work: the run (folds or plain), its data and classes, the fold of
     each image. Bad input is one PixelsegError line."""
-    from .checkpoint import load_checkpoint
-    from .data import dataset_info, dataset_options, get_dataset_module, load_split
-    from .folds import MANIFEST, pool_splits
+    from ..core.checkpoint import load_checkpoint
+    from ..data import dataset_info, dataset_options, get_dataset_module, load_split
+    from ..training.folds import MANIFEST, pool_splits
     from .loading import model_channels, recorded_data_root
     run = Path(run)
     if not run.exists():
@@ -318,10 +318,10 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
           batch_size: int = 16, progress: bool = True, unlabelled=None, next_top: int | None = None) -> dict:
     """Audit a run's training labels; writes audit.csv, audit.json, overlays/ and review/ into `out`
     (default RUN/audit). `unlabelled` (folders or files of new images): also next/, one list of the suspects
-    and those images (pixelseg.label_next). Returns the report (the dict in audit.json, plus ``files``)."""
+    and those images (pixelseg.inference.label_next). Returns the report (the dict in audit.json, plus ``files``)."""
     from .loading import input_size, load_model
-    from .progress import progress as progress_bar
-    from .runtime import resolve_precision, select_device
+    from ..core.progress import progress as progress_bar
+    from ..core.runtime import resolve_precision, select_device
     from .tiling import Predictor, torch_logits_fn
     if fmt not in FORMATS:
         raise PixelsegError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -401,7 +401,7 @@ def _check_unlabelled(src: Source, unlabelled, fmt: str, next_top) -> list | Non
 
 def _write_next(src: Source, records, new_files: list, fmt: str, out: Path, dev, amp, next_top, progress,
                 report: dict) -> list[Path]:
-    """next/: the suspects and the unlabelled images in one list (pixelseg.label_next)."""
+    """next/: the suspects and the unlabelled images in one list (pixelseg.inference.label_next)."""
     from .label_next import merge, score_unlabelled, suspect_item, write_next
     suspects = []
     for i, score, sus, _, (h, w) in records:
@@ -450,7 +450,7 @@ def _held_out_pass(src: Source, predictor, size, batch_size: int, logits, thresh
 
 
 def _read(src: Source, e: Entry, skipped: list):
-    from .data.io import UnreadableImage
+    from ..data.io import UnreadableImage
     try:
         return src.image(e)
     except UnreadableImage as exc:
@@ -529,7 +529,7 @@ def _write_tables(report: dict, out: Path) -> list[Path]:
 def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.ndarray:
     """Three panels: image + label, image + held-out prediction, image with the suspects outlined by kind."""
     import cv2
-    from .viz import overlay, rgb_view
+    from ..core.viz import overlay, rgb_view
     img = image if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 else rgb_view(image)
     h, w = target.shape
     scale = min(1.0, 480 / max(h, w)) if max(h, w) > 480 else max(1.0, 240 / max(h, w))
@@ -568,7 +568,7 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
 
 def _write_overlays(src: Source, records, logits, out: Path) -> list[Path]:
     """overlays/NNN_<name>.png for the top images, written to overlays.partial/ and swapped in whole."""
-    from .viz import png_bytes
+    from ..core.viz import png_bytes
     final, tmp = out / "overlays", out / "overlays.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -598,8 +598,8 @@ def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int
     background (a spurious label), with the labelled class, so the tool shows what to delete; kind, given and
     suggested classes ride along as attributes. Holes are filled: a review region marks where to look."""
     import cv2
-    from .labels.write import Region, mask_polygons
-    from .labels.rle import coco_rle_encode
+    from ..labels.write import Region, mask_polygons
+    from ..labels.rle import coco_rle_encode
     regions = []
     for r in sus[:REVIEW_MAX_REGIONS]:
         label = r.given if r.suggested in bg else r.suggested
@@ -620,7 +620,7 @@ def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int
 
 def _write_review(src: Source, records, fmt: str, out: Path) -> list[Path]:
     """review/: the flagged images, worst first, with their suspects as the tool's pre-annotations."""
-    from .labels.write import ImageRegions, write
+    from ..labels.write import ImageRegions, write
     bg = background_ids(src.class_names)
     items = []
     for i, score, sus, _, (h, w) in records:

@@ -1,6 +1,6 @@
 """Label Studio ML backend, the parts without a web framework: the project's labelling config, predictions in
 its result format, annotations back to class-id masks, fetching task images, and the retrain job that
-`pixelseg serve RUN --label-studio` runs in a background process (`python -m pixelseg.lsml ROUND_DIR`).
+`pixelseg serve RUN --label-studio` runs in a background process (`python -m pixelseg.inference.lsml ROUND_DIR`).
 
 Protocol (Label Studio 1.x's `ml/api_connector.py`, what `label-studio-ml`'s Flask app answers):
     GET  /health    {"status": "UP"}                          Label Studio's health check (1 s timeout)
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PixelsegError
-from .labels.rle import RLEError, coco_rle_decode, ls_rle_decode, ls_rle_encode
+from ..core.errors import PixelsegError
+from ..labels.rle import RLEError, coco_rle_decode, ls_rle_decode, ls_rle_encode
 
 REGION_TAGS = {"brushlabels": "mask", "polygonlabels": "polygon"}
 BACKGROUND = ("background", "_background_")
@@ -127,7 +127,7 @@ def prediction(mask: np.ndarray, top: np.ndarray, entropy: float, class_names: l
                model_version: str, min_area: int = 16) -> dict:
     """One Label Studio prediction: a region per class (brush) or per connected part (polygon), each with its
     mean top-class probability as score; the prediction's score is 1 - mean entropy / ln(classes)."""
-    from .labels.write import image_regions
+    from ..labels.write import image_regions
     named = [cfg.to_label.get(i, "background") for i in range(len(class_names))]  # unmapped: no regions
     it = image_regions(Path("task"), mask, top, named, entropy, cfg.shapes, min_area)
     h, w = mask.shape
@@ -198,7 +198,7 @@ def fetch(ref: str, host: str | None, token: str | None, max_bytes: int) -> byte
 def annotation_mask(results, class_names: list[str], h: int, w: int) -> tuple[np.ndarray, list[str]]:
     """(class-id mask h×w, problems) of an annotation's results: brush and polygon regions whose label names a
     model class (same rule as the config mapping), painted in order; other regions are named in `problems`."""
-    from .labels.raster import BadShape, polygons_rle
+    from ..labels.raster import BadShape, polygons_rle
     by_name = {n: i for i, n in enumerate(class_names)}
     by_lower = {n.lower(): i for i, n in reversed(list(enumerate(class_names)))}
     mask, problems = np.zeros((h, w), np.uint8), []
@@ -251,7 +251,7 @@ _DROP = {"epochs", "iterations", "time_budget", "early_stop", "folds", "fold", "
 
 
 def _train_overrides(ckpt: dict, job: dict, data: Path, run_dir: Path) -> dict:
-    from . import config as C
+    from ..training import config as C
     recorded = ckpt.get("config") or {}
     out = {k: v for k, v in recorded.items() if k in C.OPTIONS and k not in _DROP
            and C.OPTIONS[k].metadata["group"] != "data"}
@@ -287,11 +287,11 @@ def run_job(round_dir: Path) -> dict:
     the held-out tasks within the time budget, score old and new on the held-out ones; writes result.json."""
     from PIL import Image
 
-    from .checkpoint import load_checkpoint
-    from .files import atomic_write_text
-    from .logs import logger as log
+    from ..core.checkpoint import load_checkpoint
+    from ..core.files import atomic_write_text
+    from ..core.logs import logger as log
     from .serving import Engine, HTTPProblem, decode_upload
-    from .train import train
+    from ..training.train import train
     t0 = time.time()
     job = json.loads((round_dir / "job.json").read_text())
     host, token = os.environ.get("PIXELSEG_LS_URL"), os.environ.get("PIXELSEG_LS_TOKEN")
@@ -352,7 +352,7 @@ def run_job(round_dir: Path) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m pixelseg.lsml ROUND_DIR", file=sys.stderr)
+        print("usage: python -m pixelseg.inference.lsml ROUND_DIR", file=sys.stderr)
         return 2
     try:
         r = run_job(Path(argv[0]))

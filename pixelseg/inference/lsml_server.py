@@ -4,12 +4,12 @@ web page and /v1/predict (one process, one copy of the model, one torch thread, 
 Why not the `label-studio-ml` SDK: it is a Flask app of its own (a second web framework beside FastAPI), and it
 requires `label-studio-sdk` from a git URL (not a released version; it pins pydantic, lxml, nltk, ...), which
 would make `pip install pixelseg[serve]` fight the versions the rest of pixelseg uses. The protocol is five
-small JSON endpoints (pixelseg/lsml.py lists them), so they are written here, against Label Studio's own
+small JSON endpoints (pixelseg/inference/lsml.py lists them), so they are written here, against Label Studio's own
 client (`ml/api_connector.py`) and tested against a real Label Studio (tests/test_ls_backend_e2e.py).
 
 The loop. Label Studio posts every annotation to /webhook (it creates that webhook when the backend is
 connected). After --retrain-after newly submitted annotations (or Label Studio's "Start training"), a background
-process (`python -m pixelseg.lsml ROUND`) fetches the annotated tasks' images, fine-tunes from the model being
+process (`python -m pixelseg.inference.lsml ROUND`) fetches the annotated tasks' images, fine-tunes from the model being
 served (`train --weights CURRENT --time-budget`) on all but a held-out part of the tasks (by a hash of the task
 id, so they stay held out), and scores old and new on the held-out tasks. The new model is served (version
 v<round>-<sha256[:12]>, in every prediction's model_version) only if it scores no worse; meanwhile, and after
@@ -33,9 +33,9 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .errors import PixelsegError
-from .files import atomic_write_text
-from .logs import logger as log
+from ..core.errors import PixelsegError
+from ..core.files import atomic_write_text
+from ..core.logs import logger as log
 from .lsml import BadRequest, LabelConfig, fetch, image_ref, parse_config, prediction, segment
 from .serving import HTTPProblem, decode_upload
 
@@ -110,7 +110,7 @@ class Backend:
         self._configs: dict[str, LabelConfig] = {}
         self.proc: subprocess.Popen | None = None
         self.watcher: asyncio.Task | None = None
-        self.retrain_command = [sys.executable, "-m", "pixelseg.lsml"]   # + ROUND_DIR; tests swap in a stub
+        self.retrain_command = [sys.executable, "-m", "pixelseg.inference.lsml"]   # + ROUND_DIR; tests swap in a stub
         atexit.register(self.close)
 
     # ---- persistence

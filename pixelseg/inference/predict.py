@@ -12,19 +12,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import loop, viz
-from .checkpoint import load_checkpoint
-from .files import atomic_write_text, check_output_dir, make_output_dir
-from .sizes import size_hw
-from .progress import progress as progress_bar
-from .data import DatasetInfo, dataset_info, dataset_options, iter_full_res, load_split
-from .data.io import UnreadableImage, collect_images, read_input
-from .data.loader import make_loader
-from .loop import RunContext
-from .errors import PixelsegError
+from ..training import loop
+from ..core import viz
+from ..core.checkpoint import load_checkpoint
+from ..core.files import atomic_write_text, check_output_dir, make_output_dir
+from ..core.sizes import size_hw
+from ..core.progress import progress as progress_bar
+from ..data import DatasetInfo, dataset_info, dataset_options, iter_full_res, load_split
+from ..data.io import UnreadableImage, collect_images, read_input
+from ..data.loader import make_loader
+from ..training.loop import RunContext
+from ..core.errors import PixelsegError
 from .loading import input_size, load_model, load_onnx_predictor_parts, model_channels, recorded_data_root
-from .metrics import ConfusionMatrix, class_ids
-from .runtime import autocast, resolve_precision, select_device, to_model_input
+from ..core.metrics import ConfusionMatrix, class_ids
+from ..core.runtime import autocast, resolve_precision, select_device, to_model_input
 from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
 
 def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
@@ -75,7 +76,7 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
     `full_res` at each image's own resolution against the original-size masks (the honest number).
 
     `uncertainty` (or `mc_samples` > 0, which needs dropout in the model) adds the calibration report of
-    `pixelseg.calibration`: softmax-entropy uncertainty of the deterministic pass and, with `mc_samples`,
+    `pixelseg.inference.calibration`: softmax-entropy uncertainty of the deterministic pass and, with `mc_samples`,
     Monte-Carlo dropout's predictive entropy and variance; scores stay those of the deterministic pass.
 
     `backend` "onnx"/"openvino" scores the `exported` file made from this run instead of the PyTorch model
@@ -214,11 +215,11 @@ def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples:
 def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samples: int, progress: bool,
                       ckpt_path, split: str):
     """One pass over the split (the engine's evaluation loop): confusion matrix of the deterministic prediction
-    plus the calibration statistics of `pixelseg.calibration` for it (softmax entropy) and, with `mc_samples`,
+    plus the calibration statistics of `pixelseg.inference.calibration` for it (softmax entropy) and, with `mc_samples`,
     for MC dropout."""
     from .calibration import UncertaintyStats, entropy_range, softmax_entropy
-    from .metrics import scores_from_confusion
-    from .models.uncertainty import _DROPOUT, mc_predict
+    from ..core.metrics import scores_from_confusion
+    from ..models.uncertainty import _DROPOUT, mc_predict
     c, dev = info.num_classes, ctx.device
     if mc_samples and not any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules()):
         raise PixelsegError(f"{ckpt_path}: this model has no dropout layers, so --mc-samples has nothing to sample; "
@@ -260,7 +261,7 @@ def _exported_runner(backend: str, exported, uncertainty: bool):
     if uncertainty:
         raise PixelsegError("--uncertainty/--mc-samples need the PyTorch model; drop --exported")
     if resolve_backend(backend, exported) == "openvino":
-        from .openvino_backend import OpenVinoModel
+        from .openvino import OpenVinoModel
         return OpenVinoModel(exported)
     from .loading import OnnxModel
     return OnnxModel(exported)
@@ -345,7 +346,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
 
     `format` (coco, cvat, labelstudio, yolo) also writes the masks as pre-annotations for that tool, and
     `rank="uncertainty"` writes ranking.csv/json, the images most uncertain first (pixelseg.labels.write)."""
-    from .labels import write as pre
+    from ..labels import write as pre
     backend = resolve_backend(backend, run_or_ckpt)
     check_output_dir(out_dir, "--out")  # before any work; created only once every input has been read
     pre.check_options(format, shapes, min_area)
@@ -414,7 +415,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
 def _write_pre_annotations(run_or_ckpt, format: str, regions: list, info: DatasetInfo, out: Path, shapes: str,
                            image_url, first: dict) -> None:
     """predict --format: the masks as pre-annotations of a labelling tool; the files in `first`["files"]."""
-    from .labels import write as pre
+    from ..labels import write as pre
     model_version = f"pixelseg-{Path(run_or_ckpt).name}-{_short_hash(run_or_ckpt)}"
     first["files"] = [str(p) for p in pre.write(format, regions, info.class_names, info.palette, out,
                                                 shapes=shapes, model_version=model_version, image_url=image_url)]
@@ -422,7 +423,7 @@ def _write_pre_annotations(run_or_ckpt, format: str, regions: list, info: Datase
 
 def _exported_predictor_parts(backend: str):
     if backend == "openvino":
-        from .openvino_backend import load_openvino_predictor_parts
+        from .openvino import load_openvino_predictor_parts
         return load_openvino_predictor_parts
     return load_onnx_predictor_parts
 
@@ -452,13 +453,13 @@ RANK_MC_SAMPLES = 8  # --rank uncertainty on a model with dropout, when --mc-sam
 
 
 def _has_dropout(model) -> bool:
-    from .models.uncertainty import _DROPOUT
+    from ..models.uncertainty import _DROPOUT
     return any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules())
 
 
 def _short_hash(run_or_ckpt) -> str:
     """8 hex digits of the checkpoint file: tells Label Studio's model versions apart."""
-    from .files import file_sha256
+    from ..core.files import file_sha256
     p = Path(run_or_ckpt)
     if p.is_dir():  # a run's best.pt, or a --folds run's cv.json (it holds its members' hashes)
         p = p / "best.pt" if (p / "best.pt").is_file() else p / "cv.json"
@@ -469,7 +470,7 @@ def _short_hash(run_or_ckpt) -> str:
 def mc_uncertainty(model, img: np.ndarray, size: tuple[int, int], dev, amp, samples: int):
     """MC-dropout at the training size, brought back to the image's H×W: (mean probabilities 1×C×H×W,
     {"entropy": H×W, "variance": H×W}). Shared by `predict --mc-samples` and `pixelseg serve`."""
-    from .models import mc_predict
+    from ..models import mc_predict
     h, w = img.shape[:2]
     x = to_model_input(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], dev, True)
     x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import viz
-from .data import DatasetInfo
-from .data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
-from .errors import PixelsegError
-from .files import file_sha256
-from .metrics import class_ids
-from .labels.rle import coco_rle_encode
+from ..core import viz
+from ..data import DatasetInfo
+from ..data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
+from ..core.errors import PixelsegError
+from ..core.files import file_sha256
+from ..core.metrics import class_ids
+from ..labels.rle import coco_rle_encode
 
 FORMATS = ("png", "color", "json", "rle")
 # zlib level of the PNGs the server sends: 1 encodes a mask several times faster than PIL's default 6 (measured
@@ -84,16 +84,16 @@ class Engine:
 
     def __init__(self, source, device: str = "auto", precision: str = "auto", tile=None, overlap: float = 0.25,
                  tta: bool = False, backend: str = "auto"):
-        from .inference import resolve_backend, tile_size
+        from .predict import resolve_backend, tile_size
         from .loading import input_size, load_model, load_onnx_predictor_parts
-        from .runtime import resolve_precision, select_device
+        from ..core.runtime import resolve_precision, select_device
         from .tiling import Predictor, torch_logits_fn
         self.backend = resolve_backend(backend, source)
         self.device = select_device(device)
         self.model = None
         if self.backend in ("onnx", "openvino"):
             if self.backend == "openvino":
-                from .openvino_backend import load_openvino_predictor_parts as load_parts
+                from .openvino import load_openvino_predictor_parts as load_parts
             else:
                 load_parts = load_onnx_predictor_parts
             fn, self.info, self.size = load_parts(source, self.device)
@@ -103,7 +103,7 @@ class Engine:
             self.amp = None
             run_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
         else:
-            from .checkpoint import load_checkpoint
+            from ..core.checkpoint import load_checkpoint
             ckpt = load_checkpoint(source)
             self.path = Path(ckpt["path"])
             self.info = DatasetInfo.from_dict(ckpt["dataset"])
@@ -139,7 +139,7 @@ class Engine:
         """(class-id mask uint8 H×W, None) or, with `mc_samples`, (mask of the mean MC-dropout
         prediction, {"entropy": H×W, "variance": H×W} float32) — what `predict --mc-samples` computes."""
         if mc_samples:
-            from .inference import mc_uncertainty
+            from .predict import mc_uncertainty
             probs, maps = mc_uncertainty(self.model, image, self.size, self.device, self.amp, mc_samples)
             return class_ids(probs)[0].to(torch.uint8).cpu().numpy(), {k: v.cpu().numpy() for k, v in maps.items()}
         return class_ids(self.predictor(image, probs=False))[0].to(torch.uint8).cpu().numpy(), None

@@ -115,7 +115,7 @@ def entropy_range(num_classes: int) -> float:
 
 def reliability_figure(sources: dict[str, "UncertaintyStats"], path, title: str = "") -> None:
     """Left: reliability diagram per source; right: kept accuracy vs fraction of most uncertain pixels dropped."""
-    from .viz import _save_fig, plt
+    from ..core.viz import _save_fig, plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     ax1.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
     width = 1.0 / CONF_BINS

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sizes import size_hw
-from .data import DatasetInfo
-from .errors import PixelsegError
-from .models import create_model
-from .runtime import prepare_for_inference
+from ..core.sizes import size_hw
+from ..data import DatasetInfo
+from ..core.errors import PixelsegError
+from ..models import create_model
+from ..core.runtime import prepare_for_inference
 
 METADATA_KEY = "pixelseg"
 # onnx and onnxruntime are core dependencies; this is for installs that dropped them (e.g. no wheel for the platform)
