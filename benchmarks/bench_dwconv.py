@@ -1,7 +1,7 @@
 """Depthwise 3x3 convolutions on CPU: fwd+bwd and fwd-only time, fp32 vs bf16, channels_last vs NCHW.
 
 Why pixelseg runs MobileNetV2's *strided* depthwise convs in fp32 under CPU bf16 autocast
-(``pixelseg.core.runtime.optimize_for_training``): on torch 2.14 / oneDNN with AVX-512-BF16 their bf16
+(``pixelseg.models.rewrites.optimize_for_training``): on torch 2.14 / oneDNN with AVX-512-BF16 their bf16
 backward is several times slower than fp32 (e.g. 576 channels at 8x8, stride 2: 60 ms vs 1.4 ms),
 while stride-1 depthwise convs are faster in bf16. Shapes are the tutorial model's at batch 64, 128x128.
 

@@ -24,7 +24,8 @@ VARIANTS = ("eager", "jit", "inductor")
 
 def worker(variant: str, args) -> dict:
     from pixelseg.models import create_model
-    from pixelseg.core.runtime import autocast, prepare_for_inference, resolve_precision, to_model_input
+    from pixelseg.core.runtime import autocast, resolve_precision, to_model_input
+    from pixelseg.models.rewrites import prepare_for_inference
 
     torch.manual_seed(0)
     dev = torch.device("cpu")

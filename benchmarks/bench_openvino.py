@@ -32,10 +32,10 @@ def main():
     import torch
 
     from pixelseg.core.checkpoint import load_checkpoint
-    from pixelseg.inference.predict.loading import load_model
-    from pixelseg.inference.predict.openvino import OpenVinoModel, split_arrays
+    from pixelseg.inference.loading import load_model
+    from pixelseg.inference.openvino import OpenVinoModel, split_arrays
     from pixelseg.core.runtime import resolve_precision
-    from pixelseg.inference.predict.tiling import torch_logits_fn
+    from pixelseg.inference.tiling import torch_logits_fn
     ckpt = load_checkpoint(args.run)
     images, _, _ = split_arrays(ckpt, ckpt["config"]["val_split"], 64, "benchmark")
     dev = torch.device("cpu")

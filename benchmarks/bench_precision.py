@@ -17,7 +17,7 @@ import torch
 
 from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, dataset_options, load_split
-from pixelseg.inference.predict.loading import load_model
+from pixelseg.inference.loading import load_model
 from pixelseg.core.metrics import ConfusionMatrix
 from pixelseg.core.runtime import autocast, to_model_input
 

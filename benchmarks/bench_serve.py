@@ -165,7 +165,7 @@ def reference(run, photos, onnx_path, repeats) -> dict:
     import torch
 
     from pixelseg.core import viz
-    from pixelseg.inference.predict.serving import FAST_PNG, Engine, decode_upload
+    from pixelseg.inference.serving import FAST_PNG, Engine, decode_upload
 
     datas = [p.read_bytes() for p in photos]
 
@@ -193,8 +193,8 @@ def reference(run, photos, onnx_path, repeats) -> dict:
     if onnx_path:
         import onnxruntime as ort
 
-        from pixelseg.inference.predict.loading import load_onnx_predictor_parts
-        from pixelseg.inference.predict.tiling import Predictor
+        from pixelseg.inference.loading import load_onnx_predictor_parts
+        from pixelseg.inference.tiling import Predictor
         fn, info, size = load_onnx_predictor_parts(onnx_path)
         sess = fn.session
         predictor = Predictor(fn, size)

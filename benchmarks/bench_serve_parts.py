@@ -56,7 +56,7 @@ def main():
     from PIL import Image
 
     from pixelseg.core import viz
-    from pixelseg.inference.predict.serving import FAST_PNG, Engine, HTTPProblem, decode_upload
+    from pixelseg.inference.serving import FAST_PNG, Engine, HTTPProblem, decode_upload
 
     engine = Engine(args.run)
     engine.warm_up(batch=8)

@@ -56,7 +56,8 @@ def _sync(dev):
 
 def build(config: str, frozen: bool, dev, training: bool = True):
     from pixelseg.models import create_model
-    from pixelseg.core.runtime import optimize_for_training, prepare_for_inference, resolve_precision
+    from pixelseg.core.runtime import resolve_precision
+    from pixelseg.models.rewrites import optimize_for_training, prepare_for_inference
 
     precision, channels_last, compile_ = CONFIGS[config]
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None)

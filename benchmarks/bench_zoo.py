@@ -62,8 +62,8 @@ def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
     from pixelseg.training.losses import build_loss
     from pixelseg.models import create_model
     from pixelseg.training.optim import build_optimizer
-    from pixelseg.core.runtime import (autocast, optimize_for_training, prepare_for_inference, resolve_precision,
-                                  select_device, to_model_input)
+    from pixelseg.core.runtime import autocast, resolve_precision, select_device, to_model_input
+    from pixelseg.models.rewrites import optimize_for_training, prepare_for_inference
 
     dev = select_device(args.device)
     amp = resolve_precision(args.precision, dev)

@@ -1,7 +1,7 @@
 """GPU correctness, run on a CUDA machine (never in CI): every architecture (default backbone) on CUDA
 agrees with the CPU in fp32, trains a step under bf16 autocast + channels_last with finite gradients,
 Bayesian SegNet's Monte-Carlo sampling runs on the GPU, the inference rewrites
-(``runtime.prepare_for_inference``: folded BatchNorm) keep fp32 outputs, and the training-time
+(``rewrites.prepare_for_inference``: folded BatchNorm) keep fp32 outputs, and the training-time
 decoder (grad enabled: U-Net's split skip convs) computes the same function as inference's.
 
     python benchmarks/gpu_check.py            # prints one line per model and exits non-zero on failure
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import copy
 
 from pixelseg.models import ARCHITECTURES, create_model, mc_predict
-from pixelseg.core.runtime import prepare_for_inference
+from pixelseg.models.rewrites import prepare_for_inference
 
 
 def main() -> int:

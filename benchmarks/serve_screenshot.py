@@ -21,7 +21,7 @@ def main():
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from pixelseg.inference.predict.serving import Engine
+    from pixelseg.inference.serving import Engine
     from test_serve import running
     from test_serve_browser import CHROMIUM, CHROMIUM_ARGS, open_and_segment
     with running(Engine(args.model)) as url, sync_playwright() as p:

@@ -357,7 +357,7 @@ def _run_plan(args) -> int:
 
 def _run_train(args) -> int:
     if getattr(args, "auto", False):
-        from .training.plan import train_auto
+        from .training.train import train_auto
         summary = train_auto(config.overrides_from_args(args))
         print(json.dumps({k: summary[k] for k in ("run_dir", "best_val_miou", "wall_time_s")}))
         return 0
@@ -368,7 +368,7 @@ def _run_train(args) -> int:
 
 
 def _run_evaluate(args) -> int:
-    from .inference.predict import EvalOptions, evaluate, format_scores
+    from .inference.evaluate import EvalOptions, evaluate, format_scores
     options = EvalOptions(data_root=args.data_root, split=args.split, dataset=args.dataset, limit=args.limit,
                           device=args.device, precision=args.precision, out_dir=args.out,
                           batch_size=args.batch_size, full_res=args.full_res, tile=args.tile,
@@ -443,7 +443,7 @@ def _label_studio_options(args):
 
 def _run_shards(args) -> int:
     from .data import dataset_options, default_split
-    from .data.shards import write_shards
+    from .data.shards_write import write_shards
     splits = args.split or list(dict.fromkeys(default_split(args.dataset, r) for r in ("train", "val")))
     for split in splits:
         idx = write_shards(args.dataset, args.data_root, split, args.out, args.maxcount, args.limit,

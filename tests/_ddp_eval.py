@@ -7,7 +7,7 @@ import torch
 from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
 from pixelseg.core.distributed import RankSampler, cleanup, init_distributed
-from pixelseg.inference.predict.loading import load_model
+from pixelseg.inference.loading import load_model
 from pixelseg.training.loop import RunContext, evaluate_loader
 
 ckpt_path, n_val, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]

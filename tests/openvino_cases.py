@@ -12,7 +12,7 @@ openvino = pytest.importorskip("openvino", reason="openvino not installed: pip i
 
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.core.errors import PixelsegError  # noqa: E402
-from pixelseg.inference.predict.openvino import OpenVinoModel, compile_failure, export_openvino  # noqa: E402
+from pixelseg.inference.openvino import OpenVinoModel, compile_failure, export_openvino  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_an_export_that_fails_the_gate_is_refused_and_nothing_is_written(ckpt, t
 
 
 def test_the_suggested_ignored_scope_names_the_stem_and_the_layer_that_makes_the_logits(fp32):
-    from pixelseg.inference.predict.openvino import CONV_TYPES, sensitive_layers
+    from pixelseg.inference.openvino import CONV_TYPES, sensitive_layers
     model = openvino.Core().read_model(fp32["out"])
     names = sensitive_layers(model)
     by_name = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
@@ -90,7 +90,7 @@ def test_the_suggested_ignored_scope_names_the_stem_and_the_layer_that_makes_the
 
 
 def test_int8_ignore_groups_name_the_ends_and_the_encoder(fp32):
-    from pixelseg.inference.predict.openvino import CONV_TYPES, resolve_ignored, sensitive_layers
+    from pixelseg.inference.openvino import CONV_TYPES, resolve_ignored, sensitive_layers
     model = openvino.Core().read_model(fp32["out"])
     convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in CONV_TYPES]
     ends = resolve_ignored(model, ["ends"])
@@ -115,7 +115,7 @@ def test_a_failed_compile_falls_back_to_onnxruntime_in_one_line(fp32, capsys):
 
 def test_the_compile_probe_survives_a_crashing_child(fp32, monkeypatch):
     """A compile that kills its process (as on some virtualised AMD CPUs) is reported, not fatal."""
-    from pixelseg.inference.predict import openvino as openvino_backend
+    from pixelseg.inference import openvino as openvino_backend
     monkeypatch.setattr(openvino_backend, "PROBE", "import os; os.abort()")
     monkeypatch.setattr(openvino_backend, "_probed", {})
     reason = compile_failure(fp32["out"])
@@ -123,7 +123,7 @@ def test_the_compile_probe_survives_a_crashing_child(fp32, monkeypatch):
 
 
 def test_evaluate_scores_the_openvino_export_like_the_checkpoint(ckpt, fp32, tmp_path):
-    from pixelseg.inference.predict import evaluate
+    from pixelseg.inference.evaluate import evaluate
     ov = evaluate(ckpt, limit=8, backend="openvino", exported=fp32["out"], out_dir=tmp_path / "ov", progress=False,
                   precision="fp32")
     pt = evaluate(ckpt, limit=8, out_dir=tmp_path / "pt", progress=False, precision="fp32")

@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_run  # noqa: E402
 
-from pixelseg.inference.predict import audit as au  # noqa: E402
+from pixelseg.inference import audit as au  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.labels import coco, cvat, labelstudio  # noqa: E402
 from pixelseg.labels import write as pre  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi", reason="pixelseg[serve] extra not installed")
-from pixelseg.inference.predict.serving import Engine  # noqa: E402
+from pixelseg.inference.serving import Engine  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
 from test_serve import jpeg, photo, running  # noqa: E402

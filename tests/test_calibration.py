@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelseg.inference.predict.calibration import UncertaintyStats, softmax_entropy
+from pixelseg.inference.calibration import UncertaintyStats, softmax_entropy
 from pixelseg.core.checkpoint import atomic_save
 from pixelseg.cli import main
 from pixelseg.data import default_split

@@ -21,7 +21,7 @@ import torch
 from conftest import tiny_run
 from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
-from pixelseg.inference.predict.loading import load_model
+from pixelseg.inference.loading import load_model
 from pixelseg.training.loop import RunContext, evaluate_loader
 
 TINY = tiny_run(precision="fp32", seed=0, deterministic=True, device="cpu")

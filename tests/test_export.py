@@ -12,8 +12,8 @@ from PIL import Image
 from pixelseg.core.checkpoint import atomic_save, load_checkpoint
 from pixelseg.cli import main
 from pixelseg.core.errors import PixelsegError
-from pixelseg.inference.predict.export import check_parity, export, load_torchscript
-from pixelseg.inference.predict.loading import load_model
+from pixelseg.inference.export import check_parity, export, load_torchscript
+from pixelseg.inference.loading import load_model
 from pixelseg.models import create_model
 
 onnx = pytest.importorskip("onnx", reason="onnx (a pixelseg dependency) not installed")
@@ -134,7 +134,7 @@ def test_non_exportable_model_fails_with_its_name_and_writes_nothing(tmp_path, i
 
 
 def test_parity_failure_is_loud_and_keeps_nothing(run, images, tmp_path, monkeypatch):
-    import pixelseg.inference.predict.export as ex
+    import pixelseg.inference.export as ex
     real = ex._export_torchscript
 
     def broken(model, example, path, meta):  # simulate an exporter that changes the numbers
@@ -227,7 +227,7 @@ def test_trained_segnet_exports_with_pooling_decisions_checked(tmp_path, flat_im
 
 def test_pooling_decisions_that_are_not_ties_fail_the_check(tmp_path, images, monkeypatch):
     """The routed check must not excuse a graph whose argmax is wrong: shift every index by one column."""
-    import pixelseg.inference.predict.export as ex
+    import pixelseg.inference.export as ex
     ckpt = fake_checkpoint(tmp_path / "segnet.pt", "segnet", "vgg16")
     real = ex._probe_with_indices
 

@@ -12,7 +12,7 @@ from pixelseg.training import config, folds
 from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.cli import main
 from pixelseg.core.errors import PixelsegError
-from pixelseg.inference.predict.loading import Ensemble, load_model
+from pixelseg.inference.loading import Ensemble, load_model
 from pixelseg.models import create_model
 from conftest import tiny_run
 
@@ -136,7 +136,7 @@ def test_auto_plans_once_then_folds(tmp_path):
     run = tmp_path / "run"
     probe = plan.fixed_machine(train_ips_128=400.0, eval_ips_128=1600.0)
     with pytest.raises(PixelsegError, match="--folds 5: the training pool"):
-        plan.train_auto({"dataset": "folder", "data_root": str(root), "folds": 5, "run_dir": str(run)}, probe)
+        train_mod.train_auto({"dataset": "folder", "data_root": str(root), "folds": 5, "run_dir": str(run)}, probe)
     assert not run.exists()  # the plan was made, the folds refused, nothing left behind
 
 
@@ -194,9 +194,10 @@ def _mean_softmax(run, x):
 
 def test_folds_dir_loads_as_ensemble_in_evaluate_predict_and_serve(cv_run, tmp_path):
     from pixelseg.data import load_split
-    from pixelseg.inference.predict import evaluate, predict
+    from pixelseg.inference.evaluate import evaluate
+    from pixelseg.inference.predict import predict
     from pixelseg.core.metrics import ConfusionMatrix
-    from pixelseg.inference.predict.serving import Engine
+    from pixelseg.inference.serving import Engine
     run, root, names = cv_run
     ckpt = load_checkpoint(run)
     assert len(ckpt["members"]) == 2 and ckpt["path"] == str(run / "cv.json")

@@ -23,7 +23,7 @@ from PIL import Image
 from _fuzz import count, examples, no_hang, one_line_naming
 from pixelseg.data.io import image_size, input_size, read_bands, read_image, read_input, read_mask
 from pixelseg.core.errors import PixelsegError
-from pixelseg.inference.predict.serving import HTTPProblem, decode_upload
+from pixelseg.inference.serving import HTTPProblem, decode_upload
 
 MODES = ["1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}

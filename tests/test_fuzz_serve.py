@@ -22,8 +22,8 @@ import httpx  # noqa: E402
 from _fakes import fake_checkpoint  # noqa: E402
 from _fuzz import TEXT, count, examples, no_hang  # noqa: E402
 from test_fuzz_images import image_bytes  # noqa: E402
-from pixelseg.inference.predict.server import _warm_up, create_app  # noqa: E402
-from pixelseg.inference.predict.serving import Engine  # noqa: E402
+from pixelseg.inference.server import _warm_up, create_app  # noqa: E402
+from pixelseg.inference.serving import Engine  # noqa: E402
 from pixelseg.core.sizes import Limits  # noqa: E402
 
 LIMITS = Limits(max_upload_mb=1, max_pixels=1_000_000, max_mc_samples=4, upload_timeout_s=10.0, max_queue=8)

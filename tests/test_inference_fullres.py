@@ -9,8 +9,10 @@ from PIL import Image
 
 from pixelseg.cli import main
 from pixelseg.core.errors import PixelsegError
-from pixelseg.inference.predict import evaluate, predict, tile_size
-from pixelseg.inference.predict.tiling import FlipTTA, Predictor, flip_tta, sliding_window, window_starts
+from pixelseg.inference.evaluate import evaluate
+from pixelseg.inference.predict import predict
+from pixelseg.inference.runner import tile_size
+from pixelseg.inference.tiling import FlipTTA, Predictor, flip_tta, sliding_window, window_starts
 from conftest import tiny_run
 
 
@@ -134,7 +136,7 @@ def test_predictor_batch_keeps_each_image_its_own_answer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
     model.eval()
-    from pixelseg.inference.predict.tiling import torch_logits_fn
+    from pixelseg.inference.tiling import torch_logits_fn
     fn = torch_logits_fn(model, torch.device("cpu"))
     rng = np.random.default_rng(0)
     shapes = [(40, 60), (33, 47), (40, 60), (32, 32), (33, 47), (40, 60)]
@@ -151,7 +153,7 @@ def test_predictor_batch_keeps_each_image_its_own_answer():
 
 
 def test_torch_logits_fn_hands_back_nchw_logits_from_a_channels_last_model():
-    from pixelseg.inference.predict.tiling import torch_logits_fn
+    from pixelseg.inference.tiling import torch_logits_fn
     model = torch.nn.Conv2d(3, 4, 1).eval().to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 16, 16)
     out = torch_logits_fn(model, torch.device("cpu"))(x)

@@ -254,7 +254,7 @@ def test_a_killed_shards_unfinished_shard_is_removed_by_the_next_run(tmp_path):
     """Found by test_shards_killed_at_random_times' design: a shards run SIGKILLed mid-shard left its
     .train-*.tar.tmp in --out for good; the next run to that --out removes it (its writer's pid is gone).
     (convert's temp folder: removed by main's convert._clean_stale, checked by test_convert_killed_at_random_times.)"""
-    from pixelseg.data.shards import write_shards
+    from pixelseg.data.shards_write import write_shards
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "out"

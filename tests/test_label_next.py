@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_audit import CLASSES, CORRUPT, PALETTE, H, W, N, audited, folds_run, model_probs, clean_mask  # noqa: E402,F401
 
-from pixelseg.inference.predict import label_next as nx  # noqa: E402
+from pixelseg.inference import label_next as nx  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.labels import coco, cvat, labelstudio  # noqa: E402
 from pixelseg.labels.rle import coco_rle_decode  # noqa: E402
@@ -170,7 +170,7 @@ def test_audit_unlabelled_end_to_end(folds_run, tmp_path, capsys):
 
 
 def test_label_quality_counts_the_heaviest_region_whole_and_the_rest_at_a_quarter():
-    from pixelseg.inference.predict import audit as au
+    from pixelseg.inference import audit as au
     one = [au.Suspect("missing_label", 0, 1, 1000, [0, 0, 1, 1], 0.95, 0.9)]                 # a pet left out
     many = [au.Suspect("boundary", 1, 0, 200, [0, 0, 1, 1], 0.7, 0.6) for _ in range(10)]   # blur along edges
     assert au.label_quality(one, 10_000) == pytest.approx(1 - 900 / 10_000)

@@ -100,8 +100,8 @@ def test_cardamage_train_evaluate_predict(tmp_path, capsys):
     # ... and serves like any folder dataset's run: the answer names the COCO file's classes
     pytest.importorskip("fastapi", reason="pixelseg[serve] not installed")
     from fastapi.testclient import TestClient
-    from pixelseg.inference.predict.server import create_app
-    from pixelseg.inference.predict.serving import Engine
+    from pixelseg.inference.server import create_app
+    from pixelseg.inference.serving import Engine
     with TestClient(create_app(Engine(run), warm=False)) as client:
         for _ in range(600):  # polls until ready; the test asserts readiness, not how fast it came
             if client.get("/readyz").status_code == 200:

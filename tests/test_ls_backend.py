@@ -19,10 +19,10 @@ pytest.importorskip("fastapi", reason="pixelseg[serve] extra not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from pixelseg.labels.rle import ls_rle_decode, ls_rle_encode  # noqa: E402
-from pixelseg.inference.predict.lsml import annotation_mask, holdout_tasks, parse_config, BadRequest  # noqa: E402
-from pixelseg.inference.predict.lsml_server import LSOptions, attach, checkpoint_to_serve  # noqa: E402
-from pixelseg.inference.predict.server import create_app  # noqa: E402
-from pixelseg.inference.predict.serving import Engine  # noqa: E402
+from pixelseg.inference.lsml import annotation_mask, holdout_tasks, parse_config, BadRequest  # noqa: E402
+from pixelseg.inference.lsml_server import LSOptions, attach, checkpoint_to_serve  # noqa: E402
+from pixelseg.inference.server import create_app  # noqa: E402
+from pixelseg.inference.serving import Engine  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
 
@@ -305,7 +305,7 @@ def test_deleted_and_cancelled_annotations_are_forgotten(ckpts, tmp_path):
 def test_retrain_job_fine_tunes_and_scores_old_and_new(ckpts, tmp_path):
     """The real job (the process the server starts): images painted from annotations, a fine-tune from the served
     checkpoint within its budget, old and new scored on the held-out tasks."""
-    from pixelseg.inference.predict.lsml import run_job
+    from pixelseg.inference.lsml import run_job
     rng = np.random.default_rng(0)
     tasks = []
     for tid in range(1, 6):

@@ -70,7 +70,7 @@ def data(tmp_path_factory):
         yield ["--dataset", "synthetic", "--limit", "20"], {}  # 16 train, 4 val
         return
     from _s3server import moto_s3
-    from pixelseg.data.shards import write_shards
+    from pixelseg.data.shards_write import write_shards
     from pixelseg.data.synthetic import write_folder
     with moto_s3("pixelseg-nodes") as env:
         root = tmp_path_factory.mktemp("folder")
@@ -215,7 +215,7 @@ def test_two_nodes_read_every_s3_sample_once(data, tmp_path):
     flags, extra = data
     if "shards" not in flags:
         pytest.skip("moto/s3fs not installed: no S3 server to read shards from")
-    from pixelseg.data.shards import write_shards
+    from pixelseg.data.shards_write import write_shards
     from _fakes import write_id_folder
     from test_shards import _RANK  # rank, url, out: the exactly-once check of local shards
     root = write_id_folder(tmp_path / "ids", 14)

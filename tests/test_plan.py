@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pixelseg.training import config, plan
+from pixelseg.training import config, plan, probe
 from pixelseg.core import sizes
 from pixelseg.cli import main
 from pixelseg.core.errors import PixelsegError
@@ -130,7 +130,7 @@ def test_train_auto_saves_the_plan_and_records_the_overrides(tmp_path):
     probe = plan.Machine("cpu", 16.0, "fp32", slow_speed, 2, read_s_per_image=0.01)
     root = write_folder(tmp_path / "d", n=12, size=32, obj=8)
     run = tmp_path / "run"
-    summary = plan.train_auto({"dataset": "folder", "data_root": str(root), "epochs": 1, "image_size": 32,
+    summary = train_mod.train_auto({"dataset": "folder", "data_root": str(root), "epochs": 1, "image_size": 32,
                                "run_dir": str(run), "precise_bn": 0, "figure_samples": 0, "time_budget": 600,
                                "scale_range": [0.8, 1.25]}, probe)  # needs --crop, which the plan sets
     assert summary["run_dir"] == str(run)
@@ -299,7 +299,7 @@ def test_crop_plans_a_cache_side_that_fits_memory_and_the_epoch_estimate_pays_th
     args = (FAST, "unet", "mobilenet_v2", hw, 16, True)
     assert plan.rescale_seconds(fp, FAST, hw)[1] == (side * 2 // 3, side)
     big_s, small_s = plan.epoch_seconds(fp, *args), plan.epoch_seconds(synthetic_fp(hw=hw), *args)
-    extra = 400 * plan.RESIZE_S_PER_MPX * (side * (side * 2 // 3) - hw[0] * hw[1]) / 1e6 / FAST.cores
+    extra = 400 * probe.RESIZE_S_PER_MPX * (side * (side * 2 // 3) - hw[0] * hw[1]) / 1e6 / FAST.cores
     assert extra > 0 and big_s - small_s == pytest.approx(extra)
     # images no larger than what the crops use are cached as they are; without --crop no cache side
     assert plan.make_plan(synthetic_fp(hw=(128, 128)), FAST, 600).choices["cache_max_side"].value is None

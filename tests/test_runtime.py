@@ -14,8 +14,7 @@ from torch import nn
 
 from pixelseg.models import ARCHITECTURES, create_model
 from pixelseg.models.unet import UNet, UNetDecoder
-from pixelseg.core.runtime import (_depthwise_s2_grad_input, _FastBackwardDepthwiseConv2d, fold_batchnorm,
-                              optimize_for_training, prepare_for_inference)
+from pixelseg.models.rewrites import _depthwise_s2_grad_input, _FastBackwardDepthwiseConv2d, fold_batchnorm, optimize_for_training, prepare_for_inference
 
 # Light backbones for the architectures whose defaults are big (the folding is what is under test).
 LIGHT = {"deeplabv3plus": "mobilenet_v1", "pspnet": "mobilenet_v1", "fpn": "mobilenet_v2",

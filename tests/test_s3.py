@@ -18,7 +18,7 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] not instal
 
 from pixelseg.core.checkpoint import load_checkpoint  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
-from pixelseg.data.shards import write_shards  # noqa: E402
+from pixelseg.data.shards_write import write_shards  # noqa: E402
 from pixelseg.data.synthetic import write_folder  # noqa: E402
 from pixelseg.training.train import train  # noqa: E402
 from _fakes import write_id_folder  # noqa: E402

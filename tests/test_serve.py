@@ -23,9 +23,9 @@ import uvicorn  # noqa: E402
 
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.data import synthetic  # noqa: E402
-from pixelseg.inference.predict.server import create_app  # noqa: E402
+from pixelseg.inference.server import create_app  # noqa: E402
 from pixelseg.labels.rle import coco_rle_decode, coco_rle_encode as rle_encode  # noqa: E402
-from pixelseg.inference.predict.serving import Engine  # noqa: E402
+from pixelseg.inference.serving import Engine  # noqa: E402
 from pixelseg.core.sizes import Limits  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
@@ -486,8 +486,8 @@ def test_a_client_gone_mid_upload_is_a_4xx_not_a_traceback():
 
     from starlette.requests import ClientDisconnect
 
-    from pixelseg.inference.predict.server import read_body
-    from pixelseg.inference.predict.serving import HTTPProblem
+    from pixelseg.inference.server import read_body
+    from pixelseg.inference.serving import HTTPProblem
 
     class GoneRequest:
         headers = {"content-length": "1000"}

@@ -16,7 +16,7 @@ pytest.importorskip("playwright", reason="playwright (python) not installed: pip
 import httpx  # noqa: E402
 
 from pixelseg.cli import main  # noqa: E402
-from pixelseg.inference.predict.serving import Engine  # noqa: E402
+from pixelseg.inference.serving import Engine  # noqa: E402
 
 from test_serve import running  # noqa: E402
 from conftest import tiny_run

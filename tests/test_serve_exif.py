@@ -80,7 +80,7 @@ def test_serve_turns_uploads_upright_by_default(ckpt, tmp_path):
     pytest.importorskip("fastapi", reason="pixelseg[serve] extra not installed")
     import httpx
     from test_serve import running
-    from pixelseg.inference.predict.serving import Engine
+    from pixelseg.inference.serving import Engine
     data = with_orientation(stored_photo(), 6)
     stored = read_image(io.BytesIO(data), name="upload")
     upright_png, plain_png = io.BytesIO(), io.BytesIO()

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("fastapi", reason="pixelseg[serve] extra not installed")
 import httpx  # noqa: E402
 
-from pixelseg.inference.predict.serving import Engine  # noqa: E402
+from pixelseg.inference.serving import Engine  # noqa: E402
 from pixelseg.core.sizes import Limits  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
@@ -178,7 +178,7 @@ def test_warm_up_and_every_forward_pass_run_on_one_torch_thread(engine, max_batc
 
 def test_serve_loads_the_model_on_the_torch_thread(monkeypatch, tmp_path):
     """`serve` builds the Engine on the thread that will run it, before anything listens."""
-    import pixelseg.inference.predict.server as server
+    import pixelseg.inference.server as server
     seen = {}
 
     class Stop(Exception):

@@ -17,7 +17,8 @@ from pixelseg.cli import main
 from pixelseg.data import load_split
 from pixelseg.data.base import CacheSpec
 from pixelseg.data.io import read_image
-from pixelseg.data.shards import ShardDataset, read_index, write_shards
+from pixelseg.data.shards import ShardDataset, read_index
+from pixelseg.data.shards_write import write_shards
 from pixelseg.data.synthetic import write_folder
 from pixelseg.core.errors import PixelsegError
 from conftest import tiny_run

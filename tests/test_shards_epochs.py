@@ -5,7 +5,7 @@ import torch
 from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.data import collate_batch, load_split
 from pixelseg.data.base import CacheSpec
-from pixelseg.data.shards import write_shards
+from pixelseg.data.shards_write import write_shards
 from pixelseg.data.synthetic import write_folder
 from pixelseg.training.train import train
 

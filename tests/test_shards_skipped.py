@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from pixelseg.data.shards import write_shards
+from pixelseg.data.shards_write import write_shards
 from pixelseg.data.synthetic import write_folder
 from pixelseg.training.train import train
 

@@ -4,7 +4,7 @@
   on the pets-layout data with `--weights none` (nothing may be downloaded), everything else default;
   images/s is the run's own per-epoch `train_images_per_s` (whole loop incl. data), epoch 2 onward.
 - infer: `create_model` + the runtime's defaults (device auto, precision auto, channels_last, folded
-  BatchNorm: `runtime.prepare_for_inference`), as `pixelseg evaluate/predict` run the model.
+  BatchNorm: `rewrites.prepare_for_inference`), as `pixelseg evaluate/predict` run the model.
 - infer --backend openvino / openvino_int8: the same model exported as `pixelseg export --format openvino`
   does (ONNX -> `openvino.convert_model`, int8 through NNCF post-training quantisation on 32 of the
   batch's images) and run through `openvino_backend.OpenVinoModel`, as `predict --backend openvino` runs it.
@@ -78,8 +78,8 @@ def task_infer(args) -> dict:
     import torch
 
     from pixelseg.models import create_model
-    from pixelseg.core.runtime import (autocast, prepare_for_inference, resolve_precision, select_device, to_model_input,
-                                  tune_malloc)
+    from pixelseg.core.runtime import autocast, resolve_precision, select_device, to_model_input, tune_malloc
+    from pixelseg.models.rewrites import prepare_for_inference
 
     tune_malloc()  # what every pixelseg command does first
     dev = select_device("auto")
@@ -106,7 +106,7 @@ def _infer_openvino(model, xb_u8, x1_u8, args) -> dict:
     import openvino as ov
     import torch
 
-    from pixelseg.inference.predict.openvino import OpenVinoModel
+    from pixelseg.inference.openvino import OpenVinoModel
     from pixelseg.core.runtime import to_model_input
 
     cpu = torch.device("cpu")
@@ -165,7 +165,7 @@ def score_checkpoint(path: Path, data_root: Path, size: int) -> dict:
     import torch
 
     from pixelseg.core.checkpoint import load_checkpoint
-    from pixelseg.inference.predict.loading import load_model
+    from pixelseg.inference.loading import load_model
     from pixelseg.core.runtime import autocast, resolve_precision, select_device, to_model_input
 
     ckpt = load_checkpoint(path)

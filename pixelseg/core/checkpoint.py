@@ -5,6 +5,7 @@ any moment leaves either the old or the new file, never a truncated one. Loading
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -45,8 +46,7 @@ def load_checkpoint(path: Path | str) -> dict:
                 path = path / name
                 break
         else:
-            if (path / "folds.json").is_file():  # a `train --folds` run: its folds as one ensemble
-                from ..training.folds import load_ensemble
+            if (path / MANIFEST).is_file():  # a `train --folds` run: its folds as one ensemble
                 return load_ensemble(path)
             raise PixelsegError(f"{path}: no best.pt or last.pt in this run directory; pass a checkpoint file")
     if not path.is_file():
@@ -75,3 +75,38 @@ def _unreadable(path: Path, exc: Exception) -> str:
     return (f"{path}: not a pixelseg checkpoint: the file ({size} bytes) is corrupt, truncated (an interrupted "
             "copy or download?) or not a PyTorch file at all; copy it again, or use the best.pt/last.pt that "
             "`pixelseg train` wrote in its run directory")
+
+
+# a `train --folds K` run directory: its manifest, and what every fold's checkpoint must share to form one model
+MANIFEST = "folds.json"
+MUST_AGREE = (("dataset", "class_names"), ("dataset", "ignore_index"), ("model_config", "num_classes"),
+              ("model_config", "in_channels"), ("config", "image_size"), ("config", "rgb_bands"))
+
+
+# ---- the folds as one model ---------------------------------------------------------------------------
+def load_ensemble(run_dir: Path) -> dict:
+    """checkpoint.load_checkpoint's branch for a folds run dir: the first fold's checkpoint dict (classes,
+    input size, config) with every fold's in ``members`` (loading.load_model makes them an Ensemble) and
+    ``path`` RUN/cv.json, whose hash changes with any member's weights."""
+    run_dir = Path(run_dir)
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+        k = int(manifest["folds"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PixelsegError(f"{run_dir / MANIFEST}: unreadable ({exc}); pass one fold's checkpoint, e.g. "
+                            f"{run_dir / 'fold_0' / 'best.pt'}") from None
+    missing = [i for i in range(k) if not (run_dir / f"fold_{i}" / "best.pt").is_file()]
+    if missing or not (run_dir / "cv.json").is_file():
+        raise PixelsegError(f"{run_dir}: cross-validation not finished (folds without best.pt: "
+                            f"{', '.join(map(str, missing)) or 'none'}; no cv.json yet); continue it with "
+                            f"pixelseg train --resume {run_dir}, or pass one fold, e.g. {run_dir / 'fold_0'}")
+    members = [load_checkpoint(run_dir / f"fold_{i}" / "best.pt") for i in range(k)]
+    for i, m in enumerate(members[1:], 1):
+        for part, key in MUST_AGREE:
+            a, b = members[0][part].get(key), m[part].get(key)
+            if a != b:
+                raise PixelsegError(f"{run_dir}: fold_{i}/best.pt and fold_0/best.pt differ in {part}.{key} "
+                                    f"({b!r} vs {a!r}); an ensemble's members must share classes and input, so "
+                                    "evaluate them one by one")
+    return {**members[0], "path": str(run_dir / "cv.json"), "members": members,
+            "pool_splits": list(manifest.get("pool", {}).get("splits", []))}

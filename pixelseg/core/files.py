@@ -135,3 +135,10 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets and extracted label images are cached: $PIXELSEG_CACHE, else $PIXELSEG_DATA/cache."""
+    if os.environ.get("PIXELSEG_CACHE"):
+        return Path(os.environ["PIXELSEG_CACHE"]).expanduser()
+    return Path(os.environ.get("PIXELSEG_DATA", "~/.cache/pixelseg")).expanduser() / "cache"

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import PixelsegError
+from ..core.files import cache_dir
 from ..core.logs import logger as log
 from ..core.metrics import IGNORE_INDEX
 from .io import UnreadableImage, read_image, read_mask, _open
@@ -428,12 +429,6 @@ class _Work:
 
 
 # ---- building a split ----------------------------------------------------------------------------
-def cache_dir() -> Path:
-    if os.environ.get("PIXELSEG_CACHE"):
-        return Path(os.environ["PIXELSEG_CACHE"]).expanduser()
-    return Path(os.environ.get("PIXELSEG_DATA", "~/.cache/pixelseg")).expanduser() / "cache"
-
-
 def _cache_key(samples: list[Sample], size, extra: str) -> str:
     """Files (path, size, mtime) + resolution + dataset extras. The format version is not in the key:
     it is checked in meta.json so that an old store is reported and replaced, not silently kept."""

@@ -137,7 +137,7 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
             report["splits"][split] = n
             report["images"] += n
             if to == "shards":
-                from .shards import write_shards
+                from .shards_write import write_shards
                 write_shards(dataset, root, split, tmp, maxcount, limit, progress, **options)
         _finish_report(report, counts, info, _labelset(dataset, root, options))
         if turned:

@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..core.errors import PixelsegError
+from ..core.images import IMAGE_SUFFIXES
 from ..core.logs import logger as log
 from . import base as _base
 from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
@@ -47,7 +48,6 @@ PREFIX_GROUP = r"^(.*?)[-_. ]*\d+$"
 COMMON_MASK_SUFFIXES = ("_mask", "-mask", "_masks", "_seg", "_segmentation", "_label", "_labels", "_gt", "_anno")
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IGNORE = 255
 SPLIT_SEED = 0          # --val-fraction order: sha1(seed, stem), so it never depends on listing order
 MAX_AUTO_CLASSES = 64   # more distinct colours than this without classes.csv is almost surely JPEG/antialiasing

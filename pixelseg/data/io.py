@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import PixelsegError
+from ..core.images import IMAGE_SUFFIXES, exif_orientation
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; while decode_jpeg exists it is used
 # for full-resolution JPEGs (see decode_jpeg_fast), and when it goes PIL takes over with identical pixels.
@@ -54,15 +55,6 @@ def read_image(path, size: tuple[int, int] | None = None, name=None, exif_transp
         if out is not None:
             return out
     return to_rgb_array(upright(img, name or path) if turn else img, name or path, size)
-
-
-def exif_orientation(img: Image.Image) -> int:
-    """The EXIF Orientation tag (1 = stored upright, 2-8 = mirrored and/or turned), 1 when absent or unreadable."""
-    try:
-        value = img.getexif().get(0x0112, 1)
-    except Exception:  # a malformed EXIF block must not make the photo unreadable; PIL raises many types here
-        return 1
-    return value if value in range(1, 9) else 1
 
 
 def upright(img: Image.Image, name) -> Image.Image:
@@ -152,7 +144,6 @@ def image_size(path: Path | str) -> tuple[int, int]:
     return img.size[1], img.size[0]
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def collect_images(paths) -> list[Path]:

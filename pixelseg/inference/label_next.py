@@ -62,7 +62,7 @@ def suspect_item(image: Path, h: int, w: int, score: float, suspects: list, clas
                  label: np.ndarray | None = None) -> NextItem | None:
     """A flagged audit image as a list item (None: no region a tool can show); `label` (H×W class ids), the
     mask as it is, rides along as `current` (Label Studio tasks carry it as the annotation to correct)."""
-    from .audit import KINDS, background_ids, suspect_regions
+    from .suspects import KINDS, background_ids, suspect_regions
     from ..labels.write import ImageRegions, image_regions
     regions = suspect_regions(class_names, suspects, background_ids(class_names), h, w)
     if not regions:
@@ -144,7 +144,7 @@ def _rows(items: list[NextItem]) -> list[dict]:
 def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette, out: Path,
                model_version: str = "pixelseg-next", image_url: str | None = None) -> list[Path]:
     """next.csv, next.json and (fmt != none) the list in the tool's format, into the folder `out`."""
-    from .audit import KINDS
+    from .suspects import KINDS
     from ..labels import write as pre
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(items)

@@ -14,7 +14,7 @@ from ..core.sizes import size_hw
 from ..data import DatasetInfo
 from ..core.errors import PixelsegError
 from ..models import create_model
-from ..core.runtime import prepare_for_inference
+from ..models.rewrites import prepare_for_inference
 
 METADATA_KEY = "pixelseg"
 # onnx and onnxruntime are core dependencies; this is for installs that dropped them (e.g. no wheel for the platform)
@@ -25,9 +25,9 @@ def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None =
                channels_last: bool = True, fast: bool = True):
     """Rebuild the architecture from the checkpoint's own config and load its weights, in eval mode.
 
-    ``fast`` applies ``runtime.prepare_for_inference`` (folded BatchNorm, channels_last, bf16
+    ``fast`` applies ``rewrites.prepare_for_inference`` (folded BatchNorm, channels_last, bf16
     weights under bf16 autocast); export passes ``fast=False`` to get the plain module. A `train --folds`
-    run dir (its checkpoint dict has ``members``, folds.load_ensemble) becomes the Ensemble of its folds."""
+    run dir (its checkpoint dict has ``members``, checkpoint.load_ensemble) becomes the Ensemble of its folds."""
     if "members" in ckpt:
         return Ensemble([load_model(m, device, amp_dtype, channels_last, fast) for m in ckpt["members"]]).eval()
     cfg = dict(ckpt["model_config"])

@@ -37,6 +37,7 @@ from ..core.errors import PixelsegError
 from ..core.files import atomic_write_text
 from ..core.logs import logger as log
 from .lsml import BadRequest, LabelConfig, fetch, image_ref, parse_config, prediction, segment
+from .server import read_body
 from .serving import HTTPProblem, decode_upload
 
 PATHS = {"/health", "/setup", "/predict", "/webhook", "/train", "/versions", "/v1/label-studio"}
@@ -69,6 +70,12 @@ class LSOptions:
 
     def limit_s(self) -> float:
         return self.retrain_timeout_s or self.retrain_budget_s * 1.5 + 120
+
+    def checkpoint_to_serve(self, source):
+        return checkpoint_to_serve(source, self)
+
+    def attach(self, app, source, engine_kwargs: dict | None = None) -> "Backend":
+        return attach(app, self, source, engine_kwargs)
 
 
 def work_dir(source, options: LSOptions) -> Path:
@@ -316,7 +323,6 @@ def _backend(request: Request) -> Backend:
 
 
 async def _json(request: Request) -> dict:
-    from .server import read_body
     body = await read_body(request, request.app.state.limits)
     try:
         doc = json.loads(body)
@@ -468,8 +474,7 @@ async def ls_train(request: Request):
 
 def attach(app, options: LSOptions, source, engine_kwargs: dict | None = None) -> Backend:
     """Add the Label Studio endpoints to a `server.create_app` app; the backend goes on app.state.ls."""
-    from . import server
     app.state.ls = Backend(options, source, app.state.engine, engine_kwargs)
     app.include_router(router)
-    server._ENDPOINTS.update(PATHS)   # counted by name in /metrics
+    app.state.endpoints.update(PATHS)   # counted by name in /metrics
     return app.state.ls

@@ -14,6 +14,7 @@ under a deadline (408 for a client that stops sending; it never holds a slot or 
 """
 
 import asyncio
+import functools
 import contextlib
 import math
 import threading
@@ -364,8 +365,8 @@ async def predict(request: Request, format: str = "png", uncertainty: bool = Fal
     try:
         upright = not (keep_exif_grid if keep_exif_grid is not None else state.keep_exif_grid)
         mask, maps, infer_s, decode_s = await sched.segment(
-            lambda: decode_upload(data, limits.max_pixels, name, upright), deadline, mc)
-        del data, body
+            functools.partial(decode_upload, data, limits.max_pixels, name, upright), deadline, mc)
+        del data, body  # the upload's bytes are not kept while the response is built
         t_infer = time.perf_counter()
         metrics.queue_wait.observe(max(0.0, t_infer - admitted - infer_s))
         timing = {"upload": _ms(t_upload - t0), "decode": _ms(decode_s),
@@ -396,7 +397,7 @@ class CountRequests:
             return await self.app(scope, receive, send)
         metrics = scope["app"].state.metrics
         path = scope["path"]
-        endpoint = path if path in _ENDPOINTS else "other"
+        endpoint = path if path in scope["app"].state.endpoints else "other"
         status = [500]  # what is counted if the app raises before it starts a response
 
         async def send_status(message):
@@ -451,6 +452,7 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, 
     state.engine, state.limits, state.keep_exif_grid, state.warm = engine, limits, keep_exif_grid, warm
     state.ready, state.started = threading.Event(), time.time()
     state.metrics = Metrics(lambda: _queue_depth(state))
+    state.endpoints = set(ENDPOINTS)  # counted by name in /metrics; add-ons (the Label Studio backend) add theirs
     state.scheduler = Scheduler(engine, limits, state.metrics, infer_pool)
     app.add_middleware(CountRequests)
     app.add_exception_handler(HTTPProblem, problem)
@@ -459,7 +461,7 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, 
     return app
 
 
-_ENDPOINTS = {"/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics"}
+ENDPOINTS = ("/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
 
 
 def _ms(s: float) -> float:
@@ -475,7 +477,8 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
           precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info",
           keep_exif_grid: bool = False, backend: str = "auto", label_studio=None):
     """Load the model (errors are one line before anything listens), then serve until interrupted.
-    `label_studio` (lsml_server.LSOptions): also speak Label Studio's ML backend protocol."""
+    `label_studio` (lsml_server.LSOptions): also speak Label Studio's ML backend protocol. The options object
+    brings its own `checkpoint_to_serve` and `attach`, so this module never imports the backend built on it."""
     try:
         import prometheus_client  # noqa: F401  (the serve extra: one line saying so instead of a traceback)
         import uvicorn
@@ -485,15 +488,13 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
     limits = (limits or Limits()).check()
     check_source(source)
     if label_studio is not None:  # a restarted backend serves its last accepted version
-        from .lsml_server import checkpoint_to_serve
-        source = checkpoint_to_serve(source, label_studio.check())
+        source = label_studio.check().checkpoint_to_serve(source)
     pool = torch_thread()  # the model is loaded where it will run (torch_thread says why)
     engine = pool.submit(Engine, source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta,
                          backend=backend).result()
     app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid, infer_pool=pool)
     if label_studio is not None:
-        from .lsml_server import attach
-        ls = attach(app, label_studio, source, dict(device=device, precision=precision, tile=tile, overlap=overlap,
+        ls = label_studio.attach(app, source, dict(device=device, precision=precision, tile=tile, overlap=overlap,
                                                     tta=tta, backend=backend))
         print(f"pixelseg serve: Label Studio ML backend at http://{host}:{port}/ serving {ls.version}; state in "
               f"{ls.work}", flush=True)

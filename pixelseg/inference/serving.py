@@ -19,7 +19,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..core import viz
-from ..data import DatasetInfo
 from ..data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from ..core.errors import PixelsegError
 from ..core.files import file_sha256
@@ -84,38 +83,13 @@ class Engine:
 
     def __init__(self, source, device: str = "auto", precision: str = "auto", tile=None, overlap: float = 0.25,
                  tta: bool = False, backend: str = "auto"):
-        from .predict import resolve_backend, tile_size
-        from .loading import input_size, load_model, load_onnx_predictor_parts
-        from ..core.runtime import resolve_precision, select_device
-        from .tiling import Predictor, torch_logits_fn
-        self.backend = resolve_backend(backend, source)
-        self.device = select_device(device)
-        self.model = None
-        if self.backend in ("onnx", "openvino"):
-            if self.backend == "openvino":
-                from .openvino import load_openvino_predictor_parts as load_parts
-            else:
-                load_parts = load_onnx_predictor_parts
-            fn, self.info, self.size = load_parts(source, self.device)
-            self.backend = getattr(fn, "backend", self.backend)  # "onnxruntime (fallback)" if OpenVINO could not compile
-            self.path = Path(source)
-            self.model_config = dict(fn.metadata.get("model_config", {}))
-            self.amp = None
-            run_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        else:
-            from ..core.checkpoint import load_checkpoint
-            ckpt = load_checkpoint(source)
-            self.path = Path(ckpt["path"])
-            self.info = DatasetInfo.from_dict(ckpt["dataset"])
-            self.size = input_size(ckpt)
-            self.model_config = dict(ckpt["model_config"])
-            self.amp = resolve_precision(precision, self.device)
-            self.model = load_model(ckpt, self.device, self.amp)
-            fn, run_dev = torch_logits_fn(self.model, self.device, self.amp, True), self.device
-        self.predictor = Predictor(fn, self.size, tile_size(tile, self.size), overlap, tta, device=run_dev)
+        from .runner import open_model
+        runner = open_model(source, device, precision, tile, overlap, tta, backend)
+        self.backend, self.device, self.path = runner.backend, runner.device, runner.source
+        self.info, self.size, self.model_config = runner.info, runner.size, runner.model_config
+        self.model, self.amp, self.predictor = runner.model, runner.amp, runner.predictor
         self.sha256 = file_sha256(self.path)
-        self.mc_dropout = self.model is not None and any(
-            isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in self.model.modules())
+        self.mc_dropout = runner.mc_dropout
         arch, backbone = self.model_config.get("arch"), self.model_config.get("backbone")
         self.id = f"{arch}/{backbone}@{self.sha256[:12]}"
 
@@ -139,7 +113,7 @@ class Engine:
         """(class-id mask uint8 H×W, None) or, with `mc_samples`, (mask of the mean MC-dropout
         prediction, {"entropy": H×W, "variance": H×W} float32) — what `predict --mc-samples` computes."""
         if mc_samples:
-            from .predict import mc_uncertainty
+            from .runner import mc_uncertainty
             probs, maps = mc_uncertainty(self.model, image, self.size, self.device, self.amp, mc_samples)
             return class_ids(probs)[0].to(torch.uint8).cpu().numpy(), {k: v.cpu().numpy() for k, v in maps.items()}
         return class_ids(self.predictor(image, probs=False))[0].to(torch.uint8).cpu().numpy(), None

@@ -10,7 +10,6 @@ from ..core.errors import PixelsegError
 from .raster import Problems
 from .rules import class_ids, stored_size_note, upright_hw
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def read_json(path: Path):

@@ -65,7 +65,7 @@ def _embedded(doc: dict, path: Path, problems: Problems) -> Path | None:
     """The image LabelMe embedded in the JSON (`imageData`), as a file in the cache (written once)."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..data.base import cache_dir
+    from ..core.files import cache_dir
     from ..core.files import atomic_write_bytes
     try:
         data = base64.b64decode(doc["imageData"], validate=True)

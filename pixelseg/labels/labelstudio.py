@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .files import IMAGE_SUFFIXES, Names, class_names, class_table, read_json, sized_image
+from ..core.images import IMAGE_SUFFIXES
+from .files import Names, class_names, class_table, read_json, sized_image
 from .raster import export_values, shape_values
 from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
                      mask_rle, polygons_rle, rotated_box)

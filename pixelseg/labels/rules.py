@@ -27,7 +27,7 @@ MAX_CLASSES = 254
 # ---- orientation -----------------------------------------------------------------------------------------
 def orientation_of(img) -> int:
     """The EXIF Orientation (1..8) of an opened PIL image; 1 when absent or unreadable."""
-    from ..data.io import exif_orientation
+    from ..core.images import exif_orientation
     return exif_orientation(img)
 
 

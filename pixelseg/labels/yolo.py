@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .files import IMAGE_SUFFIXES, Names
+from ..core.images import IMAGE_SUFFIXES
+from .files import Names
 from .raster import export_values, shape_values
 from .raster import (HUGE, BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette,
                      make_shape, polygons_rle)

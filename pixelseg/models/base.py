@@ -109,7 +109,7 @@ class SegmentationModel(nn.Module):
         return self.decode(x)[:, :, :h, :w]
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's stage features (``runtime.optimize_for_training`` may swap in a faster encoder)."""
+        """The encoder's stage features (``rewrites.optimize_for_training`` may swap in a faster encoder)."""
         return self.encoder(x)
 
     # -- freezing ------------------------------------------------------------------------

@@ -14,6 +14,11 @@ from ..core.errors import PixelsegError
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether the model has a dropout layer that samples (p > 0): what MC dropout needs."""
+    return any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules())
+
+
 @torch.no_grad()
 def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 8, max_batch: int = 8) -> dict:
     """Sample ``samples`` stochastic forward passes.
@@ -24,8 +29,7 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 8, max_batch: i
     one batch of up to ``max_batch`` images (copies of the input get independent dropout
     masks), so a small input costs one forward pass per ``max_batch // N`` samples.
     """
-    drops = [m for m in model.modules() if isinstance(m, _DROPOUT) and m.p > 0]
-    if not drops:
+    if not has_dropout(model):
         name = getattr(model, "arch", type(model).__name__)
         raise PixelsegError(
             f"model {name!r} has no dropout layers, so MC-dropout sampling gives no "
@@ -35,8 +39,9 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 8, max_batch: i
         raise PixelsegError(f"samples must be >= 1 (got {samples})")
     was_training = model.training
     model.eval()
-    for m in drops:
-        m.train()
+    for m in model.modules():
+        if isinstance(m, _DROPOUT) and m.p > 0:
+            m.train()
     try:
         n = x.shape[0]
         copies = max(1, max_batch // max(n, 1))

@@ -214,7 +214,7 @@ def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
 
 def _download(url: str, dest: Path) -> Path:
     """Fetch with pixelseg's downloader (kept separate so tests can replace it)."""
-    from ..data.download import download_file
+    from ..core.download import download_file
 
     return download_file(url, dest, md5=None)
 

@@ -563,12 +563,18 @@ def resolve_config(overrides: dict) -> dict:
         raise PixelsegError(f"{which}: {exc}") from None
     parse_loss_spec(cfg["loss"])
     if cfg["run_dir"] is None:
-        from datetime import datetime
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg["run_dir"] = str(Path("runs") / f"{cfg['model']}-{cfg['backbone']}-{cfg['dataset']}-{stamp}")
+        cfg["run_dir"] = default_run_dir(cfg["model"], cfg["dataset"], cfg["backbone"])
     return cfg
+
+
+def default_run_dir(model: str, dataset: str, backbone: str | None = None, kind: str = "") -> str:
+    """runs/[<kind>-]<model>[-<backbone>]-<dataset>-<time>: the one rule for a run directory nobody named."""
+    from datetime import datetime
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    parts = [kind, model, backbone, dataset, stamp]
+    return str(Path("runs") / "-".join(p for p in parts if p))
 
 
 __all__ = ["TrainConfig", "OPTIONS", "DEFAULTS", "GROUPS", "RESUMABLE", "flag",
            "parse_value", "parse_bool", "parse_tristate", "parse_weights", "add_train_args", "load_yaml",
-           "overrides_from_args", "resolve_config"]
+           "overrides_from_args", "resolve_config", "default_run_dir"]

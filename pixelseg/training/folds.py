@@ -28,15 +28,12 @@ import numpy as np
 import torch
 import yaml
 
-from ..core.checkpoint import load_checkpoint
+from ..core.checkpoint import MANIFEST
 from ..core.files import atomic_write_text, check_output_dir, file_sha256, make_output_dir
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log, run_log
 
-MANIFEST = "folds.json"
 # What every member of an ensemble must share: its classes and what it takes as input.
-MUST_AGREE = (("dataset", "class_names"), ("dataset", "ignore_index"), ("model_config", "num_classes"),
-              ("model_config", "in_channels"), ("config", "image_size"), ("config", "rgb_bands"))
 
 
 # ---- the pool and its folds ------------------------------------------------------------------------
@@ -412,32 +409,3 @@ def cv_figure(cv: dict, path: Path) -> None:
     std = f" ± {m['std']:.3f}" if m["std"] is not None else ""
     fig.suptitle(f"{cv['folds']}-fold cross-validation: mIoU {m['mean']:.3f}{std}")
     _save_fig(fig, path)
-
-
-# ---- the folds as one model ---------------------------------------------------------------------------
-def load_ensemble(run_dir: Path) -> dict:
-    """checkpoint.load_checkpoint's branch for a folds run dir: the first fold's checkpoint dict (classes,
-    input size, config) with every fold's in ``members`` (loading.load_model makes them an Ensemble) and
-    ``path`` RUN/cv.json, whose hash changes with any member's weights."""
-    run_dir = Path(run_dir)
-    try:
-        manifest = json.loads((run_dir / MANIFEST).read_text())
-        k = int(manifest["folds"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PixelsegError(f"{run_dir / MANIFEST}: unreadable ({exc}); pass one fold's checkpoint, e.g. "
-                            f"{run_dir / 'fold_0' / 'best.pt'}") from None
-    missing = [i for i in range(k) if not (run_dir / f"fold_{i}" / "best.pt").is_file()]
-    if missing or not (run_dir / "cv.json").is_file():
-        raise PixelsegError(f"{run_dir}: cross-validation not finished (folds without best.pt: "
-                            f"{', '.join(map(str, missing)) or 'none'}; no cv.json yet); continue it with "
-                            f"pixelseg train --resume {run_dir}, or pass one fold, e.g. {run_dir / 'fold_0'}")
-    members = [load_checkpoint(run_dir / f"fold_{i}" / "best.pt") for i in range(k)]
-    for i, m in enumerate(members[1:], 1):
-        for part, key in MUST_AGREE:
-            a, b = members[0][part].get(key), m[part].get(key)
-            if a != b:
-                raise PixelsegError(f"{run_dir}: fold_{i}/best.pt and fold_0/best.pt differ in {part}.{key} "
-                                    f"({b!r} vs {a!r}); an ensemble's members must share classes and input, so "
-                                    "evaluate them one by one")
-    return {**members[0], "path": str(run_dir / "cv.json"), "members": members,
-            "pool_splits": list(manifest.get("pool", {}).get("splits", []))}

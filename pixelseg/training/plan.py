@@ -4,7 +4,8 @@ nnU-Net's idea for 2D images of any kind: read what the data is (sizes, channels
 object scales, file-name patterns), measure what the machine does (a few seconds of real training
 steps), and derive the recipe by fixed rules, each with a one-line reason that the written YAML keeps
 as a comment. The rules are plain code below (``choose_*``); the fingerprint and the probe are
-separate so that a test can fix the probe and get the same plan every time.
+separate modules (fingerprint.py, probe.py) so that a test can fix the probe and get the same plan every
+time; the planner never imports the trainer (`train --auto` is the trainer's: train.train_auto).
 
 The recipe is a YAML file of train options: `pixelseg train --config plan.yaml` runs it; options the
 user sets (flags, or edits to the file) win over the plan, and the plan records which ones did.
@@ -12,12 +13,9 @@ user sets (flags, or edits to the file) win over the plan, and the plan records 
 from __future__ import annotations
 
 import math
-import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,9 +23,10 @@ from . import config
 from ..core import sizes
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
+from .fingerprint import SEQUENCE, Fingerprint, _even_sample, _mask_stats, _small, _weighted_median, fingerprint, name_groups
+from .probe import Machine, fixed_machine, measure_speed, probe_machine
 
 # ---- the constants the rules use (one place, so a reader can argue with them) --------------------------
-MAX_SAMPLED = 120           # images read for the statistics; more are sampled evenly by a fixed rule
 MIN_STEPS_PER_EPOCH = 32    # a short run from scratch is limited by its number of updates, not by gradient
                             # noise: on the pets sample batch 8 (38 steps/epoch) beat 16 (19), docs/results.md
 ZOOM = (0.75, 1.5)          # rescale range: 0.5-2x left a 10-min run from scratch underfitting (train mIoU =
@@ -45,402 +44,6 @@ CACHE_MEMORY_SHARE = 0.4    # the decoded training split (--crop caches source r
                             # the host's RAM: the mmap store is read through the page cache, which must hold it
 TRAIN_MEMORY_SHARE = {"cpu": 0.5, "gpu": 0.8}  # of the device's memory for one training step (weights, Adam
                             # state, activations); a CPU's RAM also holds the cache and the data workers
-RESIZE_S_PER_MPX = 0.02     # seconds to rescale one megapixel of a cached uint8 image (antialiased, one core),
-                            # where the probe does not measure it (fixed_machine)
-ACT_PER_PX, PARAMS = 476, 6.5e6  # U-Net/MobileNetV2's saved activations per input pixel (sum of its layers'
-                            # outputs) and parameters, where the probe does not measure them (fixed_machine)
-SEQUENCE = r"^(.*?)[-_. ]*\d+$"               # = data.folder.PREFIX_GROUP: frame/slice number at the end
-TILE = r"^(.*?)[-_. ]*(?:r|row|y)?\d+[-_. ]+(?:c|col|x)?\d+$"  # two trailing numbers: tiles of one image
-
-
-# ---- fingerprint ---------------------------------------------------------------------------------------
-@dataclass
-class Fingerprint:
-    dataset: str
-    n_train: int
-    n_val: int
-    sampled: int
-    sizes_hw: list            # (h, w) of the training images (headers only; at most 1000, spread over the split)
-    channels: int
-    bit_depth: int
-    mean: list
-    std: list
-    class_names: list
-    pixel_freq: list          # share of labelled pixels, per class
-    image_freq: list          # share of images holding the class
-    object_scale: list        # per class: sqrt(component area / image area), area-weighted median; None: absent
-    up_asymmetry: float       # class-distribution distance top third vs bottom third
-    side_asymmetry: float     # the same, left vs right (the noise level of the first)
-    train_names: list
-    val_names: list
-    val_group_option: bool    # the dataset can group its own val split (folder-like)
-    val_carved: bool = False  # val is --val-fraction's share of train, not a split the dataset has
-    read_s_per_image: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def median_hw(self) -> tuple[int, int]:
-        a = np.array(self.sizes_hw)
-        return int(np.median(a[:, 0])), int(np.median(a[:, 1]))
-
-    @property
-    def aspect(self) -> float:
-        """Median width / height."""
-        a = np.array(self.sizes_hw, float)
-        return float(np.median(a[:, 1] / a[:, 0]))
-
-
-def _even_sample(items: list, n: int) -> list:
-    """n items spread over the list (the first ones are often one class or one sequence)."""
-    if len(items) <= n:
-        return list(items)
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in idx]
-
-
-def _mask_stats(mask: np.ndarray, num_classes: int, ignore: int, scales: list, sides: np.ndarray) -> np.ndarray:
-    """Pixel counts per class of one mask (at most 256 px a side), appending component scales per class."""
-    import cv2
-    h, w = mask.shape
-    counts = np.bincount(mask[mask != ignore].ravel(), minlength=num_classes)[:num_classes]
-    for c in np.flatnonzero(counts):
-        areas = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)[2][1:, cv2.CC_STAT_AREA]
-        areas = areas[areas >= 2]  # single stray pixels are resize noise, not objects
-        scales[c].extend((float(np.sqrt(a / (h * w))), int(a)) for a in areas)
-    t = h // 3
-    for i, part in enumerate((mask[:t], mask[h - t:], mask[:, :w // 3], mask[:, w - w // 3:])):
-        valid = part[part != ignore]
-        sides[i] += np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
-    return counts
-
-
-def _weighted_median(scale_area: list) -> float | None:
-    """The scale of the component that the median pixel of a class lies in: the many slivers a mask
-    holds at object edges do not drag it down, as a plain median over components would."""
-    if not scale_area:
-        return None
-    scale, area = np.array(scale_area, float).T
-    order = np.argsort(scale)
-    cum = np.cumsum(area[order])
-    return float(scale[order][np.searchsorted(cum, cum[-1] / 2)])
-
-
-def _small(mask: np.ndarray, side: int = 256) -> np.ndarray:
-    from PIL import Image
-    h, w = mask.shape
-    if max(h, w) <= side:
-        return mask
-    f = side / max(h, w)
-    return np.asarray(Image.fromarray(mask).resize((max(1, round(w * f)), max(1, round(h * f))), Image.NEAREST))
-
-
-def _tv(a: np.ndarray, b: np.ndarray) -> float:
-    """Total-variation distance of two count vectors."""
-    if a.sum() == 0 or b.sum() == 0:
-        return 0.0
-    return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
-
-
-def _samples(cfg: dict, split: str):
-    """(names, [(read image+target) callables], header sizes) of a split, through the dataset registry."""
-    from ..data import dataset_options, get_dataset_module, load_split
-    from ..data.io import input_size, read_input
-    module = get_dataset_module(cfg["dataset"])
-    opts = dataset_options(cfg)
-    root = Path(cfg["data_root"]) if cfg["data_root"] and cfg["dataset"] != "shards" else cfg["data_root"]
-    if hasattr(module, "full_res_samples"):
-        samples, read_target = module.full_res_samples(root, split, **opts)
-        if cfg["limit"]:
-            samples = samples[: cfg["limit"]]
-        readers = [(lambda s=s: (read_input(s.image, cfg["in_channels"]), read_target(s))) for s in samples]
-
-        def sizes():  # headers only, of at most 1000 images spread over the split
-            return [input_size(s.image)[::-1] for s in _even_sample(samples, 1000)]
-        return [s.name for s in samples], readers, sizes, [s.image for s in samples]
-    # datasets without files (synthetic, shards): their decoded arrays at a moderate size
-    ds = load_split(cfg["dataset"], cfg["data_root"], split, 256, cfg["limit"], channels=cfg["in_channels"], **opts)
-    readers = [(lambda i=i: (np.asarray(ds.images[i]), np.asarray(ds.masks[i]))) for i in range(len(ds))]
-    return list(ds.names), readers, (lambda: [tuple(np.asarray(ds.images[0]).shape[:2])] * len(ds)), []
-
-
-def _header_channels(path) -> tuple[int, int] | None:
-    """(channels a model must take, bits per channel) of one file from its header; None: unreadable.
-    8-bit grey, palette and RGBA files are read as RGB (3); 16-bit grey files as one band; a TIFF as its
-    bands (TIFFs are read band by band, data.io.read_input)."""
-    from PIL import Image
-    from ..data.io import is_tiff
-    try:
-        if is_tiff(Path(path)):
-            import tifffile
-            with tifffile.TiffFile(path) as tf:
-                page = tf.pages[0]
-                return max(1, int(page.samplesperpixel)), int(page.bitspersample)
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return 1, 16
-            return 3, 8
-    except Exception:  # noqa: BLE001 - a header we cannot read is reported by the loader, not here
-        return None
-
-
-def _channels(paths: list, dataset: str = "") -> tuple[int, int]:
-    """(in_channels, bits per channel) decided from every sampled file, as the docs promise: 1 for 16-bit
-    grey, the band count of multi-band (TIFF) rasters, else 3 (8-bit grey and RGB photos are read as RGB).
-    Files that need different counts cannot train one model: one line naming an example of each."""
-    seen: dict[int, str] = {}
-    bits = 8
-    for p in paths:
-        head = _header_channels(p)
-        if head is None:
-            continue
-        seen.setdefault(head[0], str(p))
-        bits = max(bits, head[1])
-    if len(seen) > 1:
-        from ..data.io import is_tiff
-        if all(c == 3 or not is_tiff(Path(f)) for c, f in seen.items()):
-            return 3, bits  # 16-bit grey beside RGB photos: all read as RGB, what read_input does for 3
-        examples = ", ".join(f"{Path(f).name}: {c}" for c, f in sorted(seen.items()))
-        raise PixelsegError(f"--dataset {dataset}: the images need different channel counts ({examples}); a "
-                            "model takes one count (--in-channels): convert them to one")
-    return (next(iter(seen)) if seen else 3), bits
-
-
-def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
-    """What the training split is, from at most ``max_images`` images read at their own resolution."""
-    from ..data import dataset_info, dataset_options, get_dataset_module
-    t0 = time.time()
-    info = dataset_info(cfg["dataset"], cfg["data_root"], cfg["val_split"], **dataset_options(cfg))
-    cfg = dict(cfg)  # its in_channels is decided below, before the readers (which look it up) read
-    names, readers, sizes, paths = _samples(cfg, cfg["train_split"])
-    val_names = _samples(cfg, cfg["val_split"])[0]
-    k, ignore = info.num_classes, info.ignore_index
-    picked = _even_sample(list(range(len(readers))), max_images)
-    # channels from the headers of every sampled file, before the pixels are read with that count
-    chans, bits = _channels([paths[i] for i in picked], cfg["dataset"]) if paths else (3, 8)
-    chans = cfg["in_channels"] = cfg["in_channels"] if cfg["in_channels"] != 3 else chans
-    counts, present = np.zeros(k), np.zeros(k)
-    scales: list[list[float]] = [[] for _ in range(k)]
-    sides = np.zeros((4, k))
-    csum = csq = None
-    npx = 0
-    t_read = time.time()
-    from ..core.progress import progress as bar
-    for i in bar(picked, desc="fingerprint", unit="img", enabled=progress):
-        img, mask = readers[i]()
-        img = np.asarray(img)
-        scale = 1.0 if img.dtype.kind == "f" else 255.0  # read_input: uint8 RGB, or float [0, 1] bands
-        img = img.astype(np.float64)[..., None] if img.ndim == 2 else img.astype(np.float64)
-        flat = img.reshape(-1, img.shape[-1])[::7] / scale  # every 7th pixel: statistics, not the sum
-        csum = flat.sum(0) if csum is None else csum + flat.sum(0)
-        csq = (flat ** 2).sum(0) if csq is None else csq + (flat ** 2).sum(0)
-        npx += flat.shape[0]
-        c = _mask_stats(_small(np.asarray(mask, np.uint8)), k, ignore, scales, sides)
-        counts += c / max(1, c.sum())  # each image weighs the same, whatever its size
-        present += c > 0
-    read_s = (time.time() - t_read) / max(1, len(picked))
-    mean = csum / npx
-    std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
-    return Fingerprint(
-        dataset=cfg["dataset"], n_train=len(names), n_val=len(val_names), sampled=len(picked),
-        sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=chans,
-        bit_depth=bits, mean=[round(float(v), 4) for v in mean], std=[round(float(v), 4) for v in std],
-        class_names=list(info.class_names), pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
-        image_freq=[float(v) for v in present / max(1, len(picked))],
-        object_scale=[_weighted_median(s) for s in scales],
-        up_asymmetry=_tv(sides[0], sides[1]), side_asymmetry=_tv(sides[2], sides[3]),
-        train_names=names, val_names=list(val_names),
-        val_group_option="val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}),
-        val_carved=_val_carved(cfg), read_s_per_image=read_s, seconds=time.time() - t0)
-
-
-def _val_carved(cfg: dict) -> bool:
-    """Whether the val split is carved out of train by --val-fraction (then --val-group shapes it)."""
-    from .folds import _val_is_carved
-    return cfg["val_split"] == "val" and _val_is_carved(cfg)
-
-
-def name_groups(names: list[str]) -> tuple[str | None, str, dict]:
-    """(val_group pattern or None, what the names look like, group -> count) from file-name patterns."""
-    for pattern, what in ((TILE, "tiles"), (SEQUENCE, "sequences")):
-        rx = re.compile(pattern)
-        groups: dict[str, int] = {}
-        matched, widths, padded = 0, set(), False
-        for n in names:
-            m = rx.search(n)
-            matched += bool(m)
-            groups[m.group(1) if m else n] = groups.get(m.group(1) if m else n, 0) + 1
-            if m:
-                num = re.search(r"\d+$", n).group(0)
-                widths.add(len(num))
-                padded |= len(num) > 1 and num.startswith("0")
-        # most names follow the pattern, groups hold several names each, and the numbers are frame/tile
-        # counters (zero-padded, one width) rather than ids (Abyssinian_1 ... Abyssinian_200 are photos)
-        counters = padded or (len(widths) == 1 and min(widths) >= 3)
-        if names and matched >= 0.8 * len(names) and 2 <= len(groups) <= len(names) / 3 and counters:
-            return ("prefix" if pattern == SEQUENCE else pattern), what, groups
-    return None, "", {}
-
-
-# ---- machine -------------------------------------------------------------------------------------------
-@dataclass
-class Machine:
-    """Where training runs and how fast; ``speed(model, backbone, (h, w), batch)`` -> (train, eval) images/s."""
-    device: str
-    memory_gb: float
-    precision: str
-    speed: Callable
-    cores: int = 1
-    read_s_per_image: float | None = None  # decode time per image; None: as measured by the fingerprint
-    host_memory_gb: float | None = None    # RAM, for the decoded cache; None: memory_gb (a CPU's own)
-    resize_s: Callable | None = None       # (cached (h, w), crop (h, w)) -> s to rescale + crop one image; None:
-                                           # RESIZE_S_PER_MPX of the cached size
-    train_gb: Callable | None = None       # (model, backbone, (h, w), micro-batch) -> GB one step needs; None:
-                                           # U-Net/MobileNetV2's constants (ACT_PER_PX, PARAMS)
-
-    @property
-    def ram_gb(self) -> float:
-        return self.host_memory_gb if self.host_memory_gb is not None else self.memory_gb
-
-    def resize_seconds(self, src_hw, crop_hw) -> float:
-        if self.resize_s is not None:
-            return self.resize_s(tuple(src_hw), tuple(crop_hw))
-        return RESIZE_S_PER_MPX * src_hw[0] * src_hw[1] / 1e6
-
-    def step_gb(self, model: str, backbone: str, hw, batch: int) -> float:
-        if self.train_gb is not None:
-            return self.train_gb(model, backbone, tuple(hw), batch)
-        return train_memory_gb(ACT_PER_PX, PARAMS, hw, batch, self.precision)
-
-
-def train_memory_gb(act_per_px: float, params: float, hw, batch: int, precision: str) -> float:
-    """One training step's memory: fp32 weights, gradients and Adam's two moments (16 bytes a parameter)
-    plus the activations autograd keeps (4 bytes each in float32, about 2 under bf16/fp16 autocast)."""
-    act_bytes = 4 if "32" in str(precision) else 2
-    return (16 * params + act_bytes * act_per_px * hw[0] * hw[1] * batch) / 2 ** 30
-
-
-def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tuple[float, float]:
-    """(activations per input pixel, parameters) of a model: the outputs of its layers on a 64×64 input,
-    the tensors autograd keeps for the backward pass (in-place ones counted too: an upper bound)."""
-    import torch
-    from ..models import create_model
-    m = create_model(model, backbone=backbone, num_classes=2, weights=None, in_channels=in_channels)
-    total = [0]
-
-    def hook(_mod, _inp, out):
-        if isinstance(out, torch.Tensor):
-            total[0] += out.numel()
-    handles = [mod.register_forward_hook(hook) for mod in m.modules() if not list(mod.children())]
-    m.train()
-    with torch.no_grad():
-        m(torch.rand(1, in_channels, 64, 64))
-    for h in handles:
-        h.remove()
-    return total[0] / (64 * 64), float(sum(p.numel() for p in m.parameters()))
-
-
-def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: int, num_classes: int = 2,
-                  in_channels: int = 3, device: str = "auto", seconds: float = 3.0) -> tuple[float, float]:
-    """Training and inference images/s of real steps (random weights and data) on this machine."""
-    import torch
-    import torch.nn.functional as F
-    from ..models import create_model
-    from ..core.runtime import autocast, optimize_for_training, resolve_precision, select_device
-    dev = select_device(device)
-    amp = resolve_precision("auto", dev)
-    m = create_model(model, backbone=backbone, num_classes=num_classes, weights=None, in_channels=in_channels)
-    m.to(dev).to(memory_format=torch.channels_last)
-    optimize_for_training(m, dev, amp)
-    opt = torch.optim.Adam(m.parameters(), 1e-3)
-    x = torch.rand(batch, in_channels, *size_hw, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (batch, *size_hw), device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-    def step():
-        with autocast(dev, amp):
-            loss = F.cross_entropy(m(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    m.train()
-    step()  # the first step allocates and picks kernels
-    sync()
-    t0, n = time.perf_counter(), 0
-    while n < 1 or time.perf_counter() - t0 < seconds:
-        step()
-        n += 1
-    sync()
-    train_ips = n * batch / (time.perf_counter() - t0)
-    m.eval()
-    with torch.no_grad(), autocast(dev, amp):
-        m(x)
-        sync()
-        t0 = time.perf_counter()
-        m(x)
-        sync()
-    return train_ips, batch / (time.perf_counter() - t0)
-
-
-def probe_machine(device: str = "auto", seconds: float = 2.0) -> Machine:
-    """The real machine: device, memory, and a speed function that measures each model once, at 128×128
-    and a batch of at most 8, and scales by pixel count to other sizes (a convnet's cost is close to
-    linear in pixels; measuring at the candidate size would make a busy machine's probe take minutes)."""
-    import torch
-    from ..core.runtime import resolve_precision, select_device
-    dev = select_device(device)
-    amp = resolve_precision("auto", dev)
-    if dev.type == "cuda":
-        mem = torch.cuda.get_device_properties(dev).total_memory / 2 ** 30
-        name = torch.cuda.get_device_name(dev)
-    else:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-        name = "cpu"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    measured: dict = {}
-    resized: dict = {}
-    weighed: dict = {}
-
-    def resize_s(src_hw, crop_hw):  # the training transform on a cached image of this size, best of 3
-        if (src_hw, crop_hw) not in resized:
-            from ..data.augment import build_train_transform
-            tf = build_train_transform(crop_hw, scale=ZOOM, crop=True)
-            img = torch.randint(0, 256, (3, *src_hw), dtype=torch.uint8)
-            mask = torch.zeros(src_hw, dtype=torch.uint8)
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                tf(img, mask)
-                times.append(time.perf_counter() - t0)
-            resized[(src_hw, crop_hw)] = min(times)
-        return resized[(src_hw, crop_hw)]
-
-    def train_gb(model, backbone, size_hw, batch):
-        if (model, backbone) not in weighed:
-            weighed[(model, backbone)] = activations_per_pixel(model, backbone)
-        return train_memory_gb(*weighed[(model, backbone)], size_hw, batch, str(amp or torch.float32))
-
-    def speed(model, backbone, size_hw, batch):
-        key = (model, backbone)
-        if key not in measured:
-            measured[key] = ((128, 128), measure_speed(model, backbone, (128, 128), min(batch, 8), device=device,
-                                                       seconds=seconds))
-        (h0, w0), (tr, ev) = measured[key]
-        f = (h0 * w0) / (size_hw[0] * size_hw[1])
-        return tr * f, ev * f
-    return Machine(f"{dev}" + (f" ({name})" if dev.type == "cuda" else ""), round(mem, 1),
-                   str(amp or torch.float32).replace("torch.", ""), speed, cores, host_memory_gb=round(ram, 1),
-                   resize_s=resize_s, train_gb=train_gb)
-
-
-def fixed_machine(train_ips_128: float = 20.0, eval_ips_128: float = 80.0, device: str = "cpu",
-                  memory_gb: float = 16.0, host_memory_gb: float | None = None) -> Machine:
-    """A probe that measures nothing: speed at 128×128 scaled by pixels, rescaling at RESIZE_S_PER_MPX and
-    memory from U-Net/MobileNetV2's constants (tests; planning for another box)."""
-    def speed(model, backbone, size_hw, batch):
-        f = 128 * 128 / (size_hw[0] * size_hw[1])
-        return train_ips_128 * f, eval_ips_128 * f
-    return Machine(device, memory_gb, "fp32", speed, 2, read_s_per_image=0.01, host_memory_gb=host_memory_gb)
 
 
 # ---- rules ---------------------------------------------------------------------------------------------
@@ -895,7 +498,7 @@ def plan_from_options(options: dict, probe: Machine | None = None, progress: boo
     base_opts = dict(user, crop=user.get("crop", True))
     base = config.resolve_config(base_opts | {"run_dir": options.get("run_dir") or "."})
     fp = fingerprint(base, progress=progress)
-    machine = probe or probe_machine(base["device"])
+    machine = probe or probe_machine(base["device"], zoom=ZOOM)
     plan = make_plan(fp, machine, budget, user)
     if budget is not None and "time_budget" in plan.choices:
         plan.choices["time_budget"] = Choice(f"{budget:g}s", plan.choices["time_budget"].reason)
@@ -968,37 +571,3 @@ __all__ = ["Fingerprint", "Machine", "Plan", "fingerprint", "probe_machine", "fi
            "name_groups"]
 
 
-# ---- train --auto -------------------------------------------------------------------------------------
-def train_auto(options: dict, probe: Machine | None = None) -> dict:
-    """`train --auto`: plan, save the plan as RUN/plan.yaml, train it with the user's options on top."""
-    from datetime import datetime
-    from ..core.files import atomic_write_text
-    from .train import train
-    if options.get("resume"):
-        raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "
-                            "(config.yaml, plan.yaml); drop --auto to continue it")
-    t_plan = time.time()  # the fingerprint and the speed probe are part of the run's time and --time-budget
-    plan = plan_from_options(options, probe)
-    overrides = {**plan.overrides(), **options}  # the user's options win (the plan has recorded them)
-    if not overrides.get("run_dir"):
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        overrides["run_dir"] = str(Path("runs") / f"auto-{overrides['model']}-{overrides['dataset']}-{stamp}")
-    run_dir = Path(overrides["run_dir"])
-    created = not run_dir.exists()
-    text = to_yaml(plan, "the plan `pixelseg train --auto` trained; this run's config.yaml is the resolved recipe")
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            continue
-        log.info(line[2:])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "plan.yaml", text)  # written first: a user can read it while the run trains
-    try:
-        return train(overrides, spent_s=time.time() - t_plan)
-    except BaseException:
-        if created and not (run_dir / "config.yaml").exists():  # the run never started: leave nothing behind
-            (run_dir / "plan.yaml").unlink(missing_ok=True)
-            try:
-                run_dir.rmdir()
-            except OSError:
-                pass
-        raise

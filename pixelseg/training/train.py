@@ -39,8 +39,10 @@ from ..core.logs import logger as log, run_log
 from .losses import build_loss, class_weights
 from ..models import create_model
 from .optim import build_optimizer, build_scheduler
-from .plan import warn_recipe
-from ..core.runtime import optimize_for_training, resolve_precision, seed_everything, select_device, tune_malloc
+from .plan import plan_from_options, to_yaml, warn_recipe
+from .probe import Machine
+from ..core.runtime import resolve_precision, seed_everything, select_device, tune_malloc
+from ..models.rewrites import optimize_for_training
 from .tracking import open_tracker
 
 def channel_stats(images) -> dict:
@@ -708,3 +710,35 @@ def _epoch_figure(model, ds, idx: list, ctx: RunContext, path: Path, title: str,
     pred = predict_batch(model, images, ctx).numpy()
     shown = np.stack([viz.rgb_view(im, rgb_bands) for im in images.permute(0, 2, 3, 1).numpy()])
     viz.prediction_grid(shown, masks.numpy(), pred, ds.info.palette, path, title, ds.info.class_names)
+
+
+# ---- train --auto -------------------------------------------------------------------------------------
+def train_auto(options: dict, probe: Machine | None = None) -> dict:
+    """`train --auto`: plan, save the plan as RUN/plan.yaml, train it with the user's options on top."""
+    if options.get("resume"):
+        raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "
+                            "(config.yaml, plan.yaml); drop --auto to continue it")
+    t_plan = time.time()  # the fingerprint and the speed probe are part of the run's time and --time-budget
+    plan = plan_from_options(options, probe)
+    overrides = {**plan.overrides(), **options}  # the user's options win (the plan has recorded them)
+    if not overrides.get("run_dir"):
+        overrides["run_dir"] = config.default_run_dir(overrides["model"], overrides["dataset"], kind="auto")
+    run_dir = Path(overrides["run_dir"])
+    created = not run_dir.exists()
+    text = to_yaml(plan, "the plan `pixelseg train --auto` trained; this run's config.yaml is the resolved recipe")
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            continue
+        log.info(line[2:])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "plan.yaml", text)  # written first: a user can read it while the run trains
+    try:
+        return train(overrides, spent_s=time.time() - t_plan)
+    except BaseException:
+        if created and not (run_dir / "config.yaml").exists():  # the run never started: leave nothing behind
+            (run_dir / "plan.yaml").unlink(missing_ok=True)
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        raise
