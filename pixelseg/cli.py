@@ -14,6 +14,22 @@ from pathlib import Path
 from .training import config
 from .core.errors import PixelsegError
 
+# ---- options several commands share, defined once ---------------------------------------------------------
+BACKENDS = ("auto", "torch", "onnx", "openvino")  # inference.runner.resolve_backend checks them
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """--device and --precision of evaluate, predict, audit and serve: train's options (TrainConfig) reused."""
+    for key in ("device", "precision"):
+        meta = config.OPTIONS[key].metadata
+        p.add_argument(config.flag(key), default=config.DEFAULTS[key], choices=meta["choices"],
+                       metavar=meta["metavar"], help=meta["help"])
+
+
+def _add_backend_arg(p: argparse.ArgumentParser, default: str, help: str) -> None:
+    p.add_argument("--backend", default=default, choices=BACKENDS if default == "auto" else BACKENDS[1:], help=help)
+
+
 def _add_resolution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", nargs="?", const=True, default=None, metavar="SIZE",
                    help="sliding-window inference at the image's native scale: windows of the training size, or "
@@ -76,8 +92,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--split", help="split to score (default: the run's validation split)")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default: 32)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    _add_runtime_args(p)
     p.add_argument("--out", help="directory for the metrics JSON and confusion-matrix figure")
     p.add_argument("--full-res", action="store_true",
                    help="score each image at its own resolution against its original-size mask (the honest number; "
@@ -89,8 +104,8 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--mc-samples", type=int, default=0,
                    help="Monte-Carlo dropout samples for models with dropout (bayesian_segnet, deeplabv3): the "
                         "--uncertainty report for the sampled mean softmax too, with predictive entropy and variance")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "openvino"),
-                   help="torch (default): the checkpoint; onnx/openvino: score --exported FILE made from this run")
+    _add_backend_arg(p, "torch", "torch (default): the checkpoint; onnx/openvino: score --exported FILE made from "
+                                 "this run")
     p.add_argument("--exported", metavar="FILE", help="an .onnx or OpenVINO .xml from `pixelseg export` of this run")
     _add_resolution_args(p)
 
@@ -105,12 +120,11 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--mc-samples", type=int, default=0,
                    help="Monte-Carlo dropout samples (Bayesian SegNet): also writes <name>_entropy.png and "
                         "<name>_variance.png uncertainty heatmaps")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    _add_runtime_args(p)
     _add_resolution_args(p)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "openvino"),
-                   help="torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under onnxruntime; "
-                        "openvino: an .xml from `export --format openvino`; auto (default): by the file's suffix")
+    _add_backend_arg(p, "auto", "torch: the checkpoint under PyTorch; onnx: a file from `pixelseg export` under "
+                                "onnxruntime; openvino: an .xml from `export --format openvino`; auto (default): by "
+                                "the file's suffix")
     p.add_argument("--keep-exif-grid", action="store_true",
                    help="segment the pixels as stored; default: turn photos upright as their EXIF Orientation "
                         "says (phone photos), so masks fit the image as people see it")
@@ -219,8 +233,7 @@ def _add_audit_parser(sub) -> None:
                         "expected share of pixels a person will change, in --format's tool format; see docs/labels.md")
     p.add_argument("--next-top", type=int, help="with --unlabelled: only the first N of the list (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
+    _add_runtime_args(p)
 
 
 def _add_dataset_option_args(p: argparse.ArgumentParser) -> None:
@@ -263,10 +276,9 @@ def _add_serve_args(sub) -> None:
                         "docs/serving.md)")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help=f"how long a batch waits for company (default: {d.batch_wait_ms:g})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", help="auto, bf16, fp16, fp32")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "openvino"),
-                   help="as for predict; auto (default): by the model file's suffix (.onnx, .xml, else a checkpoint)")
+    _add_runtime_args(p)
+    _add_backend_arg(p, "auto", "as for predict; auto (default): by the model file's suffix (.onnx, .xml, else a "
+                                "checkpoint)")
     p.add_argument("--keep-exif-grid", action="store_true",
                    help="segment uploads as stored; default: turn photos upright as their EXIF Orientation says "
                         "(a request may override with ?keep_exif_grid=true/false)")

@@ -102,13 +102,13 @@ def test_recorded_nulls_survive_the_yaml_round_trip(tmp_path, key):
         overrides["time_budget"] = "10m"
     cfg = config.resolve_config(overrides)
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     parser, train_parser = _parsers()
     train_parser.set_defaults(**config.load_yaml(path))
     again = config.resolve_config(config.overrides_from_args(parser.parse_args(["train", "--config", str(path)])))
     assert again == cfg
     if key not in ("train_split", "val_split", "backbone", "run_dir"):  # those resolve to concrete values
-        assert cfg[key] is None and again[key] is None
+        assert getattr(cfg, key) is None and getattr(again, key) is None
 
 
 def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
@@ -180,4 +180,4 @@ def test_recorded_config_reproduces_a_weights_none_run(tmp_path):
 def test_color_jitter_on_non_rgb_input_is_refused_by_the_config():
     with pytest.raises(PixelsegError, match="--color-jitter works on RGB images, not on 4-channel inputs"):
         config.resolve_config({"in_channels": 4, "color_jitter": 0.2, "dataset": "folder"})
-    assert config.resolve_config({"in_channels": 4, "dataset": "synthetic", "run_dir": "r"})["color_jitter"] == 0.0
+    assert config.resolve_config({"in_channels": 4, "dataset": "synthetic", "run_dir": "r"}).color_jitter == 0.0

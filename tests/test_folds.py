@@ -1,5 +1,6 @@
 """`train --folds K`: grouped folds that hold every image out once, the K runs and cv.json/cv.png, the folds
 run dir as an ensemble (mean of the members' softmax) in evaluate/predict/serve, and the bad input."""
+import dataclasses
 import json
 import statistics
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from pixelseg.training import config, folds
+from pixelseg.training import train as train_mod
 from pixelseg.core.checkpoint import load_checkpoint
 from pixelseg.cli import main
 from pixelseg.core.errors import PixelsegError
@@ -107,7 +109,7 @@ def test_annotation_formats_fold_like_folders(tmp_path, fmt):
     images, masks = held_ds.__getitems__([0])
     assert images.shape == (1, 3, 32, 32) and masks.shape == (1, 32, 32)
     with pytest.raises(PixelsegError, match="--folds 3: the training pool .* has 2 image"):
-        folds.pool_folds({**cfg, "folds": 3}, folds._loader(cfg))
+        folds.pool_folds(dataclasses.replace(cfg, folds=3), folds._loader(cfg))
 
 
 def test_too_small_for_k_folds_is_one_line_and_leaves_nothing(tmp_path, capsys):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from _fuzz import count, examples, no_hang, one_line_naming
-from pixelseg.data.io import image_size, input_size, read_bands, read_image, read_input, read_mask
+from pixelseg.data.io import image_hw, read_bands, read_image, read_input, read_mask
 from pixelseg.core.errors import PixelsegError
 from pixelseg.inference.serving import HTTPProblem, decode_upload
 
@@ -105,8 +105,7 @@ READERS = {
     "read_mask": lambda p: (lambda m: (_check_array(m, dtype=np.uint8), m.ndim == 2 or pytest.fail(m.shape)))(read_mask(p)),
     "read_bands": lambda p: _check_array(read_bands(p, (8, 8)), (8, 8), dtype=np.float32),
     "read_input": lambda p: _check_array(read_input(p, 3), channels=3),
-    "image_size": lambda p: image_size(p),
-    "input_size": lambda p: input_size(p),
+    "image_hw": lambda p: image_hw(p),
 }
 
 

@@ -71,10 +71,10 @@ def test_a_decompression_bomb_file_is_one_line(tmp_path, capsys):
     """A PNG header claiming 30000×30000 used to raise PIL's DecompressionBombError (not an OSError) out of
     data/io.py; the readers now refuse it in one line naming the file (datasets skip it as unreadable)."""
     from test_fuzz_images import bomb_png
-    from pixelseg.data.io import UnreadableImage, image_size, read_image, read_mask
+    from pixelseg.data.io import UnreadableImage, image_hw, read_image, read_mask
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb_png(30000, 30000))
-    for read in (image_size, read_image, read_mask):
+    for read in (image_hw, read_image, read_mask):
         with pytest.raises(UnreadableImage, match="bomb.png: not read: Image size"):
             read(path)
 
@@ -133,12 +133,12 @@ DAMAGED_TIFFS = [b"II*\x00", b"II+\x00", b"MM\x00*\x00",
 @pytest.mark.parametrize("data", DAMAGED_TIFFS)
 def test_a_truncated_tiff_header(tmp_path, data):
     """A TIFF cut after its magic number (struct.error) or with damaged tags (TypeError, an empty array's
-    ValueError) used to escape input_size / read_bands as a traceback."""
-    from pixelseg.data.io import UnreadableImage, input_size, read_bands
+    ValueError) used to escape image_hw (then input_size) / read_bands as a traceback."""
+    from pixelseg.data.io import UnreadableImage, image_hw, read_bands
     path = tmp_path / "cut.tif"
     path.write_bytes(data)
     refused = 0
-    for read in (input_size, read_bands):
+    for read in (image_hw, read_bands):
         try:
             read(path)  # a header intact enough to give a size is an answer
         except UnreadableImage as exc:

@@ -2,6 +2,7 @@
 and a fixed machine probe, every choice carries its reason, and the user's options win and are recorded."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -10,6 +11,7 @@ import yaml
 from PIL import Image
 
 from pixelseg.training import config, plan, probe
+from pixelseg.training import train as train_mod
 from pixelseg.core import sizes
 from pixelseg.cli import main
 from pixelseg.core.errors import PixelsegError
@@ -147,15 +149,15 @@ def test_train_auto_saves_the_plan_and_records_the_overrides(tmp_path):
 
 
 def test_recipe_warnings_fire_for_recipes_that_cannot_work():
-    cfg = dict(config.DEFAULTS, batch_size=64, image_size=128)
+    cfg = config.TrainConfig(batch_size=64, image_size=128)
     lines = plan.recipe_warnings(cfg, n_train=54, n_val=5, steps_per_epoch=1, object_scale=0.01)
     text = "\n".join(lines)
     assert len(lines) == 3
     assert "larger than the training split (54 images)" in text
     assert "5 image(s)" in text and "about 1.3 px" in text
-    cfg = dict(config.DEFAULTS, batch_size=16)
+    cfg = config.TrainConfig(batch_size=16)
     assert plan.recipe_warnings(cfg, n_train=300, n_val=300, steps_per_epoch=19, object_scale=0.3) == []
-    assert "1 optimiser step(s) per epoch" in plan.recipe_warnings(dict(cfg, batch_size=48), 60, 50, 1)[0]
+    assert "1 optimiser step(s) per epoch" in plan.recipe_warnings(dataclasses.replace(cfg, batch_size=48), 60, 50, 1)[0]
 
 
 def test_train_start_logs_the_warnings(tmp_path):
@@ -253,7 +255,7 @@ def test_in_channels_decided_from_every_sampled_image(tmp_path, kind, expected):
     cfg = config.resolve_config(p.overrides() | {"run_dir": str(tmp_path / "r")})
     from pixelseg.data.io import read_input
     for path in (root / "images").iterdir():  # every image reads with the planned count
-        assert read_input(path, cfg["in_channels"]).shape[2] == expected
+        assert read_input(path, cfg.in_channels).shape[2] == expected
 
 
 def test_images_that_need_different_channel_counts_are_one_line(tmp_path):
@@ -340,7 +342,7 @@ def test_plan_uses_an_installed_pretrained_encoder_and_fits_it_to_the_data(tmp_p
     assert g["weights"].value is None and "1-channel" in g["weights"].reason
     text = plan.to_yaml(plan.plan_from_options({"dataset": "folder", "data_root": str(tmp_path / "p")}, FAST, False))
     cfg = config.resolve_config(yaml.safe_load(text))
-    assert cfg["backbone"] == "efficientnet_lite0" and cfg["weights"] == "imagenet"
+    assert cfg.backbone == "efficientnet_lite0" and cfg.weights == "imagenet"
 
 
 def test_plan_without_weights_trains_from_scratch_and_names_the_install(tmp_path, monkeypatch):

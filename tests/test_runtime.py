@@ -1,6 +1,6 @@
 """The runtime's speed rewrites must not change what the model computes.
 
-``fold_batchnorm``/``prepare_for_inference`` (inference), ``optimize_for_training`` (CPU bf16
+``fuse_batchnorm``/``prepare_for_inference`` (inference), ``optimize_for_training`` (CPU bf16
 training) and U-Net's split skip convolutions (training) are all exact reformulations; these tests
 hold each one against the plain model.
 """
@@ -14,7 +14,7 @@ from torch import nn
 
 from pixelseg.models import ARCHITECTURES, create_model
 from pixelseg.models.unet import UNet, UNetDecoder
-from pixelseg.models.rewrites import _depthwise_s2_grad_input, _FastBackwardDepthwiseConv2d, fold_batchnorm, optimize_for_training, prepare_for_inference
+from pixelseg.models.rewrites import _depthwise_s2_grad_input, _FastBackwardDepthwiseConv2d, fuse_batchnorm, optimize_for_training, prepare_for_inference
 
 # Light backbones for the architectures whose defaults are big (the folding is what is under test).
 LIGHT = {"deeplabv3plus": "mobilenet_v1", "pspnet": "mobilenet_v1", "fpn": "mobilenet_v2",
@@ -43,7 +43,7 @@ def test_fold_batchnorm_keeps_outputs(arch):
     with torch.no_grad():
         ref = model(x)
     folded = copy.deepcopy(model)
-    n = fold_batchnorm(folded)
+    n = fuse_batchnorm(folded)
     with torch.no_grad():
         out = folded(x)
     assert n > 0 and n_bn > 0
@@ -58,7 +58,7 @@ def test_fold_batchnorm_folds_every_bn_of_the_tutorial_model():
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).eval()
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     n_conv = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
-    assert n_bn > 0 and fold_batchnorm(model) == n_bn
+    assert n_bn > 0 and fuse_batchnorm(model) == n_bn
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules()) == n_conv
 
@@ -66,7 +66,7 @@ def test_fold_batchnorm_folds_every_bn_of_the_tutorial_model():
 def test_fold_batchnorm_refuses_training_mode():
     model = create_model("unet", backbone="mobilenet_v2", num_classes=3, weights=None).train()
     with pytest.raises(ValueError, match="eval-mode"):
-        fold_batchnorm(model)
+        fuse_batchnorm(model)
 
 
 def test_prepare_for_inference_bf16_weights_agree_with_fp32():

@@ -103,7 +103,7 @@ def check_same_config(cfg: dict, info: DistInfo) -> None:
 
 
 class RankSampler(torch.utils.data.Sampler):
-    """Evaluation sharding without padding: rank r gets indices r, r+W, r+2W, ... so every sample is
+    """Evaluation split over ranks without padding: rank r gets indices r, r+W, r+2W, ... so every sample is
     scored exactly once (DistributedSampler pads with duplicates, which would bias the metrics)."""
 
     def __init__(self, n: int, info: DistInfo):

@@ -36,7 +36,7 @@ from ..core.images import IMAGE_SUFFIXES
 from ..core.logs import logger as log
 from . import base as _base
 from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
-from .io import UnreadableImage, _open, input_size, is_tiff, read_input
+from .io import UnreadableImage, _open, image_hw, is_tiff, read_input
 
 # Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
 # --class-names) and their defaults.
@@ -645,9 +645,9 @@ class FolderReader:
     channels: int = 3
 
     def __call__(self, s: Sample, size=None, max_side=None):
-        isz = input_size(s.image)
-        _base.check_same_size(s.mask, s.image.name, isz, _open_mask(s.mask).size)
-        target = fit_size((isz[1], isz[0]), size, max_side)
+        h, w = image_hw(s.image)
+        _base.check_same_size(s.mask, s.image.name, (w, h), _open_mask(s.mask).size)  # PIL's (w, h), as both files say
+        target = fit_size((h, w), size, max_side)
         if self.channels == 3 and not is_tiff(s.image):
             img = _base.read_image(s.image, target)
         else:

@@ -138,14 +138,6 @@ def read_id_mask(path, label_map: np.ndarray, valid_values, what: str) -> np.nda
         raise PixelsegError(f"{path}: values {bad.tolist()} {what}")
     return label_map[mask]
 
-def image_size(path: Path | str) -> tuple[int, int]:
-    """(h, w) without decoding pixels."""
-    img = _open(Path(path))
-    return img.size[1], img.size[0]
-
-
-
-
 def collect_images(paths) -> list[Path]:
     """Image files named directly, or found (by suffix) in the directories named."""
     files = []
@@ -252,8 +244,9 @@ def read_input(path: Path | str, channels: int = 3, size: tuple[int, int] | None
     return arr
 
 
-def input_size(path: Path | str) -> tuple[int, int]:
-    """(w, h) of an image without decoding pixels; TIFFs via tifffile (PIL cannot open many multi-band ones)."""
+def image_hw(path: Path | str) -> tuple[int, int]:
+    """(h, w) of an image file without decoding pixels; TIFFs via tifffile (PIL cannot open many multi-band
+    ones). pixelseg's sizes are (h, w) everywhere; PIL's ``.size`` is (w, h) and stays inside this module."""
     path = Path(path)
     if is_tiff(path):
         import tifffile
@@ -266,5 +259,6 @@ def input_size(path: Path | str) -> tuple[int, int]:
             raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
         if "X" not in axes or "Y" not in axes:
             raise UnreadableImage(f"{path}: TIFF has no image plane (axes {axes})")
-        return shape[axes.index("X")], shape[axes.index("Y")]
-    return _open(path).size
+        return shape[axes.index("Y")], shape[axes.index("X")]
+    w, h = _open(path).size
+    return h, w

@@ -1,7 +1,7 @@
 """`make_loader()`: the one place a DataLoader is built over a split (as timm's `create_loader`).
 
 Training and evaluation, in-memory arrays, file-backed datasets and streamed shards alike: train and
-inference both call it, so batching, sharding over ranks and worker settings are decided here.
+inference both call it, so batching, splitting over ranks and worker settings are decided here.
 """
 from __future__ import annotations
 

@@ -201,7 +201,7 @@ def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples:
 @torch.no_grad()
 def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samples: int, progress: bool,
                       ckpt_path, split: str):
-    """One pass over the split (the engine's evaluation loop): confusion matrix of the deterministic prediction
+    """One pass over the split (loop.py's evaluation loop): confusion matrix of the deterministic prediction
     plus the calibration statistics of `pixelseg.inference.calibration` for it (softmax entropy) and, with `mc_samples`,
     for MC dropout."""
     from .calibration import UncertaintyStats, entropy_range, softmax_entropy

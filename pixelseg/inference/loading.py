@@ -25,20 +25,19 @@ def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None =
                channels_last: bool = True, fast: bool = True):
     """Rebuild the architecture from the checkpoint's own config and load its weights, in eval mode.
 
-    ``fast`` applies ``rewrites.prepare_for_inference`` (folded BatchNorm, channels_last, bf16
+    ``fast`` applies ``rewrites.prepare_for_inference`` (fused BatchNorm, channels_last, bf16
     weights under bf16 autocast); export passes ``fast=False`` to get the plain module. A `train --folds`
     run dir (its checkpoint dict has ``members``, checkpoint.load_ensemble) becomes the Ensemble of its folds."""
     if "members" in ckpt:
         return Ensemble([load_model(m, device, amp_dtype, channels_last, fast) for m in ckpt["members"]]).eval()
-    cfg = dict(ckpt["model_config"])
-    cfg["weights"] = None
-    model = create_model(**cfg)
+    arch = {**ckpt["model_config"], "weights": None}  # the checkpoint holds the weights
+    model = create_model(**arch)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:200]
-        raise PixelsegError(f"{ckpt['path']}: weights do not fit {cfg.get('arch')}/{cfg.get('backbone')} with "
-                            f"{cfg.get('num_classes')} classes ({first}); was the file edited or produced by "
+        raise PixelsegError(f"{ckpt['path']}: weights do not fit {arch.get('arch')}/{arch.get('backbone')} with "
+                            f"{arch.get('num_classes')} classes ({first}); was the file edited or produced by "
                             "another tool?") from exc
     model.to(device).eval()
     return prepare_for_inference(model, amp_dtype, channels_last) if fast else model

@@ -1,6 +1,6 @@
 """Module rewrites that change how a model runs, never what it computes: faster CPU training steps
 (strided depthwise backward, out-of-place activations, U-Net skips without the concatenation, a frozen
-encoder as a cached inference copy) and inference preparation (BatchNorm folded into convolutions).
+encoder as a cached inference copy) and inference preparation (BatchNorm fused into convolutions).
 tests/test_runtime.py checks outputs and gradients against the plain model."""
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
     if isinstance(encoder, torch.nn.Module) and not isinstance(encoder, _InferenceCopyWhenFrozen):
         _swap_class(encoder, _InferenceCopyWhenFrozen)
         if getattr(model, "encoder_frozen", False):
-            notes.append("frozen encoder runs as a cached inference copy (folded BatchNorm)")
+            notes.append("frozen encoder runs as a cached inference copy (BatchNorm fused into its convs)")
     return "; ".join(notes) or "none"
 
 
@@ -185,11 +185,11 @@ class _ConvTransposeOverParts(torch.nn.ConvTranspose2d):
 
 
 class _InferenceCopyWhenFrozen:
-    """An encoder whose grad-enabled training steps, while frozen, run a cached inference copy: folded
+    """An encoder whose grad-enabled training steps, while frozen, run a cached inference copy: fused
     BatchNorm and, under bf16 autocast, bf16 weights.
 
     Frozen means eval-mode BatchNorm and weights the optimiser never touches, so nothing about its
-    forward pass is training-specific; folding removes the normalisation passes and the per-step
+    forward pass is training-specific; fusing removes the normalisation passes and the per-step
     weight casts (autocast caches casts only for weights that require grad). The copy is keyed by
     device, autocast dtype and memory layout, and dropped when weights are loaded or the module is
     moved or cast (``load_state_dict``, ``.to()``); it lives outside the module tree (no state-dict
@@ -230,7 +230,7 @@ class _InferenceCopyWhenFrozen:
         return super()._apply(fn, *args, **kwargs)
 
 
-def fold_batchnorm(model: torch.nn.Module) -> int:
+def fuse_batchnorm(model: torch.nn.Module) -> int:
     """Fold every eval-mode BatchNorm2d whose only input is a conv's output into that conv.
 
     For inference only (the model must stay in eval mode afterwards): the BatchNorm becomes
@@ -242,7 +242,7 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
     whose conv feeds nothing else (torchvision encoders are tapped with FX). Returns how many.
     """
     if model.training:
-        raise ValueError("fold_batchnorm needs an eval-mode model; BatchNorm in training mode uses batch statistics")
+        raise ValueError("fuse_batchnorm needs an eval-mode model; BatchNorm in training mode uses batch statistics")
     model.eval()  # copy.deepcopy of an FX GraphModule (torchvision encoders) rebuilds its children in training mode
     pairs = []  # (owner, conv path, bn path) within owner
     for owner in model.modules():
@@ -269,13 +269,13 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
 
 def prepare_for_inference(model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
                           channels_last: bool = True) -> torch.nn.Module:
-    """What evaluate/predict/benchmarks run: eval mode, folded BatchNorm, channels_last, and
+    """What evaluate/predict/benchmarks run: eval mode, fused BatchNorm, channels_last, and
     under bf16 autocast the weights stored in bf16 once, rather than cast on every call
     (autocast caches casts only for tensors that require grad, so inference re-casts each
-    weight each forward; the cost: docs/benchmarks.md). fp16 weights are left fp32: folded
+    weight each forward; the cost: docs/benchmarks.md). fp16 weights are left fp32: fused
     BatchNorm scales can leave fp16's range."""
     model.eval()
-    fold_batchnorm(model)
+    fuse_batchnorm(model)
     if amp_dtype == torch.bfloat16:
         model.to(torch.bfloat16)
     if channels_last:

@@ -6,7 +6,7 @@ per-stage linear layer to the embedding width (256 for B0/B1, 768 for B2-B5, as 
 bilinear upsampling to stride 4, concatenation (deepest first, as the reference code), a linear
 fusion + BatchNorm + ReLU, dropout 0.1, a linear classifier, and a 4x bilinear upsampling to the
 input. Each "linear" is a 1x1 convolution - the same map on every pixel - so the features never
-leave N x C x H x W (no flatten/transpose copies) and BatchNorm folding applies.
+leave N x C x H x W (no flatten/transpose copies) and BatchNorm fusing applies.
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F.max_pool2d(x, 2, 2, return_indices=True)
 
 
-def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+def vgg_conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    """VGG-BN's layer (its conv keeps a bias, as vgg16_bn's ImageNet weights and SegNet checkpoints have one);
+    blocks.conv_bn_relu, used by the other decoders, has none because BatchNorm follows."""
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
     )
@@ -138,7 +140,7 @@ class SegNet(SegmentationModel):
             outs = [width] * (n - 1) + [_VGG_WIDTHS[max(i - 1, 0)]]
             layers = []
             for cout in outs:
-                layers.append(conv_bn_relu(cin, cout))
+                layers.append(vgg_conv_bn_relu(cin, cout))
                 cin = cout
             units.append(nn.Sequential(*layers))
         self.decoder = nn.ModuleList(units)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 
+from .config import TrainConfig
 from .optim import set_total_steps
 
 PROBE_STEPS = 5          # steps of the first epoch timed for the first estimate (after one warm-up step)
@@ -54,20 +55,20 @@ def epochs_without_improvement(history: list[dict], delta: float) -> int:
 class Pacer:
     """The run's total of optimiser steps, the stop decisions and where the time went."""
 
-    def __init__(self, cfg: dict, steps_per_epoch: int, n_val: int, batch_size: int, used_s: float = 0.0,
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, n_val: int, batch_size: int, used_s: float = 0.0,
                  timing: dict | None = None, t_start: float | None = None, clock=time.time):
-        self.budget = cfg.get("time_budget")
+        self.budget = cfg.time_budget
         self.spe = steps_per_epoch
         self.n_val, self.batch = n_val, batch_size
         self.used_before = used_s
         self.clock = clock  # injectable, for tests of the estimates
         self.t0 = clock() if t_start is None else t_start
         self.timing = dict(timing or {})
-        self.cap_in_epochs = not cfg.get("iterations") and bool(cfg.get("epochs"))
-        if cfg.get("iterations"):
-            self.cap = int(cfg["iterations"])
-        elif cfg.get("epochs"):
-            self.cap = int(cfg["epochs"]) * steps_per_epoch
+        self.cap_in_epochs = not cfg.iterations and bool(cfg.epochs)
+        if cfg.iterations:
+            self.cap = int(cfg.iterations)
+        elif cfg.epochs:
+            self.cap = int(cfg.epochs) * steps_per_epoch
         else:
             self.cap = None  # the budget alone decides
         self.total = self.cap if self.cap is not None else 1000 * steps_per_epoch  # until measured
@@ -77,7 +78,7 @@ class Pacer:
         # it early (offset < 0 from then on; set on --resume, the only time an epoch starts after such a one)
         self.offset = 0
         self._probe: list[float] = []
-        self.stopped_by = "iterations" if cfg.get("iterations") else "epochs"
+        self.stopped_by = "iterations" if cfg.iterations else "epochs"
         self.reason = ""
 
     # ---- time ----
@@ -89,6 +90,11 @@ class Pacer:
 
     def add(self, what: str, seconds: float) -> None:
         self.timing[what] = self.timing.get(what, 0.0) + seconds
+
+    @property
+    def epoch_cap(self) -> int | None:
+        """The epochs --epochs or --iterations allow (None: the budget alone decides)."""
+        return None if self.cap is None else math.ceil(self.cap / self.spe)
 
     @property
     def planned_epochs(self) -> int:

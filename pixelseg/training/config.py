@@ -9,8 +9,10 @@ YAML is applied through the parser, as timm's ``train.py`` does: ``parser.set_de
 then ``parse_args``, so flags override the file. The parser's own defaults are
 ``argparse.SUPPRESS``, so what comes out is exactly what the user set (file or flags); an explicit
 ``null`` survives (``weights: null`` stays "no weights"), and ``resolve_config`` fills the rest
-from the field defaults. The resolved dict is what ``config.yaml`` and the checkpoints record, and
-``pixelseg train --config RUN/config.yaml`` reads it back to the same run.
+from the field defaults. ``resolve_config`` returns a frozen ``TrainConfig``: the run reads it by attribute
+(checked by the type checker) and nothing changes it after validation; its ``to_dict()`` is what
+``config.yaml`` and the checkpoints record, and ``pixelseg train --config RUN/config.yaml`` reads it back
+to the same run.
 
 This module imports no torch: ``pixelseg --help`` and ``pixelseg train --help`` stay fast.
 """
@@ -199,8 +201,9 @@ def option(default, help: str, group: str, *, parse: Callable | None = None, cho
                                                 default_text=default_text, metavar=metavar))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """One training run's options, validated (``resolve_config``) and frozen."""
     # data
     dataset: str = option("oxford-pet", "dataset name: oxford-pet, camvid, voc (Pascal VOC 2012 + SBD train_aug), "
                           "ade20k (SceneParsing), cityscapes, folder (your own images/ + masks/), coco, cvat, labelstudio, "
@@ -373,6 +376,10 @@ class TrainConfig:
                          "(RUN/tensorboard) or mlflow (RUN/mlruns, or $MLFLOW_TRACKING_URI); the run directory stays "
                          "the record", "output", parse=_lower, choices=("none", "tensorboard", "mlflow"))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The options as plain values, in field order: what config.yaml and checkpoints record."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
 
 OPTIONS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 DEFAULTS: dict[str, Any] = {k: f.default for k, f in OPTIONS.items()}
@@ -518,8 +525,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 # ---- resolution -----------------------------------------------------------------------------------------
-def resolve_config(overrides: dict) -> dict:
-    """Defaults + overrides -> the full, validated config dict that the run records.
+def resolve_config(overrides: dict) -> TrainConfig:
+    """Defaults + overrides -> the full, validated, frozen config the run reads and records.
 
     Validates everything that can be checked without data (values, model/backbone pair, dataset
     name, loss spec) before a run directory or anything else is created. None is a value for
@@ -564,7 +571,22 @@ def resolve_config(overrides: dict) -> dict:
     parse_loss_spec(cfg["loss"])
     if cfg["run_dir"] is None:
         cfg["run_dir"] = default_run_dir(cfg["model"], cfg["dataset"], cfg["backbone"])
-    return cfg
+    return TrainConfig(**cfg)
+
+
+def resumed_config(recorded: dict, overrides: dict, run_dir: Path, source: str) -> TrainConfig:
+    """The config of a run continued with --resume: what it recorded, re-canonicalised (older runs may spell
+    freeze_encoder "yes"; options added since get their defaults), with the RESUMABLE options given now."""
+    cfg = dict(DEFAULTS)
+    cfg.update({k: parse_value(k, v, source) for k, v in recorded.items() if k in OPTIONS})
+    for key in RESUMABLE:  # safe to change on resume
+        if key in overrides:
+            cfg[key] = parse_value(key, overrides[key])
+    cfg["resume"] = str(run_dir)
+    if cfg["backbone"] is None:  # runs recorded before the backbone was resolved at validation
+        from ..models import check_model
+        cfg["backbone"] = check_model(cfg["model"])
+    return TrainConfig(**cfg)
 
 
 def default_run_dir(model: str, dataset: str, backbone: str | None = None, kind: str = "") -> str:
@@ -577,4 +599,4 @@ def default_run_dir(model: str, dataset: str, backbone: str | None = None, kind:
 
 __all__ = ["TrainConfig", "OPTIONS", "DEFAULTS", "GROUPS", "RESUMABLE", "flag",
            "parse_value", "parse_bool", "parse_tristate", "parse_weights", "add_train_args", "load_yaml",
-           "overrides_from_args", "resolve_config", "default_run_dir"]
+           "overrides_from_args", "resolve_config", "resumed_config", "default_run_dir"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
+from .config import TrainConfig
 
 
 MAX_SAMPLED = 120           # images read for the statistics; more are sampled evenly by a fixed rule
@@ -106,25 +107,26 @@ def _tv(a: np.ndarray, b: np.ndarray) -> float:
     return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
 
 
-def _samples(cfg: dict, split: str):
-    """(names, [(read image+target) callables], header sizes) of a split, through the dataset registry."""
+def _samples(cfg: TrainConfig, split: str):
+    """(names, [reader(channels) -> (image, target)], header sizes, paths) of a split, through the dataset
+    registry; the readers take the channel count, decided from the headers before any pixels are read."""
     from ..data import dataset_options, get_dataset_module, load_split
-    from ..data.io import input_size, read_input
-    module = get_dataset_module(cfg["dataset"])
-    opts = dataset_options(cfg)
-    root = Path(cfg["data_root"]) if cfg["data_root"] and cfg["dataset"] != "shards" else cfg["data_root"]
+    from ..data.io import image_hw, read_input
+    module = get_dataset_module(cfg.dataset)
+    opts = dataset_options(cfg.to_dict())
+    root = Path(cfg.data_root) if cfg.data_root and cfg.dataset != "shards" else cfg.data_root
     if hasattr(module, "full_res_samples"):
         samples, read_target = module.full_res_samples(root, split, **opts)
-        if cfg["limit"]:
-            samples = samples[: cfg["limit"]]
-        readers = [(lambda s=s: (read_input(s.image, cfg["in_channels"]), read_target(s))) for s in samples]
+        if cfg.limit:
+            samples = samples[: cfg.limit]
+        readers = [(lambda channels, s=s: (read_input(s.image, channels), read_target(s))) for s in samples]
 
         def sizes():  # headers only, of at most 1000 images spread over the split
-            return [input_size(s.image)[::-1] for s in _even_sample(samples, 1000)]
+            return [image_hw(s.image) for s in _even_sample(samples, 1000)]
         return [s.name for s in samples], readers, sizes, [s.image for s in samples]
     # datasets without files (synthetic, shards): their decoded arrays at a moderate size
-    ds = load_split(cfg["dataset"], cfg["data_root"], split, 256, cfg["limit"], channels=cfg["in_channels"], **opts)
-    readers = [(lambda i=i: (np.asarray(ds.images[i]), np.asarray(ds.masks[i]))) for i in range(len(ds))]
+    ds = load_split(cfg.dataset, cfg.data_root, split, 256, cfg.limit, channels=cfg.in_channels, **opts)
+    readers = [(lambda channels, i=i: (np.asarray(ds.images[i]), np.asarray(ds.masks[i]))) for i in range(len(ds))]
     return list(ds.names), readers, (lambda: [tuple(np.asarray(ds.images[0]).shape[:2])] * len(ds)), []
 
 
@@ -170,19 +172,18 @@ def _channels(paths: list, dataset: str = "") -> tuple[int, int]:
     return (next(iter(seen)) if seen else 3), bits
 
 
-def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
+def fingerprint(cfg: TrainConfig, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
     """What the training split is, from at most ``max_images`` images read at their own resolution."""
     from ..data import dataset_info, dataset_options, get_dataset_module
     t0 = time.time()
-    info = dataset_info(cfg["dataset"], cfg["data_root"], cfg["val_split"], **dataset_options(cfg))
-    cfg = dict(cfg)  # its in_channels is decided below, before the readers (which look it up) read
-    names, readers, sizes, paths = _samples(cfg, cfg["train_split"])
-    val_names = _samples(cfg, cfg["val_split"])[0]
+    info = dataset_info(cfg.dataset, cfg.data_root, cfg.val_split, **dataset_options(cfg.to_dict()))
+    names, readers, sizes, paths = _samples(cfg, cfg.train_split)
+    val_names = _samples(cfg, cfg.val_split)[0]
     k, ignore = info.num_classes, info.ignore_index
     picked = _even_sample(list(range(len(readers))), max_images)
     # channels from the headers of every sampled file, before the pixels are read with that count
-    chans, bits = _channels([paths[i] for i in picked], cfg["dataset"]) if paths else (3, 8)
-    chans = cfg["in_channels"] = cfg["in_channels"] if cfg["in_channels"] != 3 else chans
+    chans, bits = _channels([paths[i] for i in picked], cfg.dataset) if paths else (3, 8)
+    chans = cfg.in_channels if cfg.in_channels != 3 else chans
     counts, present = np.zeros(k), np.zeros(k)
     scales: list[list[float]] = [[] for _ in range(k)]
     sides = np.zeros((4, k))
@@ -191,7 +192,7 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     t_read = time.time()
     from ..core.progress import progress as bar
     for i in bar(picked, desc="fingerprint", unit="img", enabled=progress):
-        img, mask = readers[i]()
+        img, mask = readers[i](chans)
         img = np.asarray(img)
         scale = 1.0 if img.dtype.kind == "f" else 255.0  # read_input: uint8 RGB, or float [0, 1] bands
         img = img.astype(np.float64)[..., None] if img.ndim == 2 else img.astype(np.float64)
@@ -206,7 +207,7 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
     mean = csum / npx
     std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
     return Fingerprint(
-        dataset=cfg["dataset"], n_train=len(names), n_val=len(val_names), sampled=len(picked),
+        dataset=cfg.dataset, n_train=len(names), n_val=len(val_names), sampled=len(picked),
         sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=chans,
         bit_depth=bits, mean=[round(float(v), 4) for v in mean], std=[round(float(v), 4) for v in std],
         class_names=list(info.class_names), pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
@@ -214,14 +215,14 @@ def fingerprint(cfg: dict, max_images: int = MAX_SAMPLED, progress: bool = True)
         object_scale=[_weighted_median(s) for s in scales],
         up_asymmetry=_tv(sides[0], sides[1]), side_asymmetry=_tv(sides[2], sides[3]),
         train_names=names, val_names=list(val_names),
-        val_group_option="val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}),
+        val_group_option="val_group" in getattr(get_dataset_module(cfg.dataset), "OPTIONS", {}),
         val_carved=_val_carved(cfg), read_s_per_image=read_s, seconds=time.time() - t0)
 
 
-def _val_carved(cfg: dict) -> bool:
+def _val_carved(cfg: TrainConfig) -> bool:
     """Whether the val split is carved out of train by --val-fraction (then --val-group shapes it)."""
     from .folds import _val_is_carved
-    return cfg["val_split"] == "val" and _val_is_carved(cfg)
+    return cfg.val_split == "val" and _val_is_carved(cfg)
 
 
 def name_groups(names: list[str]) -> tuple[str | None, str, dict]:

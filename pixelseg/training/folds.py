@@ -32,44 +32,45 @@ from ..core.checkpoint import MANIFEST
 from ..core.files import atomic_write_text, check_output_dir, file_sha256, make_output_dir
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log, run_log
+from .config import TrainConfig
 
 # What every member of an ensemble must share: its classes and what it takes as input.
 
 
 # ---- the pool and its folds ------------------------------------------------------------------------
-def pool_splits(cfg: dict) -> list[str]:
+def pool_splits(cfg: TrainConfig) -> list[str]:
     """The splits the folds are made from: train, and val too where --val-fraction carved val out of it."""
-    if cfg["dataset"] == "shards":
+    if cfg.dataset == "shards":
         raise PixelsegError("--folds needs random access to the training pool; shards stream, so give the "
                             "dataset itself (e.g. --dataset folder) for cross-validation")
-    if cfg["val_split"] != "val" or not _val_is_carved(cfg):
-        return [cfg["train_split"]]
-    return list(dict.fromkeys([cfg["train_split"], "val"]))
+    if cfg.val_split != "val" or not _val_is_carved(cfg):
+        return [cfg.train_split]
+    return list(dict.fromkeys([cfg.train_split, "val"]))
 
 
-def _val_is_carved(cfg: dict) -> bool:
+def _val_is_carved(cfg: TrainConfig) -> bool:
     """Whether the val split is folder's --val-fraction share of train rather than the dataset's own."""
     from ..data import dataset_options, get_dataset_module
     from ..data import folder, labelled
-    module = get_dataset_module(cfg["dataset"])
-    opts = dataset_options(cfg)
-    if cfg["dataset"] == "folder":
+    module = get_dataset_module(cfg.dataset)
+    opts = dataset_options(cfg.to_dict())
+    if cfg.dataset == "folder":
         o = folder._options(opts)
-        layout = folder.discover(Path(cfg["data_root"]) if cfg["data_root"] else None, o["images_dir"],
+        layout = folder.discover(Path(cfg.data_root) if cfg.data_root else None, o["images_dir"],
                                  o["masks_dir"], o["val_fraction"], o["mask_suffix"], o["val_group"])
         return "--val-fraction" in layout.source
     if isinstance(module, labelled.AnnotationFormat):
         o = labelled.options(module.OPTIONS, opts)
-        return "val" not in labelled.parse(cfg["dataset"], module.read, cfg["data_root"], o).splits()
+        return "val" not in labelled.parse(cfg.dataset, module.read, cfg.data_root, o).splits()
     return False
 
 
-def grouping(cfg: dict) -> tuple:
+def grouping(cfg: TrainConfig) -> tuple:
     """(name -> group, description): --val-group where the dataset takes it, else one group per image."""
     from ..data import get_dataset_module
     from ..data.folder import group_key
-    pattern = cfg.get("val_group")
-    if pattern and "val_group" in getattr(get_dataset_module(cfg["dataset"]), "OPTIONS", {}):
+    pattern = cfg.val_group
+    if pattern and "val_group" in getattr(get_dataset_module(cfg.dataset), "OPTIONS", {}):
         return group_key(pattern), f"grouped by --val-group {pattern}"
     return (lambda name: name), "one group per image"
 
@@ -92,19 +93,19 @@ def assign_folds(names: list[str], k: int, seed: int, key=lambda n: n) -> list[i
     return out
 
 
-def pool_folds(cfg: dict, load) -> tuple[dict, dict]:
+def pool_folds(cfg: TrainConfig, load) -> tuple[dict, dict]:
     """({(split, name): fold}, a description of the pool) for cfg's --folds; `load(split, CacheSpec)` reads
     a split (listed, not decoded). A pool too small for K folds is a one-line error."""
     from ..data.base import CacheSpec
-    k, splits = cfg["folds"], pool_splits(cfg)
+    k, splits = cfg.folds, pool_splits(cfg)
     keys = [(s, n) for s in splits for n in load(s, CacheSpec("none")).names]
     key, how = grouping(cfg)
     n_groups = len({key(n) for _, n in keys})
-    about = {"dataset": cfg["dataset"], "splits": splits, "images": len(keys), "groups": n_groups, "grouping": how,
-             "seed": cfg["seed"]}
-    where = f"{cfg['dataset']} {'+'.join(splits)}" + (f" at {cfg['data_root']}" if cfg["data_root"] else "")
+    about = {"dataset": cfg.dataset, "splits": splits, "images": len(keys), "groups": n_groups, "grouping": how,
+             "seed": cfg.seed}
+    where = f"{cfg.dataset} {'+'.join(splits)}" + (f" at {cfg.data_root}" if cfg.data_root else "")
     try:
-        folds = assign_folds([n for _, n in keys], k, cfg["seed"], key)
+        folds = assign_folds([n for _, n in keys], k, cfg.seed, key)
     except ValueError:
         what = f"{len(keys)} image(s)" + (f" in {n_groups} group(s), {how}" if n_groups != len(keys) else "")
         raise PixelsegError(f"--folds {k}: the training pool ({where}) has {what}; {k} folds need at least {k} "
@@ -192,10 +193,10 @@ class _View:
         return (self[i] for i in range(len(self)))
 
 
-def fold_datasets(cfg: dict, load, train_spec, val_spec) -> tuple[FoldSubset, FoldSubset]:
+def fold_datasets(cfg: TrainConfig, load, train_spec, val_spec) -> tuple[FoldSubset, FoldSubset]:
     """train.py's hook for one fold (--folds K --fold I): (the other folds, fold I), each read as the
     train and val splits would be (`load(split, CacheSpec)`: crops of the source resolution for training)."""
-    k, fold = cfg["folds"], cfg["fold"]
+    k, fold = cfg.folds, cfg.fold
     if not k:
         raise PixelsegError(f"--fold {fold}: needs --folds K, the number of folds it is one of")
     if fold >= k:
@@ -223,12 +224,12 @@ def wants_folds(overrides: dict) -> bool:
     return bool(overrides.get("folds")) and overrides.get("fold") is None
 
 
-def _loader(cfg: dict):
+def _loader(cfg: TrainConfig):
     from ..data import dataset_options, load_split
 
     def load(split, spec):
-        return load_split(cfg["dataset"], cfg["data_root"], split, cfg["image_size"], cfg["limit"], spec,
-                          channels=cfg["in_channels"], **dataset_options(cfg))
+        return load_split(cfg.dataset, cfg.data_root, split, cfg.image_size, cfg.limit, spec,
+                          channels=cfg.in_channels, **dataset_options(cfg.to_dict()))
     return load
 
 
@@ -236,11 +237,12 @@ def _start(overrides: dict) -> tuple[Path, dict]:
     """A new folds run: (run dir, the options every fold trains with), checked before anything is made."""
     from . import config
     cfg = config.resolve_config({k: v for k, v in overrides.items() if k != "fold"})
-    run_dir = check_output_dir(cfg["run_dir"], "--run-dir")
+    run_dir = check_output_dir(cfg.run_dir, "--run-dir")
     if (run_dir / MANIFEST).exists() or (run_dir / "last.pt").exists() or any(run_dir.glob("fold_*")):
         raise PixelsegError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
                             "or choose another --run-dir")
-    options = {k: cfg[k] for k in overrides if k in cfg and k != "fold"}  # canonical: absolute paths
+    resolved = cfg.to_dict()
+    options = {k: resolved[k] for k in overrides if k in resolved and k != "fold"}  # canonical: absolute paths
     options["run_dir"] = str(run_dir)
     return run_dir, options
 
@@ -270,11 +272,11 @@ def train_folds(overrides: dict, train_fn) -> dict:
     run_dir, options = _reopen(overrides) if resuming else _start(overrides)
     cfg = config.resolve_config(options)
     fold_of, about = pool_folds(cfg, _loader(cfg))  # too small for K folds: said before anything is made
-    k, budget, t0 = cfg["folds"], cfg["time_budget"], time.time()
+    k, budget, t0 = cfg.folds, cfg.time_budget, time.time()
     make_output_dir(run_dir, "--resume" if resuming else "--run-dir")
     atomic_write_text(run_dir / MANIFEST, json.dumps({"folds": k, "options": options, "pool": about}, indent=1))
     # the whole cross-validation's recipe: `train --config RUN/config.yaml` runs it again
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     atomic_write_text(run_dir / "folds.csv", "split,name,fold\n" + "".join(
         f"{s},{n},{f}\n" for (s, n), f in fold_of.items()))
     with run_log(run_dir):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import config
+from .config import TrainConfig
 from ..core import sizes
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
@@ -498,7 +499,7 @@ def plan_from_options(options: dict, probe: Machine | None = None, progress: boo
     base_opts = dict(user, crop=user.get("crop", True))
     base = config.resolve_config(base_opts | {"run_dir": options.get("run_dir") or "."})
     fp = fingerprint(base, progress=progress)
-    machine = probe or probe_machine(base["device"], zoom=ZOOM)
+    machine = probe or probe_machine(base.device, zoom=ZOOM)
     plan = make_plan(fp, machine, budget, user)
     if budget is not None and "time_budget" in plan.choices:
         plan.choices["time_budget"] = Choice(f"{budget:g}s", plan.choices["time_budget"].reason)
@@ -516,23 +517,23 @@ def write_plan(plan: Plan, path: Path, header: str = "") -> str:
 
 
 # ---- warnings for recipes that cannot work (called at train start) ---------------------------------------
-def recipe_warnings(cfg: dict, n_train: int, n_val: int, steps_per_epoch: int,
+def recipe_warnings(cfg: TrainConfig, n_train: int, n_val: int, steps_per_epoch: int,
                     object_scale: float | None = None) -> list[str]:
     """One line per recipe choice that makes a run fail quietly (the 1-step-per-epoch trap, ...)."""
     out = []
-    if cfg["batch_size"] > n_train:
-        out.append(f"--batch-size {cfg['batch_size']} is larger than the training split ({n_train} images): every "
+    if cfg.batch_size > n_train:
+        out.append(f"--batch-size {cfg.batch_size} is larger than the training split ({n_train} images): every "
                    f"epoch is one partial batch; use --batch-size {max(1, 2 ** int(math.log2(max(1, n_train // 16))))}"
                    " or `pixelseg plan`")
     elif steps_per_epoch < 10:
-        out.append(f"{steps_per_epoch} optimiser step(s) per epoch ({n_train} images / batch {cfg['batch_size']}"
-                   f"{' × accumulate %d' % cfg['accumulate'] if cfg['accumulate'] > 1 else ''}): the model barely "
+        out.append(f"{steps_per_epoch} optimiser step(s) per epoch ({n_train} images / batch {cfg.batch_size}"
+                   f"{' × accumulate %d' % cfg.accumulate if cfg.accumulate > 1 else ''}): the model barely "
                    "trains between validations; lower --batch-size or run `pixelseg plan`")
     if n_val < 10:
         out.append(f"the validation split holds {n_val} image(s): its mIoU will jump from epoch to epoch and pick "
                    "best.pt by chance; give a larger --val-fraction or a val split of >= 10 images")
     if object_scale is not None:
-        h, w = sizes.size_hw(cfg["image_size"])
+        h, w = sizes.size_hw(cfg.image_size)
         px = object_scale * min(h, w)
         if px < MIN_OBJECT_PX / 2:
             out.append(f"at --image-size {h}x{w} the median object of the smallest class is about {px:.1f} px: "
@@ -550,7 +551,7 @@ def _median_object_scale(masks, num_classes: int, ignore: int, limit: int = 32) 
     return min(known) if known else None
 
 
-def warn_recipe(cfg: dict, data, steps_per_epoch: int) -> list[str]:
+def warn_recipe(cfg: TrainConfig, data, steps_per_epoch: int) -> list[str]:
     """train.py's hook: log the warnings for this run's recipe. Object scale is a share of the image, so
     masks cached at --image-size and at source resolution (--crop) measure it alike."""
     scale = None

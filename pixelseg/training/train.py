@@ -1,4 +1,4 @@
-"""`pixelseg train`: builds the run from its config and drives the engine, top to bottom.
+"""`pixelseg train`: builds the run from its config and drives the epoch loop (loop.py), top to bottom.
 
 Defaults are the TensorFlow tutorial's recipe (Adam 1e-3, cross-entropy on logits, batch 64,
 20 epochs, 128×128, random horizontal flip) on the fast path (channels_last, bf16 autocast where
@@ -24,6 +24,7 @@ import yaml
 
 from .._version import __version__
 from . import config
+from .config import TrainConfig
 from ..core import sizes, viz
 from ..core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from ..core.files import atomic_write_text, check_output_dir, make_output_dir
@@ -156,13 +157,13 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
     t_start = time.time()
     stop = (status or {}).get("stop") or StopSignal()  # SIGTERM handler installed by train()
     cfg, ckpt, run_dir = _resolve_run(overrides)
-    check_same_config(cfg, dist_info)  # before anything collective: a node with other flags is refused
-    if cfg["time_budget"] and dist_info.enabled:  # ranks would time, and so stop, differently
+    check_same_config(cfg.to_dict(), dist_info)  # before anything collective: a node with other flags is refused
+    if cfg.time_budget and dist_info.enabled:  # ranks would time, and so stop, differently
         raise PixelsegError("--time-budget runs in one process for now; under torchrun give --epochs or --iterations")
-    device = select_device(cfg["device"])
-    ctx = RunContext(device, resolve_precision(cfg["precision"], device), cfg["channels_last"], dist_info)
-    per_rank_batch = check_batch(cfg["batch_size"], dist_info.world_size, cfg["accumulate"])
-    seed_everything(cfg["seed"], cfg["deterministic"])
+    device = select_device(cfg.device)
+    ctx = RunContext(device, resolve_precision(cfg.precision, device), cfg.channels_last, dist_info)
+    per_rank_batch = check_batch(cfg.batch_size, dist_info.world_size, cfg.accumulate)
+    seed_everything(cfg.seed, cfg.deterministic)
     data = _build_data(cfg, ctx, per_rank_batch)
     model_without_ddp, model, forward, model_notes = _build_model(cfg, data.info, ctx, _input_norm(cfg, data, ckpt))
     _open_run_dir(run_dir, ctx, resuming=ckpt is not None)  # only now: bad config, data or model leave nothing
@@ -172,18 +173,16 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
         for note in model_notes:
             log.info(note)
         criterion = _build_criterion(cfg, data, ctx)
-        optimizer = build_optimizer(model_without_ddp, cfg["optimizer"], cfg["lr"], cfg["weight_decay"],
-                                    cfg["momentum"], cfg["encoder_lr_mult"])
-        steps_per_epoch = math.ceil(data.micro_per_epoch / cfg["accumulate"])
-        if cfg["iterations"] and not cfg["time_budget"]:  # papers give schedules in iterations; validate per epoch
-            cfg["epochs"] = math.ceil(cfg["iterations"] / steps_per_epoch)
+        optimizer = build_optimizer(model_without_ddp, cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                    cfg.momentum, cfg.encoder_lr_mult)
+        steps_per_epoch = math.ceil(data.micro_per_epoch / cfg.accumulate)
         state = TrainState() if ckpt is None else _train_state(ckpt)
         if ckpt is None and spent_s > 0:  # train --auto's planning: part of the run's time (and budget)
             state.time_used_s, state.timing = spent_s, {"planning": spent_s}
         pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing,
                       t_start)
-        scheduler = build_scheduler(optimizer, cfg["schedule"], total_steps=pacer.total,
-                                    warmup_steps=int(cfg["warmup_epochs"] * steps_per_epoch))
+        scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=pacer.total,
+                                    warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
         scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
         if ckpt is not None:
             _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
@@ -192,10 +191,10 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
             log.info(f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}"
                      + (f" ({why}: continued from its last.pt by itself)" if why else ""))
         if ctx.is_main:
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             _log_header(cfg, model_without_ddp, data, ctx, per_rank_batch, steps_per_epoch)
             warn_recipe(cfg, data, steps_per_epoch)  # recipes that cannot work (1 step per epoch, ...)
-        tracker = open_tracker(cfg["logger"], run_dir, cfg) if ctx.is_main else open_tracker("none", run_dir, cfg)
+        tracker = open_tracker(cfg.logger if ctx.is_main else "none", run_dir, cfg.to_dict())
 
         def save(name: str, epoch: int, step_in_epoch: int) -> None:
             t_save = time.time()
@@ -219,7 +218,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
 @dataclass
 class _Loop:
     """What the epoch loop runs: the config, the data, the model and what trains it."""
-    cfg: dict
+    cfg: TrainConfig
     ctx: RunContext
     data: object
     model: object
@@ -243,11 +242,11 @@ def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, 
     epoch = state.epoch
     while epoch < pacer.planned_epochs:
         data.train_sampler.set_epoch(epoch)
-        set_train_mode(model, cfg["freeze_bn"])
+        set_train_mode(model, cfg.freeze_bn)
 
         def on_step(step_in_epoch: int) -> bool:
             state.global_step += 1
-            if ctx.is_main and cfg["checkpoint_every"] and state.global_step % cfg["checkpoint_every"] == 0 \
+            if ctx.is_main and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 \
                     and step_in_epoch < steps_per_epoch:
                 save("last.pt", epoch, step_in_epoch)
             stop_now = stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
@@ -260,13 +259,13 @@ def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, 
         t_epoch, steps_before = time.time(), state.global_step
         stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
                                 data.info, epoch=epoch, epochs=pacer.planned_epochs,
-                                accumulate=cfg["accumulate"], steps_done=state.step_in_epoch, forward=forward,
-                                on_step=on_step, flip_seed=cfg["seed"] if data.flip_in_loop else None)
+                                accumulate=cfg.accumulate, steps_done=state.step_in_epoch, forward=forward,
+                                on_step=on_step, flip_seed=cfg.seed if data.flip_in_loop else None)
         pacer.add("train", stats.train_time)
         state.step_in_epoch = 0
         t_val = time.time()
-        if cfg["precise_bn"]:
-            precise_bn(model_without_ddp, data.train_loader, cfg["precise_bn"], ctx)
+        if cfg.precise_bn:
+            precise_bn(model_without_ddp, data.train_loader, cfg.precise_bn, ctx)
         val_cm, val_loss = evaluate_loader(forward, data.val_loader, ctx, data.info, criterion)
         pacer.add("validation", time.time() - t_val)
         row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
@@ -283,7 +282,7 @@ def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, 
         warning = pacer.cannot_hold_epoch() if epoch == 1 else None
         if warning:
             log.warning(warning)
-        if pacer.should_stop(state.global_step, state.history, cfg["early_stop"], cfg["early_stop_delta"]):
+        if pacer.should_stop(state.global_step, state.history, cfg.early_stop, cfg.early_stop_delta):
             break
         if epoch < pacer.planned_epochs and stop.agreed(ctx.dist):  # SIGTERM during validation
             _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
@@ -328,7 +327,7 @@ def _auto_resume(overrides: dict) -> tuple[dict, str | None]:
     run_dir = Path(given["run_dir"])
     if not (run_dir / "last.pt").is_file():
         return given, None  # nothing saved yet: start (again) from the beginning
-    cfg = config.resolve_config(given)
+    cfg = config.resolve_config(given).to_dict()
     recorded = load_checkpoint(run_dir / "last.pt").get("config", {})
     fixed = [k for k in given if k not in (*config.RESUMABLE, "run_dir", "resume") and k in recorded
              and repr(config.parse_value(k, recorded[k], "last.pt config")) != repr(cfg[k])]
@@ -340,7 +339,7 @@ def _auto_resume(overrides: dict) -> tuple[dict, str | None]:
     return {**{k: v for k, v in given.items() if k in config.RESUMABLE}, "resume": str(run_dir)}, why
 
 
-def _resolve_run(overrides: dict) -> tuple[dict, dict | None, Path]:
+def _resolve_run(overrides: dict) -> tuple[TrainConfig, dict | None, Path]:
     """(config, checkpoint to resume or None, run directory); nothing is created here."""
     overrides, why = _auto_resume(overrides)
     if overrides.get("resume"):
@@ -352,20 +351,12 @@ def _resolve_run(overrides: dict) -> tuple[dict, dict | None, Path]:
         if "optimizer" not in ckpt:
             raise PixelsegError(f"{last}: holds only model weights (like best.pt), not the optimiser state that "
                                 "--resume needs; start a new run with --weights or copy back the run's own last.pt")
-        # The recorded config, re-canonicalised (older runs may spell freeze_encoder "yes"); options
-        # added since the run get their defaults.
-        cfg = dict(config.DEFAULTS)
-        cfg.update({k: config.parse_value(k, v, f"{last} config") for k, v in ckpt["config"].items()
-                    if k in config.OPTIONS})
-        for key in config.RESUMABLE:  # safe to change on resume
-            if key in overrides:
-                cfg[key] = config.parse_value(key, overrides[key])
-        cfg["resume"] = str(run_dir)
+        cfg = config.resumed_config(ckpt["config"], overrides, run_dir, f"{last} config")
         if why:
             ckpt["_resumed_because"] = why
         return cfg, ckpt, run_dir
     cfg = config.resolve_config(overrides)
-    run_dir = check_output_dir(cfg["run_dir"], "--run-dir")
+    run_dir = check_output_dir(cfg.run_dir, "--run-dir")
     if (run_dir / "last.pt").exists():
         raise PixelsegError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
                             "or choose another --run-dir")
@@ -390,51 +381,51 @@ class RunData:
         return self.train_ds.info
 
 
-def _build_data(cfg: dict, ctx: RunContext, per_rank_batch: int) -> RunData:
-    size, mode = cfg["image_size"], cfg["cache"]
+def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunData:
+    size, mode = cfg.image_size, cfg.cache
     # Random crops are taken from the source resolution (optionally capped), so --image-size is the crop;
     # without them every sample is cached at --image-size and batches are whole-array reads.
-    full_res = bool(cfg["crop"] or cfg["cache_max_side"])
-    channels = cfg["in_channels"]
-    train_spec, val_spec = CacheSpec(mode, full_res, cfg["cache_max_side"]), CacheSpec(mode)
+    full_res = bool(cfg.crop or cfg.cache_max_side)
+    channels = cfg.in_channels
+    train_spec, val_spec = CacheSpec(mode, full_res, cfg.cache_max_side), CacheSpec(mode)
 
     def load(split: str, spec: CacheSpec):
-        return load_split(cfg["dataset"], cfg["data_root"], split, size, cfg["limit"], spec, channels=channels,
-                          **dataset_options(cfg))
-    if cfg["fold"] is not None:  # one fold of --folds K: the other folds train, this one validates
+        return load_split(cfg.dataset, cfg.data_root, split, size, cfg.limit, spec, channels=channels,
+                          **dataset_options(cfg.to_dict()))
+    if cfg.fold is not None:  # one fold of --folds K: the other folds train, this one validates
         from .folds import fold_datasets
         train_ds, val_ds = fold_datasets(cfg, load, train_spec, val_spec)
     else:
-        train_ds, val_ds = load(cfg["train_split"], train_spec), load(cfg["val_split"], val_spec)
+        train_ds, val_ds = load(cfg.train_split, train_spec), load(cfg.val_split, val_spec)
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
-    flip_in_loop = cfg["hflip"]
-    if cfg["scale_range"] or cfg["crop"] or cfg["vflip"] or cfg["color_jitter"] or train_ds.full_res:
+    flip_in_loop = cfg.hflip
+    if cfg.scale_range or cfg.crop or cfg.vflip or cfg.color_jitter or train_ds.full_res:
         from ..data.augment import build_train_transform
         train_ds.transform = build_train_transform(
-            sizes.size_hw(size), scale=tuple(cfg["scale_range"]) if cfg["scale_range"] else None, crop=cfg["crop"],
-            hflip=cfg["hflip"], vflip=cfg["vflip"], color_jitter=cfg["color_jitter"],
+            sizes.size_hw(size), scale=tuple(cfg.scale_range) if cfg.scale_range else None, crop=cfg.crop,
+            hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
             ignore_index=train_ds.info.ignore_index)
         flip_in_loop = False
     dist_info = ctx.dist
     # data.protocol.SplitDataset: every split answers these, whichever class holds it
-    workers = resolve_workers(cfg["workers"], train_ds.transform is not None or train_ds.reads_files)
-    val_workers = resolve_workers(cfg["workers"], val_ds.reads_files)
+    workers = resolve_workers(cfg.workers, train_ds.transform is not None or train_ds.reads_files)
+    val_workers = resolve_workers(cfg.workers, val_ds.reads_files)
     for ds, n in ((train_ds, workers), (val_ds, val_workers)):
         if n > 0:  # files are read in the workers: they report skips
             ds.open_skip_channel()
     kw = dict(dist=dist_info, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signal_in_worker)
-    train_loader, train_sampler = make_loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg["seed"],
+    train_loader, train_sampler = make_loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg.seed,
                                               **kw)
     val_loader, _ = make_loader(val_ds, max(per_rank_batch, 16), workers=val_workers, **kw)  # each sample once
     # Spread over the split and its classes (the first images are often one breed or consecutive frames);
     # streamed shards have no random access: their first samples.
-    if not cfg["figure_samples"]:
+    if not cfg.figure_samples:
         figure_idx = []
     elif not val_ds.streamed:
-        figure_idx = viz.pick_samples(val_ds.masks, cfg["figure_samples"], val_ds.info.num_classes)
+        figure_idx = viz.pick_samples(val_ds.masks, cfg.figure_samples, val_ds.info.num_classes)
     else:
-        figure_idx = list(range(min(cfg["figure_samples"], len(val_ds))))
+        figure_idx = list(range(min(cfg.figure_samples, len(val_ds))))
     micro_per_epoch = train_ds.num_batches() if train_ds.streamed else len(train_loader)
     return RunData(train_ds, val_ds, train_sampler, train_loader, val_loader, flip_in_loop, full_res, workers,
                    figure_idx, micro_per_epoch)
@@ -451,40 +442,39 @@ def resolve_workers(workers, per_sample_work: bool) -> int:
     return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
-def _input_norm(cfg: dict, data: RunData, ckpt: dict | None) -> dict:
+def _input_norm(cfg: TrainConfig, data: RunData, ckpt: dict | None) -> dict:
     """Per-channel mean/std for inputs other than RGB: no encoder has statistics for these bands, so they
     come from the training split and live in the model config (and so in every checkpoint, export and
     prediction); a resumed run keeps its own."""
     if ckpt is not None and "mean" in ckpt.get("model_config", {}):
         return {k: ckpt["model_config"][k] for k in ("mean", "std")}
-    if cfg["in_channels"] == 3:
+    if cfg.in_channels == 3:
         return {}
     return channel_stats(data.train_ds.images)
 
 
-def _build_model(cfg: dict, info, ctx: RunContext, norm: dict | None = None):
+def _build_model(cfg: TrainConfig, info, ctx: RunContext, norm: dict | None = None):
     """(model_without_ddp, model (DDP-wrapped under torchrun), forward (compiled with --compile), log notes)."""
     notes = []
-    arch_options = {} if cfg["output_stride"] is None else {"output_stride": cfg["output_stride"]}
-    model = create_model(cfg["model"], backbone=cfg["backbone"], num_classes=info.num_classes, weights=cfg["weights"],
-                         in_channels=cfg["in_channels"], **(norm or {}), **arch_options)
-    if norm and cfg["in_channels"] != 3:
+    arch_options = {} if cfg.output_stride is None else {"output_stride": cfg.output_stride}
+    model = create_model(cfg.model, backbone=cfg.backbone, num_classes=info.num_classes, weights=cfg.weights,
+                         in_channels=cfg.in_channels, **(norm or {}), **arch_options)
+    if norm and cfg.in_channels != 3:
         notes.append("input normalisation from the training split: mean " + ", ".join(f"{v:.4f}" for v in norm["mean"])
                      + " | std " + ", ".join(f"{v:.4f}" for v in norm["std"]))
-    freeze = cfg["freeze_encoder"]  # "auto", True or False (config.parse_tristate)
+    freeze = cfg.freeze_encoder  # "auto", True or False (config.parse_tristate)
     if freeze == "auto":
         freeze = bool(model.pretrained)
         if not model.pretrained:
             notes.append("encoder: random init (no pretrained weights), so it is trained, not frozen "
                          "(freezing a random encoder is pointless; pass --freeze-encoder yes to force it)")
     model.set_encoder_frozen(bool(freeze))
-    if cfg["freeze_encoder_bn"] and not freeze:
+    if cfg.freeze_encoder_bn and not freeze:
         model.encoder_bn_frozen = True
         model.train(model.training)
-    if not freeze and model.pretrained and (cfg["encoder_lr_mult"] != 1.0 or cfg["freeze_encoder_bn"]):
-        notes.append(f"pretrained encoder trained at {cfg['encoder_lr_mult']:g} x lr"
-                     + (", its BatchNorm on the pretrained statistics" if cfg["freeze_encoder_bn"] else ""))
-    cfg["backbone"] = model.backbone
+    if not freeze and model.pretrained and (cfg.encoder_lr_mult != 1.0 or cfg.freeze_encoder_bn):
+        notes.append(f"pretrained encoder trained at {cfg.encoder_lr_mult:g} x lr"
+                     + (", its BatchNorm on the pretrained statistics" if cfg.freeze_encoder_bn else ""))
     model.to(ctx.device)
     if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -492,7 +482,7 @@ def _build_model(cfg: dict, info, ctx: RunContext, norm: dict | None = None):
     if kernel_note != "none":
         notes.append(f"kernels: {kernel_note}")
     notes.append(f"allocator: {tune_malloc()}")
-    if cfg["sync_bn"]:
+    if cfg.sync_bn:
         if not ctx.dist.enabled:
             raise PixelsegError("--sync-bn needs several processes (launch with torchrun --nproc_per_node=N); "
                                 "with one process plain BatchNorm is already exact")
@@ -504,7 +494,7 @@ def _build_model(cfg: dict, info, ctx: RunContext, norm: dict | None = None):
     if ctx.dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    forward = torch.compile(model) if cfg["compile"] else model
+    forward = torch.compile(model) if cfg.compile else model
     return model_without_ddp, model, forward, notes
 
 
@@ -517,15 +507,15 @@ def _open_run_dir(run_dir: Path, ctx: RunContext, resuming: bool = False) -> Non
     barrier(ctx.dist)
 
 
-def _build_criterion(cfg: dict, data: RunData, ctx: RunContext):
+def _build_criterion(cfg: TrainConfig, data: RunData, ctx: RunContext):
     info, weight = data.info, None
-    if cfg["class_weighting"] != "none":
+    if cfg.class_weighting != "none":
         counts = np.stack([np.bincount(m.ravel(), minlength=256)[: info.num_classes]
                            for m in data.train_ds.iter_masks()])
-        weight = class_weights(counts, cfg["class_weighting"]).to(ctx.device)
-        log.info(f"class weights ({cfg['class_weighting']}): " + ", ".join(
+        weight = class_weights(counts, cfg.class_weighting).to(ctx.device)
+        log.info(f"class weights ({cfg.class_weighting}): " + ", ".join(
             f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist())))
-    return build_loss(cfg["loss"], info.num_classes, ignore_index=info.ignore_index, weight=weight)
+    return build_loss(cfg.loss, info.num_classes, ignore_index=info.ignore_index, weight=weight)
 
 
 def _log_header(cfg, model, data: RunData, ctx: RunContext, per_rank_batch: int, steps_per_epoch: int) -> None:
@@ -533,18 +523,18 @@ def _log_header(cfg, model, data: RunData, ctx: RunContext, per_rank_batch: int,
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = model.encoder_frozen
     world = ctx.dist.world_size
-    log.info(f"pixelseg {__version__} | {cfg['model']}/{model.backbone} | {n_params / 1e6:.2f}M params "
+    log.info(f"pixelseg {__version__} | {cfg.model}/{model.backbone} | {n_params / 1e6:.2f}M params "
              f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if frozen else 'trained'}) | device {ctx.device} | "
-             f"precision {ctx.amp_dtype or torch.float32} | channels_last {cfg['channels_last']} | world {world}")
+             f"precision {ctx.amp_dtype or torch.float32} | channels_last {cfg.channels_last} | world {world}")
     skipped = len(data.train_ds.skipped) + len(data.val_ds.skipped)
-    log.info(f"data: {data.info.name} train={getattr(data.train_ds, 'split_name', cfg['train_split'])} "
-             f"({len(data.train_ds)} images) val={getattr(data.val_ds, 'split_name', cfg['val_split'])} "
+    log.info(f"data: {data.info.name} train={getattr(data.train_ds, 'split_name', cfg.train_split)} "
+             f"({len(data.train_ds)} images) val={getattr(data.val_ds, 'split_name', cfg.val_split)} "
              f"({len(data.val_ds)} images) at "
-             f"{'×'.join(map(str, sizes.size_hw(cfg['image_size'])))}"
-             f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg['cache']}; DataLoader "
+             f"{'×'.join(map(str, sizes.size_hw(cfg.image_size)))}"
+             f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg.cache}; DataLoader "
              f"workers {data.workers}; unreadable files skipped: {skipped}")
-    log.info(f"batch: global {cfg['batch_size']} = {per_rank_batch} per rank × {world} ranks × "
-             f"{cfg['accumulate']} accumulation steps; {steps_per_epoch} optimiser steps per epoch")
+    log.info(f"batch: global {cfg.batch_size} = {per_rank_batch} per rank × {world} ranks × "
+             f"{cfg.accumulate} accumulation steps; {steps_per_epoch} optimiser steps per epoch")
 
 
 def _epoch_row(epoch: int, stats, val_cm, val_loss: float, optimizer, info, epoch_time: float) -> dict:
@@ -566,7 +556,7 @@ def _epoch_row(epoch: int, stats, val_cm, val_loss: float, optimizer, info, epoc
     }
 
 
-def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, model, data: RunData,
+def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: TrainConfig, model, data: RunData,
                   ctx: RunContext, tracker, epochs: int) -> None:
     """Rank 0: checkpoints, metrics files, curves, the prediction figure, the log line, the tracker."""
     epoch = row["epoch"]
@@ -579,7 +569,7 @@ def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: dict, 
     viz.training_curves(state.history, run_dir / "curves.png")
     figure = run_dir / "figures" / f"epoch_{epoch:03d}.png"
     _epoch_figure(model, data.val_ds, data.figure_idx, ctx, figure, f"epoch {epoch}: val mIoU {row['val_miou']:.3f}",
-                  cfg["rgb_bands"])
+                  cfg.rgb_bands)
     log.info(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} | "
              f"val mIoU {row['val_miou']:.4f} | pixel acc {row['val_pixel_acc']:.4f} | "
              f"{row['train_images_per_s']:.1f} img/s | data {100 * row['data_time_frac']:.1f}% | "
@@ -601,13 +591,13 @@ def _skipped_files(data: RunData, dist_info: DistInfo) -> list[str]:
     return list(dict.fromkeys(mine))
 
 
-def _finish(run_dir: Path, cfg: dict, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float,
+def _finish(run_dir: Path, cfg: TrainConfig, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float,
             pacer: Pacer) -> dict:
     history = state.history
     skipped = _skipped_files(data, dist_info)
     summary = {
         "run_dir": str(run_dir),
-        "epochs": cfg["epochs"],
+        "epochs": pacer.epoch_cap,
         "best_val_miou": max((h["val_miou"] for h in history), default=float("nan")),
         "final": dict(history[-1]) if history else {},
         "skipped_files": skipped,
@@ -649,7 +639,7 @@ def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, ste
     """last.pt (``full``) holds everything --resume needs; best.pt only the model and what describes it: the
     optimiser state (Adam's two moments) would triple its size for no use at inference."""
     out = model_checkpoint(
-        model, info, cfg,
+        model, info, cfg.to_dict(),
         epoch=epoch,                     # completed epochs
         global_step=state.global_step,
         best_miou=state.best_miou,
