@@ -1,6 +1,6 @@
 """Package size and the longest functions: the numbers docs/benchmarks.md records for issue 10.
 
-    python benchmarks/code_stats.py [ROOT]     # ROOT: a checkout (default: this one)
+    python tools/code_stats.py [ROOT]     # ROOT: a checkout (default: this one)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Markdown rows for docs/results.md from run directories (metrics.json, summary.json, eval_*.json).
 
-    python benchmarks/results_table.py RUN_DIR [RUN_DIR ...]
+    python tools/results_table.py RUN_DIR [RUN_DIR ...]
 
 Prints one row per run with the best epoch's G / C / mIoU (the scores `best.pt` holds), epochs,
 wall time, and a per-class IoU table; then the uncertainty rows of any `eval_*.json` that holds an

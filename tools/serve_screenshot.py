@@ -1,6 +1,6 @@
 """docs/serving.png: the `pixelseg serve` page in Debian's chromium with a real pet photo segmented.
 
-    python benchmarks/serve_screenshot.py runs/pets ../shared/data/oxford-iiit-pet-sample/images/X.jpg docs/serving.png
+    python tools/serve_screenshot.py runs/pets ../shared/data/oxford-iiit-pet-sample/images/X.jpg docs/serving.png
 
 Uses the browser test's helpers (server on a free port, Playwright driving /usr/bin/chromium).
 """

@@ -17,12 +17,12 @@ Time-to-quality trains each from random weights (all layers) on the real pets sa
 (trainval -> train, test -> test) for the same wall-clock budget, counted from process launch, and
 scores the weights of the last epoch that ended inside it on the same test arrays with the same mIoU.
 On CPU it ends with each runner's achieved GFLOP/s as a share of this machine's measured fp32 and bf16 GEMM
-peaks (benchmarks/gemm_peak.py, run after the runners; `--no-peak` skips it).
+peaks (benchmarks/speed/gemm_peak.py, run after the runners; `--no-peak` skips it).
 
-    python benchmarks/compare.py                          # defaults: 3 repeats, 120 s quality budget
-    python benchmarks/compare.py --repeats 1 --epochs 2 --train-images 128 --budget 30   # smoke test
-    python benchmarks/compare.py --runners pixelseg,smp --no-quality
-    python benchmarks/compare.py --runners tf,pixelseg,openvino,openvino_int8 --no-quality
+    python benchmarks/compare/run.py                          # defaults: 3 repeats, 120 s quality budget
+    python benchmarks/compare/run.py --repeats 1 --epochs 2 --train-images 128 --budget 30   # smoke test
+    python benchmarks/compare/run.py --runners pixelseg,smp --no-quality
+    python benchmarks/compare/run.py --runners tf,pixelseg,openvino,openvino_int8 --no-quality
 
 Nothing here is a pixelseg dependency, and no test depends on it.
 """
@@ -39,11 +39,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "compare"))
-import common  # noqa: E402
+HERE = Path(__file__).resolve().parent  # benchmarks/compare/: the runners
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+import common  # noqa: E402  (this folder)
 
-ENVS = HERE / ".envs"
+ENVS = _common.ENVS
 RUNNERS = ("tf", "smp", "pixelseg", "openvino", "openvino_int8")
 LABELS = {"tf": "TensorFlow tutorial (Keras fit)", "smp": "SMP Unet, plain loop", "pixelseg": "pixelseg defaults",
           "openvino": "pixelseg, OpenVINO fp32", "openvino_int8": "pixelseg, OpenVINO int8"}
@@ -76,7 +77,7 @@ def ensure_tf(spec: str) -> tuple[list[str] | None, dict, str]:
     ok, out = _check([str(py), "-c", "import tensorflow as tf, PIL; print(tf.__version__)"], env)
     if not ok:
         return None, env, f"{venv}: tensorflow does not import ({out}); delete the folder to rebuild it"
-    return [str(py), str(HERE / "compare" / "tf_tutorial.py")], env, ""
+    return [str(py), str(HERE / "tf_tutorial.py")], env, ""
 
 
 def ensure_smp(spec: str) -> tuple[list[str] | None, dict, str]:
@@ -95,12 +96,12 @@ def ensure_smp(spec: str) -> tuple[list[str] | None, dict, str]:
                       "smp.Unet('mobilenet_v2', encoder_weights=None, classes=3)"], env)
     if not ok:
         return None, env, f"{target}: segmentation_models_pytorch does not import with this venv's torch ({out})"
-    return [sys.executable, str(HERE / "compare" / "smp_unet.py")], env, ""
+    return [sys.executable, str(HERE / "smp_unet.py")], env, ""
 
 
 def ensure_pixelseg() -> tuple[list[str], dict, str]:
-    env = dict(os.environ, PIXELSEG_CACHE=str(common.OUT_DIR / "cache"), TQDM_DISABLE="1")
-    return [sys.executable, str(HERE / "compare" / "pixelseg_runner.py")], env, ""
+    env = dict(os.environ, PIXELSEG_CACHE=str(_common.OUT / "cache"), TQDM_DISABLE="1")
+    return [sys.executable, str(HERE / "pixelseg_runner.py")], env, ""
 
 
 def ensure_openvino(backend: str) -> tuple[list[str] | None, dict, str]:
@@ -137,13 +138,7 @@ def peak_mem(results: list[dict]):
 
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info["cpu"] = _common.cpu_model()
     try:
         import torch
 
@@ -233,10 +228,10 @@ def share_of_peak(rows: dict, gemm_repeats: int) -> dict:
     bench_throughput.flops_per_image, × its images/s) as a share of this CPU's measured GEMM peaks, measured
     after the runs so the probe does not share the cores with them. TF trains in fp32 (Keras' default),
     pixelseg in bf16 where the CPU has it: both are set against both peaks."""
-    sys.path.insert(0, str(HERE))
     from types import SimpleNamespace
 
-    from bench_throughput import flops_per_image, measure_peaks
+    throughput = _common.load("speed/bench_throughput.py")
+    flops_per_image, measure_peaks = throughput.flops_per_image, throughput.measure_peaks
     peaks = measure_peaks(SimpleNamespace(device="cpu", gemm_repeats=gemm_repeats))
     if not (peaks.get("fp32") and peaks.get("bf16")):
         print("share of peak: the GEMM probe failed; skipped")
@@ -272,7 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-quality", action="store_true", help="skip the time-to-quality row")
     p.add_argument("--no-peak", action="store_true", help="skip the share-of-GEMM-peak lines (CPU only)")
     p.add_argument("--gemm-repeats", type=int, default=3, help="GEMM products per dtype for the peak")
-    p.add_argument("--pets-root", type=Path, default=common.PETS_SAMPLE, help="Oxford-IIIT Pet folder (official layout)")
+    p.add_argument("--pets-root", type=Path, default=_common.PETS_SAMPLE, help="Oxford-IIIT Pet folder (official layout)")
     p.add_argument("--tf-spec", default="tensorflow", help="pip requirement for the TF env (GPU: 'tensorflow[and-cuda]')")
     p.add_argument("--smp-spec", default="segmentation-models-pytorch", help="pip requirement for the SMP env")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a single run is killed")
@@ -294,7 +289,7 @@ def main(argv=None) -> int:
         else:
             runners[name] = (cmd, env)
 
-    data = common.make_random_pets(common.OUT_DIR / f"random-pets-{args.train_images}-{args.test_images}",
+    data = common.make_random_pets(_common.OUT / f"random-pets-{args.train_images}-{args.test_images}",
                                    args.train_images, args.test_images)
     tasks = {
         "train_frozen": ["train", "--data-root", str(data), "--freeze", "yes", "--epochs", str(args.epochs)],
@@ -362,7 +357,7 @@ def main(argv=None) -> int:
         print(f"not run: {name}: {why}")
     peak_share = {} if args.no_peak or on_gpu else share_of_peak(rows, args.gemm_repeats)
 
-    out = args.out or common.OUT_DIR / f"compare-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out = args.out or _common.OUT / f"compare-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                                "rows": rows, "raw": raw, "quality": quality, "skipped": skipped,

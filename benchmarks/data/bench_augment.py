@@ -5,7 +5,7 @@ Compares `pixelseg.data.augment.build_train_transform` (torchvision.transforms.v
 `torch.nn.functional` version of the same steps, and with albumentations when it happens to be installed
 (it is not a dependency; this script never installs it).
 
-    python benchmarks/bench_augment.py [--samples 200] [--threads 1] [--repeats 3]
+    python benchmarks/data/bench_augment.py [--samples 200] [--threads 1] [--repeats 3]
 
 Uses real CamVid frames from ../shared/data/camvid when present, random ones otherwise.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixelseg.data.augment import build_train_transform
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+from pixelseg.data.augment import build_train_transform  # noqa: E402
 
 IGNORE = 255
-CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+CAMVID = _common.SHARED_DATA / "camvid"
 
 CONFIGS = {
     # name: kwargs of build_train_transform

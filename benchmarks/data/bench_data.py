@@ -9,13 +9,13 @@ One "epoch" is capped at `--steps` optimiser steps (and as many validation batch
 structures are built for the whole split either way (that is what grows with N), only the number of
 model steps is cut, because one real epoch at 512×512 takes hours on 2 shared CPU cores.
 
-    python benchmarks/bench_data.py gen --sizes 500 2000 8000
-    python benchmarks/bench_data.py rss --sizes 500 2000 8000 [--code /tmp/pixelseg-old]
-    python benchmarks/bench_data.py torchrun --sizes 500 [--code ...]     # 2 ranks vs 1: decode CPU, summed PSS
-    python benchmarks/bench_data.py wait --sizes 500                      # data-wait fraction, shards vs folder
-    python benchmarks/bench_data.py pipe --sizes 500 --crop 512           # data pipeline alone: folder vs shards
-    python benchmarks/bench_data.py decoders                              # PIL vs torchvision.io.decode_jpeg
-    python benchmarks/bench_data.py assemble                              # batch assembly: memory vs disk store
+    python benchmarks/data/bench_data.py gen --sizes 500 2000 8000
+    python benchmarks/data/bench_data.py rss --sizes 500 2000 8000 [--code /tmp/pixelseg-old]
+    python benchmarks/data/bench_data.py torchrun --sizes 500 [--code ...]     # 2 ranks vs 1: decode CPU, summed PSS
+    python benchmarks/data/bench_data.py wait --sizes 500                      # data-wait fraction, shards vs folder
+    python benchmarks/data/bench_data.py pipe --sizes 500 --crop 512           # data pipeline alone: folder vs shards
+    python benchmarks/data/bench_data.py decoders                              # PIL vs torchvision.io.decode_jpeg
+    python benchmarks/data/bench_data.py assemble                              # batch assembly: memory vs disk store
 """
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-OUT = HERE / "out" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
+REPO, OUT = _common.REPO, _common.OUT / "data"
 
 # Runs inside each training process: cap the steps, report peak RSS and the CPU time spent loading data.
 WRAPPER = r'''
@@ -69,7 +70,6 @@ sys.exit(rc)
 def gen(args):
     """N pairs; beyond --unique, the generated pairs are hard-linked under new names (decode work and
     memory do not depend on content repeating, and generating 8000 images on a busy 2-core box takes hours)."""
-    sys.path.insert(0, str(REPO))
     from pixelseg.data.synthetic import write_folder
     base = args.data / f"unique{args.unique}"
     if not ((base / "masks").is_dir() and len(list((base / "masks").iterdir())) == args.unique):
@@ -108,8 +108,8 @@ def run_train(args, code: Path, data_args: list[str], tag: str, nproc: int = 1, 
     """One capped `pixelseg train` (under torchrun when nproc > 1); peak summed PSS sampled every 0.2 s."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-", dir=args.scratch))
     cache = cache_dir or work / "cache"
-    env = dict(os.environ, PYTHONPATH=str(code), PIXELSEG_CACHE=str(cache), TQDM_DISABLE="1",
-               BENCH_STEPS=str(args.steps), BENCH_OUT=str(work / "res"), OMP_NUM_THREADS=str(max(1, 2 // nproc)))
+    env = _common.repo_env(code, PIXELSEG_CACHE=str(cache), TQDM_DISABLE="1",
+                          BENCH_STEPS=str(args.steps), BENCH_OUT=str(work / "res"), OMP_NUM_THREADS=str(max(1, 2 // nproc)))
     wrapper = work / "wrapper.py"
     wrapper.write_text(WRAPPER)
     train_args = ["train", *data_args, "--model", "unet", "--weights", "none", "--epochs", "1",
@@ -183,7 +183,7 @@ def wait(args):
         rows.append(dict(run_train(args, args.code, folder, f"folder-n{n}", cache_dir=cache), n=n, source="folder"))
         shards = args.data / f"n{n}-shards"
         if not (shards / "val.json").is_file():
-            env = dict(os.environ, PYTHONPATH=str(args.code), TQDM_DISABLE="1")
+            env = _common.repo_env(args.code, TQDM_DISABLE="1")
             subprocess.run([sys.executable, "-m", "pixelseg", "shards", *folder, "--out", str(shards)], env=env,
                            check=True)
         rows.append(dict(run_train(args, args.code, ["--dataset", "shards", "--data-root", str(shards)],
@@ -218,8 +218,8 @@ print(json.dumps({"source": name, "images": n, "images_per_s": n / (time.time() 
 def pipe(args):
     """Data pipeline alone (no model): one epoch of random-scale crops from the folder (decode cache) vs
     from shards, same transform, same workers: what a training step would wait for at most."""
-    env = dict(os.environ, PYTHONPATH=str(args.code), TQDM_DISABLE="1",
-               PIXELSEG_CACHE=tempfile.mkdtemp(prefix="bench-cache-", dir=args.scratch))
+    env = _common.repo_env(args.code, TQDM_DISABLE="1",
+                           PIXELSEG_CACHE=tempfile.mkdtemp(prefix="bench-cache-", dir=args.scratch))
     rows = []
     for n in args.sizes:
         folder = args.data / f"n{n}"
@@ -238,7 +238,6 @@ def pipe(args):
 
 def decoders(args):
     """Full-resolution decode of 512×512 JPEGs: PIL (pixelseg.data.io.read_image) vs torchvision.io."""
-    sys.path.insert(0, str(REPO))
     import numpy as np
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -266,7 +265,7 @@ def decoders(args):
 
 def assemble(args):
     """Batch assembly (64 × 128×128, the tutorial default): private in-memory array vs the disk store."""
-    sys.path.insert(0, str(args.code))
+    sys.path.insert(0, str(args.code))  # --code: another checkout's pixelseg, before this one
     import numpy as np
     import torch
     os.environ["PIXELSEG_CACHE"] = str(Path(tempfile.mkdtemp(prefix="bench-cache-", dir=args.scratch)))

@@ -1,9 +1,9 @@
 """Annotation formats: parse + rasterise speed per format, convert speed, and training per epoch from COCO vs
 from the folder `pixelseg convert` made of it (side by side, one run).
 
-    python benchmarks/bench_labels.py decode [--images 60]      # synthetic 640×480 exports, 8 polygons/masks each
-    python benchmarks/bench_labels.py convert                   # ../shared/data/coco-cardamage -> folder
-    python benchmarks/bench_labels.py epoch [--limit 32]        # train 2 epochs from coco and from the folder,
+    python benchmarks/data/bench_labels.py decode [--images 60]      # synthetic 640×480 exports, 8 polygons/masks each
+    python benchmarks/data/bench_labels.py convert                   # ../shared/data/coco-cardamage -> folder
+    python benchmarks/data/bench_labels.py epoch [--limit 32]        # train 2 epochs from coco and from the folder,
                                                                 # alternating, --repeats times each
 
 Writes benchmarks/out/labels/*.json and prints one table per part.
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-OUT = HERE / "out" / "labels"
-CARDAMAGE = REPO.parent / "shared" / "data" / "coco-cardamage"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
+OUT = _common.OUT / "labels"
+CARDAMAGE = _common.SHARED_DATA / "coco-cardamage"
 W, H, SHAPES = 640, 480, 8
 
 
@@ -164,8 +165,7 @@ def _train(dataset: str, root: Path, run: Path, cache: str, limit: int, size: in
     cmd = [sys.executable, "-m", "pixelseg", "train", "--dataset", dataset, "--data-root", str(root), "--weights",
            "none", "--image-size", str(size), "--epochs", "2", "--limit", str(limit), "--batch-size", "8",
            "--run-dir", str(run), "--cache", cache, "--figure-samples", "0", "--precise-bn", "0", "--seed", "0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_common.repo_env())
     if p.returncode:
         raise SystemExit(p.stderr[-2000:])
     return [e["epoch_time_s"] for e in json.loads((run / "metrics.json").read_text())]
@@ -201,9 +201,7 @@ def main() -> None:
     args = ap.parse_args()
     result = {"decode": decode, "convert": convert, "epoch": epoch}[args.what](args)
     OUT.mkdir(parents=True, exist_ok=True)
-    machine = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((ln.split(":", 1)[1].strip() for ln in machine.splitlines() if ln.startswith("Model name")), "?")
-    (OUT / f"{args.what}.json").write_text(json.dumps({"machine": name, "args": vars(args), "result": result}, indent=1))
+    (OUT / f"{args.what}.json").write_text(json.dumps({"machine": _common.cpu_model(), "args": vars(args), "result": result}, indent=1))
 
 
 if __name__ == "__main__":

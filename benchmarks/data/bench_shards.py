@@ -6,7 +6,7 @@ photos with shapes, `write_folder`), the smallest model, random init, the same f
 Per epoch: the run's own `epoch_time_s` of epoch 2 (epoch 1 includes the folder's one-off decode cache
 build and the workers' start); CPU: user and sys time of the whole run from getrusage(RUSAGE_CHILDREN).
 
-    python benchmarks/bench_shards.py --sizes 24 2400 24000 [--epochs 2] [--workers 2]
+    python benchmarks/data/bench_shards.py --sizes 24 2400 24000 [--epochs 2] [--workers 2]
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
 FLAGS = ["--model", "unet", "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "64",
          "--batch-size", "16", "--precision", "fp32", "--figure-samples", "0", "--device", "cpu", "--seed", "0"]
 
@@ -40,7 +42,7 @@ def _run(cmd, env) -> dict:
 
 def bench(n: int, scratch: Path, epochs: int, workers: int) -> list[dict]:
     from pixelseg.data.synthetic import write_folder
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = _common.repo_env()
     root, shards = scratch / f"folder{n}", scratch / f"shards{n}"
     write_folder(root, n, (64, 64), seed=0)
     subprocess.run([sys.executable, "-m", "pixelseg", "shards", "--dataset", "folder", "--data-root", str(root),
@@ -67,7 +69,7 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[24, 2400, 24000])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "shards.json")
+    p.add_argument("--out", type=Path, default=_common.OUT / "shards.json")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as d:

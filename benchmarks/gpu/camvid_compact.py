@@ -2,8 +2,8 @@
 
 Images become JPEG quality 95 (about 40 KB instead of 230 KB each; the pixels change slightly, so
 scores on the copy are not bit-identical with the original), labels are copied unchanged, and the
-list files are rewritten to the new image names. Used by benchmarks/gpu_results.sh.
-    python benchmarks/camvid_compact.py SRC_ROOT DST_ROOT
+list files are rewritten to the new image names. Used by benchmarks/gpu/gpu_results.sh.
+    python benchmarks/gpu/camvid_compact.py SRC_ROOT DST_ROOT
 """
 import shutil
 import sys

@@ -4,20 +4,22 @@ Bayesian SegNet's Monte-Carlo sampling runs on the GPU, the inference rewrites
 (``rewrites.prepare_for_inference``: folded BatchNorm) keep fp32 outputs, and the training-time
 decoder (grad enabled: U-Net's split skip convs) computes the same function as inference's.
 
-    python benchmarks/gpu_check.py            # prints one line per model and exits non-zero on failure
+    python benchmarks/gpu/gpu_check.py            # prints one line per model and exits non-zero on failure
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import copy
-
-from pixelseg.models import ARCHITECTURES, create_model, mc_predict
-from pixelseg.models.rewrites import prepare_for_inference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (puts this checkout's pixelseg first on sys.path)
+from pixelseg.models import ARCHITECTURES, create_model, mc_predict  # noqa: E402
+from pixelseg.models.rewrites import prepare_for_inference  # noqa: E402
 
 
 def main() -> int:

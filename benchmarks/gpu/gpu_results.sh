@@ -2,9 +2,9 @@
 # The GPU rows of docs/results.md as one prepared script: CamVid at 360x480 from scratch for SegNet,
 # Bayesian SegNet and DeepLabV3-ResNet-50 (median-frequency weights, Adam 1e-3 + poly, as the CPU rows),
 # each time-boxed, then scored with the uncertainty report. Fits one 10-minute device command.
-#   bash benchmarks/gpu_results.sh OUT_DIR CAMVID_ROOT [TOTAL_SECONDS]
+#   bash benchmarks/gpu/gpu_results.sh OUT_DIR CAMVID_ROOT [TOTAL_SECONDS]
 # CAMVID_ROOT is the SegNet layout (122 MB as published; the device's 64 MB carry limit needs a compact
-# copy: `python benchmarks/camvid_compact.py /work/shared/data/camvid shared/camvid` writes one with
+# copy: `python benchmarks/gpu/camvid_compact.py /work/shared/data/camvid shared/camvid` writes one with
 # JPEG-95 images and the original PNG labels, 37 MB).
 set -uo pipefail
 OUTDIR=${1:?out dir}; CAMVID=${2:?camvid root}; TOTAL=${3:-560}

@@ -1,9 +1,9 @@
 """`pixelseg audit` on known label errors: corrupt a share of the training masks with a fixed seed, train
 `--folds 3`, audit, and measure how well the ranking finds the corrupted images, per kind of corruption.
 
-    python benchmarks/bench_audit.py                          # pets sample and coco-cardamage, pretrained encoder
-    python benchmarks/bench_audit.py --sets pets --train-args "--auto --weights none --time-budget 20m"
-    python benchmarks/bench_audit.py --limit 24 --train-args "--epochs 1 --image-size 64 --weights none"  # smoke
+    python benchmarks/quality/bench_audit.py                          # pets sample and coco-cardamage, pretrained encoder
+    python benchmarks/quality/bench_audit.py --sets pets --train-args "--auto --weights none --time-budget 20m"
+    python benchmarks/quality/bench_audit.py --limit 24 --train-args "--epochs 1 --image-size 64 --weights none"  # smoke
 
 Corruptions (10% of the pool images by default, kinds dealt in turn over a seeded shuffle), one per image:
     swap      one object gets another class (pets: the pet becomes "border", the only other object class)
@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
+SHARED = _common.SHARED_DATA
 SETS = {"pets": ("oxford-pet", SHARED / "oxford-iiit-pet-sample", "trainval"),
         "cardamage": ("coco", SHARED / "coco-cardamage", "train")}
 KINDS = ("swap", "drop", "boundary", "shift")
@@ -217,18 +218,8 @@ def metrics(ranking: list[dict], truth: dict[str, str]) -> dict:
     return out
 
 
-def machine() -> str:
-    """lscpu's model name and the CPU count, for the record."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        model = "?"
-    return f"{model}, {os.cpu_count()} CPUs"
-
-
 def run(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = _common.repo_env()
     print("$ " + shlex.join(cmd), flush=True)
     with open(log, "a") as f:
         r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
@@ -275,7 +266,7 @@ def bench_set(name: str, a, work: Path) -> dict:
     result = {"set": name, "dataset": dataset, "pool": len(pool), "corrupted": truth, "rate": a.rate, "seed": a.seed,
               "boundary_px": a.boundary_px, "train_args": a.train_args, "limit": a.limit,
               "cv_miou": cv["miou"], "train_s": train_s, "audit_s": round(t2 - t1, 1),
-              "machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS"),
+              "machine": _common.machine(), "threads": os.environ.get("OMP_NUM_THREADS"),
               "thresholds": report["thresholds"], "metrics": metrics(report["ranking"], truth)}
     (base / "bench.json").write_text(json.dumps(result, indent=1))
     return result
@@ -307,7 +298,7 @@ def main() -> None:
                    help=f"more `pixelseg train` flags (default: {TRAIN_ARGS!r}: an ImageNet EfficientNet-Lite0 "
                         "encoder trained whole, a fixed number of epochs rather than a time budget, so a busy "
                         "machine gets the same steps)")
-    p.add_argument("--work", type=Path, default=HERE / "out" / "audit" / "work",
+    p.add_argument("--work", type=Path, default=_common.OUT / "audit" / "work",
                    help="where the corrupted copies, runs and audits go")
     a = p.parse_args()
     results = []

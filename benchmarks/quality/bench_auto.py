@@ -7,9 +7,9 @@ to benchmarks/out/bench_auto.json. Targets (issue 18): pets >= 0.60 val mIoU in 
 (defaults 0.451); CamVid >= 0.563 in 20 min (the hand recipe in docs/results.md); coco-cardamage and the
 tiny-object set: well above the defaults.
 
-    python benchmarks/bench_auto.py                         # all four, budgets 10m / 20m / 10m / 10m
-    python benchmarks/bench_auto.py --only pets --budget pets=5m
-    python benchmarks/bench_auto.py --only tiny --no-defaults
+    python benchmarks/quality/bench_auto.py                         # all four, budgets 10m / 20m / 10m / 10m
+    python benchmarks/quality/bench_auto.py --only pets --budget pets=5m
+    python benchmarks/quality/bench_auto.py --only tiny --no-defaults
 
 The tiny-object set is generated (benchmarks/out/tiny_objects): 256x256 "aerial" tiles with 8-12 px
 targets (class 1) and larger patches (class 2) on textured ground, named seqNN_FFFF in sequences of
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-OUT = ROOT / "benchmarks" / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
+ROOT, DATA, OUT = _common.REPO, _common.SHARED_DATA, _common.OUT
 BUDGETS = {"pets": "10m", "camvid": "20m", "coco": "10m", "tiny": "10m"}
 
 
@@ -69,7 +69,6 @@ def make_tiny_objects(root: Path, sequences: int = 16, frames: int = 10, size: i
 
 
 def coco_registered() -> bool:
-    sys.path.insert(0, str(ROOT))
     from pixelseg.data import DATASETS
     return "coco" in DATASETS
 
@@ -87,7 +86,7 @@ def run(args: list[str], run_dir: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pixelseg", "train", *args, "--run-dir", str(run_dir)]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1"))
+                       env=_common.repo_env(TQDM_DISABLE="1"))
     wall = time.time() - t0
     if p.returncode:
         return {"cmd": " ".join(cmd), "error": (p.stderr or p.stdout).strip()[-600:], "wall_s": wall}
@@ -110,7 +109,7 @@ def main() -> None:
     a = ap.parse_args()
     budgets = dict(BUDGETS, **dict(b.split("=", 1) for b in a.budget))
     OUT.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = _common.stamp()
     results = {}
     for name in a.only.split(","):
         if name == "coco" and not coco_registered():

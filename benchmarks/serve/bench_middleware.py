@@ -5,7 +5,7 @@ Each app answers a POST of a 20 kB body with an 11.7 kB body (a pets photo's siz
 requests are driven straight through the ASGI interface in this process (no sockets), 2000 per round,
 rounds interleaved. Prints microseconds per request.
 
-    python benchmarks/bench_middleware.py [--rounds 5]
+    python benchmarks/serve/bench_middleware.py [--rounds 5]
 """
 from __future__ import annotations
 

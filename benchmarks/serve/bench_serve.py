@@ -12,8 +12,8 @@ In-process reference, in a fresh process, on the same photos: decode (JPEG -> RG
 inference (`Engine.mask`: resize to the training size, model, logits back, argmax) and PNG encode, the
 sum being what `predict` costs per photo - the issue's goal is p95 at 1 client <= 1.5 x that sum.
 
-    python benchmarks/bench_serve.py RUN_DIR                          # 20 s or 2000 requests per level
-    python benchmarks/bench_serve.py RUN_DIR --duration 30 --batch 8,1 --clients 1,16
+    python benchmarks/serve/bench_serve.py RUN_DIR                          # 20 s or 2000 requests per level
+    python benchmarks/serve/bench_serve.py RUN_DIR --duration 30 --batch 8,1 --clients 1,16
 """
 from __future__ import annotations
 
@@ -26,16 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # this checkout's pixelseg, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
-def percentile(values, q):
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+percentile = _common.percentile  # bench_soak.py imports it from here
 
 
 def wait_ready(url, proc, timeout=600):
@@ -56,7 +50,7 @@ def wait_ready(url, proc, timeout=600):
 def start_server(run, port, flags=()) -> subprocess.Popen:
     """`pixelseg serve RUN` of this checkout on 127.0.0.1:port (wait for it with `wait_ready`)."""
     cmd = [sys.executable, "-m", "pixelseg", "serve", str(run), "--host", "127.0.0.1", "--port", str(port), *flags]
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+    return subprocess.Popen(cmd, env=_common.repo_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -64,7 +58,7 @@ class RawClient:
     """One keep-alive HTTP/1.1 connection that POSTs a body and reads the answer, on asyncio streams.
 
     Hand-written because the load generator runs on the same cores as the server: httpx costs many times
-    more CPU per request than this (benchmarks/bench_http_client.py, docs/benchmarks.md), and what the
+    more CPU per request than this (benchmarks/serve/bench_http_client.py, docs/benchmarks.md), and what the
     clients burn the server cannot use. Enough HTTP for this server's answers (Content-Length bodies);
     `--client httpx` keeps the old client."""
 
@@ -239,7 +233,7 @@ def fresh_reference(args, onnx_path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="run directory or checkpoint (the tutorial model)")
-    ap.add_argument("--photos", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images"))
+    ap.add_argument("--photos", default=str(_common.PETS_PHOTOS))
     ap.add_argument("--n-photos", type=int, default=32)
     ap.add_argument("--photo", help="post only this one photo (the issue's protocol: one 500x375 JPEG, "
                     "e.g. Abyssinian_105.jpg of the pets sample), instead of --n-photos of --photos")
@@ -256,7 +250,7 @@ def main():
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="the load generator: raw asyncio HTTP/1.1 (light on the shared cores) or httpx (earlier runs)")
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--out", default=str(HERE / "out" / "bench_serve.json"))
+    ap.add_argument("--out", default=str(_common.OUT / "bench_serve.json"))
     args = ap.parse_args()
 
     photos = [Path(args.photo)] if args.photo else sorted(Path(args.photos).glob("*.jpg"))[: args.n_photos]

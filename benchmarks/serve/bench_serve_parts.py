@@ -12,7 +12,7 @@
 Rounds are interleaved; medians are printed. libgomp's spin count and the allocator are
 `serve`'s. The masks come from the run's model on real pets photos.
 
-    python benchmarks/bench_serve_parts.py RUN_DIR [--photo JPEG] [--repeats 30]
+    python benchmarks/serve/bench_serve_parts.py RUN_DIR [--photo JPEG] [--repeats 30]
 """
 from __future__ import annotations
 
@@ -20,28 +20,17 @@ import argparse
 import io
 import statistics
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="run directory or checkpoint")
-    ap.add_argument("--photo", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images/Abyssinian_105.jpg"))
-    ap.add_argument("--photos", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images"))
+    ap.add_argument("--photo", default=str(_common.PETS_PHOTO))
+    ap.add_argument("--photos", default=str(_common.PETS_PHOTOS))
     ap.add_argument("--n-photos", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
@@ -102,7 +91,7 @@ def main():
     rows = {k: [] for k in jobs}
     for _ in range(3):
         for k, fn in jobs.items():
-            rows[k].append(median_ms(fn, max(3, args.repeats // 3)))
+            rows[k].append(_common.median_ms(fn, max(3, args.repeats // 3)))
     for k, v in rows.items():
         print(f"{k:34s} {statistics.median(v):8.2f} ms")
 
@@ -141,7 +130,7 @@ def main():
     t = {k: [] for k in enc}
     for _ in range(3):
         for k, fn in enc.items():
-            t[k].append(median_ms(lambda: [fn(m) for m in masks], max(3, args.repeats // 3)) / len(masks))
+            t[k].append(_common.median_ms(lambda: [fn(m) for m in masks], max(3, args.repeats // 3)) / len(masks))
     for k, fn in enc.items():
         kb = statistics.mean(len(fn(m)) for m in masks) / 1000
         print(f"PNG of {len(masks)} real masks, zlib {FAST_PNG}, {k:14s} {statistics.median(t[k]):6.2f} ms, {kb:5.1f} kB mean")

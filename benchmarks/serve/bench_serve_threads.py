@@ -5,7 +5,7 @@ bench_serve.py's closed-loop clients and reads every server thread's user+system
 Threads are listed by id (Python threads share the process name): the two busiest are the torch thread and
 its OpenMP worker, then the decode/encode pool, then the main thread (the event loop, marked).
 
-    python benchmarks/bench_serve_threads.py runs/pets [--photo JPEG] [--clients 1,16] [--duration 10]
+    python benchmarks/serve/bench_serve_threads.py runs/pets [--photo JPEG] [--clients 1,16] [--duration 10]
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -35,7 +35,7 @@ def main():
     import bench_serve
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run")
-    ap.add_argument("--photo", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images/Abyssinian_105.jpg"))
+    ap.add_argument("--photo", default=str(_common.PETS_PHOTO))
     ap.add_argument("--clients", default="1,16")
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--port", type=int, default=8771)

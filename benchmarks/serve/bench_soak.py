@@ -2,7 +2,7 @@
 disconnects, the server's RSS, open file descriptors and threads sampled every 30 s (issue 33).
 
 A fresh `pixelseg serve` process (this checkout) is started on 127.0.0.1 (loopback only) and warmed up; then
-`--clients` asyncio clients (benchmarks/bench_serve.py's RawClient: light on the shared cores) each send their
+`--clients` asyncio clients (benchmarks/serve/bench_serve.py's RawClient: light on the shared cores) each send their
 next request as soon as the last one ended, for `--minutes`. Each request is drawn (seeded) from:
 
     good        a pets JPEG (or a synthetic photo when the sample is missing) as the raw body    -> 200
@@ -16,8 +16,8 @@ window's good requests, and the window's status counts. Goal: no 5xx; RSS after 
 10 %; no growth in fds or threads (last sample vs the first after the first minute). The rows, the verdicts and
 the machine go to --out (JSON) and stdout (a markdown table for docs/reliability.md).
 
-    python benchmarks/bench_soak.py RUN_DIR                         # 10 minutes, 16 clients
-    python benchmarks/bench_soak.py --minutes 1 --interval 10       # short check; random-init tutorial model
+    python benchmarks/serve/bench_soak.py RUN_DIR                         # 10 minutes, 16 clients
+    python benchmarks/serve/bench_soak.py --minutes 1 --interval 10       # short check; random-init tutorial model
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import random
 import struct
 import sys
@@ -35,23 +34,12 @@ import time
 import zlib
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from bench_serve import RawClient, percentile, start_server, wait_ready  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+from _common import percentile  # noqa: E402
+from bench_serve import RawClient, start_server, wait_ready  # noqa: E402  (this folder)
 
 MIX = (("good", 0.7), ("bad", 0.2), ("disconnect", 0.1))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def proc_stats(pid: int) -> dict:
@@ -219,11 +207,11 @@ def main():
     ap.add_argument("--interval", type=float, default=30.0, help="seconds between samples (default: 30)")
     ap.add_argument("--warmup", type=float, default=60.0, help="RSS flatness is judged after this many seconds")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--photos", default=str(HERE.parent.parent / "shared/data/oxford-iiit-pet-sample/images"))
+    ap.add_argument("--photos", default=str(_common.PETS_PHOTOS))
     ap.add_argument("--n-photos", type=int, default=32)
     ap.add_argument("--serve-args", default="", help="more `pixelseg serve` flags, e.g. '--max-batch 8'")
     ap.add_argument("--port", type=int, default=8766)
-    ap.add_argument("--out", default=str(HERE / "out" / "bench_soak.json"))
+    ap.add_argument("--out", default=str(_common.OUT / "bench_soak.json"))
     args = ap.parse_args()
 
     good = photos(Path(args.photos), args.n_photos)
@@ -239,7 +227,7 @@ def main():
             proc.terminate()
             _, err = proc.communicate(timeout=60)
     tracebacks = err.decode(errors="replace").count("Traceback")
-    result = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+    result = {"machine": {"cpu": _common.cpu_model(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "model": str(args.run or "random-init unet/mobilenet_v2 at 128 px"), "minutes": args.minutes,
               "clients": args.clients, "mix": dict(MIX), "rows": rows,

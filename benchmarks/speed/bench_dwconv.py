@@ -5,7 +5,7 @@ Why pixelseg runs MobileNetV2's *strided* depthwise convs in fp32 under CPU bf16
 backward is several times slower than fp32 (e.g. 576 channels at 8x8, stride 2: 60 ms vs 1.4 ms),
 while stride-1 depthwise convs are faster in bf16. Shapes are the tutorial model's at batch 64, 128x128.
 
-    python benchmarks/bench_dwconv.py
+    python benchmarks/speed/bench_dwconv.py
 """
 from __future__ import annotations
 

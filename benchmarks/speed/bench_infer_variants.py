@@ -3,8 +3,8 @@ TorchScript trace + freeze, torch.compile (inductor with weight freezing) and th
 the transposed convolutions. It answers "would another execution path reach 2x TensorFlow?" and
 prints a per-op profile of the default path (--profile).
 
-    python benchmarks/bench_infer_variants.py                    # every variant, a fresh process each
-    python benchmarks/bench_infer_variants.py --variants eager --profile
+    python benchmarks/speed/bench_infer_variants.py                    # every variant, a fresh process each
+    python benchmarks/speed/bench_infer_variants.py --variants eager --profile
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # this checkout's pixelseg, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (puts this checkout's pixelseg first on sys.path)
 VARIANTS = ("eager", "jit", "inductor")
 
 

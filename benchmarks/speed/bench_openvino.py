@@ -5,7 +5,7 @@ batch 1, on the training size; the median over rounds is reported with the ratio
 what `predict` and `evaluate` run (`load_model` fast path: folded BatchNorm, channels_last, the default
 precision). Inputs are the run's real validation images.
 
-    python benchmarks/bench_openvino.py runs/pets --xml pets.xml --xml pets_int8.xml
+    python benchmarks/speed/bench_openvino.py runs/pets --xml pets.xml --xml pets_int8.xml
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--xml", action="append", default=[], help="an OpenVINO export (repeat)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", default="64,1")
-    ap.add_argument("--out", default=str(HERE / "out" / "bench_openvino.json"))
+    ap.add_argument("--out", default=str(_common.OUT / "bench_openvino.json"))
     args = ap.parse_args()
 
     import torch

@@ -5,21 +5,25 @@ autocast with bf16 weights (what `--precision auto` picks on CPUs with native bf
 fp32 - and reports each mIoU and the share of pixels whose predicted class differs. pixelseg keeps bf16
 as the default only while it costs < 0.1 mIoU point (docs/export.md).
 
-    python benchmarks/bench_precision.py runs/pets --split test
+    python benchmarks/speed/bench_precision.py runs/pets --split test
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from pixelseg.core.checkpoint import load_checkpoint
-from pixelseg.data import collate_batch, dataset_options, load_split
-from pixelseg.inference.loading import load_model
-from pixelseg.core.metrics import ConfusionMatrix
-from pixelseg.core.runtime import autocast, to_model_input
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (puts this checkout's pixelseg first on sys.path)
+from pixelseg.core.checkpoint import load_checkpoint  # noqa: E402
+from pixelseg.data import collate_batch, dataset_options, load_split  # noqa: E402
+from pixelseg.inference.loading import load_model  # noqa: E402
+from pixelseg.core.metrics import ConfusionMatrix  # noqa: E402
+from pixelseg.core.runtime import autocast, to_model_input  # noqa: E402
 
 
 def main() -> None:

@@ -9,19 +9,18 @@ configuration's allocator state never leaks into the next. Achieved GFLOP/s = FL
 
 The training step is train.py's own (``pixelseg.training.loop.train_step``): uint8 batch -> to_model_input ->
 autocast forward -> fp32 loss -> backward -> Adam (pixelseg.training.optim / pixelseg.training.losses), on in-memory
-random data: this is the model and optimiser cost alone; compare.py measures the whole
+random data: this is the model and optimiser cost alone; compare/run.py measures the whole
 `pixelseg train` loop with its data pipeline.
 
-    python benchmarks/bench_throughput.py                                  # full matrix, 3 repeats
-    python benchmarks/bench_throughput.py --configs bf16_cl --tasks train_frozen --steps 3 --repeats 1
-    python benchmarks/bench_throughput.py --profile bf16_cl:train_full     # torch.profiler top ops
+    python benchmarks/speed/bench_throughput.py                                  # full matrix, 3 repeats
+    python benchmarks/speed/bench_throughput.py --configs bf16_cl --tasks train_frozen --steps 3 --repeats 1
+    python benchmarks/speed/bench_throughput.py --profile bf16_cl:train_full     # torch.profiler top ops
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # this checkout's pixelseg, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
 # name -> (precision for pixelseg.core.runtime.resolve_precision, channels_last, compile)
 CONFIGS = {
@@ -48,11 +47,6 @@ TASKS = ("train_frozen", "train_full", "infer", "latency")
 
 
 # ---- worker: one (config, task) in a fresh process --------------------------------------------
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def build(config: str, frozen: bool, dev, training: bool = True):
     from pixelseg.models import create_model
@@ -115,7 +109,7 @@ def worker(config: str, task: str, args) -> dict:
     t_warm = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    _sync(dev)
+    _common.sync(dev)
     warmup_s = time.perf_counter() - t_warm
     n_steps = args.latency_iters if task == "latency" else args.steps
     times = []
@@ -124,7 +118,7 @@ def worker(config: str, task: str, args) -> dict:
         out = step()
         if task == "latency":
             out.cpu()
-        _sync(dev)
+        _common.sync(dev)
         times.append(time.perf_counter() - t)
     if args.profile:
         return profile(step, dev, args)
@@ -132,9 +126,9 @@ def worker(config: str, task: str, args) -> dict:
     res = {"config": config, "task": task, "device": str(dev), "precision": str(amp or torch.float32),
            "threads": torch.get_num_threads(), "batch": batch, "steps": n_steps, "warmup_s": warmup_s,
            "images_per_s": batch / med, "step_ms": 1000 * med, "images_per_s_best": batch / min(times),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+           "peak_rss_bytes": _common.peak_rss_bytes()}
     if dev.type == "cuda":
-        res["peak_device_mem_bytes"] = int(torch.cuda.max_memory_allocated())
+        res["peak_device_mem_bytes"] = _common.peak_device_memory(dev)
     return res
 
 
@@ -145,7 +139,7 @@ def profile(step, dev, args) -> dict:
     with torch_profile(activities=acts, record_shapes=args.profile_shapes) as prof:
         for _ in range(args.steps):
             step()
-        _sync(dev)
+        _common.sync(dev)
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages(group_by_input_shape=args.profile_shapes).table(
         sort_by=key, row_limit=args.profile_rows, max_name_column_width=40, max_shapes_column_width=70)
@@ -204,7 +198,7 @@ def measure_peaks(args) -> dict:
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     peaks = {}
     for dtype in ("fp32", "bf16") + (("tf32",) if cuda else ()):
-        r = subprocess.run([sys.executable, str(HERE / "gemm_peak.py"), "--dtypes", dtype, "--repeats",
+        r = subprocess.run([sys.executable, str(_common.BENCH / "speed" / "gemm_peak.py"), "--dtypes", dtype, "--repeats",
                             str(args.gemm_repeats)] + (["--device", args.device] if args.device != "auto" else []),
                            capture_output=True, text=True)
         peaks[dtype] = json.loads(r.stdout.strip().splitlines()[-1])["gflops"] if r.returncode == 0 else None
@@ -322,7 +316,7 @@ def main(argv=None) -> int:
           f"fresh processes × {args.steps} steps; % of the GEMM peak of the config's dtype (fp32 configs: "
           f"{peaks['fp32_configs']:.0f} GFLOP/s, bf16: {peaks['bf16'] or float('nan'):.0f} GFLOP/s)")
     print(table)
-    out = args.out or HERE / "out" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or _common.out_path("throughput", stamped=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"peaks_gflops": peaks, "flops_per_image": flops, "rows": rows, "table": table,
                                "raw": {f"{c}:{t}": v for (c, t), v in results.items()},

@@ -7,15 +7,14 @@ and the same batch size per resolution. Each (model, size) runs in a fresh proce
 memory is its own. Inference is one deterministic forward pass in eval mode (Bayesian SegNet's
 Monte-Carlo sampling multiplies its cost by the number of samples).
 
-    python benchmarks/bench_zoo.py                                   # all models, both sizes
-    python benchmarks/bench_zoo.py --models unet,segnet --sizes 128x128@8 --steps 2
-    python benchmarks/bench_zoo.py --models deeplabv3/mobilenet_v1,upernet/timm:convnext_tiny  # ARCH/BACKBONE
+    python benchmarks/speed/bench_zoo.py                                   # all models, both sizes
+    python benchmarks/speed/bench_zoo.py --models unet,segnet --sizes 128x128@8 --steps 2
+    python benchmarks/speed/bench_zoo.py --models deeplabv3/mobilenet_v1,upernet/timm:convnext_tiny  # ARCH/BACKBONE
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # this checkout's pixelseg, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
 
 def parse_size(spec: str) -> tuple[int, int, int]:
@@ -79,10 +78,6 @@ def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
     loss_fn = build_loss("ce", 3)
     opt = build_optimizer(model, "adam", 1e-3)
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     ctx = RunContext(dev, amp, args.channels_last)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)  # as train.py: only for fp16
 
@@ -105,17 +100,17 @@ def worker(spec: str, h: int, w: int, batch: int, args) -> dict:
             infer_model = prepare_for_inference(model, amp, args.channels_last)
         for _ in range(args.warmup):
             step()
-        sync()
+        _common.sync(dev)
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
             step()
-            sync()
+            _common.sync(dev)
             times.append(time.perf_counter() - t)
         res[f"{name}_images_per_s"] = batch / statistics.median(times)
-    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["peak_rss_bytes"] = _common.peak_rss_bytes()
     if dev.type == "cuda":
-        res["peak_device_mem_bytes"] = int(torch.cuda.max_memory_allocated())
+        res["peak_device_mem_bytes"] = _common.peak_device_memory(dev)
     return res
 
 
@@ -184,7 +179,7 @@ def main(argv=None) -> int:
     print(f"flags: device {args.device}, precision {args.precision}, channels_last {args.channels_last}, random weights, "
           f"all layers trained; median of {args.steps} steps after {args.warmup} warm-up")
     print(table)
-    out = args.out or HERE / "out" / f"zoo-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or _common.out_path("zoo", stamped=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "table": table, "args": {k: str(v) for k, v in vars(args).items()}},
                               indent=1))

@@ -3,7 +3,7 @@
 A large square GEMM is the most efficient thing the BLAS/oneDNN (CPU) or cuBLAS (GPU) kernels do,
 so its rate is a practical peak for the same threads and dtype, far more honest than a datasheet.
 
-    python benchmarks/gemm_peak.py [--dtypes fp32,bf16] [--n 4096] [--repeats 5]
+    python benchmarks/speed/gemm_peak.py [--dtypes fp32,bf16] [--n 4096] [--repeats 5]
 
 Prints one JSON line per dtype. On CUDA, "fp32" means true fp32 (TF32 off) and "tf32" is available.
 """
@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def gemm_peak(dtype: str = "fp32", n: int | None = None, repeats: int = 5, device: str | torch.device | None = None) -> dict:
     """Best GFLOP/s of ``repeats`` n×n @ n×n products (2n³ FLOPs each) after one warm-up."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _common.device(device)
     n = n or (8192 if dev.type == "cuda" else 4096)
     if dev.type == "cuda":
         prev = torch.backends.cuda.matmul.allow_tf32
@@ -32,13 +37,11 @@ def gemm_peak(dtype: str = "fp32", n: int | None = None, repeats: int = 5, devic
     best = float("inf")
     try:
         for i in range(repeats + 1):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            _common.sync(dev)
             t = time.perf_counter()
             for _ in range(inner):
                 torch.mm(a, b, out=c)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            _common.sync(dev)
             if i:  # the first product is the warm-up (kernel selection, page faults)
                 best = min(best, (time.perf_counter() - t) / inner)
     finally:
