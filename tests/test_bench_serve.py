@@ -1,4 +1,4 @@
-"""benchmarks/bench_serve.py's own HTTP client (RawClient) reads the server's answers right: statuses,
+"""benchmarks/serve/bench_serve.py's own HTTP client (RawClient) reads the server's answers right: statuses,
 bodies over several reads, keep-alive, and a connection the server closes."""
 import asyncio
 import importlib.util
@@ -12,7 +12,7 @@ from pixelseg.inference.serving import Engine  # noqa: E402
 from _fakes import fake_checkpoint  # noqa: E402
 from test_serve import jpeg, photo, running  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve" / "bench_serve.py"
 
 
 def _bench():

@@ -1,10 +1,10 @@
-"""benchmarks/bench_zoo.py measures the backbone it is asked for (ARCH/BACKBONE), not the default."""
+"""benchmarks/speed/bench_zoo.py measures the backbone it is asked for (ARCH/BACKBONE), not the default."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_zoo.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "bench_zoo.py"
 
 
 def test_bench_zoo_takes_arch_slash_backbone(tmp_path):

@@ -232,7 +232,7 @@ def test_tune_malloc_keeps_freed_blocks_in_the_heap():
     """Five allocate-write-free rounds of 64 MB through glibc: its defaults mmap and unmap the block each
     round (all 16 k pages fault again); after tune_malloc the block stays in the heap and no page faults.
     (Through torch the reuse is partial, as its 64-byte-aligned allocations fragment the heap: the gain on
-    the training step is measured by benchmarks/bench_throughput.py, docs/benchmarks.md.)"""
+    the training step is measured by benchmarks/speed/bench_throughput.py, docs/benchmarks.md.)"""
     import json
     import os
     import platform

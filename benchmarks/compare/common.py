@@ -3,6 +3,8 @@
 Only numpy, Pillow and the standard library, because this module is imported by the TensorFlow runner
 (its own virtualenv, no torch) as well as by the torch runners. Keeping the data reader and the mIoU
 here means the three frameworks are scored on the very same arrays with the very same arithmetic.
+Paths and peak memory come from ``benchmarks/_common.py`` (no torch either), which every importer has put on
+``sys.path`` with the scripts' two-line idiom.
 """
 from __future__ import annotations
 
@@ -15,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import OUT, PETS_SAMPLE, REPO, peak_rss_bytes  # noqa: F401  (re-exported for the runners)
+
 NUM_CLASSES = 3  # Oxford-IIIT Pet trimaps: 0 pet, 1 background, 2 border (after subtracting 1)
-BENCH_DIR = Path(__file__).resolve().parents[1]
-REPO = BENCH_DIR.parent
-PETS_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "oxford-iiit-pet-sample"
-OUT_DIR = BENCH_DIR / "out"
 
 
 def emit(result: dict) -> None:
@@ -68,12 +68,6 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None 
         err += f"\n[benchmark] killed after {timeout} s"
     return {"stdout": out, "stderr": err, "rc": proc.returncode, "wall_s": time.time() - t0,
             "peak_rss_bytes": usage.ru_maxrss * 1024}  # Linux reports kilobytes
-
-
-def peak_rss_self() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---- data on disk ----------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,25 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-sys.path.insert(0, str(common.REPO))  # this checkout's pixelseg, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+import common  # noqa: E402  (this folder)
 
 BATCH_SIZE = 64
-
-
-def _sync(dev):
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_device_memory(dev):
-    import torch
-
-    return int(torch.cuda.max_memory_allocated()) if dev.type == "cuda" else None
 
 
 def train_argv(data_root, run_dir, freeze: str, epochs: int, extra: list[str]) -> list[str]:
@@ -71,7 +56,7 @@ def task_train(args) -> dict:
     return {"task": "train", "freeze": args.freeze, "epochs": args.epochs, "images_per_s_per_epoch": per_epoch,
             "data_time_frac_per_epoch": [h["data_time_frac"] for h in history],
             "train_images_per_s": common.summarise_epochs(per_epoch), "log_head": log,
-            "peak_device_mem_bytes": _peak_device_memory(select_device("auto"))}
+            "peak_device_mem_bytes": _common.peak_device_memory(select_device("auto"))}
 
 
 def task_infer(args) -> dict:
@@ -97,8 +82,8 @@ def task_infer(args) -> dict:
         with autocast(dev, amp):
             return model(to_model_input(images, dev, True)).float()
 
-    res = common.time_inference(lambda: run(xb_u8), lambda: run(x1_u8).cpu(), args, sync=lambda: _sync(dev))
-    return dict(res, precision=str(amp or torch.float32), peak_device_mem_bytes=_peak_device_memory(dev))
+    res = common.time_inference(lambda: run(xb_u8), lambda: run(x1_u8).cpu(), args, sync=lambda: _common.sync(dev))
+    return dict(res, precision=str(amp or torch.float32), peak_device_mem_bytes=_common.peak_device_memory(dev))
 
 
 def _infer_openvino(model, xb_u8, x1_u8, args) -> dict:
@@ -136,8 +121,7 @@ def task_quality(args) -> dict:
     budget = common.Budget(args.t0, args.budget)
     work = Path(tempfile.mkdtemp(prefix="pixelseg-quality-"))
     run_dir = work / "run"
-    env = dict(os.environ, PIXELSEG_CACHE=str(work / "cache"), TQDM_DISABLE="1",  # fresh cache: decoding counts
-               PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")])))
+    env = _common.repo_env(PIXELSEG_CACHE=str(work / "cache"), TQDM_DISABLE="1")  # fresh cache: decoding counts
     cmd = [sys.executable, "-m", "pixelseg", *train_argv(args.data_root, run_dir, args.freeze, 10**6, args.extra)]
     try:
         with open(work / "stdout.txt", "w") as out:
@@ -206,7 +190,7 @@ def main(argv=None) -> int:
 
     result.update(framework=f"pixelseg {pixelseg.__version__} / torch {torch.__version__}",
                   device=str(select_device("auto")))
-    result["peak_rss_bytes_self"] = common.peak_rss_self()
+    result["peak_rss_bytes_self"] = common.peak_rss_bytes()
     common.emit(result)
     return 0
 

@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402  (this checkout's pixelseg first on sys.path, paths, device, timing)
+import common  # noqa: E402  (this folder)
 
 import numpy as np  # noqa: E402
 import segmentation_models_pytorch as smp  # noqa: E402
@@ -29,15 +30,6 @@ import torch.nn.functional as F  # noqa: E402
 BATCH_SIZE = 64
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # SMP's get_preprocessing_fn for imagenet encoders
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build(freeze: bool, dev):
@@ -91,7 +83,7 @@ def train_epochs(model, opt, loader, dev, freeze, epochs, budget=None):
             if budget is not None and budget.expired():
                 cut = True
                 break
-        sync(dev)
+        _common.sync(dev)
         per_epoch.append(seen / (time.perf_counter() - t0))
         if budget is not None:
             if cut or budget.expired():
@@ -100,12 +92,8 @@ def train_epochs(model, opt, loader, dev, freeze, epochs, budget=None):
     return per_epoch, snapshot, done
 
 
-def peak_device_memory(dev):
-    return int(torch.cuda.max_memory_allocated()) if dev.type == "cuda" else None
-
-
 def task_train(args) -> dict:
-    dev = device()
+    dev = _common.device()
     torch.manual_seed(args.seed)
     t_decode = time.perf_counter()
     x, y = load_tensors(Path(args.data_root), "trainval", args.size)
@@ -117,22 +105,22 @@ def task_train(args) -> dict:
     per_epoch, _, _ = train_epochs(model, opt, loader, dev, freeze, args.epochs)
     return {"task": "train", "freeze": args.freeze, "epochs": args.epochs, "decode_s": decode_s,
             "images_per_s_per_epoch": per_epoch, "train_images_per_s": common.summarise_epochs(per_epoch),
-            "peak_device_mem_bytes": peak_device_memory(dev)}
+            "peak_device_mem_bytes": _common.peak_device_memory(dev)}
 
 
 @torch.inference_mode()
 def task_infer(args) -> dict:
-    dev = device()
+    dev = _common.device()
     model = build(False, dev).eval()
     xb = preprocess(torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8), dev)
     x1 = xb[:1].clone()
-    res = common.time_inference(lambda: model(xb), lambda: model(x1).cpu(), args, sync=lambda: sync(dev))
-    return dict(res, peak_device_mem_bytes=peak_device_memory(dev))
+    res = common.time_inference(lambda: model(xb), lambda: model(x1).cpu(), args, sync=lambda: _common.sync(dev))
+    return dict(res, peak_device_mem_bytes=_common.peak_device_memory(dev))
 
 
 def task_quality(args) -> dict:
     budget = common.Budget(args.t0, args.budget)
-    dev = device()
+    dev = _common.device()
     torch.manual_seed(args.seed)
     root = Path(args.data_root)
     x, y = load_tensors(root, "trainval", args.size)
@@ -166,9 +154,9 @@ def main(argv=None) -> int:
     if args.t0 is None:
         args.t0 = time.time()
     result = {"runner": "smp-unet", "framework": f"segmentation_models_pytorch {smp.__version__} / torch "
-              f"{torch.__version__}", "device": str(device())}
+              f"{torch.__version__}", "device": str(_common.device())}
     result.update({"train": task_train, "infer": task_infer, "quality": task_quality}[args.task](args))
-    result["peak_rss_bytes_self"] = common.peak_rss_self()
+    result["peak_rss_bytes_self"] = common.peak_rss_bytes()
     common.emit(result)
     return 0
 

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (for common.py; this env has no pixelseg)
+import common  # noqa: E402  (this folder)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         args.t0 = time.time()
     result = {"runner": "tensorflow-tutorial", **device_info()}
     result.update({"train": task_train, "infer": task_infer, "quality": task_quality}[args.task](args))
-    result["peak_rss_bytes_self"] = common.peak_rss_self()
+    result["peak_rss_bytes_self"] = common.peak_rss_bytes()
     common.emit(result)
     return 0
 
