@@ -1,4 +1,9 @@
-"""pixelseg: train, evaluate and run semantic-segmentation models (U-Net, FCN, SegNet, DeepLabV3)."""
+"""pixelseg: train, evaluate and run semantic-segmentation models: 12 architectures (U-Net, FCN-8s/16s/32s,
+SegNet, Bayesian SegNet, DeepLabV3, DeepLabV3+, PSPNet, FPN, UPerNet, SegFormer) on torchvision/timm encoders.
+
+The package face is `create_model` and `list_models` (lazy: `import pixelseg` does not import torch) and the
+`pixelseg` command (cli.py). The code lives in six wings, imports only going down: core <- labels, models <-
+data <- training <- inference <- cli (README "Layout")."""
 
 from ._version import __version__
 

@@ -1,4 +1,7 @@
-"""Datasets: one name -> loader registry; every loader returns an ArrayDataset with DatasetInfo.
+"""Datasets: one name -> loader registry (pets, camvid, voc, ade20k, cityscapes, folder, coco, cvat, labelstudio,
+labelme, yolo, synthetic, shards); every loader returns an ArrayDataset with DatasetInfo. Also here: decoding and
+the disk cache (base.py, io.py), augmentation, the DataLoader (loader.py), `pixelseg convert` and WebDataset
+shards (shards.py reads, shards_write.py writes). Imports core/ and labels/ only.
 
 `load_split(dataset, root, split, image_size, ...)` is the single entry point used by train,
 evaluate and predict alike; `iter_full_res` serves the same split at each image's own resolution

@@ -93,7 +93,7 @@ def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) ->
 
 def decode_jpeg_fast(path, exif_transpose: bool = False) -> np.ndarray | None:
     """Full-resolution JPEG through torchvision.io.decode_jpeg: measured faster than PIL on the pets
-    photos and bit-identical to PIL's RGB conversion (benchmarks/bench_data.py decoders, docs/benchmarks.md,
+    photos and bit-identical to PIL's RGB conversion (benchmarks/data/bench_data.py decoders, docs/benchmarks.md,
     "Numbers behind choices in the code").
     At a reduced size PIL stays: its DCT-domain downscaling (`draft`) skips most of the work. None: use PIL."""
     try:

@@ -1,5 +1,7 @@
-"""The model zoo: U-Net, FCN-32s/16s/8s, SegNet, Bayesian SegNet and DeepLabV3 over
-torchvision / timm backbones, all behind ``create_model`` (timm / SMP naming)."""
+"""The model zoo: 12 architectures (U-Net, FCN-32s/16s/8s, SegNet, Bayesian SegNet, DeepLabV3, DeepLabV3+,
+PSPNet, FPN, UPerNet, SegFormer) over torchvision / timm / Mix-Transformer encoders, all behind
+``create_model`` (timm / SMP naming): encoder -> decoder -> head. weights.py says where encoder weights come
+from; rewrites.py holds the module rewrites that make training and inference faster without changing them."""
 
 from .backbones import BACKBONES, BackboneSpec, Encoder
 from .base import SegmentationModel
