@@ -34,7 +34,7 @@ from ..core.errors import PixelsegError
 from ..core.files import cache_dir
 from ..core.logs import logger as log
 from ..core.metrics import IGNORE_INDEX
-from .io import UnreadableImage, read_image, read_mask, _open
+from .io import UnreadableImage, _open, read_image, read_mask
 
 CACHE_VERSION = 2          # meta.json "version"; a store of another version is decoded again and replaced
 CACHE_MODES = ("mmap", "memory", "none")
@@ -56,7 +56,7 @@ class DatasetInfo:
                 "palette": [list(c) for c in self.palette], "ignore_index": self.ignore_index}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DatasetInfo":
+    def from_dict(cls, d: dict) -> DatasetInfo:
         return cls(d["name"], list(d["class_names"]), [tuple(c) for c in d["palette"]], d.get("ignore_index", 255))
 
 

@@ -36,8 +36,8 @@ import torch
 
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
-from .base import DatasetInfo, SkipReport, check_same_size, fit_size
 from . import remote
+from .base import DatasetInfo, SkipReport, check_same_size, fit_size
 from .io import UnreadableImage, read_image, read_mask
 
 INDEX_FORMAT = "pixelseg-shards"

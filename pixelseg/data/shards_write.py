@@ -14,11 +14,11 @@ import numpy as np
 
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
-from .base import DatasetInfo
 from . import remote
+from .base import DatasetInfo
 from .io import UnreadableImage, read_image
-
 from .shards import INDEX_FORMAT, INDEX_VERSION, INFO_KEY, _classes
+
 
 # ---- writing --------------------------------------------------------------------------------------
 def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limit: int | None = None,

@@ -141,6 +141,7 @@ def _sbd_label(mat: Path) -> np.ndarray:
 def _sbd_png(mat: Path) -> Path:
     """SBD label converted once to a PNG in the data home (written atomically), keyed by size+mtime."""
     from PIL import Image
+
     from .download import data_home
     st = mat.stat()
     out = data_home() / "voc-sbd-png" / f"{mat.stem}-{st.st_size}-{st.st_mtime_ns}.png"

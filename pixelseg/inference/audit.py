@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..core.errors import PixelsegError
 from ..core.files import atomic_write_bytes, atomic_write_text, check_output_dir, make_output_dir
 from ..core.logs import logger as log
-from .suspects import (KINDS, Thresholds, background_ids, find_suspects, label_quality, suspect_regions)
+from .suspects import KINDS, Thresholds, background_ids, find_suspects, label_quality, suspect_regions
 
 KIND_COLORS = {"missing_label": (255, 215, 0), "wrong_class": (255, 0, 255), "spurious_label": (0, 200, 255),
                "boundary": (255, 120, 0)}
@@ -89,9 +89,8 @@ class Source:
 def open_run(run, data_root=None, limit: int | None = None) -> Source:
     """Everything checked before any work: the run (folds or plain), its data and classes, the fold of
     each image. Bad input is one PixelsegError line."""
-    from ..core.checkpoint import load_checkpoint
+    from ..core.checkpoint import MANIFEST, load_checkpoint
     from ..data import dataset_info, dataset_options, get_dataset_module, load_split
-    from ..core.checkpoint import MANIFEST
     from ..training.folds import pool_splits
     from .loading import model_channels, recorded_data_root
     run = Path(run)
@@ -177,9 +176,9 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
     """Audit a run's training labels; writes audit.csv, audit.json, overlays/ and review/ into `out`
     (default RUN/audit). `unlabelled` (folders or files of new images): also next/, one list of the suspects
     and those images (pixelseg.inference.label_next). Returns the report (the dict in audit.json, plus ``files``)."""
-    from .loading import input_size, load_model
     from ..core.progress import progress as progress_bar
     from ..core.runtime import resolve_precision, select_device
+    from .loading import input_size, load_model
     from .tiling import Predictor, torch_logits_fn
     if fmt not in FORMATS:
         raise PixelsegError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -387,6 +386,7 @@ def _write_tables(report: dict, out: Path) -> list[Path]:
 def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.ndarray:
     """Three panels: image + label, image + held-out prediction, image with the suspects outlined by kind."""
     import cv2
+
     from ..core.viz import overlay, rgb_view
     img = image if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 else rgb_view(image)
     h, w = target.shape

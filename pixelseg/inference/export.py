@@ -27,12 +27,11 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..core.checkpoint import load_checkpoint
-from ..core.files import check_output_dir, make_output_dir
-from ..data.io import collect_images
 from ..core.errors import PixelsegError
+from ..core.files import check_output_dir, make_output_dir
 from ..core.metrics import class_ids
-from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript,
-                      require_onnxruntime)
+from ..data.io import collect_images
+from .loading import METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript, require_onnxruntime
 
 FORMATS = ("onnx", "torchscript")
 MIN_AGREEMENT = 0.999

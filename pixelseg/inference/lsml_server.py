@@ -58,7 +58,7 @@ class LSOptions:
     train_device: str = "auto"
     poll_s: float = 0.5
 
-    def check(self) -> "LSOptions":
+    def check(self) -> LSOptions:
         if self.retrain_after < 0:
             raise PixelsegError(f"--retrain-after {self.retrain_after}: must be >= 0 (0: only on Label Studio's "
                                 "'Start training')")
@@ -74,7 +74,7 @@ class LSOptions:
     def checkpoint_to_serve(self, source):
         return checkpoint_to_serve(source, self)
 
-    def attach(self, app, source, engine_kwargs: dict | None = None) -> "Backend":
+    def attach(self, app, source, engine_kwargs: dict | None = None) -> Backend:
         return attach(app, self, source, engine_kwargs)
 
 

@@ -14,8 +14,8 @@ under a deadline (408 for a client that stops sending; it never holds a slot or 
 """
 
 import asyncio
-import functools
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from ..core.errors import PixelsegError
-from .serving import FORMATS, Engine, HTTPProblem, decode_upload, encode
 from ..core.sizes import Limits
+from .serving import FORMATS, Engine, HTTPProblem, decode_upload, encode
 
 SERVE_HINT = "pip install 'pixelseg[serve]'"
 try:

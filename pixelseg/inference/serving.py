@@ -19,10 +19,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..core import viz
-from ..data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from ..core.errors import PixelsegError
 from ..core.files import file_sha256
 from ..core.metrics import class_ids
+from ..data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from ..labels.rle import coco_rle_encode
 
 FORMATS = ("png", "color", "json", "rle")

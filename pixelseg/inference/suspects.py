@@ -158,8 +158,9 @@ def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int
     background (a spurious label), with the labelled class, so the tool shows what to delete; kind, given and
     suggested classes ride along as attributes. Holes are filled: a review region marks where to look."""
     import cv2
-    from ..labels.write import Region, mask_polygons
+
     from ..labels.rle import coco_rle_encode
+    from ..labels.write import Region, mask_polygons
     regions = []
     for r in sus[:REVIEW_MAX_REGIONS]:
         label = r.given if r.suggested in bg else r.suggested

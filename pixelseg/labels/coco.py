@@ -23,9 +23,19 @@ from pathlib import Path
 
 from ..core.errors import PixelsegError
 from .files import Names, read_json, sized_image
-from .raster import export_values, shape_values
-from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
-                     polygons_rle)
+from .raster import (
+    IGNORE,
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    polygons_rle,
+    shape_values,
+)
 from .rle import RLEError, coco_rle_checked
 from .rules import class_ids
 

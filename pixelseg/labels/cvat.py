@@ -13,9 +13,21 @@ from pathlib import Path
 
 from ..core.errors import PixelsegError
 from .files import Names, class_names, class_table, sized_image
-from .raster import export_values, shape_values
-from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
-                     mask_rle, polygons_rle, rotated_box)
+from .raster import (
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    box_polygon,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    mask_rle,
+    polygons_rle,
+    rotated_box,
+    shape_values,
+)
 from .rle import RLEError, cvat_rle_decode
 
 SUBSETS = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}

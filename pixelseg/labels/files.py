@@ -11,7 +11,6 @@ from .raster import Problems
 from .rules import class_ids, stored_size_note, upright_hw
 
 
-
 def read_json(path: Path):
     try:
         text = Path(path).read_text(encoding="utf-8-sig")

@@ -20,9 +20,21 @@ import numpy as np
 from ..core.errors import PixelsegError
 from ..core.images import IMAGE_SUFFIXES
 from .files import Names, class_names, class_table, read_json, sized_image
-from .raster import export_values, shape_values
-from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
-                     mask_rle, polygons_rle, rotated_box)
+from .raster import (
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    box_polygon,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    mask_rle,
+    polygons_rle,
+    rotated_box,
+    shape_values,
+)
 from .rle import RLEError, ls_rle_decode
 from .rules import note_left_out
 

@@ -38,8 +38,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ..core.files import atomic_write_text
 from ..core.errors import PixelsegError
+from ..core.files import atomic_write_text
 from .rle import coco_rle_decode, coco_rle_encode, cvat_rle_encode, ls_rle_encode
 
 FORMATS = ("coco", "cvat", "labelstudio", "yolo")

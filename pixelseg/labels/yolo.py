@@ -19,9 +19,20 @@ import numpy as np
 from ..core.errors import PixelsegError
 from ..core.images import IMAGE_SUFFIXES
 from .files import Names
-from .raster import export_values, shape_values
-from .raster import (HUGE, BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette,
-                     make_shape, polygons_rle)
+from .raster import (
+    HUGE,
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    box_polygon,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    polygons_rle,
+    shape_values,
+)
 from .rules import class_ids, upright_hw
 
 SPLIT_KEYS = {"train": "train", "val": "val", "valid": "val", "test": "test"}

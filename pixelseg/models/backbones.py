@@ -320,12 +320,12 @@ def _timm_build_kwargs(library_name: str) -> dict:
             return extra
         except TypeError:  # the model has no such keyword
             continue
-        except Exception:  # noqa: BLE001 - reported with its reason by timm_backbone
+        except Exception:
             return {}
     return {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def timm_backbone(library_name: str) -> BackboneSpec:
     """A BackboneSpec for any timm model that supports ``features_only`` (``--backbone timm:NAME``).
 
@@ -367,7 +367,7 @@ def timm_backbone(library_name: str) -> BackboneSpec:
                 dil = timm.create_model(library_name, features_only=True, output_stride=os_, **extra)
             if max(dil.feature_info.reduction()) == os_:
                 strides.append(os_)
-        except Exception:  # noqa: BLE001 - "cannot dilate" comes in many exception types
+        except Exception:
             pass
     norm = dict(mean=tuple(cfg.mean), std=tuple(cfg.std)) if cfg is not None and cfg.mean else {}
     return BackboneSpec(

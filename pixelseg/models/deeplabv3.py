@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 
 

@@ -20,7 +20,6 @@ from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 from .blocks import conv_bn_relu, missing_strides, require_batch_of_two, stage_index, upsample_to
 

@@ -13,7 +13,6 @@ from os import PathLike
 import torch
 
 from ..core.errors import PixelsegError
-
 from .backbones import BACKBONES, get_backbone
 from .base import SegmentationModel
 from .deeplabv3 import DeepLabV3

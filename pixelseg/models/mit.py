@@ -97,7 +97,7 @@ def load_hub_weights(variant: str, path, in_channels: int = 3) -> nn.Module:
         os.symlink(path, Path(tmp) / name)
         try:
             model = transformers.SegformerModel.from_pretrained(tmp)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad file
+        except Exception as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise PixelsegError(f"{path} is not a loadable {variant} checkpoint ({reason})") from None
     if in_channels != 3:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 from .blocks import PyramidPooling, conv_bn_relu, require_batch_of_two
 

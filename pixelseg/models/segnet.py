@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel, input_normalisation
 
 # VGG layout the decoder mirrors: conv layers per stage and their widths.

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 
 

@@ -31,7 +31,6 @@ from torch import nn
 
 from ..core.errors import PixelsegError
 from ..core.files import file_sha256
-
 from .backbones import BackboneSpec
 
 log = logging.getLogger("pixelseg")
