@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,7 +477,7 @@ def _parallel(samples, work, workers: int, desc: str):
     flight so that decoding a large split never holds more than a few dozen decoded images."""
     with ThreadPoolExecutor(workers) as pool:
         it = iter(samples)
-        pending = deque((s, pool.submit(work, s)) for _, s in zip(range(4 * workers), it))
+        pending = deque((s, pool.submit(work, s)) for s in islice(it, 4 * workers))
         with tqdm(total=len(samples), desc=desc, unit="img", leave=False, disable=None) as bar:
             while pending:
                 s, fut = pending.popleft()

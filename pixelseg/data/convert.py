@@ -180,7 +180,7 @@ def _write_classes(path: Path, names: list[str], palette) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["id", "name", "r", "g", "b"])
-    for i, (n, c) in enumerate(zip(names, palette)):
+    for i, (n, c) in enumerate(zip(names, palette, strict=False)):
         w.writerow([i, n, *c])
     path.write_text(buf.getvalue(), encoding="utf-8")
 
@@ -224,14 +224,14 @@ def _overlay_png(samples, info, path: Path) -> None:
     from ..core.viz import legend_handles, overlay
     fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4.6), squeeze=False)
     present: set = set()
-    for ax, (name, img, mask) in zip(axes[0], samples):
+    for ax, (name, img, mask) in zip(axes[0], samples, strict=True):
         shown = np.where((mask > 0)[..., None], overlay(img, mask, info.palette, 0.55), img)  # background untinted
         ax.imshow(shown)
         ax.set_title(name if len(name) < 40 else name[:37] + "...", fontsize=8)
         ax.axis("off")
         present |= set(np.unique(mask).tolist())
     names = [n if i in present else None for i, n in enumerate(info.class_names)]
-    handles = [h for h, n in zip(legend_handles(info.class_names, info.palette), names) if n]
+    handles = [h for h, n in zip(legend_handles(info.class_names, info.palette), names, strict=False) if n]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=80)

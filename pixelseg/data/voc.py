@@ -181,7 +181,7 @@ def list_samples(root: Path, split: str) -> list[Sample]:
         raise PixelsegError(f"{missing[0]}: listed in SBD's train.txt/val.txt but not found "
                             f"({len(missing)} label file(s) missing)")
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        pngs = dict(zip(sbd_only, pool.map(lambda n: _sbd_png(sbd / "cls" / f"{n}.mat"), sbd_only)))
+        pngs = dict(zip(sbd_only, pool.map(lambda n: _sbd_png(sbd / "cls" / f"{n}.mat"), sbd_only), strict=True))
     return [Sample(n, img(n), pngs.get(n) or voc / "SegmentationClass" / f"{n}.png") for n in names]
 
 

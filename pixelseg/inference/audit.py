@@ -358,7 +358,7 @@ def _report(src: Source, records, t, bg, band, min_area, skipped) -> dict:
     return {"run": str(src.run), "dataset": src.dataset, "data_root": str(src.root) if src.root else None,
             "held_out": src.folds,
             "method": "confident learning (Northcutt et al., JAIR 2021) per pixel; see docs/labels.md",
-            "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4)) for n, v in zip(names, t)},
+            "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4)) for n, v in zip(names, t, strict=False)},
             "background": [names[k] for k in sorted(bg)],
             "band": band or "auto (2% of the longer side, >= 3 px)",
             "min_area": min_area or "auto (0.025% of the image, >= 16 px)",
@@ -405,7 +405,7 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
     heads = ["label", "held-out prediction", "suspects"]
     bar_h = 22
     tiles = []
-    for p, head in zip(panels, heads):
+    for p, head in zip(panels, heads, strict=True):
         tile = np.full((size[1] + bar_h, size[0], 3), 255, np.uint8)
         tile[bar_h:] = p
         cv2.putText(tile, head, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)

@@ -108,7 +108,7 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
         "pixel_acc": scores["pixel_acc"], "mean_class_acc": scores["mean_class_acc"], "miou": scores["miou"],
         "mean_dice": scores["mean_dice"],
         "per_class": {n: {"iou": i, "dice": d, "acc": a} for n, i, d, a in
-                      zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"])},
+                      zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"], strict=False)},
         "confusion_matrix": cm.mat.cpu().tolist(),
     }
     return _write_eval(result, ckpt, cm, info, scores, tag, unc, mc_samples, window, o)

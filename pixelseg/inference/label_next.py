@@ -163,7 +163,7 @@ def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette,
     if fmt == "labelstudio":   # the tasks carry their place in the list, for the Data Manager to sort by
         colours = {class_names[k]: tuple(palette[k]) for k in pre.labelled_classes(class_names)}
         tasks = pre.labelstudio_tasks(regions, model_version, image_url)
-        for t, row, n in zip(tasks, rows, items):
+        for t, row, n in zip(tasks, rows, items, strict=False):
             t["data"].update({"next_rank": row["rank"], "next_source": row["source"],
                               "next_priority": row["priority"], "next_reason": row["reason"]})
             if n.current is not None:   # the label as it is: the annotation a reviewer corrects and submits
@@ -178,7 +178,7 @@ def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette,
                         attributes=attrs)
     if fmt == "coco":          # each image entry also says its place in the list
         doc = json.loads(written[0].read_text())
-        for im, row in zip(doc["images"], rows):
+        for im, row in zip(doc["images"], rows, strict=False):
             im.update({"next_rank": row["rank"], "next_source": row["source"], "next_priority": row["priority"]})
         atomic_write_text(written[0], json.dumps(doc))
     return files + written

@@ -74,7 +74,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         print(warning, file=sys.stderr)
     out = make_output_dir(out_dir, "--out")
     results, regions = [], []
-    for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
+    for f, img in progress_bar(list(zip(files, decoded, strict=True)), desc="predict", unit="img", enabled=progress):
         img = img if img is not None else read_input(f, runner.channels, exif_transpose=not keep_exif_grid)
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": runner.backend}
         if mc:

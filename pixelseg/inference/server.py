@@ -217,7 +217,7 @@ class Scheduler:
                                                        [img for img, _, _ in jobs])
                 self.metrics.batch.observe(len(jobs))
                 self._served(len(jobs), dt)
-                for (_, fut, _), m in zip(jobs, masks):
+                for (_, fut, _), m in zip(jobs, masks, strict=True):
                     if not fut.done():
                         fut.set_result((m, dt))
             except Exception as exc:  # hand the failure to every waiting request; keep batching

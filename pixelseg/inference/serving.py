@@ -99,7 +99,7 @@ class Engine:
                 "device": str(self.device), "precision": str(self.amp).replace("torch.", "") if self.amp else "fp32",
                 "dataset": self.info.name,
                 "classes": [{"id": i, "name": n, "color": list(c)}
-                            for i, (n, c) in enumerate(zip(self.info.class_names, self.info.palette))],
+                            for i, (n, c) in enumerate(zip(self.info.class_names, self.info.palette, strict=False))],
                 "input_size": list(self.size), "mode": self.predictor.describe(),
                 "mc_dropout": self.mc_dropout, "checkpoint": self.path.name, "checkpoint_sha256": self.sha256}
 
@@ -144,7 +144,7 @@ def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing
         return viz.png_bytes(mask, info.palette, compress_level=FAST_PNG), "image/png"
     import json
     h, w = mask.shape
-    classes = [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(info.class_names, info.palette))]
+    classes = [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(info.class_names, info.palette, strict=False))]
     body = {"model": engine.id, "width": w, "height": h, "classes": classes,
             "areas": areas(mask, info.class_names), "latency_ms": timing, "exif_transposed": exif_transposed}
     if fmt == "json":

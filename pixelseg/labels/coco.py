@@ -98,9 +98,9 @@ def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[st
             continue
         keep.append(cid)
     ids = class_ids([cats[c][0] for c in keep], files[0][0] if files else "COCO", "categorie", unique=False)  # "...categories"
-    table = dict(zip(keep, ids))
+    table = dict(zip(keep, ids, strict=True))
     names = ["background"] + [""] * max([v for v in ids if v != IGNORE], default=0)
-    for c, v in zip(keep, ids):
+    for c, v in zip(keep, ids, strict=True):
         if 0 < v < IGNORE and not names[v]:
             names[v] = cats[c][0]
     return table, names, notes

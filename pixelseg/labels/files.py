@@ -111,7 +111,7 @@ class Names:
 
 def class_table(names: list[str], file, what: str) -> dict[str, int]:
     """Declared label names -> class ids (rules.py: background names 0, '__ignore__' 255, others 1..K)."""
-    return dict(zip(map(str, names), class_ids(names, file, what)))
+    return dict(zip(map(str, names), class_ids(names, file, what), strict=True))
 
 
 def class_names(table: dict[str, int]) -> list[str]:

@@ -338,7 +338,7 @@ def write_yolo(items: list[ImageRegions], labels: list[str], palette: dict, out:
     try:
         cls = {n: i for i, n in enumerate(labels)}
         listing: dict[str, list[str]] = {"train": [], "val": []}
-        for it, name, split in zip(items, _unique_names(items), _yolo_split(len(items))):
+        for it, name, split in zip(items, _unique_names(items), _yolo_split(len(items)), strict=True):
             (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
             (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
             lines = [f"{cls[r.label]} " + " ".join(f"{v:.6f}" for v in (r.polygons[0] / [it.width, it.height]).ravel())

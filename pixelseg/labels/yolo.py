@@ -161,7 +161,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
         raise PixelsegError(f"{path}: no image folders found (train:/val: in data.yaml, or images/<split>/)")
     ids = class_ids(names_, path, "class", unique=False)   # yolo class k -> class id
     classes = ["background"] + [""] * max([v for v in ids if v != 255], default=0)
-    for n, v in zip(names_, ids):
+    for n, v in zip(names_, ids, strict=True):
         if 0 < v < 255 and not classes[v]:
             classes[v] = n
     problems = Problems(skip_bad)

@@ -7,6 +7,10 @@ semantics, and ``config`` for rebuilding. Subclasses only implement ``decode``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,9 +43,10 @@ class SegmentationModel(nn.Module):
     ever pass [0, 1] pixels.
     """
 
-    arch: str = ""
-    default_backbone: str = ""
-    options: dict = {}  # keyword options of the architecture and their defaults
+    arch: ClassVar[str] = ""
+    default_backbone: ClassVar[str] = ""
+    # keyword options of the architecture and their defaults (read-only: shared by every instance)
+    options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     # -- registry hooks (see factory.create_model) ------------------------------------------
     @classmethod

@@ -5,6 +5,7 @@ tests/test_runtime.py checks outputs and gradients against the plain model."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.fx
@@ -253,13 +254,14 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
                     pairs.append((owner, prev.target, node.target))
         elif isinstance(owner, torch.nn.Sequential):
             names = list(owner._modules)
-            pairs += [(owner, a, b) for a, b in zip(names, names[1:])]
+            pairs += [(owner, a, b) for a, b in itertools.pairwise(names)]
     n = 0
     for owner, conv_path, bn_path in pairs:
         conv, bn = owner.get_submodule(conv_path), owner.get_submodule(bn_path)
         if (isinstance(conv, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and type(bn) is torch.nn.BatchNorm2d
                 and bn.running_mean is not None and conv.out_channels == bn.num_features):
-            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, torch.nn.ConvTranspose2d))
+            transpose = isinstance(conv, torch.nn.ConvTranspose2d)
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn, transpose=transpose)
             fused.__class__ = type(conv)
             owner.set_submodule(conv_path, fused)
             owner.set_submodule(bn_path, torch.nn.Identity())

@@ -20,6 +20,8 @@ works (the tutorial uses ResNet50). Pooling indices exist only when every downsa
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,7 +94,7 @@ class PoolingIndicesEncoder(nn.Module):
 class SegNet(SegmentationModel):
     arch = "segnet"
     default_backbone = "vgg16"
-    options = dict(upsample="indices")
+    options = MappingProxyType(dict(upsample="indices"))
     dropout = 0.0
     uses_library_model = True  # by default the encoder is the raw VGG ``features``
 
@@ -176,5 +178,5 @@ class SegNet(SegmentationModel):
 
 class BayesianSegNet(SegNet):
     arch = "bayesian_segnet"
-    options = dict(upsample="indices", dropout=0.5)
+    options = MappingProxyType(dict(upsample="indices", dropout=0.5))
     dropout = 0.5

@@ -139,12 +139,12 @@ def map_positional(state: dict, library_name: str, what: str) -> dict:
     if len(keys) != len(target):
         raise PixelsegError(f"{what}: {len(keys)} tensors where timm's {library_name} has {len(target)}; "
                             "the file does not map onto it")
-    for i, (k, (name, shape)) in enumerate(zip(keys, target)):
+    for i, (k, (name, shape)) in enumerate(zip(keys, target, strict=True)):
         suffix_ok = k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] or k.rsplit(".", 1)[-1] not in _SUFFIXES
         if not suffix_ok or tuple(state[k].shape) != tuple(shape):
             raise PixelsegError(f"{what}: tensor #{i} {k} {tuple(state[k].shape)} does not map onto timm's "
                                 f"{library_name} {name} {tuple(shape)}; the file does not map onto it")
-    return {name: state[k] for k, (name, _) in zip(keys, target)}
+    return {name: state[k] for k, (name, _) in zip(keys, target, strict=True)}
 
 
 def _package_weights(row: WeightsPackage, path: Path) -> ResolvedWeights:

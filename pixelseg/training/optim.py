@@ -146,5 +146,5 @@ def set_total_steps(scheduler: LambdaLR, total_steps: int) -> None:
     for fn in scheduler.lr_lambdas:
         fn.total_steps = max(int(total_steps), fn.warmup_steps + 1)
     step = max(scheduler.last_epoch, 0)
-    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * fn(step)
