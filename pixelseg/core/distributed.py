@@ -123,7 +123,8 @@ def check_batch(batch_size: int, world: int, accumulate: int) -> int:
     denom = world * accumulate
     if batch_size % denom:
         raise PixelsegError(f"--batch-size {batch_size} is the global batch and must divide by world size "
-                            f"{world} × --accumulate {accumulate} = {denom}; try {max(denom, batch_size // denom * denom)}")
+                            f"{world} × --accumulate {accumulate} = {denom}; "
+                            f"try {max(denom, batch_size // denom * denom)}")
     return batch_size // denom
 
 

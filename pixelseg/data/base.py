@@ -21,9 +21,9 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
@@ -128,7 +128,8 @@ class DiskStore:
 
     def _fd(self, which: str) -> int:
         if self._fds is None or self._fds[0] != os.getpid():  # a forked DataLoader worker opens its own
-            self._fds = (os.getpid(), os.open(self.path("images"), os.O_RDONLY), os.open(self.path("masks"), os.O_RDONLY))
+            self._fds = (os.getpid(), os.open(self.path("images"), os.O_RDONLY),
+                         os.open(self.path("masks"), os.O_RDONLY))
         return self._fds[1] if which == "images" else self._fds[2]
 
     def _shape(self, which: str, i: int) -> tuple:
@@ -145,7 +146,7 @@ class DiskStore:
 
     def read_batch(self, which: str, indices) -> np.ndarray:
         """Fixed-size stores: one N×... array filled by one pread per sample (no Python-level stacking)."""
-        out = np.empty((len(indices),) + self._shape(which, 0), np.uint8)
+        out = np.empty((len(indices), *self._shape(which, 0)), np.uint8)
         fd = self._fd(which)
         for j, i in enumerate(indices):
             _pread_into(fd, out[j], self._offset(which, int(i)), self.path(which))
@@ -155,7 +156,7 @@ class DiskStore:
         """Whole-split view: a read-only np.memmap for fixed-size stores (array code keeps working), else a
         lazy sequence of per-sample arrays."""
         if self.fixed:
-            return np.memmap(self.path(which), np.uint8, "r", shape=(len(self),) + self._shape(which, 0))
+            return np.memmap(self.path(which), np.uint8, "r", shape=(len(self), *self._shape(which, 0)))
         return _LazySamples(self, which)
 
     def __getstate__(self):
@@ -334,7 +335,8 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
     def __getitems__(self, indices):
         items = [it for it in (self.read_sample(i) for i in indices) if it is not None]
         if not items:
-            raise PixelsegError(f"every file of a batch is unreadable ({', '.join(str(self.samples[i].image) for i in indices[:3])} ...)")
+            first = ", ".join(str(self.samples[i].image) for i in indices[:3])
+            raise PixelsegError(f"every file of a batch is unreadable ({first} ...)")
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
     @property

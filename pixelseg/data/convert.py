@@ -142,7 +142,8 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
         _finish_report(report, counts, info, _labelset(dataset, root, options))
         if turned:
             report.setdefault("notes", []).append(
-                f"{turned} image(s) with an EXIF Orientation tag written upright as PNG (their annotations are upright)")
+                f"{turned} image(s) with an EXIF Orientation tag written upright as PNG "
+                "(their annotations are upright)")
         if to == "folder":
             _write_classes(tmp / "classes.csv", info.class_names, palette)
         (tmp / "convert_report.json").write_text(json.dumps(report, indent=1))

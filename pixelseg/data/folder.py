@@ -361,7 +361,7 @@ def _rgb_code(rgb) -> int:
 def _default_palette(n: int) -> list[tuple[int, int, int]]:
     import matplotlib
     colors = matplotlib.colormaps["tab20"].colors
-    return [tuple(int(round(255 * c)) for c in colors[i % len(colors)]) for i in range(n)]
+    return [tuple(round(255 * c) for c in colors[i % len(colors)]) for i in range(n)]
 
 
 # ---- codec: raw mask values/colours -> class ids ----------------------------------------------------
@@ -526,7 +526,8 @@ def _check_unknown(codec: MaskCodec, scan: dict[str, dict], csv_path: Path) -> N
     for path, r in scan.items():
         if "kind" not in r:
             continue
-        unknown = [(v, c) for v, c in zip(r["values"], r["counts"], strict=True) if codec.id_of(r["kind"], v) == codec.UNKNOWN]
+        unknown = [(v, c) for v, c in zip(r["values"], r["counts"], strict=True)
+                   if codec.id_of(r["kind"], v) == codec.UNKNOWN]
         if unknown:
             bad[path] = [_fmt_code(r["kind"], v) for v, _ in unknown]
             for v, c in unknown:
@@ -556,7 +557,8 @@ def _report(layout: Layout, codec: MaskCodec, scan: dict[str, dict]) -> str:
             lines.append(f"  skipped {len(paths)} {what}: {names}")
     unreadable = [p for p, r in scan.items() if "error" in r]
     if unreadable:
-        lines.append(f"  {len(unreadable)} unreadable mask(s), skipped: {', '.join(Path(p).name for p in unreadable[:5])}")
+        first = ", ".join(Path(p).name for p in unreadable[:5])
+        lines.append(f"  {len(unreadable)} unreadable mask(s), skipped: {first}")
     lines.append(f"  {codec.description}; masks with unknown values/colours: 0")
     lines += [f"  note: {n}" for n in codec.notices]
     freq = ", ".join(f"{n} {100 * c / total:.1f}%" for n, c in zip(codec.info.class_names, counts, strict=False))

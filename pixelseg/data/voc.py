@@ -51,7 +51,7 @@ def _voc_palette(n: int) -> list[tuple[int, int, int]]:
 INFO = DatasetInfo(name="voc", class_names=CLASS_NAMES, palette=_voc_palette(21), ignore_index=255)
 SPLITS = ("train", "val", "trainval", "train_aug")
 DEFAULT_SPLITS = {"train": "train_aug", "val": "val"}
-VALID_VALUES = tuple(range(21)) + (255,)  # 255: the 5-pixel border VOC leaves unlabelled; stays ignore
+VALID_VALUES = (*range(21), 255)  # 255: the 5-pixel border VOC leaves unlabelled; stays ignore
 LABEL_MAP = np.full(256, 255, dtype=np.uint8)
 LABEL_MAP[:21] = np.arange(21)
 

@@ -251,7 +251,8 @@ def _check_unlabelled(src: Source, unlabelled, fmt: str, next_top) -> list | Non
     audited = [e.image for e in src.entries]
     files, labelled = unlabelled_files(unlabelled, audited)
     if labelled:
-        log.info(f"--unlabelled: {labelled} of the images are labelled images of the dataset (audited, not listed twice)")
+        log.info(f"--unlabelled: {labelled} of the images are labelled images of the dataset "
+                 "(audited, not listed twice)")
     check_names(files, audited, fmt)
     return files
 
@@ -319,7 +320,8 @@ def _read(src: Source, e: Entry, skipped: list):
 def _check_size(e: Entry, img: np.ndarray, target: np.ndarray) -> None:
     if img.shape[:2] != target.shape:
         raise PixelsegError(f"{e.image or e.name}: image is {img.shape[1]}×{img.shape[0]} but its mask is "
-                            f"{target.shape[1]}×{target.shape[0]}; fix the pair (the audit compares them pixel by pixel)")
+                            f"{target.shape[1]}×{target.shape[0]}; "
+                            "fix the pair (the audit compares them pixel by pixel)")
 
 
 def _probs(logits: np.ndarray, hw) -> np.ndarray:
@@ -344,7 +346,7 @@ def _export_format(fmt: str, src: Source) -> str:
 def _report(src: Source, records, t, bg, band, min_area, skipped) -> dict:
     names = src.class_names
     rows = []
-    for rank, (i, score, sus, labelled, (h, w)) in enumerate(records, 1):
+    for rank, (i, score, sus, _labelled, (h, w)) in enumerate(records, 1):
         e = src.entries[i]
         kinds = {k: sum(r.kind == k for r in sus) for k in KINDS}
         shares = {k: round(sum(r.area for r in sus if r.kind == k) / (h * w), 6) for k in KINDS}
@@ -358,7 +360,8 @@ def _report(src: Source, records, t, bg, band, min_area, skipped) -> dict:
     return {"run": str(src.run), "dataset": src.dataset, "data_root": str(src.root) if src.root else None,
             "held_out": src.folds,
             "method": "confident learning (Northcutt et al., JAIR 2021) per pixel; see docs/labels.md",
-            "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4)) for n, v in zip(names, t, strict=False)},
+            "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4))
+                           for n, v in zip(names, t, strict=False)},
             "background": [names[k] for k in sorted(bg)],
             "band": band or "auto (2% of the longer side, >= 3 px)",
             "min_area": min_area or "auto (0.025% of the image, >= 16 px)",
@@ -472,13 +475,15 @@ def _write_review(src: Source, records, fmt: str, out: Path) -> list[Path]:
 def format_summary(report: dict, top: int = 10) -> str:
     how = ("each by the fold model that held it out" if report["held_out"] else
            "by the model that trained on them: optimistic")
-    lines = [f"audited {report['images']} images of {report['dataset']} ({how}); {report['flagged']} with suspect regions",
+    lines = [f"audited {report['images']} images of {report['dataset']} ({how}); "
+             f"{report['flagged']} with suspect regions",
              "thresholds (mean self-confidence per class): " + ", ".join(
                  f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in report["thresholds"].items()),
              f"{'rank':>4}  {'quality':>7}  {'regions':>7}  image"]
     for r in report["ranking"][:top]:
         kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in r["kinds"].items() if n)
-        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['regions']:>7}  {r['name']}" + (f"  ({kinds})" if kinds else ""))
+        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['regions']:>7}  {r['name']}"
+                     + (f"  ({kinds})" if kinds else ""))
     return "\n".join(lines)
 
 

@@ -99,7 +99,7 @@ class UncertaintyStats:
 
     def summary(self) -> dict:
         return {"pixel_acc": self.accuracy(), "ece": self.ece(), "reliability": self.reliability(),
-                "kept_accuracy": {name: {f"{int(round(100 * f))}%": self.kept_accuracy(name, f) for f in DROP_FRACTIONS}
+                "kept_accuracy": {name: {f"{round(100 * f)}%": self.kept_accuracy(name, f) for f in DROP_FRACTIONS}
                                   for name in self.unc_count}}
 
 

@@ -193,7 +193,7 @@ def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples:
                          f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if o.full_res else "")
                          + (" with flip TTA" if o.tta else "") + (f", tiles {window[0]}x{window[1]}" if window else ""))
     result["out_dir"] = str(out)
-    result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png")] + extra_files
+    result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png"), *extra_files]
     return result
 
 

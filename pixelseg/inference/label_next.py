@@ -173,7 +173,7 @@ def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette,
                                      ["result"]}]
         atomic_write_text(out / "labelstudio_config.xml", pre.labelstudio_config(labels, colours, "polygon"))
         atomic_write_text(out / "labelstudio_tasks.json", json.dumps(tasks))
-        return files + [out / "labelstudio_tasks.json", out / "labelstudio_config.xml"]
+        return [*files, out / "labelstudio_tasks.json", out / "labelstudio_config.xml"]
     written = pre.write(fmt, regions, class_names, palette, out, model_version=model_version, image_url=image_url,
                         attributes=attrs)
     if fmt == "coco":          # each image entry also says its place in the list

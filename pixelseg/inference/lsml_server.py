@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -227,8 +228,9 @@ class Backend:
                 if time.monotonic() - started > limit:
                     _kill(proc)
                     record.update(outcome="timeout")
-                    log.warning("label studio: retrain round %d ran out of time (stopped after %.0f s; --retrain-budget "
-                                "%g s); still serving %s", rnd, limit, self.o.retrain_budget_s, self.version)
+                    log.warning("label studio: retrain round %d ran out of time (stopped after %.0f s; "
+                                "--retrain-budget %g s); still serving %s", rnd, limit, self.o.retrain_budget_s,
+                                self.version)
                     return
                 await asyncio.sleep(self.o.poll_s)
             if proc.returncode != 0:
@@ -299,10 +301,8 @@ def _load_engine(path, kwargs):
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)   # its own session: the trainer and anything it started
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 

@@ -124,8 +124,8 @@ def _write_mask(img, mask, info: DatasetInfo, bands, stem: Path, entry: dict) ->
     """<stem>.png (palette PNG of class ids) and <stem>_overlay.png; the mask's path and class shares in `entry`."""
     out, name = stem.parent, stem.name
     viz.save_index_png(mask, info.palette, out / f"{name}.png")
-    viz.save_rgb_png(viz.with_legend(viz.overlay(viz.rgb_view(img, bands), mask, info.palette), mask, info.palette, info.class_names),
-                     out / f"{name}_overlay.png")
+    overlay = viz.overlay(viz.rgb_view(img, bands), mask, info.palette)
+    viz.save_rgb_png(viz.with_legend(overlay, mask, info.palette, info.class_names), out / f"{name}_overlay.png")
     entry["mask"] = str(out / f"{name}.png")
     entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
 

@@ -92,13 +92,14 @@ def create_model(
 ) -> SegmentationModel:
     """Build a segmentation model.
 
-    ``weights``: None / "none" (random init), "imagenet" (ImageNet weights for the encoder: an
-    installed weights package, the torch-hub cache, or downloaded once; see models/weights.py), or a
-    path to a whole-model state dict (e.g. a pixelseg checkpoint) or an encoder's alone. ``arch_options`` are architecture specific, see
-    ``ARCHITECTURES[arch].options``. ``backbone`` is a registered name or ``timm:NAME`` for any
-    timm model with ``features_only``. ``in_channels`` other than 3 adapts the encoder's first
-    convolution (pretrained RGB filters via timm's ``adapt_input_conv``); ``mean``/``std`` (one
-    value per channel, for [0, 1] inputs) override the encoder's normalisation statistics.
+    ``weights``: None / "none" (random init), "imagenet" (ImageNet weights for the encoder: an installed
+    weights package, the torch-hub cache, or downloaded once; see models/weights.py), or a path to a
+    whole-model state dict (e.g. a pixelseg checkpoint) or an encoder's alone. ``arch_options`` are
+    architecture specific, see ``ARCHITECTURES[arch].options``. ``backbone`` is a registered name or
+    ``timm:NAME`` for any timm model with ``features_only``. ``in_channels`` other than 3 adapts the
+    encoder's first convolution (pretrained RGB filters via timm's ``adapt_input_conv``);
+    ``mean``/``std`` (one value per channel, for [0, 1] inputs) override the encoder's normalisation
+    statistics.
     """
     cls = _arch(arch)
     options = _resolve_options(cls, arch, arch_options)

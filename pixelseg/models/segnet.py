@@ -3,8 +3,8 @@
 The encoder is VGG's 13 (VGG16) or 16 (VGG19) conv layers with BatchNorm; every 2x2 max-pool
 also returns its argmax indices. Each decoder unit unpools with the indices of the matching
 encoder pool (what ``MaxUnpool2d`` does - values go back exactly where the maxima came from,
-zeros elsewhere - written as a scatter so it exports to ONNX) and then runs a mirrored stack of 3x3 conv + BN + ReLU; a final 3x3 conv gives
-class scores, as in the authors' Caffe models.
+zeros elsewhere - written as a scatter so it exports to ONNX) and then runs a mirrored stack of
+3x3 conv + BN + ReLU; a final 3x3 conv gives class scores, as in the authors' Caffe models.
 
 Bayesian SegNet adds dropout p=0.5 after the central units - encoder units 3, 4, 5 (after
 pool3/4/5) and decoder units 5, 4, 3 - exactly where the authors'

@@ -107,7 +107,7 @@ def installed_package_file(row: WeightsPackage) -> Path | None:
         return None
     if found is None or not found.submodule_search_locations:
         return None
-    path = Path(list(found.submodule_search_locations)[0]) / row.file
+    path = Path(next(iter(found.submodule_search_locations))) / row.file
     return path if path.is_file() else None
 
 
