@@ -7,7 +7,7 @@ semantics, and ``config`` for rebuilding. Subclasses only implement ``decode``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -47,6 +47,8 @@ class SegmentationModel(nn.Module):
     default_backbone: ClassVar[str] = ""
     # keyword options of the architecture and their defaults (read-only: shared by every instance)
     options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    mean: torch.Tensor  # buffers (register_buffer in __init__)
+    std: torch.Tensor
 
     # -- registry hooks (see factory.create_model) ------------------------------------------
     @classmethod
@@ -62,7 +64,9 @@ class SegmentationModel(nn.Module):
     def from_spec(cls, spec: BackboneSpec, num_classes: int, weights_file, config: dict, **options):
         in_channels, mean, std = input_normalisation(spec, config)
         encoder = spec.build(cls.encoder_output_stride(**options), weights_file, in_channels=in_channels)
-        return cls(encoder, num_classes, mean, std, config, **options)
+        # subclasses take (encoder, num_classes, mean, std, config, **options): the base's output_stride is theirs
+        build: Callable[..., SegmentationModel] = cls
+        return build(encoder, num_classes, mean, std, config, **options)
 
     def __init__(
         self,

@@ -58,7 +58,8 @@ def _score(in_channels: int, num_classes: int) -> nn.Conv2d:
     # neither better performance nor faster convergence").
     conv = nn.Conv2d(in_channels, num_classes, 1)
     nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:  # always: Conv2d's default
+        nn.init.zeros_(conv.bias)
     return conv
 
 

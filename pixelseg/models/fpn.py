@@ -49,7 +49,7 @@ class FPN(SegmentationModel):
                                     for _ in self.stages)
         branches = []
         for level in range(len(STRIDES)):  # level 0 = stride 4
-            layers = [_conv_gn_relu(pyramid_channels, segmentation_channels)]
+            layers: list[nn.Module] = [_conv_gn_relu(pyramid_channels, segmentation_channels)]
             if level > 0:
                 layers.append(_Upsample2x())
             for _ in range(level - 1):

@@ -78,7 +78,7 @@ class PoolingIndicesEncoder(nn.Module):
     def forward(self, x: torch.Tensor, after_pool=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``after_pool``: optional dict stage -> module applied to that pool's output before
         the next stage sees it (Bayesian SegNet's encoder dropout)."""
-        out = []
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.features):
             if i in self.pool_positions:
                 x, idx = max_pool2x2(x)

@@ -196,6 +196,8 @@ def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
         # Same name torchvision's load_state_dict_from_url uses, so both share the cache.
         return url, os.path.basename(urlparse(url).path)
     cfg = timm.get_pretrained_cfg(spec.library_name)
+    if cfg is None:
+        raise PixelsegError(f"timm has no pretrained config for {spec.library_name!r}")
     if cfg.hf_hub_id:
         filename = cfg.hf_hub_filename or "model.safetensors"
         url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{filename}"
@@ -203,7 +205,7 @@ def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
         # cache can hold several.
         local = cfg.hf_hub_id.replace("/", "--") + "--" + filename
         return url, local
-    if cfg.url:
+    if isinstance(cfg.url, str) and cfg.url:
         return cfg.url, os.path.basename(urlparse(cfg.url).path)
     raise PixelsegError(
         f"backbone {spec.name!r} ({spec.source} {spec.library_name}) has no published ImageNet "
