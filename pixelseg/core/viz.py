@@ -80,10 +80,10 @@ def pick_samples(masks, n: int, num_classes: int) -> list[int]:
 
 
 def legend_handles(class_names, palette, with_ignore: bool = False):
-    handles = [matplotlib.patches.Patch(facecolor=np.asarray(c) / 255, edgecolor=LEGEND_EDGE, label=nm)
+    handles = [matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in c), edgecolor=LEGEND_EDGE, label=nm)
                for nm, c in zip(class_names, palette, strict=False)]
     if with_ignore:
-        handles.append(matplotlib.patches.Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, edgecolor=LEGEND_EDGE,
+        handles.append(matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in IGNORE_COLOR), edgecolor=LEGEND_EDGE,
                                                 label=IGNORE_LABEL))
     return handles
 

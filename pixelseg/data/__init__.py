@@ -137,6 +137,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
     with ThreadPoolExecutor(1) as pool:
         nxt = pool.submit(work, samples[0]) if samples else None
         for i, s in enumerate(samples):
+            assert nxt is not None  # submitted for every sample before its turn
             img, target, err = nxt.result()
             nxt = pool.submit(work, samples[i + 1]) if i + 1 < len(samples) else None
             if err is not None:

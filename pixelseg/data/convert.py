@@ -119,7 +119,8 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
         counts = np.zeros(256, np.int64)
         report = {"dataset": dataset, "data_root": str(root), "to": to, "splits": {}, "images": 0,
                   "images_without_labels": []}
-        overlays, turned = [], 0
+        overlays: list[tuple[str, np.ndarray, np.ndarray]] = []  # (name, image, mask)
+        turned = 0
         palette = distinct_palette(list(info.palette))   # classes.csv needs one colour per class
         for split in splits:
             ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)

@@ -240,7 +240,8 @@ def read_classes_csv(path: Path) -> ClassTable:
         raise PixelsegError(f"{path}:1: header is {','.join(header) or '(empty)'}; {expect}")
     col = {h: i for i, h in enumerate(header)}
     rows: dict[int, tuple[str, tuple[int, int, int]]] = {}
-    ignore, seen_colors = [], {}
+    ignore: list[tuple[int, ...]] = []  # colours painted 255
+    seen_colors: dict[tuple[int, ...], int] = {}  # colour -> line
     for n, row in enumerate(reader, 2):
         if not row or all(not c.strip() for c in row):
             continue

@@ -240,7 +240,8 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
             first, start = start, start + counts[sid]
             if start <= lo or first >= hi:  # no sample of this rank: not read at all
                 continue
-            url, errors = self.urls[sid], []
+            url = self.urls[sid]
+            errors: list[Exception | str] = []
 
             def handler(exc, errors=errors):
                 errors.append(exc)

@@ -43,7 +43,8 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
     from ..core.files import pid_prefix, remove_stale_temps
     if staging == out:
         remove_stale_temps(out, f".{split}-")  # a killed run's unfinished shard
-    shards, buf_count, writer, tmp, n, skipped = [], 0, None, None, 0, []
+    shards: list[dict] = []
+    buf_count, writer, tmp, n, skipped = 0, None, None, 0, []
     header = {"__key__": INFO_KEY, "info.json": json.dumps({"dataset": dataset, "info": ds.info.to_dict()}).encode()}
 
     def close():

@@ -205,7 +205,7 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
 
     c = len(src.class_names)
     thresholds = Thresholds(c, src.ignore_index)
-    skipped = []
+    skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="pixelseg-audit-") as tmp:
         # pass 1: each image through the model that held it out; logits kept at the training size (float16,
         # on disk), probabilities at the image's size feed the thresholds

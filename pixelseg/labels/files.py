@@ -96,7 +96,8 @@ class Names:
     """Sample names (image stems) unique per split: two images with one name are bad input."""
 
     def __init__(self, problems: Problems):
-        self.problems, self.seen = problems, {}
+        self.problems = problems
+        self.seen: dict[tuple[str | None, str], str] = {}  # (split, stem) -> where first seen
 
     def take(self, file, where: str, split: str | None, image_name: str) -> str | None:
         stem = Path(image_name.replace("\\", "/").rsplit("/", 1)[-1]).stem

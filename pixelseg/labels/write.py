@@ -160,7 +160,8 @@ def _area(rle: dict) -> int:
 def write_coco(items: list[ImageRegions], labels: list[str], palette: dict, out: Path, **_) -> list[Path]:
     """COCO instances JSON; categories 1..K in the model's class order, file names as the inputs'."""
     cat = {n: i + 1 for i, n in enumerate(labels)}
-    images, anns = [], []
+    images: list[dict] = []
+    anns: list[dict] = []
     for i, it in enumerate(items, 1):
         images.append({"id": i, "file_name": it.image.name, "width": it.width, "height": it.height,
                        "confidence": round(it.confidence, 6), "uncertainty": round(it.uncertainty, 6)})
