@@ -16,4 +16,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["create_model", "list_models", "__version__"]
+__all__ = ["__version__", "create_model", "list_models"]

@@ -13,7 +13,6 @@ import torch
 from .errors import PixelsegError
 from .files import atomic_file
 
-
 # ---- the schema: what a checkpoint holds (train writes it, loading/inference/export/serving read it) ----------
 # Every checkpoint (best.pt, last.pt): MODEL_KEYS. last.pt adds TRAINING_KEYS, what --resume restores.
 MODEL_KEYS = ("pixelseg_version", "model", "model_config", "dataset", "config", "epoch", "global_step", "best_miou",

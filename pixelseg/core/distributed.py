@@ -6,6 +6,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,7 @@ def init_distributed(device_name: str = "auto", timeout_s: float | None = None) 
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        kw = {} if timeout_s is None else {"timeout": timedelta(seconds=float(timeout_s))}
+        kw: dict[str, Any] = {} if timeout_s is None else {"timeout": timedelta(seconds=float(timeout_s))}
         store = _elastic_store(kw.get("timeout", timedelta(minutes=10)))
         if store is not None:
             kw.update(store=store, rank=int(os.environ["RANK"]), world_size=world)
@@ -91,7 +92,7 @@ def check_same_config(cfg: dict, info: DistInfo) -> None:
     mine = {k: repr(v) for k, v in cfg.items() if k not in NODE_LOCAL_KEYS}
     everyone: list = [None] * info.world_size
     dist.all_gather_object(everyone, mine)
-    diffs = []
+    diffs: list[tuple[str, object, int, object]] = []  # (key, rank 0's value, rank, its value)
     for rank, other in enumerate(everyone[1:], 1):
         for key in sorted(set(other) | set(everyone[0])):
             if other.get(key) != everyone[0].get(key) and key not in {d[0] for d in diffs}:
@@ -123,7 +124,8 @@ def check_batch(batch_size: int, world: int, accumulate: int) -> int:
     denom = world * accumulate
     if batch_size % denom:
         raise PixelsegError(f"--batch-size {batch_size} is the global batch and must divide by world size "
-                            f"{world} × --accumulate {accumulate} = {denom}; try {max(denom, batch_size // denom * denom)}")
+                            f"{world} × --accumulate {accumulate} = {denom}; "
+                            f"try {max(denom, batch_size // denom * denom)}")
     return batch_size // denom
 
 

@@ -60,7 +60,7 @@ class Limits:
     max_batch: int = 8                    # concurrent requests share one forward pass (dynamic batching); 1: off
     batch_wait_ms: float = 5.0
 
-    def check(self) -> "Limits":
+    def check(self) -> Limits:
         for flag, value, low in (("--max-upload-mb", self.max_upload_mb, 0), ("--max-pixels", self.max_pixels, 0),
                                  ("--max-queue", self.max_queue, 0), ("--upload-timeout", self.upload_timeout_s, 0),
                                  ("--deadline", self.deadline_s, 0),
@@ -78,4 +78,4 @@ class Limits:
         return int(min(self.max_upload_mb * 1024 * 1024, 2 ** 62))  # a huge finite limit overflows to inf
 
 
-__all__ = ["OptionError", "parse_size", "size_hw", "show", "Limits"]
+__all__ = ["Limits", "OptionError", "parse_size", "show", "size_hw"]

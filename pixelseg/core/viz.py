@@ -9,13 +9,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
 
-from .files import atomic_write_bytes  # noqa: E402
-from .metrics import IGNORE_INDEX  # noqa: E402
+from .files import atomic_write_bytes
+from .metrics import IGNORE_INDEX
 
 IGNORE_COLOR = (255, 0, 255)  # magenta: no dataset palette uses it, so "ignored" stands out
 IGNORE_LABEL = "ignored"
@@ -80,10 +80,10 @@ def pick_samples(masks, n: int, num_classes: int) -> list[int]:
 
 
 def legend_handles(class_names, palette, with_ignore: bool = False):
-    handles = [matplotlib.patches.Patch(facecolor=np.asarray(c) / 255, edgecolor=LEGEND_EDGE, label=nm)
-               for nm, c in zip(class_names, palette)]
+    handles = [matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in c), edgecolor=LEGEND_EDGE, label=nm)
+               for nm, c in zip(class_names, palette, strict=False)]
     if with_ignore:
-        handles.append(matplotlib.patches.Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, edgecolor=LEGEND_EDGE,
+        handles.append(matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in IGNORE_COLOR), edgecolor=LEGEND_EDGE,
                                                 label=IGNORE_LABEL))
     return handles
 
@@ -96,7 +96,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) ->
 def with_legend(image: np.ndarray, mask: np.ndarray, palette, class_names) -> np.ndarray:
     """`image` with a legend strip below it naming the classes present in `mask` (outlined swatches on grey,
     so white and pale classes show). Drawn with PIL, not matplotlib: the overlay keeps its pixel size."""
-    h, w = image.shape[:2]
+    w = image.shape[1]
     present = [i for i in np.unique(mask) if i < len(class_names)]
     font_px = int(np.clip(w / 40, 11, 28))
     try:
@@ -156,12 +156,15 @@ def training_curves(history: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(epochs, [h["train_loss"] for h in history], "r-o", ms=3, label="train loss")
     ax1.plot(epochs, [h["val_loss"] for h in history], "b-o", ms=3, label="val loss")
-    ax1.set_xlabel("epoch"); ax1.set_ylabel("loss"); ax1.set_title("Loss"); ax1.legend(); ax1.grid(alpha=0.3)
+    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
     if "train_miou" in history[0]:
         ax2.plot(epochs, [h["train_miou"] for h in history], "r-o", ms=3, label="train mIoU")
     ax2.plot(epochs, [h["val_miou"] for h in history], "b-o", ms=3, label="val mIoU")
-    ax2.set_xlabel("epoch"); ax2.set_ylabel("mIoU"); ax2.set_title("Mean IoU"); ax2.set_ylim(0, 1)
-    ax2.legend(); ax2.grid(alpha=0.3)
+    ax2.set(xlabel="epoch", ylabel="mIoU", title="Mean IoU", ylim=(0, 1))
+    ax2.legend()
+    ax2.grid(alpha=0.3)
     for ax in (ax1, ax2):  # whole epochs only: a 2-epoch run gets ticks 1 and 2, not 1.0, 1.2, ...
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save_fig(fig, path)
@@ -177,7 +180,7 @@ def confusion_figure(mat: np.ndarray, class_names, path: Path, title: str = "") 
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted"); ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     if k <= 16:
         for i in range(k):
             for j in range(k):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.sizes import size_hw
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
+from ..core.sizes import size_hw
 from . import ade20k, camvid, cityscapes, folder, labelled, pets, shards, synthetic, voc
 from .base import ArrayDataset, DatasetInfo, check_same_size, collate_batch
 
@@ -140,6 +140,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
     with ThreadPoolExecutor(1) as pool:
         nxt = pool.submit(work, samples[0]) if samples else None
         for i, s in enumerate(samples):
+            assert nxt is not None  # submitted for every sample before its turn
             img, target, err = nxt.result()
             nxt = pool.submit(work, samples[i + 1]) if i + 1 < len(samples) else None
             if err is not None:
@@ -150,5 +151,16 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
             yield s.name, img, target
 
 
-__all__ = ["DATASETS", "ArrayDataset", "DatasetInfo", "collate_batch", "load_split", "default_split",
-           "get_dataset_module", "dataset_options", "dataset_info", "iter_full_res", "DATASET_OPTION_KEYS"]
+__all__ = [
+    "DATASETS",
+    "DATASET_OPTION_KEYS",
+    "ArrayDataset",
+    "DatasetInfo",
+    "collate_batch",
+    "dataset_info",
+    "dataset_options",
+    "default_split",
+    "get_dataset_module",
+    "iter_full_res",
+    "load_split",
+]

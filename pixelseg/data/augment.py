@@ -27,11 +27,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..core.sizes import size_hw
 from ..core.errors import PixelsegError
 from ..core.metrics import IGNORE_INDEX
+from ..core.sizes import size_hw
 
-__all__ = ["build_train_transform", "JointTransform"]
+__all__ = ["JointTransform", "build_train_transform"]
 
 _MASK_INTERPOLATION = v2.InterpolationMode.NEAREST_EXACT
 

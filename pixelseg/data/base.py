@@ -23,6 +23,7 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,7 +35,7 @@ from ..core.errors import PixelsegError
 from ..core.files import cache_dir
 from ..core.logs import logger as log
 from ..core.metrics import IGNORE_INDEX
-from .io import UnreadableImage, read_image, read_mask, _open
+from .io import UnreadableImage, _open, read_image, read_mask
 
 CACHE_VERSION = 2          # meta.json "version"; a store of another version is decoded again and replaced
 CACHE_MODES = ("mmap", "memory", "none")
@@ -56,7 +57,7 @@ class DatasetInfo:
                 "palette": [list(c) for c in self.palette], "ignore_index": self.ignore_index}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DatasetInfo":
+    def from_dict(cls, d: dict) -> DatasetInfo:
         return cls(d["name"], list(d["class_names"]), [tuple(c) for c in d["palette"]], d.get("ignore_index", 255))
 
 
@@ -127,7 +128,8 @@ class DiskStore:
 
     def _fd(self, which: str) -> int:
         if self._fds is None or self._fds[0] != os.getpid():  # a forked DataLoader worker opens its own
-            self._fds = (os.getpid(), os.open(self.path("images"), os.O_RDONLY), os.open(self.path("masks"), os.O_RDONLY))
+            self._fds = (os.getpid(), os.open(self.path("images"), os.O_RDONLY),
+                         os.open(self.path("masks"), os.O_RDONLY))
         return self._fds[1] if which == "images" else self._fds[2]
 
     def _shape(self, which: str, i: int) -> tuple:
@@ -144,7 +146,7 @@ class DiskStore:
 
     def read_batch(self, which: str, indices) -> np.ndarray:
         """Fixed-size stores: one N×... array filled by one pread per sample (no Python-level stacking)."""
-        out = np.empty((len(indices),) + self._shape(which, 0), np.uint8)
+        out = np.empty((len(indices), *self._shape(which, 0)), np.uint8)
         fd = self._fd(which)
         for j, i in enumerate(indices):
             _pread_into(fd, out[j], self._offset(which, int(i)), self.path(which))
@@ -154,7 +156,7 @@ class DiskStore:
         """Whole-split view: a read-only np.memmap for fixed-size stores (array code keeps working), else a
         lazy sequence of per-sample arrays."""
         if self.fixed:
-            return np.memmap(self.path(which), np.uint8, "r", shape=(len(self),) + self._shape(which, 0))
+            return np.memmap(self.path(which), np.uint8, "r", shape=(len(self), *self._shape(which, 0)))
         return _LazySamples(self, which)
 
     def __getstate__(self):
@@ -333,7 +335,8 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
     def __getitems__(self, indices):
         items = [it for it in (self.read_sample(i) for i in indices) if it is not None]
         if not items:
-            raise PixelsegError(f"every file of a batch is unreadable ({', '.join(str(self.samples[i].image) for i in indices[:3])} ...)")
+            first = ", ".join(str(self.samples[i].image) for i in indices[:3])
+            raise PixelsegError(f"every file of a batch is unreadable ({first} ...)")
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
     @property
@@ -476,7 +479,7 @@ def _parallel(samples, work, workers: int, desc: str):
     flight so that decoding a large split never holds more than a few dozen decoded images."""
     with ThreadPoolExecutor(workers) as pool:
         it = iter(samples)
-        pending = deque((s, pool.submit(work, s)) for _, s in zip(range(4 * workers), it))
+        pending = deque((s, pool.submit(work, s)) for s in islice(it, 4 * workers))
         with tqdm(total=len(samples), desc=desc, unit="img", leave=False, disable=None) as bar:
             while pending:
                 s, fut = pending.popleft()

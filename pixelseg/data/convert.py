@@ -119,7 +119,8 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
         counts = np.zeros(256, np.int64)
         report = {"dataset": dataset, "data_root": str(root), "to": to, "splits": {}, "images": 0,
                   "images_without_labels": []}
-        overlays, turned = [], 0
+        overlays: list[tuple[str, np.ndarray, np.ndarray]] = []  # (name, image, mask)
+        turned = 0
         palette = distinct_palette(list(info.palette))   # classes.csv needs one colour per class
         for split in splits:
             ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
@@ -142,7 +143,8 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
         _finish_report(report, counts, info, _labelset(dataset, root, options))
         if turned:
             report.setdefault("notes", []).append(
-                f"{turned} image(s) with an EXIF Orientation tag written upright as PNG (their annotations are upright)")
+                f"{turned} image(s) with an EXIF Orientation tag written upright as PNG "
+                "(their annotations are upright)")
         if to == "folder":
             _write_classes(tmp / "classes.csv", info.class_names, palette)
         (tmp / "convert_report.json").write_text(json.dumps(report, indent=1))
@@ -180,7 +182,7 @@ def _write_classes(path: Path, names: list[str], palette) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["id", "name", "r", "g", "b"])
-    for i, (n, c) in enumerate(zip(names, palette)):
+    for i, (n, c) in enumerate(zip(names, palette, strict=False)):
         w.writerow([i, n, *c])
     path.write_text(buf.getvalue(), encoding="utf-8")
 
@@ -224,14 +226,14 @@ def _overlay_png(samples, info, path: Path) -> None:
     from ..core.viz import legend_handles, overlay
     fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4.6), squeeze=False)
     present: set = set()
-    for ax, (name, img, mask) in zip(axes[0], samples):
+    for ax, (name, img, mask) in zip(axes[0], samples, strict=True):
         shown = np.where((mask > 0)[..., None], overlay(img, mask, info.palette, 0.55), img)  # background untinted
         ax.imshow(shown)
         ax.set_title(name if len(name) < 40 else name[:37] + "...", fontsize=8)
         ax.axis("off")
         present |= set(np.unique(mask).tolist())
     names = [n if i in present else None for i, n in enumerate(info.class_names)]
-    handles = [h for h, n in zip(legend_handles(info.class_names, info.palette), names) if n]
+    handles = [h for h, n in zip(legend_handles(info.class_names, info.palette), names, strict=False) if n]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=80)

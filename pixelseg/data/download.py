@@ -14,9 +14,9 @@ __all__ = [
     "DownloadError",
     "data_home",
     "download_file",
+    "ensure_archives",
     "ensure_oxford_pet",
     "extract_archive",
-    "ensure_archives",
 ]
 
 PETS_HOMEPAGE = "https://www.robots.ox.ac.uk/~vgg/data/pets/"

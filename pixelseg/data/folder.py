@@ -240,7 +240,8 @@ def read_classes_csv(path: Path) -> ClassTable:
         raise PixelsegError(f"{path}:1: header is {','.join(header) or '(empty)'}; {expect}")
     col = {h: i for i, h in enumerate(header)}
     rows: dict[int, tuple[str, tuple[int, int, int]]] = {}
-    ignore, seen_colors = [], {}
+    ignore: list[tuple[int, ...]] = []  # colours painted 255
+    seen_colors: dict[tuple[int, ...], int] = {}  # colour -> line
     for n, row in enumerate(reader, 2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -331,7 +332,7 @@ def _scan_masks(masks: list[Path], cfile: Path | None) -> dict[str, dict]:
     with ThreadPoolExecutor(max(1, min(8, len(masks)))) as pool:
         results = list(tqdm(pool.map(_scan_safe, masks), total=len(masks), desc="scanning masks", unit="mask",
                             leave=False, disable=None))
-    out = {str(m): r for m, r in zip(masks, results)}
+    out = {str(m): r for m, r in zip(masks, results, strict=True)}
     if cfile is not None:
         try:
             cfile.parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +362,7 @@ def _rgb_code(rgb) -> int:
 def _default_palette(n: int) -> list[tuple[int, int, int]]:
     import matplotlib
     colors = matplotlib.colormaps["tab20"].colors
-    return [tuple(int(round(255 * c)) for c in colors[i % len(colors)]) for i in range(n)]
+    return [tuple(round(255 * c) for c in colors[i % len(colors)]) for i in range(n)]
 
 
 # ---- codec: raw mask values/colours -> class ids ----------------------------------------------------
@@ -448,7 +449,7 @@ def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = 
             raise PixelsegError(f"--class-names gives {len(names_given)} name(s) ({', '.join(names_given)}) but the "
                                 f"masks hold {len(names)} classes ({', '.join(names)}, in id order)")
         notices.append("class names from --class-names: " + ", ".join(
-            f"{old} -> {new}" for old, new in zip(names, names_given)))
+            f"{old} -> {new}" for old, new in zip(names, names_given, strict=True)))
         names = names_given
     return MaskCodec(DatasetInfo("folder", names, list(palette), IGNORE), index_lut, index_known, codes, ids,
                      desc, notices)
@@ -526,7 +527,8 @@ def _check_unknown(codec: MaskCodec, scan: dict[str, dict], csv_path: Path) -> N
     for path, r in scan.items():
         if "kind" not in r:
             continue
-        unknown = [(v, c) for v, c in zip(r["values"], r["counts"]) if codec.id_of(r["kind"], v) == codec.UNKNOWN]
+        unknown = [(v, c) for v, c in zip(r["values"], r["counts"], strict=True)
+                   if codec.id_of(r["kind"], v) == codec.UNKNOWN]
         if unknown:
             bad[path] = [_fmt_code(r["kind"], v) for v, _ in unknown]
             for v, c in unknown:
@@ -543,7 +545,7 @@ def _check_unknown(codec: MaskCodec, scan: dict[str, dict], csv_path: Path) -> N
 def _report(layout: Layout, codec: MaskCodec, scan: dict[str, dict]) -> str:
     counts = np.zeros(codec.info.num_classes + 1, np.int64)  # last slot: ignored
     for r in scan.values():
-        for v, c in zip(r.get("values", []), r.get("counts", [])):
+        for v, c in zip(r.get("values", []), r.get("counts", []), strict=True):
             cid = codec.id_of(r["kind"], v)
             counts[-1 if cid in (IGNORE, codec.UNKNOWN) else cid] += c
     total = max(int(counts.sum()), 1)
@@ -556,10 +558,11 @@ def _report(layout: Layout, codec: MaskCodec, scan: dict[str, dict]) -> str:
             lines.append(f"  skipped {len(paths)} {what}: {names}")
     unreadable = [p for p, r in scan.items() if "error" in r]
     if unreadable:
-        lines.append(f"  {len(unreadable)} unreadable mask(s), skipped: {', '.join(Path(p).name for p in unreadable[:5])}")
+        first = ", ".join(Path(p).name for p in unreadable[:5])
+        lines.append(f"  {len(unreadable)} unreadable mask(s), skipped: {first}")
     lines.append(f"  {codec.description}; masks with unknown values/colours: 0")
     lines += [f"  note: {n}" for n in codec.notices]
-    freq = ", ".join(f"{n} {100 * c / total:.1f}%" for n, c in zip(codec.info.class_names, counts))
+    freq = ", ".join(f"{n} {100 * c / total:.1f}%" for n, c in zip(codec.info.class_names, counts, strict=False))
     lines.append(f"  class pixel frequencies: {freq}" + (f", ignored {100 * counts[-1] / total:.1f}%"
                                                           if counts[-1] else ""))
     return "\n".join(lines)

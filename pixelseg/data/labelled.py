@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import PixelsegError
-from ..labels.raster import OVERLAP_RULES, LabelSet, rasterize
 from ..core.logs import logger as log
+from ..labels.raster import OVERLAP_RULES, LabelSet, rasterize
 from .base import DatasetInfo, Sample, build_split, fit_size
 from .folder import _fraction_split
 from .io import _open, read_image

@@ -36,8 +36,8 @@ import torch
 
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
-from .base import DatasetInfo, SkipReport, check_same_size, fit_size
 from . import remote
+from .base import DatasetInfo, SkipReport, check_same_size, fit_size
 from .io import UnreadableImage, read_image, read_mask
 
 INDEX_FORMAT = "pixelseg-shards"
@@ -240,7 +240,8 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
             first, start = start, start + counts[sid]
             if start <= lo or first >= hi:  # no sample of this rank: not read at all
                 continue
-            url, errors = self.urls[sid], []
+            url = self.urls[sid]
+            errors: list[Exception | str] = []
 
             def handler(exc, errors=errors):
                 errors.append(exc)
@@ -254,7 +255,7 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
                 for pos, sample in enumerate(samples, first):
                     if pos >= min(hi, start):
                         break
-                    read += 1
+                    read += 1  # noqa: SIM113  samples read from this shard; pos already enumerates from `first`
                     if pos >= lo:
                         yield pos - lo, url, sample
                 else:  # the whole shard was read: a tar cut at a member boundary ends without an error
@@ -421,7 +422,6 @@ def full_res_iter(root, split: str, limit=None, skipped=None):
     """(name, image, mask) at the source resolution, every sample once (evaluate --full-res)."""
     ds = load(root, split, (64, 64), limit, use_cache=None)
     ds.full_res = True
-    for item in ds.iter_samples():
-        yield item
+    yield from ds.iter_samples()
     if skipped is not None:
         skipped.extend(ds.skipped)

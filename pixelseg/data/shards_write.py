@@ -14,11 +14,11 @@ import numpy as np
 
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
-from .base import DatasetInfo
 from . import remote
+from .base import DatasetInfo
 from .io import UnreadableImage, read_image
-
 from .shards import INDEX_FORMAT, INDEX_VERSION, INFO_KEY, _classes
+
 
 # ---- writing --------------------------------------------------------------------------------------
 def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limit: int | None = None,
@@ -36,11 +36,15 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
     existing = _existing_indexes(out)  # first: a wrong key or endpoint fails before any reading
     ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
     _refuse_other_classes(existing, dataset, ds.info)
-    out, staging = (str(out), Path(tempfile.mkdtemp(prefix="pixelseg-shards-"))) if remote.is_s3(out) else (Path(out), Path(out))
+    if remote.is_s3(out):
+        out, staging = str(out), Path(tempfile.mkdtemp(prefix="pixelseg-shards-"))
+    else:
+        out, staging = Path(out), Path(out)
     from ..core.files import pid_prefix, remove_stale_temps
     if staging == out:
         remove_stale_temps(out, f".{split}-")  # a killed run's unfinished shard
-    shards, buf_count, writer, tmp, n, skipped = [], 0, None, None, 0, []
+    shards: list[dict] = []
+    buf_count, writer, tmp, n, skipped = 0, None, None, 0, []
     header = {"__key__": INFO_KEY, "info.json": json.dumps({"dataset": dataset, "info": ds.info.to_dict()}).encode()}
 
     def close():

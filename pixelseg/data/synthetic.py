@@ -39,7 +39,7 @@ def write_folder(root, n: int, size=(512, 512), seed: int = 0, vary: bool = Fals
         h, w = size
         if vary:
             h, w = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
-        yy, xx = np.mgrid[0:h, 0:w]
+        _, xx = np.mgrid[0:h, 0:w]
         base = rng.integers(0, 256, 3)
         img = (base + 60 * np.sin(xx / rng.uniform(8, 40))[..., None] * rng.uniform(-1, 1, 3)).clip(0, 255)
         img = Image.fromarray((img + rng.normal(0, 8, (h, w, 3))).clip(0, 255).astype(np.uint8))

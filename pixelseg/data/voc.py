@@ -51,7 +51,7 @@ def _voc_palette(n: int) -> list[tuple[int, int, int]]:
 INFO = DatasetInfo(name="voc", class_names=CLASS_NAMES, palette=_voc_palette(21), ignore_index=255)
 SPLITS = ("train", "val", "trainval", "train_aug")
 DEFAULT_SPLITS = {"train": "train_aug", "val": "val"}
-VALID_VALUES = tuple(range(21)) + (255,)  # 255: the 5-pixel border VOC leaves unlabelled; stays ignore
+VALID_VALUES = (*range(21), 255)  # 255: the 5-pixel border VOC leaves unlabelled; stays ignore
 LABEL_MAP = np.full(256, 255, dtype=np.uint8)
 LABEL_MAP[:21] = np.arange(21)
 
@@ -141,6 +141,7 @@ def _sbd_label(mat: Path) -> np.ndarray:
 def _sbd_png(mat: Path) -> Path:
     """SBD label converted once to a PNG in the data home (written atomically), keyed by size+mtime."""
     from PIL import Image
+
     from .download import data_home
     st = mat.stat()
     out = data_home() / "voc-sbd-png" / f"{mat.stem}-{st.st_size}-{st.st_mtime_ns}.png"
@@ -180,7 +181,7 @@ def list_samples(root: Path, split: str) -> list[Sample]:
         raise PixelsegError(f"{missing[0]}: listed in SBD's train.txt/val.txt but not found "
                             f"({len(missing)} label file(s) missing)")
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        pngs = dict(zip(sbd_only, pool.map(lambda n: _sbd_png(sbd / "cls" / f"{n}.mat"), sbd_only)))
+        pngs = dict(zip(sbd_only, pool.map(lambda n: _sbd_png(sbd / "cls" / f"{n}.mat"), sbd_only), strict=True))
     return [Sample(n, img(n), pngs.get(n) or voc / "SegmentationClass" / f"{n}.png") for n in names]
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..core.errors import PixelsegError
 from ..core.files import atomic_write_bytes, atomic_write_text, check_output_dir, make_output_dir
 from ..core.logs import logger as log
-from .suspects import (KINDS, Thresholds, background_ids, find_suspects, label_quality, suspect_regions)
+from .suspects import KINDS, Thresholds, background_ids, find_suspects, label_quality, suspect_regions
 
 KIND_COLORS = {"missing_label": (255, 215, 0), "wrong_class": (255, 0, 255), "spurious_label": (0, 200, 255),
                "boundary": (255, 120, 0)}
@@ -89,9 +89,8 @@ class Source:
 def open_run(run, data_root=None, limit: int | None = None) -> Source:
     """Everything checked before any work: the run (folds or plain), its data and classes, the fold of
     each image. Bad input is one PixelsegError line."""
-    from ..core.checkpoint import load_checkpoint
+    from ..core.checkpoint import MANIFEST, load_checkpoint
     from ..data import dataset_info, dataset_options, get_dataset_module, load_split
-    from ..core.checkpoint import MANIFEST
     from ..training.folds import pool_splits
     from .loading import model_channels, recorded_data_root
     run = Path(run)
@@ -177,9 +176,9 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
     """Audit a run's training labels; writes audit.csv, audit.json, overlays/ and review/ into `out`
     (default RUN/audit). `unlabelled` (folders or files of new images): also next/, one list of the suspects
     and those images (pixelseg.inference.label_next). Returns the report (the dict in audit.json, plus ``files``)."""
-    from .loading import input_size, load_model
     from ..core.progress import progress as progress_bar
     from ..core.runtime import resolve_precision, select_device
+    from .loading import input_size, load_model
     from .tiling import Predictor, torch_logits_fn
     if fmt not in FORMATS:
         raise PixelsegError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -206,7 +205,7 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
 
     c = len(src.class_names)
     thresholds = Thresholds(c, src.ignore_index)
-    skipped = []
+    skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="pixelseg-audit-") as tmp:
         # pass 1: each image through the model that held it out; logits kept at the training size (float16,
         # on disk), probabilities at the image's size feed the thresholds
@@ -252,7 +251,8 @@ def _check_unlabelled(src: Source, unlabelled, fmt: str, next_top) -> list | Non
     audited = [e.image for e in src.entries]
     files, labelled = unlabelled_files(unlabelled, audited)
     if labelled:
-        log.info(f"--unlabelled: {labelled} of the images are labelled images of the dataset (audited, not listed twice)")
+        log.info(f"--unlabelled: {labelled} of the images are labelled images of the dataset "
+                 "(audited, not listed twice)")
     check_names(files, audited, fmt)
     return files
 
@@ -320,7 +320,8 @@ def _read(src: Source, e: Entry, skipped: list):
 def _check_size(e: Entry, img: np.ndarray, target: np.ndarray) -> None:
     if img.shape[:2] != target.shape:
         raise PixelsegError(f"{e.image or e.name}: image is {img.shape[1]}×{img.shape[0]} but its mask is "
-                            f"{target.shape[1]}×{target.shape[0]}; fix the pair (the audit compares them pixel by pixel)")
+                            f"{target.shape[1]}×{target.shape[0]}; "
+                            "fix the pair (the audit compares them pixel by pixel)")
 
 
 def _probs(logits: np.ndarray, hw) -> np.ndarray:
@@ -345,7 +346,7 @@ def _export_format(fmt: str, src: Source) -> str:
 def _report(src: Source, records, t, bg, band, min_area, skipped) -> dict:
     names = src.class_names
     rows = []
-    for rank, (i, score, sus, labelled, (h, w)) in enumerate(records, 1):
+    for rank, (i, score, sus, _labelled, (h, w)) in enumerate(records, 1):
         e = src.entries[i]
         kinds = {k: sum(r.kind == k for r in sus) for k in KINDS}
         shares = {k: round(sum(r.area for r in sus if r.kind == k) / (h * w), 6) for k in KINDS}
@@ -359,7 +360,8 @@ def _report(src: Source, records, t, bg, band, min_area, skipped) -> dict:
     return {"run": str(src.run), "dataset": src.dataset, "data_root": str(src.root) if src.root else None,
             "held_out": src.folds,
             "method": "confident learning (Northcutt et al., JAIR 2021) per pixel; see docs/labels.md",
-            "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4)) for n, v in zip(names, t)},
+            "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4))
+                           for n, v in zip(names, t, strict=False)},
             "background": [names[k] for k in sorted(bg)],
             "band": band or "auto (2% of the longer side, >= 3 px)",
             "min_area": min_area or "auto (0.025% of the image, >= 16 px)",
@@ -387,6 +389,7 @@ def _write_tables(report: dict, out: Path) -> list[Path]:
 def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.ndarray:
     """Three panels: image + label, image + held-out prediction, image with the suspects outlined by kind."""
     import cv2
+
     from ..core.viz import overlay, rgb_view
     img = image if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 else rgb_view(image)
     h, w = target.shape
@@ -405,7 +408,7 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
     heads = ["label", "held-out prediction", "suspects"]
     bar_h = 22
     tiles = []
-    for p, head in zip(panels, heads):
+    for p, head in zip(panels, heads, strict=True):
         tile = np.full((size[1] + bar_h, size[0], 3), 255, np.uint8)
         tile[bar_h:] = p
         cv2.putText(tile, head, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
@@ -472,13 +475,15 @@ def _write_review(src: Source, records, fmt: str, out: Path) -> list[Path]:
 def format_summary(report: dict, top: int = 10) -> str:
     how = ("each by the fold model that held it out" if report["held_out"] else
            "by the model that trained on them: optimistic")
-    lines = [f"audited {report['images']} images of {report['dataset']} ({how}); {report['flagged']} with suspect regions",
+    lines = [f"audited {report['images']} images of {report['dataset']} ({how}); "
+             f"{report['flagged']} with suspect regions",
              "thresholds (mean self-confidence per class): " + ", ".join(
                  f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in report["thresholds"].items()),
              f"{'rank':>4}  {'quality':>7}  {'regions':>7}  image"]
     for r in report["ranking"][:top]:
         kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in r["kinds"].items() if n)
-        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['regions']:>7}  {r['name']}" + (f"  ({kinds})" if kinds else ""))
+        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['regions']:>7}  {r['name']}"
+                     + (f"  ({kinds})" if kinds else ""))
     return "\n".join(lines)
 
 

@@ -99,7 +99,7 @@ class UncertaintyStats:
 
     def summary(self) -> dict:
         return {"pixel_acc": self.accuracy(), "ece": self.ece(), "reliability": self.reliability(),
-                "kept_accuracy": {name: {f"{int(round(100 * f))}%": self.kept_accuracy(name, f) for f in DROP_FRACTIONS}
+                "kept_accuracy": {name: {f"{round(100 * f)}%": self.kept_accuracy(name, f) for f in DROP_FRACTIONS}
                                   for name in self.unc_count}}
 
 
@@ -113,7 +113,7 @@ def entropy_range(num_classes: int) -> float:
     return math.log(max(num_classes, 2))
 
 
-def reliability_figure(sources: dict[str, "UncertaintyStats"], path, title: str = "") -> None:
+def reliability_figure(sources: dict[str, UncertaintyStats], path, title: str = "") -> None:
     """Left: reliability diagram per source; right: kept accuracy vs fraction of most uncertain pixels dropped."""
     from ..core.viz import _save_fig, plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))

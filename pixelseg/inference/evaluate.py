@@ -11,21 +11,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..training import loop
 from ..core import viz
 from ..core.checkpoint import load_checkpoint
+from ..core.errors import PixelsegError
 from ..core.files import atomic_write_text, check_output_dir, make_output_dir
+from ..core.metrics import ConfusionMatrix, class_ids
 from ..core.progress import progress as progress_bar
+from ..core.runtime import resolve_precision, select_device
 from ..data import DatasetInfo, dataset_info, dataset_options, iter_full_res, load_split
 from ..data.loader import make_loader
+from ..training import loop
 from ..training.loop import RunContext
-from ..core.errors import PixelsegError
 from .loading import input_size, load_model, model_channels, recorded_data_root
-from ..core.metrics import ConfusionMatrix, class_ids
-from ..core.runtime import resolve_precision, select_device
-from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
-
 from .runner import resolve_backend, tile_size
+from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
 
 
 @dataclass
@@ -109,7 +108,7 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
         "pixel_acc": scores["pixel_acc"], "mean_class_acc": scores["mean_class_acc"], "miou": scores["miou"],
         "mean_dice": scores["mean_dice"],
         "per_class": {n: {"iou": i, "dice": d, "acc": a} for n, i, d, a in
-                      zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"])},
+                      zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"], strict=False)},
         "confusion_matrix": cm.mat.cpu().tolist(),
     }
     return _write_eval(result, ckpt, cm, info, scores, tag, unc, mc_samples, window, o)
@@ -194,7 +193,7 @@ def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples:
                          f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if o.full_res else "")
                          + (" with flip TTA" if o.tta else "") + (f", tiles {window[0]}x{window[1]}" if window else ""))
     result["out_dir"] = str(out)
-    result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png")] + extra_files
+    result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png"), *extra_files]
     return result
 
 
@@ -204,9 +203,9 @@ def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samp
     """One pass over the split (loop.py's evaluation loop): confusion matrix of the deterministic prediction
     plus the calibration statistics of `pixelseg.inference.calibration` for it (softmax entropy) and, with `mc_samples`,
     for MC dropout."""
-    from .calibration import UncertaintyStats, entropy_range, softmax_entropy
     from ..core.metrics import scores_from_confusion
     from ..models.uncertainty import has_dropout, mc_predict
+    from .calibration import UncertaintyStats, entropy_range, softmax_entropy
     c, dev = info.num_classes, ctx.device
     if mc_samples and not has_dropout(model):
         raise PixelsegError(f"{ckpt_path}: this model has no dropout layers, so --mc-samples has nothing to sample; "

@@ -27,12 +27,11 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..core.checkpoint import load_checkpoint
-from ..core.files import check_output_dir, make_output_dir
-from ..data.io import collect_images
 from ..core.errors import PixelsegError
+from ..core.files import check_output_dir, make_output_dir
 from ..core.metrics import class_ids
-from .loading import (METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript,
-                      require_onnxruntime)
+from ..data.io import collect_images
+from .loading import METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model, load_torchscript, require_onnxruntime
 
 FORMATS = ("onnx", "torchscript")
 MIN_AGREEMENT = 0.999
@@ -52,7 +51,8 @@ def _metadata(ckpt: dict) -> dict:
     return {"pixelseg_version": __version__, "dataset": ckpt["dataset"], "image_size": size,
             "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ckpt["model_config"].items()},
             "input": (f"image: float32 N×{ckpt['model_config'].get('in_channels', 3)}×H×W, "
-                      + ("RGB" if ckpt["model_config"].get("in_channels", 3) == 3 else "bands (8-bit / 255, 16-bit / 65535)")
+                      + ("RGB" if ckpt["model_config"].get("in_channels", 3) == 3
+                         else "bands (8-bit / 255, 16-bit / 65535)")
                       + " in [0, 1] (normalised inside the graph)"),
             "rgb_bands": ckpt["config"].get("rgb_bands"),
             "output": "logits: float32 N×C×H×W"}
@@ -110,8 +110,8 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
                                 "images to check parity on; pass --check-images PATH (a few real images)")
         from ..data import dataset_options, iter_full_res
         try:
-            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), input_size(ckpt), limit, channels=channels,
-                                           **dataset_options(cfg)):
+            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), input_size(ckpt), limit,
+                                           channels=channels, **dataset_options(cfg)):
                 arrays.append(img)
         except PixelsegError as exc:
             raise PixelsegError(f"cannot read the run's validation images for the parity check ({exc}); "
@@ -132,7 +132,7 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
     size = input_size(ckpt)
     batch = torch.cat([F.interpolate(inputs[i % len(inputs)], size=size, mode="bilinear", antialias=True,
                                      align_corners=False) for i in range(2)])
-    return inputs + [batch], source
+    return [*inputs, batch], source
 
 
 @torch.no_grad()
@@ -163,8 +163,8 @@ def format_parity(p: dict) -> str:
         tied = p["pool_gap"] <= POOL_TIE_RTOL
         text += (f"; pooling indices: {p['pool_differ']} of {p['pool_decisions']} decisions differ from PyTorch's, "
                  + ("all between maxima equal up to rounding" if tied else "some between maxima that are NOT tied")
-                 + f" (largest gap {p['pool_gap']:.2g} of the layer's largest value, allowed {POOL_TIE_RTOL:g}); logits compared with "
-                 "PyTorch following the file's decisions")
+                 + f" (largest gap {p['pool_gap']:.2g} of the layer's largest value, allowed {POOL_TIE_RTOL:g}); "
+                 "logits compared with PyTorch following the file's decisions")
         if p.get("probe_diff", 0) > 1e-6:
             text += f"; the index probe's logits differ from the file's by {p['probe_diff']:.3g}"
     return text
@@ -260,7 +260,8 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
         require_onnxruntime()
     out = Path(out)
     if out.is_dir():
-        raise PixelsegError(f"--out {out} is a directory; give a file name such as {out / ('model.' + ('onnx' if fmt == 'onnx' else 'pt'))}")
+        suggestion = out / ("model." + ("onnx" if fmt == "onnx" else "pt"))
+        raise PixelsegError(f"--out {out} is a directory; give a file name such as {suggestion}")
     check_output_dir(out.parent, "--out")
     ckpt = load_checkpoint(checkpoint)
     model = load_model(ckpt, torch.device("cpu"), fast=False).float().eval()

@@ -62,8 +62,8 @@ def suspect_item(image: Path, h: int, w: int, score: float, suspects: list, clas
                  label: np.ndarray | None = None) -> NextItem | None:
     """A flagged audit image as a list item (None: no region a tool can show); `label` (H×W class ids), the
     mask as it is, rides along as `current` (Label Studio tasks carry it as the annotation to correct)."""
-    from .suspects import KINDS, background_ids, suspect_regions
     from ..labels.write import ImageRegions, image_regions
+    from .suspects import KINDS, background_ids, suspect_regions
     regions = suspect_regions(class_names, suspects, background_ids(class_names), h, w)
     if not regions:
         return None
@@ -120,9 +120,9 @@ def check_names(files: list[Path], audited: list, fmt: str) -> None:
 def score_unlabelled(src, files: list[Path], device, amp, progress: bool = True, min_area: int = 16) -> list[NextItem]:
     """Each unlabelled image through the run's model (a --folds run: the ensemble of its fold models, as
     `predict` uses it), at its own size."""
+    from ..core.progress import progress as progress_bar
     from ..data.io import read_input
     from .loading import input_size, load_model
-    from ..core.progress import progress as progress_bar
     from .tiling import Predictor, torch_logits_fn
     channels_last = src.ckpt["config"].get("channels_last", True)
     model = load_model(src.ckpt, device, amp, channels_last)
@@ -144,8 +144,8 @@ def _rows(items: list[NextItem]) -> list[dict]:
 def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette, out: Path,
                model_version: str = "pixelseg-next", image_url: str | None = None) -> list[Path]:
     """next.csv, next.json and (fmt != none) the list in the tool's format, into the folder `out`."""
-    from .suspects import KINDS
     from ..labels import write as pre
+    from .suspects import KINDS
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(items)
     buf = io.StringIO()
@@ -163,7 +163,7 @@ def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette,
     if fmt == "labelstudio":   # the tasks carry their place in the list, for the Data Manager to sort by
         colours = {class_names[k]: tuple(palette[k]) for k in pre.labelled_classes(class_names)}
         tasks = pre.labelstudio_tasks(regions, model_version, image_url)
-        for t, row, n in zip(tasks, rows, items):
+        for t, row, n in zip(tasks, rows, items, strict=False):
             t["data"].update({"next_rank": row["rank"], "next_source": row["source"],
                               "next_priority": row["priority"], "next_reason": row["reason"]})
             if n.current is not None:   # the label as it is: the annotation a reviewer corrects and submits
@@ -173,12 +173,12 @@ def write_next(items: list[NextItem], fmt: str, class_names: list[str], palette,
                                      ["result"]}]
         atomic_write_text(out / "labelstudio_config.xml", pre.labelstudio_config(labels, colours, "polygon"))
         atomic_write_text(out / "labelstudio_tasks.json", json.dumps(tasks))
-        return files + [out / "labelstudio_tasks.json", out / "labelstudio_config.xml"]
+        return [*files, out / "labelstudio_tasks.json", out / "labelstudio_config.xml"]
     written = pre.write(fmt, regions, class_names, palette, out, model_version=model_version, image_url=image_url,
                         attributes=attrs)
     if fmt == "coco":          # each image entry also says its place in the list
         doc = json.loads(written[0].read_text())
-        for im, row in zip(doc["images"], rows):
+        for im, row in zip(doc["images"], rows, strict=False):
             im.update({"next_rank": row["rank"], "next_source": row["source"], "next_priority": row["priority"]})
         atomic_write_text(written[0], json.dumps(doc))
     return files + written

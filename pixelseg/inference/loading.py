@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import PixelsegError
 from ..core.sizes import size_hw
 from ..data import DatasetInfo
-from ..core.errors import PixelsegError
 from ..models import create_model
 from ..models.rewrites import prepare_for_inference
 

@@ -289,8 +289,8 @@ def run_job(round_dir: Path) -> dict:
     from ..core.checkpoint import load_checkpoint
     from ..core.files import atomic_write_text
     from ..core.logs import logger as log
-    from .serving import Engine, HTTPProblem, decode_upload
     from ..training.train import train
+    from .serving import Engine, HTTPProblem, decode_upload
     t0 = time.time()
     job = json.loads((round_dir / "job.json").read_text())
     host, token = os.environ.get("PIXELSEG_LS_URL"), os.environ.get("PIXELSEG_LS_TOKEN")

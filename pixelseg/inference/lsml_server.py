@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -58,7 +59,7 @@ class LSOptions:
     train_device: str = "auto"
     poll_s: float = 0.5
 
-    def check(self) -> "LSOptions":
+    def check(self) -> LSOptions:
         if self.retrain_after < 0:
             raise PixelsegError(f"--retrain-after {self.retrain_after}: must be >= 0 (0: only on Label Studio's "
                                 "'Start training')")
@@ -74,7 +75,7 @@ class LSOptions:
     def checkpoint_to_serve(self, source):
         return checkpoint_to_serve(source, self)
 
-    def attach(self, app, source, engine_kwargs: dict | None = None) -> "Backend":
+    def attach(self, app, source, engine_kwargs: dict | None = None) -> Backend:
         return attach(app, self, source, engine_kwargs)
 
 
@@ -227,8 +228,9 @@ class Backend:
                 if time.monotonic() - started > limit:
                     _kill(proc)
                     record.update(outcome="timeout")
-                    log.warning("label studio: retrain round %d ran out of time (stopped after %.0f s; --retrain-budget "
-                                "%g s); still serving %s", rnd, limit, self.o.retrain_budget_s, self.version)
+                    log.warning("label studio: retrain round %d ran out of time (stopped after %.0f s; "
+                                "--retrain-budget %g s); still serving %s", rnd, limit, self.o.retrain_budget_s,
+                                self.version)
                     return
                 await asyncio.sleep(self.o.poll_s)
             if proc.returncode != 0:
@@ -299,10 +301,8 @@ def _load_engine(path, kwargs):
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)   # its own session: the trainer and anything it started
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 

@@ -48,7 +48,8 @@ def compile_failure(path, timeout: float = 600) -> str | None:
     key = (str(path.resolve()), path.stat().st_mtime_ns)
     if key not in _probed:
         try:
-            r = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, timeout=timeout)
+            r = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True,
+                               timeout=timeout)
             if r.returncode == 0 and "compiled" in r.stdout:
                 _probed[key] = None
             else:

@@ -74,7 +74,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         print(warning, file=sys.stderr)
     out = make_output_dir(out_dir, "--out")
     results, regions = [], []
-    for f, img in progress_bar(list(zip(files, decoded)), desc="predict", unit="img", enabled=progress):
+    for f, img in progress_bar(list(zip(files, decoded, strict=True)), desc="predict", unit="img", enabled=progress):
         img = img if img is not None else read_input(f, runner.channels, exif_transpose=not keep_exif_grid)
         entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": runner.backend}
         if mc:
@@ -124,8 +124,8 @@ def _write_mask(img, mask, info: DatasetInfo, bands, stem: Path, entry: dict) ->
     """<stem>.png (palette PNG of class ids) and <stem>_overlay.png; the mask's path and class shares in `entry`."""
     out, name = stem.parent, stem.name
     viz.save_index_png(mask, info.palette, out / f"{name}.png")
-    viz.save_rgb_png(viz.with_legend(viz.overlay(viz.rgb_view(img, bands), mask, info.palette), mask, info.palette, info.class_names),
-                     out / f"{name}_overlay.png")
+    overlay = viz.overlay(viz.rgb_view(img, bands), mask, info.palette)
+    viz.save_rgb_png(viz.with_legend(overlay, mask, info.palette, info.class_names), out / f"{name}_overlay.png")
     entry["mask"] = str(out / f"{name}.png")
     entry["class_fraction"] = {n: float((mask == i).mean()) for i, n in enumerate(info.class_names)}
 

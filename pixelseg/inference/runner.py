@@ -60,7 +60,8 @@ def open_model(source, device="auto", precision="auto", tile=None, overlap: floa
     size = input_size(ckpt)
     model = load_model(ckpt, dev, amp)
     fn = torch_logits_fn(model, dev, amp, True)
-    return Runner(Path(ckpt["path"]), backend, dev, Predictor(fn, size, tile_size(tile, size), overlap, tta, device=dev),
+    predictor = Predictor(fn, size, tile_size(tile, size), overlap, tta, device=dev)
+    return Runner(Path(ckpt["path"]), backend, dev, predictor,
                   DatasetInfo.from_dict(ckpt["dataset"]), size, model_channels(ckpt), ckpt["config"].get("rgb_bands"),
                   dict(ckpt["model_config"]), model, amp, fn)
 

@@ -14,8 +14,8 @@ under a deadline (408 for a client that stops sending; it never holds a slot or 
 """
 
 import asyncio
-import functools
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from ..core.errors import PixelsegError
-from .serving import FORMATS, Engine, HTTPProblem, decode_upload, encode
 from ..core.sizes import Limits
+from .serving import FORMATS, Engine, HTTPProblem, decode_upload, encode
 
 SERVE_HINT = "pip install 'pixelseg[serve]'"
 try:
@@ -144,8 +144,8 @@ class Scheduler:
         return out, dt
 
     async def segment(self, decode, deadline: float, mc_samples: int = 0):
-        """(mask, maps, inference seconds, decode seconds) for one admitted request; `decode()` gives its image. Decoding
-        waits for a place in the decode-ahead window, in arrival order, up to the deadline."""
+        """(mask, maps, inference seconds, decode seconds) for one admitted request; `decode()` gives its image.
+        Decoding waits for a place in the decode-ahead window, in arrival order, up to the deadline."""
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(self.window.acquire(), max(0.0, deadline - loop.time()))
@@ -217,7 +217,7 @@ class Scheduler:
                                                        [img for img, _, _ in jobs])
                 self.metrics.batch.observe(len(jobs))
                 self._served(len(jobs), dt)
-                for (_, fut, _), m in zip(jobs, masks):
+                for (_, fut, _), m in zip(jobs, masks, strict=True):
                     if not fut.done():
                         fut.set_result((m, dt))
             except Exception as exc:  # hand the failure to every waiting request; keep batching
@@ -279,7 +279,7 @@ async def image_bytes(request, body: bytes) -> tuple[bytes, str]:
         raise HTTPProblem(400, f"malformed multipart body ({exc})") from None
     field = form.get("file")
     if not isinstance(field, UploadFile):
-        got = ", ".join(repr(k) for k in form.keys()) or "no fields"
+        got = ", ".join(repr(k) for k in form) or "no fields"
         raise HTTPProblem(422, f"multipart upload has no file field named 'file' (got {got}); "
                                "send it as -F file=@photo.jpg")
     return await field.read(), f"upload {field.filename!r}" if field.filename else "upload"

@@ -19,15 +19,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..core import viz
-from ..data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from ..core.errors import PixelsegError
 from ..core.files import file_sha256
 from ..core.metrics import class_ids
+from ..data.io import UnreadableImage, decode_jpeg_fast, exif_orientation, to_rgb_array, upright
 from ..labels.rle import coco_rle_encode
 
 FORMATS = ("png", "color", "json", "rle")
 # zlib level of the PNGs the server sends: 1 encodes a mask several times faster than PIL's default 6 (measured
-# side by side: docs/benchmarks.md, "Numbers behind choices in the code"), and a class-id mask is mostly long runs, so the file grows little.
+# side by side: docs/benchmarks.md, "Numbers behind choices in the code"), and a class-id mask is mostly long runs,
+# so the file grows little.
 FAST_PNG = 1
 # Formats PIL decodes that people upload; anything else PIL might open (EPS via ghostscript, PSD, ...) is 415.
 IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO"}
@@ -99,7 +100,7 @@ class Engine:
                 "device": str(self.device), "precision": str(self.amp).replace("torch.", "") if self.amp else "fp32",
                 "dataset": self.info.name,
                 "classes": [{"id": i, "name": n, "color": list(c)}
-                            for i, (n, c) in enumerate(zip(self.info.class_names, self.info.palette))],
+                            for i, (n, c) in enumerate(zip(self.info.class_names, self.info.palette, strict=False))],
                 "input_size": list(self.size), "mode": self.predictor.describe(),
                 "mc_dropout": self.mc_dropout, "checkpoint": self.path.name, "checkpoint_sha256": self.sha256}
 
@@ -144,7 +145,8 @@ def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing
         return viz.png_bytes(mask, info.palette, compress_level=FAST_PNG), "image/png"
     import json
     h, w = mask.shape
-    classes = [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(info.class_names, info.palette))]
+    classes = [{"id": i, "name": n, "color": list(c)}
+               for i, (n, c) in enumerate(zip(info.class_names, info.palette, strict=False))]
     body = {"model": engine.id, "width": w, "height": h, "classes": classes,
             "areas": areas(mask, info.class_names), "latency_ms": timing, "exif_transposed": exif_transposed}
     if fmt == "json":

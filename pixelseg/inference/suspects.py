@@ -158,8 +158,9 @@ def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int
     background (a spurious label), with the labelled class, so the tool shows what to delete; kind, given and
     suggested classes ride along as attributes. Holes are filled: a review region marks where to look."""
     import cv2
-    from ..labels.write import Region, mask_polygons
+
     from ..labels.rle import coco_rle_encode
+    from ..labels.write import Region, mask_polygons
     regions = []
     for r in sus[:REVIEW_MAX_REGIONS]:
         label = r.given if r.suggested in bg else r.suggested
@@ -170,10 +171,11 @@ def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int
         crop = np.pad(r.crop, 1).astype(np.uint8)      # polygons of the crop, moved back into the image
         contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         crop = cv2.drawContours(np.zeros_like(crop), contours, -1, 1, -1) > 0
+        offset = np.array([x - 1, y - 1])               # crop corner in the image, less the 1-pixel pad
         for poly, comp in mask_polygons(crop, min_area=0):
             full = np.zeros((h, w), bool)
             full[y:y + bh, x:x + bw] = comp[1:-1, 1:-1]
-            regions.append(Region(src_names[label], coco_rle_encode(full), r.confidence, [poly + [x - 1, y - 1]],
+            regions.append(Region(src_names[label], coco_rle_encode(full), r.confidence, [poly + offset],
                                   attributes=attrs))
     return regions
 

@@ -17,7 +17,7 @@ probabilities at the input's H×W.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

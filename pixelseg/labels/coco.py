@@ -11,10 +11,10 @@ named "background" is class 0 and at most 254 classes are read (labels/rules.py,
 category that no annotation uses and that *other* categories name as their supercategory is left out: that
 is Roboflow's placeholder (id 0, the project name), not a class (COCO's own `person`, its own supercategory,
 stays a class). Split names: `valid`/`validation` -> val, and COCO's year suffix is dropped
-(instances_train2017.json -> train, images still looked for in images/train2017/ or train2017/). iscrowd (`--iscrowd`): `class` (default) paints
-a crowd region with its category, as torchvision's COCO segmentation reference and COCO-Stuff's PNG
-conversion do (semantic segmentation has no instances to separate); `ignore` paints it 255 (left out of loss
-and metrics) for exports whose crowd masks are loose.
+(instances_train2017.json -> train, images still looked for in images/train2017/ or train2017/).
+iscrowd (`--iscrowd`): `class` (default) paints a crowd region with its category, as torchvision's COCO
+segmentation reference and COCO-Stuff's PNG conversion do (semantic segmentation has no instances to separate);
+`ignore` paints it 255 (left out of loss and metrics) for exports whose crowd masks are loose.
 """
 from __future__ import annotations
 
@@ -23,9 +23,19 @@ from pathlib import Path
 
 from ..core.errors import PixelsegError
 from .files import Names, read_json, sized_image
-from .raster import export_values, shape_values
-from .raster import (IGNORE, BadShape, Item, LabelSet, Problems, check_not_empty, default_palette, make_shape,
-                     polygons_rle)
+from .raster import (
+    IGNORE,
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    polygons_rle,
+    shape_values,
+)
 from .rle import RLEError, coco_rle_checked
 from .rules import class_ids
 
@@ -74,7 +84,8 @@ def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[st
                 raise PixelsegError(f"{path}: category {c!r} lacks an id or name")
             cid, name = c["id"], str(c["name"])
             if cid in cats and cats[cid][0] != name:
-                raise PixelsegError(f"{path}: category id {cid} is {name!r} here but {cats[cid][0]!r} in {cats[cid][2]}; "
+                raise PixelsegError(f"{path}: category id {cid} is {name!r} here but {cats[cid][0]!r} in "
+                                    f"{cats[cid][2]}; "
                                     "the splits must share one category table")
             cats[cid] = (name, str(c.get("supercategory") or ""), path)
         used.update(a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict))
@@ -87,10 +98,11 @@ def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[st
                          "the others (Roboflow's placeholder), not a class")
             continue
         keep.append(cid)
-    ids = class_ids([cats[c][0] for c in keep], files[0][0] if files else "COCO", "categorie", unique=False)  # "...categories"
-    table = dict(zip(keep, ids))
+    origin = files[0][0] if files else "COCO"
+    ids = class_ids([cats[c][0] for c in keep], origin, "categorie", unique=False)  # "...categories"
+    table = dict(zip(keep, ids, strict=True))
     names = ["background"] + [""] * max([v for v in ids if v != IGNORE], default=0)
-    for c, v in zip(keep, ids):
+    for c, v in zip(keep, ids, strict=True):
         if 0 < v < IGNORE and not names[v]:
             names[v] = cats[c][0]
     return table, names, notes

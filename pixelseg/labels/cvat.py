@@ -13,9 +13,21 @@ from pathlib import Path
 
 from ..core.errors import PixelsegError
 from .files import Names, class_names, class_table, sized_image
-from .raster import export_values, shape_values
-from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
-                     mask_rle, polygons_rle, rotated_box)
+from .raster import (
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    box_polygon,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    mask_rle,
+    polygons_rle,
+    rotated_box,
+    shape_values,
+)
 from .rle import RLEError, cvat_rle_decode
 
 SUBSETS = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
@@ -47,7 +59,8 @@ def parse_xml(path: Path) -> ET.Element:
 def _labels(root_el: ET.Element, path: Path) -> tuple[dict[str, int], list]:
     labels = root_el.findall("./meta//labels/label")
     if not labels:
-        raise PixelsegError(f"{path}: no <meta> ... <labels> declared; export 'CVAT for images 1.1' from a task or project")
+        raise PixelsegError(f"{path}: no <meta> ... <labels> declared; "
+                            "export 'CVAT for images 1.1' from a task or project")
     names, colours = [], {}
     for lab in labels:
         n = (lab.findtext("name") or "").strip()
@@ -108,7 +121,8 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
         where = f"<image id={im.get('id')!r} name={fname!r}>"
         split = SUBSETS.get((im.get("subset") or "").strip().lower(), (im.get("subset") or "").strip().lower() or None)
         stem = names.take(path, where, split, fname)
-        found = sized_image(problems, path, where, fname, folders, (im.get("width"), im.get("height"))) if stem else None
+        size = (im.get("width"), im.get("height"))
+        found = sized_image(problems, path, where, fname, folders, size) if stem else None
         if found is None:
             continue
         item = Item(stem, found[0], found[1], found[2], split=split, source=path, orientation=found[3])

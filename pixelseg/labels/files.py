@@ -11,7 +11,6 @@ from .raster import Problems
 from .rules import class_ids, stored_size_note, upright_hw
 
 
-
 def read_json(path: Path):
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
@@ -97,7 +96,8 @@ class Names:
     """Sample names (image stems) unique per split: two images with one name are bad input."""
 
     def __init__(self, problems: Problems):
-        self.problems, self.seen = problems, {}
+        self.problems = problems
+        self.seen: dict[tuple[str | None, str], str] = {}  # (split, stem) -> where first seen
 
     def take(self, file, where: str, split: str | None, image_name: str) -> str | None:
         stem = Path(image_name.replace("\\", "/").rsplit("/", 1)[-1]).stem
@@ -112,7 +112,7 @@ class Names:
 
 def class_table(names: list[str], file, what: str) -> dict[str, int]:
     """Declared label names -> class ids (rules.py: background names 0, '__ignore__' 255, others 1..K)."""
-    return dict(zip(map(str, names), class_ids(names, file, what)))
+    return dict(zip(map(str, names), class_ids(names, file, what), strict=True))
 
 
 def class_names(table: dict[str, int]) -> list[str]:

@@ -20,9 +20,19 @@ import numpy as np
 
 from ..core.errors import PixelsegError
 from .files import Names, class_names, class_table, find_image, read_json, sized_image
-from .raster import export_values, shape_values
-from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
-                     polygons_rle)
+from .raster import (
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    box_polygon,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    polygons_rle,
+    shape_values,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -65,8 +75,7 @@ def _embedded(doc: dict, path: Path, problems: Problems) -> Path | None:
     """The image LabelMe embedded in the JSON (`imageData`), as a file in the cache (written once)."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..core.files import cache_dir
-    from ..core.files import atomic_write_bytes
+    from ..core.files import atomic_write_bytes, cache_dir
     try:
         data = base64.b64decode(doc["imageData"], validate=True)
         fmt = (Image.open(io.BytesIO(data)).format or "png").lower()

@@ -20,9 +20,21 @@ import numpy as np
 from ..core.errors import PixelsegError
 from ..core.images import IMAGE_SUFFIXES
 from .files import Names, class_names, class_table, read_json, sized_image
-from .raster import export_values, shape_values
-from .raster import (BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette, make_shape,
-                     mask_rle, polygons_rle, rotated_box)
+from .raster import (
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    box_polygon,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    mask_rle,
+    polygons_rle,
+    rotated_box,
+    shape_values,
+)
 from .rle import RLEError, ls_rle_decode
 from .rules import note_left_out
 
@@ -45,7 +57,8 @@ def _declared(base: Path) -> tuple[list[str] | None, dict, Path | None, str | No
         try:
             doc = ET.parse(p).getroot()
         except ET.ParseError as exc:
-            raise PixelsegError(f"{p}:{exc.position[0]}:{exc.position[1] + 1}: not valid XML (labelling config)") from None
+            line, col = exc.position
+            raise PixelsegError(f"{p}:{line}:{col + 1}: not valid XML (labelling config)") from None
         labels = [el for el in doc.iter("Label")]
         if doc.tag == "View" and labels:
             colours = {}
@@ -126,7 +139,8 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     notes = []
     if declared is None:
         found = sorted({str(_label_of(r, r.get("type"))) for t in tasks if isinstance(t, dict) and _annotation(t)
-                        for r in (_annotation(t).get("result") or []) if r.get("type") in KINDS and _label_of(r, r.get("type"))})
+                        for r in (_annotation(t).get("result") or [])
+                        if r.get("type") in KINDS and _label_of(r, r.get("type"))})
         declared = found
         notes.append(f"no labelling config (*.xml) next to {path.name}: classes are the labels found, sorted: "
                      + ", ".join(found))

@@ -35,7 +35,7 @@ def _runs(flat: np.ndarray) -> list[int]:
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     bounds = np.concatenate([[0], change, [flat.size]])
     lengths = np.diff(bounds).tolist()
-    return ([0] + lengths) if flat[0] else lengths
+    return [0, *lengths] if flat[0] else lengths
 
 
 def _unruns(counts, n: int, what: str) -> np.ndarray:
@@ -62,7 +62,7 @@ def cvat_rle_decode(counts, left: int, top: int, width: int, height: int, img_h:
     """CVAT's mask: runs (background first) over the width×height box at (left, top), row by row."""
     if isinstance(counts, str):
         counts = parse_cvat_counts(counts)
-    left, top, width, height = (int(round(float(v))) for v in (left, top, width, height))
+    left, top, width, height = (round(float(v)) for v in (left, top, width, height))
     if width < 1 or height < 1:
         raise RLEError(f"mask box {width}×{height} is empty")
     if left < 0 or top < 0 or left + width > img_w or top + height > img_h:

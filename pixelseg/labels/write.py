@@ -26,6 +26,7 @@ top-left corner), as COCO, CVAT, Label Studio and YOLO all use.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -38,8 +39,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ..core.files import atomic_write_text
 from ..core.errors import PixelsegError
+from ..core.files import atomic_write_text
 from .rle import coco_rle_decode, coco_rle_encode, cvat_rle_encode, ls_rle_encode
 
 FORMATS = ("coco", "cvat", "labelstudio", "yolo")
@@ -83,7 +84,6 @@ def _clean(binary: np.ndarray, min_area: int) -> np.ndarray:
     small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_area)
     out[np.isin(lab, small[small > 0])] = False
     n, lab, stats, _ = cv2.connectedComponentsWithStats((~out).astype(np.uint8), connectivity=4)
-    h, w = out.shape
     border = set(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])).tolist())
     holes = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] < min_area and k not in border]
     out[np.isin(lab, holes)] = True
@@ -107,7 +107,7 @@ def mask_polygons(binary: np.ndarray, min_area: int = MIN_AREA) -> list[tuple[np
     binary = _clean(np.asarray(binary, bool), min_area)
     if not binary.any():
         return []
-    n, comps = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)  # findContours' connectivity
+    _, comps = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)  # findContours' connectivity
     big = np.repeat(np.repeat(binary.astype(np.uint8), 2, 0), 2, 1)
     contours, hierarchy = cv2.findContours(big, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     hierarchy = hierarchy[0]
@@ -160,7 +160,8 @@ def _area(rle: dict) -> int:
 def write_coco(items: list[ImageRegions], labels: list[str], palette: dict, out: Path, **_) -> list[Path]:
     """COCO instances JSON; categories 1..K in the model's class order, file names as the inputs'."""
     cat = {n: i + 1 for i, n in enumerate(labels)}
-    images, anns = [], []
+    images: list[dict] = []
+    anns: list[dict] = []
     for i, it in enumerate(items, 1):
         images.append({"id": i, "file_name": it.image.name, "width": it.width, "height": it.height,
                        "confidence": round(it.confidence, 6), "uncertainty": round(it.uncertainty, 6)})
@@ -229,7 +230,7 @@ def labelstudio_config(labels: list[str], palette: dict, shapes: str) -> str:
     lines = ["<View>", f'  <Image name="{LS_TO}" value="${LS_DATA}" zoom="true"/>', f'  <{tag} name="{LS_FROM}" '
              f'toName="{LS_TO}">']
     lines += [f'    <Label value="{_xml_attr(n)}" background="{_hex(palette[n])}"/>' for n in labels]
-    return "\n".join(lines + [f"  </{tag}>", "</View>", ""])
+    return "\n".join([*lines, f"  </{tag}>", "</View>", ""])
 
 
 def _xml_attr(s: str) -> str:
@@ -242,10 +243,8 @@ def image_reference(image: Path, image_url: str | None) -> str:
     if image_url:
         return image_url + quote(image.name)
     p = image.resolve()
-    try:
+    with contextlib.suppress(ValueError):
         p = p.relative_to(Path.cwd().resolve())
-    except ValueError:
-        pass
     return "/data/local-files/?d=" + quote(p.as_posix().lstrip("/"))
 
 
@@ -338,7 +337,7 @@ def write_yolo(items: list[ImageRegions], labels: list[str], palette: dict, out:
     try:
         cls = {n: i for i, n in enumerate(labels)}
         listing: dict[str, list[str]] = {"train": [], "val": []}
-        for it, name, split in zip(items, _unique_names(items), _yolo_split(len(items))):
+        for it, name, split in zip(items, _unique_names(items), _yolo_split(len(items)), strict=True):
             (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
             (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
             lines = [f"{cls[r.label]} " + " ".join(f"{v:.6f}" for v in (r.polygons[0] / [it.width, it.height]).ravel())

@@ -3,12 +3,13 @@
 Line: `class x1 y1 x2 y2 ...`, coordinates normalised to 0..1; class k (0-based, data.yaml's `names`) becomes
 class id k + 1 (0 is background), except that a class named "background" is 0 and the ones after it close up
 (labels/rules.py, as in every reader); at most 254 classes. Coordinates are fractions of the image as viewers
-(and Ultralytics, through OpenCV) show it: turned upright by its EXIF Orientation. A detection line (`class cx cy w h`) is a box: painted with --boxes, else
-left out and counted. An image without a .txt has no labels (all background). Splits: data.yaml's train/val/
-test (relative to its `path` or its folder; Roboflow's `../train/images` too), else images/<split>/ or
-<split>/images/ found without it (names still from data.yaml). A val that is the training folder (or holds
-only training images) is not a validation split: it is dropped, with a note, and val is carved out of train
-by --val-fraction; val images that are also training images are left out of val.
+(and Ultralytics, through OpenCV) show it: turned upright by its EXIF Orientation. A detection line
+(`class cx cy w h`) is a box: painted with --boxes, else left out and counted. An image without a .txt has no
+labels (all background). Splits: data.yaml's train/val/test (relative to its `path` or its folder; Roboflow's
+`../train/images` too), else images/<split>/ or <split>/images/ found without it (names still from data.yaml).
+A val that is the training folder (or holds only training images) is not a validation split: it is dropped,
+with a note, and val is carved out of train by --val-fraction; val images that are also training images are
+left out of val.
 """
 from __future__ import annotations
 
@@ -19,9 +20,20 @@ import numpy as np
 from ..core.errors import PixelsegError
 from ..core.images import IMAGE_SUFFIXES
 from .files import Names
-from .raster import export_values, shape_values
-from .raster import (HUGE, BadShape, Item, LabelSet, Problems, box_polygon, check_not_empty, default_palette,
-                     make_shape, polygons_rle)
+from .raster import (
+    HUGE,
+    BadShape,
+    Item,
+    LabelSet,
+    Problems,
+    box_polygon,
+    check_not_empty,
+    default_palette,
+    export_values,
+    make_shape,
+    polygons_rle,
+    shape_values,
+)
 from .rules import class_ids, upright_hw
 
 SPLIT_KEYS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
@@ -150,7 +162,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
         raise PixelsegError(f"{path}: no image folders found (train:/val: in data.yaml, or images/<split>/)")
     ids = class_ids(names_, path, "class", unique=False)   # yolo class k -> class id
     classes = ["background"] + [""] * max([v for v in ids if v != 255], default=0)
-    for n, v in zip(names_, ids):
+    for n, v in zip(names_, ids, strict=True):
         if 0 < v < 255 and not classes[v]:
             classes[v] = n
     problems = Problems(skip_bad)

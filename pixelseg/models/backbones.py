@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import timm
 import torch
@@ -79,8 +80,8 @@ class BackboneSpec:
     output_strides: tuple[int, ...] = (32,)
     max_pool_stages: bool = False
     return_nodes: tuple[str, ...] = ()  # torchvision FX nodes, one per stage
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     note: str = ""
     # Zero padding added around the (normalised) input so that stage sizes are exactly
     # H / stride: needed when the library's stem convolutions are unpadded.
@@ -124,7 +125,7 @@ class BackboneSpec:
         if self.source == "transformers":
             from .mit import build_mit
 
-            body = build_mit(self.library_name, weights_file, device, in_channels)
+            body: nn.Module = build_mit(self.library_name, weights_file, device, in_channels)
             return Encoder(body, self.channels, self.reductions, self.name, self.source)
         if self.source == "torchvision":
             model = self.build_library_model(output_stride, weights_file, device, in_channels)
@@ -141,7 +142,7 @@ class BackboneSpec:
             kwargs["output_stride"] = output_stride
         with torch.device(device) if device is not None else contextlib.nullcontext():
             body = timm.create_model(self.library_name, **kwargs)
-        info = body.feature_info
+        info: Any = body.feature_info  # timm's FeatureInfo (nn.Module.__getattr__ says Tensor | Module)
         return Encoder(body, info.channels(), info.reduction(), self.name, self.source,
                        self.input_padding, self.channels_last_output)
 
@@ -158,13 +159,14 @@ def adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> No
     from timm.models import adapt_input_conv
 
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+    # torch types Conv2d's attributes tuple[int, ...] and its constructor's arguments tuple[int, int]
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,  # type: ignore[arg-type]
                     device=conv.weight.device, dtype=conv.weight.dtype)
     if pretrained:
         with torch.no_grad():
             new.weight.copy_(adapt_input_conv(in_channels, conv.weight))
-            if conv.bias is not None:
+            if conv.bias is not None and new.bias is not None:
                 new.bias.copy_(conv.bias)
     model.set_submodule(name, new)
 
@@ -172,6 +174,8 @@ def adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> No
 def _timm_norm(name: str) -> dict:
     """Mean/std from timm's pretrained config: what the timm weights were trained with."""
     cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        raise PixelsegError(f"timm has no pretrained config for {name!r}")
     return dict(mean=tuple(cfg.mean), std=tuple(cfg.std))
 
 
@@ -286,10 +290,10 @@ for _n, _c in {0: (16, 24, 40, 112, 320), 1: (16, 24, 40, 112, 320), 2: (16, 24,
 
 # SegFormer's Mix Transformer encoders (Xie et al. 2021). timm has no MiT, so they come from
 # Hugging Face transformers (``pip install pixelseg[segformer]``); see mit.py.
-for _v, _c in {"b0": (32, 64, 160, 256), "b1": (64, 128, 320, 512), "b2": (64, 128, 320, 512),
+for _v, _mc in {"b0": (32, 64, 160, 256), "b1": (64, 128, 320, 512), "b2": (64, 128, 320, 512),
                "b3": (64, 128, 320, 512), "b4": (64, 128, 320, 512), "b5": (64, 128, 320, 512)}.items():
     BACKBONES[f"mit_{_v}"] = BackboneSpec(
-        f"mit_{_v}", "transformers", f"mit-{_v}", _c, reductions=(4, 8, 16, 32),
+        f"mit_{_v}", "transformers", f"mit-{_v}", _mc, reductions=(4, 8, 16, 32),
         note=f"Mix Transformer {_v.upper()} (SegFormer) from Hugging Face transformers",
     )
 
@@ -313,19 +317,20 @@ def get_backbone(name: str) -> BackboneSpec:
 def _timm_build_kwargs(library_name: str) -> dict:
     """Extra keywords that let a timm model take any input size, where it has such a switch
     (Swin-style models otherwise insist on their training resolution)."""
-    for extra in (dict(strict_img_size=False), {}):
+    candidates: tuple[dict[str, Any], ...] = (dict(strict_img_size=False), {})
+    for extra in candidates:
         try:
             with torch.device("meta"):
                 timm.create_model(library_name, features_only=True, **extra)
             return extra
         except TypeError:  # the model has no such keyword
             continue
-        except Exception:  # noqa: BLE001 - reported with its reason by timm_backbone
+        except Exception:
             return {}
     return {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def timm_backbone(library_name: str) -> BackboneSpec:
     """A BackboneSpec for any timm model that supports ``features_only`` (``--backbone timm:NAME``).
 
@@ -358,18 +363,19 @@ def timm_backbone(library_name: str) -> BackboneSpec:
             f"timm model {library_name!r} cannot serve as an encoder: it has no features_only "
             f"support ({reason})"
         ) from None
-    info = body.feature_info
+    info: Any = body.feature_info  # timm's FeatureInfo (nn.Module.__getattr__ says Tensor | Module)
     fmt = str(getattr(body, "output_fmt", "NCHW"))
     strides = [32]
     for os_ in (16, 8):
         try:
             with torch.device("meta"):
                 dil = timm.create_model(library_name, features_only=True, output_stride=os_, **extra)
-            if max(dil.feature_info.reduction()) == os_:
+            dil_info: Any = dil.feature_info
+            if max(dil_info.reduction()) == os_:
                 strides.append(os_)
-        except Exception:  # noqa: BLE001 - "cannot dilate" comes in many exception types
+        except Exception:
             pass
-    norm = dict(mean=tuple(cfg.mean), std=tuple(cfg.std)) if cfg is not None and cfg.mean else {}
+    norm: dict[str, Any] = dict(mean=tuple(cfg.mean), std=tuple(cfg.std)) if cfg is not None and cfg.mean else {}
     return BackboneSpec(
         TIMM_PREFIX + library_name, "timm", library_name, tuple(info.channels()),
         reductions=tuple(info.reduction()), output_strides=tuple(strides),

@@ -7,6 +7,10 @@ semantics, and ``config`` for rebuilding. Subclasses only implement ``decode``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,9 +43,12 @@ class SegmentationModel(nn.Module):
     ever pass [0, 1] pixels.
     """
 
-    arch: str = ""
-    default_backbone: str = ""
-    options: dict = {}  # keyword options of the architecture and their defaults
+    arch: ClassVar[str] = ""
+    default_backbone: ClassVar[str] = ""
+    # keyword options of the architecture and their defaults (read-only: shared by every instance)
+    options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    mean: torch.Tensor  # buffers (register_buffer in __init__)
+    std: torch.Tensor
 
     # -- registry hooks (see factory.create_model) ------------------------------------------
     @classmethod
@@ -57,7 +64,9 @@ class SegmentationModel(nn.Module):
     def from_spec(cls, spec: BackboneSpec, num_classes: int, weights_file, config: dict, **options):
         in_channels, mean, std = input_normalisation(spec, config)
         encoder = spec.build(cls.encoder_output_stride(**options), weights_file, in_channels=in_channels)
-        return cls(encoder, num_classes, mean, std, config, **options)
+        # subclasses take (encoder, num_classes, mean, std, config, **options): the base's output_stride is theirs
+        build: Callable[..., SegmentationModel] = cls
+        return build(encoder, num_classes, mean, std, config, **options)
 
     def __init__(
         self,

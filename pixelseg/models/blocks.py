@@ -84,7 +84,7 @@ class PyramidPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         out = [x]
-        for b, branch in zip(self.bins, self.branches):
+        for b, branch in zip(self.bins, self.branches, strict=True):
             y = branch(adaptive_avg_pool2d(x, b))
             out.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
         return torch.cat(out, dim=1)

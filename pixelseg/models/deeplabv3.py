@@ -13,19 +13,20 @@ timm's ``output_stride`` for mobilenet_v1 and xception65. Backbones neither libr
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 
 
 class DeepLabV3(SegmentationModel):
     arch = "deeplabv3"
     default_backbone = "resnet50"
-    options = dict(output_stride=16, multi_grid=(1, 2, 4), aspp_dropout=0.5)
+    options = MappingProxyType(dict(output_stride=16, multi_grid=(1, 2, 4), aspp_dropout=0.5))
 
     @classmethod
     def incompatibility(cls, spec, output_stride=16, **options):
@@ -60,7 +61,7 @@ class DeepLabV3(SegmentationModel):
                     f"(got {list(multi_grid)})"
                 )
             rate = 2 if output_stride == 16 else 4
-            for block, grid in zip(layer4, multi_grid):
+            for block, grid in zip(layer4, multi_grid, strict=False):
                 d = rate * int(grid)
                 block.conv2.dilation = (d, d)
                 block.conv2.padding = (d, d)

@@ -14,13 +14,14 @@ Needs a backbone a library can dilate (torchvision ResNets, and every timm model
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 from .blocks import conv_bn_relu, missing_strides, require_batch_of_two, stage_index, upsample_to
 
@@ -28,8 +29,8 @@ from .blocks import conv_bn_relu, missing_strides, require_batch_of_two, stage_i
 class DeepLabV3Plus(SegmentationModel):
     arch = "deeplabv3plus"
     default_backbone = "resnet50"
-    options = dict(output_stride=16, aspp_channels=256, decoder_channels=256, low_level_channels=48,
-                   aspp_dropout=0.5)
+    options = MappingProxyType(dict(output_stride=16, aspp_channels=256, decoder_channels=256, low_level_channels=48,
+                                     aspp_dropout=0.5))
 
     @classmethod
     def incompatibility(cls, spec, output_stride=16, **options):

@@ -8,13 +8,14 @@ so invalid combinations fail up front with a reason instead of deep inside a for
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from os import PathLike
+from typing import Any, cast
 
 import torch
 
 from ..core.errors import PixelsegError
-
-from .backbones import BACKBONES, get_backbone
+from .backbones import BACKBONES, BackboneSpec, get_backbone
 from .base import SegmentationModel
 from .deeplabv3 import DeepLabV3
 from .deeplabv3plus import DeepLabV3Plus
@@ -52,7 +53,7 @@ def _arch(name: str) -> type[SegmentationModel]:
         ) from None
 
 
-def _valid_backbones(cls, options: dict) -> list[str]:
+def _valid_backbones(cls, options: Mapping[str, Any]) -> list[str]:
     return [b for b, spec in BACKBONES.items() if cls.incompatibility(spec, **options) is None]
 
 
@@ -93,13 +94,14 @@ def create_model(
 ) -> SegmentationModel:
     """Build a segmentation model.
 
-    ``weights``: None / "none" (random init), "imagenet" (ImageNet weights for the encoder: an
-    installed weights package, the torch-hub cache, or downloaded once; see models/weights.py), or a
-    path to a whole-model state dict (e.g. a pixelseg checkpoint) or an encoder's alone. ``arch_options`` are architecture specific, see
-    ``ARCHITECTURES[arch].options``. ``backbone`` is a registered name or ``timm:NAME`` for any
-    timm model with ``features_only``. ``in_channels`` other than 3 adapts the encoder's first
-    convolution (pretrained RGB filters via timm's ``adapt_input_conv``); ``mean``/``std`` (one
-    value per channel, for [0, 1] inputs) override the encoder's normalisation statistics.
+    ``weights``: None / "none" (random init), "imagenet" (ImageNet weights for the encoder: an installed
+    weights package, the torch-hub cache, or downloaded once; see models/weights.py), or a path to a
+    whole-model state dict (e.g. a pixelseg checkpoint) or an encoder's alone. ``arch_options`` are
+    architecture specific, see ``ARCHITECTURES[arch].options``. ``backbone`` is a registered name or
+    ``timm:NAME`` for any timm model with ``features_only``. ``in_channels`` other than 3 adapts the
+    encoder's first convolution (pretrained RGB filters via timm's ``adapt_input_conv``);
+    ``mean``/``std`` (one value per channel, for [0, 1] inputs) override the encoder's normalisation
+    statistics.
     """
     cls = _arch(arch)
     options = _resolve_options(cls, arch, arch_options)
@@ -147,7 +149,10 @@ def create_model(
     model.pretrained = weights_file is not None
     model.weights_source = resolved.record if resolved is not None else None
     if resolved is not None and resolved.state is not None:
-        load_encoder_state(model, encoder_state(resolved.state, model, resolved.record["file"]))
+        state = encoder_state(resolved.state, model, resolved.record["file"])
+        if state is None:
+            raise PixelsegError(f"{resolved.record['file']}: not an encoder state dict for backbone {backbone!r}")
+        load_encoder_state(model, state)
         model.pretrained = True
     if state_file is not None:
         kind = load_weights_file(model, state_file)
@@ -185,7 +190,8 @@ def describe_models() -> list[dict]:
                 spec.build(cls.encoder_output_stride(**cls.options))  # outside the meta context
             config = dict(arch=arch, backbone=backbone, num_classes=3, **cls.options)
             with torch.device("meta"):
-                model = cls.from_spec(spec, 3, None, config, **cls.options)
+                # duck-typed: a BackboneSpec's attributes, memoised builds
+                model = cls.from_spec(cast(BackboneSpec, spec), 3, None, config, **cls.options)
         except PixelsegError:  # an optional library missing (transformers for MiT)
             rows.append(dict(arch=arch, backbone=backbone, default=backbone == cls.default_backbone, params=None))
             continue

@@ -17,6 +17,8 @@ it (e.g. 512 for quick experiments and tests).
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import nn
 
@@ -56,13 +58,14 @@ def _score(in_channels: int, num_classes: int) -> nn.Conv2d:
     # neither better performance nor faster convergence").
     conv = nn.Conv2d(in_channels, num_classes, 1)
     nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:  # always: Conv2d's default
+        nn.init.zeros_(conv.bias)
     return conv
 
 
 class _FCN(SegmentationModel):
     default_backbone = "vgg16"
-    options = dict(head_channels=4096, dropout=0.5, learn_final_upsample=False)
+    options = MappingProxyType(dict(head_channels=4096, dropout=0.5, learn_final_upsample=False))
     n_skips = 0
 
     @classmethod
@@ -99,7 +102,7 @@ class _FCN(SegmentationModel):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encode(x)
         score = self.head(feats[-1])
-        for up, score_skip, i in zip(self.upscore2, self.score_skip, self.skip_index):
+        for up, score_skip, i in zip(self.upscore2, self.score_skip, self.skip_index, strict=True):
             score = up(score) + score_skip(feats[i])
         return self.upscore_final(score)
 

@@ -9,6 +9,8 @@ to stride 4 by as many (3x3 conv 128 + GroupNorm + ReLU, 2x bilinear upsample) s
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +34,7 @@ class _Upsample2x(nn.Module):
 class FPN(SegmentationModel):
     arch = "fpn"
     default_backbone = "resnet50"
-    options = dict(pyramid_channels=256, segmentation_channels=128)
+    options = MappingProxyType(dict(pyramid_channels=256, segmentation_channels=128))
 
     @classmethod
     def incompatibility(cls, spec, **options):
@@ -47,7 +49,7 @@ class FPN(SegmentationModel):
                                     for _ in self.stages)
         branches = []
         for level in range(len(STRIDES)):  # level 0 = stride 4
-            layers = [_conv_gn_relu(pyramid_channels, segmentation_channels)]
+            layers: list[nn.Module] = [_conv_gn_relu(pyramid_channels, segmentation_channels)]
             if level > 0:
                 layers.append(_Upsample2x())
             for _ in range(level - 1):
@@ -58,12 +60,12 @@ class FPN(SegmentationModel):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encode(x)
-        lat = [conv(feats[i]) for conv, i in zip(self.lateral, self.stages)]
+        lat = [conv(feats[i]) for conv, i in zip(self.lateral, self.stages, strict=True)]
         for i in range(len(lat) - 2, -1, -1):  # top-down
             lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
-        pyramid = [conv(p) for conv, p in zip(self.smooth, lat)]
+        pyramid = [conv(p) for conv, p in zip(self.smooth, lat, strict=True)]
         y = self.branches[0](pyramid[0])
-        for branch, p in zip(self.branches[1:], pyramid[1:]):
+        for branch, p in zip(self.branches[1:], pyramid[1:], strict=True):
             y = y + branch(p)
         y = self.classifier(y)
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)

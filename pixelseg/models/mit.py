@@ -11,6 +11,7 @@ means owning a transformer implementation and its weight-name mapping.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class MiTEncoder(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers SegformerModel (its .stages are read below)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
@@ -97,7 +98,7 @@ def load_hub_weights(variant: str, path, in_channels: int = 3) -> nn.Module:
         os.symlink(path, Path(tmp) / name)
         try:
             model = transformers.SegformerModel.from_pretrained(tmp)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad file
+        except Exception as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise PixelsegError(f"{path} is not a loadable {variant} checkpoint ({reason})") from None
     if in_channels != 3:
@@ -105,7 +106,8 @@ def load_hub_weights(variant: str, path, in_channels: int = 3) -> nn.Module:
         new = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding)
         with torch.no_grad():
             new.weight.copy_(adapt_input_conv(in_channels, stem.weight))
-            new.bias.copy_(stem.bias)
+            if new.bias is not None:  # always: a Conv2d built with its default bias=True
+                new.bias.copy_(stem.bias)
         model.stages[0].patch_embeddings.proj = new
         model.config.num_channels = in_channels
     return model

@@ -9,12 +9,13 @@ bilinear upsampling to the input. The auxiliary loss on stage 4 is a training tr
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 from .blocks import PyramidPooling, conv_bn_relu, require_batch_of_two
 
@@ -22,7 +23,7 @@ from .blocks import PyramidPooling, conv_bn_relu, require_batch_of_two
 class PSPNet(SegmentationModel):
     arch = "pspnet"
     default_backbone = "resnet50"
-    options = dict(output_stride=8, bins=(1, 2, 3, 6), head_channels=512, dropout=0.1)
+    options = MappingProxyType(dict(output_stride=8, bins=(1, 2, 3, 6), head_channels=512, dropout=0.1))
 
     @classmethod
     def incompatibility(cls, spec, output_stride=8, **options):

@@ -5,6 +5,8 @@ tests/test_runtime.py checks outputs and gradients against the plain model."""
 from __future__ import annotations
 
 import copy
+import itertools
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.fx
@@ -116,7 +118,8 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
         # (the gain: docs/benchmarks.md, "Numbers behind choices in the code").
         n = 0
         for m in model.modules():
-            if type(m) in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh) and m.inplace:
+            if (isinstance(m, (torch.nn.ReLU, torch.nn.Hardtanh))
+                    and type(m) in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh) and m.inplace):
                 m.inplace = False
                 n += 1
         if n:
@@ -125,7 +128,8 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
     # numbers: docs/benchmarks.md, "Numbers behind choices in the code").
     if device.type == "cpu" and isinstance(model, UNet) and not isinstance(model.up_stack, _SplitSkipConvs):
         _swap_class(model.up_stack, _SplitSkipConvs)
-        for conv in [up[0] for up in model.up_stack] + [model.last]:  # the convs that may read the parts
+        ups = [cast(torch.nn.Sequential, up)[0] for up in model.up_stack]  # pix2pix_upsample blocks
+        for conv in [*ups, model.last]:  # the convs that may read the parts
             if type(conv) is torch.nn.ConvTranspose2d:
                 conv.__class__ = _ConvTransposeOverParts
         notes.append("U-Net skip convolutions split (no concatenation)")
@@ -139,6 +143,12 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
 
 _SWAPPED: dict[tuple[type, type], type] = {}
 
+if TYPE_CHECKING:  # the mixins below are put in front of a module's own class at run time (_swap_class)
+    from .unet import UNetDecoder as _DecoderBase
+    _EncoderBase = torch.nn.Module
+else:
+    _DecoderBase = _EncoderBase = object
+
 
 def _swap_class(module: torch.nn.Module, mixin: type) -> None:
     """Give ``module`` the class ``mixin + type(module)``: same state, behaviour from the mixin."""
@@ -148,7 +158,7 @@ def _swap_class(module: torch.nn.Module, mixin: type) -> None:
     module.__class__ = _SWAPPED[key]
 
 
-class _SplitSkipConvs:
+class _SplitSkipConvs(_DecoderBase):
     """A U-Net decoder (``UNetDecoder``) training on CPU without the skip concatenations: faster with a
     frozen encoder, no slower without (docs/benchmarks.md, "Numbers behind choices in the code").
 
@@ -172,19 +182,24 @@ class _ConvTransposeOverParts(torch.nn.ConvTranspose2d):
     def forward(self, x, output_size=None):
         if not isinstance(x, list):
             return super().forward(x, output_size)
-        out, start = None, 0
+        out: torch.Tensor | None = None
+        start = 0
         for p in x:
             n = p.shape[1]
-            y = torch.nn.functional.conv_transpose2d(p, self.weight[start:start + n], None, self.stride, self.padding,
+            # ConvTranspose2d's padding is never a string (torch types the attribute it shares with Conv2d)
+            y = torch.nn.functional.conv_transpose2d(p, self.weight[start:start + n], None, self.stride,
+                                                     self.padding,  # type: ignore[arg-type]
                                                      self.output_padding, self.groups, self.dilation)
             out = y if out is None else out + y
             start += n
+        if out is None:
+            raise ValueError("_ConvTransposeOverParts: an empty list of parts")
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
         return out
 
 
-class _InferenceCopyWhenFrozen:
+class _InferenceCopyWhenFrozen(_EncoderBase):
     """An encoder whose grad-enabled training steps, while frozen, run a cached inference copy: fused
     BatchNorm and, under bf16 autocast, bf16 weights.
 
@@ -244,22 +259,23 @@ def fuse_batchnorm(model: torch.nn.Module) -> int:
     if model.training:
         raise ValueError("fuse_batchnorm needs an eval-mode model; BatchNorm in training mode uses batch statistics")
     model.eval()  # copy.deepcopy of an FX GraphModule (torchvision encoders) rebuilds its children in training mode
-    pairs = []  # (owner, conv path, bn path) within owner
+    pairs: list[tuple[torch.nn.Module, str, str]] = []  # (owner, conv path, bn path) within owner
     for owner in model.modules():
         if isinstance(owner, torch.fx.GraphModule):
             for node in owner.graph.nodes:
                 prev = node.args[0] if node.op == "call_module" and len(node.args) == 1 else None
                 if isinstance(prev, torch.fx.Node) and prev.op == "call_module" and len(prev.users) == 1:
-                    pairs.append((owner, prev.target, node.target))
+                    pairs.append((owner, str(prev.target), str(node.target)))  # call_module: str targets
         elif isinstance(owner, torch.nn.Sequential):
             names = list(owner._modules)
-            pairs += [(owner, a, b) for a, b in zip(names, names[1:])]
+            pairs += [(owner, a, b) for a, b in itertools.pairwise(names)]
     n = 0
     for owner, conv_path, bn_path in pairs:
         conv, bn = owner.get_submodule(conv_path), owner.get_submodule(bn_path)
         if (isinstance(conv, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and type(bn) is torch.nn.BatchNorm2d
                 and bn.running_mean is not None and conv.out_channels == bn.num_features):
-            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, torch.nn.ConvTranspose2d))
+            transpose = isinstance(conv, torch.nn.ConvTranspose2d)
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn, transpose=transpose)
             fused.__class__ = type(conv)
             owner.set_submodule(conv_path, fused)
             owner.set_submodule(bn_path, torch.nn.Identity())

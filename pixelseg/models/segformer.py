@@ -11,6 +11,8 @@ leave N x C x H x W (no flatten/transpose copies) and BatchNorm fusing applies.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ STRIDES = (4, 8, 16, 32)
 class SegFormer(SegmentationModel):
     arch = "segformer"
     default_backbone = "mit_b0"
-    options = dict(decoder_channels=None, dropout=0.1)
+    options = MappingProxyType(dict(decoder_channels=None, dropout=0.1))
 
     @classmethod
     def incompatibility(cls, spec, **options):
@@ -43,7 +45,7 @@ class SegFormer(SegmentationModel):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encode(x)
-        maps = [lin(feats[i]) for lin, i in zip(self.linear, self.stages)]
+        maps = [lin(feats[i]) for lin, i in zip(self.linear, self.stages, strict=True)]
         y = torch.cat([upsample_to(m, maps[0]) for m in reversed(maps[1:])] + [maps[0]], dim=1)
         y = self.classifier(self.dropout(self.fuse(y)))
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)

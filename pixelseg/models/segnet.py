@@ -3,8 +3,8 @@
 The encoder is VGG's 13 (VGG16) or 16 (VGG19) conv layers with BatchNorm; every 2x2 max-pool
 also returns its argmax indices. Each decoder unit unpools with the indices of the matching
 encoder pool (what ``MaxUnpool2d`` does - values go back exactly where the maxima came from,
-zeros elsewhere - written as a scatter so it exports to ONNX) and then runs a mirrored stack of 3x3 conv + BN + ReLU; a final 3x3 conv gives
-class scores, as in the authors' Caffe models.
+zeros elsewhere - written as a scatter so it exports to ONNX) and then runs a mirrored stack of
+3x3 conv + BN + ReLU; a final 3x3 conv gives class scores, as in the authors' Caffe models.
 
 Bayesian SegNet adds dropout p=0.5 after the central units - encoder units 3, 4, 5 (after
 pool3/4/5) and decoder units 5, 4, 3 - exactly where the authors'
@@ -20,12 +20,13 @@ works (the tutorial uses ResNet50). Pooling indices exist only when every downsa
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel, input_normalisation
 
 # VGG layout the decoder mirrors: conv layers per stage and their widths.
@@ -79,7 +80,7 @@ class PoolingIndicesEncoder(nn.Module):
     def forward(self, x: torch.Tensor, after_pool=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``after_pool``: optional dict stage -> module applied to that pool's output before
         the next stage sees it (Bayesian SegNet's encoder dropout)."""
-        out = []
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.features):
             if i in self.pool_positions:
                 x, idx = max_pool2x2(x)
@@ -95,7 +96,7 @@ class PoolingIndicesEncoder(nn.Module):
 class SegNet(SegmentationModel):
     arch = "segnet"
     default_backbone = "vgg16"
-    options = dict(upsample="indices")
+    options = MappingProxyType(dict(upsample="indices"))
     dropout = 0.0
     uses_library_model = True  # by default the encoder is the raw VGG ``features``
 
@@ -179,5 +180,5 @@ class SegNet(SegmentationModel):
 
 class BayesianSegNet(SegNet):
     arch = "bayesian_segnet"
-    options = dict(upsample="indices", dropout=0.5)
+    options = MappingProxyType(dict(upsample="indices", dropout=0.5))
     dropout = 0.5

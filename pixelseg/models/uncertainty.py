@@ -45,7 +45,8 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 8, max_batch: i
     try:
         n = x.shape[0]
         copies = max(1, max_batch // max(n, 1))
-        s1 = s2 = None  # running sum and sum of squares of the softmax
+        s1: torch.Tensor | None = None  # running sum and sum of squares of the softmax
+        s2: torch.Tensor | None = None
         done = 0
         while done < samples:
             k = min(copies, samples - done)
@@ -57,6 +58,7 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 8, max_batch: i
             done += k
     finally:
         model.train(was_training)
+    assert s1 is not None and s2 is not None  # samples >= 1: the loop ran
     mean = s1 / samples
     variance = (s2 / samples - mean * mean).clamp_min(0).mean(dim=1)
     entropy = -(mean * mean.clamp_min(1e-12).log()).sum(dim=1)

@@ -10,11 +10,12 @@ stride-2 stage (ConvNeXt, Swin, MiT) the last upsample block simply has no skip 
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import nn
 
 from ..core.errors import PixelsegError
-
 from .base import SegmentationModel
 
 
@@ -46,7 +47,7 @@ class UNetDecoder(nn.ModuleList):
         red = list(reductions)
         skip_index = [max((i for i, r in enumerate(red) if r == s), default=None) for s in (16, 8, 4, 2)]
         ups, in_ch = [], encoder_channels[-1]
-        for out_ch, i in zip(decoder_channels, skip_index):
+        for out_ch, i in zip(decoder_channels, skip_index, strict=False):
             ups.append(pix2pix_upsample(in_ch, out_ch, dropout=dropout))
             in_ch = out_ch + (encoder_channels[i] if i is not None else 0)
         super().__init__(ups)
@@ -55,7 +56,7 @@ class UNetDecoder(nn.ModuleList):
 
     def forward(self, feats: list[torch.Tensor]):
         x = feats[-1]
-        for up, i in zip(self, self.skip_index):
+        for up, i in zip(self, self.skip_index, strict=False):
             x = up(x) if i is None else self.join(up(x), feats[i])
         return x
 
@@ -67,7 +68,7 @@ class UNet(SegmentationModel):
     """encoder -> decoder (``up_stack``, a UNetDecoder) -> head (``last``, a stride-2 transposed conv)."""
     arch = "unet"
     default_backbone = "mobilenet_v2"
-    options = dict(decoder_channels=(512, 256, 128, 64), decoder_dropout=False)
+    options = MappingProxyType(dict(decoder_channels=(512, 256, 128, 64), decoder_dropout=False))
     @classmethod
     def incompatibility(cls, spec, **options):
         if spec.reductions[-1] != 32 or not {4, 8, 16} <= set(spec.reductions):

@@ -10,6 +10,8 @@ upsampling to the input.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ STRIDES = (4, 8, 16, 32)
 class UPerNet(SegmentationModel):
     arch = "upernet"
     default_backbone = "resnet50"
-    options = dict(channels=512, bins=(1, 2, 3, 6), dropout=0.1)
+    options = MappingProxyType(dict(channels=512, bins=(1, 2, 3, 6), dropout=0.1))
 
     @classmethod
     def incompatibility(cls, spec, **options):
@@ -45,11 +47,11 @@ class UPerNet(SegmentationModel):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         require_batch_of_two(self, x, "the 1x1 pyramid-pooling branch")
         feats = [f for i, f in enumerate(self.encode(x)) if i in self.stages]
-        lat = [conv(f) for conv, f in zip(self.lateral, feats[:-1])]
+        lat = [conv(f) for conv, f in zip(self.lateral, feats[:-1], strict=True)]
         lat.append(self.ppm_fuse(self.ppm(feats[-1])))
         for i in range(len(lat) - 2, -1, -1):  # top-down
             lat[i] = lat[i] + upsample_to(lat[i + 1], lat[i])
-        outs = [conv(p) for conv, p in zip(self.fpn_convs, lat[:-1])] + [lat[-1]]
+        outs = [conv(p) for conv, p in zip(self.fpn_convs, lat[:-1], strict=True)] + [lat[-1]]
         y = torch.cat([outs[0]] + [upsample_to(o, outs[0]) for o in outs[1:]], dim=1)
         y = self.classifier(self.dropout(self.fuse(y)))
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -31,7 +31,6 @@ from torch import nn
 
 from ..core.errors import PixelsegError
 from ..core.files import file_sha256
-
 from .backbones import BackboneSpec
 
 log = logging.getLogger("pixelseg")
@@ -108,7 +107,7 @@ def installed_package_file(row: WeightsPackage) -> Path | None:
         return None
     if found is None or not found.submodule_search_locations:
         return None
-    path = Path(list(found.submodule_search_locations)[0]) / row.file
+    path = Path(next(iter(found.submodule_search_locations))) / row.file
     return path if path.is_file() else None
 
 
@@ -140,12 +139,12 @@ def map_positional(state: dict, library_name: str, what: str) -> dict:
     if len(keys) != len(target):
         raise PixelsegError(f"{what}: {len(keys)} tensors where timm's {library_name} has {len(target)}; "
                             "the file does not map onto it")
-    for i, (k, (name, shape)) in enumerate(zip(keys, target)):
+    for i, (k, (name, shape)) in enumerate(zip(keys, target, strict=True)):
         suffix_ok = k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] or k.rsplit(".", 1)[-1] not in _SUFFIXES
         if not suffix_ok or tuple(state[k].shape) != tuple(shape):
             raise PixelsegError(f"{what}: tensor #{i} {k} {tuple(state[k].shape)} does not map onto timm's "
                                 f"{library_name} {name} {tuple(shape)}; the file does not map onto it")
-    return {name: state[k] for k, (name, _) in zip(keys, target)}
+    return {name: state[k] for k, (name, _) in zip(keys, target, strict=True)}
 
 
 def _package_weights(row: WeightsPackage, path: Path) -> ResolvedWeights:
@@ -197,6 +196,8 @@ def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
         # Same name torchvision's load_state_dict_from_url uses, so both share the cache.
         return url, os.path.basename(urlparse(url).path)
     cfg = timm.get_pretrained_cfg(spec.library_name)
+    if cfg is None:
+        raise PixelsegError(f"timm has no pretrained config for {spec.library_name!r}")
     if cfg.hf_hub_id:
         filename = cfg.hf_hub_filename or "model.safetensors"
         url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{filename}"
@@ -204,7 +205,7 @@ def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
         # cache can hold several.
         local = cfg.hf_hub_id.replace("/", "--") + "--" + filename
         return url, local
-    if cfg.url:
+    if isinstance(cfg.url, str) and cfg.url:
         return cfg.url, os.path.basename(urlparse(cfg.url).path)
     raise PixelsegError(
         f"backbone {spec.name!r} ({spec.source} {spec.library_name}) has no published ImageNet "

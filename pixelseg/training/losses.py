@@ -127,7 +127,8 @@ class _SegLoss(nn.Module):
 
     def _prepare(self, logits: torch.Tensor, target: torch.Tensor):
         if logits.ndim != 4 or target.ndim != 3:
-            raise ValueError(f"expected logits N×C×H×W and target N×H×W, got {tuple(logits.shape)} and {tuple(target.shape)}")
+            raise ValueError(f"expected logits N×C×H×W and target N×H×W, "
+                             f"got {tuple(logits.shape)} and {tuple(target.shape)}")
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} channels but the loss expects {self.num_classes}")
         if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
@@ -141,7 +142,8 @@ class _SegLoss(nn.Module):
             found = torch.unique(target[bad]).tolist()[:10]
             raise PixelsegError(
                 f"mask values {found} are outside 0..{self.num_classes - 1} and not ignore_index={self.ignore_index}; "
-                "fix the masks (or the dataset's class list, e.g. classes.csv for --dataset folder) or map those values to the ignore index"
+                "fix the masks (or the dataset's class list, e.g. classes.csv for --dataset folder) "
+                "or map those values to the ignore index"
             )
         weight = None if self.weight is None else self.weight.to(logits.device, torch.float32)
         return logits.float(), target, valid, weight
@@ -252,7 +254,8 @@ class WeightedSumLoss(nn.Module):
 def parse_loss_spec(spec: str) -> dict[str, float]:
     """'ce:1+dice:0.5' -> {'ce': 1.0, 'dice': 0.5}; config validation calls it before anything is built."""
     valid = ", ".join(LOSSES)
-    usage = f"use terms from {{{valid}}} joined by '+', each optionally ':<factor>', e.g. 'ce+dice' or 'ce:1.0+dice:0.5'"
+    usage = (f"use terms from {{{valid}}} joined by '+', each optionally ':<factor>', "
+             "e.g. 'ce+dice' or 'ce:1.0+dice:0.5'")
     if not isinstance(spec, str) or not spec.strip():
         raise PixelsegError(f"empty loss spec; {usage}")
     factors: dict[str, float] = {}

@@ -71,7 +71,8 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     if not groups:
         raise PixelsegError("the model has no trainable parameters; unfreeze at least part of it")
     # On CUDA the per-tensor Adam update was a large share of the tutorial model's step time (torch.profiler
-    # on an H200, docs/benchmarks.md, "Numbers behind choices in the code"); the fused kernel does all tensors in one launch.
+    # on an H200, docs/benchmarks.md, "Numbers behind choices in the code"); the fused kernel does all tensors in
+    # one launch.
     fused = all(p.is_cuda for g in groups for p in g["params"])
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, fused=fused or None)
@@ -97,10 +98,7 @@ def lr_factor(step: int, *, name: str, total_steps: int, warmup_steps: int, powe
     if name == "constant":
         return 1.0
     progress = min(max((step - warmup_steps) / (total_steps - warmup_steps), 0.0), 1.0)
-    if name == "poly":
-        decay = (1.0 - progress) ** power
-    else:  # cosine
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay = (1.0 - progress) ** power if name == "poly" else 0.5 * (1.0 + math.cos(math.pi * progress))  # else cosine
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
@@ -146,5 +144,5 @@ def set_total_steps(scheduler: LambdaLR, total_steps: int) -> None:
     for fn in scheduler.lr_lambdas:
         fn.total_steps = max(int(total_steps), fn.warmup_steps + 1)
     step = max(scheduler.last_epoch, 0)
-    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * fn(step)
