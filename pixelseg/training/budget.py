@@ -19,14 +19,19 @@ from .optim import set_total_steps
 PROBE_STEPS = 5          # steps of the first epoch timed for the first estimate (after one warm-up step)
 VAL_COST_GUESS = 1 / 3   # validation image / training image cost before validation has been timed
 MARGIN = 0.02            # share of the budget kept free for what the estimate misses (process exit, jitter)
+VAL_SHARE = 0.10         # --val-every auto under --time-budget: validation's share of the run, at most about this
 
 
-def steps_that_fit(left_s: float, step_s: float, overhead_s: float, steps_per_epoch: int, in_epoch: int = 0) -> int:
+def steps_that_fit(left_s: float, step_s: float, overhead_s: float, steps_per_epoch: int, in_epoch: int = 0,
+                   final_s: float | None = None) -> int:
     """Optimiser steps that fit into ``left_s`` seconds when each takes ``step_s`` and every epoch (a
-    partial last one too) ends with ``overhead_s`` of validation, figures and checkpoints; ``in_epoch``
-    steps of the current epoch are already done."""
+    partial last one too) ends with ``overhead_s`` of validation, figures and checkpoints (on average: with
+    --val-every N a validation every N epochs); ``in_epoch`` steps of the current epoch are already done.
+    ``final_s``: what the last epoch's end costs when more than the average (it is always validated)."""
     if step_s <= 0:
         return 0
+    if final_s is not None and final_s > overhead_s:
+        left_s -= final_s - overhead_s
     steps = 0
     if in_epoch:  # the current epoch first
         rest = steps_per_epoch - in_epoch
@@ -73,7 +78,10 @@ class Pacer:
             self.cap = None  # the budget alone decides
         self.total = self.cap if self.cap is not None else 1000 * steps_per_epoch  # until measured
         self.step_s: float | None = None
-        self.overhead_s: float | None = None
+        self.overhead_s: float | None = None  # the end of a validated epoch (PreciseBN, validation, figures, saves)
+        self.plain_s: float | None = None     # the end of an epoch without validation (last.pt)
+        self.val_every_opt = cfg.val_every or "auto"
+        self.last_val_epoch = 0               # the last validated epoch (1-based; 0: none yet)
         # global_step at the start of epoch e is e * spe + offset: a budget that ran out inside an epoch ended
         # it early (offset < 0 from then on; set on --resume, the only time an epoch starts after such a one)
         self.offset = 0
@@ -133,9 +141,42 @@ class Pacer:
             self.total = min(self.total, max(self.cap, state.global_step))
         set_total_steps(scheduler, self.total)
 
+    # ---- validation ----
+    def val_every(self) -> int:
+        """Epochs between validations: --val-every N, or auto: 1 without a budget; with one, as few validations
+        as keep their measured cost (PreciseBN, validation, figure) to about VAL_SHARE of the run."""
+        if self.val_every_opt != "auto":
+            return int(self.val_every_opt)
+        if not self.budget or not self.step_s or self.overhead_s is None:
+            return 1
+        plain = self.plain_s or 0.0
+        val = max(0.0, self.overhead_s - plain)
+        epoch = self.spe * self.step_s + plain
+        return max(1, math.ceil(val * (1 - VAL_SHARE) / (VAL_SHARE * epoch) - 1e-9))
+
+    def avg_overhead(self) -> float | None:
+        """The end-of-epoch cost averaged over epochs with and without validation."""
+        if self.overhead_s is None:
+            return None
+        plain = min(self.plain_s or 0.0, self.overhead_s)
+        return plain + (self.overhead_s - plain) / self.val_every()
+
+    def validation_due(self, epochs_done: int, global_step: int) -> bool:
+        """Whether the epoch just trained (``epochs_done`` counts it) ends with validation: every val_every()
+        epochs since the last one, and always the run's last (planned, --iterations reached, or the last the
+        budget holds), so best.pt and the final metrics come from a validated epoch."""
+        if epochs_done - self.last_val_epoch >= self.val_every():
+            return True
+        if global_step >= self.total or epochs_done >= self.planned_epochs:
+            return True
+        if self.budget and self.step_s is not None:  # would the budget stop the run after a plain epoch end?
+            return self.left() - (self.plain_s or 0.0) < self.step_s + (self.overhead_s or 0.0)
+        return False
+
     # ---- estimates ----
     def _respan(self, scheduler, global_step: int, in_epoch: int) -> None:
-        fit = global_step + steps_that_fit(self.left(), self.step_s, self.overhead_s, self.spe, in_epoch)
+        fit = global_step + steps_that_fit(self.left(), self.step_s, self.avg_overhead(), self.spe, in_epoch,
+                                           final_s=self.overhead_s)
         self.total = max(global_step + (1 if in_epoch else 0), min(fit, self.cap) if self.cap else fit)
         set_total_steps(scheduler, self.total)
 
@@ -159,12 +200,19 @@ class Pacer:
             return True
         return False
 
-    def end_of_epoch(self, scheduler, global_step: int, train_s: float, steps: int, epoch_s: float) -> None:
-        """Re-estimate from the epoch just measured: its step time and everything after training."""
+    def end_of_epoch(self, scheduler, global_step: int, train_s: float, steps: int, epoch_s: float,
+                     validated: bool = True, epochs_done: int | None = None) -> None:
+        """Re-estimate from the epoch just measured: its step time and everything after training (the cost of
+        a validated epoch end and of a plain one are kept apart)."""
+        if validated and epochs_done is not None:
+            self.last_val_epoch = epochs_done
         if not self.budget or steps <= 0:
             return
         self.step_s = train_s / steps
-        self.overhead_s = max(0.0, epoch_s - train_s)
+        if validated:
+            self.overhead_s = max(0.0, epoch_s - train_s)
+        else:
+            self.plain_s = max(0.0, epoch_s - train_s)
         self._respan(scheduler, global_step, 0)
 
     def should_stop(self, global_step: int, history: list[dict], early_stop: int | None, delta: float) -> bool:

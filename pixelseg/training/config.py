@@ -190,6 +190,15 @@ def parse_workers(value) -> int | str:
         raise OptionError("give a number of DataLoader worker processes (0: none) or auto") from None
 
 
+def parse_val_every(value) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int(1)(value)
+    except OptionError:
+        raise OptionError("give a number of epochs between validations (>= 1) or auto") from None
+
+
 # ---- the options ------------------------------------------------------------------------------------
 def option(default, help: str, group: str, *, parse: Callable | None = None, choices: tuple | None = None,
            nullable: bool = False, default_text: str | None = None, metavar: str | None = None):
@@ -306,6 +315,10 @@ class TrainConfig:
                                     "--early-stop-delta", "optimisation", parse=_int(1), default_text="off")
     early_stop_delta: float = option(0.001, "the val mIoU gain that counts as an improvement for --early-stop",
                                      "optimisation", parse=_float(0.0))
+    val_every: int | str = option("auto", "validate every N epochs (the last epoch always); auto: every epoch, "
+                                  "or with --time-budget as often as keeps validation to about 10% of the "
+                                  "budget (measured); best.pt is the best validated epoch", "optimisation",
+                                  parse=parse_val_every, metavar="{N,auto}")
     folds: int | None = option(None, "K-fold cross-validation: K runs RUN/fold_0 .. fold_K-1 on grouped folds of "
                                "the training pool, RUN/cv.json (mean and std) and cv.png; the folds run dir "
                                "then serves evaluate/predict/serve as an ensemble (docs/training.md)",
@@ -388,7 +401,7 @@ DEFAULTS: dict[str, Any] = {k: f.default for k, f in OPTIONS.items()}
 DATASET_FLAGS = ("images_dir", "masks_dir", "mask_suffix", "val_fraction", "val_group", "classes", "class_names",
                  "overlap", "skip_bad", "iscrowd", "boxes")
 # Options that may change when a run is resumed (they do not change what is trained).
-RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger", "time_budget", "early_stop",
+RESUMABLE = ("epochs", "device", "workers", "checkpoint_every", "logger", "time_budget", "early_stop", "val_every",
              "early_stop_delta", "dist_timeout")
 
 
@@ -468,7 +481,7 @@ def _yaml_types(key: str) -> tuple:
     name = getattr(parse, "__name__", "")
     return {"parse_bool": (bool,), "int": (int,), "float": (float,), "parse_size": (int, str, list),
             "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str,),
-            "parse_workers": (int, str),
+            "parse_workers": (int, str), "parse_val_every": (int, str),
             "parse_duration": (str, int, float)}.get(name, (str,))
 
 

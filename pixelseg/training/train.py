@@ -181,6 +181,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
             state.time_used_s, state.timing = spent_s, {"planning": spent_s}
         pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing,
                       t_start)
+        pacer.last_val_epoch = state.history[-1]["epoch"] if state.history else 0
         scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=pacer.total,
                                     warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
         scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
@@ -212,7 +213,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
             tracker.close()
         if ctx.is_main:  # last.pt records the time of the whole run, validation and figures included
             save("last.pt", epoch, 0)
-        return _finish(run_dir, cfg, state, data, dist_info, t_start, pacer)
+        return _finish(run_dir, cfg, state, data, dist_info, t_start, pacer, epoch)
 
 
 @dataclass
@@ -263,26 +264,42 @@ def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, 
                                 on_step=on_step, flip_seed=cfg.seed if data.flip_in_loop else None)
         pacer.add("train", stats.train_time)
         state.step_in_epoch = 0
-        t_val = time.time()
-        if cfg.precise_bn:
-            precise_bn(model_without_ddp, data.train_loader, cfg.precise_bn, ctx)
-        val_cm, val_loss = evaluate_loader(forward, data.val_loader, ctx, data.info, criterion)
-        pacer.add("validation", time.time() - t_val)
-        row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
-        state.history.append(row)
-        if ctx.is_main:
-            t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
-            _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
-                          pacer.planned_epochs)
-            pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
-        barrier(ctx.dist)
+
+        def validate(stats=stats, t_epoch=t_epoch, epoch=epoch) -> None:
+            t_val = time.time()
+            if cfg.precise_bn:
+                precise_bn(model_without_ddp, data.train_loader, cfg.precise_bn, ctx)
+            val_cm, val_loss = evaluate_loader(forward, data.val_loader, ctx, data.info, criterion)
+            pacer.add("validation", time.time() - t_val)
+            row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
+            state.history.append(row)
+            if ctx.is_main:
+                t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
+                _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
+                              pacer.planned_epochs)
+                pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
+            barrier(ctx.dist)
+
+        validated = pacer.validation_due(epoch + 1, state.global_step)  # --val-every; the last epoch always
+        if validated:
+            validate()
+        else:
+            if ctx.is_main:
+                save("last.pt", epoch + 1, 0)
+                log.info(f"epoch {epoch + 1}/{pacer.planned_epochs}: train loss {stats.loss:.4f} | "
+                         f"{stats.images / stats.train_time:.1f} img/s | {time.time() - t_epoch:.1f}s | "
+                         f"not validated (every {pacer.val_every()} epochs)")
+            barrier(ctx.dist)
         epoch += 1
         pacer.end_of_epoch(scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
-                           time.time() - t_epoch)
+                           time.time() - t_epoch, validated, epoch)
         warning = pacer.cannot_hold_epoch() if epoch == 1 else None
         if warning:
             log.warning(warning)
         if pacer.should_stop(state.global_step, state.history, cfg.early_stop, cfg.early_stop_delta):
+            if not validated:  # an estimate moved: the run still ends on a validated epoch
+                validate()
+                pacer.last_val_epoch = epoch
             break
         if epoch < pacer.planned_epochs and stop.agreed(ctx.dist):  # SIGTERM during validation
             _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
@@ -592,7 +609,7 @@ def _skipped_files(data: RunData, dist_info: DistInfo) -> list[str]:
 
 
 def _finish(run_dir: Path, cfg: TrainConfig, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float,
-            pacer: Pacer) -> dict:
+            pacer: Pacer, epochs_done: int | None = None) -> dict:
     history = state.history
     skipped = _skipped_files(data, dist_info)
     summary = {
@@ -603,12 +620,12 @@ def _finish(run_dir: Path, cfg: TrainConfig, state: TrainState, data: RunData, d
         "skipped_files": skipped,
         "wall_time_s": time.time() - t_start,
         "world_size": dist_info.world_size,
-        **pacer.summary(len(history)),
+        **pacer.summary(len(history) if epochs_done is None else epochs_done),
     }
     if dist_info.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         spent = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_s"].items())
-        log.info(f"stopped after {len(history)} epochs: {summary['stop_reason']}; time: {spent}")
+        log.info(f"stopped after {summary['epochs_done']} epochs: {summary['stop_reason']}; time: {spent}")
         if skipped:
             log.warning(f"{len(skipped)} unreadable sample(s) skipped during the run (listed in summary.json): "
                         + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
