@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .training import config
 from .core.errors import PixelsegError
+from .training import config
 
 # ---- options several commands share, defined once ---------------------------------------------------------
 BACKENDS = ("auto", "torch", "onnx", "openvino")  # inference.runner.resolve_backend checks them
@@ -427,8 +427,8 @@ def _run_export(args) -> int:
 
 
 def _run_serve(args) -> int:
-    from .inference.server import serve
     from .core.sizes import Limits
+    from .inference.server import serve
     limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                     max_mc_samples=args.max_mc_samples, max_queue=args.max_queue,
                     upload_timeout_s=args.upload_timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
@@ -466,8 +466,8 @@ def _run_shards(args) -> int:
 
 
 def _run_convert(args) -> int:
-    from .data.convert import convert, format_report
     from .data import dataset_options
+    from .data.convert import convert, format_report
     report = convert(args.dataset, args.data_root, args.out, args.to, args.split, args.limit, args.maxcount,
                      **dataset_options(vars(args)))
     print(format_report(report))

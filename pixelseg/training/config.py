@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..core.errors import PixelsegError
-from ..core.sizes import OptionError, parse_size, show as _show
+from ..core.sizes import OptionError, parse_size
+from ..core.sizes import show as _show
 
 GROUPS = {
     "data": "data",
@@ -568,8 +570,8 @@ def resolve_config(overrides: dict) -> TrainConfig:
         raise PixelsegError(f"--color-jitter works on RGB images, not on {cfg['in_channels']}-channel inputs; drop it")
     # Cross-option and registry checks (these import the registries, and with them torch).
     from ..data import default_split, get_dataset_module
-    from .losses import parse_loss_spec
     from ..models import check_model
+    from .losses import parse_loss_spec
     get_dataset_module(cfg["dataset"])
     cfg["train_split"] = cfg["train_split"] or default_split(cfg["dataset"], "train")
     cfg["val_split"] = cfg["val_split"] or default_split(cfg["dataset"], "val")
@@ -610,6 +612,21 @@ def default_run_dir(model: str, dataset: str, backbone: str | None = None, kind:
     return str(Path("runs") / "-".join(p for p in parts if p))
 
 
-__all__ = ["TrainConfig", "OPTIONS", "DEFAULTS", "GROUPS", "RESUMABLE", "flag",
-           "parse_value", "parse_bool", "parse_tristate", "parse_weights", "add_train_args", "load_yaml",
-           "overrides_from_args", "resolve_config", "resumed_config", "default_run_dir"]
+__all__ = [
+    "DEFAULTS",
+    "GROUPS",
+    "OPTIONS",
+    "RESUMABLE",
+    "TrainConfig",
+    "add_train_args",
+    "default_run_dir",
+    "flag",
+    "load_yaml",
+    "overrides_from_args",
+    "parse_bool",
+    "parse_tristate",
+    "parse_value",
+    "parse_weights",
+    "resolve_config",
+    "resumed_config",
+]

@@ -13,7 +13,6 @@ import numpy as np
 from ..core.errors import PixelsegError
 from .config import TrainConfig
 
-
 MAX_SAMPLED = 120           # images read for the statistics; more are sampled evenly by a fixed rule
 SEQUENCE = r"^(.*?)[-_. ]*\d+$"               # = data.folder.PREFIX_GROUP: frame/slice number at the end
 TILE = r"^(.*?)[-_. ]*(?:r|row|y)?\d+[-_. ]+(?:c|col|x)?\d+$"  # two trailing numbers: tiles of one image
@@ -135,6 +134,7 @@ def _header_channels(path) -> tuple[int, int] | None:
     8-bit grey, palette and RGBA files are read as RGB (3); 16-bit grey files as one band; a TIFF as its
     bands (TIFFs are read band by band, data.io.read_input)."""
     from PIL import Image
+
     from ..data.io import is_tiff
     try:
         if is_tiff(Path(path)):
@@ -146,7 +146,7 @@ def _header_channels(path) -> tuple[int, int] | None:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return 1, 16
             return 3, 8
-    except Exception:  # noqa: BLE001 - a header we cannot read is reported by the loader, not here
+    except Exception:
         return None
 
 

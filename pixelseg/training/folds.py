@@ -29,9 +29,10 @@ import torch
 import yaml
 
 from ..core.checkpoint import MANIFEST
-from ..core.files import atomic_write_text, check_output_dir, file_sha256, make_output_dir
 from ..core.errors import PixelsegError
-from ..core.logs import logger as log, run_log
+from ..core.files import atomic_write_text, check_output_dir, file_sha256, make_output_dir
+from ..core.logs import logger as log
+from ..core.logs import run_log
 from .config import TrainConfig
 
 # What every member of an ensemble must share: its classes and what it takes as input.
@@ -50,8 +51,7 @@ def pool_splits(cfg: TrainConfig) -> list[str]:
 
 def _val_is_carved(cfg: TrainConfig) -> bool:
     """Whether the val split is folder's --val-fraction share of train rather than the dataset's own."""
-    from ..data import dataset_options, get_dataset_module
-    from ..data import folder, labelled
+    from ..data import dataset_options, folder, get_dataset_module, labelled
     module = get_dataset_module(cfg.dataset)
     opts = dataset_options(cfg.to_dict())
     if cfg.dataset == "folder":

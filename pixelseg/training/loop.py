@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import DatasetInfo
 from ..core.distributed import DistInfo, all_reduce_sum
 from ..core.metrics import ConfusionMatrix, class_ids
 from ..core.progress import progress as progress_bar
 from ..core.runtime import autocast, to_model_input
+from ..data import DatasetInfo
 
 
 @dataclass(frozen=True)
@@ -223,5 +223,13 @@ def predict_batch(model, images: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         return class_ids(model(ctx.to_input(images)).float()).cpu()
 
 
-__all__ = ["RunContext", "EpochResult", "set_train_mode", "train_step", "train_one_epoch", "evaluate_loader", "precise_bn",
-           "predict_batch"]
+__all__ = [
+    "EpochResult",
+    "RunContext",
+    "evaluate_loader",
+    "precise_bn",
+    "predict_batch",
+    "set_train_mode",
+    "train_one_epoch",
+    "train_step",
+]

@@ -19,12 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .config import TrainConfig
 from ..core import sizes
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
-from .fingerprint import SEQUENCE, Fingerprint, _even_sample, _mask_stats, _small, _weighted_median, fingerprint, name_groups
+from . import config
+from .config import TrainConfig
+from .fingerprint import (
+    SEQUENCE,
+    Fingerprint,
+    _even_sample,
+    _mask_stats,
+    _small,
+    _weighted_median,
+    fingerprint,
+    name_groups,
+)
 from .probe import Machine, fixed_machine, measure_speed, probe_machine
 
 # ---- the constants the rules use (one place, so a reader can argue with them) --------------------------
@@ -291,7 +300,7 @@ def _pretrained(backbone: str) -> bool:
         from ..models.backbones import get_backbone
         from ..models.weights import installed_weights
         return installed_weights(get_backbone(backbone))
-    except Exception:  # noqa: BLE001 - no published weights or no cache: train from scratch
+    except Exception:
         return False
 
 
@@ -564,7 +573,7 @@ def warn_recipe(cfg: TrainConfig, data, steps_per_epoch: int) -> list[str]:
     if masks is not None:
         try:
             scale = _median_object_scale(masks, data.info.num_classes, data.info.ignore_index)
-        except Exception:  # noqa: BLE001 - a warning is never worth failing a run for
+        except Exception:
             scale = None
     lines = recipe_warnings(cfg, len(data.train_ds), len(data.val_ds), steps_per_epoch, scale)
     for line in lines:
@@ -572,8 +581,21 @@ def warn_recipe(cfg: TrainConfig, data, steps_per_epoch: int) -> list[str]:
     return lines
 
 
-__all__ = ["Fingerprint", "Machine", "Plan", "fingerprint", "probe_machine", "fixed_machine", "make_plan",
-           "measure_speed", "plan_from_options", "to_yaml", "write_plan", "recipe_warnings", "warn_recipe",
-           "name_groups"]
+__all__ = [
+    "Fingerprint",
+    "Machine",
+    "Plan",
+    "fingerprint",
+    "fixed_machine",
+    "make_plan",
+    "measure_speed",
+    "name_groups",
+    "plan_from_options",
+    "probe_machine",
+    "recipe_warnings",
+    "to_yaml",
+    "warn_recipe",
+    "write_plan",
+]
 
 

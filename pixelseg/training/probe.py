@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-
-
 
 RESIZE_S_PER_MPX = 0.02     # seconds to rescale one megapixel of a cached uint8 image (antialiased, one core),
                             # where the probe does not measure it (fixed_machine)
@@ -58,6 +55,7 @@ def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tu
     """(activations per input pixel, parameters) of a model: the outputs of its layers on a 64×64 input,
     the tensors autograd keeps for the backward pass (in-place ones counted too: an upper bound)."""
     import torch
+
     from ..models import create_model
     m = create_model(model, backbone=backbone, num_classes=2, weights=None, in_channels=in_channels)
     total = [0]
@@ -79,8 +77,9 @@ def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: in
     """Training and inference images/s of real steps (random weights and data) on this machine."""
     import torch
     import torch.nn.functional as F
-    from ..models import create_model
+
     from ..core.runtime import autocast, resolve_precision, select_device
+    from ..models import create_model
     from ..models.rewrites import optimize_for_training
     dev = select_device(device)
     amp = resolve_precision("auto", dev)
@@ -122,6 +121,7 @@ def probe_machine(device: str = "auto", seconds: float = 2.0, zoom: tuple[float,
     and a batch of at most 8, and scales by pixel count to other sizes (a convnet's cost is close to
     linear in pixels; measuring at the candidate size would make a busy machine's probe take minutes)."""
     import torch
+
     from ..core.runtime import resolve_precision, select_device
     dev = select_device(device)
     amp = resolve_precision("auto", dev)

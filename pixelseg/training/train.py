@@ -23,28 +23,39 @@ import torch
 import yaml
 
 from .._version import __version__
-from . import config
-from .config import TrainConfig
 from ..core import sizes, viz
 from ..core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
+from ..core.distributed import (
+    PREEMPTED_EXIT_CODE,
+    DistInfo,
+    StopSignal,
+    barrier,
+    check_batch,
+    check_same_config,
+    cleanup,
+    ignore_stop_signal_in_worker,
+    init_distributed,
+)
+from ..core.errors import PixelsegError
 from ..core.files import atomic_write_text, check_output_dir, make_output_dir
+from ..core.logs import logger as log
+from ..core.logs import run_log
+from ..core.runtime import resolve_precision, seed_everything, select_device, tune_malloc
 from ..data import dataset_options, load_split
 from ..data.base import CacheSpec
 from ..data.loader import make_loader
-from .budget import Pacer
-from ..core.distributed import (PREEMPTED_EXIT_CODE, DistInfo, StopSignal, barrier, check_batch, check_same_config,
-                          cleanup, ignore_stop_signal_in_worker, init_distributed)
-from .loop import RunContext, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
-from ..core.errors import PixelsegError
-from ..core.logs import logger as log, run_log
-from .losses import build_loss, class_weights
 from ..models import create_model
+from ..models.rewrites import optimize_for_training
+from . import config
+from .budget import Pacer
+from .config import TrainConfig
+from .loop import RunContext, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
+from .losses import build_loss, class_weights
 from .optim import build_optimizer, build_scheduler
 from .plan import plan_from_options, to_yaml, warn_recipe
 from .probe import Machine
-from ..core.runtime import resolve_precision, seed_everything, select_device, tune_malloc
-from ..models.rewrites import optimize_for_training
 from .tracking import open_tracker
+
 
 def channel_stats(images) -> dict:
     """Per-channel mean and std of float [0, 1] N x H x W x C images (float64 sums: no drift)."""
