@@ -68,8 +68,8 @@ def _add_train_parser(sub) -> None:
                        "TensorFlow tutorial's recipe (U-Net/MobileNetV2, Adam 1e-3, batch 64, 20 epochs, 128×128).")
     config.add_train_args(p)
     p.add_argument("--auto", action="store_true", default=argparse.SUPPRESS,
-                   help="plan the recipe from the data and this machine (`pixelseg plan`), save it as RUN/plan.yaml and "
-                        "train it; options you give win over the plan, and plan.yaml records which ones did")
+                   help="plan the recipe from the data and this machine (`pixelseg plan`), save it as RUN/plan.yaml "
+                        "and train it; options you give win over the plan, and plan.yaml records which ones did")
 
 
 def _add_plan_parser(sub) -> None:
@@ -160,7 +160,8 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--calibration-split", help="openvino --int8: split the calibration images come from "
                                                "(default: the run's training split)")
     p.add_argument("--calibration-images", type=int, default=100, help="openvino --int8: how many (default: 100)")
-    p.add_argument("--check-split", help="openvino: split the gate is measured on (default: the run's validation split)")
+    p.add_argument("--check-split",
+                   help="openvino: split the gate is measured on (default: the run's validation split)")
     p.add_argument("--int8-ignore", help="openvino --int8: layers kept in higher precision (NNCF ignored scope), "
                                          "comma-separated names or the groups 'ends' (stem and logits layer) and "
                                          "'encoder' (only the decoder in int8); a refused export names candidates")
@@ -495,7 +496,8 @@ def _run_models(args) -> int:
     print(f"{'arch':<18}{'backbone':<16}{'params':>12}")
     for r in rows:
         name = r["backbone"] + (" *" if r["default"] else "")
-        params = f"{r['params'] / 1e6:>11.2f}M" if r["params"] is not None else "  n/a (pip install pixelseg[segformer])"
+        missing = "  n/a (pip install pixelseg[segformer])"
+        params = f"{r['params'] / 1e6:>11.2f}M" if r["params"] is not None else missing
         print(f"{r['arch']:<18}{name:<16}{params}")
     print("* the architecture's default backbone (used when --backbone is not given)")
     print("any timm model with features_only also works: --backbone timm:NAME (e.g. timm:convnext_tiny)")

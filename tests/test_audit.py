@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_run  # noqa: E402
 
-from pixelseg.inference import audit as au  # noqa: E402
+from pixelseg.inference import suspects as sp  # noqa: E402
 from pixelseg.cli import main  # noqa: E402
 from pixelseg.labels import coco, cvat, labelstudio  # noqa: E402
 from pixelseg.labels import write as pre  # noqa: E402
@@ -71,26 +71,26 @@ def audited():
     cleans = [clean_mask(i) for i in range(N)]
     labels = [corrupt(m, CORRUPT[i][0]) if i in CORRUPT else m for i, m in enumerate(cleans)]
     probs = [model_probs(m, i) for i, m in enumerate(cleans)]
-    th = au.Thresholds(len(CLASSES))
+    th = sp.Thresholds(len(CLASSES))
     for p, lab in zip(probs, labels):
         th.add(p, lab)
     t = th.values()
-    bg = au.background_ids(CLASSES)
-    sus = [au.find_suspects(p, lab, t, bg) for p, lab in zip(probs, labels)]
-    scores = [au.label_quality(s, lab.size) for s, lab in zip(sus, labels)]
+    bg = sp.background_ids(CLASSES)
+    sus = [sp.find_suspects(p, lab, t, bg) for p, lab in zip(probs, labels)]
+    scores = [sp.label_quality(s, lab.size) for s, lab in zip(sus, labels)]
     return labels, probs, t, sus, scores
 
 
 def test_thresholds_are_mean_self_confidence_and_confident_class_uses_them():
     probs = np.array([[[0.9, 0.6]], [[0.1, 0.4]]], np.float32)     # 2 classes, 1×2 image
     label = np.array([[0, 1]], np.uint8)
-    th = au.Thresholds(2)
+    th = sp.Thresholds(2)
     th.add(probs, label)
     th.add(probs, np.array([[0, 255]], np.uint8))                    # ignore_index is left out
     np.testing.assert_allclose(th.values(), [0.9, 0.4])
     # pixel 0: p0 0.9 >= 0.9 -> class 0; pixel 1: p0 0.6 < 0.9 but p1 0.4 >= 0.4 -> class 1 (not the argmax)
-    np.testing.assert_array_equal(au.confident_class(probs, th.values()), [[0, 1]])
-    assert np.isinf(au.Thresholds(3).values()).all()                # no labelled pixels: never confident
+    np.testing.assert_array_equal(sp.confident_class(probs, th.values()), [[0, 1]])
+    assert np.isinf(sp.Thresholds(3).values()).all()                # no labelled pixels: never confident
 
 
 def test_corrupted_labels_rank_first(audited):
@@ -118,16 +118,16 @@ def test_each_corruption_gets_its_kind_and_place(audited):
 def test_review_export_reads_back_through_the_format_reader(tmp_path, audited, fmt):
     _, _, _, sus, scores = audited
     (tmp_path / "images").mkdir()
-    bg = au.background_ids(CLASSES)
+    bg = sp.background_ids(CLASSES)
     items, want = [], {}
     for i in CORRUPT:
         path = tmp_path / "images" / f"img{i}.png"
         cv2.imwrite(str(path), np.full((H, W, 3), 128, np.uint8))
-        regions = au.suspect_regions(CLASSES, sus[i], bg, H, W)
+        regions = sp.suspect_regions(CLASSES, sus[i], bg, H, W)
         items.append(pre.ImageRegions(path, H, W, regions, scores[i], 1 - scores[i]))
         want[f"img{i}"] = regions
     files = pre.write(fmt, items, CLASSES, PALETTE, tmp_path, model_version="pixelseg-audit",
-                      attributes={"kind": list(au.KINDS), "given": CLASSES[1:], "suggested": CLASSES})
+                      attributes={"kind": list(sp.KINDS), "given": CLASSES[1:], "suggested": CLASSES})
     if fmt == "labelstudio":   # what the tool exports once a reviewer accepts the suggestions
         tasks = json.loads(files[0].read_text())
         assert tasks[0]["predictions"][0]["result"][0]["meta"]["text"][0].startswith("kind: ")

@@ -170,10 +170,10 @@ def test_audit_unlabelled_end_to_end(folds_run, tmp_path, capsys):
 
 
 def test_label_quality_counts_the_heaviest_region_whole_and_the_rest_at_a_quarter():
-    from pixelseg.inference import audit as au
-    one = [au.Suspect("missing_label", 0, 1, 1000, [0, 0, 1, 1], 0.95, 0.9)]                 # a pet left out
-    many = [au.Suspect("boundary", 1, 0, 200, [0, 0, 1, 1], 0.7, 0.6) for _ in range(10)]   # blur along edges
-    assert au.label_quality(one, 10_000) == pytest.approx(1 - 900 / 10_000)
-    assert au.label_quality(many, 10_000) == pytest.approx(1 - (120 + 0.25 * 9 * 120) / 10_000)
-    assert au.label_quality(one, 10_000) < au.label_quality(many, 10_000)   # a plain sum (1200 > 900) would not say so
-    assert au.label_quality([], 10_000) == 1.0 and au.label_quality(one, 0) == 1.0
+    from pixelseg.inference import suspects as sp
+    one = [sp.Suspect("missing_label", 0, 1, 1000, [0, 0, 1, 1], 0.95, 0.9)]                 # a pet left out
+    many = [sp.Suspect("boundary", 1, 0, 200, [0, 0, 1, 1], 0.7, 0.6) for _ in range(10)]   # blur along edges
+    assert sp.label_quality(one, 10_000) == pytest.approx(1 - 900 / 10_000)
+    assert sp.label_quality(many, 10_000) == pytest.approx(1 - (120 + 0.25 * 9 * 120) / 10_000)
+    assert sp.label_quality(one, 10_000) < sp.label_quality(many, 10_000)   # a plain sum (1200 > 900) would not say so
+    assert sp.label_quality([], 10_000) == 1.0 and sp.label_quality(one, 0) == 1.0

@@ -197,7 +197,8 @@ class _ColourModel(torch.nn.Module):
 @pytest.mark.parametrize("p, method", [(0.0, "softmax entropy"), (0.3, "mc-dropout")])
 def test_predict_rank_uncertainty_end_to_end(tmp_path, monkeypatch, p, method):
     import pixelseg.inference.predict as inference
-    monkeypatch.setattr(inference, "load_model", lambda *a, **k: _ColourModel(p).eval())
+    import pixelseg.inference.runner as runner
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: _ColourModel(p).eval())
     ckpt = fake_checkpoint(tmp_path / "m.pt")
     imgs = tmp_path / "imgs"
     imgs.mkdir()

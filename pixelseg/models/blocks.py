@@ -11,7 +11,8 @@ from ..core.errors import PixelsegError
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
-    """Conv (no bias: BatchNorm follows) + BN + ReLU; an nn.Sequential so BatchNorm fusing (rewrites.fuse_batchnorm) sees the pair."""
+    """Conv (no bias: BatchNorm follows) + BN + ReLU; an nn.Sequential so BatchNorm fusing
+    (rewrites.fuse_batchnorm) sees the pair."""
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),

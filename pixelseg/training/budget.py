@@ -263,6 +263,6 @@ def format_seconds(seconds: float) -> str:
     seconds = float(seconds)
     if seconds < 60:
         return f"{seconds:.3g}s"
-    h, rest = divmod(int(round(seconds)), 3600)
+    h, rest = divmod(round(seconds), 3600)
     m, s = divmod(rest, 60)
     return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v)

@@ -19,6 +19,7 @@ This module imports no torch: ``pixelseg --help`` and ``pixelseg train --help`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -125,10 +126,7 @@ def parse_path(value) -> str:
 
 def parse_scale_range(value) -> list[float]:
     try:
-        if isinstance(value, str):
-            vals = [float(v) for v in value.split(",")]
-        else:
-            vals = [float(v) for v in value]
+        vals = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
     except (TypeError, ValueError):
         vals = []
     if len(vals) != 2:
@@ -217,8 +215,9 @@ class TrainConfig:
     """One training run's options, validated (``resolve_config``) and frozen."""
     # data
     dataset: str = option("oxford-pet", "dataset name: oxford-pet, camvid, voc (Pascal VOC 2012 + SBD train_aug), "
-                          "ade20k (SceneParsing), cityscapes, folder (your own images/ + masks/), coco, cvat, labelstudio, "
-                          "labelme, yolo (annotation exports), synthetic, shards (see docs/datasets.md)", "data")
+                          "ade20k (SceneParsing), cityscapes, folder (your own images/ + masks/), coco, cvat, "
+                          "labelstudio, labelme, yolo (annotation exports), synthetic, shards (see docs/datasets.md)",
+                          "data")
     data_root: str | None = option(None, "dataset directory (Oxford-IIIT Pet: holds images/ and annotations/, "
                                    "downloaded into $PIXELSEG_DATA or ~/.cache/pixelseg when omitted; CamVid: the "
                                    "SegNet layout; folder: holds images/ and masks/, see docs/datasets.md)", "data",
@@ -230,16 +229,17 @@ class TrainConfig:
     mask_suffix: str | None = option(None, "folder dataset: a mask's stem is its image's stem plus this suffix, e.g. "
                                      "_mask for x.png + x_mask.png (then --images-dir and --masks-dir may name the "
                                      "same folder)", "data", default_text="none")
-    val_fraction: float | None = option(None, "folder and annotation datasets without a val split: share of the pairs held out "
-                                        "for validation, chosen by a fixed seed", "data",
+    val_fraction: float | None = option(None, "folder and annotation datasets without a val split: share of the "
+                                        "pairs held out for validation, chosen by a fixed seed", "data",
                                         parse=_float(), default_text="0.2")
-    val_group: str | None = option(None, "folder and annotation datasets: keep pairs of one group on one side of the --val-fraction "
-                                   "split (frames of a video, slices of a stack): a regex whose first group (or "
-                                   "match) in the stem is the group, or 'prefix' (the stem without its trailing "
-                                   "number)", "data", default_text="none")
-    overlap: str | None = option(None, "coco, cvat, labelstudio, labelme, yolo: which class wins a pixel several shapes "
-                                 "cover: smaller (higher z_order first, then the smaller shape on top), order (z_order, "
-                                 "then the later shape), ignore (pixels of conflicting classes become 255)", "data",
+    val_group: str | None = option(None, "folder and annotation datasets: keep pairs of one group on one side "
+                                   "of the --val-fraction split (frames of a video, slices of a stack): a regex "
+                                   "whose first group (or match) in the stem is the group, or 'prefix' (the stem "
+                                   "without its trailing number)", "data", default_text="none")
+    overlap: str | None = option(None, "coco, cvat, labelstudio, labelme, yolo: which class wins a pixel "
+                                 "several shapes cover: smaller (higher z_order first, then the smaller shape on top), "
+                                 "order (z_order, then the later shape), ignore (pixels of conflicting classes become "
+                                 "255)", "data",
                                  parse=_lower, choices=("smaller", "order", "ignore"), default_text="smaller")
     iscrowd: str | None = option(None, "coco: iscrowd regions are painted with their class, or ignore (255, left out "
                                  "of loss and metrics)", "data", parse=_lower, choices=("class", "ignore"),
@@ -382,7 +382,8 @@ class TrainConfig:
     run_dir: str | None = option(None, "output directory", "output", parse=parse_path,
                                  default_text="runs/<model>-<backbone>-<dataset>-<time>")
     resume: str | None = option(None, "continue the run in this directory from its last.pt; auto: continue --run-dir "
-                                "when it holds last.pt, else start it (torchrun restarts do so by themselves)", "output",
+                                "when it holds last.pt, else start it (torchrun restarts do so by themselves)",
+                                "output",
                                 parse=parse_path, metavar="RUN_DIR")
     checkpoint_every: int = option(0, "also write last.pt every N optimiser steps (0: only at the end of each epoch)",
                                    "output", parse=_int(0))
@@ -473,7 +474,7 @@ def _metavar(meta) -> str:
     if meta["metavar"]:
         return meta["metavar"]
     if meta["choices"]:
-        return "{%s}" % ",".join(meta["choices"])
+        return "{" + ",".join(meta["choices"]) + "}"
     return {"int": "N", "float": "X", "parse_path": "PATH"}.get(getattr(meta["parse"], "__name__", ""), "NAME")
 
 
@@ -482,7 +483,8 @@ def _yaml_types(key: str) -> tuple:
     parse = OPTIONS[key].metadata["parse"]
     name = getattr(parse, "__name__", "")
     return {"parse_bool": (bool,), "int": (int,), "float": (float,), "parse_size": (int, str, list),
-            "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool), "parse_cache": (str,),
+            "parse_scale_range": (str, list), "parse_rgb_bands": (str, list), "parse_tristate": (str, bool),
+            "parse_cache": (str,),
             "parse_workers": (int, str), "parse_val_every": (int, str),
             "parse_duration": (str, int, float)}.get(name, (str,))
 
@@ -515,10 +517,8 @@ def read_yaml(path: Path) -> dict:
     for key, value in data.items():
         expected = _yaml_types(key)
         if float in expected and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 data[key] = value = float(value)
-            except ValueError:
-                pass
         if value is None:
             continue  # null: parse_value says whether the option can be null
         ok = (bool in expected) if isinstance(value, bool) else \

@@ -112,7 +112,7 @@ def pool_folds(cfg: TrainConfig, load) -> tuple[dict, dict]:
                             f"{'groups' if n_groups != len(keys) else 'images'} (each fold holds out one or more): "
                             "lower --folds or add data") from None
     about["fold_images"] = [folds.count(f) for f in range(k)]
-    return dict(zip(keys, folds)), about
+    return dict(zip(keys, folds, strict=True)), about
 
 
 class FoldSubset(torch.utils.data.Dataset):
@@ -168,7 +168,8 @@ class FoldSubset(torch.utils.data.Dataset):
             if item is not None:
                 items.append(self.transform(*item) if self.transform is not None else item)
         if not items:
-            raise PixelsegError(f"every file of a batch is unreadable ({', '.join(self.names[i] for i in indices[:3])} ...)")
+            names = ", ".join(self.names[i] for i in indices[:3])
+            raise PixelsegError(f"every file of a batch is unreadable ({names} ...)")
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
     def iter_masks(self):
@@ -397,7 +398,8 @@ def cv_figure(cv: dict, path: Path) -> None:
         pts = [v for v in cv["per_class_iou"][c]["per_fold"] if v is not None]
         ax1.plot([j + 0.25] * len(pts), pts, "k.", ms=5, label="one fold" if j == 0 else None)
     ax1.set_xticks(x, classes, rotation=45, ha="right")
-    ax1.set_ylim(0, 1); ax1.set_ylabel("IoU"); ax1.set_title("Per-class IoU across folds"); ax1.legend(fontsize=8)
+    ax1.set(ylim=(0, 1), ylabel="IoU", title="Per-class IoU across folds")
+    ax1.legend(fontsize=8)
     m = cv["miou"]
     folds = np.arange(cv["folds"])
     ax2.bar(folds, [v if v is not None else nan for v in m["per_fold"]], color="#f58518", alpha=0.8)
@@ -405,7 +407,8 @@ def cv_figure(cv: dict, path: Path) -> None:
     if m["std"]:
         ax2.axhspan(m["mean"] - m["std"], m["mean"] + m["std"], color="k", alpha=0.1, label=f"± std {m['std']:.3f}")
     ax2.set_xticks(folds, [f"fold {i}" for i in folds])
-    ax2.set_ylim(0, 1); ax2.set_ylabel("best val mIoU"); ax2.set_title("mIoU per fold"); ax2.legend(fontsize=8)
+    ax2.set(ylim=(0, 1), ylabel="best val mIoU", title="mIoU per fold")
+    ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(axis="y", alpha=0.3)
     std = f" ± {m['std']:.3f}" if m["std"] is not None else ""

@@ -144,7 +144,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
         confusion.update(class_ids(logits.detach()), y)
         seen += x.shape[0]
         micro += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # redraw on tqdm's interval, not every step (log files)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # redraw on tqdm's interval (log files)
         if stop:
             break
         t_data = time.time()
@@ -208,7 +208,7 @@ def precise_bn(model, loader, n_batches: int, ctx: RunContext) -> None:
             break
         with ctx.autocast():
             model(ctx.to_input(images))
-    for m, mom in zip(bns, momenta):
+    for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
         if ctx.dist.enabled:  # every rank evaluates with the same statistics
             for buf in (m.running_mean, m.running_var):

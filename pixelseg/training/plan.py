@@ -86,7 +86,7 @@ class Plan:
 def _fit_hw(side: int, aspect: float) -> tuple[int, int]:
     """(h, w) with the shorter side ``side`` and the data's aspect, both multiples of 32 (encoder strides)."""
     def r32(v):
-        return max(32, int(round(v / 32)) * 32)
+        return max(32, round(v / 32) * 32)
     if abs(aspect - 1) < 0.15:
         return side, side
     return (side, r32(side * aspect)) if aspect > 1 else (r32(side / aspect), side)
@@ -94,7 +94,8 @@ def _fit_hw(side: int, aspect: float) -> tuple[int, int]:
 
 def _smallest_object(fp: Fingerprint) -> tuple[float | None, str]:
     """The median scale (sqrt of area share) of the class with the smallest objects, and its name."""
-    known = [(s, n) for s, n, f in zip(fp.object_scale, fp.class_names, fp.pixel_freq) if s is not None and f > 0]
+    known = [(s, n) for s, n, f in zip(fp.object_scale, fp.class_names, fp.pixel_freq, strict=True)
+             if s is not None and f > 0]
     if not known:
         return None, ""
     return min(known)
@@ -248,7 +249,7 @@ def choose_accumulate(machine: Machine, model: str, backbone: str, hw, batch: in
 
 
 def choose_loss(fp: Fingerprint) -> list[tuple[str, object, str]]:
-    freq = [(f, n) for f, n in zip(fp.pixel_freq, fp.class_names)]
+    freq = list(zip(fp.pixel_freq, fp.class_names, strict=True))
     present = [(f, n) for f, n in freq if f > 0]
     rare = [(f, n) for f, n in present if f < RARE_FREQ]
     lo, hi = min(present), max(present)
@@ -270,7 +271,6 @@ def choose_loss(fp: Fingerprint) -> list[tuple[str, object, str]]:
 
 
 def choose_augmentation(fp: Fingerprint, obj_px: float) -> list[tuple[str, object, str]]:
-    h, w = fp.median_hw
     lo, hi = ZOOM
     if obj_px < float("inf") and obj_px * lo < MIN_OBJECT_PX:
         lo = round(min(1.0, max(ZOOM[0], MIN_OBJECT_PX / obj_px)), 2)
@@ -350,10 +350,10 @@ def choose_model(fp, machine, budget_s) -> list[tuple[str, object, str]]:
     out = [("model", "unet", why), ("backbone", backbone, why),
            ("weights", "imagenet" if pretrained else None, start_why)]
     if not pretrained:
-        return out + [("freeze_encoder", False, "train the whole network: from scratch nothing is worth freezing"),
+        return [*out, ("freeze_encoder", False, "train the whole network: from scratch nothing is worth freezing"),
                       ("encoder_lr_mult", 1.0, "a random encoder learns at the decoder's pace"),
                       ("freeze_encoder_bn", False, "a random encoder's BatchNorm statistics must be learnt")]
-    return out + [("freeze_encoder", False, "fine-tune the whole network: a frozen encoder leaves mIoU on the table "
+    return [*out, ("freeze_encoder", False, "fine-tune the whole network: a frozen encoder leaves mIoU on the table "
                                             "(pets sample: 0.60 frozen, 0.70 fine-tuned)"),
                   ("encoder_lr_mult", 1.0, "the encoder at the decoder's lr: at 0.1 x it adapted too slowly for a "
                                            "short schedule (pets sample: 0.69 against 0.70)"),
@@ -407,7 +407,8 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
                             f"{epoch_s:.0f}s here (measured: {fp.n_train} training + {fp.n_val} val images at "
                             f"{hw[0]}×{hw[1]}, batch {eff_batch}, {model}/{backbone}), plus "
                             f"{first_epoch_extra:.0f}s to decode the data once; give at least "
-                            f"{math.ceil((epoch_s + first_epoch_extra) / 0.95 / 60)}m (measured now: a busy machine measures slow)")
+                            f"{math.ceil((epoch_s + first_epoch_extra) / 0.95 / 60)}m (measured now: a busy machine "
+                            "measures slow)")
     epochs = max(1, min(epochs, 300))
     put("optimizer", "adam", "Adam: forgiving of the learning rate on small datasets and from scratch")
     put("lr", 1e-3, "Adam's well-tried 1e-3 for batches of 8-64")
@@ -473,13 +474,14 @@ def _split_notes(fp: Fingerprint, c: dict) -> list[str]:
 def describe(fp: Fingerprint, machine: Machine) -> list[str]:
     h, w = fp.median_hw
     a = np.array(fp.sizes_hw)
-    freq = ", ".join(f"{n} {100 * f:.1f}% ({100 * i:.0f}% of images, object {('%.2f' % s) if s else '-'})"
-                     for n, f, i, s in zip(fp.class_names, fp.pixel_freq, fp.image_freq, fp.object_scale))
+    freq = ", ".join(f"{n} {100 * f:.1f}% ({100 * i:.0f}% of images, object {f'{s:.2f}' if s else '-'})"
+                     for n, f, i, s in zip(fp.class_names, fp.pixel_freq, fp.image_freq, fp.object_scale, strict=True))
     return [f"data: {fp.dataset}, {fp.n_train} train / {fp.n_val} val images ({fp.sampled} read for statistics); "
             f"sizes {a[:, 1].min()}-{a[:, 1].max()} × {a[:, 0].min()}-{a[:, 0].max()} "
             f"(median {w}×{h}, aspect {fp.aspect:.2f}); {fp.channels} channel(s), {fp.bit_depth}-bit",
             f"channel mean {fp.mean} std {fp.std}",
-            f"classes (pixel share, images holding it, object size: sqrt of its image share, pixel-weighted median): {freq}",
+            "classes (pixel share, images holding it, object size: sqrt of its image share, pixel-weighted median): "
+            + freq,
             f"machine: {machine.device}, {machine.memory_gb:g} GB, {machine.cores} core(s), {machine.precision}"]
 
 
@@ -541,7 +543,7 @@ def recipe_warnings(cfg: TrainConfig, n_train: int, n_val: int, steps_per_epoch:
                    " or `pixelseg plan`")
     elif steps_per_epoch < 10:
         out.append(f"{steps_per_epoch} optimiser step(s) per epoch ({n_train} images / batch {cfg.batch_size}"
-                   f"{' × accumulate %d' % cfg.accumulate if cfg.accumulate > 1 else ''}): the model barely "
+                   f"{f' × accumulate {cfg.accumulate}' if cfg.accumulate > 1 else ''}): the model barely "
                    "trains between validations; lower --batch-size or run `pixelseg plan`")
     if n_val < 10:
         out.append(f"the validation split holds {n_val} image(s): its mIoU will jump from epoch to epoch and pick "

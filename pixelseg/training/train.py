@@ -8,15 +8,19 @@ config.py, the epoch loop in loop.py.
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
+import functools
 import io
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,10 +220,10 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
             pacer.add("checkpoints", time.time() - t_save)
 
         pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
-        loop = _Loop(cfg, ctx, data, model, model_without_ddp, forward, criterion, optimizer, scheduler, scaler,
-                     run_dir, steps_per_epoch)
+        loop = EpochLoop(cfg, ctx, data, model, model_without_ddp, forward, criterion, optimizer, scheduler, scaler,
+                         run_dir, steps_per_epoch, state, pacer, stop, save, tracker)
         try:
-            epoch = _run_epochs(loop, state, pacer, stop, save, tracker)
+            epoch = loop.run()
         finally:
             tracker.close()
         if ctx.is_main:  # last.pt records the time of the whole run, validation and figures included
@@ -228,93 +232,102 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
 
 
 @dataclass
-class _Loop:
-    """What the epoch loop runs: the config, the data, the model and what trains it."""
+class EpochLoop:
+    """One run's epoch loop and everything it works with: the config, the data, the model and what trains it,
+    the state a checkpoint restores, the pacer (steps, budget, validations), SIGTERM, saving and the tracker."""
     cfg: TrainConfig
     ctx: RunContext
-    data: object
-    model: object
-    model_without_ddp: object
-    forward: object
-    criterion: object
-    optimizer: object
-    scheduler: object
-    scaler: object
+    data: RunData
+    model: torch.nn.Module  # DDP-wrapped under torchrun
+    model_without_ddp: torch.nn.Module
+    forward: Callable
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
     run_dir: Path
     steps_per_epoch: int
+    state: TrainState
+    pacer: Pacer
+    stop: StopSignal
+    save: Callable[[str, int, int], None]
+    tracker: Any
 
+    def run(self) -> int:
+        """Train and validate epoch by epoch until the plan, the budget, early stopping or a SIGTERM ends the
+        run; the epoch it ended at."""
+        cfg, state, pacer = self.cfg, self.state, self.pacer
+        epoch = state.epoch
+        while epoch < pacer.planned_epochs:
+            self.data.train_sampler.set_epoch(epoch)
+            set_train_mode(self.model, cfg.freeze_bn)
+            t_epoch, steps_before = time.time(), state.global_step
+            stats = train_one_epoch(self.model, self.criterion, self.optimizer, self.scheduler, self.scaler,
+                                    self.data.train_loader, self.ctx, self.data.info, epoch=epoch,
+                                    epochs=pacer.planned_epochs, accumulate=cfg.accumulate,
+                                    steps_done=state.step_in_epoch, forward=self.forward,
+                                    on_step=functools.partial(self._on_step, epoch),
+                                    flip_seed=cfg.seed if self.data.flip_in_loop else None)
+            pacer.add("train", stats.train_time)
+            state.step_in_epoch = 0
+            validated = pacer.validation_due(epoch + 1, state.global_step)  # --val-every; the last epoch always
+            if validated:
+                self._validate(epoch, stats, t_epoch)
+            else:
+                self._skip_validation(epoch, stats, t_epoch)
+            epoch += 1
+            pacer.end_of_epoch(self.scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
+                               time.time() - t_epoch, validated, epoch)
+            warning = pacer.cannot_hold_epoch() if epoch == 1 else None
+            if warning:
+                log.warning(warning)
+            if pacer.should_stop(state.global_step, state.history, cfg.early_stop, cfg.early_stop_delta):
+                if not validated:  # an estimate moved: the run still ends on a validated epoch
+                    self._validate(epoch - 1, stats, t_epoch)
+                    pacer.last_val_epoch = epoch
+                break
+            if epoch < pacer.planned_epochs and self.stop.agreed(self.ctx.dist):  # SIGTERM during validation
+                _preempted(None, self.run_dir, self.ctx, epoch, 0, self.steps_per_epoch)
+        return epoch
 
-def _run_epochs(loop: _Loop, state: TrainState, pacer: Pacer, stop: StopSignal, save, tracker) -> int:
-    """Train and validate epoch by epoch until the plan, the budget, early stopping or a SIGTERM ends the run;
-    the epoch it ended at."""
-    cfg, ctx, data, model, model_without_ddp, forward = (loop.cfg, loop.ctx, loop.data, loop.model,
-                                                          loop.model_without_ddp, loop.forward)
-    criterion, optimizer, scheduler, scaler = loop.criterion, loop.optimizer, loop.scheduler, loop.scaler
-    run_dir, steps_per_epoch = loop.run_dir, loop.steps_per_epoch
-    epoch = state.epoch
-    while epoch < pacer.planned_epochs:
-        data.train_sampler.set_epoch(epoch)
-        set_train_mode(model, cfg.freeze_bn)
+    def _on_step(self, epoch: int, step_in_epoch: int) -> bool:
+        """After each optimiser step: count it, write last.pt every --checkpoint-every steps, and stop inside the
+        epoch when --iterations or the budget are reached or a SIGTERM arrived (then saved here)."""
+        state, ctx, cfg = self.state, self.ctx, self.cfg
+        state.global_step += 1
+        if ctx.is_main and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 \
+                and step_in_epoch < self.steps_per_epoch:
+            self.save("last.pt", epoch, step_in_epoch)
+        stop_now = self.stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
+        done = self.pacer.on_step(self.scheduler, state.global_step, step_in_epoch)
+        if stop_now and not done and step_in_epoch < self.steps_per_epoch:  # preempted: save here
+            _preempted(self.save, self.run_dir, ctx, epoch, step_in_epoch, self.steps_per_epoch)
+        return done
 
-        def on_step(step_in_epoch: int) -> bool:
-            state.global_step += 1
-            if ctx.is_main and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 \
-                    and step_in_epoch < steps_per_epoch:
-                save("last.pt", epoch, step_in_epoch)
-            stop_now = stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
-            # --iterations reached, or the time budget spent, inside the epoch
-            done = pacer.on_step(scheduler, state.global_step, step_in_epoch)
-            if stop_now and not done and step_in_epoch < steps_per_epoch:  # preempted: save here
-                _preempted(save, run_dir, ctx, epoch, step_in_epoch, steps_per_epoch)
-            return done
+    def _validate(self, epoch: int, stats, t_epoch: float) -> None:
+        pacer, ctx, data = self.pacer, self.ctx, self.data
+        t_val = time.time()
+        if self.cfg.precise_bn:
+            precise_bn(self.model_without_ddp, data.train_loader, self.cfg.precise_bn, ctx)
+        val_cm, val_loss = evaluate_loader(self.forward, data.val_loader, ctx, data.info, self.criterion)
+        pacer.add("validation", time.time() - t_val)
+        row = _epoch_row(epoch, stats, val_cm, val_loss, self.optimizer, data.info, time.time() - t_epoch)
+        self.state.history.append(row)
+        if ctx.is_main:
+            t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
+            _end_of_epoch(row, self.state, self.save, self.run_dir, self.cfg, self.model_without_ddp, data, ctx,
+                          self.tracker, pacer.planned_epochs)
+            pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
+        barrier(ctx.dist)
 
-        t_epoch, steps_before = time.time(), state.global_step
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, data.train_loader, ctx,
-                                data.info, epoch=epoch, epochs=pacer.planned_epochs,
-                                accumulate=cfg.accumulate, steps_done=state.step_in_epoch, forward=forward,
-                                on_step=on_step, flip_seed=cfg.seed if data.flip_in_loop else None)
-        pacer.add("train", stats.train_time)
-        state.step_in_epoch = 0
-
-        def validate(stats=stats, t_epoch=t_epoch, epoch=epoch) -> None:
-            t_val = time.time()
-            if cfg.precise_bn:
-                precise_bn(model_without_ddp, data.train_loader, cfg.precise_bn, ctx)
-            val_cm, val_loss = evaluate_loader(forward, data.val_loader, ctx, data.info, criterion)
-            pacer.add("validation", time.time() - t_val)
-            row = _epoch_row(epoch, stats, val_cm, val_loss, optimizer, data.info, time.time() - t_epoch)
-            state.history.append(row)
-            if ctx.is_main:
-                t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
-                _end_of_epoch(row, state, save, run_dir, cfg, model_without_ddp, data, ctx, tracker,
-                              pacer.planned_epochs)
-                pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
-            barrier(ctx.dist)
-
-        validated = pacer.validation_due(epoch + 1, state.global_step)  # --val-every; the last epoch always
-        if validated:
-            validate()
-        else:
-            if ctx.is_main:
-                save("last.pt", epoch + 1, 0)
-                log.info(f"epoch {epoch + 1}/{pacer.planned_epochs}: train loss {stats.loss:.4f} | "
-                         f"{stats.images / stats.train_time:.1f} img/s | {time.time() - t_epoch:.1f}s | "
-                         f"not validated (every {pacer.val_every()} epochs)")
-            barrier(ctx.dist)
-        epoch += 1
-        pacer.end_of_epoch(scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
-                           time.time() - t_epoch, validated, epoch)
-        warning = pacer.cannot_hold_epoch() if epoch == 1 else None
-        if warning:
-            log.warning(warning)
-        if pacer.should_stop(state.global_step, state.history, cfg.early_stop, cfg.early_stop_delta):
-            if not validated:  # an estimate moved: the run still ends on a validated epoch
-                validate()
-                pacer.last_val_epoch = epoch
-            break
-        if epoch < pacer.planned_epochs and stop.agreed(ctx.dist):  # SIGTERM during validation
-            _preempted(None, run_dir, ctx, epoch, 0, steps_per_epoch)
-    return epoch
+    def _skip_validation(self, epoch: int, stats, t_epoch: float) -> None:
+        """An epoch --val-every leaves unvalidated: last.pt and one log line."""
+        if self.ctx.is_main:
+            self.save("last.pt", epoch + 1, 0)
+            log.info(f"epoch {epoch + 1}/{self.pacer.planned_epochs}: train loss {stats.loss:.4f} | "
+                     f"{stats.images / stats.train_time:.1f} img/s | {time.time() - t_epoch:.1f}s | "
+                     f"not validated (every {self.pacer.val_every()} epochs)")
+        barrier(self.ctx.dist)
 
 
 def _preempted(save, run_dir: Path, ctx: RunContext, epoch: int, step_in_epoch: int, steps_per_epoch: int):
@@ -362,7 +375,8 @@ def _auto_resume(overrides: dict) -> tuple[dict, str | None]:
     if fixed:
         said = ", ".join(f"{k}: run {recorded[k]!r}, given {cfg[k]!r}" for k in fixed[:6])
         raise PixelsegError(f"--run-dir {run_dir} holds a run started with other options ({said}); continue it with "
-                            f"the same ones (only {', '.join(config.RESUMABLE)} may change) or choose another --run-dir")
+                            f"the same ones (only {', '.join(config.RESUMABLE)} may change) or choose another "
+                            "--run-dir")
     why = f"torchrun restart {restarts}" if restarts else "--resume auto"
     return {**{k: v for k, v in given.items() if k in config.RESUMABLE}, "resume": str(run_dir)}, why
 
@@ -542,7 +556,7 @@ def _build_criterion(cfg: TrainConfig, data: RunData, ctx: RunContext):
                            for m in data.train_ds.iter_masks()])
         weight = class_weights(counts, cfg.class_weighting).to(ctx.device)
         log.info(f"class weights ({cfg.class_weighting}): " + ", ".join(
-            f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist())))
+            f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist(), strict=True)))
     return build_loss(cfg.loss, info.num_classes, ignore_index=info.ignore_index, weight=weight)
 
 
@@ -579,8 +593,8 @@ def _epoch_row(epoch: int, stats, val_cm, val_loss: float, optimizer, info, epoc
         "train_images_per_s": stats.images / stats.train_time,
         "data_time_frac": stats.data_time / stats.train_time,
         "epoch_time_s": epoch_time,  # training, PreciseBN and validation
-        "val_iou": dict(zip(info.class_names, scores["iou"])),
-        "val_dice": dict(zip(info.class_names, scores["dice"])),
+        "val_iou": dict(zip(info.class_names, scores["iou"], strict=True)),
+        "val_dice": dict(zip(info.class_names, scores["dice"], strict=True)),
     }
 
 
@@ -755,8 +769,6 @@ def train_auto(options: dict, probe: Machine | None = None) -> dict:
     except BaseException:
         if created and not (run_dir / "config.yaml").exists():  # the run never started: leave nothing behind
             (run_dir / "plan.yaml").unlink(missing_ok=True)
-            try:
+            with contextlib.suppress(OSError):
                 run_dir.rmdir()
-            except OSError:
-                pass
         raise
