@@ -58,3 +58,62 @@ def test_best_holds_the_model_only_and_resume_uses_last(tmp_path):
     # a weights-only file in last.pt's place cannot be resumed, and says so
     (run / "last.pt").write_bytes((run / "best.pt").read_bytes())
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+
+
+# ---- checkpoints of the flat layout (before the six wings) still load -----------------------------------
+FLAT_LAYOUT = "e376111"  # the last commit with pixelseg/*.py side by side (train.py, inference.py, plan.py, ...)
+
+
+def _flat_layout_code(dest):
+    """pixelseg/ as it was at FLAT_LAYOUT, from this clone's history; skips where the history is not there."""
+    import io
+    import subprocess
+    import tarfile
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: the flat layout's code comes from the history")
+    probe = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{FLAT_LAYOUT}^{{commit}}"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"commit {FLAT_LAYOUT} is not in this clone (shallow?): cannot rebuild the flat layout")
+    archive = subprocess.run(["git", "-C", str(root), "archive", FLAT_LAYOUT, "pixelseg"], capture_output=True,
+                             check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        try:
+            tar.extractall(dest, filter="data")
+        except TypeError:  # Python before the extraction filters (3.10.11 and older): our own archive
+            tar.extractall(dest)
+    return dest
+
+
+def test_a_run_of_the_flat_layout_evaluates_predicts_and_resumes(tmp_path):
+    """A run written by the code before the restructuring (module paths train.py, inference.py, ...): its
+    best.pt/last.pt hold no module paths (weights_only), so today's code evaluates, predicts and resumes it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from pixelseg.cli import main
+    from pixelseg.training import config
+    old = _flat_layout_code(tmp_path / "old")
+    run = tmp_path / "run"
+    args = tiny_run(epochs=1, model="segformer", backbone="mobilenet_v2", device="cpu", run_dir=str(run))
+    done = subprocess.run([sys.executable, "-m", "pixelseg", "train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(old)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (old / "pixelseg" / "training").exists() and (old / "pixelseg" / "train.py").exists()
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["model_config"]["arch"] == "segformer"
+    assert main(["evaluate", str(run), "--limit", "4", "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(img)
+    assert main(["predict", str(run), str(img), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert (tmp_path / "pred" / "x.png").is_file()
+    recorded = load_checkpoint(run / "last.pt")["config"]
+    cfg = config.resumed_config(recorded, {"epochs": 2}, run, "last.pt config")
+    assert cfg.model == "segformer" and cfg.epochs == 2 and cfg.val_every == "auto"  # an option added since
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
