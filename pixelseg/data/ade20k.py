@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples
 
 # objectInfo150.txt's names (first synonym), in id order 1..150.
 CLASS_NAMES = [
@@ -112,7 +112,7 @@ def full_res_samples(root: Path | None, split: str):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, download: bool = True):
+         use_cache: CacheArg = True, download: bool = True):
     samples = list_samples(resolve_root(root, download), split)
     if limit:
         samples = samples[:limit]

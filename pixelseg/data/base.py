@@ -21,11 +21,12 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from .io import UnreadableImage, _open, read_image, read_mask
 
 CACHE_VERSION = 2          # meta.json "version"; a store of another version is decoded again and replaced
 CACHE_MODES = ("mmap", "memory", "none")
+
+# A per-sample training transform: (image uint8 3×H×W, mask H×W) -> the same pair, transformed.
+Transform: TypeAlias = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -85,7 +89,11 @@ class CacheSpec:
         return self.mode != "memory"
 
 
-def cache_spec(use_cache) -> CacheSpec:
+# What the loaders' `use_cache` takes: True/False (mmap / memory), None (mmap), a mode name, or a CacheSpec.
+CacheArg: TypeAlias = bool | str | CacheSpec | None
+
+
+def cache_spec(use_cache: CacheArg) -> CacheSpec:
     """True/False (mmap / memory: what the loaders' use_cache means), a mode name, or a CacheSpec."""
     if isinstance(use_cache, CacheSpec):
         return use_cache
@@ -98,7 +106,7 @@ def cache_spec(use_cache) -> CacheSpec:
 
 # ---- the on-disk store ----------------------------------------------------------------------------
 def _pread_into(fd: int, arr: np.ndarray, offset: int, path: Path) -> None:
-    n = os.preadv(fd, [arr], offset)
+    n = os.preadv(fd, [memoryview(arr)], offset)
     if n != arr.nbytes:
         raise PixelsegError(f"{path}: decode cache is shorter than its meta.json says (changed while in use?); "
                             "delete the directory and run again")
@@ -199,7 +207,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     names: list[str]
     info: DatasetInfo
     skipped: list[str] = field(default_factory=list)
-    transform: object = None  # callable(image uint8 3×H×W, mask H×W) -> same, applied per sample
+    transform: Transform | None = None  # applied per sample
     store: DiskStore | None = None
     full_res: bool = False    # samples keep their source sizes: a transform must crop/resize them
     streamed: ClassVar[bool] = False   # data.protocol.SplitDataset
@@ -265,7 +273,8 @@ class SkipReport:
     in the workers' copies of the dataset: `open_skip_channel()` (before the loader starts its workers)
     gives them a multiprocessing Manager list to report through, and `collect_skipped()` reads it back.
     A Manager rather than a Queue: a pipe nobody drains until the end would block a worker once full."""
-    _skip_channel = None
+    skipped: list[str]         # set by the subclass
+    _skip_channel: Any = None  # a Manager list proxy once opened
 
     def open_skip_channel(self) -> None:
         if self._skip_channel is None:
@@ -308,7 +317,7 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
         self.size, self.max_side, self.full_res = size, max_side, full_res
         self.names = [s.name for s in self.samples]
         self.skipped: list[str] = []
-        self.transform = None
+        self.transform: Transform | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -498,7 +507,10 @@ def decode_in_parallel(samples, work, info: DatasetInfo, cfile: Path | None, des
     if cfile is not None:
         return cached_split(samples, work, info, cfile, desc, workers, full_res)
     workers = workers or min(8, os.cpu_count() or 1)
-    images, masks, names, skipped = [], [], [], []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    names: list[str] = []
+    skipped: list[str] = []
     for s, (img, mask, err) in _parallel(samples, work, workers, desc):
         if err is not None:
             log.warning(f"skipping {err}")
@@ -510,7 +522,7 @@ def decode_in_parallel(samples, work, info: DatasetInfo, cfile: Path | None, des
     if not names:
         raise PixelsegError(f"no readable images among {len(samples)} listed for {info.name} ({desc})")
     if len({a.shape for a in images}) == 1:
-        images, masks = np.stack(images), np.stack(masks)
+        return ArrayDataset(np.stack(images), np.stack(masks), names, info, skipped, full_res=full_res)
     return ArrayDataset(images, masks, names, info, skipped, full_res=full_res)
 
 

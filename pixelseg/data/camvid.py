@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples
 
 # Class order and colours of the SegNet tutorial (Scripts/test_segmentation_camvid.py); its 11-class
 # set folds Road_marking into Road. Pavement is SegNet's (60, 40, 222), not original CamVid's (0, 0, 192).
@@ -100,7 +100,7 @@ def full_res_samples(root: Path | None, split: str) -> tuple[list[Sample], objec
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True):
+         use_cache: CacheArg = True):
     samples = list_samples(root, split)
     if limit:
         samples = samples[:limit]

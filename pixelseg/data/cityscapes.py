@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples
 
 # (train id order) name, colour, label id — cityscapesScripts helpers/labels.py.
 CLASSES = [
@@ -91,7 +91,7 @@ def full_res_samples(root: Path | None, split: str):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True):
+         use_cache: CacheArg = True):
     samples = list_samples(check_root(root), split)
     if limit:
         samples = samples[:limit]

@@ -26,6 +26,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -35,7 +36,7 @@ from ..core.errors import PixelsegError
 from ..core.images import IMAGE_SUFFIXES
 from ..core.logs import logger as log
 from . import base as _base
-from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
+from .base import CacheArg, CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
 from .io import UnreadableImage, _open, image_hw, is_tiff, read_input
 
 # Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
@@ -240,8 +241,8 @@ def read_classes_csv(path: Path) -> ClassTable:
         raise PixelsegError(f"{path}:1: header is {','.join(header) or '(empty)'}; {expect}")
     col = {h: i for i, h in enumerate(header)}
     rows: dict[int, tuple[str, tuple[int, int, int]]] = {}
-    ignore: list[tuple[int, ...]] = []  # colours painted 255
-    seen_colors: dict[tuple[int, ...], int] = {}  # colour -> line
+    ignore: list[tuple[int, int, int]] = []  # colours painted 255
+    seen_colors: dict[tuple[int, int, int], int] = {}  # colour -> line
     for n, row in enumerate(reader, 2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -249,9 +250,10 @@ def read_classes_csv(path: Path) -> ClassTable:
             raise PixelsegError(f"{path}:{n}: {len(row)} fields, expected 5 (id,name,r,g,b)")
         try:
             cid = int(row[col["id"]])
-            rgb = tuple(int(row[col[k]]) for k in "rgb")
+            r, g, b = (int(row[col[k]]) for k in "rgb")
         except ValueError:
             raise PixelsegError(f"{path}:{n}: id, r, g and b must be integers (got {','.join(row)})") from None
+        rgb = (r, g, b)
         name = row[col["name"]].strip()
         if not name:
             raise PixelsegError(f"{path}:{n}: empty class name")
@@ -311,8 +313,14 @@ def _scan_one(path: Path) -> dict:
             "palette": pal[:768] if pal else None}
 
 
-def _scan(samples: list[Sample], use_cache: bool) -> dict[str, dict]:
-    masks = sorted({s.mask for s in samples})
+def _mask_of(s: Sample) -> Path:
+    """A folder sample's mask: the folder dataset lists pairs only, so there always is one."""
+    assert s.mask is not None, f"{s.image}: folder sample without a mask"
+    return s.mask
+
+
+def _scan(samples: list[Sample], use_cache: CacheArg) -> dict[str, dict]:
+    masks = sorted({_mask_of(s) for s in samples})
     key = _cache_key([Sample(m.stem, m, None) for m in masks], "scan", f"folder-scan-v{SCAN_VERSION}")
     cfile = cache_dir() / "folder-scan" / f"{key}.json"
     if use_cache and cfile.is_file():
@@ -361,8 +369,13 @@ def _rgb_code(rgb) -> int:
 
 def _default_palette(n: int) -> list[tuple[int, int, int]]:
     import matplotlib
-    colors = matplotlib.colormaps["tab20"].colors
-    return [tuple(round(255 * c) for c in colors[i % len(colors)]) for i in range(n)]
+    from matplotlib.colors import ListedColormap
+    colors = cast(ListedColormap, matplotlib.colormaps["tab20"]).colors  # tab20 is a listed colormap
+
+    def rgb255(c) -> tuple[int, int, int]:
+        r, g, b = (round(255 * v) for v in c)
+        return r, g, b
+    return [rgb255(colors[i % len(colors)]) for i in range(n)]
 
 
 # ---- codec: raw mask values/colours -> class ids ----------------------------------------------------
@@ -573,7 +586,7 @@ def _options(options: dict) -> dict:
     return {k: (OPTIONS[k] if options.get(k) is None else options[k]) for k in OPTIONS}
 
 
-def prepare(root: Path | None, use_cache: bool = True, **options) -> tuple[Layout, MaskCodec, dict]:
+def prepare(root: Path | None, use_cache: CacheArg = True, **options) -> tuple[Layout, MaskCodec, dict]:
     """Discover pairs, scan every mask (all splits: class numbering must not depend on the split),
     build the codec and print the report once per process. `options`: OPTIONS' keys (None = default)."""
     o = _options(options)
@@ -600,10 +613,11 @@ def _split(layout: Layout, split: str) -> list[Sample]:
 
 
 def read_target(sample: Sample, codec: MaskCodec, size: tuple[int, int] | None = None) -> np.ndarray:
-    img = _open_mask(sample.mask)
+    mask = _mask_of(sample)
+    img = _open_mask(mask)
     if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.NEAREST)  # NEAREST keeps ids and colours exact
-    kind, raw = _raw_mask(img, sample.mask)
+        img = img.resize((size[1], size[0]), Image.Resampling.NEAREST)  # NEAREST keeps ids and colours exact
+    kind, raw = _raw_mask(img, mask)
     return codec.encode(kind, raw)
 
 
@@ -619,7 +633,7 @@ def full_res_samples(root: Path | None, split: str, **options):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, channels: int = 3, **options):
+         use_cache: CacheArg = True, channels: int = 3, **options):
     """``channels`` != 3 reads 8/16-bit, multi-band images (TIFF via tifffile) as float32 [0, 1]."""
     layout, codec, scan = prepare(root, use_cache, **options)
     samples = _split(layout, split)
@@ -628,7 +642,7 @@ def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int 
     return _decode(samples, tuple(image_size), codec, scan, use_cache, split, channels)
 
 
-def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan: dict, use_cache,
+def _decode(samples: list[Sample], size: tuple[int, ...], codec: MaskCodec, scan: dict, use_cache,
             split: str, channels: int = 3):
     """decode_samples' job for masks it cannot read (RGB colour codes): same store, same threads."""
     key = f"folder|{codec.signature()}" + ("" if channels == 3 else f"|bands{channels}")
@@ -649,7 +663,8 @@ class FolderReader:
 
     def __call__(self, s: Sample, size=None, max_side=None):
         h, w = image_hw(s.image)
-        _base.check_same_size(s.mask, s.image.name, (w, h), _open_mask(s.mask).size)  # PIL's (w, h), as both files say
+        mask_wh = _open_mask(_mask_of(s)).size
+        _base.check_same_size(s.mask, s.image.name, (w, h), mask_wh)  # PIL's (w, h), as both files say
         target = fit_size((h, w), size, max_side)
         if self.channels == 3 and not is_tiff(s.image):
             img = _base.read_image(s.image, target)

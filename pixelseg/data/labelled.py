@@ -60,7 +60,7 @@ class ShapeReader:
     def target(self, s: LabelSample, size=None) -> np.ndarray:
         mask = rasterize(s.shapes, s.height, s.width, self.overlap)
         if size is not None and tuple(size) != mask.shape:
-            mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST))
+            mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.Resampling.NEAREST))
         return mask
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples
 
 INFO = DatasetInfo(
     name="oxford-pet",
@@ -55,7 +55,7 @@ def check_root(root: Path) -> None:
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, download: bool = True):
+         use_cache: CacheArg = True, download: bool = True):
     if root is None:
         from .download import ensure_oxford_pet
         root = ensure_oxford_pet(None, download=download)
