@@ -72,6 +72,12 @@ class Sample:
     mask: Path | None
 
 
+def paired_mask(s: Sample) -> Path:
+    """The mask of a sample of a dataset that lists image/mask pairs (every such sample has one)."""
+    assert s.mask is not None, f"{s.image}: listed as a pair but has no mask"
+    return s.mask
+
+
 @dataclass
 class CacheSpec:
     """How a split is held: `mode` (mmap | memory | none) and at which resolution. `full_res` keeps each

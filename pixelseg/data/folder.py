@@ -36,7 +36,18 @@ from ..core.errors import PixelsegError
 from ..core.images import IMAGE_SUFFIXES
 from ..core.logs import logger as log
 from . import base as _base
-from .base import CacheArg, CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
+from .base import (
+    CacheArg,
+    CacheSpec,
+    DatasetInfo,
+    Sample,
+    _cache_key,
+    build_split,
+    cache_dir,
+    cache_spec,
+    fit_size,
+    paired_mask,
+)
 from .io import UnreadableImage, _open, image_hw, is_tiff, read_input
 
 # Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
@@ -313,14 +324,8 @@ def _scan_one(path: Path) -> dict:
             "palette": pal[:768] if pal else None}
 
 
-def _mask_of(s: Sample) -> Path:
-    """A folder sample's mask: the folder dataset lists pairs only, so there always is one."""
-    assert s.mask is not None, f"{s.image}: folder sample without a mask"
-    return s.mask
-
-
 def _scan(samples: list[Sample], use_cache: CacheArg) -> dict[str, dict]:
-    masks = sorted({_mask_of(s) for s in samples})
+    masks = sorted({paired_mask(s) for s in samples})
     key = _cache_key([Sample(m.stem, m, None) for m in masks], "scan", f"folder-scan-v{SCAN_VERSION}")
     cfile = cache_dir() / "folder-scan" / f"{key}.json"
     if use_cache and cfile.is_file():
@@ -613,7 +618,7 @@ def _split(layout: Layout, split: str) -> list[Sample]:
 
 
 def read_target(sample: Sample, codec: MaskCodec, size: tuple[int, int] | None = None) -> np.ndarray:
-    mask = _mask_of(sample)
+    mask = paired_mask(sample)
     img = _open_mask(mask)
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.NEAREST)  # NEAREST keeps ids and colours exact
@@ -663,7 +668,7 @@ class FolderReader:
 
     def __call__(self, s: Sample, size=None, max_side=None):
         h, w = image_hw(s.image)
-        mask_wh = _open_mask(_mask_of(s)).size
+        mask_wh = _open_mask(paired_mask(s)).size
         _base.check_same_size(s.mask, s.image.name, (w, h), mask_wh)  # PIL's (w, h), as both files say
         target = fit_size((h, w), size, max_side)
         if self.channels == 3 and not is_tiff(s.image):
