@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -318,7 +318,7 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
     files are skipped from their batch, reported by the process that meets them, and counted there."""
     streamed, reads_files = False, True  # data.protocol.SplitDataset
 
-    def __init__(self, samples: list[Sample], reader, info: DatasetInfo, size, max_side=None, full_res=False):
+    def __init__(self, samples: Sequence[Sample], reader, info: DatasetInfo, size, max_side=None, full_res=False):
         self.samples, self.reader, self.info = list(samples), reader, info
         self.size, self.max_side, self.full_res = size, max_side, full_res
         self.names = [s.name for s in self.samples]
@@ -447,7 +447,7 @@ class _Work:
 
 
 # ---- building a split ----------------------------------------------------------------------------
-def _cache_key(samples: list[Sample], size, extra: str) -> str:
+def _cache_key(samples: Sequence[Sample], size, extra: str) -> str:
     """Files (path, size, mtime) + resolution + dataset extras. The format version is not in the key:
     it is checked in meta.json so that an old store is reported and replaced, not silently kept."""
     h = hashlib.sha1(f"{size}|{extra}".encode())
@@ -460,8 +460,8 @@ def _cache_key(samples: list[Sample], size, extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build_split(samples: list[Sample], reader, info: DatasetInfo, size, use_cache=True, key_extra: str = "",
-                desc: str = "decoding", workers: int | None = None):
+def build_split(samples: Sequence[Sample], reader, info: DatasetInfo, size, use_cache: CacheArg = True,
+                key_extra: str = "", desc: str = "decoding", workers: int | None = None):
     """The one path every file-backed dataset goes through: `reader(sample, size, max_side) -> (image,
     mask)` (raising UnreadableImage to skip a file), held as `use_cache` says (see CacheSpec)."""
     spec = cache_spec(use_cache)
@@ -481,8 +481,8 @@ def build_split(samples: list[Sample], reader, info: DatasetInfo, size, use_cach
         return FileDataset(samples, reader, info, target, max_side, full_res=spec.full_res)
 
 
-def decode_samples(samples: list[Sample], size: tuple[int, int], info: DatasetInfo, *, label_map=None,
-                   valid_values=None, use_cache=True, workers: int | None = None,
+def decode_samples(samples: Sequence[Sample], size: tuple[int, int], info: DatasetInfo, *, label_map=None,
+                   valid_values=None, use_cache: CacheArg = True, workers: int | None = None,
                    desc: str = "decoding"):
     """Index-mask datasets (pets, CamVid, ...): decode every sample once, held as `use_cache` says."""
     extra = "" if label_map is None else bytes(label_map).hex()

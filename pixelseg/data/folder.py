@@ -26,7 +26,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import numpy as np
 from PIL import Image
@@ -143,8 +143,11 @@ def group_key(pattern: str | None):
     return key
 
 
-def _fraction_split(samples: list[Sample], fraction: float, group: str | None = None
-                    ) -> tuple[list[Sample], list[Sample]]:
+SampleT = TypeVar("SampleT", bound=Sample)
+
+
+def _fraction_split(samples: list[SampleT], fraction: float, group: str | None = None
+                    ) -> tuple[list[SampleT], list[SampleT]]:
     """Val = the first groups in sha1 order until round(n·fraction) pairs: deterministic, independent of file
     order, and adding files moves few existing ones across the boundary. Without --val-group each pair is
     its own group; with it, frames of one video or slices of one stack never straddle the split (a random
