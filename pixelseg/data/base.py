@@ -112,7 +112,7 @@ def cache_spec(use_cache: CacheArg) -> CacheSpec:
 
 # ---- the on-disk store ----------------------------------------------------------------------------
 def _pread_into(fd: int, arr: np.ndarray, offset: int, path: Path) -> None:
-    n = os.preadv(fd, [memoryview(arr)], offset)
+    n = os.preadv(fd, [arr], offset)  # type: ignore[list-item]  # numpy's stub gives ndarray __buffer__ only on 3.12+
     if n != arr.nbytes:
         raise PixelsegError(f"{path}: decode cache is shorter than its meta.json says (changed while in use?); "
                             "delete the directory and run again")

@@ -26,7 +26,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -376,14 +376,9 @@ def _rgb_code(rgb) -> int:
 
 
 def _default_palette(n: int) -> list[tuple[int, int, int]]:
-    import matplotlib
-    from matplotlib.colors import ListedColormap
-    colors = cast(ListedColormap, matplotlib.colormaps["tab20"]).colors  # tab20 is a listed colormap
-
-    def rgb255(c) -> tuple[int, int, int]:
-        r, g, b = (round(255 * v) for v in c)
-        return r, g, b
-    return [rgb255(colors[i % len(colors)]) for i in range(n)]
+    from ..labels.raster import tab20_rgb
+    colors = tab20_rgb()
+    return [colors[i % len(colors)] for i in range(n)]
 
 
 # ---- codec: raw mask values/colours -> class ids ----------------------------------------------------
