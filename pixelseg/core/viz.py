@@ -83,7 +83,8 @@ def legend_handles(class_names, palette, with_ignore: bool = False):
     handles = [matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in c), edgecolor=LEGEND_EDGE, label=nm)
                for nm, c in zip(class_names, palette, strict=False)]
     if with_ignore:
-        handles.append(matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in IGNORE_COLOR), edgecolor=LEGEND_EDGE,
+        r, g, b = IGNORE_COLOR
+        handles.append(matplotlib.patches.Patch(facecolor=(r / 255, g / 255, b / 255), edgecolor=LEGEND_EDGE,
                                                 label=IGNORE_LABEL))
     return handles
 

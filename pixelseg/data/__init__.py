@@ -18,7 +18,7 @@ from ..core.errors import PixelsegError
 from ..core.logs import logger as log
 from ..core.sizes import size_hw
 from . import ade20k, camvid, cityscapes, folder, labelled, pets, shards, synthetic, voc
-from .base import ArrayDataset, DatasetInfo, check_same_size, collate_batch
+from .base import ArrayDataset, CacheArg, DatasetInfo, check_same_size, collate_batch
 
 # name -> dataset module. The protocol every module follows:
 #   INFO (DatasetInfo), DEFAULT_SPLITS {"train": ..., "val": ...},
@@ -78,7 +78,7 @@ def _check_channels(name: str, channels: int) -> dict:
 
 
 def load_split(name: str, root: str | Path | None, split: str, image_size, limit: int | None = None,
-               use_cache: bool = True, channels: int = 3, **kwargs) -> ArrayDataset:
+               use_cache: CacheArg = True, channels: int = 3, **kwargs) -> ArrayDataset:
     image_size = size_hw(image_size)
     options = {**_check_options(name, kwargs), **_check_channels(name, channels)}
     if root and name != "shards":  # shard roots may be URLs, which Path would mangle

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples, paired_mask
 
 # objectInfo150.txt's names (first synonym), in id order 1..150.
 CLASS_NAMES = [
@@ -43,8 +43,12 @@ CLASS_NAMES = [
 def _palette(n: int) -> list[tuple[int, int, int]]:
     """Distinct, reproducible colours (golden-ratio hue steps); 150 is too many for a named map."""
     import colorsys
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65 + 0.35 * (i % 2),
-                                                               0.55 + 0.45 * ((i // 2) % 2))) for i in range(n)]
+
+    def rgb(i: int) -> tuple[int, int, int]:
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65 + 0.35 * (i % 2),
+                                      0.55 + 0.45 * ((i // 2) % 2))
+        return int(255 * r), int(255 * g), int(255 * b)
+    return [rgb(i) for i in range(n)]
 
 
 INFO = DatasetInfo(name="ade20k", class_names=CLASS_NAMES, palette=_palette(150), ignore_index=255)
@@ -70,9 +74,11 @@ def _ade_dir(root: Path) -> Path | None:
 def resolve_root(root: Path | None, download: bool = True) -> Path:
     if root is None:
         from .download import ensure_archives
-        return _ade_dir(ensure_archives("ADE20K SceneParsing", "ade20k", [URL],
-                                        lambda p: [] if _ade_dir(p) else ["ADEChallengeData2016/images/"],
-                                        HOMEPAGE, download))
+        ade = _ade_dir(ensure_archives("ADE20K SceneParsing", "ade20k", [URL],
+                                       lambda p: [] if _ade_dir(p) else ["ADEChallengeData2016/images/"],
+                                       HOMEPAGE, download))
+        assert ade is not None, "ensure_archives returns a complete tree"
+        return ade
     root = Path(root)
     if not root.is_dir():
         raise PixelsegError(f"--data-root {root}: directory not found")
@@ -95,7 +101,7 @@ def list_samples(ade: Path, split: str) -> list[Sample]:
     samples = [Sample(p.stem, p, ann_dir / f"{p.stem}.png") for p in sorted(img_dir.glob("*.jpg"))]
     if not samples:
         raise PixelsegError(f"{img_dir}: no .jpg images in split {folder}")
-    missing = [s.mask for s in samples if not s.mask.is_file()]
+    missing = [paired_mask(s) for s in samples if not paired_mask(s).is_file()]
     if missing:
         raise PixelsegError(f"{missing[0]}: annotation not found ({len(missing)} of {len(samples)} images in "
                             f"{folder} lack one)")
@@ -112,7 +118,7 @@ def full_res_samples(root: Path | None, split: str):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, download: bool = True):
+         use_cache: CacheArg = True, download: bool = True):
     samples = list_samples(resolve_root(root, download), split)
     if limit:
         samples = samples[:limit]

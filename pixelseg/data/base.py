@@ -21,11 +21,12 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from .io import UnreadableImage, _open, read_image, read_mask
 
 CACHE_VERSION = 2          # meta.json "version"; a store of another version is decoded again and replaced
 CACHE_MODES = ("mmap", "memory", "none")
+
+# A per-sample training transform: (image uint8 3×H×W, mask H×W) -> the same pair, transformed.
+Transform: TypeAlias = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -68,6 +72,12 @@ class Sample:
     mask: Path | None
 
 
+def paired_mask(s: Sample) -> Path:
+    """The mask of a sample of a dataset that lists image/mask pairs (every such sample has one)."""
+    assert s.mask is not None, f"{s.image}: listed as a pair but has no mask"
+    return s.mask
+
+
 @dataclass
 class CacheSpec:
     """How a split is held: `mode` (mmap | memory | none) and at which resolution. `full_res` keeps each
@@ -85,7 +95,11 @@ class CacheSpec:
         return self.mode != "memory"
 
 
-def cache_spec(use_cache) -> CacheSpec:
+# What the loaders' `use_cache` takes: True/False (mmap / memory), None (mmap), a mode name, or a CacheSpec.
+CacheArg: TypeAlias = bool | str | CacheSpec | None
+
+
+def cache_spec(use_cache: CacheArg) -> CacheSpec:
     """True/False (mmap / memory: what the loaders' use_cache means), a mode name, or a CacheSpec."""
     if isinstance(use_cache, CacheSpec):
         return use_cache
@@ -98,7 +112,7 @@ def cache_spec(use_cache) -> CacheSpec:
 
 # ---- the on-disk store ----------------------------------------------------------------------------
 def _pread_into(fd: int, arr: np.ndarray, offset: int, path: Path) -> None:
-    n = os.preadv(fd, [arr], offset)
+    n = os.preadv(fd, [arr], offset)  # type: ignore[list-item]  # numpy's stub gives ndarray __buffer__ only on 3.12+
     if n != arr.nbytes:
         raise PixelsegError(f"{path}: decode cache is shorter than its meta.json says (changed while in use?); "
                             "delete the directory and run again")
@@ -199,7 +213,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     names: list[str]
     info: DatasetInfo
     skipped: list[str] = field(default_factory=list)
-    transform: object = None  # callable(image uint8 3×H×W, mask H×W) -> same, applied per sample
+    transform: Transform | None = None  # applied per sample
     store: DiskStore | None = None
     full_res: bool = False    # samples keep their source sizes: a transform must crop/resize them
     streamed: ClassVar[bool] = False   # data.protocol.SplitDataset
@@ -265,7 +279,8 @@ class SkipReport:
     in the workers' copies of the dataset: `open_skip_channel()` (before the loader starts its workers)
     gives them a multiprocessing Manager list to report through, and `collect_skipped()` reads it back.
     A Manager rather than a Queue: a pipe nobody drains until the end would block a worker once full."""
-    _skip_channel = None
+    skipped: list[str]         # set by the subclass
+    _skip_channel: Any = None  # a Manager list proxy once opened
 
     def open_skip_channel(self) -> None:
         if self._skip_channel is None:
@@ -303,12 +318,12 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
     files are skipped from their batch, reported by the process that meets them, and counted there."""
     streamed, reads_files = False, True  # data.protocol.SplitDataset
 
-    def __init__(self, samples: list[Sample], reader, info: DatasetInfo, size, max_side=None, full_res=False):
+    def __init__(self, samples: Sequence[Sample], reader, info: DatasetInfo, size, max_side=None, full_res=False):
         self.samples, self.reader, self.info = list(samples), reader, info
         self.size, self.max_side, self.full_res = size, max_side, full_res
         self.names = [s.name for s in self.samples]
         self.skipped: list[str] = []
-        self.transform = None
+        self.transform: Transform | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -432,7 +447,7 @@ class _Work:
 
 
 # ---- building a split ----------------------------------------------------------------------------
-def _cache_key(samples: list[Sample], size, extra: str) -> str:
+def _cache_key(samples: Sequence[Sample], size, extra: str) -> str:
     """Files (path, size, mtime) + resolution + dataset extras. The format version is not in the key:
     it is checked in meta.json so that an old store is reported and replaced, not silently kept."""
     h = hashlib.sha1(f"{size}|{extra}".encode())
@@ -445,8 +460,8 @@ def _cache_key(samples: list[Sample], size, extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build_split(samples: list[Sample], reader, info: DatasetInfo, size, use_cache=True, key_extra: str = "",
-                desc: str = "decoding", workers: int | None = None):
+def build_split(samples: Sequence[Sample], reader, info: DatasetInfo, size, use_cache: CacheArg = True,
+                key_extra: str = "", desc: str = "decoding", workers: int | None = None):
     """The one path every file-backed dataset goes through: `reader(sample, size, max_side) -> (image,
     mask)` (raising UnreadableImage to skip a file), held as `use_cache` says (see CacheSpec)."""
     spec = cache_spec(use_cache)
@@ -466,8 +481,8 @@ def build_split(samples: list[Sample], reader, info: DatasetInfo, size, use_cach
         return FileDataset(samples, reader, info, target, max_side, full_res=spec.full_res)
 
 
-def decode_samples(samples: list[Sample], size: tuple[int, int], info: DatasetInfo, *, label_map=None,
-                   valid_values=None, use_cache=True, workers: int | None = None,
+def decode_samples(samples: Sequence[Sample], size: tuple[int, int], info: DatasetInfo, *, label_map=None,
+                   valid_values=None, use_cache: CacheArg = True, workers: int | None = None,
                    desc: str = "decoding"):
     """Index-mask datasets (pets, CamVid, ...): decode every sample once, held as `use_cache` says."""
     extra = "" if label_map is None else bytes(label_map).hex()
@@ -498,7 +513,10 @@ def decode_in_parallel(samples, work, info: DatasetInfo, cfile: Path | None, des
     if cfile is not None:
         return cached_split(samples, work, info, cfile, desc, workers, full_res)
     workers = workers or min(8, os.cpu_count() or 1)
-    images, masks, names, skipped = [], [], [], []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    names: list[str] = []
+    skipped: list[str] = []
     for s, (img, mask, err) in _parallel(samples, work, workers, desc):
         if err is not None:
             log.warning(f"skipping {err}")
@@ -510,7 +528,7 @@ def decode_in_parallel(samples, work, info: DatasetInfo, cfile: Path | None, des
     if not names:
         raise PixelsegError(f"no readable images among {len(samples)} listed for {info.name} ({desc})")
     if len({a.shape for a in images}) == 1:
-        images, masks = np.stack(images), np.stack(masks)
+        return ArrayDataset(np.stack(images), np.stack(masks), names, info, skipped, full_res=full_res)
     return ArrayDataset(images, masks, names, info, skipped, full_res=full_res)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples, paired_mask
 
 # Class order and colours of the SegNet tutorial (Scripts/test_segmentation_camvid.py); its 11-class
 # set folds Road_marking into Road. Pavement is SegNet's (60, 40, 222), not original CamVid's (0, 0, 192).
@@ -54,7 +54,7 @@ def _check_root(root: Path | None) -> Path:
     return root
 
 
-def list_samples(root: Path, split: str) -> list[Sample]:
+def list_samples(root: Path | None, split: str) -> list[Sample]:
     """Pairs of one split, from <split>.txt when present, else from the <split>/ folder by file name."""
     root = _check_root(root)
     if split not in SPLITS:
@@ -77,7 +77,7 @@ def list_samples(root: Path, split: str) -> list[Sample]:
             samples.append(Sample(img.stem, img, ann))
     else:
         samples = [Sample(p.stem, p, ann_dir / p.name) for p in sorted(img_dir.glob("*.png"))]
-    missing = [s for s in samples if not s.image.is_file() or not s.mask.is_file()]
+    missing = [s for s in samples if not s.image.is_file() or not paired_mask(s).is_file()]
     if missing:
         s = missing[0]
         gone = s.image if not s.image.is_file() else s.mask
@@ -100,7 +100,7 @@ def full_res_samples(root: Path | None, split: str) -> tuple[list[Sample], objec
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True):
+         use_cache: CacheArg = True):
     samples = list_samples(root, split)
     if limit:
         samples = samples[:limit]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples, paired_mask
 
 # (train id order) name, colour, label id — cityscapesScripts helpers/labels.py.
 CLASSES = [
@@ -38,7 +38,7 @@ SPLITS = ("train", "val")
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
 VALID_VALUES = tuple(range(34))
 LABEL_MAP = np.full(256, 255, dtype=np.uint8)
-for _train_id, (_, _, _label_id) in enumerate(CLASSES):
+for _train_id, (_name, _color, _label_id) in enumerate(CLASSES):
     LABEL_MAP[_label_id] = _train_id
 
 HOW_TO_GET = ("register at https://www.cityscapes-dataset.com/downloads/, download gtFine_trainvaltest.zip and "
@@ -73,7 +73,7 @@ def list_samples(root: Path, split: str) -> list[Sample]:
         samples.append(Sample(stem, p, ann_dir / p.parent.name / f"{stem}_gtFine_labelIds.png"))
     if not samples:
         raise PixelsegError(f"{img_dir}: no <city>/*_leftImg8bit.png images")
-    missing = [s.mask for s in samples if not s.mask.is_file()]
+    missing = [paired_mask(s) for s in samples if not paired_mask(s).is_file()]
     if missing:
         raise PixelsegError(f"{missing[0]}: label file not found ({len(missing)} of {len(samples)} images of "
                             f"{split} lack their gtFine labelIds)")
@@ -91,7 +91,7 @@ def full_res_samples(root: Path | None, split: str):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True):
+         use_cache: CacheArg = True):
     samples = list_samples(check_root(root), split)
     if limit:
         samples = samples[:limit]

@@ -27,6 +27,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -107,7 +108,7 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
             maxcount: int = 1000, progress: bool = True, **options) -> dict:
     """Convert and return the report (also written to OUT/convert_report.json)."""
     from . import dataset_info, load_split
-    from .base import CacheSpec
+    from .base import CacheSpec, FileDataset
     if to not in TARGETS:
         raise PixelsegError(f"--to {to}: choose one of {', '.join(TARGETS)}")
     out = Path(out)
@@ -117,13 +118,15 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
     tmp = _prepare_out(out)
     try:
         counts = np.zeros(256, np.int64)
-        report = {"dataset": dataset, "data_root": str(root), "to": to, "splits": {}, "images": 0,
-                  "images_without_labels": []}
+        report: dict[str, Any] = {"dataset": dataset, "data_root": str(root), "to": to, "splits": {}, "images": 0,
+                                  "images_without_labels": []}
         overlays: list[tuple[str, np.ndarray, np.ndarray]] = []  # (name, image, mask)
         turned = 0
         palette = distinct_palette(list(info.palette))   # classes.csv needs one colour per class
         for split in splits:
-            ds = load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options)
+            # --cache none: a FileDataset (samples and their reader) for every file-backed dataset
+            ds = cast(FileDataset, load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True),
+                                              **options))
             n = 0
             for s in tqdm(ds.samples, desc=f"convert {split}", unit="img", leave=False, disable=not progress or None):
                 img, mask = ds.reader(s, None, None)

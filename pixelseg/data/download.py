@@ -3,6 +3,7 @@ how a complete copy is recognised; the fetching itself is core.download's."""
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.download import DownloadError, data_home, download_file, extract_archive
@@ -39,7 +40,7 @@ def _archive_name(url: str) -> str:
 
 
 def ensure_oxford_pet(root: Path | str | None = None, download: bool = True, *,
-                      urls: list[tuple[str, str | None]] | None = None, timeout: float = 15,
+                      urls: Sequence[tuple[str, str | None]] | None = None, timeout: float = 15,
                       progress: bool = True) -> Path:
     """Return a folder in the official Oxford-IIIT Pet layout, downloading it if needed.
 
@@ -73,7 +74,7 @@ def ensure_oxford_pet(root: Path | str | None = None, download: bool = True, *,
                            timeout=timeout, progress=progress)
 
 
-def ensure_archives(name: str, folder: str, urls: list[tuple[str, str | None]], missing, homepage: str,
+def ensure_archives(name: str, folder: str, urls: Sequence[tuple[str, str | None]], missing, homepage: str,
                     download: bool = True, *, timeout: float = 15, progress: bool = True) -> Path:
     """``data_home()/folder`` holding a dataset, downloaded from ``urls`` (checked, extracted) if needed.
 

@@ -26,6 +26,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -35,7 +36,18 @@ from ..core.errors import PixelsegError
 from ..core.images import IMAGE_SUFFIXES
 from ..core.logs import logger as log
 from . import base as _base
-from .base import CacheSpec, DatasetInfo, Sample, _cache_key, build_split, cache_dir, cache_spec, fit_size
+from .base import (
+    CacheArg,
+    CacheSpec,
+    DatasetInfo,
+    Sample,
+    _cache_key,
+    build_split,
+    cache_dir,
+    cache_spec,
+    fit_size,
+    paired_mask,
+)
 from .io import UnreadableImage, _open, image_hw, is_tiff, read_input
 
 # Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
@@ -131,8 +143,11 @@ def group_key(pattern: str | None):
     return key
 
 
-def _fraction_split(samples: list[Sample], fraction: float, group: str | None = None
-                    ) -> tuple[list[Sample], list[Sample]]:
+SampleT = TypeVar("SampleT", bound=Sample)
+
+
+def _fraction_split(samples: list[SampleT], fraction: float, group: str | None = None
+                    ) -> tuple[list[SampleT], list[SampleT]]:
     """Val = the first groups in sha1 order until round(n·fraction) pairs: deterministic, independent of file
     order, and adding files moves few existing ones across the boundary. Without --val-group each pair is
     its own group; with it, frames of one video or slices of one stack never straddle the split (a random
@@ -240,8 +255,8 @@ def read_classes_csv(path: Path) -> ClassTable:
         raise PixelsegError(f"{path}:1: header is {','.join(header) or '(empty)'}; {expect}")
     col = {h: i for i, h in enumerate(header)}
     rows: dict[int, tuple[str, tuple[int, int, int]]] = {}
-    ignore: list[tuple[int, ...]] = []  # colours painted 255
-    seen_colors: dict[tuple[int, ...], int] = {}  # colour -> line
+    ignore: list[tuple[int, int, int]] = []  # colours painted 255
+    seen_colors: dict[tuple[int, int, int], int] = {}  # colour -> line
     for n, row in enumerate(reader, 2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -249,9 +264,10 @@ def read_classes_csv(path: Path) -> ClassTable:
             raise PixelsegError(f"{path}:{n}: {len(row)} fields, expected 5 (id,name,r,g,b)")
         try:
             cid = int(row[col["id"]])
-            rgb = tuple(int(row[col[k]]) for k in "rgb")
+            r, g, b = (int(row[col[k]]) for k in "rgb")
         except ValueError:
             raise PixelsegError(f"{path}:{n}: id, r, g and b must be integers (got {','.join(row)})") from None
+        rgb = (r, g, b)
         name = row[col["name"]].strip()
         if not name:
             raise PixelsegError(f"{path}:{n}: empty class name")
@@ -311,8 +327,8 @@ def _scan_one(path: Path) -> dict:
             "palette": pal[:768] if pal else None}
 
 
-def _scan(samples: list[Sample], use_cache: bool) -> dict[str, dict]:
-    masks = sorted({s.mask for s in samples})
+def _scan(samples: list[Sample], use_cache: CacheArg) -> dict[str, dict]:
+    masks = sorted({paired_mask(s) for s in samples})
     key = _cache_key([Sample(m.stem, m, None) for m in masks], "scan", f"folder-scan-v{SCAN_VERSION}")
     cfile = cache_dir() / "folder-scan" / f"{key}.json"
     if use_cache and cfile.is_file():
@@ -360,9 +376,9 @@ def _rgb_code(rgb) -> int:
 
 
 def _default_palette(n: int) -> list[tuple[int, int, int]]:
-    import matplotlib
-    colors = matplotlib.colormaps["tab20"].colors
-    return [tuple(round(255 * c) for c in colors[i % len(colors)]) for i in range(n)]
+    from ..labels.raster import tab20_rgb
+    colors = tab20_rgb()
+    return [colors[i % len(colors)] for i in range(n)]
 
 
 # ---- codec: raw mask values/colours -> class ids ----------------------------------------------------
@@ -573,7 +589,7 @@ def _options(options: dict) -> dict:
     return {k: (OPTIONS[k] if options.get(k) is None else options[k]) for k in OPTIONS}
 
 
-def prepare(root: Path | None, use_cache: bool = True, **options) -> tuple[Layout, MaskCodec, dict]:
+def prepare(root: Path | None, use_cache: CacheArg = True, **options) -> tuple[Layout, MaskCodec, dict]:
     """Discover pairs, scan every mask (all splits: class numbering must not depend on the split),
     build the codec and print the report once per process. `options`: OPTIONS' keys (None = default)."""
     o = _options(options)
@@ -600,10 +616,11 @@ def _split(layout: Layout, split: str) -> list[Sample]:
 
 
 def read_target(sample: Sample, codec: MaskCodec, size: tuple[int, int] | None = None) -> np.ndarray:
-    img = _open_mask(sample.mask)
+    mask = paired_mask(sample)
+    img = _open_mask(mask)
     if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.NEAREST)  # NEAREST keeps ids and colours exact
-    kind, raw = _raw_mask(img, sample.mask)
+        img = img.resize((size[1], size[0]), Image.Resampling.NEAREST)  # NEAREST keeps ids and colours exact
+    kind, raw = _raw_mask(img, mask)
     return codec.encode(kind, raw)
 
 
@@ -619,7 +636,7 @@ def full_res_samples(root: Path | None, split: str, **options):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, channels: int = 3, **options):
+         use_cache: CacheArg = True, channels: int = 3, **options):
     """``channels`` != 3 reads 8/16-bit, multi-band images (TIFF via tifffile) as float32 [0, 1]."""
     layout, codec, scan = prepare(root, use_cache, **options)
     samples = _split(layout, split)
@@ -628,7 +645,7 @@ def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int 
     return _decode(samples, tuple(image_size), codec, scan, use_cache, split, channels)
 
 
-def _decode(samples: list[Sample], size: tuple[int, int], codec: MaskCodec, scan: dict, use_cache,
+def _decode(samples: list[Sample], size: tuple[int, ...], codec: MaskCodec, scan: dict, use_cache,
             split: str, channels: int = 3):
     """decode_samples' job for masks it cannot read (RGB colour codes): same store, same threads."""
     key = f"folder|{codec.signature()}" + ("" if channels == 3 else f"|bands{channels}")
@@ -649,7 +666,8 @@ class FolderReader:
 
     def __call__(self, s: Sample, size=None, max_side=None):
         h, w = image_hw(s.image)
-        _base.check_same_size(s.mask, s.image.name, (w, h), _open_mask(s.mask).size)  # PIL's (w, h), as both files say
+        mask_wh = _open_mask(paired_mask(s)).size
+        _base.check_same_size(s.mask, s.image.name, (w, h), mask_wh)  # PIL's (w, h), as both files say
         target = fit_size((h, w), size, max_side)
         if self.channels == 3 and not is_tiff(s.image):
             img = _base.read_image(s.image, target)

@@ -85,7 +85,7 @@ def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) ->
             img = Image.alpha_composite(background, img)
         img = img.convert("RGB")
         if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR, reducing_gap=None)
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=None)
         return np.array(img, dtype=np.uint8)  # writable copy: torch.from_numpy warns on read-only arrays
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"{name}: image data is corrupt ({exc})") from exc
@@ -122,7 +122,7 @@ def read_mask(path, size: tuple[int, int] | None = None, name=None) -> np.ndarra
             raise PixelsegError(f"{name}: mask values go up to {arr.max()}, more than 255 classes is not supported")
         arr = arr.astype(np.uint8)
         if size is not None and arr.shape != tuple(size):
-            arr = np.array(Image.fromarray(arr).resize((size[1], size[0]), Image.NEAREST))
+            arr = np.array(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.NEAREST))
         return arr
     except (OSError, SyntaxError) as exc:
         raise UnreadableImage(f"{name}: mask data is corrupt ({exc})") from exc

@@ -20,7 +20,7 @@ from PIL import Image
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
 from ..labels.raster import OVERLAP_RULES, LabelSet, rasterize
-from .base import DatasetInfo, Sample, build_split, fit_size
+from .base import CacheArg, DatasetInfo, Sample, build_split, fit_size
 from .folder import _fraction_split
 from .io import _open, read_image
 
@@ -60,7 +60,7 @@ class ShapeReader:
     def target(self, s: LabelSample, size=None) -> np.ndarray:
         mask = rasterize(s.shapes, s.height, s.width, self.overlap)
         if size is not None and tuple(size) != mask.shape:
-            mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST))
+            mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.Resampling.NEAREST))
         return mask
 
 
@@ -133,7 +133,8 @@ def _signature(labels: LabelSet, o: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def load(name: str, read, defaults: dict, root, split: str, image_size, limit=None, use_cache=True, **given):
+def load(name: str, read, defaults: dict, root, split: str, image_size, limit=None, use_cache: CacheArg = True,
+         **given):
     o = options(defaults, given)
     labels = parse(name, read, root, o)
     samples = _split(name, root, splits(labels, o), split)
@@ -169,7 +170,7 @@ class AnnotationFormat:
         self.DEFAULT_SPLITS = DEFAULT_SPLITS
         self.INFO = DatasetInfo(name, ["background"], [(0, 0, 0)])  # the real classes come from the export
 
-    def load(self, root, split, image_size, limit=None, use_cache=True, **options):
+    def load(self, root, split, image_size, limit=None, use_cache: CacheArg = True, **options):
         return load(self.NAME, self.read, self.OPTIONS, root, split, image_size, limit, use_cache, **options)
 
     def dataset_info(self, root, **options) -> DatasetInfo:

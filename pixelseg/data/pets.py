@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples, paired_mask
 
 INFO = DatasetInfo(
     name="oxford-pet",
@@ -55,7 +55,7 @@ def check_root(root: Path) -> None:
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, download: bool = True):
+         use_cache: CacheArg = True, download: bool = True):
     if root is None:
         from .download import ensure_oxford_pet
         root = ensure_oxford_pet(None, download=download)
@@ -64,7 +64,7 @@ def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int 
     samples = list_samples(root, split)
     if limit:
         samples = samples[:limit]
-    missing = [s.mask for s in samples if not s.mask.is_file()]
+    missing = [paired_mask(s) for s in samples if not paired_mask(s).is_file()]
     if missing:
         raise PixelsegError(f"{missing[0]}: trimap missing for {len(missing)} image(s) of split {split}")
     return decode_samples(samples, image_size, INFO, label_map=TRIMAP_TO_CLASS, valid_values=(1, 2, 3),

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from .base import DatasetInfo
+from .base import DatasetInfo, Transform
 
 
 @runtime_checkable
 class SplitDataset(Protocol):
     info: DatasetInfo
     names: list[str]
-    transform: object         # per-sample (image, mask) -> (image, mask), or None
+    transform: Transform | None  # per-sample (image, mask) -> (image, mask)
     full_res: bool            # samples keep their source sizes: a transform must crop/resize them
     streamed: bool            # batches come from the stream (shards): num_batches(), no random access, no masks
     reads_files: bool         # each sample is read from files when asked for (work for DataLoader workers)

@@ -37,7 +37,7 @@ import torch
 from ..core.errors import PixelsegError
 from ..core.logs import logger as log
 from . import remote
-from .base import DatasetInfo, SkipReport, check_same_size, fit_size
+from .base import DatasetInfo, SkipReport, Transform, check_same_size, fit_size
 from .io import UnreadableImage, read_image, read_mask
 
 INDEX_FORMAT = "pixelseg-shards"
@@ -165,7 +165,7 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
         self.size, self.full_res, self.max_side = size, full_res, max_side
         self.batch_size, self.shuffle, self.seed, self.rank, self.world = batch_size, shuffle, seed, rank, world
         self.even, self.limit = even, limit
-        self.transform = None
+        self.transform: Transform | None = None
         self.num_workers = 0      # set by whoever builds the DataLoader
         # shared memory: persistent DataLoader workers see set_epoch() without being re-created
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import PixelsegError
-from .base import DatasetInfo, Sample, decode_samples
+from .base import CacheArg, DatasetInfo, Sample, decode_samples, paired_mask
 
 CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -95,8 +95,10 @@ def resolve_root(root: Path | None, split: str, download: bool = True) -> Path:
 
         def missing(p):
             gone = _missing(p)
-            if split == "train_aug" and not gone and _sbd_dir(p, _voc_dir(p)) is None:
-                gone.append("benchmark_RELEASE/dataset/cls/")
+            if split == "train_aug" and not gone:
+                voc = _voc_dir(p)  # there is one: _missing found nothing missing
+                if voc is None or _sbd_dir(p, voc) is None:
+                    gone.append("benchmark_RELEASE/dataset/cls/")
             return gone
         return ensure_archives("Pascal VOC 2012", "voc", urls, missing, HOMEPAGE, download)
     root = Path(root)
@@ -158,6 +160,7 @@ def list_samples(root: Path, split: str) -> list[Sample]:
     if split not in SPLITS:
         raise PixelsegError(f"--split {split!r}: Pascal VOC has splits {', '.join(SPLITS)}")
     voc = _voc_dir(root)
+    assert voc is not None, f"{root}: no VOC tree (resolve_root checks for one first)"
     sets = voc / "ImageSets" / "Segmentation"
     img = lambda n: voc / "JPEGImages" / f"{n}.jpg"  # noqa: E731
     if split != "train_aug":
@@ -186,7 +189,7 @@ def list_samples(root: Path, split: str) -> list[Sample]:
 
 
 def _check_files(samples: list[Sample], split: str) -> None:
-    missing = [s for s in samples if not s.image.is_file() or not s.mask.is_file()]
+    missing = [s for s in samples if not s.image.is_file() or not paired_mask(s).is_file()]
     if missing:
         s = missing[0]
         gone = s.image if not s.image.is_file() else s.mask
@@ -206,7 +209,7 @@ def full_res_samples(root: Path | None, split: str):
 
 
 def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: bool = True, download: bool = True):
+         use_cache: CacheArg = True, download: bool = True):
     root = resolve_root(root, split, download)
     samples = list_samples(root, split)
     if limit:

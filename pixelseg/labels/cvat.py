@@ -61,7 +61,8 @@ def _labels(root_el: ET.Element, path: Path) -> tuple[dict[str, int], list]:
     if not labels:
         raise PixelsegError(f"{path}: no <meta> ... <labels> declared; "
                             "export 'CVAT for images 1.1' from a task or project")
-    names, colours = [], {}
+    names: list[str] = []
+    colours: dict[str, tuple[int, int, int]] = {}
     for lab in labels:
         n = (lab.findtext("name") or "").strip()
         if not n:
@@ -69,7 +70,7 @@ def _labels(root_el: ET.Element, path: Path) -> tuple[dict[str, int], list]:
         names.append(n)
         c = (lab.findtext("color") or "").strip().lstrip("#")
         if len(c) == 6:
-            colours[n] = tuple(int(c[i:i + 2], 16) for i in (0, 2, 4))
+            colours[n] = (int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16))
     table = class_table(names, path, "label")
     cls = class_names(table)
     palette = default_palette(len(cls))
@@ -92,7 +93,7 @@ def _shape_rle(el: ET.Element, h: int, w: int, boxes: bool):
         if not boxes:
             return None, False
         try:
-            x0, y0, x1, y1 = (float(el.get(k)) for k in ("xtl", "ytl", "xbr", "ybr"))
+            x0, y0, x1, y1 = (float(el.get(k, "")) for k in ("xtl", "ytl", "xbr", "ybr"))  # missing: ValueError
         except (TypeError, ValueError):
             raise BadShape("box needs numeric xtl, ytl, xbr, ybr") from None
         return polygons_rle([rotated_box(box_polygon(x0, y0, x1, y1), el.get("rotation"))], h, w)
@@ -123,7 +124,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
         stem = names.take(path, where, split, fname)
         size = (im.get("width"), im.get("height"))
         found = sized_image(problems, path, where, fname, folders, size) if stem else None
-        if found is None:
+        if found is None or not stem:  # found implies stem
             continue
         item = Item(stem, found[0], found[1], found[2], split=split, source=path, orientation=found[3])
         for k, el in enumerate(im):

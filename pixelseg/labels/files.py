@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -110,7 +111,7 @@ class Names:
         return stem
 
 
-def class_table(names: list[str], file, what: str) -> dict[str, int]:
+def class_table(names: Sequence[object], file, what: str) -> dict[str, int]:
     """Declared label names -> class ids (rules.py: background names 0, '__ignore__' 255, others 1..K)."""
     return dict(zip(map(str, names), class_ids(names, file, what), strict=True))
 

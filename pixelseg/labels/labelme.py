@@ -106,12 +106,12 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     notes = []
     if (base / "labels.txt").is_file():
         declared = [ln.strip() for ln in (base / "labels.txt").read_text().splitlines() if ln.strip()]
-        where = base / "labels.txt"
+        classes_file = base / "labels.txt"
     else:
         declared = sorted({str(sh.get("label")) for _, _, d in docs for sh in d["shapes"] if isinstance(sh, dict)})
-        where = base
+        classes_file = base
         notes.append("no labels.txt: classes are the labels found, sorted: " + ", ".join(declared))
-    table = class_table(declared, where, "label")
+    table = class_table(declared, classes_file, "label")
     names_ = class_names(table)
     problems = Problems(skip_bad)
     names = Names(problems)
@@ -128,7 +128,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
             img, folders, where = emb.name, [emb.parent], "imageData"
         found = sized_image(problems, path, where, img, folders,
                             (doc.get("imageWidth"), doc.get("imageHeight"))) if stem else None
-        if found is None:
+        if found is None or not stem:  # found implies stem
             continue
         item = Item(stem, found[0], found[1], found[2], split=split, source=path, orientation=found[3])
         for k, sh in enumerate(doc["shapes"]):

@@ -13,6 +13,7 @@ Splits: none in the export; val by --val-fraction.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def find_export(root: Path) -> Path:
                         f"{len(jsons)}" + (f" ({', '.join(p.name for p in jsons[:4])})" if jsons else ""))
 
 
-def _declared(base: Path) -> tuple[list[str] | None, dict, Path | None, str | None]:
+def _declared(base: Path) -> tuple[Sequence[str | None] | None, dict, Path | None, str | None]:
     """(label names, their colours, the config file, the data key of its <Image>) of the labelling config."""
     for p in sorted(base.glob("*.xml")):
         try:
@@ -83,7 +84,7 @@ def _image_ref(data, key: str | None):
         return data["image"]
     strings = [v for v in data.values() if isinstance(v, str)]
     looks = [v for v in strings if "/" in v or Path(v.split("?")[0]).suffix.lower() in IMAGE_SUFFIXES]
-    return (looks or strings or [None])[0]
+    return looks[0] if looks else strings[0] if strings else None
 
 
 @shape_values
@@ -138,8 +139,9 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     declared, colours, config, key = _declared(base)
     notes = []
     if declared is None:
-        found = sorted({str(_label_of(r, r.get("type"))) for t in tasks if isinstance(t, dict) and _annotation(t)
-                        for r in (_annotation(t).get("result") or [])
+        found = sorted({str(_label_of(r, r.get("type")))
+                        for t in tasks if isinstance(t, dict) and (ann := _annotation(t))
+                        for r in (ann.get("result") or [])
                         if r.get("type") in KINDS and _label_of(r, r.get("type"))})
         declared = found
         notes.append(f"no labelling config (*.xml) next to {path.name}: classes are the labels found, sorted: "
@@ -174,11 +176,14 @@ def _task(path, task, t_i, folders, table, boxes, problems, names, out, key=None
         problems.bad(path, where, f"data holds no image reference{f' under {key!r}' if key else ''}")
         return
     ann = _annotation(task)
+    assert ann is not None, "read() passes annotated tasks only"
     results = [r for r in (ann.get("result") or []) if isinstance(r, dict)]
     recorded = next(((r.get("original_width"), r.get("original_height")) for r in results
                      if r.get("original_width")), None)
     found = sized_image(problems, path, where, img_name, folders, recorded)
-    stem = names.take(path, where, None, found[0].name) if found else None  # the file's name, not the upload's
+    if found is None:
+        return
+    stem = names.take(path, where, None, found[0].name)  # the file's name, not the upload's
     if stem is None:
         return
     item = Item(stem, found[0], found[1], found[2], source=path, orientation=found[3])

@@ -21,6 +21,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -127,13 +128,19 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
+def tab20_rgb() -> list[tuple[int, int, int]]:
+    """matplotlib's tab20 colours as 0..255 RGB triples."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+    cmap = cast(ListedColormap, matplotlib.colormaps["tab20"])  # tab20 is a listed colormap
+    return [(round(255 * r), round(255 * g), round(255 * b)) for r, g, b in np.asarray(cmap.colors, float).tolist()]
+
+
 def _colours():
     """tab20, then golden-ratio hues over three saturations and three values: an endless stream of colours."""
     import colorsys
 
-    import matplotlib
-    for c in matplotlib.colormaps["tab20"].colors:
-        yield tuple(round(255 * v) for v in c)
+    yield from tab20_rgb()
     i = 0
     while True:
         rgb = colorsys.hsv_to_rgb((i * 0.6180339887) % 1.0, (0.9, 0.6, 0.4)[i % 3], (0.95, 0.75, 0.55)[(i // 3) % 3])

@@ -58,8 +58,10 @@ def parse_cvat_counts(text: str) -> list[int]:
         raise RLEError(f"rle attribute is not a comma-separated list of integers ({text[:40]!r}...)") from None
 
 
-def cvat_rle_decode(counts, left: int, top: int, width: int, height: int, img_h: int, img_w: int) -> np.ndarray:
-    """CVAT's mask: runs (background first) over the width×height box at (left, top), row by row."""
+def cvat_rle_decode(counts, left: float | str, top: float | str, width: float | str, height: float | str, img_h: int,
+                    img_w: int) -> np.ndarray:
+    """CVAT's mask: runs (background first) over the width×height box at (left, top), row by row (the box as
+    numbers or the XML's attribute strings)."""
     if isinstance(counts, str):
         counts = parse_cvat_counts(counts)
     left, top, width, height = (round(float(v)) for v in (left, top, width, height))

@@ -15,6 +15,7 @@ Unlabelled     An item nobody labelled (a Label Studio task without an annotatio
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import PixelsegError
@@ -63,7 +64,7 @@ def check_class_count(k: int, file, what: str) -> None:
                             "(class ids are 8-bit and 255 means ignore)")
 
 
-def class_ids(names: list[str], file, what: str, unique: bool = True) -> list[int]:
+def class_ids(names: Sequence[object], file, what: str, unique: bool = True) -> list[int]:
     """Declared names, in order -> class ids: background names 0, '__ignore__' 255, the others 1..K in order.
     `unique=False` gives a repeated name (COCO files have them) the id of its first declaration."""
     out: list[int] = []

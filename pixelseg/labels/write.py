@@ -211,11 +211,12 @@ def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out:
             common = {"label": r.label, "source": "auto", "occluded": "0", "z_order": "0"}
             if r.polygons:
                 pts = ";".join(f"{x:.2f},{y:.2f}" for x, y in r.polygons[0])
-                shape = ET.SubElement(im, "polygon", points=pts, **common)
+                shape = ET.SubElement(im, "polygon", {"points": pts, **common})
             else:
                 counts, left, top, width, height = cvat_rle_encode(coco_rle_decode(r.rle, it.height, it.width))
-                shape = ET.SubElement(im, "mask", rle=", ".join(map(str, counts)), left=str(left), top=str(top),
-                                      width=str(width), height=str(height), **common)
+                shape = ET.SubElement(im, "mask", {"rle": ", ".join(map(str, counts)), "left": str(left),
+                                                   "top": str(top), "width": str(width), "height": str(height),
+                                                   **common})
             for a_name, value in r.attributes.items():
                 ET.SubElement(shape, "attribute", name=a_name).text = str(value)
     ET.indent(root)
@@ -346,7 +347,7 @@ def write_yolo(items: list[ImageRegions], labels: list[str], palette: dict, out:
             _place_image(it.image, tmp / "images" / split / name)
             listing[split].append(f"images/{split}/{name}")
         (tmp / "images" / "train").mkdir(parents=True, exist_ok=True)
-        doc = {"path": ".", "train": "images/train"}
+        doc: dict[str, str | dict[int, str]] = {"path": ".", "train": "images/train"}
         for split, rows in listing.items():
             if rows:
                 (tmp / f"{split}.txt").write_text("".join(s + "\n" for s in rows))

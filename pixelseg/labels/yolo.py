@@ -162,9 +162,9 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
         raise PixelsegError(f"{path}: no image folders found (train:/val: in data.yaml, or images/<split>/)")
     ids = class_ids(names_, path, "class", unique=False)   # yolo class k -> class id
     classes = ["background"] + [""] * max([v for v in ids if v != 255], default=0)
-    for n, v in zip(names_, ids, strict=True):
+    for cname, v in zip(names_, ids, strict=True):
         if 0 < v < 255 and not classes[v]:
-            classes[v] = n
+            classes[v] = cname
     problems = Problems(skip_bad)
     names = Names(problems)
     out = LabelSet("yolo", f"YOLO-seg {path.name}", classes, default_palette(len(classes)), [])
@@ -174,7 +174,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
             txt = _label_file(img, d)
             stem = names.take(txt, "image", split, img.name)
             hw = upright_hw(img) if stem else None
-            if hw is None:
+            if hw is None or not stem:  # hw implies stem
                 if stem:
                     problems.bad(img, "image", "cannot be read")
                 continue
