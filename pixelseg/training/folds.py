@@ -22,8 +22,8 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
