@@ -38,16 +38,22 @@ def _add_resolution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="also run the horizontally flipped image and average")
 
 
+class _TopParser(argparse.ArgumentParser):
+    """The top-level parser, which keeps its sub-parsers by name: main() applies a --config file to train's or
+    plan's."""
+    subcommands: dict[str, argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     return _parsers()[0]
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _parsers() -> tuple[_TopParser, argparse.ArgumentParser]:
     """The top-level parser and its train sub-parser (YAML options become the latter's defaults)."""
     from ._version import __version__
-    parser = argparse.ArgumentParser(prog="pixelseg", description="Semantic segmentation: train, evaluate, predict.")
+    parser = _TopParser(prog="pixelseg", description="Semantic segmentation: train, evaluate, predict.")
     parser.add_argument("--version", action="version", version=f"pixelseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
     _add_train_parser(sub)
     _add_plan_parser(sub)
     _add_evaluate_parser(sub)
@@ -59,7 +65,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub.add_parser("models", help="list every valid architecture/backbone pair with its parameter count "
                                   "(* marks each architecture's default backbone)")
     _add_serve_args(sub)
-    parser.subcommands = sub.choices  # main() applies a --config file to train's or plan's parser
+    parser.subcommands = sub.choices
     return parser, sub.choices["train"]
 
 
@@ -448,6 +454,8 @@ def _label_studio_options(args):
         budget = config.parse_duration(args.retrain_budget)
     except ValueError as exc:   # OptionError
         raise PixelsegError(f"--retrain-budget {args.retrain_budget}: {exc}") from None
+    if budget is None:  # "none"/"off": LSOptions.check() refuses it with this same message
+        raise PixelsegError("--retrain-budget: must be a positive duration, e.g. 5m")
     return LSOptions(work_dir=args.ls_dir, retrain_after=args.retrain_after, retrain_budget_s=budget,
                      holdout=args.holdout,
                      url=args.label_studio_url, token=os.environ.get("LABEL_STUDIO_API_KEY") or None,

@@ -32,6 +32,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,19 +71,22 @@ class Source:
     ignore_index: int
     channels: int
     entries: list
-    read_target: object = None
-    arrays: dict = None        # split -> ArrayDataset, for datasets without files
+    read_target: Callable[[object], object] | None = None  # a Sample -> its mask, for datasets with files
+    arrays: dict | None = None  # split -> ArrayDataset, for datasets without files
     folds: bool = True
 
     def image(self, e: Entry) -> np.ndarray:
         if e.image is None:
+            assert self.arrays is not None  # entries without a file are samples of `arrays`
             return np.asarray(self.arrays[e.split].images[e.sample])
         from ..data.io import read_input
         return read_input(e.image, self.channels)
 
     def target(self, e: Entry) -> np.ndarray:
         if e.image is None:
+            assert self.arrays is not None  # entries without a file are samples of `arrays`
             return np.asarray(self.arrays[e.split].masks[e.sample])
+        assert self.read_target is not None  # entries with a file come with the dataset's reader
         return np.asarray(self.read_target(e.sample))
 
 
@@ -199,7 +203,7 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
     def predictor(fold):
         key = fold if src.folds else None
         if key not in predictors:
-            model = load_model(members[key] if src.folds else src.ckpt, dev, amp, channels_last)
+            model = load_model(members[fold] if src.folds else src.ckpt, dev, amp, channels_last)
             predictors[key] = Predictor(torch_logits_fn(model, dev, amp, channels_last), size, device=dev)
         return predictors[key]
 
@@ -415,8 +419,8 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
         tiles.append(tile)
     sep = np.full((size[1] + bar_h, 4, 3), 255, np.uint8)
     body = np.concatenate([tiles[0], sep, tiles[1], sep, tiles[2]], 1)
-    head = np.full((24, body.shape[1], 3), 255, np.uint8)
-    cv2.putText(head, title, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    header = np.full((24, body.shape[1], 3), 255, np.uint8)
+    cv2.putText(header, title, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     x = 4
     legend = np.full((22, body.shape[1], 3), 255, np.uint8)
     for k in KINDS:
@@ -424,7 +428,7 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
         cv2.putText(legend, k.replace("_", " "), (x + 16, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
                     cv2.LINE_AA)
         x += 22 + 8 * len(k)
-    return np.concatenate([head, body, legend], 0)
+    return np.concatenate([header, body, legend], 0)
 
 
 def _write_overlays(src: Source, records, logits, out: Path) -> list[Path]:

@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -69,7 +70,7 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
     (the run still says which dataset and split). Options: an `EvalOptions`, and/or its fields by keyword."""
     o = dataclasses.replace(options or EvalOptions(), **fields)
     ckpt = load_checkpoint(run_or_ckpt)
-    runner = _exported_runner(o.backend, o.exported, o.uncertainty or o.mc_samples)
+    runner = _exported_runner(o.backend, o.exported, bool(o.uncertainty or o.mc_samples))
     if o.out_dir:
         check_output_dir(o.out_dir, "--out")
     cfg = ckpt["config"]
@@ -118,7 +119,7 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
 class _EvalData:
     """The split being scored."""
     dataset: str
-    root: object
+    root: str | Path | None
     split: str
     limit: int | None
     options: dict
@@ -227,7 +228,7 @@ def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samp
             cm_mc.update(class_ids(mean), y)
             mc.update(mean, y, info.ignore_index, {"entropy": r["entropy"].float(), "variance": r["variance"].float()})
     loop.evaluate_loader(model, loader, ctx, info, progress=progress, desc=f"uncertainty {split}", on_batch=on_batch)
-    report = {"mc_samples": mc_samples, "softmax": single.summary(),
+    report: dict[str, Any] = {"mc_samples": mc_samples, "softmax": single.summary(),
               "_stats": {"softmax (1 pass)": single}}
     if mc is not None:
         s = scores_from_confusion(cm_mc.mat)

@@ -26,11 +26,15 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..core.errors import PixelsegError
 from ..core.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from ..labels.write import ImageRegions
 
 PREDICTION = "prediction"      # the kind attribute of an unlabelled image's pre-annotation regions
 SOURCES = ("suspect", "unlabelled")
@@ -41,7 +45,7 @@ CSV_FIELDS = ["rank", "image", "source", "priority", "quality", "uncertainty", "
 class NextItem:
     source: str                # "suspect" or "unlabelled"
     priority: float            # expected share of the image's pixels a person will change (module doc)
-    item: object               # labels.write.ImageRegions: the image, its size and the regions shown
+    item: ImageRegions         # the image, its size and the regions shown
     reason: str                # what a person is asked to do, in words
     quality: float | None = None        # suspects: audit's label quality
     uncertainty: float | None = None    # unlabelled: mean per-pixel entropy (nats)

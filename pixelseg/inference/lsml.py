@@ -93,7 +93,7 @@ def parse_config(text, class_names: list[str]) -> LabelConfig:
     value = images.get(to_name)
     if value is None or not value.startswith("$"):
         raise BadRequest(422, f"label_config: <{tag.tag} toName={to_name!r}> names no <Image value=\"$KEY\"> tag")
-    labels = [el.get("value") for el in tag if el.tag.lower() == "label" and el.get("value")]
+    labels = [v for el in tag if el.tag.lower() == "label" and (v := el.get("value"))]
     cfg = LabelConfig(tag.tag.lower(), tag.get("name", ""), to_name, value[1:], labels)
     by_name = {n: i for i, n in enumerate(class_names)}
     by_lower = {n.lower(): i for i, n in reversed(list(enumerate(class_names)))}
@@ -198,7 +198,7 @@ def annotation_mask(results, class_names: list[str], h: int, w: int) -> tuple[np
     """(class-id mask h×w, problems) of an annotation's results: brush and polygon regions whose label names a
     model class (same rule as the config mapping), painted in order; other regions are named in `problems`."""
     from ..labels.raster import BadShape, polygons_rle
-    by_name = {n: i for i, n in enumerate(class_names)}
+    by_name: dict[str | None, int] = {n: i for i, n in enumerate(class_names)}
     by_lower = {n.lower(): i for i, n in reversed(list(enumerate(class_names)))}
     mask, problems = np.zeros((h, w), np.uint8), []
     for r in results if isinstance(results, list) else []:

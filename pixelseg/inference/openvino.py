@@ -249,6 +249,7 @@ def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str 
         ov_model = ov.convert_model(str(onnx_path))
         if int8:
             import nncf
+            assert calib is not None  # read above for int8
             data = nncf.Dataset([calib[i: i + 1].numpy() for i in range(len(calib))])
             names = resolve_ignored(ov_model, list(ignore)) if ignore else []
             scope = nncf.IgnoredScope(names=names, validate=False) if names else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,8 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     results, regions = [], []
     for f, img in progress_bar(list(zip(files, decoded, strict=True)), desc="predict", unit="img", enabled=progress):
         img = img if img is not None else read_input(f, runner.channels, exif_transpose=not keep_exif_grid)
-        entry = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(), "backend": runner.backend}
+        entry: dict[str, Any] = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(),
+                                 "backend": runner.backend}
         if mc:
             probs = _write_mc_maps(model, img, size, dev, amp, mc_samples, info, out / f.stem, entry)
         else:

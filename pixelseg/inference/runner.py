@@ -71,7 +71,7 @@ def tile_size(tile, train_size: tuple[int, int]) -> tuple[int, int] | None:
     if tile is None or tile is False:
         return None
     if tile is True or tile == "":
-        return tuple(train_size)
+        return train_size[0], train_size[1]  # a tuple, whatever sequence was given
     try:
         return size_hw(tile, "--tile")
     except PixelsegError:

@@ -100,9 +100,8 @@ class Scheduler:
     def _served(self, n: int, infer_s: float) -> None:
         """Update the cost per request after a forward pass of `n`: the time since the previous pass ended
         if requests were waiting all along (the throughput seen from the queue), else the pass alone."""
-        now = time.perf_counter()
-        busy = self._last_done is not None and self.slots > n
-        cost = (now - self._last_done if busy else infer_s) / n
+        now, last = time.perf_counter(), self._last_done
+        cost = (now - last if last is not None and self.slots > n else infer_s) / n
         self.per_request_s = 0.8 * self.per_request_s + 0.2 * cost
         self._last_done = now
 
@@ -171,6 +170,7 @@ class Scheduler:
             if self._batcher is None:
                 self._pending = asyncio.Queue()
                 self._batcher = asyncio.create_task(self._batch_loop())
+            assert self._pending is not None  # made with the batcher
             await self._pending.put((image, fut, deadline))
             mask, dt = await fut
             return mask, None, dt
@@ -186,16 +186,18 @@ class Scheduler:
         """The first waiting image and, for up to --batch-wait-ms, more (at most --max-batch). It waits only
         while admitted requests are still decoding and could join: a lone client never pays the wait."""
         loop = asyncio.get_running_loop()
-        jobs = [await self._pending.get()]
+        pending = self._pending
+        assert pending is not None  # the batcher that calls this came with its queue
+        jobs = [await pending.get()]
         until = loop.time() + self.limits.batch_wait_ms / 1000
         while len(jobs) < self.limits.max_batch:
-            if not self._pending.empty():  # already waiting: take it without a timeout (a 0 s wait_for never yields)
-                jobs.append(self._pending.get_nowait())
+            if not pending.empty():  # already waiting: take it without a timeout (a 0 s wait_for never yields)
+                jobs.append(pending.get_nowait())
                 continue
             if self.decoding == 0 or loop.time() >= until:
                 break
             try:
-                jobs.append(await asyncio.wait_for(self._pending.get(), until - loop.time()))
+                jobs.append(await asyncio.wait_for(pending.get(), until - loop.time()))
             except asyncio.TimeoutError:
                 break
         now, live = loop.time(), []
@@ -455,8 +457,9 @@ def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, 
     state.endpoints = set(ENDPOINTS)  # counted by name in /metrics; add-ons (the Label Studio backend) add theirs
     state.scheduler = Scheduler(engine, limits, state.metrics, infer_pool)
     app.add_middleware(CountRequests)
-    app.add_exception_handler(HTTPProblem, problem)
-    app.add_exception_handler(RequestValidationError, invalid)
+    # Starlette's stub wants handlers of any Exception; each is registered for its own class only
+    app.add_exception_handler(HTTPProblem, problem)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
     app.include_router(router)
     return app
 

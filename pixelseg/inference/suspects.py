@@ -23,7 +23,7 @@ class Suspect:
     bbox: list                 # x, y, w, h in pixels
     confidence: float          # mean p_suggested over the region
     margin: float              # mean p_suggested - p_given
-    crop: np.ndarray = field(repr=False, default=None)   # the region's pixels within its bbox
+    crop: np.ndarray | None = field(repr=False, default=None)   # the region's pixels within its bbox
 
     @property
     def mass(self) -> float:
@@ -168,11 +168,12 @@ def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int
             continue
         attrs = {"kind": r.kind, "given": src_names[r.given], "suggested": src_names[r.suggested]}
         x, y, bw, bh = r.bbox
-        crop = np.pad(r.crop, 1).astype(np.uint8)      # polygons of the crop, moved back into the image
-        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        crop = cv2.drawContours(np.zeros_like(crop), contours, -1, 1, -1) > 0
+        assert r.crop is not None  # find_suspects gives every region its crop
+        padded = np.pad(r.crop, 1).astype(np.uint8)    # polygons of the crop, moved back into the image
+        contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        filled = cv2.drawContours(np.zeros_like(padded), contours, -1, 1, -1) > 0
         offset = np.array([x - 1, y - 1])               # crop corner in the image, less the 1-pixel pad
-        for poly, comp in mask_polygons(crop, min_area=0):
+        for poly, comp in mask_polygons(filled, min_area=0):
             full = np.zeros((h, w), bool)
             full[y:y + bh, x:x + bw] = comp[1:-1, 1:-1]
             regions.append(Region(src_names[label], coco_rle_encode(full), r.confidence, [poly + offset],

@@ -86,6 +86,7 @@ def sliding_window(fn: LogitsFn, x: torch.Tensor, window: tuple[int, int], overl
         for j, (y, x0) in enumerate(chunk):
             out[:, :, y: y + wh, x0: x0 + ww] += probs[j * n: (j + 1) * n]
             norm[y: y + wh, x0: x0 + ww] += weight
+    assert out is not None  # the windows cover the image: at least one
     return out / norm
 
 
@@ -94,8 +95,8 @@ class Predictor:
 
     def __init__(self, fn: LogitsFn, train_size: tuple[int, int], tile: tuple[int, int] | None = None,
                  overlap: float = 0.25, tta: bool = False, batch_size: int = 8, device="cpu"):
-        self.train_size = tuple(train_size)
-        self.tile, self.overlap, self.tta = (tuple(tile) if tile else None), overlap, tta
+        self.train_size = (train_size[0], train_size[1])  # a tuple, whatever sequence was given
+        self.tile, self.overlap, self.tta = ((tile[0], tile[1]) if tile else None), overlap, tta
         self.batch_size, self.device = batch_size, torch.device(device)
         self.fn = flip_tta(fn) if tta else fn
 

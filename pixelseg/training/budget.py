@@ -70,6 +70,7 @@ class Pacer:
         self.t0 = clock() if t_start is None else t_start
         self.timing = dict(timing or {})
         self.cap_in_epochs = not cfg.iterations and bool(cfg.epochs)
+        self.cap: int | None
         if cfg.iterations:
             self.cap = int(cfg.iterations)
         elif cfg.epochs:
@@ -94,6 +95,8 @@ class Pacer:
         return self.used_before + self.clock() - self.t0
 
     def left(self) -> float:
+        """Seconds of the budget left (asked only under --time-budget)."""
+        assert self.budget is not None
         return self.budget * (1 - MARGIN) - self.elapsed()
 
     def add(self, what: str, seconds: float) -> None:
@@ -130,7 +133,8 @@ class Pacer:
                                 f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
                                 f"e.g. --time-budget {format_seconds(self.budget * 2)} (the budget counts the "
                                 "whole run, all sessions)")
-        if self.step_s is not None:  # the steps that fit what is left, from where the run stands
+        if self.step_s is not None and self.overhead_s is not None:  # measured together above: the steps that fit
+            # what is left, from where the run stands
             fit = state.global_step + steps_that_fit(self.left(), self.step_s, self.overhead_s, self.spe,
                                                      state.step_in_epoch)
         else:  # nothing measured yet: the rest of this epoch, re-estimated after PROBE_STEPS as in a new run
@@ -175,7 +179,11 @@ class Pacer:
 
     # ---- estimates ----
     def _respan(self, scheduler, global_step: int, in_epoch: int) -> None:
-        fit = global_step + steps_that_fit(self.left(), self.step_s, self.avg_overhead(), self.spe, in_epoch,
+        step_s, overhead_s = self.step_s, self.avg_overhead()
+        # called once a step time is measured; the epoch-end cost comes with it (the probe's guess, or the first
+        # epoch's, which is always validated)
+        assert step_s is not None and overhead_s is not None
+        fit = global_step + steps_that_fit(self.left(), step_s, overhead_s, self.spe, in_epoch,
                                            final_s=self.overhead_s)
         self.total = max(global_step + (1 if in_epoch else 0), min(fit, self.cap) if self.cap else fit)
         set_total_steps(scheduler, self.total)

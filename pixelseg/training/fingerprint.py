@@ -96,7 +96,8 @@ def _small(mask: np.ndarray, side: int = 256) -> np.ndarray:
     if max(h, w) <= side:
         return mask
     f = side / max(h, w)
-    return np.asarray(Image.fromarray(mask).resize((max(1, round(w * f)), max(1, round(h * f))), Image.NEAREST))
+    return np.asarray(Image.fromarray(mask).resize((max(1, round(w * f)), max(1, round(h * f))),
+                                                   Image.Resampling.NEAREST))
 
 
 def _tv(a: np.ndarray, b: np.ndarray) -> float:
@@ -177,6 +178,7 @@ def fingerprint(cfg: TrainConfig, max_images: int = MAX_SAMPLED, progress: bool 
     from ..data import dataset_info, dataset_options, get_dataset_module
     t0 = time.time()
     info = dataset_info(cfg.dataset, cfg.data_root, cfg.val_split, **dataset_options(cfg.to_dict()))
+    assert cfg.train_split is not None and cfg.val_split is not None  # resolve_config names them
     names, readers, sizes, paths = _samples(cfg, cfg.train_split)
     val_names = _samples(cfg, cfg.val_split)[0]
     k, ignore = info.num_classes, info.ignore_index
@@ -204,6 +206,7 @@ def fingerprint(cfg: TrainConfig, max_images: int = MAX_SAMPLED, progress: bool 
         counts += c / max(1, c.sum())  # each image weighs the same, whatever its size
         present += c > 0
     read_s = (time.time() - t_read) / max(1, len(picked))
+    assert csum is not None and csq is not None  # a split holds at least one image (the loaders refuse empty ones)
     mean = csum / npx
     std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
     return Fingerprint(
@@ -236,7 +239,9 @@ def name_groups(names: list[str]) -> tuple[str | None, str, dict]:
             matched += bool(m)
             groups[m.group(1) if m else n] = groups.get(m.group(1) if m else n, 0) + 1
             if m:
-                num = re.search(r"\d+$", n).group(0)
+                tail = re.search(r"\d+$", n)
+                assert tail is not None  # both patterns end in a number
+                num = tail.group(0)
                 widths.add(len(num))
                 padded |= len(num) > 1 and num.startswith("0")
         # most names follow the pattern, groups hold several names each, and the numbers are frame/tile

@@ -22,7 +22,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +37,18 @@ from ..core.logs import logger as log
 from ..core.logs import run_log
 from .config import TrainConfig
 
+if TYPE_CHECKING:
+    from ..data.protocol import SplitDataset
+
+    class _Part(SplitDataset, Protocol):
+        """A loaded split that a FoldSubset reads from: one with random access (ArrayDataset, FileDataset)."""
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+        def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+        def read_sample(self, i: int) -> tuple | None: ...  # (image, mask), or None when its files are unreadable
+
 # What every member of an ensemble must share: its classes and what it takes as input.
 
 
@@ -44,6 +58,7 @@ def pool_splits(cfg: TrainConfig) -> list[str]:
     if cfg.dataset == "shards":
         raise PixelsegError("--folds needs random access to the training pool; shards stream, so give the "
                             "dataset itself (e.g. --dataset folder) for cross-validation")
+    assert cfg.train_split is not None  # resolve_config names it
     if cfg.val_split != "val" or not _val_is_carved(cfg):
         return [cfg.train_split]
     return list(dict.fromkeys([cfg.train_split, "val"]))
@@ -61,7 +76,8 @@ def _val_is_carved(cfg: TrainConfig) -> bool:
         return "--val-fraction" in layout.source
     if isinstance(module, labelled.AnnotationFormat):
         o = labelled.options(module.OPTIONS, opts)
-        return "val" not in labelled.parse(cfg.dataset, module.read, cfg.data_root, o).splits()
+        root = Path(cfg.data_root) if cfg.data_root is not None else None
+        return "val" not in labelled.parse(cfg.dataset, module.read, root, o).splits()
     return False
 
 
@@ -98,6 +114,7 @@ def pool_folds(cfg: TrainConfig, load) -> tuple[dict, dict]:
     a split (listed, not decoded). A pool too small for K folds is a one-line error."""
     from ..data.base import CacheSpec
     k, splits = cfg.folds, pool_splits(cfg)
+    assert k is not None  # called for --folds K only
     keys = [(s, n) for s in splits for n in load(s, CacheSpec("none")).names]
     key, how = grouping(cfg)
     n_groups = len({key(n) for _, n in keys})
@@ -122,14 +139,16 @@ class FoldSubset(torch.utils.data.Dataset):
     data.protocol.SplitDataset over parts that are."""
     streamed = False
 
-    def __init__(self, parts: list[tuple[object, list[int]]]):
+    split_name: str  # what train.log calls it; set by fold_datasets
+
+    def __init__(self, parts: list[tuple[_Part, list[int]]]):
         self.parts = [(ds, idx) for ds, idx in parts if idx]
         self.index = [(p, i) for p, (_, idx) in enumerate(self.parts) for i in idx]
         self.info = parts[0][0].info
         self.names = [self.parts[p][0].names[i] for p, i in self.index]
         self.full_res = any(ds.full_res for ds, _ in self.parts)
         self.reads_files = any(ds.reads_files for ds, _ in self.parts)
-        self.transform = None
+        self.transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.images = _View(self, "images")
         self.masks = _View(self, "masks")
 
@@ -198,6 +217,7 @@ def fold_datasets(cfg: TrainConfig, load, train_spec, val_spec) -> tuple[FoldSub
     """train.py's hook for one fold (--folds K --fold I): (the other folds, fold I), each read as the
     train and val splits would be (`load(split, CacheSpec)`: crops of the source resolution for training)."""
     k, fold = cfg.folds, cfg.fold
+    assert fold is not None  # train.py comes here for --fold I
     if not k:
         raise PixelsegError(f"--fold {fold}: needs --folds K, the number of folds it is one of")
     if fold >= k:
@@ -274,6 +294,7 @@ def train_folds(overrides: dict, train_fn) -> dict:
     cfg = config.resolve_config(options)
     fold_of, about = pool_folds(cfg, _loader(cfg))  # too small for K folds: said before anything is made
     k, budget, t0 = cfg.folds, cfg.time_budget, time.time()
+    assert k is not None  # a folds run: --folds K, or recorded in the run it resumes
     make_output_dir(run_dir, "--resume" if resuming else "--run-dir")
     atomic_write_text(run_dir / MANIFEST, json.dumps({"folds": k, "options": options, "pool": about}, indent=1))
     # the whole cross-validation's recipe: `train --config RUN/config.yaml` runs it again

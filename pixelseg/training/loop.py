@@ -66,7 +66,9 @@ def _flip_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator)
 def _batches(loader) -> int:
     """Batches the loader yields: len() of a loader over streamed shards counts samples, not batches."""
     ds = getattr(loader, "dataset", None)
-    return ds.num_batches() if getattr(ds, "streamed", False) else len(loader)  # any loader: benchmarks' too
+    if ds is not None and getattr(ds, "streamed", False):
+        return ds.num_batches()
+    return len(loader)  # any loader: benchmarks' too
 
 
 @dataclass
@@ -212,6 +214,7 @@ def precise_bn(model, loader, n_batches: int, ctx: RunContext) -> None:
         m.momentum = mom
         if ctx.dist.enabled:  # every rank evaluates with the same statistics
             for buf in (m.running_mean, m.running_var):
+                assert buf is not None  # track_running_stats (filtered above) keeps both
                 all_reduce_sum(buf, ctx.dist).div_(ctx.dist.world_size)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -235,7 +236,7 @@ LOSSES: dict[str, type[_SegLoss]] = {"ce": CrossEntropyLoss, "dice": DiceLoss, "
 class WeightedSumLoss(nn.Module):
     """Σ factor_i · term_i(logits, target), as parsed from ``"ce:1.0+dice:0.5"``."""
 
-    def __init__(self, terms: dict[str, nn.Module], factors: dict[str, float]):
+    def __init__(self, terms: Mapping[str, nn.Module], factors: dict[str, float]):
         super().__init__()
         self.terms = nn.ModuleDict(terms)
         self.factors = dict(factors)
@@ -245,6 +246,7 @@ class WeightedSumLoss(nn.Module):
         for name, term in self.terms.items():
             value = self.factors[name] * term(logits, target)
             total = value if total is None else total + value
+        assert total is not None  # parse_loss_spec gives at least one term
         return total
 
     def extra_repr(self) -> str:

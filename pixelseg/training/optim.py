@@ -142,6 +142,7 @@ def set_total_steps(scheduler: LambdaLR, total_steps: int) -> None:
     """Re-span the schedule over ``total_steps`` optimiser steps (warm-up unchanged) and set the lr of the
     next step to the new curve. A total at or below the warm-up keeps one decay step after it."""
     for fn in scheduler.lr_lambdas:
+        assert isinstance(fn, LrSchedule)  # build_scheduler's
         fn.total_steps = max(int(total_steps), fn.warmup_steps + 1)
     step = max(scheduler.last_epoch, 0)
     for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):

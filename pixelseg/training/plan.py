@@ -254,7 +254,7 @@ def choose_loss(fp: Fingerprint) -> list[tuple[str, object, str]]:
     rare = [(f, n) for f, n in present if f < RARE_FREQ]
     lo, hi = min(present), max(present)
     ratio = hi[0] / lo[0]
-    out = []
+    out: list[tuple[str, object, str]] = []
     if rare:
         names = ", ".join(f"{n} {100 * f:.1f}%" for f, n in sorted(rare)[:4])
         out.append(("loss", "ce+dice", f"rare classes ({names} of the pixels): Dice scores every class by overlap, "
@@ -365,7 +365,7 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     """The recipe: fixed rules over the fingerprint and the probe; ``user`` options win and are recorded."""
     user = dict(user or {})
     given = budget_s is not None
-    budget = float(budget_s) if given else DEFAULT_BUDGET_S
+    budget = float(budget_s) if budget_s is not None else DEFAULT_BUDGET_S
     c: dict[str, Choice] = {}
 
     def put(key, value, reason):
@@ -432,7 +432,7 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     for key, value in user.items():  # the user's options win; the plan says what it would have done
         old = c.get(key)
         reason = "set by you" + (f" (the plan chose {_show(old.value)}: {old.reason})" if old else "")
-        c[key] = Choice(value, reason, overridden=bool(old) and _show(old.value) != _show(value))
+        c[key] = Choice(value, reason, overridden=old is not None and _show(old.value) != _show(value))
         if old and not c[key].overridden:
             c[key] = Choice(value, old.reason)
     return Plan(c, fp, machine, budget, given, epoch_s, notes)
@@ -563,7 +563,7 @@ def _median_object_scale(masks, num_classes: int, ignore: int, limit: int = 32) 
     sides = np.zeros((4, num_classes))
     for m in _even_sample(list(masks), limit):
         _mask_stats(_small(np.asarray(m, np.uint8)), num_classes, ignore, scales, sides)
-    known = [_weighted_median(s) for s in scales if s]
+    known = [w for w in map(_weighted_median, scales) if w is not None]  # None: a class with no objects
     return min(known) if known else None
 
 

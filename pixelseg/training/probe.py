@@ -135,7 +135,7 @@ def probe_machine(device: str = "auto", seconds: float = 2.0, zoom: tuple[float,
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     measured: dict = {}
     resized: dict = {}
-    weighed: dict = {}
+    weighed: dict[tuple[str, str], tuple[float, float]] = {}  # (model, backbone) -> activations_per_pixel
 
     def resize_s(src_hw, crop_hw):  # the training transform on a cached image of this size, best of 3
         if (src_hw, crop_hw) not in resized:
@@ -154,7 +154,8 @@ def probe_machine(device: str = "auto", seconds: float = 2.0, zoom: tuple[float,
     def train_gb(model, backbone, size_hw, batch):
         if (model, backbone) not in weighed:
             weighed[(model, backbone)] = activations_per_pixel(model, backbone)
-        return train_memory_gb(*weighed[(model, backbone)], size_hw, batch, str(amp or torch.float32))
+        act_per_px, params = weighed[(model, backbone)]
+        return train_memory_gb(act_per_px, params, size_hw, batch, str(amp or torch.float32))
 
     def speed(model, backbone, size_hw, batch):
         key = (model, backbone)

@@ -17,10 +17,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -53,12 +53,24 @@ from ..models.rewrites import optimize_for_training
 from . import config
 from .budget import Pacer
 from .config import TrainConfig
-from .loop import RunContext, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
+from .loop import RunContext, _batches, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .losses import build_loss, class_weights
 from .optim import build_optimizer, build_scheduler
 from .plan import plan_from_options, to_yaml, warn_recipe
 from .probe import Machine
 from .tracking import open_tracker
+
+if TYPE_CHECKING:
+    from ..data.protocol import SplitDataset
+
+    class _Split(SplitDataset, Protocol):
+        """What train reads of a split beyond data.protocol.SplitDataset (ArrayDataset, FileDataset, ShardDataset,
+        folds.FoldSubset)."""
+        transform: Any        # a per-sample transform, set on the training split
+        images: Any           # indexable: --in-channels other than 3 take their statistics from them
+        masks: Any            # indexable, where not streamed: the epoch figures' samples
+
+        def iter_masks(self) -> Iterator[np.ndarray]: ...
 
 
 def channel_stats(images) -> dict:
@@ -407,8 +419,8 @@ def _resolve_run(overrides: dict) -> tuple[TrainConfig, dict | None, Path]:
 
 @dataclass
 class RunData:
-    train_ds: object
-    val_ds: object
+    train_ds: _Split
+    val_ds: _Split
     train_sampler: torch.utils.data.DistributedSampler
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
@@ -434,10 +446,13 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     def load(split: str, spec: CacheSpec):
         return load_split(cfg.dataset, cfg.data_root, split, size, cfg.limit, spec, channels=channels,
                           **dataset_options(cfg.to_dict()))
+    train_ds: _Split
+    val_ds: _Split
     if cfg.fold is not None:  # one fold of --folds K: the other folds train, this one validates
         from .folds import fold_datasets
         train_ds, val_ds = fold_datasets(cfg, load, train_spec, val_spec)
     else:
+        assert cfg.train_split is not None and cfg.val_split is not None  # resolve_config names them
         train_ds, val_ds = load(cfg.train_split, train_spec), load(cfg.val_split, val_spec)
     # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
     # richer goes through the per-sample torchvision.transforms.v2 pipeline.
@@ -456,10 +471,10 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     for ds, n in ((train_ds, workers), (val_ds, val_workers)):
         if n > 0:  # files are read in the workers: they report skips
             ds.open_skip_channel()
-    kw = dict(dist=dist_info, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signal_in_worker)
-    train_loader, train_sampler = make_loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg.seed,
-                                              **kw)
-    val_loader, _ = make_loader(val_ds, max(per_rank_batch, 16), workers=val_workers, **kw)  # each sample once
+    loader = functools.partial(make_loader, dist=dist_info, pin_memory=ctx.device.type == "cuda",
+                               worker_init_fn=ignore_stop_signal_in_worker)
+    train_loader, train_sampler = loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg.seed)
+    val_loader, _ = loader(val_ds, max(per_rank_batch, 16), workers=val_workers)  # each sample once
     # Spread over the split and its classes (the first images are often one breed or consecutive frames);
     # streamed shards have no random access: their first samples.
     if not cfg.figure_samples:
@@ -468,7 +483,7 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
         figure_idx = viz.pick_samples(val_ds.masks, cfg.figure_samples, val_ds.info.num_classes)
     else:
         figure_idx = list(range(min(cfg.figure_samples, len(val_ds))))
-    micro_per_epoch = train_ds.num_batches() if train_ds.streamed else len(train_loader)
+    micro_per_epoch = _batches(train_loader)  # streamed shards: from their index
     return RunData(train_ds, val_ds, train_sampler, train_loader, val_loader, flip_in_loop, full_res, workers,
                    figure_idx, micro_per_epoch)
 
@@ -498,7 +513,7 @@ def _input_norm(cfg: TrainConfig, data: RunData, ckpt: dict | None) -> dict:
 def _build_model(cfg: TrainConfig, info, ctx: RunContext, norm: dict | None = None):
     """(model_without_ddp, model (DDP-wrapped under torchrun), forward (compiled with --compile), log notes)."""
     notes = []
-    arch_options = {} if cfg.output_stride is None else {"output_stride": cfg.output_stride}
+    arch_options: dict[str, Any] = {} if cfg.output_stride is None else {"output_stride": cfg.output_stride}
     model = create_model(cfg.model, backbone=cfg.backbone, num_classes=info.num_classes, weights=cfg.weights,
                          in_channels=cfg.in_channels, **(norm or {}), **arch_options)
     if norm and cfg.in_channels != 3:
@@ -533,11 +548,12 @@ def _build_model(cfg: TrainConfig, info, ctx: RunContext, norm: dict | None = No
                                 "--freeze-bn or a larger per-process batch")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
+    wrapped: torch.nn.Module = model
     if ctx.dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
+        wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    forward = torch.compile(model) if cfg.compile else model
-    return model_without_ddp, model, forward, notes
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
+    return model_without_ddp, wrapped, forward, notes
 
 
 def _open_run_dir(run_dir: Path, ctx: RunContext, resuming: bool = False) -> None:
@@ -627,7 +643,7 @@ def _skipped_files(data: RunData, dist_info: DistInfo) -> list[str]:
     for ds in (data.train_ds, data.val_ds):
         mine += ds.collect_skipped()
     if dist_info.enabled:
-        everyone = [None] * dist_info.world_size
+        everyone: list[list[str]] = [[] for _ in range(dist_info.world_size)]  # filled by all_gather_object
         torch.distributed.all_gather_object(everyone, mine)
         mine = [name for part in everyone for name in part]
     return list(dict.fromkeys(mine))
@@ -660,7 +676,8 @@ def _finish(run_dir: Path, cfg: TrainConfig, state: TrainState, data: RunData, d
 
 # ---- checkpoints, files and figures ------------------------------------------------------------------
 def _rng_state() -> dict:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default: the MT19937 tuple
+    assert isinstance(np_state, tuple)
     state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": int(np_state[2]), "python": repr(random.getstate())}
     if torch.cuda.is_available():
