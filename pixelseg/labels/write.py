@@ -125,7 +125,7 @@ def mask_polygons(binary: np.ndarray, min_area: int = MIN_AREA) -> list[tuple[np
 
 
 def image_regions(image: Path, mask: np.ndarray, top: np.ndarray, class_names: list[str], uncertainty: float,
-                  shapes: str = "polygon", min_area: int = MIN_AREA) -> ImageRegions:
+                  shapes: str | None = "polygon", min_area: int = MIN_AREA) -> ImageRegions:
     """The regions of one predicted mask (H×W class ids), scored with `top` (H×W top-class probability);
     `uncertainty` is the image's mean per-pixel entropy in nats (softmax, or MC dropout's predictive);
     `shapes=None`: only the scores (for a ranking without pre-annotations)."""
