@@ -12,6 +12,7 @@ def __getattr__(name):
     # Lazy, so `import pixelseg` (and `pixelseg --help`) stays fast and does not import torch.
     if name in ("create_model", "list_models"):
         from . import models
+
         return getattr(models, name)
     raise AttributeError(name)
 

@@ -1,4 +1,5 @@
 """torchrun/DDP plumbing without a framework: read the env torchrun sets, pick nccl or gloo."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,7 @@ def _elastic_store(timeout: timedelta):
     Connection refused"). A prefix per TORCHELASTIC_RESTART_COUNT keeps the attempts apart."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"/pixelseg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -99,8 +99,10 @@ def check_same_config(cfg: dict, info: DistInfo) -> None:
                 diffs.append((key, everyone[0].get(key), rank, other.get(key)))
     if diffs:
         said = "; ".join(f"{k}: rank 0 {a}, rank {r} {b}" for k, a, r, b in diffs[:6])
-        raise PixelsegError(f"the processes of this run were started with different configs ({said}); start "
-                            "every node with the same flags, config file and --data-root")
+        raise PixelsegError(
+            f"the processes of this run were started with different configs ({said}); start "
+            "every node with the same flags, config file and --data-root"
+        )
 
 
 class RankSampler(torch.utils.data.Sampler):
@@ -123,9 +125,11 @@ def check_batch(batch_size: int, world: int, accumulate: int) -> int:
         raise PixelsegError(f"--accumulate {accumulate}: must be >= 1")
     denom = world * accumulate
     if batch_size % denom:
-        raise PixelsegError(f"--batch-size {batch_size} is the global batch and must divide by world size "
-                            f"{world} × --accumulate {accumulate} = {denom}; "
-                            f"try {max(denom, batch_size // denom * denom)}")
+        raise PixelsegError(
+            f"--batch-size {batch_size} is the global batch and must divide by world size "
+            f"{world} × --accumulate {accumulate} = {denom}; "
+            f"try {max(denom, batch_size // denom * denom)}"
+        )
     return batch_size // denom
 
 

@@ -57,8 +57,7 @@ def data_home() -> Path:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PixelsegError(
-            f"cannot create data directory {home} ({_reason(exc)}); "
-            "set PIXELSEG_DATA to a writable directory"
+            f"cannot create data directory {home} ({_reason(exc)}); set PIXELSEG_DATA to a writable directory"
         ) from None
     return home
 
@@ -90,8 +89,7 @@ def _reason(exc: BaseException) -> str:
 
 def _one_line(exc: BaseException) -> str:
     """tarfile lists every method it tried on separate lines; errors here must be one line."""
-    return "; ".join(line.strip(" -:") for line in str(exc).splitlines() if line.strip()) \
-        or type(exc).__name__
+    return "; ".join(line.strip(" -:") for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -100,12 +98,10 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     span, _, total = value[6:].partition("/")
     start = span.split("-", 1)[0]
-    return (int(start) if start.isdigit() else None,
-            int(total) if total.isdigit() else None)
+    return (int(start) if start.isdigit() else None, int(total) if total.isdigit() else None)
 
 
-def _fetch(url: str, part: Path, timeout: float, progress: bool, desc: str,
-           allow_resume: bool) -> None:
+def _fetch(url: str, part: Path, timeout: float, progress: bool, desc: str, allow_resume: bool) -> None:
     """Fill ``part`` with the body of ``url``, appending to it when the server honours Range.
 
     Raises OSError/URLError/HTTPException on network trouble (the caller rewords them) and
@@ -144,10 +140,18 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, desc: str,
             total = int(length) if length and length.isdigit() else None
 
         received = offset
-        with open(part, mode) as fh, tqdm(
-            total=total, initial=offset, desc=desc, unit="B", unit_scale=True,
-            unit_divisor=1024, disable=not progress,
-        ) as bar:
+        with (
+            open(part, mode) as fh,
+            tqdm(
+                total=total,
+                initial=offset,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                disable=not progress,
+            ) as bar,
+        ):
             while block := response.read(_CHUNK):
                 fh.write(block)
                 received += len(block)
@@ -157,8 +161,7 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, desc: str,
         raise http.client.IncompleteRead(b"", total - received)
 
 
-def download_file(url: str, dest: Path, md5: str | None = None, timeout: float = 15,
-                  progress: bool = True) -> Path:
+def download_file(url: str, dest: Path, md5: str | None = None, timeout: float = 15, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify ``md5``, return ``dest``.
 
     ``md5`` may also be a sha1 or sha256 hex digest (told apart by length).
@@ -181,7 +184,8 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
         raise DownloadError(
             f"could not download {url} ({reason}). Check the network and run again "
             f"(it resumes), or download it by hand and save it as {dest}",
-            url=url, reason=reason,
+            url=url,
+            reason=reason,
         ) from None
 
     if md5 is not None:
@@ -230,26 +234,21 @@ def extract_archive(archive: Path, dest_dir: Path) -> Path:
     if not archive.is_file():
         raise PixelsegError(f"archive {archive} does not exist")
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".extracting",
-                                dir=dest_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".extracting", dir=dest_dir.parent))
     try:
         try:
             _unpack(archive, tmp)
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error,
-                gzip.BadGzipFile) as exc:
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise PixelsegError(
                 f"cannot extract {archive} ({_one_line(exc)}): it is corrupt, "
                 "incomplete or not a tar/zip archive; delete it and download it again"
             ) from None
         except OSError as exc:  # disk full, permissions: the archive may be fine
-            raise PixelsegError(
-                f"cannot extract {archive} into {dest_dir.parent} ({_reason(exc)})"
-            ) from None
+            raise PixelsegError(f"cannot extract {archive} into {dest_dir.parent} ({_reason(exc)})") from None
         if not dest_dir.exists():
             os.replace(tmp, dest_dir)
             return dest_dir
-        trash = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".old",
-                                      dir=dest_dir.parent))
+        trash = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".old", dir=dest_dir.parent))
         try:
             for entry in tmp.iterdir():
                 target = dest_dir / entry.name

@@ -1,6 +1,7 @@
 """Files and output directories: atomic writes (temp file beside the target, fsync, os.replace - a kill
 at any moment leaves the old file or the new one, never a truncated one) and output directories that are
 checked before any work and created with a write probe. Used for checkpoints, metrics, figures, exports."""
+
 from __future__ import annotations
 
 import contextlib
@@ -55,11 +56,12 @@ def remove_stale_temps(folder: Path, base: str) -> None:
     a writer killed mid-way (SIGKILL, power) left behind. A running writer's temps are kept."""
     import glob
     import shutil
+
     folder = Path(folder)
     if not folder.is_dir():
         return
     for p in folder.glob(glob.escape(base) + "*"):
-        pid = p.name[len(base):].split("-", 1)[0]
+        pid = p.name[len(base) :].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
         if p.is_dir() and not p.is_symlink():
@@ -92,16 +94,19 @@ def check_output_dir(path, flag: str) -> Path:
     or a parent we may not write in. Creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise PixelsegError(f"{flag} {path}: a file with that name exists; {flag} names a directory, so choose "
-                            "another name or move the file")
+        raise PixelsegError(
+            f"{flag} {path}: a file with that name exists; {flag} names a directory, so choose "
+            "another name or move the file"
+        )
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise PixelsegError(f"{flag} {path}: {existing} is a file, so no directory can be made under it")
     if existing != path and not os.access(existing, os.W_OK | os.X_OK):
-        raise PixelsegError(f"{flag} {path}: no permission to create it in {existing}; choose a directory you "
-                            "can write to")
+        raise PixelsegError(
+            f"{flag} {path}: no permission to create it in {existing}; choose a directory you can write to"
+        )
     return path
 
 
@@ -123,8 +128,10 @@ def make_output_dir(path, flag: str) -> Path:
         for d in missing:  # deepest first: nothing half-made is left behind
             with contextlib.suppress(OSError):
                 d.rmdir()
-        raise PixelsegError(f"{flag} {path}: cannot create or write there ({exc.strerror or exc}); choose a "
-                            "directory on a writable file system") from None
+        raise PixelsegError(
+            f"{flag} {path}: cannot create or write there ({exc.strerror or exc}); choose a "
+            "directory on a writable file system"
+        ) from None
     return path
 
 

@@ -1,5 +1,6 @@
 """What counts as an image file, and which way up a photo is: shared by the dataset readers, the
 annotation-format readers and prediction, so all of them agree."""
+
 from __future__ import annotations
 
 from PIL import Image

@@ -4,6 +4,7 @@ Messages go to the "pixelseg" logger (stderr, INFO and up; warnings prefixed "wa
 training run adds its ``train.log`` file for the run's duration (rank 0 only; other ranks show
 warnings only). Set ``logging.getLogger("pixelseg").propagate = True`` to route them elsewhere.
 """
+
 from __future__ import annotations
 
 import contextlib

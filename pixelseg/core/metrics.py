@@ -3,6 +3,7 @@
 Averaging per-batch IoUs is biased (small batches, absent classes); summing the confusion matrix
 first and computing the scores once is what the papers (FCN, SegNet, DeepLab) report.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ either vanish (tqdm's disable=None) or fill the file with carriage returns, so t
 written as a plain line at most every `every_s` seconds, plus a final line - a long epoch or a
 full-resolution evaluation is never silent for minutes, and a log stays readable.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,12 +34,32 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", enabled: bool = True,
-             every_s: float = LOG_EVERY_S, stream=None, **kwargs) -> tqdm:
+def progress(
+    iterable=None,
+    *,
+    total=None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    every_s: float = LOG_EVERY_S,
+    stream=None,
+    **kwargs,
+) -> tqdm:
     stream = stream or sys.stderr
     if not enabled:
         return tqdm(iterable, total=total, disable=True)
     if getattr(stream, "isatty", lambda: False)():
         return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, leave=False, **kwargs)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=_Lines(stream), leave=True, ascii=True,
-                mininterval=every_s, maxinterval=every_s, ncols=100, **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=_Lines(stream),
+        leave=True,
+        ascii=True,
+        mininterval=every_s,
+        maxinterval=every_s,
+        ncols=100,
+        **kwargs,
+    )

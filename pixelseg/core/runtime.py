@@ -3,6 +3,7 @@
 The fast path is the default where it is safe: channels_last everywhere, bf16 autocast on CPUs with
 native bf16 (AVX-512-BF16/AMX) and on CUDA, fp32 elsewhere.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,11 +50,13 @@ def tune_malloc() -> str:
     if os.environ.get("PIXELSEG_MALLOC", "").lower() == "system":
         return "system default (PIXELSEG_MALLOC=system)"
     if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) or any(
-            name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")
+    ):
         return "left as configured (MALLOC_*/GLIBC_TUNABLES/LD_PRELOAD set)"
     import ctypes
     import ctypes.util
     import platform
+
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "system default (not glibc)"
     try:

@@ -1,4 +1,5 @@
 """Figures people would rather see than read: prediction grids, overlays, curves, confusion matrices."""
+
 from __future__ import annotations
 
 import io
@@ -19,7 +20,7 @@ from .metrics import IGNORE_INDEX
 
 IGNORE_COLOR = (255, 0, 255)  # magenta: no dataset palette uses it, so "ignored" stands out
 IGNORE_LABEL = "ignored"
-LEGEND_EDGE = "#404040"       # outline of legend swatches: a white or pale class stays visible
+LEGEND_EDGE = "#404040"  # outline of legend swatches: a white or pale class stays visible
 
 
 def rgb_view(image: np.ndarray, bands=None) -> np.ndarray:
@@ -36,6 +37,7 @@ def rgb_view(image: np.ndarray, bands=None) -> np.ndarray:
         bands = bands * 3
     if len(bands) != 3 or not all(0 <= b < c for b in bands):
         from .errors import PixelsegError
+
         raise PixelsegError(f"--rgb-bands {','.join(map(str, bands))}: need 1 or 3 band indices in 0..{c - 1}")
     out = image[..., bands].astype(np.float32)
     lo = np.percentile(out, 2, axis=(0, 1), keepdims=True)
@@ -62,7 +64,7 @@ def pick_samples(masks, n: int, num_classes: int) -> list[int]:
     for row, i in enumerate(cand):
         counts = np.bincount(np.asarray(masks[i]).ravel(), minlength=256)[:num_classes]
         present[row] = counts > 0
-    rarity = 1.0 / np.maximum(present.sum(0), 1)          # a class few images show is worth more
+    rarity = 1.0 / np.maximum(present.sum(0), 1)  # a class few images show is worth more
     chosen: list[int] = []
     covered = np.zeros(num_classes, bool)
     for _ in range(min(n, len(cand))):
@@ -70,8 +72,8 @@ def pick_samples(masks, n: int, num_classes: int) -> list[int]:
         if chosen:
             spread = np.min(np.abs(cand[:, None] - cand[chosen][None, :]), axis=1) / max(total, 1)
         else:
-            spread = 1.0 - np.abs(cand - (total - 1) / 2) / max(total, 1)   # start mid-split, then spread out
-        score = gain * 10 + spread                            # classes first, distance breaks ties
+            spread = 1.0 - np.abs(cand - (total - 1) / 2) / max(total, 1)  # start mid-split, then spread out
+        score = gain * 10 + spread  # classes first, distance breaks ties
         score[chosen] = -np.inf
         best = int(np.argmax(score))
         chosen.append(best)
@@ -80,12 +82,15 @@ def pick_samples(masks, n: int, num_classes: int) -> list[int]:
 
 
 def legend_handles(class_names, palette, with_ignore: bool = False):
-    handles = [matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in c), edgecolor=LEGEND_EDGE, label=nm)
-               for nm, c in zip(class_names, palette, strict=False)]
+    handles = [
+        matplotlib.patches.Patch(facecolor=tuple(v / 255 for v in c), edgecolor=LEGEND_EDGE, label=nm)
+        for nm, c in zip(class_names, palette, strict=False)
+    ]
     if with_ignore:
         r, g, b = IGNORE_COLOR
-        handles.append(matplotlib.patches.Patch(facecolor=(r / 255, g / 255, b / 255), edgecolor=LEGEND_EDGE,
-                                                label=IGNORE_LABEL))
+        handles.append(
+            matplotlib.patches.Patch(facecolor=(r / 255, g / 255, b / 255), edgecolor=LEGEND_EDGE, label=IGNORE_LABEL)
+        )
     return handles
 
 
@@ -129,15 +134,18 @@ def _save_fig(fig, path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def prediction_grid(images, true_masks, pred_masks, palette, path: Path, title: str = "",
-                    class_names=None) -> None:
+def prediction_grid(images, true_masks, pred_masks, palette, path: Path, title: str = "", class_names=None) -> None:
     """Rows of input | true mask | predicted mask (the tutorial's DisplayCallback, saved)."""
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
     for i in range(n):
-        for j, (arr, name) in enumerate([(images[i], "Input image"),
-                                         (colorize(true_masks[i], palette), "True mask"),
-                                         (colorize(pred_masks[i], palette), "Predicted mask")]):
+        for j, (arr, name) in enumerate(
+            [
+                (images[i], "Input image"),
+                (colorize(true_masks[i], palette), "True mask"),
+                (colorize(pred_masks[i], palette), "Predicted mask"),
+            ]
+        ):
             axes[i, j].imshow(arr, interpolation="nearest")
             axes[i, j].axis("off")
             if i == 0:
@@ -145,8 +153,14 @@ def prediction_grid(images, true_masks, pred_masks, palette, path: Path, title: 
     if class_names:
         ignored = any(bool((np.asarray(m) >= len(palette)).any()) for m in true_masks)
         handles = legend_handles(class_names, palette, with_ignore=ignored)
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=True,
-                   facecolor="#e6e6e6", edgecolor="none")
+        fig.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=min(len(handles), 6),
+            frameon=True,
+            facecolor="#e6e6e6",
+            edgecolor="none",
+        )
     if title:
         fig.suptitle(title)
     _save_fig(fig, path)
@@ -185,8 +199,15 @@ def confusion_figure(mat: np.ndarray, class_names, path: Path, title: str = "") 
     if k <= 16:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true-class pixels")
     ax.set_title(title or "Confusion matrix (row-normalised)")
     _save_fig(fig, path)
@@ -233,8 +254,13 @@ def grey_png(arr: np.ndarray, compress_level: int = 6) -> bytes:
 
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level))
+        + chunk(b"IEND", b"")
+    )
 
 
 def save_index_png(mask: np.ndarray, palette, path: Path) -> None:

@@ -7,6 +7,7 @@ shards (shards.py reads, shards_write.py writes). Imports core/ and labels/ only
 evaluate and predict alike; `iter_full_res` serves the same split at each image's own resolution
 (evaluate --full-res).
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -63,8 +64,9 @@ def _check_options(name: str, kwargs: dict) -> dict:
     if wrong:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         users = [n for n, m in DATASETS.items() if set(wrong) <= set(getattr(m, "OPTIONS", {}))]
-        raise PixelsegError(f"{flags}: not an option of --dataset {name}"
-                            + (f" (only of {', '.join(users)})" if users else ""))
+        raise PixelsegError(
+            f"{flags}: not an option of --dataset {name}" + (f" (only of {', '.join(users)})" if users else "")
+        )
     return given
 
 
@@ -72,19 +74,29 @@ def _check_channels(name: str, channels: int) -> dict:
     if channels == 3:
         return {}
     if name != "folder":
-        raise PixelsegError(f"--in-channels {channels}: only --dataset folder reads images with other than 3 "
-                            f"channels ({name} is RGB)")
+        raise PixelsegError(
+            f"--in-channels {channels}: only --dataset folder reads images with other than 3 channels ({name} is RGB)"
+        )
     return {"channels": channels}
 
 
-def load_split(name: str, root: str | Path | None, split: str, image_size, limit: int | None = None,
-               use_cache: CacheArg = True, channels: int = 3, **kwargs) -> ArrayDataset:
+def load_split(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    image_size,
+    limit: int | None = None,
+    use_cache: CacheArg = True,
+    channels: int = 3,
+    **kwargs,
+) -> ArrayDataset:
     image_size = size_hw(image_size)
     options = {**_check_options(name, kwargs), **_check_channels(name, channels)}
     if root and name != "shards":  # shard roots may be URLs, which Path would mangle
         root = Path(root)
-    ds = get_dataset_module(name).load(root or None, split, tuple(image_size), limit=limit,
-                                       use_cache=use_cache, **options)
+    ds = get_dataset_module(name).load(
+        root or None, split, tuple(image_size), limit=limit, use_cache=use_cache, **options
+    )
     if len(ds) == 0:
         raise PixelsegError(f"dataset {name} split {split!r} at {root} has no usable samples")
     return ds
@@ -102,8 +114,16 @@ def dataset_info(name: str, root, split: str | None = None, **kwargs) -> Dataset
     return module.INFO
 
 
-def iter_full_res(name: str, root, split: str, image_size, limit: int | None = None, skipped: list | None = None,
-                  channels: int = 3, **kwargs):
+def iter_full_res(
+    name: str,
+    root,
+    split: str,
+    image_size,
+    limit: int | None = None,
+    skipped: list | None = None,
+    channels: int = 3,
+    **kwargs,
+):
     """Yield (name, image uint8 H×W×3, target uint8 H×W class ids) at each file's own resolution.
 
     One image is decoded ahead on a thread while the caller runs the model; nothing else is held,
@@ -111,6 +131,7 @@ def iter_full_res(name: str, root, split: str, image_size, limit: int | None = N
     appended to `skipped`. Datasets without files (synthetic) yield their arrays as they are.
     """
     from .io import UnreadableImage, read_input
+
     options = _check_options(name, kwargs)
     _check_channels(name, channels)
     module = get_dataset_module(name)

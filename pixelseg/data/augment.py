@@ -51,8 +51,6 @@ class _RandomResize(v2.RandomResize):
         return super().transform(inpt, params)
 
 
-
-
 class JointTransform:
     """Callable ``(image uint8 3×H×W, mask H×W) -> (image uint8 3×h×w, mask int64 h×w)``."""
 
@@ -75,9 +73,16 @@ class JointTransform:
         return f"{type(self).__name__}({self.pipeline!r}, ignore_index={self.ignore_index})"
 
 
-def build_train_transform(image_size: int | tuple[int, int] | None, *, scale: tuple[float, float] | None = None,
-                          crop: bool = False, hflip: bool = True, vflip: bool = False,
-                          color_jitter: float = 0.0, ignore_index: int = IGNORE_INDEX) -> Callable:
+def build_train_transform(
+    image_size: int | tuple[int, int] | None,
+    *,
+    scale: tuple[float, float] | None = None,
+    crop: bool = False,
+    hflip: bool = True,
+    vflip: bool = False,
+    color_jitter: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> Callable:
     """Training augmentation (see module docstring). ``image_size`` None keeps the input size, which
     only combines with flips and colour jitter. An int means a square ``(n, n)``."""
     steps: list[v2.Transform] = []
@@ -92,13 +97,11 @@ def build_train_transform(image_size: int | tuple[int, int] | None, *, scale: tu
         min_side = max(1, round(lo * base))
         max_side = max(min_side, round(hi * base))
         # RandomResize draws from [min_size, max_size): +1 makes hi inclusive.
-        steps.append(_RandomResize(min_side, max_side + 1, interpolation=v2.InterpolationMode.BILINEAR,
-                                 antialias=True))
+        steps.append(_RandomResize(min_side, max_side + 1, interpolation=v2.InterpolationMode.BILINEAR, antialias=True))
     if crop:
         if size is None:
             raise PixelsegError("--crop needs --image-size (the crop size)")
-        steps.append(v2.RandomCrop(size, pad_if_needed=True,
-                                   fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}))
+        steps.append(v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}))
     elif size is not None:
         steps.append(_Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True))
     if hflip:

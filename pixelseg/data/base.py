@@ -11,6 +11,7 @@ shapes). It is written into a temporary directory and renamed into place, under 
 the first process decodes, the others wait and then read the same files; a half-written store is never
 visible under the final name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,7 @@ from ..core.logs import logger as log
 from ..core.metrics import IGNORE_INDEX
 from .io import UnreadableImage, _open, read_image, read_mask
 
-CACHE_VERSION = 2          # meta.json "version"; a store of another version is decoded again and replaced
+CACHE_VERSION = 2  # meta.json "version"; a store of another version is decoded again and replaced
 CACHE_MODES = ("mmap", "memory", "none")
 
 # A per-sample training transform: (image uint8 3×H×W, mask H×W) -> the same pair, transformed.
@@ -57,8 +58,12 @@ class DatasetInfo:
         return len(self.class_names)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "class_names": list(self.class_names),
-                "palette": [list(c) for c in self.palette], "ignore_index": self.ignore_index}
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "palette": [list(c) for c in self.palette],
+            "ignore_index": self.ignore_index,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> DatasetInfo:
@@ -83,6 +88,7 @@ class CacheSpec:
     """How a split is held: `mode` (mmap | memory | none) and at which resolution. `full_res` keeps each
     image's source size (capped so the longer side is at most `max_side`) for random scale + crop in
     the training transform; otherwise every sample is resized to the requested image size."""
+
     mode: str = "mmap"
     full_res: bool = False
     max_side: int | None = None
@@ -114,8 +120,10 @@ def cache_spec(use_cache: CacheArg) -> CacheSpec:
 def _pread_into(fd: int, arr: np.ndarray, offset: int, path: Path) -> None:
     n = os.preadv(fd, [arr], offset)  # type: ignore[list-item]  # numpy's stub gives ndarray __buffer__ only on 3.12+
     if n != arr.nbytes:
-        raise PixelsegError(f"{path}: decode cache is shorter than its meta.json says (changed while in use?); "
-                            "delete the directory and run again")
+        raise PixelsegError(
+            f"{path}: decode cache is shorter than its meta.json says (changed while in use?); "
+            "delete the directory and run again"
+        )
 
 
 class DiskStore:
@@ -142,8 +150,11 @@ class DiskStore:
 
     def _fd(self, which: str) -> int:
         if self._fds is None or self._fds[0] != os.getpid():  # a forked DataLoader worker opens its own
-            self._fds = (os.getpid(), os.open(self.path("images"), os.O_RDONLY),
-                         os.open(self.path("masks"), os.O_RDONLY))
+            self._fds = (
+                os.getpid(),
+                os.open(self.path("images"), os.O_RDONLY),
+                os.open(self.path("masks"), os.O_RDONLY),
+            )
         return self._fds[1] if which == "images" else self._fds[2]
 
     def _shape(self, which: str, i: int) -> tuple:
@@ -208,6 +219,7 @@ class _LazySamples:
 class ArrayDataset(torch.utils.data.Dataset):
     """images N×H×W×3 uint8, masks N×H×W uint8 (or sequences of arrays when sizes differ); with `store`
     the arrays live in the on-disk decode cache and batches are read from it."""
+
     images: np.ndarray | list
     masks: np.ndarray | list
     names: list[str]
@@ -215,8 +227,8 @@ class ArrayDataset(torch.utils.data.Dataset):
     skipped: list[str] = field(default_factory=list)
     transform: Transform | None = None  # applied per sample
     store: DiskStore | None = None
-    full_res: bool = False    # samples keep their source sizes: a transform must crop/resize them
-    streamed: ClassVar[bool] = False   # data.protocol.SplitDataset
+    full_res: bool = False  # samples keep their source sizes: a transform must crop/resize them
+    streamed: ClassVar[bool] = False  # data.protocol.SplitDataset
     reads_files: ClassVar[bool] = False
 
     def __len__(self) -> int:
@@ -249,8 +261,10 @@ class ArrayDataset(torch.utils.data.Dataset):
         (DataLoader uses this)."""
         if self.transform is None:
             if self.store is not None and self.store.fixed:
-                return (torch.from_numpy(self.store.read_batch("images", indices)).permute(0, 3, 1, 2),
-                        torch.from_numpy(self.store.read_batch("masks", indices)).long())
+                return (
+                    torch.from_numpy(self.store.read_batch("images", indices)).permute(0, 3, 1, 2),
+                    torch.from_numpy(self.store.read_batch("masks", indices)).long(),
+                )
             if self.store is None and isinstance(self.images, np.ndarray):
                 idx = np.asarray(indices)
                 return torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2), torch.from_numpy(self.masks[idx]).long()
@@ -279,12 +293,14 @@ class SkipReport:
     in the workers' copies of the dataset: `open_skip_channel()` (before the loader starts its workers)
     gives them a multiprocessing Manager list to report through, and `collect_skipped()` reads it back.
     A Manager rather than a Queue: a pipe nobody drains until the end would block a worker once full."""
-    skipped: list[str]         # set by the subclass
+
+    skipped: list[str]  # set by the subclass
     _skip_channel: Any = None  # a Manager list proxy once opened
 
     def open_skip_channel(self) -> None:
         if self._skip_channel is None:
             import multiprocessing
+
             self._skip_manager = multiprocessing.Manager()
             self._skip_channel = self._skip_manager.list()
 
@@ -316,6 +332,7 @@ class FileDataset(SkipReport, torch.utils.data.Dataset):
     """`--cache none`: nothing is decoded up front; each sample is read from its files when a DataLoader
     worker asks for it (same reader, same resize, so the same arrays as the cached modes). Unreadable
     files are skipped from their batch, reported by the process that meets them, and counted there."""
+
     streamed, reads_files = False, True  # data.protocol.SplitDataset
 
     def __init__(self, samples: Sequence[Sample], reader, info: DatasetInfo, size, max_side=None, full_res=False):
@@ -390,8 +407,10 @@ def check_same_size(mask, image_name: str | None, image_wh: tuple[int, int], mas
     the mask (``image_name`` None: the pair has one name, e.g. a shard sample)."""
     if tuple(image_wh) != tuple(mask_wh):
         image = f"its image {image_name}" if image_name is not None else "the image"
-        raise PixelsegError(f"{mask}: mask is {mask_wh[0]}×{mask_wh[1]} but {image} is "
-                            f"{image_wh[0]}×{image_wh[1]}; image and mask must have the same size")
+        raise PixelsegError(
+            f"{mask}: mask is {mask_wh[0]}×{mask_wh[1]} but {image} is "
+            f"{image_wh[0]}×{image_wh[1]}; image and mask must have the same size"
+        )
 
 
 def fit_size(hw: tuple[int, int], size, max_side: int | None):
@@ -412,6 +431,7 @@ class LabelReader:
     `label_map`: uint8 lookup table applied to raw mask values (e.g. trimap 1..3 -> 0..2).
     `valid_values`: raw mask values that are allowed; anything else is an error naming the file.
     A plain dataclass so that DataLoader workers can receive it (`--cache none`)."""
+
     label_map: np.ndarray | None = None
     valid_values: tuple | None = None
 
@@ -425,8 +445,10 @@ class LabelReader:
         if self.valid_values is not None:
             bad = np.setdiff1d(np.unique(mask), self.valid_values)
             if bad.size:
-                raise PixelsegError(f"{s.mask}: mask values {bad.tolist()} are outside the expected "
-                                    f"{list(self.valid_values)}; is this the right dataset/annotation folder?")
+                raise PixelsegError(
+                    f"{s.mask}: mask values {bad.tolist()} are outside the expected "
+                    f"{list(self.valid_values)}; is this the right dataset/annotation folder?"
+                )
         if self.label_map is not None:
             mask = self.label_map[mask]
         return img, mask
@@ -460,8 +482,16 @@ def _cache_key(samples: Sequence[Sample], size, extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build_split(samples: Sequence[Sample], reader, info: DatasetInfo, size, use_cache: CacheArg = True,
-                key_extra: str = "", desc: str = "decoding", workers: int | None = None):
+def build_split(
+    samples: Sequence[Sample],
+    reader,
+    info: DatasetInfo,
+    size,
+    use_cache: CacheArg = True,
+    key_extra: str = "",
+    desc: str = "decoding",
+    workers: int | None = None,
+):
     """The one path every file-backed dataset goes through: `reader(sample, size, max_side) -> (image,
     mask)` (raising UnreadableImage to skip a file), held as `use_cache` says (see CacheSpec)."""
     spec = cache_spec(use_cache)
@@ -481,9 +511,17 @@ def build_split(samples: Sequence[Sample], reader, info: DatasetInfo, size, use_
         return FileDataset(samples, reader, info, target, max_side, full_res=spec.full_res)
 
 
-def decode_samples(samples: Sequence[Sample], size: tuple[int, int], info: DatasetInfo, *, label_map=None,
-                   valid_values=None, use_cache: CacheArg = True, workers: int | None = None,
-                   desc: str = "decoding"):
+def decode_samples(
+    samples: Sequence[Sample],
+    size: tuple[int, int],
+    info: DatasetInfo,
+    *,
+    label_map=None,
+    valid_values=None,
+    use_cache: CacheArg = True,
+    workers: int | None = None,
+    desc: str = "decoding",
+):
     """Index-mask datasets (pets, CamVid, ...): decode every sample once, held as `use_cache` says."""
     extra = "" if label_map is None else bytes(label_map).hex()
     return build_split(samples, LabelReader(label_map, valid_values), info, size, use_cache, extra, desc, workers)
@@ -506,8 +544,9 @@ def _parallel(samples, work, workers: int, desc: str):
                 yield s, result
 
 
-def decode_in_parallel(samples, work, info: DatasetInfo, cfile: Path | None, desc: str,
-                       workers: int | None = None, full_res: bool = False):
+def decode_in_parallel(
+    samples, work, info: DatasetInfo, cfile: Path | None, desc: str, workers: int | None = None, full_res: bool = False
+):
     """Run `work(sample) -> (image, mask, error)` on a thread pool, skip and report unreadable files.
     With `cfile` the result goes to the on-disk store (see cached_split), else into memory."""
     if cfile is not None:
@@ -551,20 +590,31 @@ def _open_cache(cfile: Path, info: DatasetInfo, full_res: bool):
     except (OSError, ValueError):
         version, meta = None, None
     if version != CACHE_VERSION:
-        log.warning(f"decode cache {cfile} was written by an older pixelseg (cache format "
-              f"{version if version is not None else 'unreadable'}, this version reads {CACHE_VERSION}); decoding "
-              "again and replacing it")
+        log.warning(
+            f"decode cache {cfile} was written by an older pixelseg (cache format "
+            f"{version if version is not None else 'unreadable'}, this version reads {CACHE_VERSION}); decoding "
+            "again and replacing it"
+        )
         return _STALE
     store = DiskStore(cfile, np.asarray(meta["shapes"], np.int64))
     for which in ("images", "masks"):
         p = store.path(which)
         got = p.stat().st_size if p.is_file() else -1
         if got != store.expected_bytes(which):
-            log.warning(f"decode cache {p} holds {got} bytes, its meta.json says {store.expected_bytes(which)} "
-                  "(damaged or edited); decoding again and replacing it")
+            log.warning(
+                f"decode cache {p} holds {got} bytes, its meta.json says {store.expected_bytes(which)} "
+                "(damaged or edited); decoding again and replacing it"
+            )
             return _STALE
-    return ArrayDataset(store.arrays("images"), store.arrays("masks"), list(meta["names"]), info,
-                        list(meta["skipped"]), store=store, full_res=full_res)
+    return ArrayDataset(
+        store.arrays("images"),
+        store.arrays("masks"),
+        list(meta["names"]),
+        info,
+        list(meta["skipped"]),
+        store=store,
+        full_res=full_res,
+    )
 
 
 @contextlib.contextmanager
@@ -572,12 +622,15 @@ def _exclusive(lock_path: Path, what: str):
     """flock on `lock_path`: one process per machine (and per shared filesystem where flock works there,
     e.g. NFSv4) decodes; the others wait here and then read its result."""
     import fcntl
+
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise CacheWriteError(f"cannot write the decode cache in {lock_path.parent} ({exc.strerror}); set "
-                              "PIXELSEG_CACHE to a writable disk with free space, or pass --cache none") from None
+        raise CacheWriteError(
+            f"cannot write the decode cache in {lock_path.parent} ({exc.strerror}); set "
+            "PIXELSEG_CACHE to a writable disk with free space, or pass --cache none"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -589,8 +642,9 @@ def _exclusive(lock_path: Path, what: str):
         os.close(fd)  # releases the lock
 
 
-def cached_split(samples, work, info: DatasetInfo, cfile: Path, desc: str, workers: int | None = None,
-                 full_res: bool = False) -> ArrayDataset:
+def cached_split(
+    samples, work, info: DatasetInfo, cfile: Path, desc: str, workers: int | None = None, full_res: bool = False
+) -> ArrayDataset:
     found = _open_cache(cfile, info, full_res)
     if isinstance(found, ArrayDataset):
         return found
@@ -598,8 +652,15 @@ def cached_split(samples, work, info: DatasetInfo, cfile: Path, desc: str, worke
         found = _open_cache(cfile, info, full_res)  # finished by another process while we waited
         if isinstance(found, ArrayDataset):
             return found
-        _decode_to_store(samples, work, info, cfile, desc, workers or min(8, os.cpu_count() or 1),
-                         replace=found is _STALE or cfile.exists())  # no meta.json: not a store of ours
+        _decode_to_store(
+            samples,
+            work,
+            info,
+            cfile,
+            desc,
+            workers or min(8, os.cpu_count() or 1),
+            replace=found is _STALE or cfile.exists(),
+        )  # no meta.json: not a store of ours
     found = _open_cache(cfile, info, full_res)
     if not isinstance(found, ArrayDataset):
         raise CacheWriteError(f"decode cache {cfile} could not be read back after writing it")
@@ -608,11 +669,19 @@ def cached_split(samples, work, info: DatasetInfo, cfile: Path, desc: str, worke
 
 def _decode_to_store(samples, work, info: DatasetInfo, cfile: Path, desc: str, workers: int, replace: bool):
     """Stream decoded samples into a temporary directory (memory stays flat), then rename it into place."""
+
     def fail(exc: OSError, where: Path):
-        hint = ("the disk is full" if exc.errno == errno.ENOSPC else
-                "the directory is read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else exc.strerror)
-        return CacheWriteError(f"cannot write the decode cache at {where} ({hint}); set PIXELSEG_CACHE to a "
-                               "writable disk with free space, or pass --cache none")
+        hint = (
+            "the disk is full"
+            if exc.errno == errno.ENOSPC
+            else "the directory is read-only"
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            else exc.strerror
+        )
+        return CacheWriteError(
+            f"cannot write the decode cache at {where} ({hint}); set PIXELSEG_CACHE to a "
+            "writable disk with free space, or pass --cache none"
+        )
 
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f"{cfile.name}.tmp-", dir=cfile.parent))
@@ -635,8 +704,13 @@ def _decode_to_store(samples, work, info: DatasetInfo, cfile: Path, desc: str, w
                 shapes.append(img.shape[:2])
         if not names:
             raise PixelsegError(f"no readable images among {len(samples)} listed for {info.name} ({desc})")
-        meta = {"version": CACHE_VERSION, "dataset": info.name, "names": names, "skipped": skipped,
-                "shapes": [list(map(int, hw)) for hw in shapes]}
+        meta = {
+            "version": CACHE_VERSION,
+            "dataset": info.name,
+            "names": names,
+            "skipped": skipped,
+            "shapes": [list(map(int, hw)) for hw in shapes],
+        }
         (tmp / "meta.json").write_text(json.dumps(meta))  # written last: a store without it is incomplete
         if replace and cfile.exists():
             old = cfile.with_name(f"{cfile.name}.old-{os.getpid()}")

@@ -7,6 +7,7 @@ The list files pair "image annotation" with absolute paths of the publisher's ma
 8-bit class ids 0..10 plus 11 = Unlabelled, which becomes ignore_index (255) so that loss and
 metrics skip it, as SegNet's own evaluation does.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,9 @@ CLASSES = [
     ("Bicyclist", (0, 128, 192)),
 ]
 UNLABELLED = 11
-INFO = DatasetInfo(name="camvid", class_names=[n for n, _ in CLASSES], palette=[c for _, c in CLASSES],
-                   ignore_index=255)
+INFO = DatasetInfo(
+    name="camvid", class_names=[n for n, _ in CLASSES], palette=[c for _, c in CLASSES], ignore_index=255
+)
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
 LABEL_MAP = np.full(256, 255, dtype=np.uint8)
@@ -43,14 +45,18 @@ VALID_VALUES = tuple(range(UNLABELLED + 1))
 
 def _check_root(root: Path | None) -> Path:
     if root is None:
-        raise PixelsegError("--dataset camvid needs --data-root: CamVid is not downloaded automatically; point it "
-                            "at the SegNet layout (train/, trainannot/, val/, valannot/, train.txt, val.txt)")
+        raise PixelsegError(
+            "--dataset camvid needs --data-root: CamVid is not downloaded automatically; point it "
+            "at the SegNet layout (train/, trainannot/, val/, valannot/, train.txt, val.txt)"
+        )
     root = Path(root)
     if not root.is_dir():
         raise PixelsegError(f"--data-root {root}: directory not found")
     if not (root / "train").is_dir() and not (root / "val").is_dir():
-        raise PixelsegError(f"--data-root {root}: no train/ or val/ folder; expected CamVid in the SegNet layout "
-                            "(train/, trainannot/, val/, valannot/, train.txt, val.txt)")
+        raise PixelsegError(
+            f"--data-root {root}: no train/ or val/ folder; expected CamVid in the SegNet layout "
+            "(train/, trainannot/, val/, valannot/, train.txt, val.txt)"
+        )
     return root
 
 
@@ -62,8 +68,10 @@ def list_samples(root: Path | None, split: str) -> list[Sample]:
     img_dir, ann_dir, lst = root / split, root / f"{split}annot", root / f"{split}.txt"
     if not img_dir.is_dir() or not ann_dir.is_dir():
         present = [s for s in SPLITS if (root / s).is_dir() and (root / f"{s}annot").is_dir()]
-        raise PixelsegError(f"--split {split}: CamVid split {split!r} is not in {root} (no {split}/ and "
-                            f"{split}annot/ folders); available: {', '.join(present) or 'none'}")
+        raise PixelsegError(
+            f"--split {split}: CamVid split {split!r} is not in {root} (no {split}/ and "
+            f"{split}annot/ folders); available: {', '.join(present) or 'none'}"
+        )
     samples = []
     if lst.is_file():
         for n, line in enumerate(lst.read_text().splitlines(), 1):
@@ -81,8 +89,10 @@ def list_samples(root: Path | None, split: str) -> list[Sample]:
     if missing:
         s = missing[0]
         gone = s.image if not s.image.is_file() else s.mask
-        raise PixelsegError(f"{gone}: listed for CamVid split {split} but not found ({len(missing)} pair(s) "
-                            f"incomplete); is --data-root the folder that holds {split}/ and {split}annot/?")
+        raise PixelsegError(
+            f"{gone}: listed for CamVid split {split} but not found ({len(missing)} pair(s) "
+            f"incomplete); is --data-root the folder that holds {split}/ and {split}annot/?"
+        )
     if not samples:
         raise PixelsegError(f"{img_dir}: CamVid split {split} is empty")
     return samples
@@ -91,6 +101,7 @@ def list_samples(root: Path | None, split: str) -> list[Sample]:
 def read_target(sample: Sample) -> np.ndarray:
     """Full-resolution class ids (Unlabelled -> 255) for evaluate --full-res."""
     from .io import read_id_mask
+
     return read_id_mask(sample.mask, LABEL_MAP, VALID_VALUES, "are not CamVid labels 0..11")
 
 
@@ -99,10 +110,18 @@ def full_res_samples(root: Path | None, split: str) -> tuple[list[Sample], objec
     return list_samples(root, split), read_target
 
 
-def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: CacheArg = True):
+def load(
+    root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None, use_cache: CacheArg = True
+):
     samples = list_samples(root, split)
     if limit:
         samples = samples[:limit]
-    return decode_samples(samples, image_size, INFO, label_map=LABEL_MAP, valid_values=VALID_VALUES,
-                          use_cache=use_cache, desc=f"decoding camvid {split}")
+    return decode_samples(
+        samples,
+        image_size,
+        INFO,
+        label_map=LABEL_MAP,
+        valid_values=VALID_VALUES,
+        use_cache=use_cache,
+        desc=f"decoding camvid {split}",
+    )

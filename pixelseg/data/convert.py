@@ -17,6 +17,7 @@ its .OUT.tmp-* behind; the next convert to OUT removes it (unless the process th
 OUT must not exist yet (or be empty). Splits: every split an annotation export has; for other datasets train,
 val and, where the dataset has one, test.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,6 +42,7 @@ TARGETS = ("folder", "shards")
 
 def _splits(dataset: str, root, options: dict) -> list[str]:
     from . import default_split, get_dataset_module, labelled
+
     module = get_dataset_module(dataset)
     if isinstance(module, labelled.AnnotationFormat):  # an annotation format: every split the export has
         o = labelled.options(module.OPTIONS, options)
@@ -54,6 +56,7 @@ def _splits(dataset: str, root, options: dict) -> list[str]:
 def _has_split(dataset: str, root, split: str, options: dict) -> bool:
     from . import load_split
     from .base import CacheSpec
+
     try:
         return len(load_split(dataset, root, split, (64, 64), 1, CacheSpec("none", full_res=True), **options)) > 0
     except PixelsegError:
@@ -62,13 +65,14 @@ def _has_split(dataset: str, root, split: str, options: dict) -> bool:
 
 def _labelset(dataset: str, root, options: dict):
     from . import get_dataset_module, labelled
+
     module = get_dataset_module(dataset)
     if not isinstance(module, labelled.AnnotationFormat):
         return None
     return labelled.parse(dataset, module.read, Path(root), labelled.options(module.OPTIONS, options))
 
 
-OWNER = ".pixelseg-convert-owner"   # host and pid of the convert writing a temporary folder
+OWNER = ".pixelseg-convert-owner"  # host and pid of the convert writing a temporary folder
 
 
 def _alive(owner: Path) -> bool:
@@ -76,10 +80,10 @@ def _alive(owner: Path) -> bool:
     try:
         host, pid = owner.read_text().split()
         if host != socket.gethostname():
-            return True   # another machine's (a shared file system): not ours to judge
+            return True  # another machine's (a shared file system): not ours to judge
         os.kill(int(pid), 0)
     except (OSError, ValueError):
-        return False      # no owner file (killed before writing it), an unparseable one, or a dead pid
+        return False  # no owner file (killed before writing it), an unparseable one, or a dead pid
     return True
 
 
@@ -92,23 +96,35 @@ def _clean_stale(out: Path) -> None:
 
 def _prepare_out(out: Path) -> Path:
     from ..core.files import _umask, check_output_dir
+
     check_output_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
-        raise PixelsegError(f"--out {out}: exists and is not empty; convert writes a new folder (choose another "
-                            "name or remove it)")
+        raise PixelsegError(
+            f"--out {out}: exists and is not empty; convert writes a new folder (choose another name or remove it)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0700 would survive the rename: outputs readable as mkdir's
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would survive the rename: outputs readable as mkdir's
     (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     return tmp
 
 
-def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | None = None, limit: int | None = None,
-            maxcount: int = 1000, progress: bool = True, **options) -> dict:
+def convert(
+    dataset: str,
+    root,
+    out,
+    to: str = "folder",
+    splits: list[str] | None = None,
+    limit: int | None = None,
+    maxcount: int = 1000,
+    progress: bool = True,
+    **options,
+) -> dict:
     """Convert and return the report (also written to OUT/convert_report.json)."""
     from . import dataset_info, load_split
     from .base import CacheSpec, FileDataset
+
     if to not in TARGETS:
         raise PixelsegError(f"--to {to}: choose one of {', '.join(TARGETS)}")
     out = Path(out)
@@ -118,15 +134,23 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
     tmp = _prepare_out(out)
     try:
         counts = np.zeros(256, np.int64)
-        report: dict[str, Any] = {"dataset": dataset, "data_root": str(root), "to": to, "splits": {}, "images": 0,
-                                  "images_without_labels": []}
+        report: dict[str, Any] = {
+            "dataset": dataset,
+            "data_root": str(root),
+            "to": to,
+            "splits": {},
+            "images": 0,
+            "images_without_labels": [],
+        }
         overlays: list[tuple[str, np.ndarray, np.ndarray]] = []  # (name, image, mask)
         turned = 0
-        palette = distinct_palette(list(info.palette))   # classes.csv needs one colour per class
+        palette = distinct_palette(list(info.palette))  # classes.csv needs one colour per class
         for split in splits:
             # --cache none: a FileDataset (samples and their reader) for every file-backed dataset
-            ds = cast(FileDataset, load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True),
-                                              **options))
+            ds = cast(
+                FileDataset,
+                load_split(dataset, root, split, (64, 64), limit, CacheSpec("none", full_res=True), **options),
+            )
             n = 0
             for s in tqdm(ds.samples, desc=f"convert {split}", unit="img", leave=False, disable=not progress or None):
                 img, mask = ds.reader(s, None, None)
@@ -142,12 +166,13 @@ def convert(dataset: str, root, out, to: str = "folder", splits: list[str] | Non
             report["images"] += n
             if to == "shards":
                 from .shards_write import write_shards
+
                 write_shards(dataset, root, split, tmp, maxcount, limit, progress, **options)
         _finish_report(report, counts, info, _labelset(dataset, root, options))
         if turned:
             report.setdefault("notes", []).append(
-                f"{turned} image(s) with an EXIF Orientation tag written upright as PNG "
-                "(their annotations are upright)")
+                f"{turned} image(s) with an EXIF Orientation tag written upright as PNG (their annotations are upright)"
+            )
         if to == "folder":
             _write_classes(tmp / "classes.csv", info.class_names, palette)
         (tmp / "convert_report.json").write_text(json.dumps(report, indent=1))
@@ -169,10 +194,11 @@ def _write_pair(tmp: Path, split: str, s, img: np.ndarray, mask: np.ndarray, pal
     from PIL import Image
 
     from ..core.viz import save_index_png
+
     (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
     (tmp / "masks" / split).mkdir(parents=True, exist_ok=True)
     turned = getattr(s, "orientation", 1) != 1
-    if turned:   # the pixels the annotations were drawn on, without a tag that would turn them again
+    if turned:  # the pixels the annotations were drawn on, without a tag that would turn them again
         Image.fromarray(img).save(tmp / "images" / split / f"{s.name}.png")
     else:
         shutil.copyfile(s.image, tmp / "images" / split / f"{s.name}{Path(s.image).suffix.lower()}")
@@ -205,28 +231,35 @@ def _finish_report(report: dict, counts: np.ndarray, info, labels) -> None:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"converted {report['images']} images ({', '.join(f'{k} {v}' for k, v in report['splits'].items())}) "
-             f"of {report['dataset']} to {report['to']} {report.get('out', '')}",
-             "  classes: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in report["pixel_share"].items())]
+    lines = [
+        f"converted {report['images']} images ({', '.join(f'{k} {v}' for k, v in report['splits'].items())}) "
+        f"of {report['dataset']} to {report['to']} {report.get('out', '')}",
+        "  classes: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in report["pixel_share"].items()),
+    ]
     if report["images_without_labels"]:
-        lines.append(f"  {len(report['images_without_labels'])} image(s) without labels: "
-                     + ", ".join(report["images_without_labels"][:5]))
+        lines.append(
+            f"  {len(report['images_without_labels'])} image(s) without labels: "
+            + ", ".join(report["images_without_labels"][:5])
+        )
     if "shapes" in report:
         lines.append(f"  {report['shapes']} shapes; {report['shapes_clipped_at_border']} clipped at the border")
         lines += [f"  {k} dropped: {why}" for why, k in report["shapes_dropped"].items()]
         if report["skipped_bad"]:
-            lines.append(f"  {len(report['skipped_bad'])} damaged item(s) skipped (--skip-bad), e.g. "
-                         f"{report['skipped_bad'][0]}")
+            lines.append(
+                f"  {len(report['skipped_bad'])} damaged item(s) skipped (--skip-bad), e.g. {report['skipped_bad'][0]}"
+            )
         lines += [f"  note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
 
 def _overlay_png(samples, info, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..core.viz import legend_handles, overlay
+
     fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4.6), squeeze=False)
     present: set = set()
     for ax, (name, img, mask) in zip(axes[0], samples, strict=True):

@@ -18,6 +18,7 @@ Before anything trains, a report says what was found (pairs, files missing a par
 their pixel frequencies); masks with values or colours that classes.csv does not list stop the run
 with the files named. The scan is cached like the decoded arrays.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,8 +53,15 @@ from .io import UnreadableImage, _open, image_hw, is_tiff, read_input
 
 # Dataset options (train flags --images-dir, --masks-dir, --mask-suffix, --val-fraction, --val-group, --classes,
 # --class-names) and their defaults.
-OPTIONS = {"images_dir": "images", "masks_dir": "masks", "mask_suffix": "", "val_fraction": 0.2, "val_group": None,
-           "classes": None, "class_names": None}
+OPTIONS = {
+    "images_dir": "images",
+    "masks_dir": "masks",
+    "mask_suffix": "",
+    "val_fraction": 0.2,
+    "val_group": None,
+    "classes": None,
+    "class_names": None,
+}
 # --val-group prefix: the stem without its trailing frame/slice number ("0001TP_006690" -> "0001TP").
 PREFIX_GROUP = r"^(.*?)[-_. ]*\d+$"
 # Suffixes of one-folder layouts, to suggest --mask-suffix when the images and masks folders are one.
@@ -61,8 +69,8 @@ COMMON_MASK_SUFFIXES = ("_mask", "-mask", "_masks", "_seg", "_segmentation", "_l
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
 SPLITS = ("train", "val", "test")
 IGNORE = 255
-SPLIT_SEED = 0          # --val-fraction order: sha1(seed, stem), so it never depends on listing order
-MAX_AUTO_CLASSES = 64   # more distinct colours than this without classes.csv is almost surely JPEG/antialiasing
+SPLIT_SEED = 0  # --val-fraction order: sha1(seed, stem), so it never depends on listing order
+MAX_AUTO_CLASSES = 64  # more distinct colours than this without classes.csv is almost surely JPEG/antialiasing
 SCAN_VERSION = 1
 _REPORTED: set[str] = set()  # one report per dataset per process, not one per split
 
@@ -73,8 +81,8 @@ class Layout:
     root: Path
     splits: dict[str, list[Sample]]
     source: str
-    missing_mask: list[Path] = field(default_factory=list)    # images without a mask
-    missing_image: list[Path] = field(default_factory=list)   # masks without an image
+    missing_mask: list[Path] = field(default_factory=list)  # images without a mask
+    missing_image: list[Path] = field(default_factory=list)  # masks without an image
 
     @property
     def all_samples(self) -> list[Sample]:
@@ -82,8 +90,11 @@ class Layout:
 
 
 def _files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.iterdir())
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    return [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
 
 
 def _index(files: list[Path], folder: Path, what: str, suffix: str = "") -> dict[str, Path]:
@@ -92,8 +103,10 @@ def _index(files: list[Path], folder: Path, what: str, suffix: str = "") -> dict
     for p in files:
         key = p.stem[: len(p.stem) - len(suffix)]
         if key in by_stem:
-            raise PixelsegError(f"{folder}: two {what} files share the stem {p.stem!r} ({by_stem[key].name}, "
-                                f"{p.name}); stems pair images with masks, so each must be unique")
+            raise PixelsegError(
+                f"{folder}: two {what} files share the stem {p.stem!r} ({by_stem[key].name}, "
+                f"{p.name}); stems pair images with masks, so each must be unique"
+            )
         by_stem[key] = p
     return by_stem
 
@@ -104,11 +117,16 @@ def _pair(img_dir: Path, mask_dir: Path, suffix: str = "") -> tuple[list[Sample]
         if not suffix:
             stems = {p.stem for p in files}
             seen = [s for s in COMMON_MASK_SUFFIXES if any(st.endswith(s) and st[: -len(s)] in stems for st in stems)]
-            raise PixelsegError(f"--images-dir and --masks-dir are the same folder ({img_dir}): every file would be "
-                                "paired with itself as its own mask; for a one-folder layout (x.png + x_mask.png) "
-                                f"pass --mask-suffix {seen[0] if seen else '_mask'}"
-                                + (f" (the files there look like that: *{seen[0]}.*)" if seen else
-                                   ", or keep images and masks in two folders"))
+            raise PixelsegError(
+                f"--images-dir and --masks-dir are the same folder ({img_dir}): every file would be "
+                "paired with itself as its own mask; for a one-folder layout (x.png + x_mask.png) "
+                f"pass --mask-suffix {seen[0] if seen else '_mask'}"
+                + (
+                    f" (the files there look like that: *{seen[0]}.*)"
+                    if seen
+                    else ", or keep images and masks in two folders"
+                )
+            )
         image_files = [p for p in files if not p.stem.endswith(suffix)]
         mask_files = [p for p in files if p.stem.endswith(suffix)]
         other = []
@@ -119,8 +137,11 @@ def _pair(img_dir: Path, mask_dir: Path, suffix: str = "") -> tuple[list[Sample]
         other = [p for p in all_masks if not p.stem.endswith(suffix)]
     images, masks = _index(image_files, img_dir, "image"), _index(mask_files, mask_dir, "mask", suffix)
     samples = [Sample(stem, images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
-    return (samples, [images[s] for s in sorted(set(images) - set(masks))],
-            [masks[s] for s in sorted(set(masks) - set(images))] + other)
+    return (
+        samples,
+        [images[s] for s in sorted(set(images) - set(masks))],
+        [masks[s] for s in sorted(set(masks) - set(images))] + other,
+    )
 
 
 def group_key(pattern: str | None):
@@ -129,25 +150,30 @@ def group_key(pattern: str | None):
     if not pattern:
         return lambda stem: stem
     import re
+
     try:
         rx = re.compile(PREFIX_GROUP if pattern == "prefix" else pattern)
     except re.error as exc:
-        raise PixelsegError(f"--val-group {pattern!r}: not a regular expression ({exc}); e.g. --val-group prefix "
-                            "or --val-group '^(seq\\d+)_'") from None
+        raise PixelsegError(
+            f"--val-group {pattern!r}: not a regular expression ({exc}); e.g. --val-group prefix "
+            "or --val-group '^(seq\\d+)_'"
+        ) from None
 
     def key(stem: str) -> str:
         m = rx.search(stem)
         if not m:
             return stem
         return m.group(1) if rx.groups else m.group(0)
+
     return key
 
 
 SampleT = TypeVar("SampleT", bound=Sample)
 
 
-def _fraction_split(samples: list[SampleT], fraction: float, group: str | None = None
-                    ) -> tuple[list[SampleT], list[SampleT]]:
+def _fraction_split(
+    samples: list[SampleT], fraction: float, group: str | None = None
+) -> tuple[list[SampleT], list[SampleT]]:
     """Val = the first groups in sha1 order until round(n·fraction) pairs: deterministic, independent of file
     order, and adding files moves few existing ones across the boundary. Without --val-group each pair is
     its own group; with it, frames of one video or slices of one stack never straddle the split (a random
@@ -155,16 +181,20 @@ def _fraction_split(samples: list[SampleT], fraction: float, group: str | None =
     if not 0 < fraction < 1:
         raise PixelsegError(f"--val-fraction {fraction}: must be between 0 and 1 (exclusive)")
     if len(samples) < 2:
-        raise PixelsegError(f"only {len(samples)} image/mask pair(s): --val-fraction needs at least 2 "
-                            "(one to train on, one to validate)")
+        raise PixelsegError(
+            f"only {len(samples)} image/mask pair(s): --val-fraction needs at least 2 "
+            "(one to train on, one to validate)"
+        )
     key = group_key(group)
     groups: dict[str, list[str]] = {}
     for s in samples:
         groups.setdefault(key(s.name), []).append(s.name)
     if len(groups) < 2:
-        raise PixelsegError(f"--val-group {group!r} puts all {len(samples)} pairs into one group "
-                            f"({next(iter(groups))!r}), so nothing is left to validate on; give a pattern whose "
-                            "first group names the sequence, e.g. --val-group '^([^_]+)_'")
+        raise PixelsegError(
+            f"--val-group {group!r} puts all {len(samples)} pairs into one group "
+            f"({next(iter(groups))!r}), so nothing is left to validate on; give a pattern whose "
+            "first group names the sequence, e.g. --val-group '^([^_]+)_'"
+        )
     order = sorted(groups, key=lambda g: hashlib.sha1(f"{SPLIT_SEED}:{g}".encode()).hexdigest())
     target = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
     val: set[str] = set()
@@ -175,8 +205,14 @@ def _fraction_split(samples: list[SampleT], fraction: float, group: str | None =
     return [s for s in samples if s.name not in val], [s for s in samples if s.name in val]
 
 
-def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "masks",
-             val_fraction: float = 0.2, mask_suffix: str = "", val_group: str | None = None) -> Layout:
+def discover(
+    root: Path | None,
+    images_dir: str = "images",
+    masks_dir: str = "masks",
+    val_fraction: float = 0.2,
+    mask_suffix: str = "",
+    val_group: str | None = None,
+) -> Layout:
     if root is None:
         raise PixelsegError("--dataset folder needs --data-root: the folder that holds images/ and masks/")
     root = Path(root)
@@ -185,8 +221,10 @@ def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "ma
     img_root, mask_root = root / images_dir, root / masks_dir
     for d, flag in ((img_root, "--images-dir"), (mask_root, "--masks-dir")):
         if not d.is_dir():
-            raise PixelsegError(f"{d}: folder not found; put the {'images' if flag == '--images-dir' else 'masks'} "
-                                f"in {d.name}/ under --data-root or name the folder with {flag}")
+            raise PixelsegError(
+                f"{d}: folder not found; put the {'images' if flag == '--images-dir' else 'masks'} "
+                f"in {d.name}/ under --data-root or name the folder with {flag}"
+            )
     splits: dict[str, list[Sample]] = {}
     missing_mask, missing_image = [], []
     sub = [s for s in SPLITS if (img_root / s).is_dir()]
@@ -195,8 +233,10 @@ def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "ma
         source = f"sub-folders {', '.join(sub)}"
         for s in sub:
             if not (mask_root / s).is_dir():
-                raise PixelsegError(f"{mask_root / s}: folder not found, but {img_root / s} exists; split "
-                                    f"sub-folders must exist under both {images_dir}/ and {masks_dir}/")
+                raise PixelsegError(
+                    f"{mask_root / s}: folder not found, but {img_root / s} exists; split "
+                    f"sub-folders must exist under both {images_dir}/ and {masks_dir}/"
+                )
             splits[s], mm, mi = _pair(img_root / s, mask_root / s, mask_suffix)
             missing_mask += mm
             missing_image += mi
@@ -215,11 +255,14 @@ def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "ma
                         continue
                     stem = Path(stem).stem if Path(stem).suffix.lower() in IMAGE_SUFFIXES else stem
                     if stem not in by_stem:
-                        raise PixelsegError(f"{lst}:{n}: {stem!r} has no image/mask pair in {images_dir}/ and "
-                                            f"{masks_dir}/ (list files hold file stems, one per line)")
+                        raise PixelsegError(
+                            f"{lst}:{n}: {stem!r} has no image/mask pair in {images_dir}/ and "
+                            f"{masks_dir}/ (list files hold file stems, one per line)"
+                        )
                     if stem in owner:
-                        raise PixelsegError(f"{lst}:{n}: {stem!r} is also listed in {owner[stem]}.txt; a pair "
-                                            "must belong to one split")
+                        raise PixelsegError(
+                            f"{lst}:{n}: {stem!r} is also listed in {owner[stem]}.txt; a pair must belong to one split"
+                        )
                     owner[stem] = s
                     splits[s].append(by_stem[stem])
         else:
@@ -228,10 +271,13 @@ def discover(root: Path | None, images_dir: str = "images", masks_dir: str = "ma
     if "train" in splits and "val" not in splits:
         splits["train"], splits["val"] = _fraction_split(splits["train"], float(val_fraction), val_group)
         source += f", val = --val-fraction {val_fraction} of them (seeded" + (
-            f", grouped by --val-group {val_group})" if val_group else ")")
+            f", grouped by --val-group {val_group})" if val_group else ")"
+        )
     if not any(splits.values()):
-        raise PixelsegError(f"{img_root}: no image has a mask with the same stem in {mask_root} "
-                            f"({len(missing_mask)} image(s), {len(missing_image)} mask(s) unmatched)")
+        raise PixelsegError(
+            f"{img_root}: no image has a mask with the same stem in {mask_root} "
+            f"({len(missing_mask)} image(s), {len(missing_image)} mask(s) unmatched)"
+        )
     return Layout(root, splits, source, missing_mask, missing_image)
 
 
@@ -274,8 +320,9 @@ def read_classes_csv(path: Path) -> ClassTable:
         if not all(0 <= c <= 255 for c in rgb):
             raise PixelsegError(f"{path}:{n}: colour {rgb} out of range; r, g, b are 0..255")
         if rgb in seen_colors:
-            raise PixelsegError(f"{path}:{n}: colour {rgb} already used on line {seen_colors[rgb]}; each colour "
-                                "must mean one class")
+            raise PixelsegError(
+                f"{path}:{n}: colour {rgb} already used on line {seen_colors[rgb]}; each colour must mean one class"
+            )
         seen_colors[rgb] = n
         if cid == IGNORE:
             ignore.append(rgb)
@@ -302,19 +349,22 @@ def _raw_mask(img: Image.Image, path: Path) -> tuple[str, np.ndarray]:
     if img.mode in ("1", "LA", "La"):
         img = img.convert("L")  # mode 1 becomes 0/255: a binary mask
     if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-        raise PixelsegError(f"{path}: mask has mode {img.mode}; use an index PNG (values = class ids) or an RGB "
-                            "PNG coloured as in classes.csv")
+        raise PixelsegError(
+            f"{path}: mask has mode {img.mode}; use an index PNG (values = class ids) or an RGB "
+            "PNG coloured as in classes.csv"
+        )
     a = np.asarray(img)
     if a.max(initial=0) > 255:
-        raise PixelsegError(f"{path}: mask values go up to {a.max()}; index masks hold class ids 0..254 "
-                            "(255 = ignore)")
+        raise PixelsegError(f"{path}: mask values go up to {a.max()}; index masks hold class ids 0..254 (255 = ignore)")
     return "index", a.astype(np.uint8)
 
 
 def _open_mask(path: Path) -> Image.Image:
     if path.suffix.lower() in (".jpg", ".jpeg"):
-        raise PixelsegError(f"{path}: JPEG masks are lossy, so their class values and colours are corrupted at "
-                            "every edge; save masks as PNG")
+        raise PixelsegError(
+            f"{path}: JPEG masks are lossy, so their class values and colours are corrupted at "
+            "every edge; save masks as PNG"
+        )
     return _open(path)
 
 
@@ -323,8 +373,13 @@ def _scan_one(path: Path) -> dict:
     kind, raw = _raw_mask(img, path)
     values, counts = np.unique(raw, return_counts=True)
     pal = img.getpalette() if img.mode == "P" else None
-    return {"kind": kind, "values": values.tolist(), "counts": counts.tolist(), "size": list(img.size),
-            "palette": pal[:768] if pal else None}
+    return {
+        "kind": kind,
+        "values": values.tolist(),
+        "counts": counts.tolist(),
+        "size": list(img.size),
+        "palette": pal[:768] if pal else None,
+    }
 
 
 def _scan(samples: list[Sample], use_cache: CacheArg) -> dict[str, dict]:
@@ -346,8 +401,16 @@ def _scan(samples: list[Sample], use_cache: CacheArg) -> dict[str, dict]:
 
 def _scan_masks(masks: list[Path], cfile: Path | None) -> dict[str, dict]:
     with ThreadPoolExecutor(max(1, min(8, len(masks)))) as pool:
-        results = list(tqdm(pool.map(_scan_safe, masks), total=len(masks), desc="scanning masks", unit="mask",
-                            leave=False, disable=None))
+        results = list(
+            tqdm(
+                pool.map(_scan_safe, masks),
+                total=len(masks),
+                desc="scanning masks",
+                unit="mask",
+                leave=False,
+                disable=None,
+            )
+        )
     out = {str(m): r for m, r in zip(masks, results, strict=True)}
     if cfile is not None:
         try:
@@ -377,6 +440,7 @@ def _rgb_code(rgb) -> int:
 
 def _default_palette(n: int) -> list[tuple[int, int, int]]:
     from ..labels.raster import tab20_rgb
+
     colors = tab20_rgb()
     return [colors[i % len(colors)] for i in range(n)]
 
@@ -386,19 +450,24 @@ def _default_palette(n: int) -> list[tuple[int, int, int]]:
 class MaskCodec:
     """How raw mask codes become class ids: a 256-entry table for index masks, a sorted code list for
     RGB masks. Codes nothing maps are `UNKNOWN`; they are rejected before decoding starts."""
+
     info: DatasetInfo
-    index_lut: np.ndarray                     # uint8[256]: raw value -> class id (255 = ignore)
-    index_known: np.ndarray                   # bool[256]: which raw values are expected
-    rgb_codes: np.ndarray                     # int32[k] sorted colour codes r<<16|g<<8|b
-    rgb_ids: np.ndarray                       # uint8[k] their class ids (255 = ignore)
+    index_lut: np.ndarray  # uint8[256]: raw value -> class id (255 = ignore)
+    index_known: np.ndarray  # bool[256]: which raw values are expected
+    rgb_codes: np.ndarray  # int32[k] sorted colour codes r<<16|g<<8|b
+    rgb_ids: np.ndarray  # uint8[k] their class ids (255 = ignore)
     description: str
     notices: list[str] = field(default_factory=list)
 
     UNKNOWN = -1
 
     def signature(self) -> str:
-        return hashlib.sha1(self.index_lut.tobytes() + self.rgb_codes.tobytes() + self.rgb_ids.tobytes()
-                            + json.dumps(self.info.to_dict()).encode()).hexdigest()[:12]
+        return hashlib.sha1(
+            self.index_lut.tobytes()
+            + self.rgb_codes.tobytes()
+            + self.rgb_ids.tobytes()
+            + json.dumps(self.info.to_dict()).encode()
+        ).hexdigest()[:12]
 
     def id_of(self, kind: str, code: int) -> int:
         if kind == "index":
@@ -422,13 +491,14 @@ def parse_class_names(value) -> list[str] | None:
         return None
     names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
     if not all(names) or len(set(names)) != len(names):
-        raise PixelsegError(f"--class-names {value!r}: give distinct, non-empty names in class-id order, "
-                            "comma-separated, e.g. --class-names membrane,cell")
+        raise PixelsegError(
+            f"--class-names {value!r}: give distinct, non-empty names in class-id order, "
+            "comma-separated, e.g. --class-names membrane,cell"
+        )
     return [str(n) for n in names]
 
 
-def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = None,
-                class_names=None) -> MaskCodec:
+def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = None, class_names=None) -> MaskCodec:
     kinds = {r["kind"] for r in scan.values() if "kind" in r}
     names_given = parse_class_names(class_names)
     if classes is not None:
@@ -438,8 +508,9 @@ def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = 
     else:
         csv_path = root / "classes.csv"
     if names_given and csv_path.is_file():
-        raise PixelsegError(f"--class-names and {csv_path} both name the classes; use one of them (classes.csv "
-                            "also sets colours)")
+        raise PixelsegError(
+            f"--class-names and {csv_path} both name the classes; use one of them (classes.csv also sets colours)"
+        )
     index_lut = np.full(256, IGNORE, np.uint8)
     index_known = np.zeros(256, bool)
     index_known[IGNORE] = True
@@ -449,9 +520,11 @@ def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = 
     if len(kinds) > 1:
         rgb = next(p for p, r in scan.items() if r.get("kind") == "rgb")
         idx = next(p for p, r in scan.items() if r.get("kind") == "index")
-        raise PixelsegError(f"masks mix RGB colour images (e.g. {rgb}) and index images (e.g. {idx}); without "
-                            f"{csv_path} the classes cannot be matched up: convert them to one kind, or write "
-                            "classes.csv (id,name,r,g,b)")
+        raise PixelsegError(
+            f"masks mix RGB colour images (e.g. {rgb}) and index images (e.g. {idx}); without "
+            f"{csv_path} the classes cannot be matched up: convert them to one kind, or write "
+            "classes.csv (id,name,r,g,b)"
+        )
     kind = kinds.pop() if kinds else "index"
     found = sorted({v for r in scan.values() for v in r.get("values", [])})
     if kind == "index":
@@ -462,24 +535,31 @@ def build_codec(root: Path, scan: dict[str, dict], classes: str | Path | None = 
         raise PixelsegError(f"masks hold {len(names)} distinct values; at most 254 classes are supported")
     if names_given:
         if len(names_given) != len(names):
-            raise PixelsegError(f"--class-names gives {len(names_given)} name(s) ({', '.join(names_given)}) but the "
-                                f"masks hold {len(names)} classes ({', '.join(names)}, in id order)")
-        notices.append("class names from --class-names: " + ", ".join(
-            f"{old} -> {new}" for old, new in zip(names, names_given, strict=True)))
+            raise PixelsegError(
+                f"--class-names gives {len(names_given)} name(s) ({', '.join(names_given)}) but the "
+                f"masks hold {len(names)} classes ({', '.join(names)}, in id order)"
+            )
+        notices.append(
+            "class names from --class-names: "
+            + ", ".join(f"{old} -> {new}" for old, new in zip(names, names_given, strict=True))
+        )
         names = names_given
-    return MaskCodec(DatasetInfo("folder", names, list(palette), IGNORE), index_lut, index_known, codes, ids,
-                     desc, notices)
+    return MaskCodec(
+        DatasetInfo("folder", names, list(palette), IGNORE), index_lut, index_known, codes, ids, desc, notices
+    )
 
 
-def _codec_from_csv(csv_path: Path, kinds: set, scan: dict[str, dict], index_lut, index_known,
-                    notices: list[str]) -> MaskCodec:
+def _codec_from_csv(
+    csv_path: Path, kinds: set, scan: dict[str, dict], index_lut, index_known, notices: list[str]
+) -> MaskCodec:
     """The classes as classes.csv (or --classes) lists them: index value i and colour (r, g, b) -> class i."""
     table = read_classes_csv(csv_path)
     k = len(table.names)
     index_lut[:k] = np.arange(k)
     index_known[:k] = True
-    pairs = sorted([(_rgb_code(c), i) for i, c in enumerate(table.palette)]
-                   + [(_rgb_code(c), IGNORE) for c in table.ignore_colors])
+    pairs = sorted(
+        [(_rgb_code(c), i) for i, c in enumerate(table.palette)] + [(_rgb_code(c), IGNORE) for c in table.ignore_colors]
+    )
     codes = np.array([p[0] for p in pairs], np.int32)
     ids = np.array([p[1] for p in pairs], np.uint8)
     info = DatasetInfo("folder", table.names, table.palette, IGNORE)
@@ -497,18 +577,25 @@ def _index_classes(found: list[int], scan: dict[str, dict], index_lut, index_kno
     if found and set(found) <= {0, IGNORE} and IGNORE in found:
         values = [0, IGNORE]
         names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
-        notices.append("masks hold only 0 and 255: read as a binary mask, 0 -> class 0 (background), "
-                       "255 -> class 1 (foreground)")
+        notices.append(
+            "masks hold only 0 and 255: read as a binary mask, 0 -> class 0 (background), 255 -> class 1 (foreground)"
+        )
     else:
         if IGNORE in found:
             notices.append("mask value 255 is read as 'ignore' (left out of loss and metrics)")
         names = [f"class_{v}" for v in values]
         pal = next((r["palette"] for r in scan.values() if r.get("palette")), None)
-        palette = ([tuple(pal[3 * v: 3 * v + 3]) for v in values] if pal and len(pal) >= 3 * (max(values) + 1)
-                   else _default_palette(len(values)))
+        palette = (
+            [tuple(pal[3 * v : 3 * v + 3]) for v in values]
+            if pal and len(pal) >= 3 * (max(values) + 1)
+            else _default_palette(len(values))
+        )
         if values != list(range(len(values))):
-            notices.append("mask values " + ", ".join(f"{v}->{i}" for i, v in enumerate(values))
-                           + " are renumbered to consecutive class ids (write classes.csv to fix the ids)")
+            notices.append(
+                "mask values "
+                + ", ".join(f"{v}->{i}" for i, v in enumerate(values))
+                + " are renumbered to consecutive class ids (write classes.csv to fix the ids)"
+            )
     for i, v in enumerate(values):
         index_lut[v] = i
         index_known[v] = True
@@ -521,17 +608,21 @@ def _rgb_classes(found: list[int], scan: dict[str, dict], csv_path: Path, notice
     """RGB masks without classes.csv: the colours found, numbered in RGB order (black/white alone: binary)."""
     if len(found) > MAX_AUTO_CLASSES:
         example = max(scan, key=lambda p: len(scan[p].get("values", [])))
-        raise PixelsegError(f"RGB masks hold {len(found)} distinct colours ({example} alone has "
-                            f"{len(scan[example]['values'])}): they look antialiased or JPEG-compressed; "
-                            f"save masks without smoothing, or list the class colours in {csv_path}")
+        raise PixelsegError(
+            f"RGB masks hold {len(found)} distinct colours ({example} alone has "
+            f"{len(scan[example]['values'])}): they look antialiased or JPEG-compressed; "
+            f"save masks without smoothing, or list the class colours in {csv_path}"
+        )
     if found == [0, _rgb_code((255, 255, 255))]:
         names, palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
         notices.append("masks are black/white: read as a binary mask, black -> class 0, white -> class 1")
     else:
         palette = [(c >> 16, (c >> 8) & 255, c & 255) for c in found]
         names = [f"class_{i}" for i in range(len(found))]
-        notices.append(f"no {csv_path.name}: the {len(found)} mask colours found are numbered in RGB order "
-                       "(write classes.csv with id,name,r,g,b to name them and fix their ids)")
+        notices.append(
+            f"no {csv_path.name}: the {len(found)} mask colours found are numbered in RGB order "
+            "(write classes.csv with id,name,r,g,b to name them and fix their ids)"
+        )
     codes, ids = np.array(found, np.int32), np.arange(len(found), dtype=np.uint8)
     desc = f"RGB masks, {len(names)} classes numbered from the colours found"
     return names, palette, codes, ids, desc
@@ -543,8 +634,9 @@ def _check_unknown(codec: MaskCodec, scan: dict[str, dict], csv_path: Path) -> N
     for path, r in scan.items():
         if "kind" not in r:
             continue
-        unknown = [(v, c) for v, c in zip(r["values"], r["counts"], strict=True)
-                   if codec.id_of(r["kind"], v) == codec.UNKNOWN]
+        unknown = [
+            (v, c) for v, c in zip(r["values"], r["counts"], strict=True) if codec.id_of(r["kind"], v) == codec.UNKNOWN
+        ]
         if unknown:
             bad[path] = [_fmt_code(r["kind"], v) for v, _ in unknown]
             for v, c in unknown:
@@ -553,8 +645,10 @@ def _check_unknown(codec: MaskCodec, scan: dict[str, dict], csv_path: Path) -> N
         what = "colours" if any(s.startswith("(") for s in totals) else "values"
         top = ", ".join(f"{k} ({n} px)" for k, n in sorted(totals.items(), key=lambda kv: -kv[1])[:6])
         files = ", ".join(Path(p).name for p in list(bad)[:5]) + (" ..." if len(bad) > 5 else "")
-        raise PixelsegError(f"{len(bad)} mask(s) hold {what} that {csv_path} does not list: {top}; in {files}. "
-                            "Add a row per class colour to classes.csv (id 255 to ignore a colour)")
+        raise PixelsegError(
+            f"{len(bad)} mask(s) hold {what} that {csv_path} does not list: {top}; in {files}. "
+            "Add a row per class colour to classes.csv (id 255 to ignore a colour)"
+        )
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -565,10 +659,15 @@ def _report(layout: Layout, codec: MaskCodec, scan: dict[str, dict]) -> str:
             cid = codec.id_of(r["kind"], v)
             counts[-1 if cid in (IGNORE, codec.UNKNOWN) else cid] += c
     total = max(int(counts.sum()), 1)
-    lines = [f"folder dataset {layout.root}: " + ", ".join(f"{s} {len(v)}" for s, v in layout.splits.items())
-             + f" image/mask pairs ({layout.source})"]
-    for paths, what in ((layout.missing_mask, "image(s) without a mask"), (layout.missing_image,
-                                                                            "mask(s) without an image")):
+    lines = [
+        f"folder dataset {layout.root}: "
+        + ", ".join(f"{s} {len(v)}" for s, v in layout.splits.items())
+        + f" image/mask pairs ({layout.source})"
+    ]
+    for paths, what in (
+        (layout.missing_mask, "image(s) without a mask"),
+        (layout.missing_image, "mask(s) without an image"),
+    ):
         if paths:
             names = ", ".join(p.name for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
             lines.append(f"  skipped {len(paths)} {what}: {names}")
@@ -579,8 +678,9 @@ def _report(layout: Layout, codec: MaskCodec, scan: dict[str, dict]) -> str:
     lines.append(f"  {codec.description}; masks with unknown values/colours: 0")
     lines += [f"  note: {n}" for n in codec.notices]
     freq = ", ".join(f"{n} {100 * c / total:.1f}%" for n, c in zip(codec.info.class_names, counts, strict=False))
-    lines.append(f"  class pixel frequencies: {freq}" + (f", ignored {100 * counts[-1] / total:.1f}%"
-                                                          if counts[-1] else ""))
+    lines.append(
+        f"  class pixel frequencies: {freq}" + (f", ignored {100 * counts[-1] / total:.1f}%" if counts[-1] else "")
+    )
     return "\n".join(lines)
 
 
@@ -609,9 +709,11 @@ def prepare(root: Path | None, use_cache: CacheArg = True, **options) -> tuple[L
 
 def _split(layout: Layout, split: str) -> list[Sample]:
     if split not in layout.splits:
-        raise PixelsegError(f"--split {split}: the folder dataset at {layout.root} has splits "
-                            f"{', '.join(layout.splits)} ({layout.source}); add {split}/ sub-folders or "
-                            f"{split}.txt to define it")
+        raise PixelsegError(
+            f"--split {split}: the folder dataset at {layout.root} has splits "
+            f"{', '.join(layout.splits)} ({layout.source}); add {split}/ sub-folders or "
+            f"{split}.txt to define it"
+        )
     return layout.splits[split]
 
 
@@ -635,8 +737,15 @@ def full_res_samples(root: Path | None, split: str, **options):
     return _split(layout, split), lambda s: read_target(s, codec)
 
 
-def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: CacheArg = True, channels: int = 3, **options):
+def load(
+    root: Path | None,
+    split: str,
+    image_size: tuple[int, int],
+    limit: int | None = None,
+    use_cache: CacheArg = True,
+    channels: int = 3,
+    **options,
+):
     """``channels`` != 3 reads 8/16-bit, multi-band images (TIFF via tifffile) as float32 [0, 1]."""
     layout, codec, scan = prepare(root, use_cache, **options)
     samples = _split(layout, split)
@@ -645,22 +754,32 @@ def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int 
     return _decode(samples, tuple(image_size), codec, scan, use_cache, split, channels)
 
 
-def _decode(samples: list[Sample], size: tuple[int, ...], codec: MaskCodec, scan: dict, use_cache,
-            split: str, channels: int = 3):
+def _decode(
+    samples: list[Sample], size: tuple[int, ...], codec: MaskCodec, scan: dict, use_cache, split: str, channels: int = 3
+):
     """decode_samples' job for masks it cannot read (RGB colour codes): same store, same threads."""
     key = f"folder|{codec.signature()}" + ("" if channels == 3 else f"|bands{channels}")
     if channels != 3:
         spec = cache_spec(use_cache)
         if spec.mode == "mmap":  # the on-disk store holds uint8 RGB pixels; N-band float32 inputs stay in memory
             use_cache = CacheSpec("memory", spec.full_res, spec.max_side)
-    return build_split(samples, FolderReader(codec, channels), codec.info, size, use_cache, key,
-                       f"decoding {split}", min(8, max(1, len(samples))))
+    return build_split(
+        samples,
+        FolderReader(codec, channels),
+        codec.info,
+        size,
+        use_cache,
+        key,
+        f"decoding {split}",
+        min(8, max(1, len(samples))),
+    )
 
 
 @dataclass
 class FolderReader:
     """(image, class ids) of one pair through the dataset's codec; picklable for DataLoader workers.
     ``channels`` != 3: float32 [0, 1] band arrays (read_input), a one-line error on a channel mismatch."""
+
     codec: MaskCodec
     channels: int = 3
 

@@ -1,4 +1,5 @@
 """Image and mask decoding that reports bad files by name instead of failing deep inside PIL."""
+
 from __future__ import annotations
 
 import warnings
@@ -13,8 +14,9 @@ from ..core.images import IMAGE_SUFFIXES, exif_orientation
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; while decode_jpeg exists it is used
 # for full-resolution JPEGs (see decode_jpeg_fast), and when it goes PIL takes over with identical pixels.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 # Large photos are common in user data; PIL's default bomb limit (~89 MP) rejects some real ones.
 Image.MAX_IMAGE_PIXELS = 400_000_000
@@ -77,8 +79,10 @@ def to_rgb_array(img: Image.Image, name, size: tuple[int, int] | None = None) ->
         if img.mode.startswith("I;16") or img.mode == "I":
             # PIL's own I;16 -> RGB conversion clips at 255 (a 16-bit photo turns white); keep the top byte
             arr = np.asarray(img, dtype=np.uint32)
-            img = Image.fromarray((arr >> 8 if img.mode != "I" or arr.max(initial=0) > 255 else arr)
-                                  .clip(0, 255).astype(np.uint8), mode="L")
+            img = Image.fromarray(
+                (arr >> 8 if img.mode != "I" or arr.max(initial=0) > 255 else arr).clip(0, 255).astype(np.uint8),
+                mode="L",
+            )
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -98,9 +102,13 @@ def decode_jpeg_fast(path, exif_transpose: bool = False) -> np.ndarray | None:
     At a reduced size PIL stays: its DCT-domain downscaling (`draft`) skips most of the work. None: use PIL."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
+
         data = path.getvalue() if hasattr(path, "getvalue") else Path(path).read_bytes()
-        t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                        apply_exif_orientation=exif_transpose)
+        t = decode_jpeg(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            mode=ImageReadMode.RGB,
+            apply_exif_orientation=exif_transpose,
+        )
         # numpy's copy, not torch's: a torch copy this size is an OpenMP region, and `pixelseg serve` decodes on
         # I/O threads, where every such region would start another OpenMP team beside the model's (server.py).
         return np.ascontiguousarray(t.numpy().transpose(1, 2, 0))
@@ -115,8 +123,10 @@ def read_mask(path, size: tuple[int, int] | None = None, name=None) -> np.ndarra
     name = name or path
     try:
         if img.mode not in ("L", "P", "I", "I;16", "1"):
-            raise PixelsegError(f"{name}: mask has mode {img.mode}; expected a single-channel label image "
-                                "(8-bit grey or palette PNG whose values are class ids)")
+            raise PixelsegError(
+                f"{name}: mask has mode {img.mode}; expected a single-channel label image "
+                "(8-bit grey or palette PNG whose values are class ids)"
+            )
         arr = np.asarray(img)
         if arr.max(initial=0) > 255:
             raise PixelsegError(f"{name}: mask values go up to {arr.max()}, more than 255 classes is not supported")
@@ -128,7 +138,6 @@ def read_mask(path, size: tuple[int, int] | None = None, name=None) -> np.ndarra
         raise UnreadableImage(f"{name}: mask data is corrupt ({exc})") from exc
 
 
-
 def read_id_mask(path, label_map: np.ndarray, valid_values, what: str) -> np.ndarray:
     """A dataset's id mask at full resolution, mapped to class ids; ids the dataset does not define are
     refused naming the file (`what` says which ids are valid), so a wrong label file never trains silently."""
@@ -137,6 +146,7 @@ def read_id_mask(path, label_map: np.ndarray, valid_values, what: str) -> np.nda
     if bad.size:
         raise PixelsegError(f"{path}: values {bad.tolist()} {what}")
     return label_map[mask]
+
 
 def collect_images(paths) -> list[Path]:
     """Image files named directly, or found (by suffix) in the directories named."""
@@ -151,6 +161,8 @@ def collect_images(paths) -> list[Path]:
     if not files:
         raise PixelsegError(f"no images found in {', '.join(map(str, paths))}")
     return files
+
+
 # ---- images with other than 3 channels (--in-channels) ---------------------------------------------
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -175,8 +187,10 @@ def _read_tiff(path: Path) -> np.ndarray:
     except Exception as exc:  # tifffile raises many types on damaged files (struct.error, TypeError, ...)
         raise UnreadableImage(f"{path}: not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
     if arr.dtype not in _SCALE:
-        raise PixelsegError(f"{path}: TIFF sample format {arr.dtype} is not supported; use 8- or 16-bit "
-                            "unsigned integers (uint8, uint16)")
+        raise PixelsegError(
+            f"{path}: TIFF sample format {arr.dtype} is not supported; use 8- or 16-bit "
+            "unsigned integers (uint8, uint16)"
+        )
     # Bring Y and X first and fold every other axis (samples, channels, pages) into channels.
     if "Y" not in axes or "X" not in axes:
         raise UnreadableImage(f"{path}: TIFF has no image plane (axes {axes})")
@@ -199,12 +213,12 @@ def _read_pil_bands(path: Path) -> np.ndarray:
         raise UnreadableImage(f"{path}: image data is corrupt ({exc})") from exc
     if arr.dtype.kind == "i" or arr.dtype == np.uint32:  # PIL's 32-bit 'I' mode holds 16-bit PNGs
         if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
-            raise PixelsegError(f"{path}: pixel values outside 0..65535 (mode {img.mode}); only 8- and "
-                                "16-bit images are supported")
+            raise PixelsegError(
+                f"{path}: pixel values outside 0..65535 (mode {img.mode}); only 8- and 16-bit images are supported"
+            )
         arr = arr.astype(np.uint16)
     if arr.dtype not in _SCALE:
-        raise PixelsegError(f"{path}: pixel format {img.mode} ({arr.dtype}) is not supported; use 8- or "
-                            "16-bit images")
+        raise PixelsegError(f"{path}: pixel format {img.mode} ({arr.dtype}) is not supported; use 8- or 16-bit images")
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -230,8 +244,9 @@ def read_bands(path: Path | str, size: tuple[int, int] | None = None) -> np.ndar
     return np.ascontiguousarray(arr)
 
 
-def read_input(path: Path | str, channels: int = 3, size: tuple[int, int] | None = None,
-               exif_transpose: bool = False) -> np.ndarray:
+def read_input(
+    path: Path | str, channels: int = 3, size: tuple[int, int] | None = None, exif_transpose: bool = False
+) -> np.ndarray:
     """What a model with ``channels`` input channels reads: RGB uint8 for 3 (the fast, cached path),
     float32 [0, 1] H x W x C otherwise, with a one-line error when the file holds another count.
     `exif_transpose`: see read_image (RGB photos only; multi-band rasters keep their grid)."""
@@ -239,8 +254,9 @@ def read_input(path: Path | str, channels: int = 3, size: tuple[int, int] | None
         return read_image(path, size, exif_transpose=exif_transpose)
     arr = read_bands(path, size)
     if arr.shape[2] != channels:
-        raise PixelsegError(f"{path}: image has {arr.shape[2]} channel(s) but the model takes "
-                            f"{channels} (--in-channels {channels})")
+        raise PixelsegError(
+            f"{path}: image has {arr.shape[2]} channel(s) but the model takes {channels} (--in-channels {channels})"
+        )
     return arr
 
 

@@ -8,6 +8,7 @@ Orientation says, because the tools annotate what a viewer shows (labels/rules.p
 train/valid/test, COCO's instances_<split>, CVAT's subset, sub-folders); where there is no val split,
 folder's seeded `--val-fraction` (grouped by `--val-group`) holds one out.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,7 @@ class LabelSample(Sample):
     height: int = 0
     width: int = 0
     shapes: list = field(default_factory=list)
-    orientation: int = 1   # EXIF Orientation: != 1 -> the pixels are turned upright before use (labels/rules.py)
+    orientation: int = 1  # EXIF Orientation: != 1 -> the pixels are turned upright before use (labels/rules.py)
 
 
 def upright_size(s: LabelSample) -> tuple[int, int]:
@@ -46,13 +47,16 @@ def upright_size(s: LabelSample) -> tuple[int, int]:
 @dataclass
 class ShapeReader:
     """(image, class ids) of one labelled image; a plain dataclass so DataLoader workers can receive it."""
+
     overlap: str = "smaller"
 
     def __call__(self, s: LabelSample, size=None, max_side=None):
         isz = upright_size(s)
         if isz != (s.width, s.height):
-            raise PixelsegError(f"{s.image}: the file is {isz[0]}×{isz[1]} but its annotations ({s.mask}) were "
-                                f"read for {s.width}×{s.height}; it changed since")
+            raise PixelsegError(
+                f"{s.image}: the file is {isz[0]}×{isz[1]} but its annotations ({s.mask}) were "
+                f"read for {s.width}×{s.height}; it changed since"
+            )
         target = fit_size((s.height, s.width), size, max_side)
         img = read_image(s.image, target, exif_transpose=s.orientation != 1)
         return img, self.target(s, target)
@@ -88,8 +92,11 @@ def parse(name: str, read, root: Path | None, o: dict) -> LabelSet:
 
 def report_line(labels: LabelSet, root) -> str:
     n = sum(len(it.shapes) for it in labels.items)
-    lines = [f"{labels.format} dataset {root}: " + ", ".join(f"{s} {len(v)}" for s, v in labels.splits().items())
-             + f" images, {n} shapes, {len(labels.class_names)} classes ({', '.join(labels.class_names)})"]
+    lines = [
+        f"{labels.format} dataset {root}: "
+        + ", ".join(f"{s} {len(v)}" for s, v in labels.splits().items())
+        + f" images, {n} shapes, {len(labels.class_names)} classes ({', '.join(labels.class_names)})"
+    ]
     lines += [f"  note: {t}" for t in labels.notes]
     if labels.clipped:
         lines.append(f"  {labels.clipped} shape(s) reach past the image border (clipped)")
@@ -103,8 +110,9 @@ def report_line(labels: LabelSet, root) -> str:
 def splits(labels: LabelSet, o: dict) -> dict[str, list[LabelSample]]:
     out: dict[str, list[LabelSample]] = {}
     for split, items in labels.splits().items():
-        out[split] = [LabelSample(it.name, it.image, it.source, it.height, it.width, it.shapes, it.orientation)
-                      for it in items]
+        out[split] = [
+            LabelSample(it.name, it.image, it.source, it.height, it.width, it.shapes, it.orientation) for it in items
+        ]
     if "train" not in out and len(out) == 1:  # one unnamed split (CVAT's "default", a single file)
         out = {"train": next(iter(out.values()))}
     if "train" in out and "val" not in out:
@@ -133,15 +141,24 @@ def _signature(labels: LabelSet, o: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def load(name: str, read, defaults: dict, root, split: str, image_size, limit=None, use_cache: CacheArg = True,
-         **given):
+def load(
+    name: str, read, defaults: dict, root, split: str, image_size, limit=None, use_cache: CacheArg = True, **given
+):
     o = options(defaults, given)
     labels = parse(name, read, root, o)
     samples = _split(name, root, splits(labels, o), split)
     if limit:
         samples = samples[:limit]
-    ds = build_split(samples, ShapeReader(o["overlap"]), info(name, labels), tuple(image_size), use_cache,
-                     f"{name}|{_signature(labels, o)}", f"decoding {split}", min(8, max(1, len(samples))))
+    ds = build_split(
+        samples,
+        ShapeReader(o["overlap"]),
+        info(name, labels),
+        tuple(image_size),
+        use_cache,
+        f"{name}|{_signature(labels, o)}",
+        f"decoding {split}",
+        min(8, max(1, len(samples))),
+    )
     if split == "train":  # the export's damaged items, counted once in the run summary
         ds.skipped = list(getattr(ds, "skipped", [])) + list(labels.bad)
     return ds
@@ -186,13 +203,21 @@ class AnnotationFormat:
 def formats() -> dict[str, AnnotationFormat]:
     """--dataset coco|cvat|labelstudio|labelme|yolo."""
     from ..labels import coco, cvat, labelme, labelstudio, yolo
+
     return {
-        "coco": AnnotationFormat("coco", coco.read, "COCO instances JSON (Roboflow train/valid/test, or "
-                                 "annotations/instances_<split>.json + images/)", iscrowd="class"),
-        "cvat": AnnotationFormat("cvat", cvat.read, "CVAT for images 1.1 XML (annotations.xml + images/)",
-                                 boxes=False),
-        "labelstudio": AnnotationFormat("labelstudio", labelstudio.read, "Label Studio JSON export "
-                                        "(polygonlabels, brushlabels) + images", boxes=False),
+        "coco": AnnotationFormat(
+            "coco",
+            coco.read,
+            "COCO instances JSON (Roboflow train/valid/test, or annotations/instances_<split>.json + images/)",
+            iscrowd="class",
+        ),
+        "cvat": AnnotationFormat("cvat", cvat.read, "CVAT for images 1.1 XML (annotations.xml + images/)", boxes=False),
+        "labelstudio": AnnotationFormat(
+            "labelstudio",
+            labelstudio.read,
+            "Label Studio JSON export (polygonlabels, brushlabels) + images",
+            boxes=False,
+        ),
         "labelme": AnnotationFormat("labelme", labelme.read, "LabelMe JSON, one per image", boxes=False),
         "yolo": AnnotationFormat("yolo", yolo.read, "YOLO-seg: data.yaml + images/ + labels/*.txt", boxes=False),
     }

@@ -5,6 +5,7 @@ WebDataset shards) and `folds.FoldSubset`, so callers ask these attributes inste
 Splits that are not ``streamed`` also give random access: ``ds[i]``, ``masks`` (the epoch figures) and
 ``read_sample(i)`` (the sample, or None when its files are unreadable; folds reads its parts so).
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
@@ -17,9 +18,9 @@ class SplitDataset(Protocol):
     info: DatasetInfo
     names: list[str]
     transform: Transform | None  # per-sample (image, mask) -> (image, mask)
-    full_res: bool            # samples keep their source sizes: a transform must crop/resize them
-    streamed: bool            # batches come from the stream (shards): num_batches(), no random access, no masks
-    reads_files: bool         # each sample is read from files when asked for (work for DataLoader workers)
+    full_res: bool  # samples keep their source sizes: a transform must crop/resize them
+    streamed: bool  # batches come from the stream (shards): num_batches(), no random access, no masks
+    reads_files: bool  # each sample is read from files when asked for (work for DataLoader workers)
 
     def __len__(self) -> int: ...
 

@@ -14,6 +14,7 @@ exponential backoff and jitter, AWS_MAX_ATTEMPTS attempts in all (default 4; AWS
 another mode); s3fs retries a body read that broke off, at most 3 times. Authentication and
 not-found errors are never retried.
 """
+
 from __future__ import annotations
 
 import errno
@@ -24,8 +25,15 @@ from ..core.errors import PixelsegError
 
 DEFAULT_MAX_ATTEMPTS = 4
 BODY_READ_RETRIES = 3
-AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-              "403", "Forbidden")
+AUTH_CODES = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "403",
+    "Forbidden",
+)
 
 
 def is_s3(url) -> bool:
@@ -47,10 +55,13 @@ def filesystem():
         import s3fs
     except ImportError:
         raise PixelsegError("s3:// URLs need s3fs: pip install 'pixelseg[s3]'") from None
-    retries = {"total_max_attempts": max_attempts(),  # AWS_MAX_ATTEMPTS counts the first try ("max_attempts" would not)
-               "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint(),
-                           config_kwargs={"retries": retries, "connect_timeout": 10, "read_timeout": 60})
+    retries = {
+        "total_max_attempts": max_attempts(),  # AWS_MAX_ATTEMPTS counts the first try ("max_attempts" would not)
+        "mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+    }
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint(), config_kwargs={"retries": retries, "connect_timeout": 10, "read_timeout": 60}
+    )
     fs.retries = BODY_READ_RETRIES  # s3fs's own loop (a class attribute, 5 by default) on top of botocore's
     return fs
 
@@ -62,20 +73,24 @@ def cause(exc: BaseException) -> str:
     if name == "NoCredentialsError":
         return "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
     if isinstance(exc, PermissionError) or any(c in text for c in AUTH_CODES):
-        return (f"access denied ({text.splitlines()[0][:160]}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                "or AWS_PROFILE and the bucket's policy")
+        return (
+            f"access denied ({text.splitlines()[0][:160]}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "or AWS_PROFILE and the bucket's policy"
+        )
     if "ConnectionError" in name or "ConnectTimeout" in name or "Could not connect" in text:
         return f"cannot reach the endpoint {endpoint() or 'of AWS S3'} ({name}); check AWS_ENDPOINT_URL and the network"
     if (isinstance(exc, OSError) and exc.errno == errno.EBUSY) or "Service Unavailable" in text or "SlowDown" in text:
-        return (f"the endpoint stayed unavailable ({text.splitlines()[0][:120]}) through {max_attempts()} attempts "
-                "with backoff; try again later, or raise AWS_MAX_ATTEMPTS")
+        return (
+            f"the endpoint stayed unavailable ({text.splitlines()[0][:120]}) through {max_attempts()} attempts "
+            "with backoff; try again later, or raise AWS_MAX_ATTEMPTS"
+        )
     if isinstance(exc, FileNotFoundError):
         return "bucket does not exist" if "bucket" in text.lower() else "not found"
     return f"{name}: {text.splitlines()[0][:200]}"
 
 
 def _key(url: str) -> str:
-    return url[len("s3://"):]
+    return url[len("s3://") :]
 
 
 def read_bytes(url: str) -> bytes:

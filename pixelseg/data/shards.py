@@ -25,6 +25,7 @@ worker j % workers. For training, every rank yields the same number of batches (
 one sample), so DDP ranks stay in step without padding or duplicate samples (the one exception: a batch
 size of 1 per rank with a sample count that does not divide by the ranks, see ShardDataset).
 """
+
 from __future__ import annotations
 
 import io
@@ -44,7 +45,7 @@ INDEX_FORMAT = "pixelseg-shards"
 INDEX_VERSION = 2  # 2: every shard starts with a __info__ record (its classes)
 INFO_KEY = "__info__"
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
-SHUFFLE_BUFFER = 128   # encoded samples per worker (bytes, not decoded pixels: memory stays small)
+SHUFFLE_BUFFER = 128  # encoded samples per worker (bytes, not decoded pixels: memory stays small)
 
 
 def _classes(names) -> str:
@@ -67,14 +68,17 @@ def _join(base: str, name: str) -> str:
 
 def _read_text(url: str) -> str:
     import webdataset as wds
+
     if remote.is_s3(url):
         return remote.read_bytes(url).decode("utf-8")
     try:
         with wds.gopen(url, "rb") as f:
             return f.read().decode("utf-8")
     except Exception as exc:  # gopen raises many kinds (OSError, IOError from pipes, HTTP errors)
-        raise PixelsegError(f"{url}: cannot read the shard index ({exc}); write shards with `pixelseg shards "
-                            "--out DIR` and pass that DIR (or URL) as --data-root") from None
+        raise PixelsegError(
+            f"{url}: cannot read the shard index ({exc}); write shards with `pixelseg shards "
+            "--out DIR` and pass that DIR (or URL) as --data-root"
+        ) from None
 
 
 def _read_index_text(base: str, index_url: str) -> str:
@@ -87,14 +91,17 @@ def _read_index_text(base: str, index_url: str) -> str:
         if not str(exc).endswith(": not found"):
             raise
     tars = [u for u in remote.listing(base) if u.endswith(".tar")]
-    what = (f"{len(tars)} .tar object(s) but no {index_url.rsplit('/', 1)[-1]}" if tars else "no shards")
-    raise PixelsegError(f"{base.rstrip('/')}/: {what}; write shards there with `pixelseg shards --out "
-                        f"{base.rstrip('/')}/` (the index names the split's shards)")
+    what = f"{len(tars)} .tar object(s) but no {index_url.rsplit('/', 1)[-1]}" if tars else "no shards"
+    raise PixelsegError(
+        f"{base.rstrip('/')}/: {what}; write shards there with `pixelseg shards --out "
+        f"{base.rstrip('/')}/` (the index names the split's shards)"
+    )
 
 
 def read_index(root, split: str) -> tuple[dict, list[str], list[int]]:
     """(index, shard urls, their sample counts) for `split` at `root` (directory, URL or brace pattern)."""
     import braceexpand
+
     root = str(root)
     if _is_pattern(root):
         pattern = root.replace("{split}", split)
@@ -110,15 +117,19 @@ def read_index(root, split: str) -> tuple[dict, list[str], list[int]]:
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise PixelsegError(f"{index_url}: not a pixelseg shard index; write shards with `pixelseg shards`")
     if index.get("version", 0) > INDEX_VERSION:
-        raise PixelsegError(f"{index_url}: shard index version {index['version']} is newer than this pixelseg "
-                            f"reads ({INDEX_VERSION}); upgrade pixelseg")
+        raise PixelsegError(
+            f"{index_url}: shard index version {index['version']} is newer than this pixelseg "
+            f"reads ({INDEX_VERSION}); upgrade pixelseg"
+        )
     counts = {_join(base, s["url"]): int(s["count"]) for s in index["shards"]}
     if urls is None:
         urls = list(counts)
     missing = [u for u in urls if u not in counts]
     if missing:
-        raise PixelsegError(f"{missing[0]}: not listed in {index_url}; the pattern must name shards of split "
-                            f"{split!r} written by `pixelseg shards`")
+        raise PixelsegError(
+            f"{missing[0]}: not listed in {index_url}; the pattern must name shards of split "
+            f"{split!r} written by `pixelseg shards`"
+        )
     return index, urls, [counts[u] for u in urls]
 
 
@@ -131,6 +142,7 @@ def _rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
 def _open_shard(url: str, errors: list) -> list[dict]:
     """[{"url", "stream"}] for webdataset's tar reader, or [] with the error recorded (missing shard)."""
     import webdataset as wds
+
     try:
         return [{"url": url, "stream": remote.open_read(url) if remote.is_s3(url) else wds.gopen(url, "rb")}]
     except PixelsegError:
@@ -156,29 +168,46 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
     worker b % workers, the order in which the DataLoader takes batches from its workers, so the batch
     sequence does not depend on the worker count.
     """
+
     streamed, reads_files = True, True  # data.protocol.SplitDataset
 
-    def __init__(self, urls: list[str], counts: list[int], info: DatasetInfo, size, batch_size: int = 1,
-                 full_res: bool = False, max_side: int | None = None, shuffle: bool = False, seed: int = 0,
-                 rank: int = 0, world: int = 1, even: bool = False, limit: int | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        info: DatasetInfo,
+        size,
+        batch_size: int = 1,
+        full_res: bool = False,
+        max_side: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        even: bool = False,
+        limit: int | None = None,
+    ):
         self.urls, self.counts, self.info = list(urls), list(counts), info
         self.size, self.full_res, self.max_side = size, full_res, max_side
         self.batch_size, self.shuffle, self.seed, self.rank, self.world = batch_size, shuffle, seed, rank, world
         self.even, self.limit = even, limit
         self.transform: Transform | None = None
-        self.num_workers = 0      # set by whoever builds the DataLoader
+        self.num_workers = 0  # set by whoever builds the DataLoader
         # shared memory: persistent DataLoader workers see set_epoch() without being re-created
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.skipped: list[str] = []
         self.names: list[str] = []
 
-    def configure(self, batch_size: int, num_workers: int, rank: int, world: int, shuffle: bool, even: bool,
-                  seed: int = 0):
+    def configure(
+        self, batch_size: int, num_workers: int, rank: int, world: int, shuffle: bool, even: bool, seed: int = 0
+    ):
         self.batch_size, self.num_workers, self.rank, self.world = batch_size, num_workers, rank, world
         self.shuffle, self.even, self.seed = shuffle, even, seed
         if self.even and self._total() < world:
-            raise PixelsegError(f"{self.urls[0]}: {self._total()} training samples for {world} processes; "
-                                "every process needs at least one")
+            raise PixelsegError(
+                f"{self.urls[0]}: {self._total()} training samples for {world} processes; "
+                "every process needs at least one"
+            )
         return self
 
     @property
@@ -230,6 +259,7 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
     def _records(self, rank: int):
         """(rank-local position, shard url, raw sample dict) of this rank's stretch, in epoch order."""
         import webdataset as wds
+
         counts = self._counts()
         shard_ids = [i for i, c in enumerate(counts) if c > 0]
         if self.shuffle:  # one order for all ranks: their stretches must tile the same stream
@@ -268,9 +298,11 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
                 if not stream:
                     self._warn(f"{url}: cannot open the shard ({_cause(errors[0])}); its samples are skipped")
                 else:
-                    self._warn(f"{url}: shard is truncated or corrupt ({str(errors[0]).split(' @ ')[0]}); the "
-                               "samples before the damage were used, the rest of the shard is skipped; rewrite it "
-                               "with `pixelseg shards`")
+                    self._warn(
+                        f"{url}: shard is truncated or corrupt ({str(errors[0]).split(' @ ')[0]}); the "
+                        "samples before the damage were used, the rest of the shard is skipped; rewrite it "
+                        "with `pixelseg shards`"
+                    )
 
     def _checked(self, url: str, samples):
         """The shard's samples without its __info__ record, refusing a shard of other classes."""
@@ -284,10 +316,12 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
             except (KeyError, TypeError, ValueError):
                 raise PixelsegError(f"{url}: unreadable {INFO_KEY} record; rewrite it with `pixelseg shards`") from None
             if list(theirs) != list(self.info.class_names):
-                raise PixelsegError(f"{url}: a shard of {head.get('dataset', '?')} with other classes "
-                                    f"({_classes(theirs)}) mixed into shards of {self.info.name} "
-                                    f"({_classes(self.info.class_names)}); refused: keep one dataset per directory "
-                                    "or prefix")
+                raise PixelsegError(
+                    f"{url}: a shard of {head.get('dataset', '?')} with other classes "
+                    f"({_classes(theirs)}) mixed into shards of {self.info.name} "
+                    f"({_classes(self.info.class_names)}); refused: keep one dataset per directory "
+                    "or prefix"
+                )
 
     def _warn(self, msg: str) -> None:
         log.warning(msg)
@@ -301,12 +335,15 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
         name = sample.get("name.txt", key.encode() if isinstance(key, str) else b"?").decode()
         if img_key is None or "seg.png" not in sample:
             missing = "image (img.*)" if img_key is None else "mask (seg.png)"
-            self._warn(f"{where} ({name}): no {missing} in the shard; sample skipped (rewrite the shard with "
-                       "`pixelseg shards`)")
+            self._warn(
+                f"{where} ({name}): no {missing} in the shard; sample skipped (rewrite the shard with "
+                "`pixelseg shards`)"
+            )
             self._skip(where)
             return None
         try:
             from PIL import Image
+
             isz = Image.open(io.BytesIO(sample[img_key])).size
             msz = Image.open(io.BytesIO(sample["seg.png"])).size
             try:
@@ -379,8 +416,10 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
                 if last is None or not self.even:
                     return
                 # samples were skipped (damaged shard): repeat the last batch so DDP ranks stay in step
-                self._warn(f"rank {self.rank} worker {k}: {len(sizes) - b} batch(es) short after skipped samples; "
-                           "repeating the last one to keep processes in step")
+                self._warn(
+                    f"rank {self.rank} worker {k}: {len(sizes) - b} batch(es) short after skipped samples; "
+                    "repeating the last one to keep processes in step"
+                )
                 yield last
                 continue
             last = torch.stack([a for a, _ in items]), torch.stack([m for _, m in items])
@@ -405,13 +444,23 @@ class ShardDataset(SkipReport, torch.utils.data.IterableDataset):
 def load(root, split: str, image_size, limit: int | None = None, use_cache=True, **_):
     """`--dataset shards`: the split's shards as a ShardDataset (`use_cache` only picks the resolution)."""
     from .base import cache_spec
+
     if root is None:
-        raise PixelsegError("--dataset shards needs --data-root: the directory, URL or brace pattern of shards "
-                            "written by `pixelseg shards`")
+        raise PixelsegError(
+            "--dataset shards needs --data-root: the directory, URL or brace pattern of shards "
+            "written by `pixelseg shards`"
+        )
     index, urls, counts = read_index(root, split)
     spec = cache_spec(use_cache)
-    return ShardDataset(urls, counts, DatasetInfo.from_dict(index["info"]), tuple(image_size), full_res=spec.full_res,
-                        max_side=spec.max_side, limit=limit)
+    return ShardDataset(
+        urls,
+        counts,
+        DatasetInfo.from_dict(index["info"]),
+        tuple(image_size),
+        full_res=spec.full_res,
+        max_side=spec.max_side,
+        limit=limit,
+    )
 
 
 def info(root, split: str = "train") -> DatasetInfo:

@@ -1,5 +1,6 @@
 """Writing a split as WebDataset shards (`pixelseg shards`, `convert --to shards`): tar files of encoded
 image/mask pairs plus an index, published atomically; reading them back is shards.py's."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,16 @@ from .shards import INDEX_FORMAT, INDEX_VERSION, INFO_KEY, _classes
 
 
 # ---- writing --------------------------------------------------------------------------------------
-def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limit: int | None = None,
-                 progress: bool = True, **options) -> dict:
+def write_shards(
+    dataset: str,
+    root,
+    split: str,
+    out,
+    maxcount: int = 1000,
+    limit: int | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
     """Write one split of any dataset pixelseg reads as WebDataset shards plus its index; each shard is
     written under a temporary name and renamed, and the index last, so readers never see a partial set."""
     import webdataset as wds
@@ -41,6 +50,7 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
     else:
         out, staging = Path(out), Path(out)
     from ..core.files import pid_prefix, remove_stale_temps
+
     if staging == out:
         remove_stale_temps(out, f".{split}-")  # a killed run's unfinished shard
     shards: list[dict] = []
@@ -59,8 +69,9 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
 
     try:
         items = _source_items(ds, FileDataset)
-        for name, image_bytes, ext, mask in tqdm(items, total=len(ds), desc=f"shards {split}", unit="img",
-                                                 leave=False, disable=not progress or None):
+        for name, image_bytes, ext, mask in tqdm(
+            items, total=len(ds), desc=f"shards {split}", unit="img", leave=False, disable=not progress or None
+        ):
             if image_bytes is None:  # unreadable source file: skipped and counted
                 skipped.append(name)
                 continue
@@ -71,9 +82,11 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
                 writer.write(header)  # the shard's classes: a shard mixed into another dataset's is refused
             png = io.BytesIO()
             from PIL import Image
+
             Image.fromarray(mask).save(png, format="PNG")
-            writer.write({"__key__": f"{n:09d}", f"img.{ext}": image_bytes, "seg.png": png.getvalue(),
-                          "name.txt": name.encode()})
+            writer.write(
+                {"__key__": f"{n:09d}", f"img.{ext}": image_bytes, "seg.png": png.getvalue(), "name.txt": name.encode()}
+            )
             n += 1
             buf_count += 1
             if buf_count >= maxcount:
@@ -84,12 +97,21 @@ def write_shards(dataset: str, root, split: str, out, maxcount: int = 1000, limi
             shutil.rmtree(staging, ignore_errors=True)
     if n == 0:
         raise PixelsegError(f"dataset {dataset} split {split!r}: no readable samples to write")
-    index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dataset": dataset, "split": split,
-             "info": ds.info.to_dict(), "count": n, "shards": shards, "skipped": skipped}
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "dataset": dataset,
+        "split": split,
+        "info": ds.info.to_dict(),
+        "count": n,
+        "shards": shards,
+        "skipped": skipped,
+    }
     if isinstance(out, str):
         remote.write_bytes(remote.join(out, f"{split}.json"), json.dumps(index, indent=1).encode())
     else:
         from ..core.files import atomic_write_text
+
         atomic_write_text(out / f"{split}.json", json.dumps(index, indent=1))
     return index
 
@@ -119,9 +141,11 @@ def _refuse_other_classes(existing: dict, dataset: str, info: DatasetInfo) -> No
     for where, index in existing.items():
         theirs = index.get("info", {}).get("class_names") if isinstance(index, dict) else None
         if theirs is not None and index.get("format") == INDEX_FORMAT and theirs != list(info.class_names):
-            raise PixelsegError(f"--out {where}: holds shards of {index.get('dataset', '?')} with other classes "
-                                f"({_classes(theirs)}, not {_classes(info.class_names)}); write {dataset} to "
-                                "another --out (one dataset per directory or prefix)")
+            raise PixelsegError(
+                f"--out {where}: holds shards of {index.get('dataset', '?')} with other classes "
+                f"({_classes(theirs)}, not {_classes(info.class_names)}); write {dataset} to "
+                "another --out (one dataset per directory or prefix)"
+            )
 
 
 def _publish(tmp: str, out, name: str) -> None:
@@ -136,6 +160,7 @@ def _publish(tmp: str, out, name: str) -> None:
 def _source_items(ds, file_dataset_cls):
     """(name, image file bytes, extension, class-id mask) per sample at the source resolution."""
     from PIL import Image
+
     if isinstance(ds, file_dataset_cls):
         for s in ds.samples:
             try:
@@ -147,7 +172,7 @@ def _source_items(ds, file_dataset_cls):
                 yield str(s.image), None, None, None
                 continue
             ext = {"jpeg": "jpg", "png": "png"}.get(fmt)
-            turn = getattr(s, "orientation", 1) != 1   # annotated upright (labels/rules.py): stored upright
+            turn = getattr(s, "orientation", 1) != 1  # annotated upright (labels/rules.py): stored upright
             if ext is None or turn:  # other formats are stored as PNG of what the dataset reads (lossless)
                 buf = io.BytesIO()
                 Image.fromarray(read_image(s.image, exif_transpose=turn)).save(buf, format="PNG")
@@ -158,5 +183,3 @@ def _source_items(ds, file_dataset_cls):
             buf = io.BytesIO()
             Image.fromarray(np.asarray(ds.images[i])).save(buf, format="PNG")
             yield ds.names[i], buf.getvalue(), "png", np.asarray(ds.masks[i])
-
-

@@ -1,4 +1,5 @@
 """Random images and blob masks: a dataset for benchmarks and smoke tests that needs no files."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,6 +32,7 @@ def write_folder(root, n: int, size=(512, 512), seed: int = 0, vary: bool = Fals
     from pathlib import Path
 
     from PIL import Image, ImageDraw
+
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ every split decodes through the same ``decode_samples`` path as the other datase
 --data-root may also be ``VOCdevkit`` or ``VOCdevkit/VOC2012`` itself. Without --data-root the
 archives are downloaded (md5/sha256 checked) into ``$PIXELSEG_DATA/voc``.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,29 @@ import numpy as np
 from ..core.errors import PixelsegError
 from .base import CacheArg, DatasetInfo, Sample, decode_samples, paired_mask
 
-CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor"]
+CLASS_NAMES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 
 def _voc_palette(n: int) -> list[tuple[int, int, int]]:
@@ -55,14 +76,20 @@ VALID_VALUES = (*range(21), 255)  # 255: the 5-pixel border VOC leaves unlabelle
 LABEL_MAP = np.full(256, 255, dtype=np.uint8)
 LABEL_MAP[:21] = np.arange(21)
 
-HOMEPAGE = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ and the SBD page " \
-           "http://home.bharathh.info/pubs/codes/SBD/download.html"
+HOMEPAGE = (
+    "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ and the SBD page "
+    "http://home.bharathh.info/pubs/codes/SBD/download.html"
+)
 # Checksums as torchvision gives them (datasets.VOCSegmentation md5; the SBD sha256 of its
 # prototype datasets); download_file tells md5 from sha256 by length.
-VOC_URL = ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
-           "6cd6e144f989b92b3379bac3b3de84fd")
-SBD_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
-           "6a5a2918d5c73ce032fdeba876574d150d9d04113ab87540a1304cbcc715be53")
+VOC_URL = (
+    "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+    "6cd6e144f989b92b3379bac3b3de84fd",
+)
+SBD_URL = (
+    "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
+    "6a5a2918d5c73ce032fdeba876574d150d9d04113ab87540a1304cbcc715be53",
+)
 
 
 def _voc_dir(root: Path) -> Path | None:
@@ -73,8 +100,12 @@ def _voc_dir(root: Path) -> Path | None:
 
 
 def _sbd_dir(root: Path, voc: Path) -> Path | None:
-    for cand in (root / "benchmark_RELEASE" / "dataset", root / "SBD" / "dataset", root / "SBD",
-                 voc.parent.parent / "benchmark_RELEASE" / "dataset"):
+    for cand in (
+        root / "benchmark_RELEASE" / "dataset",
+        root / "SBD" / "dataset",
+        root / "SBD",
+        voc.parent.parent / "benchmark_RELEASE" / "dataset",
+    ):
         if (cand / "cls").is_dir():
             return cand
     return None
@@ -84,13 +115,15 @@ def _missing(root: Path) -> list[str]:
     voc = _voc_dir(root)
     if voc is None:
         return ["VOCdevkit/VOC2012/JPEGImages/"]
-    return [f"VOCdevkit/VOC2012/{d}/" for d in ("SegmentationClass", "ImageSets/Segmentation")
-            if not (voc / d).is_dir()]
+    return [
+        f"VOCdevkit/VOC2012/{d}/" for d in ("SegmentationClass", "ImageSets/Segmentation") if not (voc / d).is_dir()
+    ]
 
 
 def resolve_root(root: Path | None, split: str, download: bool = True) -> Path:
     if root is None:
         from .download import ensure_archives
+
         urls = [VOC_URL] + ([SBD_URL] if split == "train_aug" else [])
 
         def missing(p):
@@ -100,15 +133,18 @@ def resolve_root(root: Path | None, split: str, download: bool = True) -> Path:
                 if voc is None or _sbd_dir(p, voc) is None:
                     gone.append("benchmark_RELEASE/dataset/cls/")
             return gone
+
         return ensure_archives("Pascal VOC 2012", "voc", urls, missing, HOMEPAGE, download)
     root = Path(root)
     if not root.is_dir():
         raise PixelsegError(f"--data-root {root}: directory not found")
     gone = _missing(root)
     if gone:
-        raise PixelsegError(f"--data-root {root}: no {gone[0]}; expected Pascal VOC 2012 as "
-                            "VOCtrainval_11-May-2012.tar extracts (VOCdevkit/VOC2012/JPEGImages, SegmentationClass, "
-                            "ImageSets/Segmentation), or omit --data-root to download it")
+        raise PixelsegError(
+            f"--data-root {root}: no {gone[0]}; expected Pascal VOC 2012 as "
+            "VOCtrainval_11-May-2012.tar extracts (VOCdevkit/VOC2012/JPEGImages, SegmentationClass, "
+            "ImageSets/Segmentation), or omit --data-root to download it"
+        )
     return root
 
 
@@ -126,9 +162,10 @@ def _sbd_label(mat: Path) -> np.ndarray:
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise PixelsegError("reading SBD .mat labels needs scipy: pip install 'pixelseg[voc]' (or scipy), or use "
-                            "the pre-converted SegmentationClassAug PNGs with ImageSets/Segmentation/train_aug.txt") \
-            from None
+        raise PixelsegError(
+            "reading SBD .mat labels needs scipy: pip install 'pixelseg[voc]' (or scipy), or use "
+            "the pre-converted SegmentationClassAug PNGs with ImageSets/Segmentation/train_aug.txt"
+        ) from None
     try:
         seg = loadmat(str(mat), squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
@@ -145,6 +182,7 @@ def _sbd_png(mat: Path) -> Path:
     from PIL import Image
 
     from .download import data_home
+
     st = mat.stat()
     out = data_home() / "voc-sbd-png" / f"{mat.stem}-{st.st_size}-{st.st_mtime_ns}.png"
     if not out.is_file():
@@ -166,13 +204,16 @@ def list_samples(root: Path, split: str) -> list[Sample]:
     if split != "train_aug":
         return [Sample(n, img(n), voc / "SegmentationClass" / f"{n}.png") for n in _read_list(sets / f"{split}.txt")]
     if (sets / "train_aug.txt").is_file() and (voc / "SegmentationClassAug").is_dir():  # DeepLab's layout
-        return [Sample(n, img(n), voc / "SegmentationClassAug" / f"{n}.png")
-                for n in _read_list(sets / "train_aug.txt")]
+        return [
+            Sample(n, img(n), voc / "SegmentationClassAug" / f"{n}.png") for n in _read_list(sets / "train_aug.txt")
+        ]
     sbd = _sbd_dir(root, voc)
     if sbd is None:
-        raise PixelsegError(f"--split train_aug needs SBD: extract benchmark.tgz into {root} (giving "
-                            f"benchmark_RELEASE/dataset/cls/), or put SegmentationClassAug/ and "
-                            f"ImageSets/Segmentation/train_aug.txt into {voc}; or use --train-split train")
+        raise PixelsegError(
+            f"--split train_aug needs SBD: extract benchmark.tgz into {root} (giving "
+            f"benchmark_RELEASE/dataset/cls/), or put SegmentationClassAug/ and "
+            f"ImageSets/Segmentation/train_aug.txt into {voc}; or use --train-split train"
+        )
     val = set(_read_list(sets / "val.txt"))
     voc_train = _read_list(sets / "train.txt")
     sbd_names = _read_list(sbd / "train.txt") + _read_list(sbd / "val.txt")
@@ -181,8 +222,9 @@ def list_samples(root: Path, split: str) -> list[Sample]:
     sbd_only = [n for n in names if n not in voc_labelled]
     missing = [sbd / "cls" / f"{n}.mat" for n in sbd_only if not (sbd / "cls" / f"{n}.mat").is_file()]
     if missing:
-        raise PixelsegError(f"{missing[0]}: listed in SBD's train.txt/val.txt but not found "
-                            f"({len(missing)} label file(s) missing)")
+        raise PixelsegError(
+            f"{missing[0]}: listed in SBD's train.txt/val.txt but not found ({len(missing)} label file(s) missing)"
+        )
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         pngs = dict(zip(sbd_only, pool.map(lambda n: _sbd_png(sbd / "cls" / f"{n}.mat"), sbd_only), strict=True))
     return [Sample(n, img(n), pngs.get(n) or voc / "SegmentationClass" / f"{n}.png") for n in names]
@@ -198,6 +240,7 @@ def _check_files(samples: list[Sample], split: str) -> None:
 
 def read_target(sample: Sample) -> np.ndarray:
     from .io import read_id_mask
+
     return read_id_mask(sample.mask, LABEL_MAP, VALID_VALUES, "are outside VOC's ids 0..20 and 255")
 
 
@@ -208,12 +251,25 @@ def full_res_samples(root: Path | None, split: str):
     return samples, read_target
 
 
-def load(root: Path | None, split: str, image_size: tuple[int, int], limit: int | None = None,
-         use_cache: CacheArg = True, download: bool = True):
+def load(
+    root: Path | None,
+    split: str,
+    image_size: tuple[int, int],
+    limit: int | None = None,
+    use_cache: CacheArg = True,
+    download: bool = True,
+):
     root = resolve_root(root, split, download)
     samples = list_samples(root, split)
     if limit:
         samples = samples[:limit]
     _check_files(samples, split)
-    return decode_samples(samples, image_size, INFO, label_map=LABEL_MAP, valid_values=VALID_VALUES,
-                          use_cache=use_cache, desc=f"decoding voc {split}")
+    return decode_samples(
+        samples,
+        image_size,
+        INFO,
+        label_map=LABEL_MAP,
+        valid_values=VALID_VALUES,
+        use_cache=use_cache,
+        desc=f"decoding voc {split}",
+    )

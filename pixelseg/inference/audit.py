@@ -24,6 +24,7 @@ Dataset Labels", JAIR 70, 2021), applied per pixel and written here from the pap
 Everything runs at each image's own resolution (the model at its training size, its logits resized back,
 as `predict` does), so suspect regions line up with the annotations they are exported beside.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,12 @@ from ..core.files import atomic_write_bytes, atomic_write_text, check_output_dir
 from ..core.logs import logger as log
 from .suspects import KINDS, Thresholds, background_ids, find_suspects, label_quality, suspect_regions
 
-KIND_COLORS = {"missing_label": (255, 215, 0), "wrong_class": (255, 0, 255), "spurious_label": (0, 200, 255),
-               "boundary": (255, 120, 0)}
+KIND_COLORS = {
+    "missing_label": (255, 215, 0),
+    "wrong_class": (255, 0, 255),
+    "spurious_label": (0, 200, 255),
+    "boundary": (255, 120, 0),
+}
 FORMATS = ("auto", "coco", "cvat", "labelstudio", "yolo", "none")
 
 
@@ -54,16 +59,17 @@ FORMATS = ("auto", "coco", "cvat", "labelstudio", "yolo", "none")
 class Entry:
     split: str
     name: str
-    fold: int | None           # the fold that held it out; None for a plain run
-    image: Path | None         # the image file (None for datasets without files, e.g. synthetic)
-    sample: object             # what read_target takes (a Sample), or an index into `arrays`
+    fold: int | None  # the fold that held it out; None for a plain run
+    image: Path | None  # the image file (None for datasets without files, e.g. synthetic)
+    sample: object  # what read_target takes (a Sample), or an index into `arrays`
 
 
 @dataclass
 class Source:
     """The images to audit, their models and how to read them."""
+
     run: Path
-    ckpt: dict                 # the run's checkpoint dict (a folds run: fold 0's, with ``members``)
+    ckpt: dict  # the run's checkpoint dict (a folds run: fold 0's, with ``members``)
     dataset: str
     root: object
     class_names: list
@@ -80,6 +86,7 @@ class Source:
             assert self.arrays is not None  # entries without a file are samples of `arrays`
             return np.asarray(self.arrays[e.split].images[e.sample])
         from ..data.io import read_input
+
         return read_input(e.image, self.channels)
 
     def target(self, e: Entry) -> np.ndarray:
@@ -97,6 +104,7 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
     from ..data import dataset_info, dataset_options, get_dataset_module, load_split
     from ..training.folds import pool_splits
     from .loading import model_channels, recorded_data_root
+
     run = Path(run)
     if not run.exists():
         raise PixelsegError(f"{run}: no such run directory; pass the --run-dir of a `pixelseg train` run")
@@ -109,9 +117,11 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
         fold_of = _read_folds_csv(run / "folds.csv")
     else:
         splits, fold_of = [cfg["train_split"]], None
-        log.warning(f"{run} is not a `train --folds K` run: its one model trained on the {cfg['train_split']!r} "
-                    "images it now scores, so it agrees with their labels more than a held-out model would and "
-                    "the audit misses errors it has learnt; train with --folds 3 (or more) for honest scores")
+        log.warning(
+            f"{run} is not a `train --folds K` run: its one model trained on the {cfg['train_split']!r} "
+            "images it now scores, so it agrees with their labels more than a held-out model would and "
+            "the audit misses errors it has learnt; train with --folds 3 (or more) for honest scores"
+        )
     dataset = cfg["dataset"]
     fix = "pass --data-root PATH (where the data is now)"
     root = data_root if data_root is not None else recorded_data_root(ckpt, fix)
@@ -121,12 +131,24 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
     info = dataset_info(dataset, root, split=splits[0], **opts)
     want = list(ckpt["dataset"]["class_names"])
     if list(info.class_names) != want:
-        raise PixelsegError(f"{run}: the model's classes ({', '.join(want)}) differ from those of dataset {dataset} "
-                            f"at {root} ({', '.join(info.class_names)}); audit the data the run trained on "
-                            "(--data-root), with the same class list")
+        raise PixelsegError(
+            f"{run}: the model's classes ({', '.join(want)}) differ from those of dataset {dataset} "
+            f"at {root} ({', '.join(info.class_names)}); audit the data the run trained on "
+            "(--data-root), with the same class list"
+        )
     module = get_dataset_module(dataset)
-    src = Source(run, ckpt, dataset, root, want, [tuple(p) for p in info.palette], int(info.ignore_index),
-                 model_channels(ckpt), [], folds=is_folds)
+    src = Source(
+        run,
+        ckpt,
+        dataset,
+        root,
+        want,
+        [tuple(p) for p in info.palette],
+        int(info.ignore_index),
+        model_channels(ckpt),
+        [],
+        folds=is_folds,
+    )
     seen, extra = set(), 0
     for split in splits:
         if hasattr(module, "full_res_samples"):
@@ -134,14 +156,25 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
             items = [(s.name, s.image, s) for s in samples]
         else:
             from .loading import input_size
-            ds = load_split(dataset, root, split, input_size(ckpt), cfg.get("limit"), use_cache="none",
-                            channels=src.channels, **opts)
+
+            ds = load_split(
+                dataset,
+                root,
+                split,
+                input_size(ckpt),
+                cfg.get("limit"),
+                use_cache="none",
+                channels=src.channels,
+                **opts,
+            )
             src.arrays = {**(src.arrays or {}), split: ds}
             items = [(n, None, i) for i, n in enumerate(ds.names)]
         for name, image, sample in items:
             if image is not None and not Path(image).is_file():
-                raise PixelsegError(f"{image}: listed by dataset {dataset} at {root} but not found; the data moved "
-                                    f"or changed since the run: {fix}")
+                raise PixelsegError(
+                    f"{image}: listed by dataset {dataset} at {root} but not found; the data moved "
+                    f"or changed since the run: {fix}"
+                )
             fold = fold_of.get((split, name)) if fold_of is not None else None
             if fold_of is not None and fold is None:
                 extra += 1
@@ -151,12 +184,16 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
     if fold_of is not None:
         missing = [f"{s}/{n}" for (s, n) in fold_of if (s, n) not in seen]
         if missing:
-            raise PixelsegError(f"{run / 'folds.csv'}: {len(missing)} of its {len(fold_of)} images are not in dataset "
-                                f"{dataset} at {root} (e.g. {missing[0]}); the data moved or changed since the run: "
-                                f"{fix}, or train the folds again on the data as it is now")
+            raise PixelsegError(
+                f"{run / 'folds.csv'}: {len(missing)} of its {len(fold_of)} images are not in dataset "
+                f"{dataset} at {root} (e.g. {missing[0]}); the data moved or changed since the run: "
+                f"{fix}, or train the folds again on the data as it is now"
+            )
         if extra:
-            log.warning(f"{extra} image(s) of the dataset are not in {run / 'folds.csv'} (added after training?): "
-                        "no fold held them out, so they are left out of the audit")
+            log.warning(
+                f"{extra} image(s) of the dataset are not in {run / 'folds.csv'} (added after training?): "
+                "no fold held them out, so they are left out of the audit"
+            )
     if limit:
         src.entries = src.entries[:limit]
     if not src.entries:
@@ -169,14 +206,29 @@ def _read_folds_csv(path: Path) -> dict:
         with open(path, newline="") as f:
             return {(r["split"], r["name"]): int(r["fold"]) for r in csv.DictReader(f)}
     except (OSError, KeyError, ValueError) as exc:
-        raise PixelsegError(f"{path}: unreadable ({exc}); it says which fold held out each image, so the audit "
-                            "cannot pick the held-out model without it") from None
+        raise PixelsegError(
+            f"{path}: unreadable ({exc}); it says which fold held out each image, so the audit "
+            "cannot pick the held-out model without it"
+        ) from None
 
 
 # ---- the audit -----------------------------------------------------------------------------------------
-def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, device: str = "auto",
-          precision: str = "auto", band: int | None = None, min_area: int | None = None, limit: int | None = None,
-          batch_size: int = 16, progress: bool = True, unlabelled=None, next_top: int | None = None) -> dict:
+def audit(
+    run,
+    out=None,
+    top: int = 20,
+    fmt: str = "auto",
+    data_root=None,
+    device: str = "auto",
+    precision: str = "auto",
+    band: int | None = None,
+    min_area: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    unlabelled=None,
+    next_top: int | None = None,
+) -> dict:
     """Audit a run's training labels; writes audit.csv, audit.json, overlays/ and review/ into `out`
     (default RUN/audit). `unlabelled` (folders or files of new images): also next/, one list of the suspects
     and those images (pixelseg.inference.label_next). Returns the report (the dict in audit.json, plus ``files``)."""
@@ -184,6 +236,7 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
     from ..core.runtime import resolve_precision, select_device
     from .loading import input_size, load_model
     from .tiling import Predictor, torch_logits_fn
+
     if fmt not in FORMATS:
         raise PixelsegError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     for flag, v in (("--top", top), ("--band", band), ("--min-area", min_area), ("--limit", limit)):
@@ -223,8 +276,9 @@ def audit(run, out=None, top: int = 20, fmt: str = "auto", data_root=None, devic
         bg = background_ids(src.class_names)
         # pass 2: suspects and scores, per image
         records = []
-        for i in progress_bar([i for i in range(len(src.entries)) if i in shapes], desc="audit: suspects",
-                              unit="img", enabled=progress):
+        for i in progress_bar(
+            [i for i in range(len(src.entries)) if i in shapes], desc="audit: suspects", unit="img", enabled=progress
+        ):
             e = src.entries[i]
             target = src.target(e)
             probs = _probs(logits[i], target.shape)
@@ -250,21 +304,25 @@ def _check_unlabelled(src: Source, unlabelled, fmt: str, next_top) -> list | Non
     if not unlabelled:
         return None
     from .label_next import check_names, unlabelled_files
+
     if next_top is not None and next_top < 1:
         raise PixelsegError(f"--next-top {next_top}: must be >= 1")
     audited = [e.image for e in src.entries]
     files, labelled = unlabelled_files(unlabelled, audited)
     if labelled:
-        log.info(f"--unlabelled: {labelled} of the images are labelled images of the dataset "
-                 "(audited, not listed twice)")
+        log.info(
+            f"--unlabelled: {labelled} of the images are labelled images of the dataset (audited, not listed twice)"
+        )
     check_names(files, audited, fmt)
     return files
 
 
-def _write_next(src: Source, records, new_files: list, fmt: str, out: Path, dev, amp, next_top, progress,
-                report: dict) -> list[Path]:
+def _write_next(
+    src: Source, records, new_files: list, fmt: str, out: Path, dev, amp, next_top, progress, report: dict
+) -> list[Path]:
     """next/: the suspects and the unlabelled images in one list (pixelseg.inference.label_next)."""
     from .label_next import merge, score_unlabelled, suspect_item, write_next
+
     suspects = []
     for i, score, sus, _, (h, w) in records:
         e = src.entries[i]
@@ -279,14 +337,15 @@ def _write_next(src: Source, records, new_files: list, fmt: str, out: Path, dev,
     return write_next(items, fmt, src.class_names, src.palette, out / "next", model_version="pixelseg-next")
 
 
-def _held_out_pass(src: Source, predictor, size, batch_size: int, logits, thresholds: Thresholds, skipped: list,
-                   bar) -> dict:
+def _held_out_pass(
+    src: Source, predictor, size, batch_size: int, logits, thresholds: Thresholds, skipped: list, bar
+) -> dict:
     """Pass 1: each image through the model that held it out (batches of one fold); training-size logits
     into `logits`, the image-size probabilities into the thresholds. Returns {entry index: (H, W)}."""
     order = sorted(range(len(src.entries)), key=lambda i: (src.entries[i].fold or 0, i))
     shapes: dict[int, tuple] = {}
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         groups: dict = {}
         for i in chunk:
             groups.setdefault(src.entries[i].fold, []).append(i)
@@ -313,6 +372,7 @@ def _held_out_pass(src: Source, predictor, size, batch_size: int, logits, thresh
 
 def _read(src: Source, e: Entry, skipped: list):
     from ..data.io import UnreadableImage
+
     try:
         return src.image(e)
     except UnreadableImage as exc:
@@ -323,9 +383,11 @@ def _read(src: Source, e: Entry, skipped: list):
 
 def _check_size(e: Entry, img: np.ndarray, target: np.ndarray) -> None:
     if img.shape[:2] != target.shape:
-        raise PixelsegError(f"{e.image or e.name}: image is {img.shape[1]}×{img.shape[0]} but its mask is "
-                            f"{target.shape[1]}×{target.shape[0]}; "
-                            "fix the pair (the audit compares them pixel by pixel)")
+        raise PixelsegError(
+            f"{e.image or e.name}: image is {img.shape[1]}×{img.shape[0]} but its mask is "
+            f"{target.shape[1]}×{target.shape[0]}; "
+            "fix the pair (the audit compares them pixel by pixel)"
+        )
 
 
 def _probs(logits: np.ndarray, hw) -> np.ndarray:
@@ -354,27 +416,57 @@ def _report(src: Source, records, t, bg, band, min_area, skipped) -> dict:
         e = src.entries[i]
         kinds = {k: sum(r.kind == k for r in sus) for k in KINDS}
         shares = {k: round(sum(r.area for r in sus if r.kind == k) / (h * w), 6) for k in KINDS}
-        rows.append({"rank": rank, "image": str(e.image) if e.image else e.name, "split": e.split, "name": e.name,
-                     "fold": e.fold, "score": round(score, 6), "regions": len(sus), "kinds": kinds,
-                     "pixel_share": shares, "suspect_share": round(sum(r.area for r in sus) / (h * w), 6),
-                     "width": w, "height": h,
-                     "suspects": [{"kind": r.kind, "given": names[r.given], "suggested": names[r.suggested],
-                                   "area": r.area, "bbox": r.bbox, "confidence": round(r.confidence, 4),
-                                   "margin": round(r.margin, 4)} for r in sus]})
-    return {"run": str(src.run), "dataset": src.dataset, "data_root": str(src.root) if src.root else None,
-            "held_out": src.folds,
-            "method": "confident learning (Northcutt et al., JAIR 2021) per pixel; see docs/labels.md",
-            "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4))
-                           for n, v in zip(names, t, strict=False)},
-            "background": [names[k] for k in sorted(bg)],
-            "band": band or "auto (2% of the longer side, >= 3 px)",
-            "min_area": min_area or "auto (0.025% of the image, >= 16 px)",
-            "images": len(rows), "flagged": sum(r["regions"] > 0 for r in rows), "skipped_files": skipped,
-            "ranking": rows}
+        rows.append(
+            {
+                "rank": rank,
+                "image": str(e.image) if e.image else e.name,
+                "split": e.split,
+                "name": e.name,
+                "fold": e.fold,
+                "score": round(score, 6),
+                "regions": len(sus),
+                "kinds": kinds,
+                "pixel_share": shares,
+                "suspect_share": round(sum(r.area for r in sus) / (h * w), 6),
+                "width": w,
+                "height": h,
+                "suspects": [
+                    {
+                        "kind": r.kind,
+                        "given": names[r.given],
+                        "suggested": names[r.suggested],
+                        "area": r.area,
+                        "bbox": r.bbox,
+                        "confidence": round(r.confidence, 4),
+                        "margin": round(r.margin, 4),
+                    }
+                    for r in sus
+                ],
+            }
+        )
+    return {
+        "run": str(src.run),
+        "dataset": src.dataset,
+        "data_root": str(src.root) if src.root else None,
+        "held_out": src.folds,
+        "method": "confident learning (Northcutt et al., JAIR 2021) per pixel; see docs/labels.md",
+        "thresholds": {n: (None if not np.isfinite(v) else round(float(v), 4)) for n, v in zip(names, t, strict=False)},
+        "background": [names[k] for k in sorted(bg)],
+        "band": band or "auto (2% of the longer side, >= 3 px)",
+        "min_area": min_area or "auto (0.025% of the image, >= 16 px)",
+        "images": len(rows),
+        "flagged": sum(r["regions"] > 0 for r in rows),
+        "skipped_files": skipped,
+        "ranking": rows,
+    }
 
 
-CSV_FIELDS = ["rank", "image", "split", "name", "fold", "score", "regions"] + [f"n_{k}" for k in KINDS] + \
-             ["suspect_share"] + [f"share_{k}" for k in KINDS]
+CSV_FIELDS = (
+    ["rank", "image", "split", "name", "fold", "score", "regions"]
+    + [f"n_{k}" for k in KINDS]
+    + ["suspect_share"]
+    + [f"share_{k}" for k in KINDS]
+)
 
 
 def _write_tables(report: dict, out: Path) -> list[Path]:
@@ -382,8 +474,14 @@ def _write_tables(report: dict, out: Path) -> list[Path]:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     for r in report["ranking"]:
-        w.writerow({**{k: r[k] for k in CSV_FIELDS[:7]}, **{f"n_{k}": r["kinds"][k] for k in KINDS},
-                    "suspect_share": r["suspect_share"], **{f"share_{k}": r["pixel_share"][k] for k in KINDS}})
+        w.writerow(
+            {
+                **{k: r[k] for k in CSV_FIELDS[:7]},
+                **{f"n_{k}": r["kinds"][k] for k in KINDS},
+                "suspect_share": r["suspect_share"],
+                **{f"share_{k}": r["pixel_share"][k] for k in KINDS},
+            }
+        )
     atomic_write_text(out / "audit.csv", buf.getvalue())
     atomic_write_text(out / "audit.json", json.dumps(report, indent=1))
     return [out / "audit.csv", out / "audit.json"]
@@ -395,6 +493,7 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
     import cv2
 
     from ..core.viz import overlay, rgb_view
+
     img = image if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 else rgb_view(image)
     h, w = target.shape
     scale = min(1.0, 480 / max(h, w)) if max(h, w) > 480 else max(1.0, 240 / max(h, w))
@@ -425,8 +524,9 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
     legend = np.full((22, body.shape[1], 3), 255, np.uint8)
     for k in KINDS:
         cv2.rectangle(legend, (x, 5), (x + 12, 17), KIND_COLORS[k], -1)
-        cv2.putText(legend, k.replace("_", " "), (x + 16, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
+        cv2.putText(
+            legend, k.replace("_", " "), (x + 16, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
+        )
         x += 22 + 8 * len(k)
     return np.concatenate([header, body, legend], 0)
 
@@ -434,6 +534,7 @@ def overlay_panel(src: Source, image, target, pred, suspects, title: str) -> np.
 def _write_overlays(src: Source, records, logits, out: Path) -> list[Path]:
     """overlays/NNN_<name>.png for the top images, written to overlays.partial/ and swapped in whole."""
     from ..core.viz import png_bytes
+
     final, tmp = out / "overlays", out / "overlays.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -442,8 +543,12 @@ def _write_overlays(src: Source, records, logits, out: Path) -> list[Path]:
         e = src.entries[i]
         img, target = src.image(e), src.target(e)
         pred = _probs(logits[i], hw).argmax(0)
-        kinds = ", ".join(f"{sum(r.kind == k for r in sus)} {k.replace('_', ' ')}" for k in KINDS
-                          if any(r.kind == k for r in sus)) or "no suspects"
+        kinds = (
+            ", ".join(
+                f"{sum(r.kind == k for r in sus)} {k.replace('_', ' ')}" for k in KINDS if any(r.kind == k for r in sus)
+            )
+            or "no suspects"
+        )
         title = f"#{rank} {e.name}  quality {score:.3f}  ({kinds})"
         name = f"{rank:03d}_{_safe(e.name)}.png"
         atomic_write_bytes(tmp / name, png_bytes(overlay_panel(src, img, target, pred, sus, title)))
@@ -461,6 +566,7 @@ def _safe(name: str) -> str:
 def _write_review(src: Source, records, fmt: str, out: Path) -> list[Path]:
     """review/: the flagged images, worst first, with their suspects as the tool's pre-annotations."""
     from ..labels.write import ImageRegions, write
+
     bg = background_ids(src.class_names)
     items = []
     for i, score, sus, _, (h, w) in records:
@@ -472,22 +578,34 @@ def _write_review(src: Source, records, fmt: str, out: Path) -> list[Path]:
         shutil.rmtree(review / "yolo")
     review.mkdir(exist_ok=True)
     names = [src.class_names[k] for k in range(len(src.class_names)) if k not in bg]
-    return write(fmt, items, src.class_names, src.palette, review, model_version="pixelseg-audit",
-                 attributes={"kind": list(KINDS), "given": names, "suggested": list(src.class_names)})
+    return write(
+        fmt,
+        items,
+        src.class_names,
+        src.palette,
+        review,
+        model_version="pixelseg-audit",
+        attributes={"kind": list(KINDS), "given": names, "suggested": list(src.class_names)},
+    )
 
 
 def format_summary(report: dict, top: int = 10) -> str:
-    how = ("each by the fold model that held it out" if report["held_out"] else
-           "by the model that trained on them: optimistic")
-    lines = [f"audited {report['images']} images of {report['dataset']} ({how}); "
-             f"{report['flagged']} with suspect regions",
-             "thresholds (mean self-confidence per class): " + ", ".join(
-                 f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in report["thresholds"].items()),
-             f"{'rank':>4}  {'quality':>7}  {'regions':>7}  image"]
+    how = (
+        "each by the fold model that held it out"
+        if report["held_out"]
+        else "by the model that trained on them: optimistic"
+    )
+    lines = [
+        f"audited {report['images']} images of {report['dataset']} ({how}); {report['flagged']} with suspect regions",
+        "thresholds (mean self-confidence per class): "
+        + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in report["thresholds"].items()),
+        f"{'rank':>4}  {'quality':>7}  {'regions':>7}  image",
+    ]
     for r in report["ranking"][:top]:
         kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in r["kinds"].items() if n)
-        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['regions']:>7}  {r['name']}"
-                     + (f"  ({kinds})" if kinds else ""))
+        lines.append(
+            f"{r['rank']:>4}  {r['score']:>7.4f}  {r['regions']:>7}  {r['name']}" + (f"  ({kinds})" if kinds else "")
+        )
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ same memory. Percentile thresholds are therefore resolved to 1/``UNC_BINS`` of t
 range; within the bin that straddles a threshold its pixels are dropped pro rata (hand-written
 because no library keeps these curves streaming).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,13 @@ class UncertaintyStats:
         self.unc_correct = {k: torch.zeros(UNC_BINS, dtype=torch.float64, device=device) for k in unc_ranges}
 
     @torch.no_grad()
-    def update(self, probs: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
-               uncertainties: dict[str, torch.Tensor]) -> None:
+    def update(
+        self,
+        probs: torch.Tensor,
+        target: torch.Tensor,
+        ignore_index: int | None,
+        uncertainties: dict[str, torch.Tensor],
+    ) -> None:
         """probs N×C×H×W (rows sum to 1), target N×H×W, uncertainties name -> N×H×W (higher = less sure)."""
         conf, pred = probs.float().max(1)
         valid = (target >= 0) & (target < probs.shape[1])
@@ -67,10 +73,12 @@ class UncertaintyStats:
 
     def reliability(self) -> dict:
         c = self.conf_count.clamp(min=1)
-        return {"bin_edges": np.linspace(0, 1, CONF_BINS + 1).tolist(),
-                "count": self.conf_count.tolist(),
-                "accuracy": torch.where(self.conf_count > 0, self.conf_correct / c, torch.nan).tolist(),
-                "confidence": torch.where(self.conf_count > 0, self.conf_sum / c, torch.nan).tolist()}
+        return {
+            "bin_edges": np.linspace(0, 1, CONF_BINS + 1).tolist(),
+            "count": self.conf_count.tolist(),
+            "accuracy": torch.where(self.conf_count > 0, self.conf_correct / c, torch.nan).tolist(),
+            "confidence": torch.where(self.conf_count > 0, self.conf_sum / c, torch.nan).tolist(),
+        }
 
     def accuracy(self) -> float:
         n = self.conf_count.sum()
@@ -98,9 +106,15 @@ class UncertaintyStats:
         return [self.kept_accuracy(name, float(f)) for f in fractions]
 
     def summary(self) -> dict:
-        return {"pixel_acc": self.accuracy(), "ece": self.ece(), "reliability": self.reliability(),
-                "kept_accuracy": {name: {f"{round(100 * f)}%": self.kept_accuracy(name, f) for f in DROP_FRACTIONS}
-                                  for name in self.unc_count}}
+        return {
+            "pixel_acc": self.accuracy(),
+            "ece": self.ece(),
+            "reliability": self.reliability(),
+            "kept_accuracy": {
+                name: {f"{round(100 * f)}%": self.kept_accuracy(name, f) for f in DROP_FRACTIONS}
+                for name in self.unc_count
+            },
+        }
 
 
 def softmax_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -116,6 +130,7 @@ def entropy_range(num_classes: int) -> float:
 def reliability_figure(sources: dict[str, UncertaintyStats], path, title: str = "") -> None:
     """Left: reliability diagram per source; right: kept accuracy vs fraction of most uncertain pixels dropped."""
     from ..core.viz import _save_fig, plt
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     ax1.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
     width = 1.0 / CONF_BINS
@@ -124,8 +139,13 @@ def reliability_figure(sources: dict[str, UncertaintyStats], path, title: str = 
         rel = st.reliability()
         acc = np.asarray(rel["accuracy"], dtype=float)
         off = (i - (len(sources) - 1) / 2) * width / max(len(sources), 1)
-        ax1.bar(centers + off, np.nan_to_num(acc), width=width / max(len(sources), 1), alpha=0.75,
-                label=f"{label} (ECE {100 * st.ece():.2f}%)")
+        ax1.bar(
+            centers + off,
+            np.nan_to_num(acc),
+            width=width / max(len(sources), 1),
+            alpha=0.75,
+            label=f"{label} (ECE {100 * st.ece():.2f}%)",
+        )
     ax1.set_xlabel("confidence (max softmax)")
     ax1.set_ylabel("accuracy")
     ax1.set_xlim(0, 1)

@@ -1,5 +1,6 @@
 """`pixelseg evaluate`: score a checkpoint, a `--folds` run or an export on a split — at the training size or
 each image's own resolution — with per-class IoU, confusion matrix and, on request, calibration."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
 @dataclass
 class EvalOptions:
     """What `pixelseg evaluate` scores and how: one field per flag (None = what the run recorded)."""
+
     data_root: str | None = None
     split: str | None = None
     dataset: str | None = None
@@ -53,9 +55,12 @@ class EvalOptions:
 def _warn_if_pooled(ckpt: dict, dataset: str, split: str) -> None:
     """A --folds ensemble scored on a split its folds trained on: say the score is optimistic."""
     if split in ckpt.get("pool_splits", ()) and dataset == ckpt["config"]["dataset"]:
-        tqdm.write(f"warning: every image of split {split!r} was in the cross-validation pool, so each fold model "
-                   "trained on most of them and this score is optimistic; the out-of-fold scores are in "
-                   f"{ckpt['path']}", file=sys.stderr)
+        tqdm.write(
+            f"warning: every image of split {split!r} was in the cross-validation pool, so each fold model "
+            "trained on most of them and this score is optimistic; the out-of-fold scores are in "
+            f"{ckpt['path']}",
+            file=sys.stderr,
+        )
 
 
 def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
@@ -90,26 +95,38 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
     if mc_samples < 0:
         raise PixelsegError(f"--mc-samples {mc_samples}: must be >= 0")
     if uncertainty and (o.full_res or o.tta):
-        raise PixelsegError("--uncertainty/--mc-samples are measured at the training resolution without TTA; "
-                            "drop --full-res/--tta")
+        raise PixelsegError(
+            "--uncertainty/--mc-samples are measured at the training resolution without TTA; drop --full-res/--tta"
+        )
     unc = None
     if o.full_res:
         cm, info, n_images, skipped, resolution = _score_full_res(ckpt, runner, data, ctx, size, window, o)
         tag = f"{split}_fullres" + ("_tile" if window else "") + ("_tta" if o.tta else "")
     else:
-        cm, unc, info, n_images, skipped = _score_at_training_size(ckpt, runner, data, ctx, size, o, uncertainty,
-                                                                  mc_samples)
+        cm, unc, info, n_images, skipped = _score_at_training_size(
+            ckpt, runner, data, ctx, size, o, uncertainty, mc_samples
+        )
         resolution = f"{size[0]}x{size[1]} (training resolution{', flip TTA' if o.tta else ''})"
         tag = split + ("_tta" if o.tta else "")
     scores = cm.compute()
     result = {
-        "checkpoint": ckpt["path"], "dataset": dataset, "split": split, "images": n_images,
-        "resolution": resolution, "full_res": bool(o.full_res), "tile": list(window) if window else None,
-        "tta": bool(o.tta), "skipped_files": skipped,
-        "pixel_acc": scores["pixel_acc"], "mean_class_acc": scores["mean_class_acc"], "miou": scores["miou"],
+        "checkpoint": ckpt["path"],
+        "dataset": dataset,
+        "split": split,
+        "images": n_images,
+        "resolution": resolution,
+        "full_res": bool(o.full_res),
+        "tile": list(window) if window else None,
+        "tta": bool(o.tta),
+        "skipped_files": skipped,
+        "pixel_acc": scores["pixel_acc"],
+        "mean_class_acc": scores["mean_class_acc"],
+        "miou": scores["miou"],
         "mean_dice": scores["mean_dice"],
-        "per_class": {n: {"iou": i, "dice": d, "acc": a} for n, i, d, a in
-                      zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"], strict=False)},
+        "per_class": {
+            n: {"iou": i, "dice": d, "acc": a}
+            for n, i, d, a in zip(info.class_names, scores["iou"], scores["dice"], scores["class_acc"], strict=False)
+        },
         "confusion_matrix": cm.mat.cpu().tolist(),
     }
     return _write_eval(result, ckpt, cm, info, scores, tag, unc, mc_samples, window, o)
@@ -118,6 +135,7 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
 @dataclass
 class _EvalData:
     """The split being scored."""
+
     dataset: str
     root: str | Path | None
     split: str
@@ -134,15 +152,25 @@ def _score_full_res(ckpt, runner, data: _EvalData, ctx: RunContext, size, window
     info = dataset_info(dataset, root, split=split, **options)
     _check_classes(ckpt, info, dataset, num_classes)
     model = runner or load_model(ckpt, dev, amp, channels_last)
-    predictor = Predictor(runner or torch_logits_fn(model, dev, amp, channels_last), size, window, o.overlap, o.tta,
-                          batch_size=min(o.batch_size, 16), device=dev)
+    predictor = Predictor(
+        runner or torch_logits_fn(model, dev, amp, channels_last),
+        size,
+        window,
+        o.overlap,
+        o.tta,
+        batch_size=min(o.batch_size, 16),
+        device=dev,
+    )
     cm = ConfusionMatrix(num_classes, info.ignore_index, device=dev)
     n_images = 0
     warned = False
-    for _, img, target in progress_bar(iter_full_res(dataset, root, split, size, limit, skipped,
-                                                     channels=model_channels(ckpt), **options),
-                                       total=limit, desc=f"evaluate {split} (full resolution)", unit="img",
-                                       enabled=o.progress):
+    for _, img, target in progress_bar(
+        iter_full_res(dataset, root, split, size, limit, skipped, channels=model_channels(ckpt), **options),
+        total=limit,
+        desc=f"evaluate {split} (full resolution)",
+        unit="img",
+        enabled=o.progress,
+    ):
         if not warned:
             warned = True
             warning = tile_scale_warning(img.shape[:2], size, window)
@@ -155,12 +183,21 @@ def _score_full_res(ckpt, runner, data: _EvalData, ctx: RunContext, size, window
     return cm, info, n_images, skipped, f"full resolution (each image's own size; {predictor.describe()})"
 
 
-def _score_at_training_size(ckpt, runner, data: _EvalData, ctx: RunContext, size, o: EvalOptions,
-                            uncertainty: bool, mc_samples: int):
+def _score_at_training_size(
+    ckpt, runner, data: _EvalData, ctx: RunContext, size, o: EvalOptions, uncertainty: bool, mc_samples: int
+):
     """The split at the training resolution, as training scores it: (cm, uncertainty report, info, images, skipped)."""
     cfg = ckpt["config"]
-    ds = load_split(data.dataset, data.root, data.split, size, data.limit, use_cache=cfg.get("cache", "mmap"),
-                    channels=model_channels(ckpt), **data.options)
+    ds = load_split(
+        data.dataset,
+        data.root,
+        data.split,
+        size,
+        data.limit,
+        use_cache=cfg.get("cache", "mmap"),
+        channels=model_channels(ckpt),
+        **data.options,
+    )
     info, n_images, skipped = ds.info, len(ds), ds.skipped
     _check_classes(ckpt, info, data.dataset, ckpt["model_config"]["num_classes"])
     model = runner or load_model(ckpt, ctx.device, ctx.amp_dtype, ctx.channels_last)
@@ -169,8 +206,9 @@ def _score_at_training_size(ckpt, runner, data: _EvalData, ctx: RunContext, size
     if uncertainty:
         cm, unc = _uncertainty_pass(model, loader, ctx, info, mc_samples, o.progress, ckpt["path"], data.split)
     else:
-        cm, _ = loop.evaluate_loader(FlipTTA(model) if o.tta else model, loader, ctx,
-                                info, progress=o.progress, desc=f"evaluate {data.split}")
+        cm, _ = loop.evaluate_loader(
+            FlipTTA(model) if o.tta else model, loader, ctx, info, progress=o.progress, desc=f"evaluate {data.split}"
+        )
     return cm, unc, info, n_images, skipped
 
 
@@ -181,41 +219,57 @@ def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples:
     extra_files = []
     if unc is not None:
         from .calibration import reliability_figure
+
         sources = unc.pop("_stats")
         result["uncertainty"] = unc
         tag_u = f"{tag}_mc{mc_samples}" if mc_samples else tag
         fig = out / f"uncertainty_{tag_u}.png"
-        reliability_figure(sources, fig, f"{ckpt['model_config'].get('arch')}/{ckpt['model_config'].get('backbone')}"
-                           f" on {dataset} {split}" + (f", {mc_samples} MC-dropout samples" if mc_samples else ""))
+        reliability_figure(
+            sources,
+            fig,
+            f"{ckpt['model_config'].get('arch')}/{ckpt['model_config'].get('backbone')}"
+            f" on {dataset} {split}" + (f", {mc_samples} MC-dropout samples" if mc_samples else ""),
+        )
         extra_files.append(str(fig))
         tag = tag_u
     atomic_write_text(out / f"eval_{tag}.json", json.dumps(result, indent=1))
-    viz.confusion_figure(cm.mat.cpu().numpy(), info.class_names, out / f"confusion_{tag}.png",
-                         f"{dataset} {split}: mIoU {scores['miou']:.3f}" + (" (full resolution)" if o.full_res else "")
-                         + (" with flip TTA" if o.tta else "") + (f", tiles {window[0]}x{window[1]}" if window else ""))
+    viz.confusion_figure(
+        cm.mat.cpu().numpy(),
+        info.class_names,
+        out / f"confusion_{tag}.png",
+        f"{dataset} {split}: mIoU {scores['miou']:.3f}"
+        + (" (full resolution)" if o.full_res else "")
+        + (" with flip TTA" if o.tta else "")
+        + (f", tiles {window[0]}x{window[1]}" if window else ""),
+    )
     result["out_dir"] = str(out)
     result["files"] = [str(out / f"eval_{tag}.json"), str(out / f"confusion_{tag}.png"), *extra_files]
     return result
 
 
 @torch.no_grad()
-def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samples: int, progress: bool,
-                      ckpt_path, split: str):
+def _uncertainty_pass(
+    model, loader, ctx: RunContext, info: DatasetInfo, mc_samples: int, progress: bool, ckpt_path, split: str
+):
     """One pass over the split (loop.py's evaluation loop): confusion matrix of the deterministic prediction
     plus the calibration statistics of `pixelseg.inference.calibration` for it (softmax entropy) and, with `mc_samples`,
     for MC dropout."""
     from ..core.metrics import scores_from_confusion
     from ..models.uncertainty import has_dropout, mc_predict
     from .calibration import UncertaintyStats, entropy_range, softmax_entropy
+
     c, dev = info.num_classes, ctx.device
     if mc_samples and not has_dropout(model):
-        raise PixelsegError(f"{ckpt_path}: this model has no dropout layers, so --mc-samples has nothing to sample; "
-                            "use --uncertainty for the softmax-entropy report of a plain model")
+        raise PixelsegError(
+            f"{ckpt_path}: this model has no dropout layers, so --mc-samples has nothing to sample; "
+            "use --uncertainty for the softmax-entropy report of a plain model"
+        )
     cm = ConfusionMatrix(c, info.ignore_index, device=dev)
     cm_mc = ConfusionMatrix(c, info.ignore_index, device=dev)
     single = UncertaintyStats({"entropy": entropy_range(c)}, device=dev)
-    mc = UncertaintyStats({"entropy": entropy_range(c), "variance": (1 - 1 / c) / c}, device=dev) \
-        if mc_samples else None
+    mc = (
+        UncertaintyStats({"entropy": entropy_range(c), "variance": (1 - 1 / c) / c}, device=dev) if mc_samples else None
+    )
 
     def on_batch(x, y, logits):
         probs = logits.softmax(1)
@@ -227,9 +281,13 @@ def _uncertainty_pass(model, loader, ctx: RunContext, info: DatasetInfo, mc_samp
             mean = r["mean"].float()
             cm_mc.update(class_ids(mean), y)
             mc.update(mean, y, info.ignore_index, {"entropy": r["entropy"].float(), "variance": r["variance"].float()})
+
     loop.evaluate_loader(model, loader, ctx, info, progress=progress, desc=f"uncertainty {split}", on_batch=on_batch)
-    report: dict[str, Any] = {"mc_samples": mc_samples, "softmax": single.summary(),
-              "_stats": {"softmax (1 pass)": single}}
+    report: dict[str, Any] = {
+        "mc_samples": mc_samples,
+        "softmax": single.summary(),
+        "_stats": {"softmax (1 pass)": single},
+    }
     if mc is not None:
         s = scores_from_confusion(cm_mc.mat)
         report["mc"] = mc.summary()
@@ -243,29 +301,37 @@ def _exported_runner(backend: str, exported, uncertainty: bool):
     if backend == "torch" and not exported:
         return None
     if not exported or resolve_backend(backend, exported) == "torch":
-        raise PixelsegError(f"--backend {backend} scores an exported file: pass --exported FILE (.onnx or .xml "
-                            "from `pixelseg export` of this run)")
+        raise PixelsegError(
+            f"--backend {backend} scores an exported file: pass --exported FILE (.onnx or .xml "
+            "from `pixelseg export` of this run)"
+        )
     if uncertainty:
         raise PixelsegError("--uncertainty/--mc-samples need the PyTorch model; drop --exported")
     if resolve_backend(backend, exported) == "openvino":
         from .openvino import OpenVinoModel
+
         return OpenVinoModel(exported)
     from .loading import OnnxModel
+
     return OnnxModel(exported)
 
 
 def _check_classes(ckpt: dict, info: DatasetInfo, dataset: str, num_classes: int) -> None:
     if info.num_classes != num_classes:
-        raise PixelsegError(f"{ckpt['path']}: the model predicts {num_classes} classes but dataset {dataset} has "
-                            f"{info.num_classes} ({', '.join(info.class_names)}); evaluate it on the dataset "
-                            "it was trained for")
+        raise PixelsegError(
+            f"{ckpt['path']}: the model predicts {num_classes} classes but dataset {dataset} has "
+            f"{info.num_classes} ({', '.join(info.class_names)}); evaluate it on the dataset "
+            "it was trained for"
+        )
 
 
 def format_scores(result: dict) -> str:
-    lines = [f"{result['dataset']} / {result['split']}: {result['images']} images at {result['resolution']}",
-             f"pixel accuracy {result['pixel_acc']:.4f} | mean class accuracy {result['mean_class_acc']:.4f} | "
-             f"mIoU {result['miou']:.4f} | mean Dice {result['mean_dice']:.4f}",
-             f"{'class':<16}{'IoU':>8}{'Dice':>8}{'acc':>8}"]
+    lines = [
+        f"{result['dataset']} / {result['split']}: {result['images']} images at {result['resolution']}",
+        f"pixel accuracy {result['pixel_acc']:.4f} | mean class accuracy {result['mean_class_acc']:.4f} | "
+        f"mIoU {result['miou']:.4f} | mean Dice {result['mean_dice']:.4f}",
+        f"{'class':<16}{'IoU':>8}{'Dice':>8}{'acc':>8}",
+    ]
     for name, s in result["per_class"].items():
         lines.append(f"{name:<16}{s['iou']:>8.4f}{s['dice']:>8.4f}{s['acc']:>8.4f}")
     unc = result.get("uncertainty")
@@ -273,17 +339,21 @@ def format_scores(result: dict) -> str:
         lines.append("uncertainty: accuracy of the kept pixels when the most uncertain are dropped; ECE of the softmax")
         rows = [("softmax, 1 pass", unc["softmax"], "entropy")]
         if "mc" in unc:
-            rows += [(f"MC {unc['mc_samples']}, entropy", unc["mc"], "entropy"),
-                     (f"MC {unc['mc_samples']}, variance", unc["mc"], "variance")]
+            rows += [
+                (f"MC {unc['mc_samples']}, entropy", unc["mc"], "entropy"),
+                (f"MC {unc['mc_samples']}, variance", unc["mc"], "variance"),
+            ]
         drops = list(rows[0][1]["kept_accuracy"]["entropy"])
         lines.append(f"{'':<22}{'ECE':>8}" + "".join(f"{'drop ' + d:>11}" for d in drops))
         for label, st, key in rows:
-            lines.append(f"{label:<22}{100 * st['ece']:>7.2f}%" + "".join(
-                f"{100 * st['kept_accuracy'][key][d]:>10.2f}%" for d in drops))
+            lines.append(
+                f"{label:<22}{100 * st['ece']:>7.2f}%"
+                + "".join(f"{100 * st['kept_accuracy'][key][d]:>10.2f}%" for d in drops)
+            )
         if "mc" in unc:
             m = unc["mc"]
-            lines.append(f"MC-dropout mean prediction: pixel accuracy {m['pixel_acc']:.4f} | mean class accuracy "
-                         f"{m['mean_class_acc']:.4f} | mIoU {m['miou']:.4f}")
+            lines.append(
+                f"MC-dropout mean prediction: pixel accuracy {m['pixel_acc']:.4f} | mean class accuracy "
+                f"{m['mean_class_acc']:.4f} | mIoU {m['miou']:.4f}"
+            )
     return "\n".join(lines)
-
-

@@ -13,6 +13,7 @@ if agreement >= 99.9 % and the logit difference is within tolerance is it moved 
 ONNX export uses torch's TorchScript-based exporter (`dynamo=False`): the dynamo exporter needs
 the extra `onnxscript` package, and the TorchScript-based one handles every pixelseg model.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ from .loading import METADATA_KEY, ONNX_HINT, OnnxModel, input_size, load_model,
 
 FORMATS = ("onnx", "torchscript")
 MIN_AGREEMENT = 0.999
-REL_TOL = 1e-3          # max |Δlogit| allowed, relative to max(1, max |logit|)
+REL_TOL = 1e-3  # max |Δlogit| allowed, relative to max(1, max |logit|)
 
 
 def require_onnx():
@@ -48,14 +49,19 @@ def require_onnx():
 
 def _metadata(ckpt: dict) -> dict:
     size = list(input_size(ckpt))
-    return {"pixelseg_version": __version__, "dataset": ckpt["dataset"], "image_size": size,
-            "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ckpt["model_config"].items()},
-            "input": (f"image: float32 N×{ckpt['model_config'].get('in_channels', 3)}×H×W, "
-                      + ("RGB" if ckpt["model_config"].get("in_channels", 3) == 3
-                         else "bands (8-bit / 255, 16-bit / 65535)")
-                      + " in [0, 1] (normalised inside the graph)"),
-            "rgb_bands": ckpt["config"].get("rgb_bands"),
-            "output": "logits: float32 N×C×H×W"}
+    return {
+        "pixelseg_version": __version__,
+        "dataset": ckpt["dataset"],
+        "image_size": size,
+        "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ckpt["model_config"].items()},
+        "input": (
+            f"image: float32 N×{ckpt['model_config'].get('in_channels', 3)}×H×W, "
+            + ("RGB" if ckpt["model_config"].get("in_channels", 3) == 3 else "bands (8-bit / 255, 16-bit / 65535)")
+            + " in [0, 1] (normalised inside the graph)"
+        ),
+        "rgb_bands": ckpt["config"].get("rgb_bands"),
+        "output": "logits: float32 N×C×H×W",
+    }
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -64,15 +70,26 @@ def _export_onnx(model, example: torch.Tensor, path: Path, meta: dict, opset: in
     require_onnxruntime()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: it is meant to be dynamic
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                        "logits": {0: "batch", 2: "height", 3: "width"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={
+                "image": {0: "batch", 2: "height", 3: "width"},
+                "logits": {0: "batch", 2: "height", 3: "width"},
+            },
+        )
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    proto.doc_string = f"pixelseg {meta['model_config'].get('arch')}/{meta['model_config'].get('backbone')}: " \
-                       f"{meta['input']} -> {meta['output']}"
+    proto.doc_string = (
+        f"pixelseg {meta['model_config'].get('arch')}/{meta['model_config'].get('backbone')}: "
+        f"{meta['input']} -> {meta['output']}"
+    )
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
@@ -92,6 +109,7 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
     """Real images (each at its own size, longest side capped) plus a batch of two at the training size."""
     from ..data.io import UnreadableImage, read_input
     from .loading import model_channels
+
     channels = model_channels(ckpt)
     arrays = []
     if check_images:
@@ -104,18 +122,24 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
     else:
         cfg = ckpt["config"]
         from .loading import recorded_data_root
+
         dataset, root = cfg.get("dataset"), recorded_data_root(ckpt, "pass --check-images PATH (a few real images)")
         if root is None and dataset != "synthetic":
-            raise PixelsegError(f"{ckpt['path']}: the run's dataset has no --data-root recorded, so there are no "
-                                "images to check parity on; pass --check-images PATH (a few real images)")
+            raise PixelsegError(
+                f"{ckpt['path']}: the run's dataset has no --data-root recorded, so there are no "
+                "images to check parity on; pass --check-images PATH (a few real images)"
+            )
         from ..data import dataset_options, iter_full_res
+
         try:
-            for _, img, _ in iter_full_res(dataset, root, cfg.get("val_split"), input_size(ckpt), limit,
-                                           channels=channels, **dataset_options(cfg)):
+            for _, img, _ in iter_full_res(
+                dataset, root, cfg.get("val_split"), input_size(ckpt), limit, channels=channels, **dataset_options(cfg)
+            ):
                 arrays.append(img)
         except PixelsegError as exc:
-            raise PixelsegError(f"cannot read the run's validation images for the parity check ({exc}); "
-                                "pass --check-images PATH") from None
+            raise PixelsegError(
+                f"cannot read the run's validation images for the parity check ({exc}); pass --check-images PATH"
+            ) from None
         source = f"{len(arrays)} image(s) of {dataset}/{cfg.get('val_split')}"
     if not arrays:
         raise PixelsegError("no images for the parity check; pass --check-images PATH")
@@ -126,12 +150,21 @@ def _parity_inputs(ckpt: dict, check_images, limit: int, max_side: int) -> tuple
         h, w = x.shape[-2:]
         if max(h, w) > max_side:  # keeps the check quick on big photos; sizes stay varied and odd
             s = max_side / max(h, w)
-            x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
-                              antialias=True, align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(max(1, round(h * s)), max(1, round(w * s))),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         inputs.append(x)
     size = input_size(ckpt)
-    batch = torch.cat([F.interpolate(inputs[i % len(inputs)], size=size, mode="bilinear", antialias=True,
-                                     align_corners=False) for i in range(2)])
+    batch = torch.cat(
+        [
+            F.interpolate(inputs[i % len(inputs)], size=size, mode="bilinear", antialias=True, align_corners=False)
+            for i in range(2)
+        ]
+    )
     return [*inputs, batch], source
 
 
@@ -143,8 +176,10 @@ def check_parity(reference, candidate, inputs: list[torch.Tensor]) -> dict:
         ref = reference(x).float()
         out = candidate(x).float()
         if out.shape != ref.shape:
-            raise PixelsegError(f"exported model returned shape {tuple(out.shape)} for input {tuple(x.shape)}, "
-                                f"PyTorch {tuple(ref.shape)}: the export is not dynamic in that axis")
+            raise PixelsegError(
+                f"exported model returned shape {tuple(out.shape)} for input {tuple(x.shape)}, "
+                f"PyTorch {tuple(ref.shape)}: the export is not dynamic in that axis"
+            )
         max_diff = max(max_diff, float((out - ref).abs().max()))
         max_ref = max(max_ref, float(ref.abs().max()))
         agree += int((class_ids(out) == class_ids(ref)).sum())
@@ -152,19 +187,29 @@ def check_parity(reference, candidate, inputs: list[torch.Tensor]) -> dict:
         shapes.append(tuple(x.shape))
     agreement = agree / max(total, 1)
     tol = REL_TOL * max(1.0, max_ref)
-    return {"max_abs_diff": max_diff, "tolerance": tol, "argmax_agreement": agreement, "pixels": total,
-            "inputs": [list(s) for s in shapes], "ok": agreement >= MIN_AGREEMENT and max_diff <= tol}
+    return {
+        "max_abs_diff": max_diff,
+        "tolerance": tol,
+        "argmax_agreement": agreement,
+        "pixels": total,
+        "inputs": [list(s) for s in shapes],
+        "ok": agreement >= MIN_AGREEMENT and max_diff <= tol,
+    }
 
 
 def format_parity(p: dict) -> str:
-    text = (f"max |logit difference| {p['max_abs_diff']:.3g} (tolerance {p['tolerance']:.3g}), identical argmax on "
-            f"{100 * p['argmax_agreement']:.4f}% of {p['pixels']} pixels (need >= {100 * MIN_AGREEMENT:g}%)")
+    text = (
+        f"max |logit difference| {p['max_abs_diff']:.3g} (tolerance {p['tolerance']:.3g}), identical argmax on "
+        f"{100 * p['argmax_agreement']:.4f}% of {p['pixels']} pixels (need >= {100 * MIN_AGREEMENT:g}%)"
+    )
     if "pool_decisions" in p:
         tied = p["pool_gap"] <= POOL_TIE_RTOL
-        text += (f"; pooling indices: {p['pool_differ']} of {p['pool_decisions']} decisions differ from PyTorch's, "
-                 + ("all between maxima equal up to rounding" if tied else "some between maxima that are NOT tied")
-                 + f" (largest gap {p['pool_gap']:.2g} of the layer's largest value, allowed {POOL_TIE_RTOL:g}); "
-                 "logits compared with PyTorch following the file's decisions")
+        text += (
+            f"; pooling indices: {p['pool_differ']} of {p['pool_decisions']} decisions differ from PyTorch's, "
+            + ("all between maxima equal up to rounding" if tied else "some between maxima that are NOT tied")
+            + f" (largest gap {p['pool_gap']:.2g} of the layer's largest value, allowed {POOL_TIE_RTOL:g}); "
+            "logits compared with PyTorch following the file's decisions"
+        )
         if p.get("probe_diff", 0) > 1e-6:
             text += f"; the index probe's logits differ from the file's by {p['probe_diff']:.3g}"
     return text
@@ -193,6 +238,7 @@ class _RoutedReference:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from ..models import segnet
+
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.float().numpy())})
         forced = [torch.from_numpy(o) for o in outs[1:]]
         if len(forced) != self.n_pools:
@@ -243,14 +289,20 @@ def _check_routed_parity(model, candidate, tmp: Path, inputs: list[torch.Tensor]
     finally:
         probe_path.unlink(missing_ok=True)
     tied = reference.worst_gap <= POOL_TIE_RTOL
-    parity.update(pool_decisions=reference.decisions, pool_differ=reference.differ, pool_gap=reference.worst_gap,
-                  probe_diff=same["max_abs_diff"], ok=parity["ok"] and tied and same["max_abs_diff"] <= 1e-6 and n == 5)
+    parity.update(
+        pool_decisions=reference.decisions,
+        pool_differ=reference.differ,
+        pool_gap=reference.worst_gap,
+        probe_diff=same["max_abs_diff"],
+        ok=parity["ok"] and tied and same["max_abs_diff"] <= 1e-6 and n == 5,
+    )
     return parity
 
 
 # ---- the command ------------------------------------------------------------------------------------
-def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, max_side: int = 512,
-           opset: int = 17) -> dict:
+def export(
+    checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, max_side: int = 512, opset: int = 17
+) -> dict:
     """Export `checkpoint` to `out` as ONNX or TorchScript; raises PixelsegError (and writes nothing) if the
     model cannot be exported or the export disagrees with PyTorch."""
     if fmt not in FORMATS:
@@ -270,6 +322,7 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
     inputs, source = _parity_inputs(ckpt, check_images, check_limit, max_side)
     meta = _metadata(ckpt)
     from .loading import model_channels
+
     example = torch.rand(1, model_channels(ckpt), *input_size(ckpt), generator=torch.Generator().manual_seed(0))
     make_output_dir(out.parent, "--out")
     tmp = out.with_name(f".{out.name}.partial")
@@ -284,8 +337,10 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
             raise
         except Exception as exc:  # exporter failures come as many types; the model is what the user can change
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise PixelsegError(f"{name} cannot be exported to {fmt}: {type(exc).__name__}: {first} "
-                                f"(see docs/export.md for what exports)") from exc
+            raise PixelsegError(
+                f"{name} cannot be exported to {fmt}: {type(exc).__name__}: {first} "
+                f"(see docs/export.md for what exports)"
+            ) from exc
         export_s = time.time() - t0
         candidate = OnnxModel(tmp) if fmt == "onnx" else load_torchscript(tmp)[0]
         if fmt == "onnx" and getattr(model, "pooling_indices", False):
@@ -293,10 +348,19 @@ def export(checkpoint, fmt: str, out, check_images=None, check_limit: int = 4, m
         else:
             parity = check_parity(model, candidate, inputs)
         if not parity["ok"]:
-            raise PixelsegError(f"{name} exported to {fmt}, but it disagrees with PyTorch on {source}: "
-                                f"{format_parity(parity)}; nothing written to {out}")
+            raise PixelsegError(
+                f"{name} exported to {fmt}, but it disagrees with PyTorch on {source}: "
+                f"{format_parity(parity)}; nothing written to {out}"
+            )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"out": str(out), "format": fmt, "model": name, "bytes": out.stat().st_size, "export_s": export_s,
-            "parity_source": source, **parity}
+    return {
+        "out": str(out),
+        "format": fmt,
+        "model": name,
+        "bytes": out.stat().st_size,
+        "export_s": export_s,
+        "parity_source": source,
+        **parity,
+    }

@@ -1,6 +1,7 @@
 """Getting a runnable model back: a checkpoint rebuilt under PyTorch, or a file from `pixelseg export`
 under onnxruntime / TorchScript. Imported by inference, export and serving; imports none of them.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ METADATA_KEY = "pixelseg"
 ONNX_HINT = "pip install onnx onnxruntime (pixelseg's own dependencies; was the install incomplete?)"
 
 
-def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None = None,
-               channels_last: bool = True, fast: bool = True):
+def load_model(
+    ckpt: dict,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    fast: bool = True,
+):
     """Rebuild the architecture from the checkpoint's own config and load its weights, in eval mode.
 
     ``fast`` applies ``rewrites.prepare_for_inference`` (fused BatchNorm, channels_last, bf16
@@ -36,9 +42,11 @@ def load_model(ckpt: dict, device: torch.device, amp_dtype: torch.dtype | None =
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:200]
-        raise PixelsegError(f"{ckpt['path']}: weights do not fit {arch.get('arch')}/{arch.get('backbone')} with "
-                            f"{arch.get('num_classes')} classes ({first}); was the file edited or produced by "
-                            "another tool?") from exc
+        raise PixelsegError(
+            f"{ckpt['path']}: weights do not fit {arch.get('arch')}/{arch.get('backbone')} with "
+            f"{arch.get('num_classes')} classes ({first}); was the file edited or produced by "
+            "another tool?"
+        ) from exc
     model.to(device).eval()
     return prepare_for_inference(model, amp_dtype, channels_last) if fast else model
 
@@ -72,8 +80,10 @@ def recorded_data_root(ckpt: dict, fix: str = "pass --data-root PATH") -> str | 
     root = ckpt["config"].get("data_root")
     if root is not None and "://" not in root and not Path(root).is_dir():  # URLs: checked when read
         where = "" if Path(root).is_absolute() else f" (a relative path, looked up from {Path.cwd()})"
-        raise PixelsegError(f"{ckpt['path']}: the data_root recorded with this run, {root}, is not a directory"
-                            f"{where}; the data has moved or the run was made elsewhere: {fix}")
+        raise PixelsegError(
+            f"{ckpt['path']}: the data_root recorded with this run, {root}, is not a directory"
+            f"{where}; the data has moved or the run was made elsewhere: {fix}"
+        )
     return root
 
 
@@ -125,7 +135,9 @@ def load_onnx_predictor_parts(path, device="cpu") -> tuple[OnnxModel, DatasetInf
     """(callable, DatasetInfo, training size) from a file written by `pixelseg export`."""
     model = OnnxModel(path, device)
     if not model.metadata:
-        raise PixelsegError(f"{path}: no pixelseg metadata (class names, training size) in this ONNX file; "
-                            "export it with `pixelseg export CKPT --format onnx`")
+        raise PixelsegError(
+            f"{path}: no pixelseg metadata (class names, training size) in this ONNX file; "
+            "export it with `pixelseg export CKPT --format onnx`"
+        )
     meta = model.metadata
     return model, DatasetInfo.from_dict(meta["dataset"]), tuple(meta["image_size"])

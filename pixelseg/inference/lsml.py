@@ -16,6 +16,7 @@ background get no regions (the tools have no background label). Labels the model
 the config does not list are reported (in /setup's answer and one log line); a config with no label the model
 knows is refused (422).
 """
+
 from __future__ import annotations
 
 import base64
@@ -53,14 +54,14 @@ class BadRequest(Exception):
 # ---- the labelling config ----------------------------------------------------------------------------------
 @dataclass
 class LabelConfig:
-    kind: str                 # "brushlabels" or "polygonlabels"
-    from_name: str            # the labels tag's name
-    to_name: str              # the <Image> it labels
-    image_key: str            # data key of that image ($image -> "image")
-    labels: list[str]         # the tag's <Label value>s
-    to_label: dict = field(default_factory=dict)    # model class id -> config label
-    unknown: list = field(default_factory=list)     # config labels no model class matches
-    unlisted: list = field(default_factory=list)    # model classes (not background) the config does not list
+    kind: str  # "brushlabels" or "polygonlabels"
+    from_name: str  # the labels tag's name
+    to_name: str  # the <Image> it labels
+    image_key: str  # data key of that image ($image -> "image")
+    labels: list[str]  # the tag's <Label value>s
+    to_label: dict = field(default_factory=dict)  # model class id -> config label
+    unknown: list = field(default_factory=list)  # config labels no model class matches
+    unlisted: list = field(default_factory=list)  # model classes (not background) the config does not list
 
     @property
     def shapes(self) -> str:
@@ -87,12 +88,15 @@ def parse_config(text, class_names: list[str]) -> LabelConfig:
     tag = next((el for el in root.iter() if el.tag.lower() in REGION_TAGS), None)
     if tag is None:
         kinds = sorted({el.tag for el in root.iter() if el.tag.lower().endswith("labels")})
-        raise BadRequest(422, "label_config has no BrushLabels or PolygonLabels tag (pixelseg predicts masks)"
-                         + (f"; it has {', '.join(kinds)}" if kinds else ""))
+        raise BadRequest(
+            422,
+            "label_config has no BrushLabels or PolygonLabels tag (pixelseg predicts masks)"
+            + (f"; it has {', '.join(kinds)}" if kinds else ""),
+        )
     to_name = tag.get("toName", "")
     value = images.get(to_name)
     if value is None or not value.startswith("$"):
-        raise BadRequest(422, f"label_config: <{tag.tag} toName={to_name!r}> names no <Image value=\"$KEY\"> tag")
+        raise BadRequest(422, f'label_config: <{tag.tag} toName={to_name!r}> names no <Image value="$KEY"> tag')
     labels = [v for el in tag if el.tag.lower() == "label" and (v := el.get("value"))]
     cfg = LabelConfig(tag.tag.lower(), tag.get("name", ""), to_name, value[1:], labels)
     by_name = {n: i for i, n in enumerate(class_names)}
@@ -105,8 +109,11 @@ def parse_config(text, class_names: list[str]) -> LabelConfig:
             cfg.to_label[k] = lab
     cfg.unlisted = [n for i, n in enumerate(class_names) if i not in cfg.to_label and n.lower() not in BACKGROUND]
     if not cfg.to_label:
-        raise BadRequest(422, f"label_config's {tag.tag} labels ({', '.join(labels) or 'none'}) match none of the "
-                              f"model's classes ({', '.join(class_names)}); name the labels as the classes")
+        raise BadRequest(
+            422,
+            f"label_config's {tag.tag} labels ({', '.join(labels) or 'none'}) match none of the "
+            f"model's classes ({', '.join(class_names)}); name the labels as the classes",
+        )
     return cfg
 
 
@@ -115,6 +122,7 @@ def segment(engine, image: np.ndarray):
     """(class ids uint8 H×W, top-class probability float32 H×W, mean entropy in nats) of one image, with the
     engine's own predictor (resize or tile, TTA): the same mask as `predict`."""
     import torch
+
     with torch.no_grad():
         p = engine.predictor(image, probs=True)[0].float()
         top, ids = p.max(0)
@@ -122,18 +130,34 @@ def segment(engine, image: np.ndarray):
     return ids.to(torch.uint8).cpu().numpy(), top.cpu().numpy(), entropy
 
 
-def prediction(mask: np.ndarray, top: np.ndarray, entropy: float, class_names: list[str], cfg: LabelConfig,
-               model_version: str, min_area: int = 16) -> dict:
+def prediction(
+    mask: np.ndarray,
+    top: np.ndarray,
+    entropy: float,
+    class_names: list[str],
+    cfg: LabelConfig,
+    model_version: str,
+    min_area: int = 16,
+) -> dict:
     """One Label Studio prediction: a region per class (brush) or per connected part (polygon), each with its
     mean top-class probability as score; the prediction's score is 1 - mean entropy / ln(classes)."""
     from ..labels.write import image_regions
+
     named = [cfg.to_label.get(i, "background") for i in range(len(class_names))]  # unmapped: no regions
     it = image_regions(Path("task"), mask, top, named, entropy, cfg.shapes, min_area)
     h, w = mask.shape
     result = []
     for k, r in enumerate(it.regions):
-        base = {"id": f"r{k}", "from_name": cfg.from_name, "to_name": cfg.to_name, "type": cfg.kind,
-                "original_width": w, "original_height": h, "image_rotation": 0, "score": round(r.score, 6)}
+        base = {
+            "id": f"r{k}",
+            "from_name": cfg.from_name,
+            "to_name": cfg.to_name,
+            "type": cfg.kind,
+            "original_width": w,
+            "original_height": h,
+            "image_rotation": 0,
+            "score": round(r.score, 6),
+        }
         if cfg.kind == "polygonlabels":
             pts = (r.polygons[0] * [100.0 / w, 100.0 / h]).round(4).tolist()
             result.append({**base, "value": {"points": pts, "closed": True, "polygonlabels": [r.label]}})
@@ -149,8 +173,9 @@ def image_ref(task, key: str) -> str:
         raise BadRequest(422, "a task is not an object with a 'data' object")
     ref = task["data"].get(key)
     if not isinstance(ref, str) or not ref:
-        raise BadRequest(422, f"task {task.get('id')}: data has no image under {key!r} (the config's "
-                              f"<Image value=\"${key}\">)")
+        raise BadRequest(
+            422, f'task {task.get("id")}: data has no image under {key!r} (the config\'s <Image value="${key}">)'
+        )
     return ref
 
 
@@ -160,8 +185,11 @@ def fetch(ref: str, host: str | None, token: str | None, max_bytes: int) -> byte
     if ref.startswith("data:"):
         try:
             head, payload = ref.split(",", 1)
-            data = base64.b64decode(payload, validate=True) if head.endswith(";base64") else \
-                urllib.parse.unquote_to_bytes(payload)
+            data = (
+                base64.b64decode(payload, validate=True)
+                if head.endswith(";base64")
+                else urllib.parse.unquote_to_bytes(payload)
+            )
         except ValueError as exc:
             raise BadRequest(422, f"image data: URI does not decode ({exc})") from None
         if len(data) > max_bytes:
@@ -170,14 +198,20 @@ def fetch(ref: str, host: str | None, token: str | None, max_bytes: int) -> byte
     url = ref
     if ref.startswith("/"):
         if not host:
-            raise BadRequest(422, f"image {ref} is a path on the Label Studio server, whose address is unknown: "
-                                  "connect the backend in Label Studio (its /setup names it) or pass "
-                                  "--label-studio-url")
+            raise BadRequest(
+                422,
+                f"image {ref} is a path on the Label Studio server, whose address is unknown: "
+                "connect the backend in Label Studio (its /setup names it) or pass "
+                "--label-studio-url",
+            )
         url = host.rstrip("/") + ref
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
-        raise BadRequest(422, f"image {ref!r}: only http(s) URLs, data: URIs and Label Studio paths are fetched "
-                              f"(not {scheme or 'a bare name'}); use Label Studio's uploads or local files")
+        raise BadRequest(
+            422,
+            f"image {ref!r}: only http(s) URLs, data: URIs and Label Studio paths are fetched "
+            f"(not {scheme or 'a bare name'}); use Label Studio's uploads or local files",
+        )
     headers = {}
     if token and host and url.startswith(host.rstrip("/") + "/"):  # the token goes to Label Studio only
         headers["Authorization"] = f"Token {token}"
@@ -198,6 +232,7 @@ def annotation_mask(results, class_names: list[str], h: int, w: int) -> tuple[np
     """(class-id mask h×w, problems) of an annotation's results: brush and polygon regions whose label names a
     model class (same rule as the config mapping), painted in order; other regions are named in `problems`."""
     from ..labels.raster import BadShape, polygons_rle
+
     by_name: dict[str | None, int] = {n: i for i, n in enumerate(class_names)}
     by_lower = {n.lower(): i for i, n in reversed(list(enumerate(class_names)))}
     mask, problems = np.zeros((h, w), np.uint8), []
@@ -244,25 +279,60 @@ def holdout_tasks(task_ids: list, fraction: float) -> set:
 # ---- the retrain job (runs in its own process) ---------------------------------------------------------------
 # Options of the served run kept for the fine-tune: what builds the model and how it trains, not its data,
 # length or outputs.
-_DROP = {"epochs", "iterations", "time_budget", "early_stop", "folds", "fold", "weights", "freeze_encoder", "resume",
-         "run_dir", "checkpoint_every", "logger", "figure_samples", "device", "limit", "workers", "cache",
-         "cache_max_side", "compile", "crop", "precise_bn"}
+_DROP = {
+    "epochs",
+    "iterations",
+    "time_budget",
+    "early_stop",
+    "folds",
+    "fold",
+    "weights",
+    "freeze_encoder",
+    "resume",
+    "run_dir",
+    "checkpoint_every",
+    "logger",
+    "figure_samples",
+    "device",
+    "limit",
+    "workers",
+    "cache",
+    "cache_max_side",
+    "compile",
+    "crop",
+    "precise_bn",
+}
 
 
 def _train_overrides(ckpt: dict, job: dict, data: Path, run_dir: Path) -> dict:
     from ..training import config as C
+
     recorded = ckpt.get("config") or {}
-    out = {k: v for k, v in recorded.items() if k in C.OPTIONS and k not in _DROP
-           and C.OPTIONS[k].metadata["group"] != "data"}
+    out = {
+        k: v
+        for k, v in recorded.items()
+        if k in C.OPTIONS and k not in _DROP and C.OPTIONS[k].metadata["group"] != "data"
+    }
     mc = ckpt.get("model_config") or {}
     out["model"] = mc.get("arch", out.get("model"))
     if mc.get("backbone"):
         out["backbone"] = mc["backbone"]
-    out.update({"dataset": "folder", "data_root": str(data),
-                "image_size": recorded.get("image_size", job["image_size"]), "weights": job["checkpoint"],
-                "freeze_encoder": "no", "time_budget": job["time_budget"], "run_dir": str(run_dir),
-                "workers": 0, "cache": "memory", "figure_samples": 0, "logger": "none",
-                "device": job.get("device", "auto")})
+    out.update(
+        {
+            "dataset": "folder",
+            "data_root": str(data),
+            "image_size": recorded.get("image_size", job["image_size"]),
+            "weights": job["checkpoint"],
+            "freeze_encoder": "no",
+            "time_budget": job["time_budget"],
+            "run_dir": str(run_dir),
+            "workers": 0,
+            "cache": "memory",
+            "figure_samples": 0,
+            "logger": "none",
+            "device": job.get("device", "auto"),
+        }
+    )
     if recorded.get("in_channels"):
         out["in_channels"] = recorded["in_channels"]
     return out
@@ -291,6 +361,7 @@ def run_job(round_dir: Path) -> dict:
     from ..core.logs import logger as log
     from ..training.train import train
     from .serving import Engine, HTTPProblem, decode_upload
+
     t0 = time.time()
     job = json.loads((round_dir / "job.json").read_text())
     host, token = os.environ.get("PIXELSEG_LS_URL"), os.environ.get("PIXELSEG_LS_TOKEN")
@@ -318,14 +389,16 @@ def run_job(round_dir: Path) -> dict:
     held = holdout_tasks(list(pairs), job["holdout"])
     train_ids = [t for t in pairs if t not in held]
     if not held or not train_ids:
-        raise PixelsegError(f"{len(pairs)} annotated task(s) with readable images: need at least 2 (one to train "
-                            f"on, one held out to judge the new model)")
+        raise PixelsegError(
+            f"{len(pairs)} annotated task(s) with readable images: need at least 2 (one to train "
+            f"on, one held out to judge the new model)"
+        )
     # val = the training tasks again (links named fit_*: a pair belongs to one split): best.pt is picked by fit to
     # them, and the held-out tasks, never trained on nor used to pick, judge old against new
     for t in train_ids:
         for sub in ("images", "masks"):
             os.link(data / sub / f"task_{t}.png", data / sub / f"fit_{t}.png")
-    with open(data / "classes.csv", "w", newline="") as f:   # the served model's classes, ids and names
+    with open(data / "classes.csv", "w", newline="") as f:  # the served model's classes, ids and names
         rows = csv.writer(f)
         rows.writerow(["id", "name", "r", "g", "b"])
         palette = job.get("palette") or [(k, k, k) for k in range(len(names))]
@@ -341,9 +414,16 @@ def run_job(round_dir: Path) -> dict:
     held_pairs = [pairs[t] for t in sorted(held, key=str)]
     old = miou(Engine(job["checkpoint"], device="cpu", precision="fp32"), held_pairs)
     new = miou(Engine(best, device="cpu", precision="fp32"), held_pairs)
-    result = {"old_miou": round(old, 6), "new_miou": round(new, 6), "accepted": new >= old - 1e-9,
-              "checkpoint": str(best), "train_tasks": len(train_ids), "holdout_tasks": len(held),
-              "skipped_tasks": skipped, "wall_s": round(time.time() - t0, 1)}
+    result = {
+        "old_miou": round(old, 6),
+        "new_miou": round(new, 6),
+        "accepted": new >= old - 1e-9,
+        "checkpoint": str(best),
+        "train_tasks": len(train_ids),
+        "holdout_tasks": len(held),
+        "skipped_tasks": skipped,
+        "wall_s": round(time.time() - t0, 1),
+    }
     atomic_write_text(round_dir / "result.json", json.dumps(result, indent=1))
     return result
 

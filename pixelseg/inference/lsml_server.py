@@ -17,6 +17,7 @@ any failure (a crash, no improvement, past the time limit: one log line each), t
 State lives in --ls-dir (default RUN/label-studio): annotations.json, state.json (the version served, so a
 restart serves it again), rounds/NNN/ (job, data, run, retrain.log, result.json).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,21 +49,22 @@ DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
 
 @dataclass
 class LSOptions:
-    work_dir: Path | None = None      # --ls-dir
-    retrain_after: int = 10           # --retrain-after (0: only when Label Studio asks)
-    retrain_budget_s: float = 300.0   # --retrain-budget
-    holdout: float = 0.2              # --holdout
-    url: str | None = None            # --label-studio-url / $LABEL_STUDIO_URL: where task images are fetched
-    token: str | None = None          # $LABEL_STUDIO_API_KEY
-    min_area: int = 16                # polygons: smaller parts are dropped (labels/write.py)
-    retrain_timeout_s: float | None = None   # hard limit on the retrain process; default budget * 1.5 + 120 s
+    work_dir: Path | None = None  # --ls-dir
+    retrain_after: int = 10  # --retrain-after (0: only when Label Studio asks)
+    retrain_budget_s: float = 300.0  # --retrain-budget
+    holdout: float = 0.2  # --holdout
+    url: str | None = None  # --label-studio-url / $LABEL_STUDIO_URL: where task images are fetched
+    token: str | None = None  # $LABEL_STUDIO_API_KEY
+    min_area: int = 16  # polygons: smaller parts are dropped (labels/write.py)
+    retrain_timeout_s: float | None = None  # hard limit on the retrain process; default budget * 1.5 + 120 s
     train_device: str = "auto"
     poll_s: float = 0.5
 
     def check(self) -> LSOptions:
         if self.retrain_after < 0:
-            raise PixelsegError(f"--retrain-after {self.retrain_after}: must be >= 0 (0: only on Label Studio's "
-                                "'Start training')")
+            raise PixelsegError(
+                f"--retrain-after {self.retrain_after}: must be >= 0 (0: only on Label Studio's 'Start training')"
+            )
         if not 0 < self.holdout < 1:
             raise PixelsegError(f"--holdout {self.holdout}: must be between 0 and 1")
         if not self.retrain_budget_s or self.retrain_budget_s <= 0:
@@ -118,7 +120,7 @@ class Backend:
         self._configs: dict[str, LabelConfig] = {}
         self.proc: subprocess.Popen | None = None
         self.watcher: asyncio.Task | None = None
-        self.retrain_command = [sys.executable, "-m", "pixelseg.inference.lsml"]   # + ROUND_DIR; tests swap in a stub
+        self.retrain_command = [sys.executable, "-m", "pixelseg.inference.lsml"]  # + ROUND_DIR; tests swap in a stub
         atexit.register(self.close)
 
     # ---- persistence
@@ -129,9 +131,20 @@ class Backend:
             return default
 
     def _save_state(self) -> None:
-        atomic_write_text(self.work / "state.json", json.dumps({
-            "version": self.version, "checkpoint": self.checkpoint, "round": self.round, "new_since": self.new_since,
-            "versions": self.versions, "rounds": self.rounds[-50:]}, indent=1))
+        atomic_write_text(
+            self.work / "state.json",
+            json.dumps(
+                {
+                    "version": self.version,
+                    "checkpoint": self.checkpoint,
+                    "round": self.round,
+                    "new_since": self.new_since,
+                    "versions": self.versions,
+                    "rounds": self.rounds[-50:],
+                },
+                indent=1,
+            ),
+        )
 
     def _save_annotations(self) -> None:
         atomic_write_text(self.work / "annotations.json", json.dumps(self.annotations))
@@ -160,9 +173,14 @@ class Backend:
         if annotation.get("was_cancelled"):
             self.annotations.pop(tid, None)
             return False
-        self.annotations[tid] = {"task_id": task["id"], "annotation_id": annotation.get("id"), "data": task["data"],
-                                 "image_key": cfg.image_key, "result": annotation.get("result") or [],
-                                 "project": project}
+        self.annotations[tid] = {
+            "task_id": task["id"],
+            "annotation_id": annotation.get("id"),
+            "data": task["data"],
+            "image_key": cfg.image_key,
+            "result": annotation.get("result") or [],
+            "project": project,
+        }
         return True
 
     def forget(self, annotation_ids) -> int:
@@ -174,10 +192,17 @@ class Backend:
 
     # ---- retraining
     def status(self) -> dict:
-        return {"model_version": self.version, "checkpoint": self.checkpoint, "versions": self.versions,
-                "annotated_tasks": len(self.annotations), "new_annotations": self.new_since,
-                "retrain_after": self.o.retrain_after, "retraining": self.proc is not None,
-                "round": self.round, "rounds": self.rounds[-10:]}
+        return {
+            "model_version": self.version,
+            "checkpoint": self.checkpoint,
+            "versions": self.versions,
+            "annotated_tasks": len(self.annotations),
+            "new_annotations": self.new_since,
+            "retrain_after": self.o.retrain_after,
+            "retraining": self.proc is not None,
+            "round": self.round,
+            "rounds": self.rounds[-10:],
+        }
 
     def maybe_retrain(self, app, force: bool = False) -> str:
         """Start a retrain round if one is due (or `force`d) and none runs; returns what happened, in words."""
@@ -186,8 +211,10 @@ class Backend:
         if not force and (self.o.retrain_after == 0 or self.new_since < self.o.retrain_after):
             return f"{self.new_since} of {self.o.retrain_after} new annotations before the next retrain"
         if len(self.annotations) < 2:
-            msg = (f"{len(self.annotations)} annotated task(s): a retrain needs at least 2 (one to train on, one "
-                   "held out to judge the new model)")
+            msg = (
+                f"{len(self.annotations)} annotated task(s): a retrain needs at least 2 (one to train on, one "
+                "held out to judge the new model)"
+            )
             if force:
                 raise HTTPProblem(422, msg)
             return msg
@@ -201,22 +228,41 @@ class Backend:
         round_dir = self.work / "rounds" / f"{self.round:03d}"
         round_dir.mkdir(parents=True, exist_ok=True)
         limits = app.state.limits
-        job = {"checkpoint": self.checkpoint, "class_names": list(engine.info.class_names),
-               "palette": [list(c) for c in engine.info.palette],
-               "image_size": list(engine.size), "holdout": self.o.holdout, "time_budget": self.o.retrain_budget_s,
-               "device": self.o.train_device, "max_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
-               "tasks": list(self.annotations.values()), "base_version": self.version}
+        job = {
+            "checkpoint": self.checkpoint,
+            "class_names": list(engine.info.class_names),
+            "palette": [list(c) for c in engine.info.palette],
+            "image_size": list(engine.size),
+            "holdout": self.o.holdout,
+            "time_budget": self.o.retrain_budget_s,
+            "device": self.o.train_device,
+            "max_bytes": limits.max_upload_bytes,
+            "max_pixels": limits.max_pixels,
+            "tasks": list(self.annotations.values()),
+            "base_version": self.version,
+        }
         atomic_write_text(round_dir / "job.json", json.dumps(job))
         host, token = self.host(None)
         env = {**os.environ, "PIXELSEG_LS_URL": host or "", "PIXELSEG_LS_TOKEN": token or ""}
         with open(round_dir / "retrain.log", "wb") as out:
-            self.proc = subprocess.Popen([*self.retrain_command, str(round_dir)], stdout=out,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*self.retrain_command, str(round_dir)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         taken, self.new_since = self.new_since, 0
         self._save_state()
-        log.info("label studio: retrain round %d started on %d annotated task(s) (%d new), from %s, budget %g s "
-                 "(log: %s)", self.round, len(job["tasks"]), taken, self.version, self.o.retrain_budget_s,
-                 round_dir / "retrain.log")
+        log.info(
+            "label studio: retrain round %d started on %d annotated task(s) (%d new), from %s, budget %g s (log: %s)",
+            self.round,
+            len(job["tasks"]),
+            taken,
+            self.version,
+            self.o.retrain_budget_s,
+            round_dir / "retrain.log",
+        )
         self.watcher = asyncio.get_running_loop().create_task(self._watch(app, self.proc, round_dir, self.round))
         return f"round {self.round} started on {len(job['tasks'])} annotated task(s)"
 
@@ -228,35 +274,63 @@ class Backend:
                 if time.monotonic() - started > limit:
                     _kill(proc)
                     record.update(outcome="timeout")
-                    log.warning("label studio: retrain round %d ran out of time (stopped after %.0f s; "
-                                "--retrain-budget %g s); still serving %s", rnd, limit, self.o.retrain_budget_s,
-                                self.version)
+                    log.warning(
+                        "label studio: retrain round %d ran out of time (stopped after %.0f s; "
+                        "--retrain-budget %g s); still serving %s",
+                        rnd,
+                        limit,
+                        self.o.retrain_budget_s,
+                        self.version,
+                    )
                     return
                 await asyncio.sleep(self.o.poll_s)
             if proc.returncode != 0:
                 record.update(outcome="failed", error=_last_line(round_dir / "retrain.log"))
-                log.warning("label studio: retrain round %d failed (exit %d: %s); still serving %s (log: %s)", rnd,
-                            proc.returncode, record["error"], self.version, round_dir / "retrain.log")
+                log.warning(
+                    "label studio: retrain round %d failed (exit %d: %s); still serving %s (log: %s)",
+                    rnd,
+                    proc.returncode,
+                    record["error"],
+                    self.version,
+                    round_dir / "retrain.log",
+                )
                 return
             try:
                 result = json.loads((round_dir / "result.json").read_text())
                 old, new, ckpt = float(result["old_miou"]), float(result["new_miou"]), Path(result["checkpoint"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 record.update(outcome="failed", error=f"no readable result.json ({exc})")
-                log.warning("label studio: retrain round %d left no readable result (%s); still serving %s", rnd, exc,
-                            self.version)
+                log.warning(
+                    "label studio: retrain round %d left no readable result (%s); still serving %s",
+                    rnd,
+                    exc,
+                    self.version,
+                )
                 return
             record.update(old_miou=old, new_miou=new, holdout_tasks=result.get("holdout_tasks"))
             if not result.get("accepted") or new < old:
                 record.update(outcome="rejected")
-                log.warning("label studio: retrain round %d scored held-out mIoU %.4f < %.4f of %s on %s task(s); "
-                            "still serving %s", rnd, new, old, self.version, result.get("holdout_tasks"), self.version)
+                log.warning(
+                    "label studio: retrain round %d scored held-out mIoU %.4f < %.4f of %s on %s task(s); "
+                    "still serving %s",
+                    rnd,
+                    new,
+                    old,
+                    self.version,
+                    result.get("holdout_tasks"),
+                    self.version,
+                )
                 return
             await self._swap(app, ckpt, rnd, record)
         except Exception as exc:  # a bug must not take the server down: one line, the old model keeps serving
             record.update(outcome="failed", error=f"{type(exc).__name__}: {exc}")
-            log.warning("label studio: retrain round %d failed in the server (%s: %s); still serving %s", rnd,
-                        type(exc).__name__, exc, self.version)
+            log.warning(
+                "label studio: retrain round %d failed in the server (%s: %s); still serving %s",
+                rnd,
+                type(exc).__name__,
+                exc,
+                self.version,
+            )
         finally:
             record.setdefault("outcome", "failed")
             record["wall_s"] = round(time.monotonic() - started, 1)
@@ -269,14 +343,16 @@ class Backend:
 
     async def _swap(self, app, ckpt: Path, rnd: int, record: dict) -> None:
         from .serving import Engine
+
         state = app.state
         loop = asyncio.get_running_loop()
         try:  # loaded and warmed up on the torch thread, between forward passes
             engine = await loop.run_in_executor(state.scheduler.infer_pool, _load_engine, ckpt, self.engine_kwargs)
         except (PixelsegError, OSError, RuntimeError) as exc:
             record.update(outcome="failed", error=f"could not load {ckpt}: {exc}")
-            log.warning("label studio: retrain round %d: could not load %s (%s); still serving %s", rnd, ckpt, exc,
-                        self.version)
+            log.warning(
+                "label studio: retrain round %d: could not load %s (%s); still serving %s", rnd, ckpt, exc, self.version
+            )
             return
         assert isinstance(engine, Engine)
         old = self.version
@@ -285,8 +361,14 @@ class Backend:
         self.version, self.checkpoint = f"v{rnd}-{engine.sha256[:12]}", str(ckpt)
         self.versions.append(self.version)
         record.update(outcome="accepted", version=self.version)
-        log.info("label studio: retrain round %d: held-out mIoU %.4f >= %.4f; now serving %s (was %s)", rnd,
-                 record["new_miou"], record["old_miou"], self.version, old)
+        log.info(
+            "label studio: retrain round %d: held-out mIoU %.4f >= %.4f; now serving %s (was %s)",
+            rnd,
+            record["new_miou"],
+            record["old_miou"],
+            self.version,
+            old,
+        )
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -295,6 +377,7 @@ class Backend:
 
 def _load_engine(path, kwargs):
     from .serving import Engine
+
     engine = Engine(path, **kwargs)
     engine.warm_up()
     return engine
@@ -302,7 +385,7 @@ def _load_engine(path, kwargs):
 
 def _kill(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)   # its own session: the trainer and anything it started
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the trainer and anything it started
     proc.wait()
 
 
@@ -355,8 +438,12 @@ async def ls_setup(request: Request):
     pid = str(doc.get("project") or "").split(".", 1)[0]
     if isinstance(doc.get("hostname"), str) and doc["hostname"]:
         ls.hosts[pid] = (doc["hostname"], doc.get("access_token") if isinstance(doc.get("access_token"), str) else None)
-    return {"model_version": ls.version, "labels": cfg.report(), "unknown_labels": cfg.unknown,
-            "unlisted_classes": cfg.unlisted}
+    return {
+        "model_version": ls.version,
+        "labels": cfg.report(),
+        "unknown_labels": cfg.unknown,
+        "unlisted_classes": cfg.unlisted,
+    }
 
 
 @router.get("/versions")
@@ -382,7 +469,7 @@ async def ls_predict(request: Request):
         raise HTTPProblem(422, "predict needs 'tasks': a non-empty list of Label Studio tasks")
     if not state.ready.is_set():
         raise HTTPProblem(503, "model is still warming up", {"Retry-After": "1"})
-    engine, version = state.engine, ls.version   # one consistent pair, whatever a swap does meanwhile
+    engine, version = state.engine, ls.version  # one consistent pair, whatever a swap does meanwhile
     try:
         cfg = ls.config(doc.get("label_config"), engine.info.class_names)
     except BadRequest as exc:
@@ -399,8 +486,11 @@ async def ls_predict(request: Request):
             raw = await sched.run_io(fetch, ref, host, token, limits.max_upload_bytes)
             image = await sched.run_io(decode_upload, raw, limits.max_pixels, f"task {tid}'s image {ref[:120]}")
             mask, top, entropy = await loop.run_in_executor(sched.infer_pool, segment, engine, image)
-            results.append(await sched.run_io(prediction, mask, top, entropy, list(engine.info.class_names), cfg,
-                                              version, ls.o.min_area))
+            results.append(
+                await sched.run_io(
+                    prediction, mask, top, entropy, list(engine.info.class_names), cfg, version, ls.o.min_area
+                )
+            )
         except (BadRequest, HTTPProblem) as exc:
             msg = exc.message if exc.message.startswith("task ") else f"task {tid}: {exc.message}"
             log.warning("label studio predict: %s", msg)
@@ -423,10 +513,17 @@ async def ls_webhook(request: Request):
         raise HTTPProblem(422, "webhook payload has no 'action' (expected e.g. ANNOTATION_CREATED)")
     if action in TRAIN_EVENTS:
         task, ann, project = doc.get("task"), doc.get("annotation"), doc.get("project")
-        if not isinstance(ann, dict) or not isinstance(task, dict) or "id" not in task or \
-                not isinstance(task.get("data"), dict):
-            raise HTTPProblem(422, f"{action} payload needs 'annotation' and 'task' objects (the task with its id "
-                                   "and data); send the webhook with its payload")
+        if (
+            not isinstance(ann, dict)
+            or not isinstance(task, dict)
+            or "id" not in task
+            or not isinstance(task.get("data"), dict)
+        ):
+            raise HTTPProblem(
+                422,
+                f"{action} payload needs 'annotation' and 'task' objects (the task with its id "
+                "and data); send the webhook with its payload",
+            )
         label_config = project.get("label_config") if isinstance(project, dict) else None
         try:
             cfg = ls.config(label_config, request.app.state.engine.info.class_names)
@@ -464,8 +561,11 @@ async def ls_train(request: Request):
     except BadRequest as exc:
         raise _problem(exc) from None
     for t in tasks:
-        anns = [a for a in (t.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")] \
-            if isinstance(t, dict) and "id" in t and isinstance(t.get("data"), dict) else []
+        anns = (
+            [a for a in (t.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")]
+            if isinstance(t, dict) and "id" in t and isinstance(t.get("data"), dict)
+            else []
+        )
         if anns:
             ls.remember(t, anns[-1], cfg)
     ls._save_annotations()
@@ -476,5 +576,5 @@ def attach(app, options: LSOptions, source, engine_kwargs: dict | None = None) -
     """Add the Label Studio endpoints to a `server.create_app` app; the backend goes on app.state.ls."""
     app.state.ls = Backend(options, source, app.state.engine, engine_kwargs)
     app.include_router(router)
-    app.state.endpoints.update(PATHS)   # counted by name in /metrics
+    app.state.endpoints.update(PATHS)  # counted by name in /metrics
     return app.state.ls

@@ -10,6 +10,7 @@ Why a subprocess probe: OpenVINO's CPU plugin has crashed the whole process (SIG
 exception) while compiling on some virtualised AMD CPUs. A child process compiles the file first; if it
 dies or fails, the caller gets ONNX Runtime on the fp32 sidecar and one line saying so.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ OPENVINO_HINT = "pip install 'pixelseg[openvino]' (openvino and nncf)"
 METADATA_KEY = "pixelseg"
 # The gate (issue 19): agreement with PyTorch fp32 over the split and on its worst image, and the mIoU change.
 GATE = {"min_agreement": 0.995, "min_image_agreement": 0.98, "max_miou_drop": 0.005}
-PROBE = ("import sys, openvino as ov; core = ov.Core(); m = core.read_model(sys.argv[1]); "
-         "core.compile_model(m, 'CPU'); print('compiled')")
+PROBE = (
+    "import sys, openvino as ov; core = ov.Core(); m = core.read_model(sys.argv[1]); "
+    "core.compile_model(m, 'CPU'); print('compiled')"
+)
 _probed: dict = {}
 
 
@@ -48,8 +51,9 @@ def compile_failure(path, timeout: float = 600) -> str | None:
     key = (str(path.resolve()), path.stat().st_mtime_ns)
     if key not in _probed:
         try:
-            r = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True,
-                               timeout=timeout)
+            r = subprocess.run(
+                [sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, timeout=timeout
+            )
             if r.returncode == 0 and "compiled" in r.stdout:
                 _probed[key] = None
             else:
@@ -69,8 +73,10 @@ class OpenVinoModel:
         ov = require_openvino()
         path = Path(path)
         if not path.is_file() or path.suffix.lower() != ".xml":
-            raise PixelsegError(f"{path}: not an OpenVINO .xml file; create one with "
-                                "`pixelseg export RUN --format openvino --out model.xml`")
+            raise PixelsegError(
+                f"{path}: not an OpenVINO .xml file; create one with "
+                "`pixelseg export RUN --format openvino --out model.xml`"
+            )
         core = ov.Core()
         try:
             model = core.read_model(str(path))
@@ -88,12 +94,19 @@ class OpenVinoModel:
                 reason = f"compile_model raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         if reason is not None:
             from .loading import OnnxModel
+
             sidecar = path.with_suffix(".onnx")
             if not sidecar.is_file():
-                raise PixelsegError(f"{path}: OpenVINO cannot compile it on this CPU ({reason}) and the ONNX "
-                                    f"fallback {sidecar.name} written beside it by `pixelseg export` is missing")
-            print(f"pixelseg: OpenVINO could not compile {path.name} on this CPU ({reason}); falling back to "
-                  f"ONNX Runtime on {sidecar.name} (fp32)", file=sys.stderr, flush=True)
+                raise PixelsegError(
+                    f"{path}: OpenVINO cannot compile it on this CPU ({reason}) and the ONNX "
+                    f"fallback {sidecar.name} written beside it by `pixelseg export` is missing"
+                )
+            print(
+                f"pixelseg: OpenVINO could not compile {path.name} on this CPU ({reason}); falling back to "
+                f"ONNX Runtime on {sidecar.name} (fp32)",
+                file=sys.stderr,
+                flush=True,
+            )
             self.fallback, self.backend = OnnxModel(sidecar, device), "onnxruntime (fallback)"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,13 +123,16 @@ def read_metadata(model, path) -> dict:
     try:
         return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
     except Exception:  # absent key: OpenVINO raises a generic RuntimeError
-        raise PixelsegError(f"{path}: no pixelseg metadata (class names, training size) in this OpenVINO file; "
-                            "export it with `pixelseg export RUN --format openvino`") from None
+        raise PixelsegError(
+            f"{path}: no pixelseg metadata (class names, training size) in this OpenVINO file; "
+            "export it with `pixelseg export RUN --format openvino`"
+        ) from None
 
 
 def load_openvino_predictor_parts(path, device="cpu"):
     """(callable, DatasetInfo, training size), as loading.load_onnx_predictor_parts."""
     from ..data import DatasetInfo
+
     model = OpenVinoModel(path, device)
     meta = model.metadata
     return model, DatasetInfo.from_dict(meta["dataset"]), tuple(meta["image_size"])
@@ -127,11 +143,20 @@ def split_arrays(ckpt: dict, split: str, limit: int | None, what: str):
     """(images N×C×H×W float [0,1], masks N×H×W) of the run's own dataset split at the training size."""
     from ..data import dataset_options, load_split
     from .loading import input_size, model_channels, recorded_data_root
+
     cfg = ckpt["config"]
     root = recorded_data_root(ckpt, f"the {what} needs the run's dataset")
     try:
-        ds = load_split(cfg["dataset"], root, split, input_size(ckpt), limit, use_cache=cfg.get("cache", "mmap"),
-                        channels=model_channels(ckpt), **dataset_options(cfg))
+        ds = load_split(
+            cfg["dataset"],
+            root,
+            split,
+            input_size(ckpt),
+            limit,
+            use_cache=cfg.get("cache", "mmap"),
+            channels=model_channels(ckpt),
+            **dataset_options(cfg),
+        )
     except PixelsegError as exc:
         raise PixelsegError(f"cannot read {cfg['dataset']}/{split} for the {what} ({exc})") from None
     images, masks = [], []
@@ -147,31 +172,42 @@ def gate(reference, candidate, images, masks, info, batch: int = 16, thresholds=
     """Agreement of `candidate`'s argmax with `reference`'s (fp32 PyTorch) over the split and per image,
     and both mIoUs against the ground truth; `ok` when every threshold of GATE holds."""
     from ..core.metrics import ConfusionMatrix
+
     t = {**GATE, **(thresholds or {})}
     c = info.num_classes
     cm_ref, cm_new = ConfusionMatrix(c, info.ignore_index), ConfusionMatrix(c, info.ignore_index)
     per_image = []
     for i in range(0, len(images), batch):
-        x, y = images[i: i + batch], masks[i: i + batch]
+        x, y = images[i : i + batch], masks[i : i + batch]
         a, b = class_ids(reference(x)), class_ids(candidate(x))
         per_image += (a == b).flatten(1).float().mean(1).tolist()
         cm_ref.update(a, y)
         cm_new.update(b, y)
     miou_ref, miou_new = cm_ref.compute()["miou"], cm_new.compute()["miou"]
     agreement, worst = float(np.mean(per_image)), float(np.min(per_image))
-    return {"images": len(per_image), "agreement": agreement, "worst_image_agreement": worst,
-            "worst_image": int(np.argmin(per_image)), "miou_torch_fp32": miou_ref, "miou": miou_new,
-            "miou_change": miou_new - miou_ref, "thresholds": t,
-            "ok": agreement >= t["min_agreement"] and worst >= t["min_image_agreement"]
-            and miou_ref - miou_new <= t["max_miou_drop"]}
+    return {
+        "images": len(per_image),
+        "agreement": agreement,
+        "worst_image_agreement": worst,
+        "worst_image": int(np.argmin(per_image)),
+        "miou_torch_fp32": miou_ref,
+        "miou": miou_new,
+        "miou_change": miou_new - miou_ref,
+        "thresholds": t,
+        "ok": agreement >= t["min_agreement"]
+        and worst >= t["min_image_agreement"]
+        and miou_ref - miou_new <= t["max_miou_drop"],
+    }
 
 
 def format_gate(g: dict) -> str:
     t = g["thresholds"]
-    return (f"pixel agreement with PyTorch fp32 {100 * g['agreement']:.2f}% over {g['images']} images (need >= "
-            f"{100 * t['min_agreement']:g}%), worst image {100 * g['worst_image_agreement']:.2f}% (need >= "
-            f"{100 * t['min_image_agreement']:g}%), mIoU {g['miou']:.4f} vs {g['miou_torch_fp32']:.4f} "
-            f"({100 * g['miou_change']:+.2f} points; may drop at most {100 * t['max_miou_drop']:g})")
+    return (
+        f"pixel agreement with PyTorch fp32 {100 * g['agreement']:.2f}% over {g['images']} images (need >= "
+        f"{100 * t['min_agreement']:g}%), worst image {100 * g['worst_image_agreement']:.2f}% (need >= "
+        f"{100 * t['min_image_agreement']:g}%), mIoU {g['miou']:.4f} vs {g['miou_torch_fp32']:.4f} "
+        f"({100 * g['miou_change']:+.2f} points; may drop at most {100 * t['max_miou_drop']:g})"
+    )
 
 
 CONV_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
@@ -206,22 +242,35 @@ def resolve_ignored(ov_model, ignore: list[str]) -> list[str]:
             names += sensitive_layers(ov_model)
         elif item == "encoder":
             names += sensitive_layers(ov_model)
-            names += [op.get_friendly_name() for op in ov_model.get_ordered_ops()
-                      if op.get_type_name() in CONV_TYPES and op.get_friendly_name().startswith("/encoder/")]
+            names += [
+                op.get_friendly_name()
+                for op in ov_model.get_ordered_ops()
+                if op.get_type_name() in CONV_TYPES and op.get_friendly_name().startswith("/encoder/")
+            ]
         else:
             names.append(item)
     return list(dict.fromkeys(names))
 
 
-def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str | None = None,
-                    calibration_images: int = 100, check_split: str | None = None, check_limit: int | None = None,
-                    ignore: list[str] | None = None, thresholds: dict | None = None, progress: bool = True) -> dict:
+def export_openvino(
+    checkpoint,
+    out,
+    int8: bool = False,
+    calibration_split: str | None = None,
+    calibration_images: int = 100,
+    check_split: str | None = None,
+    check_limit: int | None = None,
+    ignore: list[str] | None = None,
+    thresholds: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Write OUT.xml/.bin (+ OUT.onnx fallback) only if the gate on the run's `check_split` passes."""
     ov = require_openvino()
     from ..core.checkpoint import load_checkpoint
     from ..core.files import check_output_dir, make_output_dir
     from .export import _export_onnx, _metadata
     from .loading import input_size, load_model, model_channels
+
     out = Path(out)
     if out.suffix.lower() != ".xml":
         raise PixelsegError(f"--out {out}: an OpenVINO model is an .xml file (its weights go to a .bin beside it)")
@@ -249,8 +298,9 @@ def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str 
         ov_model = ov.convert_model(str(onnx_path))
         if int8:
             import nncf
+
             assert calib is not None  # read above for int8
-            data = nncf.Dataset([calib[i: i + 1].numpy() for i in range(len(calib))])
+            data = nncf.Dataset([calib[i : i + 1].numpy() for i in range(len(calib))])
             names = resolve_ignored(ov_model, list(ignore)) if ignore else []
             scope = nncf.IgnoredScope(names=names, validate=False) if names else None
             kwargs = {"ignored_scope": scope} if scope else {}
@@ -259,25 +309,35 @@ def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str 
         ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
         candidate = OpenVinoModel(tmp / "model.xml")
         if candidate.fallback is not None:
-            raise PixelsegError(f"OpenVINO cannot compile the exported {name} on this CPU, so the gate cannot "
-                                f"run; nothing written to {out} (use --format onnx)")
+            raise PixelsegError(
+                f"OpenVINO cannot compile the exported {name} on this CPU, so the gate cannot "
+                f"run; nothing written to {out} (use --format onnx)"
+            )
         g = gate(model, candidate, images, masks, info, thresholds=thresholds)
-        g.update(check_split=check_split, calibration_split=calibration_split if int8 else None,
-                 calibration_images=len(calib) if calib is not None else 0, precision="int8" if int8 else "fp32")
+        g.update(
+            check_split=check_split,
+            calibration_split=calibration_split if int8 else None,
+            calibration_images=len(calib) if calib is not None else 0,
+            precision="int8" if int8 else "fp32",
+        )
         if not g["ok"]:
             hint = ""
             if int8:
                 tried = set(ignore or ())
                 if not tried:
-                    hint = (" Keep layers in higher precision with NNCF's ignored scope: --int8-ignore ends (the first "
-                            "and last convolutions, " + ",".join(sensitive_layers(ov_model)) + "), or "
-                            "--int8-ignore encoder (only the decoder in int8)")
+                    hint = (
+                        " Keep layers in higher precision with NNCF's ignored scope: --int8-ignore ends (the first "
+                        "and last convolutions, " + ",".join(sensitive_layers(ov_model)) + "), or "
+                        "--int8-ignore encoder (only the decoder in int8)"
+                    )
                 elif "encoder" not in tried:
                     hint = " Try --int8-ignore encoder (the encoder in fp32, only the decoder in int8)"
                 else:
                     hint = " Even with those layers kept in higher precision it fails: use the fp32 export."
-            raise PixelsegError(f"{name} exported to OpenVINO ({g['precision']}) fails the gate on "
-                                f"{cfg['dataset']}/{check_split}: {format_gate(g)}; nothing written to {out}.{hint}")
+            raise PixelsegError(
+                f"{name} exported to OpenVINO ({g['precision']}) fails the gate on "
+                f"{cfg['dataset']}/{check_split}: {format_gate(g)}; nothing written to {out}.{hint}"
+            )
         os.replace(tmp / "model.onnx", out.with_suffix(".onnx"))
         os.replace(tmp / "model.bin", out.with_suffix(".bin"))
         os.replace(tmp / "model.xml", out)  # last: a .xml exists only once its weights do
@@ -285,8 +345,14 @@ def export_openvino(checkpoint, out, int8: bool = False, calibration_split: str 
         for f in tmp.glob("*"):
             f.unlink()
         tmp.rmdir()
-    return {"out": str(out), "format": "openvino", "model": name, "export_s": time.time() - t0,
-            "bytes": out.with_suffix(".bin").stat().st_size, **g}
+    return {
+        "out": str(out),
+        "format": "openvino",
+        "model": name,
+        "export_s": time.time() - t0,
+        "bytes": out.with_suffix(".bin").stat().st_size,
+        **g,
+    }
 
 
 def require_nncf():

@@ -1,5 +1,6 @@
 """`pixelseg predict`: masks for image files at their own resolution (+ overlays, uncertainty maps, and
 pre-annotations for a labelling tool); every input is checked before anything is written."""
+
 from __future__ import annotations
 
 import sys
@@ -37,9 +38,25 @@ def _decode_all(files: list[Path], keep_bytes: int = 1 << 30, channels: int = 3,
 
 
 @torch.no_grad()
-def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_samples=0, progress=True,
-            tile=None, overlap=0.25, tta=False, backend="auto", format=None, shapes="polygon", min_area=16,
-            rank=None, image_url=None, keep_exif_grid=False) -> list[dict]:
+def predict(
+    run_or_ckpt,
+    images,
+    out_dir,
+    device="auto",
+    precision="auto",
+    mc_samples=0,
+    progress=True,
+    tile=None,
+    overlap=0.25,
+    tta=False,
+    backend="auto",
+    format=None,
+    shapes="polygon",
+    min_area=16,
+    rank=None,
+    image_url=None,
+    keep_exif_grid=False,
+) -> list[dict]:
     """For each image: class mask at the original resolution (palette PNG) + colour overlay
     (+ uncertainty heatmaps with --mc-samples). All inputs are checked before anything is written.
 
@@ -51,6 +68,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     `format` (coco, cvat, labelstudio, yolo) also writes the masks as pre-annotations for that tool, and
     `rank="uncertainty"` writes ranking.csv/json, the images most uncertain first (pixelseg.labels.write)."""
     from ..labels import write as pre
+
     backend = resolve_backend(backend, run_or_ckpt)
     check_output_dir(out_dir, "--out")  # before any work; created only once every input has been read
     pre.check_options(format, shapes, min_area)
@@ -58,9 +76,11 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         raise PixelsegError(f"--rank {rank}: the one ranking is 'uncertainty'")
     mc = bool(mc_samples and mc_samples > 1)
     if mc and (backend != "torch" or tile or tta):
-        raise PixelsegError("--mc-samples runs the PyTorch model with dropout on, at the training resolution; it "
-                            "cannot be combined with " + ("--backend onnx (the exported graph has no dropout)"
-                                                           if backend == "onnx" else "--tile or --tta"))
+        raise PixelsegError(
+            "--mc-samples runs the PyTorch model with dropout on, at the training resolution; it "
+            "cannot be combined with "
+            + ("--backend onnx (the exported graph has no dropout)" if backend == "onnx" else "--tile or --tta")
+        )
     runner = open_model(run_or_ckpt, device, precision, tile, overlap, tta, backend)
     info, size, model, predictor = runner.info, runner.size, runner.model, runner.predictor
     dev, amp, window = runner.device, runner.amp, predictor.tile
@@ -68,8 +88,9 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     decoded = _decode_all(files, channels=runner.channels, exif_transpose=not keep_exif_grid)
     if rank and not mc and not (tile or tta) and runner.mc_dropout:
         mc_samples, mc = RANK_MC_SAMPLES, True  # rank by MC dropout where the model can sample
-    largest = max(((img.shape[0], img.shape[1]) for img in decoded if img is not None), default=None,
-                  key=lambda hw: hw[0] * hw[1])
+    largest = max(
+        ((img.shape[0], img.shape[1]) for img in decoded if img is not None), default=None, key=lambda hw: hw[0] * hw[1]
+    )
     warning = tile_scale_warning(largest, size, window) if largest else None
     if warning:
         print(warning, file=sys.stderr)
@@ -77,8 +98,11 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     results, regions = [], []
     for f, img in progress_bar(list(zip(files, decoded, strict=True)), desc="predict", unit="img", enabled=progress):
         img = img if img is not None else read_input(f, runner.channels, exif_transpose=not keep_exif_grid)
-        entry: dict[str, Any] = {"image": str(f), "mode": "mc-dropout" if mc else predictor.describe(),
-                                 "backend": runner.backend}
+        entry: dict[str, Any] = {
+            "image": str(f),
+            "mode": "mc-dropout" if mc else predictor.describe(),
+            "backend": runner.backend,
+        }
         if mc:
             probs = _write_mc_maps(model, img, size, dev, amp, mc_samples, info, out / f.stem, entry)
         else:
@@ -87,6 +111,7 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
         _write_mask(img, mask, info, runner.bands, out / f.stem, entry)
         if format or rank:
             from .calibration import softmax_entropy
+
             unc = entry["mean_entropy"] if mc else float(softmax_entropy(probs).mean())
             top = probs[0].float().amax(0).cpu().numpy()
             r = pre.image_regions(f, mask, top, info.class_names, unc, shapes if format else None, min_area)
@@ -102,13 +127,26 @@ def predict(run_or_ckpt, images, out_dir, device="auto", precision="auto", mc_sa
     return results
 
 
-def _write_pre_annotations(run_or_ckpt, format: str, regions: list, info: DatasetInfo, out: Path, shapes: str,
-                           image_url, first: dict) -> None:
+def _write_pre_annotations(
+    run_or_ckpt, format: str, regions: list, info: DatasetInfo, out: Path, shapes: str, image_url, first: dict
+) -> None:
     """predict --format: the masks as pre-annotations of a labelling tool; the files in `first`["files"]."""
     from ..labels import write as pre
+
     model_version = f"pixelseg-{Path(run_or_ckpt).name}-{_short_hash(run_or_ckpt)}"
-    first["files"] = [str(p) for p in pre.write(format, regions, info.class_names, info.palette, out,
-                                                shapes=shapes, model_version=model_version, image_url=image_url)]
+    first["files"] = [
+        str(p)
+        for p in pre.write(
+            format,
+            regions,
+            info.class_names,
+            info.palette,
+            out,
+            shapes=shapes,
+            model_version=model_version,
+            image_url=image_url,
+        )
+    ]
 
 
 def _write_mc_maps(model, img, size, dev, amp, mc_samples: int, info: DatasetInfo, stem: Path, entry: dict):
@@ -135,9 +173,8 @@ def _write_mask(img, mask, info: DatasetInfo, bands, stem: Path, entry: dict) ->
 def _short_hash(run_or_ckpt) -> str:
     """8 hex digits of the checkpoint file: tells Label Studio's model versions apart."""
     from ..core.files import file_sha256
+
     p = Path(run_or_ckpt)
     if p.is_dir():  # a run's best.pt, or a --folds run's cv.json (it holds its members' hashes)
         p = p / "best.pt" if (p / "best.pt").is_file() else p / "cv.json"
     return file_sha256(p)[:8] if p.is_file() else "unknown"
-
-

@@ -41,30 +41,56 @@ class Metrics:
 
     def __init__(self, queue_depth):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
-        self.requests = Counter("pixelseg_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=self.registry)
+        self.requests = Counter(
+            "pixelseg_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-        self.latency = Histogram("pixelseg_request_latency_seconds", "Time from the request's arrival to its "
-                                 "answer (body upload included)", ["endpoint"], buckets=buckets,
-                                 registry=self.registry)
-        self.inference = Histogram("pixelseg_inference_seconds", "Model time per forward pass (one batch)",
-                                   buckets=buckets, registry=self.registry)
-        self.batch = Histogram("pixelseg_batch_size", "Requests per forward pass", buckets=(1, 2, 4, 8, 16, 32),
-                               registry=self.registry)
-        self.queue_wait = Histogram("pixelseg_queue_wait_seconds", "Time from admission to the start of the request's "
-                                    "forward pass (decoding included)", buckets=buckets, registry=self.registry)
-        self.stage = Histogram("pixelseg_stage_seconds", "Seconds per request in each stage outside the model",
-                               ["stage"], buckets=buckets, registry=self.registry)
-        self.refused = Counter("pixelseg_refused", "Requests answered 503 by the queue, by reason",
-                               ["reason"], registry=self.registry)
-        depth = Gauge("pixelseg_queue_depth", "Admitted requests (waiting, decoding or in inference)",
-                      registry=self.registry)
+        self.latency = Histogram(
+            "pixelseg_request_latency_seconds",
+            "Time from the request's arrival to its answer (body upload included)",
+            ["endpoint"],
+            buckets=buckets,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "pixelseg_inference_seconds",
+            "Model time per forward pass (one batch)",
+            buckets=buckets,
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "pixelseg_batch_size", "Requests per forward pass", buckets=(1, 2, 4, 8, 16, 32), registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "pixelseg_queue_wait_seconds",
+            "Time from admission to the start of the request's forward pass (decoding included)",
+            buckets=buckets,
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "pixelseg_stage_seconds",
+            "Seconds per request in each stage outside the model",
+            ["stage"],
+            buckets=buckets,
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "pixelseg_refused", "Requests answered 503 by the queue, by reason", ["reason"], registry=self.registry
+        )
+        depth = Gauge(
+            "pixelseg_queue_depth", "Admitted requests (waiting, decoding or in inference)", registry=self.registry
+        )
         depth.set_function(queue_depth)
         self.ready = Gauge("pixelseg_ready", "1 once the model is loaded and warmed up", registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -85,8 +111,8 @@ class Scheduler:
 
     def __init__(self, engine: Engine, limits: Limits, metrics: Metrics, infer_pool: ThreadPoolExecutor | None = None):
         self.engine, self.limits, self.metrics = engine, limits, metrics
-        self.slots = 0          # admitted and not yet answered
-        self.decoding = 0       # inside the decode-ahead window, not yet handed to the batcher
+        self.slots = 0  # admitted and not yet answered
+        self.decoding = 0  # inside the decode-ahead window, not yet handed to the batcher
         self.infer_pool = infer_pool or torch_thread()
         self.io_pool = ThreadPoolExecutor(2, thread_name_prefix="pixelseg-io")
         # recent seconds of wall clock per answered request while busy (gaps between forward passes
@@ -111,13 +137,19 @@ class Scheduler:
         wait = self.slots * self.per_request_s
         full = self.slots >= self.limits.max_queue
         if full or wait > self.limits.deadline_s:
-            excess = wait - self.limits.deadline_s if not full else (self.slots - self.limits.max_queue + 1) * \
-                self.per_request_s
+            excess = (
+                wait - self.limits.deadline_s
+                if not full
+                else (self.slots - self.limits.max_queue + 1) * self.per_request_s
+            )
             retry = max(1, math.ceil(excess))
             self.metrics.refused.labels("queue_full" if full else "deadline").inc()
-            why = (f"{self.slots} requests queued (--max-queue {self.limits.max_queue})" if full else
-                   f"{self.slots} requests ahead would take about {wait:.1f} s, past the {self.limits.deadline_s:g} s "
-                   "deadline (--deadline)")
+            why = (
+                f"{self.slots} requests queued (--max-queue {self.limits.max_queue})"
+                if full
+                else f"{self.slots} requests ahead would take about {wait:.1f} s, past the "
+                f"{self.limits.deadline_s:g} s deadline (--deadline)"
+            )
             raise HTTPProblem(503, f"server busy: {why}; retry after {retry} s", {"Retry-After": str(retry)})
         self.slots += 1
         return asyncio.get_running_loop().time() + self.limits.deadline_s
@@ -128,9 +160,12 @@ class Scheduler:
     def late(self, deadline: float) -> HTTPProblem:
         self.metrics.refused.labels("deadline").inc()
         retry = max(1, math.ceil(self.slots * self.per_request_s - self.limits.deadline_s))
-        return HTTPProblem(503, f"server busy: the request waited past its {self.limits.deadline_s:g} s deadline "
-                                f"(--deadline) with {self.slots} requests queued; retry after {retry} s",
-                           {"Retry-After": str(retry)})
+        return HTTPProblem(
+            503,
+            f"server busy: the request waited past its {self.limits.deadline_s:g} s deadline "
+            f"(--deadline) with {self.slots} requests queued; retry after {retry} s",
+            {"Retry-After": str(retry)},
+        )
 
     async def run_io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
@@ -176,8 +211,7 @@ class Scheduler:
             return mask, None, dt
         if loop.time() > deadline:
             raise self.late(deadline)
-        (mask, maps), dt = await loop.run_in_executor(self.infer_pool, self._timed, self.engine.mask, image,
-                                                      mc_samples)
+        (mask, maps), dt = await loop.run_in_executor(self.infer_pool, self._timed, self.engine.mask, image, mc_samples)
         self.metrics.batch.observe(1)
         self._served(1, dt)
         return mask, maps, dt
@@ -215,8 +249,9 @@ class Scheduler:
             if not jobs:
                 continue
             try:
-                masks, dt = await loop.run_in_executor(self.infer_pool, self._timed, self.engine.masks,
-                                                       [img for img, _, _ in jobs])
+                masks, dt = await loop.run_in_executor(
+                    self.infer_pool, self._timed, self.engine.masks, [img for img, _, _ in jobs]
+                )
                 self.metrics.batch.observe(len(jobs))
                 self._served(len(jobs), dt)
                 for (_, fut, _), m in zip(jobs, masks, strict=True):
@@ -244,25 +279,33 @@ async def read_body(request, limits: Limits) -> bytes:
     declared = request.headers.get("content-length")
     limit = limits.max_upload_bytes
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPProblem(413, f"upload of {int(declared) / 1e6:.1f} MB is over the server's limit of "
-                               f"{limits.max_upload_mb:g} MiB (--max-upload-mb)")
+        raise HTTPProblem(
+            413,
+            f"upload of {int(declared) / 1e6:.1f} MB is over the server's limit of "
+            f"{limits.max_upload_mb:g} MiB (--max-upload-mb)",
+        )
 
     async def collect():
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
-                raise HTTPProblem(413, f"upload is over the server's limit of {limits.max_upload_mb:g} MiB "
-                                       "(--max-upload-mb)")
+                raise HTTPProblem(
+                    413, f"upload is over the server's limit of {limits.max_upload_mb:g} MiB (--max-upload-mb)"
+                )
             chunks.append(chunk)
         return b"".join(chunks)
+
     try:
         return await asyncio.wait_for(collect(), limits.upload_timeout_s)
     except ClientDisconnect:  # gone mid-upload (httptools reports it so): nobody to answer, no traceback in the log
         raise HTTPProblem(499, "the client closed the connection before the upload finished") from None
     except asyncio.TimeoutError:
-        raise HTTPProblem(408, f"the upload did not finish within {limits.upload_timeout_s:g} s "
-                               "(--upload-timeout)", {"Connection": "close"}) from None
+        raise HTTPProblem(
+            408,
+            f"the upload did not finish within {limits.upload_timeout_s:g} s (--upload-timeout)",
+            {"Connection": "close"},
+        ) from None
 
 
 async def image_bytes(request, body: bytes) -> tuple[bytes, str]:
@@ -275,6 +318,7 @@ async def image_bytes(request, body: bytes) -> tuple[bytes, str]:
 
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
+
     try:
         form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
     except Exception as exc:  # starlette raises its own MultiPartException / HTTPException subclasses
@@ -282,8 +326,9 @@ async def image_bytes(request, body: bytes) -> tuple[bytes, str]:
     field = form.get("file")
     if not isinstance(field, UploadFile):
         got = ", ".join(repr(k) for k in form) or "no fields"
-        raise HTTPProblem(422, f"multipart upload has no file field named 'file' (got {got}); "
-                               "send it as -F file=@photo.jpg")
+        raise HTTPProblem(
+            422, f"multipart upload has no file field named 'file' (got {got}); send it as -F file=@photo.jpg"
+        )
     return await field.read(), f"upload {field.filename!r}" if field.filename else "upload"
 
 
@@ -311,14 +356,22 @@ async def readyz(request: Request):
 async def model(request: Request):
     state = request.app.state
     engine, limits = state.engine, state.limits
-    return {**engine.describe(), "limits": {
-        "max_upload_mb": limits.max_upload_mb, "max_pixels": limits.max_pixels,
-        "max_mc_samples": limits.max_mc_samples if engine.mc_dropout else 0,
-        "default_mc_samples": limits.default_mc_samples, "max_queue": limits.max_queue,
-        "deadline_s": limits.deadline_s,
-        "upload_timeout_s": limits.upload_timeout_s, "max_batch": limits.max_batch,
-        "batch_wait_ms": limits.batch_wait_ms}, "formats": list(FORMATS),
-        "exif_transpose": not state.keep_exif_grid}
+    return {
+        **engine.describe(),
+        "limits": {
+            "max_upload_mb": limits.max_upload_mb,
+            "max_pixels": limits.max_pixels,
+            "max_mc_samples": limits.max_mc_samples if engine.mc_dropout else 0,
+            "default_mc_samples": limits.default_mc_samples,
+            "max_queue": limits.max_queue,
+            "deadline_s": limits.deadline_s,
+            "upload_timeout_s": limits.upload_timeout_s,
+            "max_batch": limits.max_batch,
+            "batch_wait_ms": limits.batch_wait_ms,
+        },
+        "formats": list(FORMATS),
+        "exif_transpose": not state.keep_exif_grid,
+    }
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -334,23 +387,31 @@ def mc_samples_asked(engine: Engine, limits: Limits, format: str, uncertainty: b
     mc = 0
     if uncertainty or mc_samples:
         if not engine.mc_dropout:
-            raise HTTPProblem(422, f"uncertainty needs a model with dropout (Bayesian SegNet); {engine.id} has "
-                                   "none" + (" (an exported graph has no dropout)" if engine.model is None else ""))
+            raise HTTPProblem(
+                422,
+                f"uncertainty needs a model with dropout (Bayesian SegNet); {engine.id} has "
+                "none" + (" (an exported graph has no dropout)" if engine.model is None else ""),
+            )
         mc = min(limits.default_mc_samples, limits.max_mc_samples) if mc_samples is None else mc_samples
         if not 2 <= mc <= limits.max_mc_samples:
-            raise HTTPProblem(422, f"mc_samples={mc} is outside 2..{limits.max_mc_samples} "
-                                   "(the server's --max-mc-samples)")
+            raise HTTPProblem(
+                422, f"mc_samples={mc} is outside 2..{limits.max_mc_samples} (the server's --max-mc-samples)"
+            )
         if format != "json":
             raise HTTPProblem(422, "uncertainty maps come back in format=json only")
         if engine.predictor.tile or engine.predictor.tta:
-            raise HTTPProblem(422, "uncertainty runs at the training size; this server was started with "
-                                   "--tile/--tta")
+            raise HTTPProblem(422, "uncertainty runs at the training size; this server was started with --tile/--tta")
     return mc
 
 
 @router.post("/v1/predict", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
-async def predict(request: Request, format: str = "png", uncertainty: bool = False,
-                  mc_samples: int | None = None, keep_exif_grid: bool | None = None):
+async def predict(
+    request: Request,
+    format: str = "png",
+    uncertainty: bool = False,
+    mc_samples: int | None = None,
+    keep_exif_grid: bool | None = None,
+):
     """Segment one image: multipart field `file`, or the raw image as the body. Photos are turned upright
     as their EXIF Orientation says unless keep_exif_grid=true (default: the server's --keep-exif-grid)."""
     t0 = time.perf_counter()
@@ -367,12 +428,17 @@ async def predict(request: Request, format: str = "png", uncertainty: bool = Fal
     try:
         upright = not (keep_exif_grid if keep_exif_grid is not None else state.keep_exif_grid)
         mask, maps, infer_s, decode_s = await sched.segment(
-            functools.partial(decode_upload, data, limits.max_pixels, name, upright), deadline, mc)
+            functools.partial(decode_upload, data, limits.max_pixels, name, upright), deadline, mc
+        )
         del data, body  # the upload's bytes are not kept while the response is built
         t_infer = time.perf_counter()
         metrics.queue_wait.observe(max(0.0, t_infer - admitted - infer_s))
-        timing = {"upload": _ms(t_upload - t0), "decode": _ms(decode_s),
-                  "queue": _ms(t_infer - admitted - infer_s - decode_s), "inference": _ms(infer_s)}
+        timing = {
+            "upload": _ms(t_upload - t0),
+            "decode": _ms(decode_s),
+            "queue": _ms(t_infer - admitted - infer_s - decode_s),
+            "inference": _ms(infer_s),
+        }
         t_enc = time.perf_counter()
         out, ctype = await sched.run_io(encode, format, engine, mask, maps, timing, upright)
         enc_s = time.perf_counter() - t_enc
@@ -381,9 +447,16 @@ async def predict(request: Request, format: str = "png", uncertainty: bool = Fal
     finally:
         sched.release()
     h, w = mask.shape
-    return Response(out, media_type=ctype, headers={
-        "X-Model-Id": engine.id, "X-Image-Size": f"{w}x{h}", "X-Latency-Ms": f"{total * 1000:.1f}",
-        "X-Inference-Ms": f"{infer_s * 1000:.1f}"})
+    return Response(
+        out,
+        media_type=ctype,
+        headers={
+            "X-Model-Id": engine.id,
+            "X-Image-Size": f"{w}x{h}",
+            "X-Latency-Ms": f"{total * 1000:.1f}",
+            "X-Inference-Ms": f"{infer_s * 1000:.1f}",
+        },
+    )
 
 
 class CountRequests:
@@ -406,6 +479,7 @@ class CountRequests:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
+
         t0 = time.perf_counter()
         try:
             await self.app(scope, receive, send_status)
@@ -444,8 +518,13 @@ def _queue_depth(state) -> int:
     return sched.slots if sched else 0
 
 
-def create_app(engine: Engine, limits: Limits | None = None, warm: bool = True, keep_exif_grid: bool = False,
-               infer_pool: ThreadPoolExecutor | None = None):
+def create_app(
+    engine: Engine,
+    limits: Limits | None = None,
+    warm: bool = True,
+    keep_exif_grid: bool = False,
+    infer_pool: ThreadPoolExecutor | None = None,
+):
     """The FastAPI app serving `engine`: the module's router, with the engine, limits, scheduler and metrics on
     `app.state`. /readyz turns 200 once warm-up (on the torch thread, `infer_pool`) has finished."""
     limits = limits or Limits()
@@ -473,12 +552,25 @@ def _ms(s: float) -> float:
 
 def _version() -> str:
     from .._version import __version__
+
     return __version__
 
 
-def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, device: str = "auto",
-          precision: str = "auto", tile=None, overlap: float = 0.25, tta: bool = False, log_level: str = "info",
-          keep_exif_grid: bool = False, backend: str = "auto", label_studio=None):
+def serve(
+    source,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: Limits | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    tile=None,
+    overlap: float = 0.25,
+    tta: bool = False,
+    log_level: str = "info",
+    keep_exif_grid: bool = False,
+    backend: str = "auto",
+    label_studio=None,
+):
     """Load the model (errors are one line before anything listens), then serve until interrupted.
     `label_studio` (lsml_server.LSOptions): also speak Label Studio's ML backend protocol. The options object
     brings its own `checkpoint_to_serve` and `attach`, so this module never imports the backend built on it."""
@@ -488,20 +580,30 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
     except ImportError as exc:
         raise PixelsegError(f"`pixelseg serve` needs the serve extra ({exc.name} is missing): {SERVE_HINT}") from None
     from .serving import check_source
+
     limits = (limits or Limits()).check()
     check_source(source)
     if label_studio is not None:  # a restarted backend serves its last accepted version
         source = label_studio.check().checkpoint_to_serve(source)
     pool = torch_thread()  # the model is loaded where it will run (torch_thread says why)
-    engine = pool.submit(Engine, source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta,
-                         backend=backend).result()
+    engine = pool.submit(
+        Engine, source, device=device, precision=precision, tile=tile, overlap=overlap, tta=tta, backend=backend
+    ).result()
     app = create_app(engine, limits, warm=False, keep_exif_grid=keep_exif_grid, infer_pool=pool)
     if label_studio is not None:
-        ls = label_studio.attach(app, source, dict(device=device, precision=precision, tile=tile, overlap=overlap,
-                                                    tta=tta, backend=backend))
-        print(f"pixelseg serve: Label Studio ML backend at http://{host}:{port}/ serving {ls.version}; state in "
-              f"{ls.work}", flush=True)
-    print(f"pixelseg serve: {engine.id} ({engine.backend}, {engine.predictor.describe()}) on http://{host}:{port}/ "
-          "- /readyz turns 200 after warm-up", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, access_log=False,
-                limit_concurrency=None)
+        ls = label_studio.attach(
+            app, source, dict(device=device, precision=precision, tile=tile, overlap=overlap, tta=tta, backend=backend)
+        )
+        print(
+            f"pixelseg serve: Label Studio ML backend at http://{host}:{port}/ serving {ls.version}; state in "
+            f"{ls.work}",
+            flush=True,
+        )
+    print(
+        f"pixelseg serve: {engine.id} ({engine.backend}, {engine.predictor.describe()}) on http://{host}:{port}/ "
+        "- /readyz turns 200 after warm-up",
+        flush=True,
+    )
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, access_log=False, limit_concurrency=None
+    )

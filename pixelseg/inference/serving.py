@@ -7,6 +7,7 @@ The model is loaded with the same calls as `pixelseg predict` (checkpoint -> `lo
 (resize-and-restore, sliding window, flip TTA), and uploads are decoded with the same
 `to_rgb_array` as image files, so a served mask equals the one `predict` writes, pixel for pixel.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,15 +55,20 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "upload", exif_trans
     except Image.DecompressionBombError as exc:
         raise HTTPProblem(413, f"{name}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise HTTPProblem(415, f"{name} is not an image format the server reads (JPEG, PNG, GIF, BMP, TIFF, WebP)") \
-            from None
+        raise HTTPProblem(
+            415, f"{name} is not an image format the server reads (JPEG, PNG, GIF, BMP, TIFF, WebP)"
+        ) from None
     if img.format not in IMAGE_FORMATS:
-        raise HTTPProblem(415, f"{name} is {img.format}, not an image format the server reads "
-                               "(JPEG, PNG, GIF, BMP, TIFF, WebP)")
+        raise HTTPProblem(
+            415, f"{name} is {img.format}, not an image format the server reads (JPEG, PNG, GIF, BMP, TIFF, WebP)"
+        )
     w, h = img.size
     if w * h > max_pixels:
-        raise HTTPProblem(413, f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the server's limit of "
-                               f"{max_pixels / 1e6:.1f} MP (--max-pixels); downscale it first")
+        raise HTTPProblem(
+            413,
+            f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the server's limit of "
+            f"{max_pixels / 1e6:.1f} MP (--max-pixels); downscale it first",
+        )
     turn = exif_transpose and exif_orientation(img) != 1
     try:
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
@@ -82,9 +88,18 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "upload", exif_trans
 class Engine:
     """One model ready to segment uint8 RGB arrays; not thread-safe (the server runs it on one thread)."""
 
-    def __init__(self, source, device: str = "auto", precision: str = "auto", tile=None, overlap: float = 0.25,
-                 tta: bool = False, backend: str = "auto"):
+    def __init__(
+        self,
+        source,
+        device: str = "auto",
+        precision: str = "auto",
+        tile=None,
+        overlap: float = 0.25,
+        tta: bool = False,
+        backend: str = "auto",
+    ):
         from .runner import open_model
+
         runner = open_model(source, device, precision, tile, overlap, tta, backend)
         self.backend, self.device, self.path = runner.backend, runner.device, runner.source
         self.info, self.size, self.model_config = runner.info, runner.size, runner.model_config
@@ -95,14 +110,24 @@ class Engine:
         self.id = f"{arch}/{backbone}@{self.sha256[:12]}"
 
     def describe(self) -> dict:
-        return {"id": self.id, "architecture": self.model_config.get("arch"),
-                "backbone": self.model_config.get("backbone"), "backend": self.backend,
-                "device": str(self.device), "precision": str(self.amp).replace("torch.", "") if self.amp else "fp32",
-                "dataset": self.info.name,
-                "classes": [{"id": i, "name": n, "color": list(c)}
-                            for i, (n, c) in enumerate(zip(self.info.class_names, self.info.palette, strict=False))],
-                "input_size": list(self.size), "mode": self.predictor.describe(),
-                "mc_dropout": self.mc_dropout, "checkpoint": self.path.name, "checkpoint_sha256": self.sha256}
+        return {
+            "id": self.id,
+            "architecture": self.model_config.get("arch"),
+            "backbone": self.model_config.get("backbone"),
+            "backend": self.backend,
+            "device": str(self.device),
+            "precision": str(self.amp).replace("torch.", "") if self.amp else "fp32",
+            "dataset": self.info.name,
+            "classes": [
+                {"id": i, "name": n, "color": list(c)}
+                for i, (n, c) in enumerate(zip(self.info.class_names, self.info.palette, strict=False))
+            ],
+            "input_size": list(self.size),
+            "mode": self.predictor.describe(),
+            "mc_dropout": self.mc_dropout,
+            "checkpoint": self.path.name,
+            "checkpoint_sha256": self.sha256,
+        }
 
     @torch.no_grad()
     def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -115,6 +140,7 @@ class Engine:
         prediction, {"entropy": H×W, "variance": H×W} float32) — what `predict --mc-samples` computes."""
         if mc_samples:
             from .runner import mc_uncertainty
+
             probs, maps = mc_uncertainty(self.model, image, self.size, self.device, self.amp, mc_samples)
             return class_ids(probs)[0].to(torch.uint8).cpu().numpy(), {k: v.cpu().numpy() for k, v in maps.items()}
         return class_ids(self.predictor(image, probs=False))[0].to(torch.uint8).cpu().numpy(), None
@@ -134,8 +160,9 @@ def areas(mask: np.ndarray, class_names) -> dict:
     return {n: float(counts[i] / mask.size) for i, n in enumerate(class_names)}
 
 
-def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing: dict,
-           exif_transposed: bool = True) -> tuple[bytes, str]:
+def encode(
+    fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing: dict, exif_transposed: bool = True
+) -> tuple[bytes, str]:
     """(body, media type) for one mask in format `fmt`; JSON says whether the photo was turned upright
     (EXIF), so a client draws the photo the same way before laying the mask over it."""
     info = engine.info
@@ -144,20 +171,33 @@ def encode(fmt: str, engine: Engine, mask: np.ndarray, maps: dict | None, timing
     if fmt == "color":
         return viz.png_bytes(mask, info.palette, compress_level=FAST_PNG), "image/png"
     import json
+
     h, w = mask.shape
-    classes = [{"id": i, "name": n, "color": list(c)}
-               for i, (n, c) in enumerate(zip(info.class_names, info.palette, strict=False))]
-    body = {"model": engine.id, "width": w, "height": h, "classes": classes,
-            "areas": areas(mask, info.class_names), "latency_ms": timing, "exif_transposed": exif_transposed}
+    classes = [
+        {"id": i, "name": n, "color": list(c)}
+        for i, (n, c) in enumerate(zip(info.class_names, info.palette, strict=False))
+    ]
+    body = {
+        "model": engine.id,
+        "width": w,
+        "height": h,
+        "classes": classes,
+        "areas": areas(mask, info.class_names),
+        "latency_ms": timing,
+        "exif_transposed": exif_transposed,
+    }
     if fmt == "json":
         body["mask_png"] = base64.b64encode(viz.png_bytes(mask, compress_level=FAST_PNG)).decode("ascii")
         if maps is not None:
             entropy = maps["entropy"]
             body["uncertainty"] = {
-                "entropy_png": base64.b64encode(viz.png_bytes(
-                    viz.heatmap_rgb(entropy, vmax=float(np.log(info.num_classes))))).decode("ascii"),
+                "entropy_png": base64.b64encode(
+                    viz.png_bytes(viz.heatmap_rgb(entropy, vmax=float(np.log(info.num_classes))))
+                ).decode("ascii"),
                 "colormap": "inferno, 0 to ln(classes) nats",
-                "mean_entropy": float(entropy.mean()), "mean_variance": float(maps["variance"].mean())}
+                "mean_entropy": float(entropy.mean()),
+                "mean_variance": float(maps["variance"].mean()),
+            }
     else:
         body["rle"] = [{"id": i, "name": n, "rle": coco_rle_encode(mask == i)} for i, n in enumerate(info.class_names)]
     return json.dumps(body).encode(), "application/json"

@@ -1,6 +1,7 @@
 """Confident learning for segmentation, the method behind `pixelseg audit` and the "next to label" list:
 per-class thresholds from held-out probabilities, connected suspect regions of four kinds, an image's label
 quality, and suspects as review regions (the full method, with its citation: audit.py's docstring)."""
+
 from __future__ import annotations
 
 import math
@@ -9,21 +10,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 KINDS = ("missing_label", "wrong_class", "spurious_label", "boundary")
-BOUNDARY_SHARE = 0.9          # a region this much inside the band along a labelled edge is a boundary error
-REVIEW_MAX_REGIONS = 25       # per image in review/, heaviest first: a reviewer fixes the big ones, then re-audits
+BOUNDARY_SHARE = 0.9  # a region this much inside the band along a labelled edge is a boundary error
+REVIEW_MAX_REGIONS = 25  # per image in review/, heaviest first: a reviewer fixes the big ones, then re-audits
 
 
 # ---- the scoring core: probabilities + labels -> thresholds, suspects, score ------------------------
 @dataclass
 class Suspect:
     kind: str
-    given: int                 # the class the label says
-    suggested: int             # the class the held-out model is confident in
+    given: int  # the class the label says
+    suggested: int  # the class the held-out model is confident in
     area: int
-    bbox: list                 # x, y, w, h in pixels
-    confidence: float          # mean p_suggested over the region
-    margin: float              # mean p_suggested - p_given
-    crop: np.ndarray | None = field(repr=False, default=None)   # the region's pixels within its bbox
+    bbox: list  # x, y, w, h in pixels
+    confidence: float  # mean p_suggested over the region
+    margin: float  # mean p_suggested - p_given
+    crop: np.ndarray | None = field(repr=False, default=None)  # the region's pixels within its bbox
 
     @property
     def mass(self) -> float:
@@ -33,7 +34,7 @@ class Suspect:
         """The region as an H×W bool mask (kept as a bbox crop: an image may have hundreds of regions)."""
         x, y, bw, bh = self.bbox
         out = np.zeros((h, w), bool)
-        out[y:y + bh, x:x + bw] = self.crop
+        out[y : y + bh, x : x + bw] = self.crop
         return out
 
 
@@ -71,6 +72,7 @@ def confident_class(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 def edge_distance(label: np.ndarray) -> np.ndarray:
     """Distance (pixels) from each pixel to the nearest edge of the labelled mask (a 4-neighbour differs)."""
     import cv2
+
     edge = np.zeros(label.shape, bool)
     edge[:, 1:] |= label[:, 1:] != label[:, :-1]
     edge[:, :-1] |= label[:, 1:] != label[:, :-1]
@@ -91,10 +93,18 @@ def default_min_area(h: int, w: int) -> int:
     return max(16, math.ceil(2.5e-4 * h * w))
 
 
-def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, background: set,
-                  ignore_index: int = 255, band: int | None = None, min_area: int | None = None) -> list[Suspect]:
+def find_suspects(
+    probs: np.ndarray,
+    label: np.ndarray,
+    thresholds: np.ndarray,
+    background: set,
+    ignore_index: int = 255,
+    band: int | None = None,
+    min_area: int | None = None,
+) -> list[Suspect]:
     """The suspect regions of one image (module doc, steps 3-4); probs C×H×W, label H×W."""
     import cv2
+
     c, h, w = probs.shape
     band = default_band(h, w) if band is None else band
     min_area = default_min_area(h, w) if min_area is None else min_area
@@ -108,7 +118,7 @@ def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, 
     p_sugg = np.take_along_axis(probs, np.maximum(conf, 0)[None], 0)[0]
     dist = edge_distance(label)
     out = []
-    code = label.astype(np.int64) * c + conf        # one int per (given, suggested) pair
+    code = label.astype(np.int64) * c + conf  # one int per (given, suggested) pair
     for pair in np.flatnonzero(np.bincount(code[issue], minlength=1)):
         g, s = divmod(int(pair), c)
         m = issue & (code == pair)
@@ -127,13 +137,23 @@ def find_suspects(probs: np.ndarray, label: np.ndarray, thresholds: np.ndarray, 
                 kind = "spurious_label"
             else:
                 kind = "wrong_class"
-            out.append(Suspect(kind, int(g), int(s), area, [x, y, bw, bh], float(p_sugg[sl][comp].mean()),
-                               float((p_sugg[sl][comp] - p_given[sl][comp]).mean()), comp))
+            out.append(
+                Suspect(
+                    kind,
+                    int(g),
+                    int(s),
+                    area,
+                    [x, y, bw, bh],
+                    float(p_sugg[sl][comp].mean()),
+                    float((p_sugg[sl][comp] - p_given[sl][comp]).mean()),
+                    comp,
+                )
+            )
     out.sort(key=lambda r: -r.mass)
     return out
 
 
-REST_WEIGHT = 0.25            # in an image's score, its suspect regions after the heaviest count this much
+REST_WEIGHT = 0.25  # in an image's score, its suspect regions after the heaviest count this much
 
 
 def label_quality(suspects: list[Suspect], labelled_pixels: int) -> float:
@@ -149,6 +169,7 @@ def label_quality(suspects: list[Suspect], labelled_pixels: int) -> float:
 def background_ids(class_names: list[str]) -> set:
     """The classes that mean "no object" (named background, as the pre-annotation writers treat them)."""
     from ..labels.write import labelled_classes
+
     return set(range(len(class_names))) - set(labelled_classes(class_names))
 
 
@@ -161,23 +182,23 @@ def suspect_regions(src_names: list, sus: list[Suspect], bg: set, h: int, w: int
 
     from ..labels.rle import coco_rle_encode
     from ..labels.write import Region, mask_polygons
+
     regions = []
     for r in sus[:REVIEW_MAX_REGIONS]:
         label = r.given if r.suggested in bg else r.suggested
-        if label in bg:   # background both ways cannot happen (they differ), but a tool has no label for it
+        if label in bg:  # background both ways cannot happen (they differ), but a tool has no label for it
             continue
         attrs = {"kind": r.kind, "given": src_names[r.given], "suggested": src_names[r.suggested]}
         x, y, bw, bh = r.bbox
         assert r.crop is not None  # find_suspects gives every region its crop
-        padded = np.pad(r.crop, 1).astype(np.uint8)    # polygons of the crop, moved back into the image
+        padded = np.pad(r.crop, 1).astype(np.uint8)  # polygons of the crop, moved back into the image
         contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         filled = cv2.drawContours(np.zeros_like(padded), contours, -1, 1, -1) > 0
-        offset = np.array([x - 1, y - 1])               # crop corner in the image, less the 1-pixel pad
+        offset = np.array([x - 1, y - 1])  # crop corner in the image, less the 1-pixel pad
         for poly, comp in mask_polygons(filled, min_area=0):
             full = np.zeros((h, w), bool)
-            full[y:y + bh, x:x + bw] = comp[1:-1, 1:-1]
-            regions.append(Region(src_names[label], coco_rle_encode(full), r.confidence, [poly + offset],
-                                  attributes=attrs))
+            full[y : y + bh, x : x + bw] = comp[1:-1, 1:-1]
+            regions.append(
+                Region(src_names[label], coco_rle_encode(full), r.confidence, [poly + offset], attributes=attrs)
+            )
     return regions
-
-

@@ -14,6 +14,7 @@ probabilities at the input's H×W.
   native-scale images or crops (CamVid at 360×480, aerial tiles).
 - tta: also run the horizontally flipped input and average the two probability maps.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,12 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 def flip_tta(fn: LogitsFn) -> LogitsFn:
     """fn on x and on x flipped left-right, in one batch; returns log of the mean softmax, so a later
     softmax (or argmax) sees the averaged probabilities."""
+
     def tta(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         p = fn(torch.cat([x, x.flip(-1)])).float().softmax(1)
         return ((p[:n] + p[n:].flip(-1)) / 2).clamp_min(1e-12).log()
+
     return tta
 
 
@@ -60,14 +63,20 @@ def window_starts(length: int, window: int, overlap: float) -> list[int]:
 def _blend_weight(h: int, w: int, device) -> torch.Tensor:
     """Raised cosine, 0.1 at the window's rim and 1 in its middle: seams fade instead of stepping.
     (torch.hann_window is 0 at the rim, which would drop image-border pixels covered by one window.)"""
+
     def ramp(n: int) -> torch.Tensor:
-        return 0.1 + 0.9 * torch.hann_window(n + 2, periodic=False, device=device)[1:-1] if n > 2 else \
-            torch.ones(n, device=device)
+        return (
+            0.1 + 0.9 * torch.hann_window(n + 2, periodic=False, device=device)[1:-1]
+            if n > 2
+            else torch.ones(n, device=device)
+        )
+
     return ramp(h)[:, None] * ramp(w)[None, :]
 
 
-def sliding_window(fn: LogitsFn, x: torch.Tensor, window: tuple[int, int], overlap: float = 0.25,
-                   batch_size: int = 8) -> torch.Tensor:
+def sliding_window(
+    fn: LogitsFn, x: torch.Tensor, window: tuple[int, int], overlap: float = 0.25, batch_size: int = 8
+) -> torch.Tensor:
     """Probabilities N×C×H×W from overlapping windows at native scale (windows run `batch_size` at a time)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -78,14 +87,14 @@ def sliding_window(fn: LogitsFn, x: torch.Tensor, window: tuple[int, int], overl
     out = None
     norm = torch.zeros(h, w, device=x.device)
     for i in range(0, len(origins), max(1, batch_size // n)):
-        chunk = origins[i: i + max(1, batch_size // n)]
-        crops = torch.cat([x[:, :, y: y + wh, x0: x0 + ww] for y, x0 in chunk])
+        chunk = origins[i : i + max(1, batch_size // n)]
+        crops = torch.cat([x[:, :, y : y + wh, x0 : x0 + ww] for y, x0 in chunk])
         probs = fn(crops).float().softmax(1) * weight
         if out is None:
             out = torch.zeros(n, probs.shape[1], h, w, device=x.device)
         for j, (y, x0) in enumerate(chunk):
-            out[:, :, y: y + wh, x0: x0 + ww] += probs[j * n: (j + 1) * n]
-            norm[y: y + wh, x0: x0 + ww] += weight
+            out[:, :, y : y + wh, x0 : x0 + ww] += probs[j * n : (j + 1) * n]
+            norm[y : y + wh, x0 : x0 + ww] += weight
     assert out is not None  # the windows cover the image: at least one
     return out / norm
 
@@ -93,8 +102,16 @@ def sliding_window(fn: LogitsFn, x: torch.Tensor, window: tuple[int, int], overl
 class Predictor:
     """Full-resolution inference for one model: `predictor(image uint8 H×W×3) -> probabilities 1×C×H×W`."""
 
-    def __init__(self, fn: LogitsFn, train_size: tuple[int, int], tile: tuple[int, int] | None = None,
-                 overlap: float = 0.25, tta: bool = False, batch_size: int = 8, device="cpu"):
+    def __init__(
+        self,
+        fn: LogitsFn,
+        train_size: tuple[int, int],
+        tile: tuple[int, int] | None = None,
+        overlap: float = 0.25,
+        tta: bool = False,
+        batch_size: int = 8,
+        device="cpu",
+    ):
         self.train_size = (train_size[0], train_size[1])  # a tuple, whatever sequence was given
         self.tile, self.overlap, self.tta = ((tile[0], tile[1]) if tile else None), overlap, tta
         self.batch_size, self.device = batch_size, torch.device(device)
@@ -116,7 +133,7 @@ class Predictor:
         if self.tile:
             return [self(img) for img in images]
         logits = self.fn(torch.cat([self._input(img, self.train_size) for img in images]))
-        return [self._restore(logits[i: i + 1], img.shape[:2], probs) for i, img in enumerate(images)]
+        return [self._restore(logits[i : i + 1], img.shape[:2], probs) for i, img in enumerate(images)]
 
     def _input(self, image, size: tuple[int, int] | None = None) -> torch.Tensor:
         """H×W×C image -> 1×C×h×w float on the device, resized to `size` when given; uint8 is scaled to
@@ -128,8 +145,13 @@ class Predictor:
         resize runs on the CPU where the photo is, so only the small tensor travels to a GPU."""
         x = torch.as_tensor(image).permute(2, 0, 1)[None]
         if size is not None and tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x if x.dtype == torch.uint8 else x.float(), size=size, mode="bilinear",
-                              antialias=True, align_corners=False)
+            x = F.interpolate(
+                x if x.dtype == torch.uint8 else x.float(),
+                size=size,
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         x = x.to(self.device)
         return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
@@ -161,6 +183,7 @@ def torch_logits_fn(model: nn.Module, device, amp_dtype=None, channels_last: boo
             # NCHW logits: bilinear upsampling back to the photo's size is faster on CPU than on the
             # channels-last tensor the model returns, and bit-identical (docs/benchmarks.md)
             return model(x).to(torch.float32, memory_format=torch.contiguous_format)
+
     return fn
 
 
@@ -177,8 +200,10 @@ def tile_scale_warning(image_hw: tuple[int, int], train_size: tuple[int, int], w
     factor = max(image_hw[0] / train_size[0], image_hw[1] / train_size[1])
     if factor < 2:
         return None
-    return (f"warning: --tile runs {window[0]}x{window[1]} windows at the image's own scale, but the model was "
-            f"trained on whole images resized to {train_size[0]}x{train_size[1]} and this image is "
-            f"{image_hw[0]}x{image_hw[1]} ({factor:.1f}x larger): unless its training photos were this large "
-            f"too, the windows show objects about {factor:.0f}x larger than it learnt them and masks come out "
-            "near-empty; leave out --tile to resize the whole image, as in training")
+    return (
+        f"warning: --tile runs {window[0]}x{window[1]} windows at the image's own scale, but the model was "
+        f"trained on whole images resized to {train_size[0]}x{train_size[1]} and this image is "
+        f"{image_hw[0]}x{image_hw[1]} ({factor:.1f}x larger): unless its training photos were this large "
+        f"too, the windows show objects about {factor:.0f}x larger than it learnt them and masks come out "
+        "near-empty; leave out --tile to resize the whole image, as in training"
+    )

@@ -16,6 +16,7 @@ iscrowd (`--iscrowd`): `class` (default) paints a crowd region with its category
 segmentation reference and COCO-Stuff's PNG conversion do (semantic segmentation has no instances to separate);
 `ignore` paints it 255 (left out of loss and metrics) for exports whose crowd masks are loose.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,7 +63,7 @@ def discover(root: Path) -> list[tuple[str, Path, list[Path]]]:
     if found:
         return found
     for f in sorted((root / "annotations").glob("instances_*.json")):
-        split = f.stem[len("instances_"):]
+        split = f.stem[len("instances_") :]
         folders = [root / "images" / split, root / split, root / "images", root]
         found.append((split_name(split), f, folders))
     if found:
@@ -70,8 +71,10 @@ def discover(root: Path) -> list[tuple[str, Path, list[Path]]]:
     for name in (ROBOFLOW_FILE, "annotations.json", "instances.json"):
         if (root / name).is_file():
             return [("train", root / name, [root, root / "images"])]
-    raise PixelsegError(f"--data-root {root}: no COCO export found (expected train/{ROBOFLOW_FILE} and valid/... as "
-                        f"Roboflow writes them, annotations/instances_<split>.json + images/, or {ROBOFLOW_FILE})")
+    raise PixelsegError(
+        f"--data-root {root}: no COCO export found (expected train/{ROBOFLOW_FILE} and valid/... as "
+        f"Roboflow writes them, annotations/instances_<split>.json + images/, or {ROBOFLOW_FILE})"
+    )
 
 
 def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[str], list[str]]:
@@ -84,9 +87,11 @@ def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[st
                 raise PixelsegError(f"{path}: category {c!r} lacks an id or name")
             cid, name = c["id"], str(c["name"])
             if cid in cats and cats[cid][0] != name:
-                raise PixelsegError(f"{path}: category id {cid} is {name!r} here but {cats[cid][0]!r} in "
-                                    f"{cats[cid][2]}; "
-                                    "the splits must share one category table")
+                raise PixelsegError(
+                    f"{path}: category id {cid} is {name!r} here but {cats[cid][0]!r} in "
+                    f"{cats[cid][2]}; "
+                    "the splits must share one category table"
+                )
             cats[cid] = (name, str(c.get("supercategory") or ""), path)
         used.update(a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict))
     notes, keep = [], []
@@ -94,8 +99,10 @@ def _categories(files: list[tuple[Path, dict]]) -> tuple[dict[int, int], list[st
         name = cats[cid][0]
         parent_of_others = any(sup == name and other != cid for other, (_, sup, _) in cats.items())
         if cid not in used and parent_of_others:
-            notes.append(f"category {cid} {name!r} left out: no annotation uses it and it is the supercategory of "
-                         "the others (Roboflow's placeholder), not a class")
+            notes.append(
+                f"category {cid} {name!r} left out: no annotation uses it and it is the supercategory of "
+                "the others (Roboflow's placeholder), not a class"
+            )
             continue
         keep.append(cid)
     origin = files[0][0] if files else "COCO"
@@ -128,8 +135,17 @@ def _shape(ann: dict, h: int, w: int):
     raise BadShape(f"segmentation is a {type(seg).__name__}, expected polygons (list) or RLE (dict)")
 
 
-def _read_file(path: Path, data: dict, split: str, folders: list[Path], table: dict, iscrowd: str,
-               problems: Problems, names: Names, out: LabelSet) -> None:
+def _read_file(
+    path: Path,
+    data: dict,
+    split: str,
+    folders: list[Path],
+    table: dict,
+    iscrowd: str,
+    problems: Problems,
+    names: Names,
+    out: LabelSet,
+) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise PixelsegError(f"{path}: not a COCO instances file (no 'images' list)")
     images: dict = {}
@@ -141,11 +157,11 @@ def _read_file(path: Path, data: dict, split: str, folders: list[Path], table: d
         name = names.take(path, f"image id {im['id']} ({im['file_name']})", split, str(im["file_name"]))
         if name is None:
             continue
-        found = sized_image(problems, path, f"image id {im['id']}", str(im["file_name"]), folders,
-                            (im.get("width"), im.get("height")))
+        found = sized_image(
+            problems, path, f"image id {im['id']}", str(im["file_name"]), folders, (im.get("width"), im.get("height"))
+        )
         if found is not None:
-            images[im["id"]] = Item(name, found[0], found[1], found[2], split=split, source=path,
-                                    orientation=found[3])
+            images[im["id"]] = Item(name, found[0], found[1], found[2], split=split, source=path, orientation=found[3])
     dropped_images = {im.get("id") for im in data["images"] if isinstance(im, dict)} - set(images)
     for order, ann in enumerate(data.get("annotations") or []):
         where = f"annotation id {ann.get('id')!r}" if isinstance(ann, dict) else f"annotation #{order}"

@@ -6,6 +6,7 @@ export) or ROOT/. Labels and colours come from <meta>'s <labels>; an image's `su
 Validation, Test) is its split. <polyline>, <points>, <ellipse>, <skeleton> and <tag> are not regions: left
 out and counted.
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -42,8 +43,10 @@ def find_xml(root: Path) -> Path:
     xmls = sorted(root.glob("*.xml"))
     if len(xmls) == 1:
         return xmls[0]
-    raise PixelsegError(f"--data-root {root}: no CVAT export (annotations.xml) found"
-                        + (f"; several XML files: {', '.join(p.name for p in xmls[:4])}" if xmls else ""))
+    raise PixelsegError(
+        f"--data-root {root}: no CVAT export (annotations.xml) found"
+        + (f"; several XML files: {', '.join(p.name for p in xmls[:4])}" if xmls else "")
+    )
 
 
 def parse_xml(path: Path) -> ET.Element:
@@ -59,8 +62,9 @@ def parse_xml(path: Path) -> ET.Element:
 def _labels(root_el: ET.Element, path: Path) -> tuple[dict[str, int], list]:
     labels = root_el.findall("./meta//labels/label")
     if not labels:
-        raise PixelsegError(f"{path}: no <meta> ... <labels> declared; "
-                            "export 'CVAT for images 1.1' from a task or project")
+        raise PixelsegError(
+            f"{path}: no <meta> ... <labels> declared; export 'CVAT for images 1.1' from a task or project"
+        )
     names: list[str] = []
     colours: dict[str, tuple[int, int, int]] = {}
     for lab in labels:
@@ -99,8 +103,9 @@ def _shape_rle(el: ET.Element, h: int, w: int, boxes: bool):
         return polygons_rle([rotated_box(box_polygon(x0, y0, x1, y1), el.get("rotation"))], h, w)
     if tag == "mask":
         try:
-            m = cvat_rle_decode(el.get("rle", ""), el.get("left", 0), el.get("top", 0), el.get("width", 0),
-                                el.get("height", 0), h, w)
+            m = cvat_rle_decode(
+                el.get("rle", ""), el.get("left", 0), el.get("top", 0), el.get("width", 0), el.get("height", 0), h, w
+            )
         except (RLEError, ValueError) as exc:
             raise BadShape(str(exc)) from None
         return mask_rle(m), False

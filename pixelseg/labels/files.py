@@ -1,4 +1,5 @@
 """What every reader does with files: parse JSON with line/column, find and size images, keep names unique."""
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,9 @@ def is_file(p: Path) -> bool:
         return False
 
 
-def sized_image(problems: Problems, file, where: str, name: str, folders: list[Path],
-                recorded: tuple | None = None) -> tuple[Path, int, int, int] | None:
+def sized_image(
+    problems: Problems, file, where: str, name: str, folders: list[Path], recorded: tuple | None = None
+) -> tuple[Path, int, int, int] | None:
     """The image of an annotation, checked: exists, decodes, and has the recorded (width, height) when turned
     upright (rules.py); returns (path, upright height, upright width, EXIF orientation)."""
     path = find_image(name, folders)
@@ -87,8 +89,13 @@ def sized_image(problems: Problems, file, where: str, name: str, folders: list[P
             return None
         if (rh, rw) != hw[:2]:
             why = stored_size_note(hw[2]) if (rw, rh) == (hw[0], hw[1]) and hw[2] >= 5 else ""
-            problems.bad(file, where, f"records {name!r} as {rw}×{rh} but the file {path.name} is {hw[1]}×{hw[0]}"
-                         + (" upright" if hw[2] >= 5 else "") + why)
+            problems.bad(
+                file,
+                where,
+                f"records {name!r} as {rw}×{rh} but the file {path.name} is {hw[1]}×{hw[0]}"
+                + (" upright" if hw[2] >= 5 else "")
+                + why,
+            )
             return None
     return path, hw[0], hw[1], hw[2]
 
@@ -104,8 +111,11 @@ class Names:
         stem = Path(image_name.replace("\\", "/").rsplit("/", 1)[-1]).stem
         key = (split, stem)
         if key in self.seen:
-            self.problems.bad(file, where, f"duplicate image name {stem!r} (also {self.seen[key]}); image names "
-                                           "must be unique within a split")
+            self.problems.bad(
+                file,
+                where,
+                f"duplicate image name {stem!r} (also {self.seen[key]}); image names must be unique within a split",
+            )
             return None
         self.seen[key] = where
         return stem

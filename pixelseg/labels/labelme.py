@@ -7,6 +7,7 @@ and mask shapes are left out and counted. A JSON whose image file is not there b
 (`imageData`, base64: LabelMe's default) is read from the embedded bytes, written once to the decode cache
 ($PIXELSEG_CACHE/labelme-images/<sha1>.<ext>), as labelme's own json_to_dataset does.
 """
+
 from __future__ import annotations
 
 import base64
@@ -76,6 +77,7 @@ def _embedded(doc: dict, path: Path, problems: Problems) -> Path | None:
     from PIL import Image, UnidentifiedImageError
 
     from ..core.files import atomic_write_bytes, cache_dir
+
     try:
         data = base64.b64decode(doc["imageData"], validate=True)
         fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
@@ -87,8 +89,10 @@ def _embedded(doc: dict, path: Path, problems: Problems) -> Path | None:
         try:
             atomic_write_bytes(out, data)
         except OSError as exc:
-            raise PixelsegError(f"{path}: cannot write its embedded image to {out} ({exc.strerror or exc}); set "
-                                "PIXELSEG_CACHE to a writable folder") from None
+            raise PixelsegError(
+                f"{path}: cannot write its embedded image to {out} ({exc.strerror or exc}); set "
+                "PIXELSEG_CACHE to a writable folder"
+            ) from None
     return out
 
 
@@ -126,8 +130,11 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
             if emb is None:
                 continue
             img, folders, where = emb.name, [emb.parent], "imageData"
-        found = sized_image(problems, path, where, img, folders,
-                            (doc.get("imageWidth"), doc.get("imageHeight"))) if stem else None
+        found = (
+            sized_image(problems, path, where, img, folders, (doc.get("imageWidth"), doc.get("imageHeight")))
+            if stem
+            else None
+        )
         if found is None or not stem:  # found implies stem
             continue
         item = Item(stem, found[0], found[1], found[2], split=split, source=path, orientation=found[3])

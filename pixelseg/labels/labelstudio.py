@@ -10,6 +10,7 @@ A task's last annotation that was not cancelled is used; a task without one (nob
 annotation was cancelled) is left out and counted, not trained as all background (labels/rules.py).
 Splits: none in the export; val by --val-fraction.
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -48,8 +49,10 @@ def find_export(root: Path) -> Path:
     jsons = sorted(p for p in root.glob("*.json") if not p.name.startswith("."))
     if len(jsons) == 1:
         return jsons[0]
-    raise PixelsegError(f"--data-root {root}: expected one Label Studio JSON export there, found "
-                        f"{len(jsons)}" + (f" ({', '.join(p.name for p in jsons[:4])})" if jsons else ""))
+    raise PixelsegError(
+        f"--data-root {root}: expected one Label Studio JSON export there, found "
+        f"{len(jsons)}" + (f" ({', '.join(p.name for p in jsons[:4])})" if jsons else "")
+    )
 
 
 def _declared(base: Path) -> tuple[Sequence[str | None] | None, dict, Path | None, str | None]:
@@ -66,7 +69,7 @@ def _declared(base: Path) -> tuple[Sequence[str | None] | None, dict, Path | Non
             for el in labels:
                 c = (el.get("background") or "").lstrip("#")
                 if len(c) == 6:
-                    colours[el.get("value")] = tuple(int(c[i:i + 2], 16) for i in (0, 2, 4))
+                    colours[el.get("value")] = tuple(int(c[i : i + 2], 16) for i in (0, 2, 4))
             image = next((el.get("value", "") for el in doc.iter("Image") if el.get("value", "").startswith("$")), "")
             return list(dict.fromkeys(el.get("value") for el in labels)), colours, p, image[1:] or None
     return None, {}, None, None
@@ -139,13 +142,20 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     declared, colours, config, key = _declared(base)
     notes = []
     if declared is None:
-        found = sorted({str(_label_of(r, r.get("type")))
-                        for t in tasks if isinstance(t, dict) and (ann := _annotation(t))
-                        for r in (ann.get("result") or [])
-                        if r.get("type") in KINDS and _label_of(r, r.get("type"))})
+        found = sorted(
+            {
+                str(_label_of(r, r.get("type")))
+                for t in tasks
+                if isinstance(t, dict) and (ann := _annotation(t))
+                for r in (ann.get("result") or [])
+                if r.get("type") in KINDS and _label_of(r, r.get("type"))
+            }
+        )
         declared = found
-        notes.append(f"no labelling config (*.xml) next to {path.name}: classes are the labels found, sorted: "
-                     + ", ".join(found))
+        notes.append(
+            f"no labelling config (*.xml) next to {path.name}: classes are the labels found, sorted: "
+            + ", ".join(found)
+        )
     table = class_table(declared, config or path, "label")
     names_ = class_names(table)
     palette = default_palette(len(names_))
@@ -178,8 +188,9 @@ def _task(path, task, t_i, folders, table, boxes, problems, names, out, key=None
     ann = _annotation(task)
     assert ann is not None, "read() passes annotated tasks only"
     results = [r for r in (ann.get("result") or []) if isinstance(r, dict)]
-    recorded = next(((r.get("original_width"), r.get("original_height")) for r in results
-                     if r.get("original_width")), None)
+    recorded = next(
+        ((r.get("original_width"), r.get("original_height")) for r in results if r.get("original_width")), None
+    )
     found = sized_image(problems, path, where, img_name, folders, recorded)
     if found is None:
         return

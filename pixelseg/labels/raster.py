@@ -14,6 +14,7 @@ Overlap rule (`--overlap`), for a pixel covered by several shapes:
     ignore             pixels claimed by shapes of different classes become 255 (ignored in loss and metrics),
                        as torchvision's COCO segmentation reference does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,39 +36,42 @@ HUGE = 4.0  # a coordinate further than this many image sides outside the image 
 @dataclass
 class Shape:
     """One labelled region as a COCO RLE of the whole image (`rle`, compressed counts as bytes)."""
-    class_id: int          # 1..K, or IGNORE
+
+    class_id: int  # 1..K, or IGNORE
     rle: dict
     area: int
-    id: str                # where it came from, for messages: "annotation 12", "labels/a.txt:3"
+    id: str  # where it came from, for messages: "annotation 12", "labels/a.txt:3"
     z: int = 0
-    order: int = 0         # position in the file
+    order: int = 0  # position in the file
 
 
 @dataclass
 class Item:
     """One image and its shapes; `height`/`width` are the image's as viewers show it (EXIF-upright, rules.py)."""
+
     name: str
     image: Path
     height: int
     width: int
     shapes: list[Shape] = field(default_factory=list)
     split: str | None = None
-    source: Path | None = None   # the annotation file (its mtime keys the decode cache)
-    orientation: int = 1         # the file's EXIF Orientation: != 1 means its pixels are turned upright to read
+    source: Path | None = None  # the annotation file (its mtime keys the decode cache)
+    orientation: int = 1  # the file's EXIF Orientation: != 1 means its pixels are turned upright to read
 
 
 @dataclass
 class LabelSet:
     """A parsed export: classes (id 0 = background) and images with shapes, plus what the parse noticed."""
+
     format: str
     source: str
     class_names: list[str]
     palette: list[tuple[int, int, int]]
     items: list[Item]
     notes: list[str] = field(default_factory=list)
-    dropped: Counter = field(default_factory=Counter)    # reason -> shapes left out
-    clipped: int = 0                                     # shapes reaching past the image border
-    bad: list[str] = field(default_factory=list)         # damaged items skipped by --skip-bad
+    dropped: Counter = field(default_factory=Counter)  # reason -> shapes left out
+    clipped: int = 0  # shapes reaching past the image border
+    bad: list[str] = field(default_factory=list)  # damaged items skipped by --skip-bad
 
     def splits(self) -> dict[str, list[Item]]:
         out: dict[str, list[Item]] = {}
@@ -102,25 +106,30 @@ VALUE_ERRORS = (TypeError, ValueError, OverflowError, AttributeError, IndexError
 def shape_values(fn):
     """Decorate a reader's shape conversion: a wrong-typed value inside one shape is a BadShape (reported with
     the file and the shape's id, or skipped by --skip-bad), not a traceback (found by tests/test_fuzz_labels.py)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except VALUE_ERRORS as exc:
             raise BadShape(f"unexpected value ({type(exc).__name__}: {_first_line(exc)})") from None
+
     return wrapper
 
 
 def export_values(fn):
     """Decorate a reader's read(root, ...): a wrong-typed value in the export's structure (a list as an image id,
     a number as a name) is one PixelsegError naming the export, not a traceback."""
+
     @functools.wraps(fn)
     def wrapper(root, *args, **kwargs):
         try:
             return fn(root, *args, **kwargs)
         except (*VALUE_ERRORS, KeyError, RecursionError) as exc:
-            raise PixelsegError(f"{root}: damaged export: unexpected value ({type(exc).__name__}: "
-                                f"{_first_line(exc)})") from None
+            raise PixelsegError(
+                f"{root}: damaged export: unexpected value ({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
+
     return wrapper
 
 
@@ -132,6 +141,7 @@ def tab20_rgb() -> list[tuple[int, int, int]]:
     """matplotlib's tab20 colours as 0..255 RGB triples."""
     import matplotlib
     from matplotlib.colors import ListedColormap
+
     cmap = cast(ListedColormap, matplotlib.colormaps["tab20"])  # tab20 is a listed colormap
     return [(round(255 * r), round(255 * g), round(255 * b)) for r, g, b in np.asarray(cmap.colors, float).tolist()]
 
@@ -182,6 +192,7 @@ def _check_points(pts: np.ndarray, h: int, w: int) -> bool:
 def polygons_rle(polygons, h: int, w: int) -> tuple[dict, bool]:
     """Polygons (each N×2 (x, y) in pixels, or a flat [x1, y1, ...] list) -> (merged COCO RLE, clipped?)."""
     from pycocotools import mask as mask_utils
+
     flat, clipped = [], False
     for poly in polygons:
         try:
@@ -226,11 +237,13 @@ def rotated_box(corners: np.ndarray, degrees, about=None) -> np.ndarray:
 
 def mask_rle(mask: np.ndarray) -> dict:
     from pycocotools import mask as mask_utils
+
     return mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
 
 
 def make_shape(class_id: int, rle: dict, id: str, z: int = 0, order: int = 0) -> Shape:
     from pycocotools import mask as mask_utils
+
     return Shape(int(class_id), rle, int(mask_utils.area(rle)), id, int(z), int(order))
 
 
@@ -243,6 +256,7 @@ def _paint_order(shapes: list[Shape], overlap: str) -> list[Shape]:
 def rasterize(shapes: list[Shape], h: int, w: int, overlap: str = "smaller") -> np.ndarray:
     """uint8 h×w class ids (0 = background) from the shapes, overlaps resolved by `overlap` (module doc)."""
     from pycocotools import mask as mask_utils
+
     if overlap not in OVERLAP_RULES:
         raise PixelsegError(f"--overlap {overlap}: choose one of {', '.join(OVERLAP_RULES)}")
     out = np.zeros((h, w), np.uint8)
@@ -264,8 +278,9 @@ def rasterize(shapes: list[Shape], h: int, w: int, overlap: str = "smaller") -> 
 def check_not_empty(labels: LabelSet, file) -> LabelSet:
     """An export without images, or without a single shape, is a mistake (wrong file, export of nothing)."""
     if not labels.items:
-        raise PixelsegError(f"{file}: empty export: no usable images" + (f" ({len(labels.bad)} skipped as bad)"
-                                                                         if labels.bad else ""))
+        raise PixelsegError(
+            f"{file}: empty export: no usable images" + (f" ({len(labels.bad)} skipped as bad)" if labels.bad else "")
+        )
     if not any(it.shapes for it in labels.items):
         raise PixelsegError(f"{file}: empty export: {len(labels.items)} image(s) but not one labelled shape")
     return labels

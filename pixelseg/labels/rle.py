@@ -15,6 +15,7 @@ that a training toolkit should not drag in. Both are a few dozen lines of well-s
     coco_rle_decode(rle, h, w) -> bool mask                            rle: {"size": [h, w], "counts": ...}
     coco_rle_encode(mask) -> {"size": [h, w], "counts": str}           (compressed, JSON-ready)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,9 @@ def parse_cvat_counts(text: str) -> list[int]:
         raise RLEError(f"rle attribute is not a comma-separated list of integers ({text[:40]!r}...)") from None
 
 
-def cvat_rle_decode(counts, left: float | str, top: float | str, width: float | str, height: float | str, img_h: int,
-                    img_w: int) -> np.ndarray:
+def cvat_rle_decode(
+    counts, left: float | str, top: float | str, width: float | str, height: float | str, img_h: int, img_w: int
+) -> np.ndarray:
     """CVAT's mask: runs (background first) over the width×height box at (left, top), row by row (the box as
     numbers or the XML's attribute strings)."""
     if isinstance(counts, str):
@@ -71,7 +73,7 @@ def cvat_rle_decode(counts, left: float | str, top: float | str, width: float | 
         raise RLEError(f"mask box left={left} top={top} {width}×{height} lies outside the {img_w}×{img_h} image")
     box = _unruns(counts, width * height, f"mask rle over its {width}×{height} box").reshape(height, width)
     out = np.zeros((img_h, img_w), bool)
-    out[top:top + height, left:left + width] = box
+    out[top : top + height, left : left + width] = box
     return out
 
 
@@ -83,7 +85,7 @@ def cvat_rle_encode(mask: np.ndarray) -> tuple[list[int], int, int, int, int]:
     if ys.size == 0:
         return [1], 0, 0, 1, 1
     top, bottom, left, right = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
-    box = mask[top:bottom + 1, left:right + 1]
+    box = mask[top : bottom + 1, left : right + 1]
     return _runs(box), left, top, right - left + 1, bottom - top + 1
 
 
@@ -106,7 +108,7 @@ def ls_rle_decode(rle, h: int, w: int) -> np.ndarray:
         nonlocal pos
         if pos + n > len(bits):
             raise RLEError(f"brush rle ends early (bit {pos} of {len(bits)})")
-        v = int(bits[pos:pos + n], 2) if n else 0
+        v = int(bits[pos : pos + n], 2) if n else 0
         pos += n
         return v
 
@@ -148,13 +150,14 @@ def ls_rle_encode(mask: np.ndarray) -> list[int]:
         start += length
     bits = "".join(parts)
     bits += "0" * (-len(bits) % 8)
-    return [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    return [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
 
 
 # ---- COCO: pycocotools --------------------------------------------------------------------------------
 def coco_rle_decode(rle: dict, h: int, w: int) -> np.ndarray:
     """COCO RLE, compressed (counts: str) or uncompressed (counts: list), -> bool h×w mask."""
     from pycocotools import mask as mask_utils
+
     rle = coco_rle_checked(rle, h, w)
     try:
         return mask_utils.decode(rle).astype(bool)
@@ -166,6 +169,7 @@ def coco_rle_checked(rle: dict, h: int, w: int) -> dict:
     """COCO RLE (either kind) whose runs were checked to cover exactly h×w, as pycocotools' compressed dict
     (counts: bytes); pycocotools itself silently truncates or zero-fills runs that do not fit."""
     from pycocotools import mask as mask_utils
+
     size = rle.get("size") if isinstance(rle, dict) else None
     if not (isinstance(size, (list, tuple)) and len(size) == 2):
         raise RLEError("RLE has no size [height, width]")
@@ -248,5 +252,6 @@ def coco_counts_from_string(counts: str) -> list[int]:
 def coco_rle_encode(mask: np.ndarray) -> dict:
     """Bool mask -> compressed COCO RLE with str counts (JSON-ready)."""
     from pycocotools import mask as mask_utils
+
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}

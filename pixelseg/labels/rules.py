@@ -13,6 +13,7 @@ Unlabelled     An item nobody labelled (a Label Studio task without an annotatio
                cancelled) is left out and counted in the report; an item labelled with no shapes (an empty
                result, a YOLO image without a .txt, a COCO image without annotations) is all background.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ MAX_CLASSES = 254
 def orientation_of(img) -> int:
     """The EXIF Orientation (1..8) of an opened PIL image; 1 when absent or unreadable."""
     from ..core.images import exif_orientation
+
     return exif_orientation(img)
 
 
@@ -36,6 +38,7 @@ def upright_hw(path: Path) -> tuple[int, int, int] | None:
     """(height, width, orientation) of the image as a viewer shows it (EXIF-upright), from the header;
     None when the file is missing or unreadable."""
     from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -47,9 +50,11 @@ def upright_hw(path: Path) -> tuple[int, int, int] | None:
 
 def stored_size_note(o: int) -> str:
     """Why a recorded size that equals the stored grid is refused (orientations 5-8)."""
-    return (f"; its EXIF Orientation {o} turns it by 90° for viewers, and annotation tools label the upright "
-            "image, so the export was made from a copy without the tag (strip the tag, e.g. "
-            "`exiftool -Orientation= FILE`, or re-export from the tool)")
+    return (
+        f"; its EXIF Orientation {o} turns it by 90° for viewers, and annotation tools label the upright "
+        "image, so the export was made from a copy without the tag (strip the tag, e.g. "
+        "`exiftool -Orientation= FILE`, or re-export from the tool)"
+    )
 
 
 # ---- class names ------------------------------------------------------------------------------------------
@@ -60,8 +65,10 @@ def is_background(name) -> bool:
 def check_class_count(k: int, file, what: str) -> None:
     """One limit, one message, in every reader: `k` classes besides background."""
     if k > MAX_CLASSES:
-        raise PixelsegError(f"{file}: {k} {what}s; at most {MAX_CLASSES} classes besides background are supported "
-                            "(class ids are 8-bit and 255 means ignore)")
+        raise PixelsegError(
+            f"{file}: {k} {what}s; at most {MAX_CLASSES} classes besides background are supported "
+            "(class ids are 8-bit and 255 means ignore)"
+        )
 
 
 def class_ids(names: Sequence[object], file, what: str, unique: bool = True) -> list[int]:

@@ -24,6 +24,7 @@ top-left corner), as COCO, CVAT, Label Studio and YOLO all use.
     tiny parts  components and holes under `min_area` pixels (default 16, `--min-area`) are dropped or
                 filled: one-pixel specks are noise for a person correcting. `--shapes mask` keeps every pixel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,16 +47,17 @@ from .rle import coco_rle_decode, coco_rle_encode, cvat_rle_encode, ls_rle_encod
 FORMATS = ("coco", "cvat", "labelstudio", "yolo")
 SHAPES = ("polygon", "mask")
 MIN_AREA = 16
-LS_FROM, LS_TO, LS_DATA = "label", "image", "image"   # names in labelstudio_config.xml the predictions refer to
+LS_FROM, LS_TO, LS_DATA = "label", "image", "image"  # names in labelstudio_config.xml the predictions refer to
 
 
 @dataclass
 class Region:
     """One class's pixels (`polygons` empty: `rle` is exact) or one component's outline (`polygons`: one)."""
+
     label: str
-    rle: dict                      # COCO RLE (str counts) of the region's pixels
+    rle: dict  # COCO RLE (str counts) of the region's pixels
     score: float
-    polygons: list = field(default_factory=list)   # each N×2 float (x, y), pixel-corner coordinates
+    polygons: list = field(default_factory=list)  # each N×2 float (x, y), pixel-corner coordinates
     attributes: dict = field(default_factory=dict)  # name -> str, written where the format has them (audit)
 
 
@@ -65,8 +67,8 @@ class ImageRegions:
     height: int
     width: int
     regions: list[Region]
-    confidence: float              # 1 - mean entropy / ln(C)
-    uncertainty: float             # mean per-pixel entropy (nats)
+    confidence: float  # 1 - mean entropy / ln(C)
+    uncertainty: float  # mean per-pixel entropy (nats)
 
 
 def labelled_classes(class_names: list[str]) -> list[int]:
@@ -77,6 +79,7 @@ def labelled_classes(class_names: list[str]) -> list[int]:
 def _clean(binary: np.ndarray, min_area: int) -> np.ndarray:
     """Drop 8-connected components and fill 4-connected holes under `min_area` pixels."""
     import cv2
+
     if min_area <= 1:
         return binary
     out = binary.copy()
@@ -96,14 +99,15 @@ def _bridge(outer: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
     for hole in sorted(holes, key=lambda c: -len(c)):
         d = ((poly[:, None, :] - hole[None, :, :]) ** 2).sum(-1)
         i, j = np.unravel_index(int(d.argmin()), d.shape)
-        ring = np.concatenate([hole[j:], hole[:j + 1]])
-        poly = np.concatenate([poly[:i + 1], ring, poly[i:]])
+        ring = np.concatenate([hole[j:], hole[: j + 1]])
+        poly = np.concatenate([poly[: i + 1], ring, poly[i:]])
     return poly
 
 
 def mask_polygons(binary: np.ndarray, min_area: int = MIN_AREA) -> list[tuple[np.ndarray, np.ndarray]]:
     """(polygon N×2 in pixel-corner coordinates, the component's bool mask) per component (module doc)."""
     import cv2
+
     binary = _clean(np.asarray(binary, bool), min_area)
     if not binary.any():
         return []
@@ -113,19 +117,26 @@ def mask_polygons(binary: np.ndarray, min_area: int = MIN_AREA) -> list[tuple[np
     hierarchy = hierarchy[0]
     out = []
     for k, c in enumerate(contours):
-        if hierarchy[k][3] != -1:   # a hole: handled with its outline
+        if hierarchy[k][3] != -1:  # a hole: handled with its outline
             continue
         holes, child = [], hierarchy[k][2]
         while child != -1:
             holes.append((contours[child].reshape(-1, 2) + 0.5) / 2)
             child = hierarchy[child][0]
-        x, y = c.reshape(-1, 2)[0] // 2   # a pixel of the component the outline traces
+        x, y = c.reshape(-1, 2)[0] // 2  # a pixel of the component the outline traces
         out.append((_bridge((c.reshape(-1, 2) + 0.5) / 2, holes), comps == comps[y, x]))
     return out
 
 
-def image_regions(image: Path, mask: np.ndarray, top: np.ndarray, class_names: list[str], uncertainty: float,
-                  shapes: str | None = "polygon", min_area: int = MIN_AREA) -> ImageRegions:
+def image_regions(
+    image: Path,
+    mask: np.ndarray,
+    top: np.ndarray,
+    class_names: list[str],
+    uncertainty: float,
+    shapes: str | None = "polygon",
+    min_area: int = MIN_AREA,
+) -> ImageRegions:
     """The regions of one predicted mask (H×W class ids), scored with `top` (H×W top-class probability);
     `uncertainty` is the image's mean per-pixel entropy in nats (softmax, or MC dropout's predictive);
     `shapes=None`: only the scores (for a ranking without pre-annotations)."""
@@ -149,11 +160,13 @@ def image_regions(image: Path, mask: np.ndarray, top: np.ndarray, class_names: l
 # ---- writers ----------------------------------------------------------------------------------------------
 def _bbox(rle: dict) -> list[float]:
     from pycocotools import mask as mask_utils
+
     return [float(v) for v in mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()})]
 
 
 def _area(rle: dict) -> int:
     from pycocotools import mask as mask_utils
+
     return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode()}))
 
 
@@ -163,16 +176,38 @@ def write_coco(items: list[ImageRegions], labels: list[str], palette: dict, out:
     images: list[dict] = []
     anns: list[dict] = []
     for i, it in enumerate(items, 1):
-        images.append({"id": i, "file_name": it.image.name, "width": it.width, "height": it.height,
-                       "confidence": round(it.confidence, 6), "uncertainty": round(it.uncertainty, 6)})
+        images.append(
+            {
+                "id": i,
+                "file_name": it.image.name,
+                "width": it.width,
+                "height": it.height,
+                "confidence": round(it.confidence, 6),
+                "uncertainty": round(it.uncertainty, 6),
+            }
+        )
         for r in it.regions:
             seg = [[round(float(v), 2) for v in p.ravel()] for p in r.polygons] if r.polygons else r.rle
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat[r.label], "segmentation": seg,
-                         "area": _area(r.rle), "bbox": _bbox(r.rle), "iscrowd": 0, "score": round(r.score, 6)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": cat[r.label],
+                    "segmentation": seg,
+                    "area": _area(r.rle),
+                    "bbox": _bbox(r.rle),
+                    "iscrowd": 0,
+                    "score": round(r.score, 6),
+                }
+            )
             if r.attributes:
                 anns[-1]["attributes"] = dict(r.attributes)
-    doc = {"info": {"description": "pixelseg pre-annotations"}, "images": images, "annotations": anns,
-           "categories": [{"id": cat[n], "name": n, "supercategory": ""} for n in labels]}
+    doc = {
+        "info": {"description": "pixelseg pre-annotations"},
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": cat[n], "name": n, "supercategory": ""} for n in labels],
+    }
     path = out / "annotations.coco.json"
     atomic_write_text(path, json.dumps(doc))
     return [path]
@@ -182,8 +217,9 @@ def _hex(rgb) -> str:
     return "#" + "".join(f"{int(v):02x}" for v in rgb)
 
 
-def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out: Path,
-               attributes: dict | None = None, **_) -> list[Path]:
+def write_cvat(
+    items: list[ImageRegions], labels: list[str], palette: dict, out: Path, attributes: dict | None = None, **_
+) -> list[Path]:
     """CVAT for images 1.1 XML; shapes have source="auto" (CVAT's mark for machine-made shapes).
     `attributes` (name -> values) are declared on every label, as CVAT needs before it imports them."""
     root = ET.Element("annotations")
@@ -214,9 +250,18 @@ def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out:
                 shape = ET.SubElement(im, "polygon", {"points": pts, **common})
             else:
                 counts, left, top, width, height = cvat_rle_encode(coco_rle_decode(r.rle, it.height, it.width))
-                shape = ET.SubElement(im, "mask", {"rle": ", ".join(map(str, counts)), "left": str(left),
-                                                   "top": str(top), "width": str(width), "height": str(height),
-                                                   **common})
+                shape = ET.SubElement(
+                    im,
+                    "mask",
+                    {
+                        "rle": ", ".join(map(str, counts)),
+                        "left": str(left),
+                        "top": str(top),
+                        "width": str(width),
+                        "height": str(height),
+                        **common,
+                    },
+                )
             for a_name, value in r.attributes.items():
                 ET.SubElement(shape, "attribute", name=a_name).text = str(value)
     ET.indent(root)
@@ -228,8 +273,11 @@ def write_cvat(items: list[ImageRegions], labels: list[str], palette: dict, out:
 def labelstudio_config(labels: list[str], palette: dict, shapes: str) -> str:
     """The labelling config the predictions refer to (from_name "label", to_name "image", data key "image")."""
     tag = "BrushLabels" if shapes == "mask" else "PolygonLabels"
-    lines = ["<View>", f'  <Image name="{LS_TO}" value="${LS_DATA}" zoom="true"/>', f'  <{tag} name="{LS_FROM}" '
-             f'toName="{LS_TO}">']
+    lines = [
+        "<View>",
+        f'  <Image name="{LS_TO}" value="${LS_DATA}" zoom="true"/>',
+        f'  <{tag} name="{LS_FROM}" toName="{LS_TO}">',
+    ]
     lines += [f'    <Label value="{_xml_attr(n)}" background="{_hex(palette[n])}"/>' for n in labels]
     return "\n".join([*lines, f"  </{tag}>", "</View>", ""])
 
@@ -254,33 +302,57 @@ def labelstudio_tasks(items: list[ImageRegions], model_version: str, image_url: 
     for it in items:
         result = []
         for k, r in enumerate(it.regions):
-            base = {"id": f"r{k}", "from_name": LS_FROM, "to_name": LS_TO, "original_width": it.width,
-                    "original_height": it.height, "image_rotation": 0, "score": round(r.score, 6)}
-            if r.attributes:   # Label Studio shows a region's meta text beside it
+            base = {
+                "id": f"r{k}",
+                "from_name": LS_FROM,
+                "to_name": LS_TO,
+                "original_width": it.width,
+                "original_height": it.height,
+                "image_rotation": 0,
+                "score": round(r.score, 6),
+            }
+            if r.attributes:  # Label Studio shows a region's meta text beside it
                 base["meta"] = {"text": [", ".join(f"{a}: {v}" for a, v in r.attributes.items())]}
             if r.polygons:
                 pts = (r.polygons[0] * [100.0 / it.width, 100.0 / it.height]).round(4).tolist()
-                result.append({**base, "type": "polygonlabels",
-                               "value": {"points": pts, "closed": True, "polygonlabels": [r.label]}})
+                result.append(
+                    {
+                        **base,
+                        "type": "polygonlabels",
+                        "value": {"points": pts, "closed": True, "polygonlabels": [r.label]},
+                    }
+                )
             else:
                 rle = ls_rle_encode(coco_rle_decode(r.rle, it.height, it.width))
-                result.append({**base, "type": "brushlabels",
-                               "value": {"format": "rle", "rle": rle, "brushlabels": [r.label]}})
-        tasks.append({"data": {LS_DATA: image_reference(it.image, image_url), "uncertainty": round(it.uncertainty, 6)},
-                      "predictions": [{"model_version": model_version, "score": round(it.confidence, 6),
-                                       "result": result}]})
+                result.append(
+                    {**base, "type": "brushlabels", "value": {"format": "rle", "rle": rle, "brushlabels": [r.label]}}
+                )
+        tasks.append(
+            {
+                "data": {LS_DATA: image_reference(it.image, image_url), "uncertainty": round(it.uncertainty, 6)},
+                "predictions": [{"model_version": model_version, "score": round(it.confidence, 6), "result": result}],
+            }
+        )
     return tasks
 
 
-def write_labelstudio(items: list[ImageRegions], labels: list[str], palette: dict, out: Path, shapes: str = "polygon",
-                      model_version: str = "pixelseg", image_url: str | None = None, **_) -> list[Path]:
+def write_labelstudio(
+    items: list[ImageRegions],
+    labels: list[str],
+    palette: dict,
+    out: Path,
+    shapes: str = "polygon",
+    model_version: str = "pixelseg",
+    image_url: str | None = None,
+    **_,
+) -> list[Path]:
     tasks, config = out / "labelstudio_tasks.json", out / "labelstudio_config.xml"
     atomic_write_text(config, labelstudio_config(labels, palette, shapes))
     atomic_write_text(tasks, json.dumps(labelstudio_tasks(items, model_version, image_url)))
     return [tasks, config]
 
 
-VAL_EVERY = 5   # YOLO export: every 5th image (from the 3rd, in input order) is val, so val is ~20% and spread
+VAL_EVERY = 5  # YOLO export: every 5th image (from the 3rd, in input order) is val, so val is ~20% and spread
 
 
 def _yolo_split(n: int) -> list[str]:
@@ -297,7 +369,7 @@ def _yolo_split(n: int) -> list[str]:
 def _unique_names(items: list[ImageRegions]) -> list[str]:
     """Output file names: each input's own, and for inputs that share one (d1/a.jpg, d2/a.jpg) a -2, -3 ...
     suffix on the stem, so no image and no label file is written twice."""
-    stems, out = set(), []   # label files are per stem, so a.jpg and a.png collide too
+    stems, out = set(), []  # label files are per stem, so a.jpg and a.png collide too
     for it in items:
         name, k = it.image.name, 1
         while Path(name).stem.lower() in stems:
@@ -316,16 +388,17 @@ def _place_image(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
         return
-    except OSError:   # another file system, or links not allowed
+    except OSError:  # another file system, or links not allowed
         pass
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # a new file, or an error: never through a link
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file, or an error: never through a link
     with os.fdopen(fd, "wb") as f, open(src, "rb") as g:
         shutil.copyfileobj(g, f)
     shutil.copystat(src, dst)
 
 
-def write_yolo(items: list[ImageRegions], labels: list[str], palette: dict, out: Path, shapes: str = "polygon",
-               **_) -> list[Path]:
+def write_yolo(
+    items: list[ImageRegions], labels: list[str], palette: dict, out: Path, shapes: str = "polygon", **_
+) -> list[Path]:
     """Ultralytics YOLO-seg, as CVAT imports it ("Ultralytics YOLO Segmentation 1.0") and Ultralytics trains
     on it: train and val splits (every 5th image val, `_yolo_split`), so the folder reads back with a real
     val split. Written to yolo.partial/ and renamed, so no half folder is left (and a failed write removes it)."""
@@ -341,8 +414,10 @@ def write_yolo(items: list[ImageRegions], labels: list[str], palette: dict, out:
         for it, name, split in zip(items, _unique_names(items), _yolo_split(len(items)), strict=True):
             (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
             (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
-            lines = [f"{cls[r.label]} " + " ".join(f"{v:.6f}" for v in (r.polygons[0] / [it.width, it.height]).ravel())
-                     for r in it.regions]
+            lines = [
+                f"{cls[r.label]} " + " ".join(f"{v:.6f}" for v in (r.polygons[0] / [it.width, it.height]).ravel())
+                for r in it.regions
+            ]
             (tmp / "labels" / split / f"{Path(name).stem}.txt").write_text("".join(ln + "\n" for ln in lines))
             _place_image(it.image, tmp / "images" / split / name)
             listing[split].append(f"images/{split}/{name}")
@@ -353,6 +428,7 @@ def write_yolo(items: list[ImageRegions], labels: list[str], palette: dict, out:
                 (tmp / f"{split}.txt").write_text("".join(s + "\n" for s in rows))
                 doc[split] = f"images/{split}"
         import yaml
+
         doc["names"] = {i: n for i, n in enumerate(labels)}
         (tmp / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         os.replace(tmp, final)
@@ -389,8 +465,16 @@ def check_options(fmt: str | None, shapes: str, min_area: int) -> None:
 def write_ranking(items: list[ImageRegions], out: Path, method: str) -> list[Path]:
     """ranking.csv / ranking.json: the images, most uncertain first."""
     order = sorted(items, key=lambda it: -it.uncertainty)
-    rows = [{"rank": k + 1, "image": str(it.image), "uncertainty": round(it.uncertainty, 6),
-             "confidence": round(it.confidence, 6), "method": method} for k, it in enumerate(order)]
+    rows = [
+        {
+            "rank": k + 1,
+            "image": str(it.image),
+            "uncertainty": round(it.uncertainty, 6),
+            "confidence": round(it.confidence, 6),
+            "method": method,
+        }
+        for k, it in enumerate(order)
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["rank", "image"], lineterminator="\n")
     writer.writeheader()

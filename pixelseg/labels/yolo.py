@@ -11,6 +11,7 @@ A val that is the training folder (or holds only training images) is not a valid
 with a note, and val is carved out of train by --val-fraction; val images that are also training images are
 left out of val.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,6 +42,7 @@ SPLIT_KEYS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 
 def _yaml(root: Path) -> tuple[Path, dict]:
     import yaml
+
     cands = [root] if root.is_file() else [root / "data.yaml", root / "dataset.yaml", *sorted(root.glob("*.yaml"))]
     path = next((p for p in cands if p.is_file()), None)
     if path is None:
@@ -87,7 +89,7 @@ def _split_dirs(path: Path, data: dict) -> list[tuple[str, Path]]:
     out = []
     for key, split in SPLIT_KEYS.items():
         val = data.get(key)
-        for v in ([val] if isinstance(val, str) else val or []):
+        for v in [val] if isinstance(val, str) else val or []:
             cands = [base / v, path.parent / v, path.parent / str(v).replace("../", "", 1)]
             d = next((c for c in cands if _is_dir(c)), None)
             if d is not None:
@@ -107,7 +109,7 @@ def _label_file(image: Path, images_dir: Path) -> Path:
     rel = image.relative_to(images_dir)
     parts = list(images_dir.parts)
     idx = max((i for i, p in enumerate(parts) if p == "images"), default=None)
-    labels_dir = Path(*parts[:idx], "labels", *parts[idx + 1:]) if idx is not None else images_dir.parent / "labels"
+    labels_dir = Path(*parts[:idx], "labels", *parts[idx + 1 :]) if idx is not None else images_dir.parent / "labels"
     return (labels_dir / rel).with_suffix(".txt")
 
 
@@ -143,8 +145,10 @@ def _split_files(dirs: list[tuple[str, Path]], notes: list[str]) -> list[tuple[s
         if split != "train" and train:
             shared = [p for p in files if p.resolve() in train]
             if shared and len(shared) == len(files):
-                notes.append(f"data.yaml's {split} ({d}) holds only training images: not used as a {split} split"
-                             + (" (val is carved out of train by --val-fraction instead)" if split == "val" else ""))
+                notes.append(
+                    f"data.yaml's {split} ({d}) holds only training images: not used as a {split} split"
+                    + (" (val is carved out of train by --val-fraction instead)" if split == "val" else "")
+                )
                 continue
             if shared:
                 notes.append(f"{len(shared)} {split} image(s) in {d} are also training images: left out of {split}")
@@ -160,7 +164,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
     dirs = _split_dirs(path, data)
     if not dirs:
         raise PixelsegError(f"{path}: no image folders found (train:/val: in data.yaml, or images/<split>/)")
-    ids = class_ids(names_, path, "class", unique=False)   # yolo class k -> class id
+    ids = class_ids(names_, path, "class", unique=False)  # yolo class k -> class id
     classes = ["background"] + [""] * max([v for v in ids if v != 255], default=0)
     for cname, v in zip(names_, ids, strict=True):
         if 0 < v < 255 and not classes[v]:
@@ -178,8 +182,7 @@ def read(root: Path, boxes: bool = False, skip_bad: bool = False) -> LabelSet:
                 if stem:
                     problems.bad(img, "image", "cannot be read")
                 continue
-            item = Item(stem, img, hw[0], hw[1], split=split, source=txt if txt.is_file() else None,
-                        orientation=hw[2])
+            item = Item(stem, img, hw[0], hw[1], split=split, source=txt if txt.is_file() else None, orientation=hw[2])
             if not txt.is_file():
                 unlabelled += 1
                 out.items.append(item)

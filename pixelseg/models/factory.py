@@ -48,9 +48,7 @@ def _arch(name: str) -> type[SegmentationModel]:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise PixelsegError(
-            f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}"
-        ) from None
+        raise PixelsegError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}") from None
 
 
 def _valid_backbones(cls, options: Mapping[str, Any]) -> list[str]:
@@ -61,9 +59,7 @@ def _resolve_options(cls, arch: str, arch_options: dict) -> dict:
     unknown = sorted(set(arch_options) - set(cls.options))
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in cls.options.items()) or "none"
-        raise PixelsegError(
-            f"unknown option(s) {', '.join(unknown)} for {arch}; valid options: {valid}"
-        )
+        raise PixelsegError(f"unknown option(s) {', '.join(unknown)} for {arch}; valid options: {valid}")
     return {**cls.options, **arch_options}
 
 
@@ -165,11 +161,7 @@ def create_model(
 
 def list_models() -> list[tuple[str, str]]:
     """Every valid ``(arch, backbone)`` pair with the architecture's default options."""
-    return [
-        (arch, backbone)
-        for arch, cls in ARCHITECTURES.items()
-        for backbone in _valid_backbones(cls, cls.options)
-    ]
+    return [(arch, backbone) for arch, cls in ARCHITECTURES.items() for backbone in _valid_backbones(cls, cls.options)]
 
 
 def describe_models() -> list[dict]:
@@ -195,8 +187,14 @@ def describe_models() -> list[dict]:
         except PixelsegError:  # an optional library missing (transformers for MiT)
             rows.append(dict(arch=arch, backbone=backbone, default=backbone == cls.default_backbone, params=None))
             continue
-        rows.append(dict(arch=arch, backbone=backbone, default=backbone == cls.default_backbone,
-                         params=sum(p.numel() for p in model.parameters())))
+        rows.append(
+            dict(
+                arch=arch,
+                backbone=backbone,
+                default=backbone == cls.default_backbone,
+                params=sum(p.numel() for p in model.parameters()),
+            )
+        )
     return rows
 
 

@@ -44,9 +44,7 @@ def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
 def bilinear_upsample(channels: int, factor: int, trainable: bool = True) -> nn.ConvTranspose2d:
     """ConvTranspose2d(k=2f, s=f, p=f/2) initialised to bilinear interpolation: exactly f x
     the input size (the padding does the paper's crop by f/2)."""
-    up = nn.ConvTranspose2d(
-        channels, channels, 2 * factor, stride=factor, padding=factor // 2, bias=False
-    )
+    up = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, padding=factor // 2, bias=False)
     with torch.no_grad():
         up.weight.copy_(bilinear_kernel(channels, 2 * factor))
     up.weight.requires_grad_(trainable)
@@ -75,8 +73,9 @@ class _FCN(SegmentationModel):
             return "FCN needs stages at strides 8, 16 and 32"
         return None
 
-    def __init__(self, encoder, num_classes, mean, std, config,
-                 head_channels=4096, dropout=0.5, learn_final_upsample=False):
+    def __init__(
+        self, encoder, num_classes, mean, std, config, head_channels=4096, dropout=0.5, learn_final_upsample=False
+    ):
         super().__init__(encoder, num_classes, 32, mean, std, config)
         hc = int(head_channels)
         self.head = nn.Sequential(
@@ -90,12 +89,8 @@ class _FCN(SegmentationModel):
         )
         red = list(encoder.reductions)
         self.skip_index = [red.index(16), red.index(8)][: self.n_skips]
-        self.upscore2 = nn.ModuleList(
-            bilinear_upsample(num_classes, 2) for _ in range(self.n_skips)
-        )
-        self.score_skip = nn.ModuleList(
-            _score(encoder.channels[i], num_classes) for i in self.skip_index
-        )
+        self.upscore2 = nn.ModuleList(bilinear_upsample(num_classes, 2) for _ in range(self.n_skips))
+        self.score_skip = nn.ModuleList(_score(encoder.channels[i], num_classes) for i in self.skip_index)
         final = 32 // 2**self.n_skips
         self.upscore_final = bilinear_upsample(num_classes, final, trainable=learn_final_upsample)
 

@@ -22,8 +22,9 @@ STRIDES = (4, 8, 16, 32)
 
 
 def _conv_gn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                         nn.GroupNorm(min(32, cout), cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(min(32, cout), cout), nn.ReLU(inplace=True)
+    )
 
 
 class _Upsample2x(nn.Module):
@@ -40,13 +41,11 @@ class FPN(SegmentationModel):
     def incompatibility(cls, spec, **options):
         return missing_strides(spec, STRIDES)
 
-    def __init__(self, encoder, num_classes, mean, std, config, pyramid_channels=256,
-                 segmentation_channels=128):
+    def __init__(self, encoder, num_classes, mean, std, config, pyramid_channels=256, segmentation_channels=128):
         super().__init__(encoder, num_classes, 32, mean, std, config)
         self.stages = [stage_index(encoder.reductions, s) for s in STRIDES]
         self.lateral = nn.ModuleList(nn.Conv2d(encoder.channels[i], pyramid_channels, 1) for i in self.stages)
-        self.smooth = nn.ModuleList(nn.Conv2d(pyramid_channels, pyramid_channels, 3, padding=1)
-                                    for _ in self.stages)
+        self.smooth = nn.ModuleList(nn.Conv2d(pyramid_channels, pyramid_channels, 3, padding=1) for _ in self.stages)
         branches = []
         for level in range(len(STRIDES)):  # level 0 = stride 4
             layers: list[nn.Module] = [_conv_gn_relu(pyramid_channels, segmentation_channels)]

@@ -65,8 +65,7 @@ class MiTEncoder(nn.Module):
 def mit_config(variant: str, in_channels: int = 3):
     transformers = require_transformers()
     hidden, depths = MIT_VARIANTS[variant]
-    return transformers.SegformerConfig(hidden_sizes=list(hidden), depths=list(depths),
-                                        num_channels=in_channels)
+    return transformers.SegformerConfig(hidden_sizes=list(hidden), depths=list(depths), num_channels=in_channels)
 
 
 def build_mit(variant: str, weights_file=None, device=None, in_channels: int = 3) -> MiTEncoder:

@@ -28,9 +28,11 @@ class PSPNet(SegmentationModel):
     @classmethod
     def incompatibility(cls, spec, output_stride=8, **options):
         if output_stride not in spec.output_strides:
-            return (f"PSPNet at output stride {output_stride} needs a dilated backbone, and "
-                    f"{spec.source} offers no dilation for {spec.library_name} "
-                    "(output_stride=32 works with any backbone)")
+            return (
+                f"PSPNet at output stride {output_stride} needs a dilated backbone, and "
+                f"{spec.source} offers no dilation for {spec.library_name} "
+                "(output_stride=32 works with any backbone)"
+            )
         return None
 
     @classmethod
@@ -39,8 +41,18 @@ class PSPNet(SegmentationModel):
             raise PixelsegError(f"pspnet output_stride must be 8, 16 or 32 (got {output_stride!r})")
         return output_stride
 
-    def __init__(self, encoder, num_classes, mean, std, config, output_stride=8, bins=(1, 2, 3, 6),
-                 head_channels=512, dropout=0.1):
+    def __init__(
+        self,
+        encoder,
+        num_classes,
+        mean,
+        std,
+        config,
+        output_stride=8,
+        bins=(1, 2, 3, 6),
+        head_channels=512,
+        dropout=0.1,
+    ):
         super().__init__(encoder, num_classes, output_stride, mean, std, config)
         cin = encoder.channels[-1]
         self.ppm = PyramidPooling(cin, max(cin // len(bins), 1), bins)

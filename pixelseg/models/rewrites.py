@@ -2,6 +2,7 @@
 (strided depthwise backward, out-of-place activations, U-Net skips without the concatenation, a frozen
 encoder as a cached inference copy) and inference preparation (BatchNorm fused into convolutions).
 tests/test_runtime.py checks outputs and gradients against the plain model."""
+
 from __future__ import annotations
 
 import copy
@@ -27,10 +28,12 @@ def _depthwise_s2_grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=g.dtype, device=g.device, memory_format=torch.channels_last)
     zero = torch.zeros_like(k[:, 0, 0])
     # input (2i+a, 2j+b) <- output (i, j) through tap (a+1, b+1) and output (i+1, j+1) through tap (a-1, b-1)
-    for (a, b), taps in {(0, 0): (k[:, 1, 1], zero, zero, zero),
-                         (0, 1): (k[:, 1, 2], k[:, 1, 0], zero, zero),
-                         (1, 0): (k[:, 2, 1], zero, k[:, 0, 1], zero),
-                         (1, 1): (k[:, 2, 2], k[:, 2, 0], k[:, 0, 2], k[:, 0, 0])}.items():
+    for (a, b), taps in {
+        (0, 0): (k[:, 1, 1], zero, zero, zero),
+        (0, 1): (k[:, 1, 2], k[:, 1, 0], zero, zero),
+        (1, 0): (k[:, 2, 1], zero, k[:, 0, 1], zero),
+        (1, 1): (k[:, 2, 2], k[:, 2, 0], k[:, 0, 2], k[:, 0, 0]),
+    }.items():
         kernel = torch.stack(taps, -1).view(c, 1, 2, 2)
         out[:, :, a::2, b::2] = torch.nn.functional.conv2d(gp, kernel, None, 1, 0, 1, c)
     return out
@@ -57,8 +60,9 @@ class _DepthwiseStride2(torch.autograd.Function):
         grad_x = _depthwise_s2_grad_input(g, weight) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.aten.convolution_backward(g, x, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0],
-                                                          x.shape[1], [False, True, False])[1]
+            grad_w = torch.ops.aten.convolution_backward(
+                g, x, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], x.shape[1], [False, True, False]
+            )[1]
         return grad_x, grad_w
 
 
@@ -73,16 +77,27 @@ class _FastBackwardDepthwiseConv2d(torch.nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.is_cpu and torch.is_grad_enabled() and self.weight.requires_grad
-                and torch.is_autocast_enabled("cpu")):
+        if not (
+            x.is_cpu and torch.is_grad_enabled() and self.weight.requires_grad and torch.is_autocast_enabled("cpu")
+        ):
             return super().forward(x)
         out_dtype = torch.get_autocast_dtype("cpu")
-        if (out_dtype == torch.bfloat16 and self.kernel_size == (3, 3) and self.stride == (2, 2)
-                and self.padding == (1, 1) and self.dilation == (1, 1) and self.bias is None
-                and self.padding_mode == "zeros" and x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0):
+        if (
+            out_dtype == torch.bfloat16
+            and self.kernel_size == (3, 3)
+            and self.stride == (2, 2)
+            and self.padding == (1, 1)
+            and self.dilation == (1, 1)
+            and self.bias is None
+            and self.padding_mode == "zeros"
+            and x.dim() == 4
+            and x.shape[2] % 2 == 0
+            and x.shape[3] % 2 == 0
+        ):
             with torch.autocast("cpu", enabled=False):
-                return _DepthwiseStride2.apply(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last),
-                                               self.weight.to(torch.bfloat16))
+                return _DepthwiseStride2.apply(
+                    x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), self.weight.to(torch.bfloat16)
+                )
         with torch.autocast("cpu", enabled=False):
             return super().forward(x.float()).to(out_dtype)
 
@@ -102,12 +117,18 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
     rewrite computes the same function (tests/test_runtime.py checks outputs and gradients).
     """
     from .unet import UNet
+
     notes = []
     if device.type == "cpu" and amp_dtype == torch.bfloat16:
         n = 0
         for m in model.modules():
-            if (type(m) is torch.nn.Conv2d and m.groups > 1 and m.groups == m.in_channels
-                    and m.groups == m.out_channels and max(m.stride) > 1):
+            if (
+                type(m) is torch.nn.Conv2d
+                and m.groups > 1
+                and m.groups == m.in_channels
+                and m.groups == m.out_channels
+                and max(m.stride) > 1
+            ):
                 m.__class__ = _FastBackwardDepthwiseConv2d
                 n += 1
         if n:
@@ -118,8 +139,11 @@ def optimize_for_training(model: torch.nn.Module, device: torch.device, amp_dtyp
         # (the gain: docs/benchmarks.md, "Numbers behind choices in the code").
         n = 0
         for m in model.modules():
-            if (isinstance(m, (torch.nn.ReLU, torch.nn.Hardtanh))
-                    and type(m) in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh) and m.inplace):
+            if (
+                isinstance(m, (torch.nn.ReLU, torch.nn.Hardtanh))
+                and type(m) in (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh)
+                and m.inplace
+            ):
                 m.inplace = False
                 n += 1
         if n:
@@ -145,6 +169,7 @@ _SWAPPED: dict[tuple[type, type], type] = {}
 
 if TYPE_CHECKING:  # the mixins below are put in front of a module's own class at run time (_swap_class)
     from .unet import UNetDecoder as _DecoderBase
+
     _EncoderBase = torch.nn.Module
 else:
     _DecoderBase = _EncoderBase = object
@@ -187,9 +212,16 @@ class _ConvTransposeOverParts(torch.nn.ConvTranspose2d):
         for p in x:
             n = p.shape[1]
             # ConvTranspose2d's padding is never a string (torch types the attribute it shares with Conv2d)
-            y = torch.nn.functional.conv_transpose2d(p, self.weight[start:start + n], None, self.stride,
-                                                     self.padding,  # type: ignore[arg-type]
-                                                     self.output_padding, self.groups, self.dilation)
+            y = torch.nn.functional.conv_transpose2d(
+                p,
+                self.weight[start : start + n],
+                None,
+                self.stride,
+                self.padding,  # type: ignore[arg-type]
+                self.output_padding,
+                self.groups,
+                self.dilation,
+            )
             out = y if out is None else out + y
             start += n
         if out is None:
@@ -212,8 +244,12 @@ class _InferenceCopyWhenFrozen(_EncoderBase):
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if (self.training and torch.is_grad_enabled() and not x.requires_grad
-                and not any(p.requires_grad for p in self.parameters())):
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and not x.requires_grad
+            and not any(p.requires_grad for p in self.parameters())
+        ):
             with torch.no_grad():
                 return self._inference_copy(x)(x, *args, **kwargs)
         return super().forward(x, *args, **kwargs)
@@ -272,8 +308,12 @@ def fuse_batchnorm(model: torch.nn.Module) -> int:
     n = 0
     for owner, conv_path, bn_path in pairs:
         conv, bn = owner.get_submodule(conv_path), owner.get_submodule(bn_path)
-        if (isinstance(conv, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and type(bn) is torch.nn.BatchNorm2d
-                and bn.running_mean is not None and conv.out_channels == bn.num_features):
+        if (
+            isinstance(conv, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+            and type(bn) is torch.nn.BatchNorm2d
+            and bn.running_mean is not None
+            and conv.out_channels == bn.num_features
+        ):
             transpose = isinstance(conv, torch.nn.ConvTranspose2d)
             fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn, transpose=transpose)
             fused.__class__ = type(conv)
@@ -283,8 +323,9 @@ def fuse_batchnorm(model: torch.nn.Module) -> int:
     return n
 
 
-def prepare_for_inference(model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
-                          channels_last: bool = True) -> torch.nn.Module:
+def prepare_for_inference(
+    model: torch.nn.Module, amp_dtype: torch.dtype | None = None, channels_last: bool = True
+) -> torch.nn.Module:
     """What evaluate/predict/benchmarks run: eval mode, fused BatchNorm, channels_last, and
     under bf16 autocast the weights stored in bf16 once, rather than cast on every call
     (autocast caches casts only for tensors that require grad, so inference re-casts each

@@ -57,9 +57,7 @@ def max_pool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def vgg_conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     """VGG-BN's layer (its conv keeps a bias, as vgg16_bn's ImageNet weights and SegNet checkpoints have one);
     blocks.conv_bn_relu, used by the other decoders, has none because BatchNorm follows."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class PoolingIndicesEncoder(nn.Module):
@@ -115,9 +113,7 @@ class SegNet(SegmentationModel):
     @classmethod
     def from_spec(cls, spec, num_classes, weights_file, config, upsample="indices", **options):
         if upsample not in ("indices", "nearest"):
-            raise PixelsegError(
-                f"{cls.arch} upsample must be 'indices' or 'nearest' (got {upsample!r})"
-            )
+            raise PixelsegError(f"{cls.arch} upsample must be 'indices' or 'nearest' (got {upsample!r})")
         in_channels, mean, std = input_normalisation(spec, config)
         if upsample == "indices":
             features = spec.build_library_model(32, weights_file, in_channels=in_channels).features
@@ -125,11 +121,11 @@ class SegNet(SegmentationModel):
         else:
             encoder = spec.build(32, weights_file, in_channels=in_channels)
         convs = _VGG_CONVS.get(spec.name, _VGG_CONVS["vgg16"])
-        return cls(encoder, num_classes, mean, std, config, upsample=upsample,
-                   stage_convs=convs, **options)
+        return cls(encoder, num_classes, mean, std, config, upsample=upsample, stage_convs=convs, **options)
 
-    def __init__(self, encoder, num_classes, mean, std, config, upsample="indices",
-                 stage_convs=_VGG_CONVS["vgg16"], dropout=None):
+    def __init__(
+        self, encoder, num_classes, mean, std, config, upsample="indices", stage_convs=_VGG_CONVS["vgg16"], dropout=None
+    ):
         super().__init__(encoder, num_classes, 32, mean, std, config)
         self.upsample = upsample
         p = self.dropout if dropout is None else dropout

@@ -23,9 +23,7 @@ def pix2pix_upsample(in_channels: int, out_channels: int, dropout: bool = False)
     """tensorflow_examples' ``pix2pix.upsample(filters, 3)``: ConvTranspose(k3, s2, 'same',
     no bias, N(0, 0.02) init) -> BatchNorm -> [Dropout 0.5] -> ReLU. Dropout is off by default
     there, and the tutorial keeps the default."""
-    conv = nn.ConvTranspose2d(
-        in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=False
-    )
+    conv = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=False)
     nn.init.normal_(conv.weight, 0.0, 0.02)
     layers = [conv, nn.BatchNorm2d(out_channels)]
     if dropout:
@@ -66,25 +64,28 @@ class UNetDecoder(nn.ModuleList):
 
 class UNet(SegmentationModel):
     """encoder -> decoder (``up_stack``, a UNetDecoder) -> head (``last``, a stride-2 transposed conv)."""
+
     arch = "unet"
     default_backbone = "mobilenet_v2"
     options = MappingProxyType(dict(decoder_channels=(512, 256, 128, 64), decoder_dropout=False))
+
     @classmethod
     def incompatibility(cls, spec, **options):
         if spec.reductions[-1] != 32 or not {4, 8, 16} <= set(spec.reductions):
-            return ("the U-Net decoder needs stages at strides 4, 8, 16 and 32 (2 optional); "
-                    f"{spec.name} gives {', '.join(map(str, spec.reductions))}")
+            return (
+                "the U-Net decoder needs stages at strides 4, 8, 16 and 32 (2 optional); "
+                f"{spec.name} gives {', '.join(map(str, spec.reductions))}"
+            )
         return None
 
-    def __init__(self, encoder, num_classes, mean, std, config,
-                 decoder_channels=(512, 256, 128, 64), decoder_dropout=False):
+    def __init__(
+        self, encoder, num_classes, mean, std, config, decoder_channels=(512, 256, 128, 64), decoder_dropout=False
+    ):
         reason = self.incompatibility(encoder)
         if reason:
             raise PixelsegError(f"unet cannot use {encoder.name!r}: {reason}")
         if len(decoder_channels) != 4:
-            raise PixelsegError(
-                f"unet decoder_channels needs 4 values (one per skip), got {list(decoder_channels)}"
-            )
+            raise PixelsegError(f"unet decoder_channels needs 4 values (one per skip), got {list(decoder_channels)}")
         super().__init__(encoder, num_classes, 32, mean, std, config)
         self.up_stack = UNetDecoder(encoder.channels, encoder.reductions, decoder_channels, decoder_dropout)
         # Keras Conv2DTranspose(num_classes, 3, strides=2, padding="same") with bias.

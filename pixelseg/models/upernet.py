@@ -31,8 +31,7 @@ class UPerNet(SegmentationModel):
     def incompatibility(cls, spec, **options):
         return missing_strides(spec, STRIDES)
 
-    def __init__(self, encoder, num_classes, mean, std, config, channels=512, bins=(1, 2, 3, 6),
-                 dropout=0.1):
+    def __init__(self, encoder, num_classes, mean, std, config, channels=512, bins=(1, 2, 3, 6), dropout=0.1):
         super().__init__(encoder, num_classes, 32, mean, std, config)
         self.stages = [stage_index(encoder.reductions, s) for s in STRIDES]
         cins = [encoder.channels[i] for i in self.stages]

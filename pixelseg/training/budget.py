@@ -8,6 +8,7 @@ is re-spanned to that total (`optim.set_total_steps`). A guard inside the epoch 
 the next step would leave no time for the epoch's validation; --epochs/--iterations given explicitly
 stay upper bounds. The time used is kept in the checkpoints, so a resumed run spends what is left.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,14 +17,20 @@ import time
 from .config import TrainConfig
 from .optim import set_total_steps
 
-PROBE_STEPS = 5          # steps of the first epoch timed for the first estimate (after one warm-up step)
-VAL_COST_GUESS = 1 / 3   # validation image / training image cost before validation has been timed
-MARGIN = 0.02            # share of the budget kept free for what the estimate misses (process exit, jitter)
-VAL_SHARE = 0.10         # --val-every auto under --time-budget: validation's share of the run, at most about this
+PROBE_STEPS = 5  # steps of the first epoch timed for the first estimate (after one warm-up step)
+VAL_COST_GUESS = 1 / 3  # validation image / training image cost before validation has been timed
+MARGIN = 0.02  # share of the budget kept free for what the estimate misses (process exit, jitter)
+VAL_SHARE = 0.10  # --val-every auto under --time-budget: validation's share of the run, at most about this
 
 
-def steps_that_fit(left_s: float, step_s: float, overhead_s: float, steps_per_epoch: int, in_epoch: int = 0,
-                   final_s: float | None = None) -> int:
+def steps_that_fit(
+    left_s: float,
+    step_s: float,
+    overhead_s: float,
+    steps_per_epoch: int,
+    in_epoch: int = 0,
+    final_s: float | None = None,
+) -> int:
     """Optimiser steps that fit into ``left_s`` seconds when each takes ``step_s`` and every epoch (a
     partial last one too) ends with ``overhead_s`` of validation, figures and checkpoints (on average: with
     --val-every N a validation every N epochs); ``in_epoch`` steps of the current epoch are already done.
@@ -60,8 +67,17 @@ def epochs_without_improvement(history: list[dict], delta: float) -> int:
 class Pacer:
     """The run's total of optimiser steps, the stop decisions and where the time went."""
 
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, n_val: int, batch_size: int, used_s: float = 0.0,
-                 timing: dict | None = None, t_start: float | None = None, clock=time.time):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        steps_per_epoch: int,
+        n_val: int,
+        batch_size: int,
+        used_s: float = 0.0,
+        timing: dict | None = None,
+        t_start: float | None = None,
+        clock=time.time,
+    ):
         self.budget = cfg.time_budget
         self.spe = steps_per_epoch
         self.n_val, self.batch = n_val, batch_size
@@ -80,9 +96,9 @@ class Pacer:
         self.total = self.cap if self.cap is not None else 1000 * steps_per_epoch  # until measured
         self.step_s: float | None = None
         self.overhead_s: float | None = None  # the end of a validated epoch (PreciseBN, validation, figures, saves)
-        self.plain_s: float | None = None     # the end of an epoch without validation (last.pt)
+        self.plain_s: float | None = None  # the end of an epoch without validation (last.pt)
         self.val_every_opt = cfg.val_every or "auto"
-        self.last_val_epoch = 0               # the last validated epoch (1-based; 0: none yet)
+        self.last_val_epoch = 0  # the last validated epoch (1-based; 0: none yet)
         # global_step at the start of epoch e is e * spe + offset: a budget that ran out inside an epoch ended
         # it early (offset < 0 from then on; set on --resume, the only time an epoch starts after such a one)
         self.offset = 0
@@ -129,14 +145,18 @@ class Pacer:
             self.overhead_s = after / max(1, state.epoch)
         if self.left() <= (self.step_s or 0) + (self.overhead_s or 0):
             from ..core.errors import PixelsegError
-            raise PixelsegError(f"--resume {run_dir}: the run has used {format_seconds(self.elapsed())} of its "
-                                f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
-                                f"e.g. --time-budget {format_seconds(self.budget * 2)} (the budget counts the "
-                                "whole run, all sessions)")
+
+            raise PixelsegError(
+                f"--resume {run_dir}: the run has used {format_seconds(self.elapsed())} of its "
+                f"--time-budget {format_seconds(self.budget)}; continue it with a larger total, "
+                f"e.g. --time-budget {format_seconds(self.budget * 2)} (the budget counts the "
+                "whole run, all sessions)"
+            )
         if self.step_s is not None and self.overhead_s is not None:  # measured together above: the steps that fit
             # what is left, from where the run stands
-            fit = state.global_step + steps_that_fit(self.left(), self.step_s, self.overhead_s, self.spe,
-                                                     state.step_in_epoch)
+            fit = state.global_step + steps_that_fit(
+                self.left(), self.step_s, self.overhead_s, self.spe, state.step_in_epoch
+            )
         else:  # nothing measured yet: the rest of this epoch, re-estimated after PROBE_STEPS as in a new run
             fit = state.global_step + self.spe - state.step_in_epoch
         # at least one step more (the refusal above guarantees the time for it), never past --epochs/--iterations
@@ -183,8 +203,7 @@ class Pacer:
         # called once a step time is measured; the epoch-end cost comes with it (the probe's guess, or the first
         # epoch's, which is always validated)
         assert step_s is not None and overhead_s is not None
-        fit = global_step + steps_that_fit(self.left(), step_s, overhead_s, self.spe, in_epoch,
-                                           final_s=self.overhead_s)
+        fit = global_step + steps_that_fit(self.left(), step_s, overhead_s, self.spe, in_epoch, final_s=self.overhead_s)
         self.total = max(global_step + (1 if in_epoch else 0), min(fit, self.cap) if self.cap else fit)
         set_total_steps(scheduler, self.total)
 
@@ -208,8 +227,16 @@ class Pacer:
             return True
         return False
 
-    def end_of_epoch(self, scheduler, global_step: int, train_s: float, steps: int, epoch_s: float,
-                     validated: bool = True, epochs_done: int | None = None) -> None:
+    def end_of_epoch(
+        self,
+        scheduler,
+        global_step: int,
+        train_s: float,
+        steps: int,
+        epoch_s: float,
+        validated: bool = True,
+        epochs_done: int | None = None,
+    ) -> None:
         """Re-estimate from the epoch just measured: its step time and everything after training (the cost of
         a validated epoch end and of a plain one are kept apart)."""
         if validated and epochs_done is not None:
@@ -228,8 +255,10 @@ class Pacer:
         if early_stop and epochs_without_improvement(history, delta) >= early_stop:
             best = max(history, key=lambda r: r["val_miou"])
             self.stopped_by = "early_stop"
-            self.reason = (f"val mIoU did not improve by more than {delta:g} for {early_stop} epochs (best "
-                           f"{best['val_miou']:.4f} at epoch {best['epoch']})")
+            self.reason = (
+                f"val mIoU did not improve by more than {delta:g} for {early_stop} epochs (best "
+                f"{best['val_miou']:.4f} at epoch {best['epoch']})"
+            )
             return True
         if self.budget and self.step_s is not None and self.left() < self.step_s + (self.overhead_s or 0):
             self.stopped_by = "time_budget"
@@ -251,15 +280,21 @@ class Pacer:
         epoch_s = self.spe * self.step_s + (self.overhead_s or 0)
         if epoch_s <= self.budget:
             return None
-        return (f"--time-budget {format_seconds(self.budget)} cannot hold one epoch: one takes about "
-                f"{format_seconds(epoch_s)} here ({self.spe} steps × {self.step_s:.2f} s + "
-                f"{self.overhead_s or 0:.1f} s validation and checkpoints); the run stops inside the first epoch. "
-                "Give a longer budget or a smaller recipe (--image-size, --limit, a lighter model)")
+        return (
+            f"--time-budget {format_seconds(self.budget)} cannot hold one epoch: one takes about "
+            f"{format_seconds(epoch_s)} here ({self.spe} steps × {self.step_s:.2f} s + "
+            f"{self.overhead_s or 0:.1f} s validation and checkpoints); the run stops inside the first epoch. "
+            "Give a longer budget or a smaller recipe (--image-size, --limit, a lighter model)"
+        )
 
     def summary(self, epochs_done: int) -> dict:
-        out = {"stopped_by": self.stopped_by, "stop_reason": self.reason, "epochs_done": epochs_done,
-               "optimizer_steps_planned": self.total,
-               "time_s": {k: round(v, 3) for k, v in self.timing.items()}}
+        out = {
+            "stopped_by": self.stopped_by,
+            "stop_reason": self.reason,
+            "epochs_done": epochs_done,
+            "optimizer_steps_planned": self.total,
+            "time_s": {k: round(v, 3) for k, v in self.timing.items()},
+        }
         if self.budget:
             out["time_budget_s"] = self.budget
             out["time_used_s"] = round(self.elapsed(), 3)

@@ -1,6 +1,7 @@
 """The dataset fingerprint (nnU-Net's idea): what the data is — sizes, channels, bit depth, class
 frequencies, object scales, file-name patterns — read once from a sample of the split. The planner reads it;
 `pixelseg plan` writes it beside the recipe."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,8 @@ import numpy as np
 from ..core.errors import PixelsegError
 from .config import TrainConfig
 
-MAX_SAMPLED = 120           # images read for the statistics; more are sampled evenly by a fixed rule
-SEQUENCE = r"^(.*?)[-_. ]*\d+$"               # = data.folder.PREFIX_GROUP: frame/slice number at the end
+MAX_SAMPLED = 120  # images read for the statistics; more are sampled evenly by a fixed rule
+SEQUENCE = r"^(.*?)[-_. ]*\d+$"  # = data.folder.PREFIX_GROUP: frame/slice number at the end
 TILE = r"^(.*?)[-_. ]*(?:r|row|y)?\d+[-_. ]+(?:c|col|x)?\d+$"  # two trailing numbers: tiles of one image
 
 
@@ -25,20 +26,20 @@ class Fingerprint:
     n_train: int
     n_val: int
     sampled: int
-    sizes_hw: list            # (h, w) of the training images (headers only; at most 1000, spread over the split)
+    sizes_hw: list  # (h, w) of the training images (headers only; at most 1000, spread over the split)
     channels: int
     bit_depth: int
     mean: list
     std: list
     class_names: list
-    pixel_freq: list          # share of labelled pixels, per class
-    image_freq: list          # share of images holding the class
-    object_scale: list        # per class: sqrt(component area / image area), area-weighted median; None: absent
-    up_asymmetry: float       # class-distribution distance top third vs bottom third
-    side_asymmetry: float     # the same, left vs right (the noise level of the first)
+    pixel_freq: list  # share of labelled pixels, per class
+    image_freq: list  # share of images holding the class
+    object_scale: list  # per class: sqrt(component area / image area), area-weighted median; None: absent
+    up_asymmetry: float  # class-distribution distance top third vs bottom third
+    side_asymmetry: float  # the same, left vs right (the noise level of the first)
     train_names: list
     val_names: list
-    val_group_option: bool    # the dataset can group its own val split (folder-like)
+    val_group_option: bool  # the dataset can group its own val split (folder-like)
     val_carved: bool = False  # val is --val-fraction's share of train, not a split the dataset has
     read_s_per_image: float = 0.0
     seconds: float = 0.0
@@ -66,6 +67,7 @@ def _even_sample(items: list, n: int) -> list:
 def _mask_stats(mask: np.ndarray, num_classes: int, ignore: int, scales: list, sides: np.ndarray) -> np.ndarray:
     """Pixel counts per class of one mask (at most 256 px a side), appending component scales per class."""
     import cv2
+
     h, w = mask.shape
     counts = np.bincount(mask[mask != ignore].ravel(), minlength=num_classes)[:num_classes]
     for c in np.flatnonzero(counts):
@@ -73,7 +75,7 @@ def _mask_stats(mask: np.ndarray, num_classes: int, ignore: int, scales: list, s
         areas = areas[areas >= 2]  # single stray pixels are resize noise, not objects
         scales[c].extend((float(np.sqrt(a / (h * w))), int(a)) for a in areas)
     t = h // 3
-    for i, part in enumerate((mask[:t], mask[h - t:], mask[:, :w // 3], mask[:, w - w // 3:])):
+    for i, part in enumerate((mask[:t], mask[h - t :], mask[:, : w // 3], mask[:, w - w // 3 :])):
         valid = part[part != ignore]
         sides[i] += np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
     return counts
@@ -92,12 +94,14 @@ def _weighted_median(scale_area: list) -> float | None:
 
 def _small(mask: np.ndarray, side: int = 256) -> np.ndarray:
     from PIL import Image
+
     h, w = mask.shape
     if max(h, w) <= side:
         return mask
     f = side / max(h, w)
-    return np.asarray(Image.fromarray(mask).resize((max(1, round(w * f)), max(1, round(h * f))),
-                                                   Image.Resampling.NEAREST))
+    return np.asarray(
+        Image.fromarray(mask).resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.NEAREST)
+    )
 
 
 def _tv(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,6 +116,7 @@ def _samples(cfg: TrainConfig, split: str):
     registry; the readers take the channel count, decided from the headers before any pixels are read."""
     from ..data import dataset_options, get_dataset_module, load_split
     from ..data.io import image_hw, read_input
+
     module = get_dataset_module(cfg.dataset)
     opts = dataset_options(cfg.to_dict())
     root = Path(cfg.data_root) if cfg.data_root and cfg.dataset != "shards" else cfg.data_root
@@ -123,6 +128,7 @@ def _samples(cfg: TrainConfig, split: str):
 
         def sizes():  # headers only, of at most 1000 images spread over the split
             return [image_hw(s.image) for s in _even_sample(samples, 1000)]
+
         return [s.name for s in samples], readers, sizes, [s.image for s in samples]
     # datasets without files (synthetic, shards): their decoded arrays at a moderate size
     ds = load_split(cfg.dataset, cfg.data_root, split, 256, cfg.limit, channels=cfg.in_channels, **opts)
@@ -137,9 +143,11 @@ def _header_channels(path) -> tuple[int, int] | None:
     from PIL import Image
 
     from ..data.io import is_tiff
+
     try:
         if is_tiff(Path(path)):
             import tifffile
+
             with tifffile.TiffFile(path) as tf:
                 page = tf.pages[0]
                 return max(1, int(page.samplesperpixel)), int(page.bitspersample)
@@ -165,17 +173,21 @@ def _channels(paths: list, dataset: str = "") -> tuple[int, int]:
         bits = max(bits, head[1])
     if len(seen) > 1:
         from ..data.io import is_tiff
+
         if all(c == 3 or not is_tiff(Path(f)) for c, f in seen.items()):
             return 3, bits  # 16-bit grey beside RGB photos: all read as RGB, what read_input does for 3
         examples = ", ".join(f"{Path(f).name}: {c}" for c, f in sorted(seen.items()))
-        raise PixelsegError(f"--dataset {dataset}: the images need different channel counts ({examples}); a "
-                            "model takes one count (--in-channels): convert them to one")
+        raise PixelsegError(
+            f"--dataset {dataset}: the images need different channel counts ({examples}); a "
+            "model takes one count (--in-channels): convert them to one"
+        )
     return (next(iter(seen)) if seen else 3), bits
 
 
 def fingerprint(cfg: TrainConfig, max_images: int = MAX_SAMPLED, progress: bool = True) -> Fingerprint:
     """What the training split is, from at most ``max_images`` images read at their own resolution."""
     from ..data import dataset_info, dataset_options, get_dataset_module
+
     t0 = time.time()
     info = dataset_info(cfg.dataset, cfg.data_root, cfg.val_split, **dataset_options(cfg.to_dict()))
     assert cfg.train_split is not None and cfg.val_split is not None  # resolve_config names them
@@ -193,6 +205,7 @@ def fingerprint(cfg: TrainConfig, max_images: int = MAX_SAMPLED, progress: bool 
     npx = 0
     t_read = time.time()
     from ..core.progress import progress as bar
+
     for i in bar(picked, desc="fingerprint", unit="img", enabled=progress):
         img, mask = readers[i](chans)
         img = np.asarray(img)
@@ -200,7 +213,7 @@ def fingerprint(cfg: TrainConfig, max_images: int = MAX_SAMPLED, progress: bool 
         img = img.astype(np.float64)[..., None] if img.ndim == 2 else img.astype(np.float64)
         flat = img.reshape(-1, img.shape[-1])[::7] / scale  # every 7th pixel: statistics, not the sum
         csum = flat.sum(0) if csum is None else csum + flat.sum(0)
-        csq = (flat ** 2).sum(0) if csq is None else csq + (flat ** 2).sum(0)
+        csq = (flat**2).sum(0) if csq is None else csq + (flat**2).sum(0)
         npx += flat.shape[0]
         c = _mask_stats(_small(np.asarray(mask, np.uint8)), k, ignore, scales, sides)
         counts += c / max(1, c.sum())  # each image weighs the same, whatever its size
@@ -208,23 +221,36 @@ def fingerprint(cfg: TrainConfig, max_images: int = MAX_SAMPLED, progress: bool 
     read_s = (time.time() - t_read) / max(1, len(picked))
     assert csum is not None and csq is not None  # a split holds at least one image (the loaders refuse empty ones)
     mean = csum / npx
-    std = np.sqrt(np.maximum(csq / npx - mean ** 2, 0))
+    std = np.sqrt(np.maximum(csq / npx - mean**2, 0))
     return Fingerprint(
-        dataset=cfg.dataset, n_train=len(names), n_val=len(val_names), sampled=len(picked),
-        sizes_hw=[tuple(map(int, s)) for s in sizes()], channels=chans,
-        bit_depth=bits, mean=[round(float(v), 4) for v in mean], std=[round(float(v), 4) for v in std],
-        class_names=list(info.class_names), pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
+        dataset=cfg.dataset,
+        n_train=len(names),
+        n_val=len(val_names),
+        sampled=len(picked),
+        sizes_hw=[tuple(map(int, s)) for s in sizes()],
+        channels=chans,
+        bit_depth=bits,
+        mean=[round(float(v), 4) for v in mean],
+        std=[round(float(v), 4) for v in std],
+        class_names=list(info.class_names),
+        pixel_freq=[float(v) for v in counts / max(1e-12, counts.sum())],
         image_freq=[float(v) for v in present / max(1, len(picked))],
         object_scale=[_weighted_median(s) for s in scales],
-        up_asymmetry=_tv(sides[0], sides[1]), side_asymmetry=_tv(sides[2], sides[3]),
-        train_names=names, val_names=list(val_names),
+        up_asymmetry=_tv(sides[0], sides[1]),
+        side_asymmetry=_tv(sides[2], sides[3]),
+        train_names=names,
+        val_names=list(val_names),
         val_group_option="val_group" in getattr(get_dataset_module(cfg.dataset), "OPTIONS", {}),
-        val_carved=_val_carved(cfg), read_s_per_image=read_s, seconds=time.time() - t0)
+        val_carved=_val_carved(cfg),
+        read_s_per_image=read_s,
+        seconds=time.time() - t0,
+    )
 
 
 def _val_carved(cfg: TrainConfig) -> bool:
     """Whether the val split is carved out of train by --val-fraction (then --val-group shapes it)."""
     from .folds import _val_is_carved
+
     return cfg.val_split == "val" and _val_is_carved(cfg)
 
 
@@ -250,5 +276,3 @@ def name_groups(names: list[str]) -> tuple[str | None, str, dict]:
         if names and matched >= 0.8 * len(names) and 2 <= len(groups) <= len(names) / 3 and counters:
             return ("prefix" if pattern == SEQUENCE else pattern), what, groups
     return None, "", {}
-
-

@@ -15,6 +15,7 @@ Each fold is an ordinary run, RUN/fold_I (``--folds K --fold I``: train on the o
 fold I), so best.pt, metrics, figures, summary.json and ``--resume`` are the usual ones. RUN/folds.json
 records the options; RUN/folds.csv which image is in which fold; RUN/cv.json and RUN/cv.png the result.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,10 @@ if TYPE_CHECKING:
 def pool_splits(cfg: TrainConfig) -> list[str]:
     """The splits the folds are made from: train, and val too where --val-fraction carved val out of it."""
     if cfg.dataset == "shards":
-        raise PixelsegError("--folds needs random access to the training pool; shards stream, so give the "
-                            "dataset itself (e.g. --dataset folder) for cross-validation")
+        raise PixelsegError(
+            "--folds needs random access to the training pool; shards stream, so give the "
+            "dataset itself (e.g. --dataset folder) for cross-validation"
+        )
     assert cfg.train_split is not None  # resolve_config names it
     if cfg.val_split != "val" or not _val_is_carved(cfg):
         return [cfg.train_split]
@@ -67,12 +70,19 @@ def pool_splits(cfg: TrainConfig) -> list[str]:
 def _val_is_carved(cfg: TrainConfig) -> bool:
     """Whether the val split is folder's --val-fraction share of train rather than the dataset's own."""
     from ..data import dataset_options, folder, get_dataset_module, labelled
+
     module = get_dataset_module(cfg.dataset)
     opts = dataset_options(cfg.to_dict())
     if cfg.dataset == "folder":
         o = folder._options(opts)
-        layout = folder.discover(Path(cfg.data_root) if cfg.data_root else None, o["images_dir"],
-                                 o["masks_dir"], o["val_fraction"], o["mask_suffix"], o["val_group"])
+        layout = folder.discover(
+            Path(cfg.data_root) if cfg.data_root else None,
+            o["images_dir"],
+            o["masks_dir"],
+            o["val_fraction"],
+            o["mask_suffix"],
+            o["val_group"],
+        )
         return "--val-fraction" in layout.source
     if isinstance(module, labelled.AnnotationFormat):
         o = labelled.options(module.OPTIONS, opts)
@@ -85,6 +95,7 @@ def grouping(cfg: TrainConfig) -> tuple:
     """(name -> group, description): --val-group where the dataset takes it, else one group per image."""
     from ..data import get_dataset_module
     from ..data.folder import group_key
+
     pattern = cfg.val_group
     if pattern and "val_group" in getattr(get_dataset_module(cfg.dataset), "OPTIONS", {}):
         return group_key(pattern), f"grouped by --val-group {pattern}"
@@ -113,21 +124,30 @@ def pool_folds(cfg: TrainConfig, load) -> tuple[dict, dict]:
     """({(split, name): fold}, a description of the pool) for cfg's --folds; `load(split, CacheSpec)` reads
     a split (listed, not decoded). A pool too small for K folds is a one-line error."""
     from ..data.base import CacheSpec
+
     k, splits = cfg.folds, pool_splits(cfg)
     assert k is not None  # called for --folds K only
     keys = [(s, n) for s in splits for n in load(s, CacheSpec("none")).names]
     key, how = grouping(cfg)
     n_groups = len({key(n) for _, n in keys})
-    about = {"dataset": cfg.dataset, "splits": splits, "images": len(keys), "groups": n_groups, "grouping": how,
-             "seed": cfg.seed}
+    about = {
+        "dataset": cfg.dataset,
+        "splits": splits,
+        "images": len(keys),
+        "groups": n_groups,
+        "grouping": how,
+        "seed": cfg.seed,
+    }
     where = f"{cfg.dataset} {'+'.join(splits)}" + (f" at {cfg.data_root}" if cfg.data_root else "")
     try:
         folds = assign_folds([n for _, n in keys], k, cfg.seed, key)
     except ValueError:
         what = f"{len(keys)} image(s)" + (f" in {n_groups} group(s), {how}" if n_groups != len(keys) else "")
-        raise PixelsegError(f"--folds {k}: the training pool ({where}) has {what}; {k} folds need at least {k} "
-                            f"{'groups' if n_groups != len(keys) else 'images'} (each fold holds out one or more): "
-                            "lower --folds or add data") from None
+        raise PixelsegError(
+            f"--folds {k}: the training pool ({where}) has {what}; {k} folds need at least {k} "
+            f"{'groups' if n_groups != len(keys) else 'images'} (each fold holds out one or more): "
+            "lower --folds or add data"
+        ) from None
     about["fold_images"] = [folds.count(f) for f in range(k)]
     return dict(zip(keys, folds, strict=True)), about
 
@@ -137,6 +157,7 @@ class FoldSubset(torch.utils.data.Dataset):
     folds) or its held-out side. The parts are read untransformed; this subset applies its own
     `transform`, so the training side's augmentation never reaches the held-out side. A
     data.protocol.SplitDataset over parts that are."""
+
     streamed = False
 
     split_name: str  # what train.log calls it; set by fold_datasets
@@ -231,9 +252,11 @@ def fold_datasets(cfg: TrainConfig, load, train_spec, val_spec) -> tuple[FoldSub
     train_ds, held_ds = FoldSubset(train_parts), FoldSubset(held_parts)
     pool = "+".join(about["splits"])
     train_ds.split_name, held_ds.split_name = f"{pool} less fold {fold}", f"fold {fold} of {pool}"  # train.log header
-    log.info(f"fold {fold + 1}/{k} (--fold {fold}): training on {len(train_ds)} images of the other folds, "
-             f"validating on the {len(held_ds)} held out ({about['dataset']} {'+'.join(about['splits'])}, "
-             f"{about['images']} images, {about['grouping']})")
+    log.info(
+        f"fold {fold + 1}/{k} (--fold {fold}): training on {len(train_ds)} images of the other folds, "
+        f"validating on the {len(held_ds)} held out ({about['dataset']} {'+'.join(about['splits'])}, "
+        f"{about['images']} images, {about['grouping']})"
+    )
     return train_ds, held_ds
 
 
@@ -249,19 +272,30 @@ def _loader(cfg: TrainConfig):
     from ..data import dataset_options, load_split
 
     def load(split, spec):
-        return load_split(cfg.dataset, cfg.data_root, split, cfg.image_size, cfg.limit, spec,
-                          channels=cfg.in_channels, **dataset_options(cfg.to_dict()))
+        return load_split(
+            cfg.dataset,
+            cfg.data_root,
+            split,
+            cfg.image_size,
+            cfg.limit,
+            spec,
+            channels=cfg.in_channels,
+            **dataset_options(cfg.to_dict()),
+        )
+
     return load
 
 
 def _start(overrides: dict) -> tuple[Path, dict]:
     """A new folds run: (run dir, the options every fold trains with), checked before anything is made."""
     from . import config
+
     cfg = config.resolve_config({k: v for k, v in overrides.items() if k != "fold"})
     run_dir = check_output_dir(cfg.run_dir, "--run-dir")
     if (run_dir / MANIFEST).exists() or (run_dir / "last.pt").exists() or any(run_dir.glob("fold_*")):
-        raise PixelsegError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
-                            "or choose another --run-dir")
+        raise PixelsegError(
+            f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} or choose another --run-dir"
+        )
     resolved = cfg.to_dict()
     options = {k: resolved[k] for k in overrides if k in resolved and k != "fold"}  # canonical: absolute paths
     options["run_dir"] = str(run_dir)
@@ -271,13 +305,16 @@ def _start(overrides: dict) -> tuple[Path, dict]:
 def _reopen(overrides: dict) -> tuple[Path, dict]:
     """--resume RUN of a folds run: its recorded options, with the resumable ones given now on top."""
     from . import config
+
     run_dir = Path(overrides["resume"])
     try:
         manifest = json.loads((run_dir / MANIFEST).read_text())
         options = dict(manifest["options"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PixelsegError(f"{run_dir / MANIFEST}: unreadable ({exc}); it records the options of this "
-                            "cross-validation run, so it cannot be resumed without it") from None
+        raise PixelsegError(
+            f"{run_dir / MANIFEST}: unreadable ({exc}); it records the options of this "
+            "cross-validation run, so it cannot be resumed without it"
+        ) from None
     options.update({k: config.parse_value(k, overrides[k]) for k in config.RESUMABLE if k in overrides})
     return run_dir, options
 
@@ -286,9 +323,12 @@ def train_folds(overrides: dict, train_fn) -> dict:
     """All K folds one after another (finished ones skipped, a partial one resumed), then cv.json/cv.png."""
     from . import config
     from .budget import format_seconds
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise PixelsegError("--folds trains its K folds one after another in one process; under torchrun launch "
-                            "one fold at a time: --folds K --fold I --run-dir RUN/fold_I")
+        raise PixelsegError(
+            "--folds trains its K folds one after another in one process; under torchrun launch "
+            "one fold at a time: --folds K --fold I --run-dir RUN/fold_I"
+        )
     resuming = bool(overrides.get("resume"))
     run_dir, options = _reopen(overrides) if resuming else _start(overrides)
     cfg = config.resolve_config(options)
@@ -299,23 +339,36 @@ def train_folds(overrides: dict, train_fn) -> dict:
     atomic_write_text(run_dir / MANIFEST, json.dumps({"folds": k, "options": options, "pool": about}, indent=1))
     # the whole cross-validation's recipe: `train --config RUN/config.yaml` runs it again
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    atomic_write_text(run_dir / "folds.csv", "split,name,fold\n" + "".join(
-        f"{s},{n},{f}\n" for (s, n), f in fold_of.items()))
+    atomic_write_text(
+        run_dir / "folds.csv", "split,name,fold\n" + "".join(f"{s},{n},{f}\n" for (s, n), f in fold_of.items())
+    )
     with run_log(run_dir):
-        log.info(f"cross-validation: {k} folds of {about['images']} images ({about['dataset']} "
-                 f"{'+'.join(about['splits'])}, {about['grouping']}; held out per fold: "
-                 f"{', '.join(map(str, about['fold_images']))}) in {run_dir}")
+        log.info(
+            f"cross-validation: {k} folds of {about['images']} images ({about['dataset']} "
+            f"{'+'.join(about['splits'])}, {about['grouping']}; held out per fold: "
+            f"{', '.join(map(str, about['fold_images']))}) in {run_dir}"
+        )
         if budget:
-            log.info(f"--time-budget {format_seconds(budget)} is split across the {k} folds: each gets what is "
-                     f"left divided by the folds left ({format_seconds(budget / k)} for the first)")
-        summaries = [_run_fold(run_dir, i, k, options, overrides if resuming else {}, budget, train_fn)
-                     for i in range(k)]
+            log.info(
+                f"--time-budget {format_seconds(budget)} is split across the {k} folds: each gets what is "
+                f"left divided by the folds left ({format_seconds(budget / k)} for the first)"
+            )
+        summaries = [
+            _run_fold(run_dir, i, k, options, overrides if resuming else {}, budget, train_fn) for i in range(k)
+        ]
         cv = write_cv(run_dir, summaries, about)
-        log.info(f"cross-validation done: mIoU {cv['miou']['mean']:.4f} ± {cv['miou']['std']:.4f} over {k} folds "
-                 f"(per fold: {', '.join(f'{v:.4f}' for v in cv['miou']['per_fold'])}); {run_dir / 'cv.json'}, "
-                 f"{run_dir / 'cv.png'}; evaluate/predict/serve {run_dir} use the {k} folds as one ensemble")
-    return {"run_dir": str(run_dir), "best_val_miou": cv["miou"]["mean"], "wall_time_s": time.time() - t0,
-            "folds": k, "cv": cv}
+        log.info(
+            f"cross-validation done: mIoU {cv['miou']['mean']:.4f} ± {cv['miou']['std']:.4f} over {k} folds "
+            f"(per fold: {', '.join(f'{v:.4f}' for v in cv['miou']['per_fold'])}); {run_dir / 'cv.json'}, "
+            f"{run_dir / 'cv.png'}; evaluate/predict/serve {run_dir} use the {k} folds as one ensemble"
+        )
+    return {
+        "run_dir": str(run_dir),
+        "best_val_miou": cv["miou"]["mean"],
+        "wall_time_s": time.time() - t0,
+        "folds": k,
+        "cv": cv,
+    }
 
 
 def _time_used(summary: dict) -> float:
@@ -327,6 +380,7 @@ def _run_fold(run_dir: Path, i: int, k: int, options: dict, given: dict, budget,
     of the whole budget divided by the folds left."""
     from . import config
     from .budget import format_seconds
+
     fold_dir = run_dir / f"fold_{i}"
     done = fold_dir / "summary.json"
     if done.is_file():
@@ -363,8 +417,10 @@ class FoldsInterrupted(KeyboardInterrupt):
         self.run_dir, self.fold, self.k, self.exit_code = run_dir, fold, k, exit_code
 
     def advice(self) -> str:
-        return (f"interrupted in fold {self.fold + 1}/{self.k}; continue the cross-validation (finished folds are "
-                f"kept, this one resumes from its last.pt) with: pixelseg train --resume {self.run_dir}")
+        return (
+            f"interrupted in fold {self.fold + 1}/{self.k}; continue the cross-validation (finished folds are "
+            f"kept, this one resumes from its last.pt) with: pixelseg train --resume {self.run_dir}"
+        )
 
 
 # ---- cv.json and cv.png -----------------------------------------------------------------------------
@@ -372,9 +428,11 @@ def _stats(values: list) -> dict:
     """Mean and sample standard deviation (ddof=1) of the finite values; NaN (a class absent from a fold's
     held-out images and predictions) is left out, and written as null."""
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return {"mean": float(np.mean(finite)) if finite else None,
-            "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
-            "per_fold": [float(v) if v is not None and math.isfinite(float(v)) else None for v in values]}
+    return {
+        "mean": float(np.mean(finite)) if finite else None,
+        "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+        "per_fold": [float(v) if v is not None and math.isfinite(float(v)) else None for v in values],
+    }
 
 
 def write_cv(run_dir: Path, summaries: list[dict], about: dict) -> dict:
@@ -384,21 +442,41 @@ def write_cv(run_dir: Path, summaries: list[dict], about: dict) -> dict:
         metrics = run_dir / f"fold_{i}" / "metrics.json"
         history = json.loads(metrics.read_text()) if metrics.is_file() else []
         if not history:
-            raise PixelsegError(f"{metrics.parent}: the fold finished without a validated epoch (see its "
-                                "train.log), so there is nothing to cross-validate; give a larger --time-budget")
+            raise PixelsegError(
+                f"{metrics.parent}: the fold finished without a validated epoch (see its "
+                "train.log), so there is nothing to cross-validate; give a larger --time-budget"
+            )
         best = max(history, key=lambda h: h["val_miou"])  # first of the maxima: the epoch best.pt holds
-        rows.append({"fold": i, "run_dir": f"fold_{i}", "held_out_images": about["fold_images"][i],
-                     "best_val_miou": s["best_val_miou"], "best_epoch": best["epoch"],
-                     "epochs_done": s.get("epochs_done", len(history)), "stop_reason": s.get("stop_reason"),
-                     "time_s": _time_used(s), "val_iou": best["val_iou"]})
+        rows.append(
+            {
+                "fold": i,
+                "run_dir": f"fold_{i}",
+                "held_out_images": about["fold_images"][i],
+                "best_val_miou": s["best_val_miou"],
+                "best_epoch": best["epoch"],
+                "epochs_done": s.get("epochs_done", len(history)),
+                "stop_reason": s.get("stop_reason"),
+                "time_s": _time_used(s),
+                "val_iou": best["val_iou"],
+            }
+        )
     classes = list(rows[0]["val_iou"])
-    cv = {"folds": len(rows), "pool": about,
-          "std": "sample standard deviation across folds (ddof=1); classes absent from a fold are left out",
-          "miou": _stats([r["best_val_miou"] for r in rows]),
-          "per_class_iou": {c: _stats([r["val_iou"].get(c) for r in rows]) for c in classes},
-          "per_fold": [{k: v for k, v in r.items() if k != "val_iou"} for r in rows],
-          "members": [{"fold": r["fold"], "checkpoint": f"fold_{r['fold']}/best.pt",
-                       "sha256": file_sha256(run_dir / f"fold_{r['fold']}" / "best.pt")} for r in rows]}
+    cv = {
+        "folds": len(rows),
+        "pool": about,
+        "std": "sample standard deviation across folds (ddof=1); classes absent from a fold are left out",
+        "miou": _stats([r["best_val_miou"] for r in rows]),
+        "per_class_iou": {c: _stats([r["val_iou"].get(c) for r in rows]) for c in classes},
+        "per_fold": [{k: v for k, v in r.items() if k != "val_iou"} for r in rows],
+        "members": [
+            {
+                "fold": r["fold"],
+                "checkpoint": f"fold_{r['fold']}/best.pt",
+                "sha256": file_sha256(run_dir / f"fold_{r['fold']}" / "best.pt"),
+            }
+            for r in rows
+        ],
+    }
     cv_figure(cv, run_dir / "cv.png")
     atomic_write_text(run_dir / "cv.json", json.dumps(cv, indent=1))
     return cv
@@ -407,12 +485,17 @@ def write_cv(run_dir: Path, summaries: list[dict], about: dict) -> dict:
 def cv_figure(cv: dict, path: Path) -> None:
     """Per-class IoU (mean, std error bars, each fold a dot) beside per-fold mIoU (mean ± std band)."""
     from ..core.viz import _save_fig, plt
+
     classes = list(cv["per_class_iou"])
     nan = float("nan")
     means = [cv["per_class_iou"][c]["mean"] if cv["per_class_iou"][c]["mean"] is not None else nan for c in classes]
     stds = [cv["per_class_iou"][c]["std"] or 0.0 for c in classes]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 0.6 * len(classes) + 5), 4.0),
-                                   gridspec_kw={"width_ratios": [max(2, len(classes)), max(2, cv["folds"])]})
+    fig, (ax1, ax2) = plt.subplots(
+        1,
+        2,
+        figsize=(max(8.0, 0.6 * len(classes) + 5), 4.0),
+        gridspec_kw={"width_ratios": [max(2, len(classes)), max(2, cv["folds"])]},
+    )
     x = np.arange(len(classes))
     ax1.bar(x, means, yerr=stds, capsize=4, color="#4c78a8", alpha=0.8, label="mean ± std")
     for j, c in enumerate(classes):

@@ -6,6 +6,7 @@ distributed info) instead of those four as loose arguments, and the dataset's ``
 instead of ``num_classes`` / ``ignore_index`` scalars. ``train.train`` orchestrates them;
 ``inference.evaluate`` (the `pixelseg evaluate` command) runs ``evaluate_loader`` too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,9 @@ from ..data import DatasetInfo
 @dataclass(frozen=True)
 class RunContext:
     """Where and how the model runs."""
+
     device: torch.device
-    amp_dtype: torch.dtype | None = None   # autocast dtype; None = plain fp32
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None = plain fp32
     channels_last: bool = True
     dist: DistInfo = field(default_factory=DistInfo)
 
@@ -73,15 +75,26 @@ def _batches(loader) -> int:
 
 @dataclass
 class EpochResult:
-    loss: float                 # mean training loss over the epoch's samples (all ranks)
+    loss: float  # mean training loss over the epoch's samples (all ranks)
     confusion: ConfusionMatrix  # training predictions vs masks (all ranks)
-    images: int                 # samples seen (all ranks)
+    images: int  # samples seen (all ranks)
     train_time: float
     data_time: float
 
 
-def train_step(forward, criterion, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, ctx: RunContext, *,
-               accumulate: int = 1, optimizer_step: bool = True, sync=None):
+def train_step(
+    forward,
+    criterion,
+    optimizer,
+    scaler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: RunContext,
+    *,
+    accumulate: int = 1,
+    optimizer_step: bool = True,
+    sync=None,
+):
     """One training step on a batch already on the device: autocast forward -> fp32 loss -> (GradScaler-)
     scaled backward of loss / ``accumulate``, then, with ``optimizer_step``, the optimiser step and
     zeroed gradients. ``sync``: a context for the backward (DDP's ``no_sync`` between accumulated
@@ -98,9 +111,24 @@ def train_step(forward, criterion, optimizer, scaler, x: torch.Tensor, y: torch.
     return logits, loss
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx: RunContext, info: DatasetInfo, *,
-                    epoch: int, epochs: int, accumulate: int = 1, steps_done: int = 0, flip_seed: int | None = None,
-                    forward=None, on_step=None) -> EpochResult:
+def train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    scheduler,
+    scaler,
+    loader,
+    ctx: RunContext,
+    info: DatasetInfo,
+    *,
+    epoch: int,
+    epochs: int,
+    accumulate: int = 1,
+    steps_done: int = 0,
+    flip_seed: int | None = None,
+    forward=None,
+    on_step=None,
+) -> EpochResult:
     """One pass over ``loader`` with gradient accumulation.
 
     ``model`` is what trains (the DDP wrapper under torchrun, for ``no_sync``); ``forward`` is what
@@ -134,8 +162,18 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
         x, y = ctx.to_input(images), ctx.to_target(masks)
         last_micro = (micro + 1) % accumulate == 0 or micro + 1 == micro_per_epoch
         sync = model.no_sync() if ctx.dist.enabled and not last_micro else contextlib.nullcontext()
-        logits, loss = train_step(forward, criterion, optimizer, scaler, x, y, ctx, accumulate=accumulate,
-                                  optimizer_step=last_micro, sync=sync)
+        logits, loss = train_step(
+            forward,
+            criterion,
+            optimizer,
+            scaler,
+            x,
+            y,
+            ctx,
+            accumulate=accumulate,
+            optimizer_step=last_micro,
+            sync=sync,
+        )
         if last_micro:
             scheduler.step()
             step_in_epoch += 1
@@ -155,21 +193,35 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, ctx:
     all_reduce_sum(confusion.mat, ctx.dist)
     loss_sum = all_reduce_sum(loss_sum.to(ctx.device), ctx.dist).cpu()
     seen_t = all_reduce_sum(torch.tensor([seen], dtype=torch.float64, device=ctx.device), ctx.dist)
-    return EpochResult(loss=float(loss_sum[0] / loss_sum[1].clamp(min=1)), confusion=confusion,
-                       images=int(seen_t.item()), train_time=train_time, data_time=data_time)
+    return EpochResult(
+        loss=float(loss_sum[0] / loss_sum[1].clamp(min=1)),
+        confusion=confusion,
+        images=int(seen_t.item()),
+        train_time=train_time,
+        data_time=data_time,
+    )
 
 
 @torch.no_grad()
-def evaluate_loader(model, loader, ctx: RunContext, info: DatasetInfo, criterion=None, progress: bool = True,
-             desc: str = "val", on_batch=None) -> tuple[ConfusionMatrix, float]:
+def evaluate_loader(
+    model,
+    loader,
+    ctx: RunContext,
+    info: DatasetInfo,
+    criterion=None,
+    progress: bool = True,
+    desc: str = "val",
+    on_batch=None,
+) -> tuple[ConfusionMatrix, float]:
     """Confusion matrix (and mean per-pixel loss, NaN without ``criterion``) over the whole loader,
     summed across ranks before scoring. ``on_batch(x, y, logits)`` sees each batch on the device with its
     fp32 logits (the uncertainty report of `pixelseg evaluate --uncertainty` is gathered so)."""
     model.eval()
     cm = ConfusionMatrix(info.num_classes, info.ignore_index, device=ctx.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of per-pixel losses, pixels)
-    for images, masks in progress_bar(loader, total=_batches(loader), desc=desc, unit="batch",
-                                      enabled=progress and ctx.is_main):
+    for images, masks in progress_bar(
+        loader, total=_batches(loader), desc=desc, unit="batch", enabled=progress and ctx.is_main
+    ):
         x, y = ctx.to_input(images), ctx.to_target(masks)
         with ctx.autocast():
             logits = model(x)
@@ -197,8 +249,11 @@ def precise_bn(model, loader, n_batches: int, ctx: RunContext) -> None:
     of an epoch's cost. Call it with the model in its training configuration: BatchNorm layers kept in
     eval mode (frozen encoder, --freeze-bn) are left untouched.
     """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-           and m.track_running_stats]
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     if not bns:
         return
     momenta = [m.momentum for m in bns]

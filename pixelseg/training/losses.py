@@ -59,9 +59,7 @@ def class_weights(pixel_counts, method: str) -> torch.Tensor:
     weight of infinity would be meaningless.
     """
     if method not in WEIGHT_METHODS:
-        raise PixelsegError(
-            f"unknown class-weight method {method!r}; choose one of: {', '.join(WEIGHT_METHODS)}"
-        )
+        raise PixelsegError(f"unknown class-weight method {method!r}; choose one of: {', '.join(WEIGHT_METHODS)}")
     counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
     if counts.ndim not in (1, 2) or counts.shape[-1] == 0:
         raise PixelsegError(
@@ -80,8 +78,7 @@ def class_weights(pixel_counts, method: str) -> torch.Tensor:
     if not present.all():
         missing = torch.nonzero(~present).flatten().tolist()
         warnings.warn(
-            f"classes {missing} have no pixels in the training data; their loss weight is set to 0",
-            stacklevel=2,
+            f"classes {missing} have no pixels in the training data; their loss weight is set to 0", stacklevel=2
         )
 
     if method == "inverse":
@@ -128,8 +125,9 @@ class _SegLoss(nn.Module):
 
     def _prepare(self, logits: torch.Tensor, target: torch.Tensor):
         if logits.ndim != 4 or target.ndim != 3:
-            raise ValueError(f"expected logits N×C×H×W and target N×H×W, "
-                             f"got {tuple(logits.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"expected logits N×C×H×W and target N×H×W, got {tuple(logits.shape)} and {tuple(target.shape)}"
+            )
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} channels but the loss expects {self.num_classes}")
         if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
@@ -183,8 +181,9 @@ class DiceLoss(_SegLoss):
     classes. Hand-written because neither torch nor torchvision ships a multiclass Dice loss.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None,
-                 eps: float = 1e-7):
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None, eps: float = 1e-7
+    ):
         super().__init__(num_classes, ignore_index, weight)
         self.eps = eps
 
@@ -213,8 +212,9 @@ class FocalLoss(_SegLoss):
     (reduction="none"), which already returns 0 at ignored pixels.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None,
-                 gamma: float = 2.0):
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None, gamma: float = 2.0
+    ):
         super().__init__(num_classes, ignore_index, weight)
         self.gamma = float(gamma)
 
@@ -256,8 +256,9 @@ class WeightedSumLoss(nn.Module):
 def parse_loss_spec(spec: str) -> dict[str, float]:
     """'ce:1+dice:0.5' -> {'ce': 1.0, 'dice': 0.5}; config validation calls it before anything is built."""
     valid = ", ".join(LOSSES)
-    usage = (f"use terms from {{{valid}}} joined by '+', each optionally ':<factor>', "
-             "e.g. 'ce+dice' or 'ce:1.0+dice:0.5'")
+    usage = (
+        f"use terms from {{{valid}}} joined by '+', each optionally ':<factor>', e.g. 'ce+dice' or 'ce:1.0+dice:0.5'"
+    )
     if not isinstance(spec, str) or not spec.strip():
         raise PixelsegError(f"empty loss spec; {usage}")
     factors: dict[str, float] = {}
@@ -281,8 +282,9 @@ def parse_loss_spec(spec: str) -> dict[str, float]:
     return factors
 
 
-def build_loss(spec: str, num_classes: int, ignore_index: int = IGNORE_INDEX,
-               weight: torch.Tensor | None = None) -> nn.Module:
+def build_loss(
+    spec: str, num_classes: int, ignore_index: int = IGNORE_INDEX, weight: torch.Tensor | None = None
+) -> nn.Module:
     """Build the loss module named by ``spec`` (see module docstring); ``weight`` is per-class (length C)."""
     if num_classes < 1:
         raise PixelsegError(f"num_classes must be at least 1, got {num_classes}")

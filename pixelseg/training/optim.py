@@ -23,15 +23,24 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from ..core.errors import PixelsegError
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "LrSchedule", "build_optimizer", "build_scheduler", "lr_factor",
-           "param_groups", "set_total_steps"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "LrSchedule",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_factor",
+    "param_groups",
+    "set_total_steps",
+]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("constant", "poly", "cosine")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_mult: float = 1.0,
-                 lr: float | None = None) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, encoder_lr_mult: float = 1.0, lr: float | None = None
+) -> list[dict]:
     """Trainable parameters as decay / no-decay groups, empty groups dropped. With ``encoder_lr_mult`` != 1
     the encoder's parameters get groups of their own at ``lr * encoder_lr_mult`` (discriminative fine-tuning:
     a pretrained encoder moves slower than the new decoder, ULMFiT / MMSegmentation's ``lr_mult``)."""
@@ -55,8 +64,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_mult: f
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9, encoder_lr_mult: float = 1.0) -> Optimizer:
+def build_optimizer(
+    model: torch.nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    encoder_lr_mult: float = 1.0,
+) -> Optimizer:
     """``adam`` (L2-coupled decay), ``adamw`` (decoupled decay) or ``sgd`` (momentum, no Nesterov)."""
     name = name.lower() if isinstance(name, str) else name
     if name not in OPTIMIZERS:
@@ -83,8 +98,7 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
 
 
-def lr_factor(step: int, *, name: str, total_steps: int, warmup_steps: int, power: float,
-              min_lr_ratio: float) -> float:
+def lr_factor(step: int, *, name: str, total_steps: int, warmup_steps: int, power: float, min_lr_ratio: float) -> float:
     """Multiplier of the base lr for the optimiser step with index ``step`` (0-based).
 
     Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first step already moves,
@@ -102,8 +116,14 @@ def lr_factor(step: int, *, name: str, total_steps: int, warmup_steps: int, powe
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
-def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, warmup_steps: int = 0,
-                    power: float = 0.9, min_lr_ratio: float = 0.0) -> LRScheduler:
+def build_scheduler(
+    optimizer: Optimizer,
+    name: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    power: float = 0.9,
+    min_lr_ratio: float = 0.0,
+) -> LRScheduler:
     """A `LambdaLR` over ``total_steps`` optimiser steps (warm-up included); call ``.step()`` after each
     ``optimizer.step()``. Beyond ``total_steps`` the lr stays at its final value."""
     name = name.lower() if isinstance(name, str) else name
@@ -134,8 +154,14 @@ class LrSchedule:
         self.power, self.min_lr_ratio = power, min_lr_ratio
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, name=self.name, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                         power=self.power, min_lr_ratio=self.min_lr_ratio)
+        return lr_factor(
+            step,
+            name=self.name,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            power=self.power,
+            min_lr_ratio=self.min_lr_ratio,
+        )
 
 
 def set_total_steps(scheduler: LambdaLR, total_steps: int) -> None:

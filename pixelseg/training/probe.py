@@ -1,5 +1,6 @@
 """The machine probe: device, memory, precision and measured training/evaluation speed (a few seconds of real
 steps), so the planner sizes the recipe for the box it runs on; ``fixed_machine`` makes plans reproducible."""
+
 from __future__ import annotations
 
 import os
@@ -7,27 +8,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-RESIZE_S_PER_MPX = 0.02     # seconds to rescale one megapixel of a cached uint8 image (antialiased, one core),
-                            # where the probe does not measure it (fixed_machine)
+RESIZE_S_PER_MPX = 0.02  # seconds to rescale one megapixel of a cached uint8 image (antialiased, one core),
+# where the probe does not measure it (fixed_machine)
 ACT_PER_PX, PARAMS = 476, 6.5e6  # U-Net/MobileNetV2's saved activations per input pixel (sum of its layers'
-                            # outputs) and parameters, where the probe does not measure them (fixed_machine)
+# outputs) and parameters, where the probe does not measure them (fixed_machine)
 
 
 # ---- machine -------------------------------------------------------------------------------------------
 @dataclass
 class Machine:
     """Where training runs and how fast; ``speed(model, backbone, (h, w), batch)`` -> (train, eval) images/s."""
+
     device: str
     memory_gb: float
     precision: str
     speed: Callable
     cores: int = 1
     read_s_per_image: float | None = None  # decode time per image; None: as measured by the fingerprint
-    host_memory_gb: float | None = None    # RAM, for the decoded cache; None: memory_gb (a CPU's own)
-    resize_s: Callable | None = None       # (cached (h, w), crop (h, w)) -> s to rescale + crop one image; None:
-                                           # RESIZE_S_PER_MPX of the cached size
-    train_gb: Callable | None = None       # (model, backbone, (h, w), micro-batch) -> GB one step needs; None:
-                                           # U-Net/MobileNetV2's constants (ACT_PER_PX, PARAMS)
+    host_memory_gb: float | None = None  # RAM, for the decoded cache; None: memory_gb (a CPU's own)
+    resize_s: Callable | None = None  # (cached (h, w), crop (h, w)) -> s to rescale + crop one image; None:
+    # RESIZE_S_PER_MPX of the cached size
+    train_gb: Callable | None = None  # (model, backbone, (h, w), micro-batch) -> GB one step needs; None:
+    # U-Net/MobileNetV2's constants (ACT_PER_PX, PARAMS)
 
     @property
     def ram_gb(self) -> float:
@@ -48,7 +50,7 @@ def train_memory_gb(act_per_px: float, params: float, hw, batch: int, precision:
     """One training step's memory: fp32 weights, gradients and Adam's two moments (16 bytes a parameter)
     plus the activations autograd keeps (4 bytes each in float32, about 2 under bf16/fp16 autocast)."""
     act_bytes = 4 if "32" in str(precision) else 2
-    return (16 * params + act_bytes * act_per_px * hw[0] * hw[1] * batch) / 2 ** 30
+    return (16 * params + act_bytes * act_per_px * hw[0] * hw[1] * batch) / 2**30
 
 
 def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tuple[float, float]:
@@ -57,12 +59,14 @@ def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tu
     import torch
 
     from ..models import create_model
+
     m = create_model(model, backbone=backbone, num_classes=2, weights=None, in_channels=in_channels)
     total = [0]
 
     def hook(_mod, _inp, out):
         if isinstance(out, torch.Tensor):
             total[0] += out.numel()
+
     handles = [mod.register_forward_hook(hook) for mod in m.modules() if not list(mod.children())]
     m.train()
     with torch.no_grad():
@@ -72,8 +76,16 @@ def activations_per_pixel(model: str, backbone: str, in_channels: int = 3) -> tu
     return total[0] / (64 * 64), float(sum(p.numel() for p in m.parameters()))
 
 
-def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: int, num_classes: int = 2,
-                  in_channels: int = 3, device: str = "auto", seconds: float = 3.0) -> tuple[float, float]:
+def measure_speed(
+    model: str,
+    backbone: str,
+    size_hw: tuple[int, int],
+    batch: int,
+    num_classes: int = 2,
+    in_channels: int = 3,
+    device: str = "auto",
+    seconds: float = 3.0,
+) -> tuple[float, float]:
     """Training and inference images/s of real steps (random weights and data) on this machine."""
     import torch
     import torch.nn.functional as F
@@ -81,6 +93,7 @@ def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: in
     from ..core.runtime import autocast, resolve_precision, select_device
     from ..models import create_model
     from ..models.rewrites import optimize_for_training
+
     dev = select_device(device)
     amp = resolve_precision("auto", dev)
     m = create_model(model, backbone=backbone, num_classes=num_classes, weights=None, in_channels=in_channels)
@@ -97,6 +110,7 @@ def measure_speed(model: str, backbone: str, size_hw: tuple[int, int], batch: in
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     m.train()
     step()  # the first step allocates and picks kernels
     sync()
@@ -123,15 +137,16 @@ def probe_machine(device: str = "auto", seconds: float = 2.0, zoom: tuple[float,
     import torch
 
     from ..core.runtime import resolve_precision, select_device
+
     dev = select_device(device)
     amp = resolve_precision("auto", dev)
     if dev.type == "cuda":
-        mem = torch.cuda.get_device_properties(dev).total_memory / 2 ** 30
+        mem = torch.cuda.get_device_properties(dev).total_memory / 2**30
         name = torch.cuda.get_device_name(dev)
     else:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         name = "cpu"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     measured: dict = {}
     resized: dict = {}
@@ -140,6 +155,7 @@ def probe_machine(device: str = "auto", seconds: float = 2.0, zoom: tuple[float,
     def resize_s(src_hw, crop_hw):  # the training transform on a cached image of this size, best of 3
         if (src_hw, crop_hw) not in resized:
             from ..data.augment import build_train_transform
+
             tf = build_train_transform(crop_hw, scale=zoom, crop=True)  # the plan's rescale range (plan.ZOOM)
             img = torch.randint(0, 256, (3, *src_hw), dtype=torch.uint8)
             mask = torch.zeros(src_hw, dtype=torch.uint8)
@@ -160,23 +176,38 @@ def probe_machine(device: str = "auto", seconds: float = 2.0, zoom: tuple[float,
     def speed(model, backbone, size_hw, batch):
         key = (model, backbone)
         if key not in measured:
-            measured[key] = ((128, 128), measure_speed(model, backbone, (128, 128), min(batch, 8), device=device,
-                                                       seconds=seconds))
+            measured[key] = (
+                (128, 128),
+                measure_speed(model, backbone, (128, 128), min(batch, 8), device=device, seconds=seconds),
+            )
         (h0, w0), (tr, ev) = measured[key]
         f = (h0 * w0) / (size_hw[0] * size_hw[1])
         return tr * f, ev * f
-    return Machine(f"{dev}" + (f" ({name})" if dev.type == "cuda" else ""), round(mem, 1),
-                   str(amp or torch.float32).replace("torch.", ""), speed, cores, host_memory_gb=round(ram, 1),
-                   resize_s=resize_s, train_gb=train_gb)
+
+    return Machine(
+        f"{dev}" + (f" ({name})" if dev.type == "cuda" else ""),
+        round(mem, 1),
+        str(amp or torch.float32).replace("torch.", ""),
+        speed,
+        cores,
+        host_memory_gb=round(ram, 1),
+        resize_s=resize_s,
+        train_gb=train_gb,
+    )
 
 
-def fixed_machine(train_ips_128: float = 20.0, eval_ips_128: float = 80.0, device: str = "cpu",
-                  memory_gb: float = 16.0, host_memory_gb: float | None = None) -> Machine:
+def fixed_machine(
+    train_ips_128: float = 20.0,
+    eval_ips_128: float = 80.0,
+    device: str = "cpu",
+    memory_gb: float = 16.0,
+    host_memory_gb: float | None = None,
+) -> Machine:
     """A probe that measures nothing: speed at 128×128 scaled by pixels, rescaling at RESIZE_S_PER_MPX and
     memory from U-Net/MobileNetV2's constants (tests; planning for another box)."""
+
     def speed(model, backbone, size_hw, batch):
         f = 128 * 128 / (size_hw[0] * size_hw[1])
         return train_ips_128 * f, eval_ips_128 * f
+
     return Machine(device, memory_gb, "fp32", speed, 2, read_s_per_image=0.01, host_memory_gb=host_memory_gb)
-
-

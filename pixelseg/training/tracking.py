@@ -6,6 +6,7 @@ places people already look. Both write local files by default: ``RUN/tensorboard
 ``tensorboard --logdir RUN``) and ``RUN/mlruns`` (``mlflow ui --backend-store-uri RUN/mlruns``);
 MLflow honours ``MLFLOW_TRACKING_URI`` when it is set. Only rank 0 tracks.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,10 +50,12 @@ class TensorBoardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise PixelsegError("--logger tensorboard needs the tensorboard package: "
-                                "pip install pixelseg[tensorboard]") from None
+            raise PixelsegError(
+                "--logger tensorboard needs the tensorboard package: pip install pixelseg[tensorboard]"
+            ) from None
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         import yaml
+
         self.writer.add_text("config", "```\n" + yaml.safe_dump(cfg, sort_keys=False) + "\n```", 0)
 
     def log_epoch(self, row: dict, epoch: int) -> None:
@@ -62,6 +65,7 @@ class TensorBoardTracker(Tracker):
 
     def log_figure(self, tag: str, path: Path, epoch: int) -> None:
         from PIL import Image
+
         with Image.open(path) as im:
             self.writer.add_image(tag, np.asarray(im.convert("RGB")), epoch, dataformats="HWC")
         self.writer.flush()
@@ -75,8 +79,9 @@ class MlflowTracker(Tracker):
         try:
             import mlflow
         except ImportError:
-            raise PixelsegError("--logger mlflow needs the mlflow package: pip install pixelseg[mlflow] "
-                                "(or mlflow-skinny)") from None
+            raise PixelsegError(
+                "--logger mlflow needs the mlflow package: pip install pixelseg[mlflow] (or mlflow-skinny)"
+            ) from None
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # A local file store beside the run, with no server or database to set up. MLflow 3 keeps its

@@ -5,6 +5,7 @@ Defaults are the TensorFlow tutorial's recipe (Adam 1e-3, cross-entropy on logit
 the hardware has it). Runs under torchrun unchanged; only rank 0 writes. The options live in
 config.py, the epoch loop in loop.py.
 """
+
 from __future__ import annotations
 
 import ast
@@ -66,9 +67,10 @@ if TYPE_CHECKING:
     class _Split(SplitDataset, Protocol):
         """What train reads of a split beyond data.protocol.SplitDataset (ArrayDataset, FileDataset, ShardDataset,
         folds.FoldSubset)."""
-        transform: Any        # a per-sample transform, set on the training split
-        images: Any           # indexable: --in-channels other than 3 take their statistics from them
-        masks: Any            # indexable, where not streamed: the epoch figures' samples
+
+        transform: Any  # a per-sample transform, set on the training split
+        images: Any  # indexable: --in-channels other than 3 take their statistics from them
+        masks: Any  # indexable, where not streamed: the epoch figures' samples
 
         def iter_masks(self) -> Iterator[np.ndarray]: ...
 
@@ -82,10 +84,10 @@ def channel_stats(images) -> dict:
     for im in images:  # a stacked array or a list of arrays of different sizes
         flat = np.asarray(im, np.float64).reshape(-1, c)
         total += flat.sum(0)
-        sq += (flat ** 2).sum(0)
+        sq += (flat**2).sum(0)
         n += flat.shape[0]
     mean = total / n
-    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0))
+    std = np.sqrt(np.maximum(sq / n - mean**2, 0))
     return {"mean": [float(v) for v in mean], "std": [float(max(v, 1e-6)) for v in std]}
 
 
@@ -100,19 +102,24 @@ class TrainingInterrupted(KeyboardInterrupt):
         if self.run_dir is not None and (self.run_dir / "last.pt").is_file():
             return f"interrupted; continue the run with: pixelseg train --resume {self.run_dir}"
         if self.run_dir is not None:
-            return (f"interrupted before the first checkpoint of {self.run_dir}; run the same command again "
-                    "(--checkpoint-every N also saves within epochs)")
+            return (
+                f"interrupted before the first checkpoint of {self.run_dir}; run the same command again "
+                "(--checkpoint-every N also saves within epochs)"
+            )
         return "interrupted"
 
 
 class TrainingPreempted(TrainingInterrupted):
     """SIGTERM (a scheduler preempting the job): stopped at a step boundary with last.pt written there.
     The exit status asks the scheduler to requeue (see distributed.PREEMPTED_EXIT_CODE)."""
+
     exit_code = PREEMPTED_EXIT_CODE
 
     def advice(self) -> str:
-        return (f"stopped by SIGTERM (preempted); checkpoint saved; continue the run with: "
-                f"pixelseg train --resume {self.run_dir}")
+        return (
+            f"stopped by SIGTERM (preempted); checkpoint saved; continue the run with: "
+            f"pixelseg train --resume {self.run_dir}"
+        )
 
 
 def train(overrides: dict, spent_s: float = 0.0) -> dict:
@@ -120,16 +127,21 @@ def train(overrides: dict, spent_s: float = 0.0) -> dict:
     already used before it started (`train --auto`'s planning), counted against --time-budget and kept in
     summary.json's time_s as ``planning`` (with --folds, by the first fold, which it delays)."""
     from .folds import train_folds, wants_folds
+
     if wants_folds(overrides):  # --folds K: K runs RUN/fold_I, each through this function (folds.py)
         unpaid = [spent_s]
 
         def fold_train(opts: dict) -> dict:
             spent, unpaid[0] = unpaid[0], 0.0
             return train(opts, spent)
+
         return train_folds(overrides, fold_train)
-    dist_info = init_distributed(overrides.get("device") or "auto",
-                                 config.parse_value("dist_timeout", overrides["dist_timeout"])
-                                 if overrides.get("dist_timeout") is not None else None)
+    dist_info = init_distributed(
+        overrides.get("device") or "auto",
+        config.parse_value("dist_timeout", overrides["dist_timeout"])
+        if overrides.get("dist_timeout") is not None
+        else None,
+    )
     status: dict = {}
     try:
         with StopSignal() as status["stop"]:
@@ -148,8 +160,16 @@ def train(overrides: dict, spent_s: float = 0.0) -> dict:
 
 
 # What gloo/nccl/c10d say when a peer process is gone (killed, its node lost) or stopped answering.
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out",
-              "Socket Timeout", "Broken pipe", "NCCL communicator was aborted", "Watchdog caught collective")
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+    "timed out",
+    "Socket Timeout",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "Watchdog caught collective",
+)
 
 
 def lost_peers(exc: BaseException, info: DistInfo, run_dir, timeout_s) -> PixelsegError | None:
@@ -161,22 +181,28 @@ def lost_peers(exc: BaseException, info: DistInfo, run_dir, timeout_s) -> Pixels
     first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
     first = first.split("] ", 1)[-1][:160]  # gloo's "[.../pair.cc:545] " source location dropped
     wait = f"--dist-timeout {float(timeout_s):g} s" if timeout_s else "the process group's timeout (--dist-timeout)"
-    again = (f"restart every node with: pixelseg train --resume {run_dir}" if run_dir is not None
-             else "run the same command again on every node")
-    return PixelsegError(f"rank {info.rank}: lost the other processes of this run ({first}); a node died, was "
-                         f"stopped or did not answer within {wait}; {again} (or let torchrun --max-restarts, or "
-                         "--resume auto, continue it)")
+    again = (
+        f"restart every node with: pixelseg train --resume {run_dir}"
+        if run_dir is not None
+        else "run the same command again on every node"
+    )
+    return PixelsegError(
+        f"rank {info.rank}: lost the other processes of this run ({first}); a node died, was "
+        f"stopped or did not answer within {wait}; {again} (or let torchrun --max-restarts, or "
+        "--resume auto, continue it)"
+    )
 
 
 @dataclass
 class TrainState:
     """What a checkpoint restores, besides the weights and optimiser."""
-    epoch: int = 0              # completed epochs
-    step_in_epoch: int = 0      # optimiser steps done inside `epoch` (0 at epoch end)
+
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # optimiser steps done inside `epoch` (0 at epoch end)
     global_step: int = 0
     history: list = field(default_factory=list)
     best_miou: float = -1.0
-    time_used_s: float = 0.0    # wall time of the run so far, all sessions (--time-budget)
+    time_used_s: float = 0.0  # wall time of the run so far, all sessions (--time-budget)
     timing: dict = field(default_factory=dict)  # where it went: setup, train, validation, ...
 
 
@@ -200,24 +226,27 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
         for note in model_notes:
             log.info(note)
         criterion = _build_criterion(cfg, data, ctx)
-        optimizer = build_optimizer(model_without_ddp, cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                    cfg.momentum, cfg.encoder_lr_mult)
+        optimizer = build_optimizer(
+            model_without_ddp, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.encoder_lr_mult
+        )
         steps_per_epoch = math.ceil(data.micro_per_epoch / cfg.accumulate)
         state = TrainState() if ckpt is None else _train_state(ckpt)
         if ckpt is None and spent_s > 0:  # train --auto's planning: part of the run's time (and budget)
             state.time_used_s, state.timing = spent_s, {"planning": spent_s}
-        pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing,
-                      t_start)
+        pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing, t_start)
         pacer.last_val_epoch = state.history[-1]["epoch"] if state.history else 0
-        scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=pacer.total,
-                                    warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
+        scheduler = build_scheduler(
+            optimizer, cfg.schedule, total_steps=pacer.total, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch)
+        )
         scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
         if ckpt is not None:
             _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
             pacer.resumed(scheduler, state, run_dir)
             why = ckpt.get("_resumed_because")
-            log.info(f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}"
-                     + (f" ({why}: continued from its last.pt by itself)" if why else ""))
+            log.info(
+                f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}"
+                + (f" ({why}: continued from its last.pt by itself)" if why else "")
+            )
         if ctx.is_main:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             _log_header(cfg, model_without_ddp, data, ctx, per_rank_batch, steps_per_epoch)
@@ -227,13 +256,41 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
         def save(name: str, epoch: int, step_in_epoch: int) -> None:
             t_save = time.time()
             state.time_used_s, state.timing = pacer.elapsed(), pacer.timing
-            _checkpoint(run_dir / name, model_without_ddp, optimizer, scheduler, scaler, cfg, data.info, epoch,
-                        step_in_epoch, state, full=name != "best.pt")
+            _checkpoint(
+                run_dir / name,
+                model_without_ddp,
+                optimizer,
+                scheduler,
+                scaler,
+                cfg,
+                data.info,
+                epoch,
+                step_in_epoch,
+                state,
+                full=name != "best.pt",
+            )
             pacer.add("checkpoints", time.time() - t_save)
 
         pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
-        loop = EpochLoop(cfg, ctx, data, model, model_without_ddp, forward, criterion, optimizer, scheduler, scaler,
-                         run_dir, steps_per_epoch, state, pacer, stop, save, tracker)
+        loop = EpochLoop(
+            cfg,
+            ctx,
+            data,
+            model,
+            model_without_ddp,
+            forward,
+            criterion,
+            optimizer,
+            scheduler,
+            scaler,
+            run_dir,
+            steps_per_epoch,
+            state,
+            pacer,
+            stop,
+            save,
+            tracker,
+        )
         try:
             epoch = loop.run()
         finally:
@@ -247,6 +304,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
 class EpochLoop:
     """One run's epoch loop and everything it works with: the config, the data, the model and what trains it,
     the state a checkpoint restores, the pacer (steps, budget, validations), SIGTERM, saving and the tracker."""
+
     cfg: TrainConfig
     ctx: RunContext
     data: RunData
@@ -274,12 +332,23 @@ class EpochLoop:
             self.data.train_sampler.set_epoch(epoch)
             set_train_mode(self.model, cfg.freeze_bn)
             t_epoch, steps_before = time.time(), state.global_step
-            stats = train_one_epoch(self.model, self.criterion, self.optimizer, self.scheduler, self.scaler,
-                                    self.data.train_loader, self.ctx, self.data.info, epoch=epoch,
-                                    epochs=pacer.planned_epochs, accumulate=cfg.accumulate,
-                                    steps_done=state.step_in_epoch, forward=self.forward,
-                                    on_step=functools.partial(self._on_step, epoch),
-                                    flip_seed=cfg.seed if self.data.flip_in_loop else None)
+            stats = train_one_epoch(
+                self.model,
+                self.criterion,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.data.train_loader,
+                self.ctx,
+                self.data.info,
+                epoch=epoch,
+                epochs=pacer.planned_epochs,
+                accumulate=cfg.accumulate,
+                steps_done=state.step_in_epoch,
+                forward=self.forward,
+                on_step=functools.partial(self._on_step, epoch),
+                flip_seed=cfg.seed if self.data.flip_in_loop else None,
+            )
             pacer.add("train", stats.train_time)
             state.step_in_epoch = 0
             validated = pacer.validation_due(epoch + 1, state.global_step)  # --val-every; the last epoch always
@@ -288,8 +357,15 @@ class EpochLoop:
             else:
                 self._skip_validation(epoch, stats, t_epoch)
             epoch += 1
-            pacer.end_of_epoch(self.scheduler, state.global_step, stats.train_time, state.global_step - steps_before,
-                               time.time() - t_epoch, validated, epoch)
+            pacer.end_of_epoch(
+                self.scheduler,
+                state.global_step,
+                stats.train_time,
+                state.global_step - steps_before,
+                time.time() - t_epoch,
+                validated,
+                epoch,
+            )
             warning = pacer.cannot_hold_epoch() if epoch == 1 else None
             if warning:
                 log.warning(warning)
@@ -307,8 +383,12 @@ class EpochLoop:
         epoch when --iterations or the budget are reached or a SIGTERM arrived (then saved here)."""
         state, ctx, cfg = self.state, self.ctx, self.cfg
         state.global_step += 1
-        if ctx.is_main and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 \
-                and step_in_epoch < self.steps_per_epoch:
+        if (
+            ctx.is_main
+            and cfg.checkpoint_every
+            and state.global_step % cfg.checkpoint_every == 0
+            and step_in_epoch < self.steps_per_epoch
+        ):
             self.save("last.pt", epoch, step_in_epoch)
         stop_now = self.stop.agreed(ctx.dist)  # every rank, every step: a collective under DDP
         done = self.pacer.on_step(self.scheduler, state.global_step, step_in_epoch)
@@ -327,8 +407,18 @@ class EpochLoop:
         self.state.history.append(row)
         if ctx.is_main:
             t_end, saved = time.time(), pacer.timing.get("checkpoints", 0.0)
-            _end_of_epoch(row, self.state, self.save, self.run_dir, self.cfg, self.model_without_ddp, data, ctx,
-                          self.tracker, pacer.planned_epochs)
+            _end_of_epoch(
+                row,
+                self.state,
+                self.save,
+                self.run_dir,
+                self.cfg,
+                self.model_without_ddp,
+                data,
+                ctx,
+                self.tracker,
+                pacer.planned_epochs,
+            )
             pacer.add("figures_and_logs", time.time() - t_end - (pacer.timing["checkpoints"] - saved))
         barrier(ctx.dist)
 
@@ -336,9 +426,11 @@ class EpochLoop:
         """An epoch --val-every leaves unvalidated: last.pt and one log line."""
         if self.ctx.is_main:
             self.save("last.pt", epoch + 1, 0)
-            log.info(f"epoch {epoch + 1}/{self.pacer.planned_epochs}: train loss {stats.loss:.4f} | "
-                     f"{stats.images / stats.train_time:.1f} img/s | {time.time() - t_epoch:.1f}s | "
-                     f"not validated (every {self.pacer.val_every()} epochs)")
+            log.info(
+                f"epoch {epoch + 1}/{self.pacer.planned_epochs}: train loss {stats.loss:.4f} | "
+                f"{stats.images / stats.train_time:.1f} img/s | {time.time() - t_epoch:.1f}s | "
+                f"not validated (every {self.pacer.val_every()} epochs)"
+            )
         barrier(self.ctx.dist)
 
 
@@ -348,8 +440,10 @@ def _preempted(save, run_dir: Path, ctx: RunContext, epoch: int, step_in_epoch: 
     if save is not None and ctx.is_main:
         save("last.pt", epoch, step_in_epoch)
     barrier(ctx.dist)
-    log.warning(f"SIGTERM: stopped at epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}; last.pt saved; "
-                f"continue with: pixelseg train --resume {run_dir} (exit status {PREEMPTED_EXIT_CODE}: requeue)")
+    log.warning(
+        f"SIGTERM: stopped at epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}; last.pt saved; "
+        f"continue with: pixelseg train --resume {run_dir} (exit status {PREEMPTED_EXIT_CODE}: requeue)"
+    )
     raise TrainingPreempted(run_dir)
 
 
@@ -374,21 +468,30 @@ def _auto_resume(overrides: dict) -> tuple[dict, str | None]:
     if not given.get("run_dir"):
         if auto:
             raise PixelsegError("--resume auto needs --run-dir: the run to continue when it holds last.pt")
-        log.warning(f"torchrun restart {restarts} without --run-dir: a new run starts; give --run-dir so that a "
-                    "restart continues the run")
+        log.warning(
+            f"torchrun restart {restarts} without --run-dir: a new run starts; give --run-dir so that a "
+            "restart continues the run"
+        )
         return given, None
     run_dir = Path(given["run_dir"])
     if not (run_dir / "last.pt").is_file():
         return given, None  # nothing saved yet: start (again) from the beginning
     cfg = config.resolve_config(given).to_dict()
     recorded = load_checkpoint(run_dir / "last.pt").get("config", {})
-    fixed = [k for k in given if k not in (*config.RESUMABLE, "run_dir", "resume") and k in recorded
-             and repr(config.parse_value(k, recorded[k], "last.pt config")) != repr(cfg[k])]
+    fixed = [
+        k
+        for k in given
+        if k not in (*config.RESUMABLE, "run_dir", "resume")
+        and k in recorded
+        and repr(config.parse_value(k, recorded[k], "last.pt config")) != repr(cfg[k])
+    ]
     if fixed:
         said = ", ".join(f"{k}: run {recorded[k]!r}, given {cfg[k]!r}" for k in fixed[:6])
-        raise PixelsegError(f"--run-dir {run_dir} holds a run started with other options ({said}); continue it with "
-                            f"the same ones (only {', '.join(config.RESUMABLE)} may change) or choose another "
-                            "--run-dir")
+        raise PixelsegError(
+            f"--run-dir {run_dir} holds a run started with other options ({said}); continue it with "
+            f"the same ones (only {', '.join(config.RESUMABLE)} may change) or choose another "
+            "--run-dir"
+        )
     why = f"torchrun restart {restarts}" if restarts else "--resume auto"
     return {**{k: v for k, v in given.items() if k in config.RESUMABLE}, "resume": str(run_dir)}, why
 
@@ -403,8 +506,10 @@ def _resolve_run(overrides: dict) -> tuple[TrainConfig, dict | None, Path]:
             raise PixelsegError(f"--resume {run_dir}: no last.pt there; nothing to resume")
         ckpt = load_checkpoint(last)
         if "optimizer" not in ckpt:
-            raise PixelsegError(f"{last}: holds only model weights (like best.pt), not the optimiser state that "
-                                "--resume needs; start a new run with --weights or copy back the run's own last.pt")
+            raise PixelsegError(
+                f"{last}: holds only model weights (like best.pt), not the optimiser state that "
+                "--resume needs; start a new run with --weights or copy back the run's own last.pt"
+            )
         cfg = config.resumed_config(ckpt["config"], overrides, run_dir, f"{last} config")
         if why:
             ckpt["_resumed_because"] = why
@@ -412,8 +517,9 @@ def _resolve_run(overrides: dict) -> tuple[TrainConfig, dict | None, Path]:
     cfg = config.resolve_config(overrides)
     run_dir = check_output_dir(cfg.run_dir, "--run-dir")
     if (run_dir / "last.pt").exists():
-        raise PixelsegError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
-                            "or choose another --run-dir")
+        raise PixelsegError(
+            f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} or choose another --run-dir"
+        )
     return cfg, None, run_dir
 
 
@@ -425,8 +531,8 @@ class RunData:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     flip_in_loop: bool
-    full_res: bool      # training samples are crops of the (cached) source resolution
-    workers: int        # training DataLoader workers
+    full_res: bool  # training samples are crops of the (cached) source resolution
+    workers: int  # training DataLoader workers
     figure_idx: list = field(default_factory=list)  # validation samples shown in the epoch figures
     micro_per_epoch: int = 0  # training batches per rank per epoch (streamed shards: from their index)
 
@@ -444,12 +550,22 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     train_spec, val_spec = CacheSpec(mode, full_res, cfg.cache_max_side), CacheSpec(mode)
 
     def load(split: str, spec: CacheSpec):
-        return load_split(cfg.dataset, cfg.data_root, split, size, cfg.limit, spec, channels=channels,
-                          **dataset_options(cfg.to_dict()))
+        return load_split(
+            cfg.dataset,
+            cfg.data_root,
+            split,
+            size,
+            cfg.limit,
+            spec,
+            channels=channels,
+            **dataset_options(cfg.to_dict()),
+        )
+
     train_ds: _Split
     val_ds: _Split
     if cfg.fold is not None:  # one fold of --folds K: the other folds train, this one validates
         from .folds import fold_datasets
+
         train_ds, val_ds = fold_datasets(cfg, load, train_spec, val_spec)
     else:
         assert cfg.train_split is not None and cfg.val_split is not None  # resolve_config names them
@@ -459,10 +575,16 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     flip_in_loop = cfg.hflip
     if cfg.scale_range or cfg.crop or cfg.vflip or cfg.color_jitter or train_ds.full_res:
         from ..data.augment import build_train_transform
+
         train_ds.transform = build_train_transform(
-            sizes.size_hw(size), scale=tuple(cfg.scale_range) if cfg.scale_range else None, crop=cfg.crop,
-            hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
-            ignore_index=train_ds.info.ignore_index)
+            sizes.size_hw(size),
+            scale=tuple(cfg.scale_range) if cfg.scale_range else None,
+            crop=cfg.crop,
+            hflip=cfg.hflip,
+            vflip=cfg.vflip,
+            color_jitter=cfg.color_jitter,
+            ignore_index=train_ds.info.ignore_index,
+        )
         flip_in_loop = False
     dist_info = ctx.dist
     # data.protocol.SplitDataset: every split answers these, whichever class holds it
@@ -471,8 +593,9 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     for ds, n in ((train_ds, workers), (val_ds, val_workers)):
         if n > 0:  # files are read in the workers: they report skips
             ds.open_skip_channel()
-    loader = functools.partial(make_loader, dist=dist_info, pin_memory=ctx.device.type == "cuda",
-                               worker_init_fn=ignore_stop_signal_in_worker)
+    loader = functools.partial(
+        make_loader, dist=dist_info, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signal_in_worker
+    )
     train_loader, train_sampler = loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg.seed)
     val_loader, _ = loader(val_ds, max(per_rank_batch, 16), workers=val_workers)  # each sample once
     # Spread over the split and its classes (the first images are often one breed or consecutive frames);
@@ -484,8 +607,18 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     else:
         figure_idx = list(range(min(cfg.figure_samples, len(val_ds))))
     micro_per_epoch = _batches(train_loader)  # streamed shards: from their index
-    return RunData(train_ds, val_ds, train_sampler, train_loader, val_loader, flip_in_loop, full_res, workers,
-                   figure_idx, micro_per_epoch)
+    return RunData(
+        train_ds,
+        val_ds,
+        train_sampler,
+        train_loader,
+        val_loader,
+        flip_in_loop,
+        full_res,
+        workers,
+        figure_idx,
+        micro_per_epoch,
+    )
 
 
 def resolve_workers(workers, per_sample_work: bool) -> int:
@@ -514,24 +647,39 @@ def _build_model(cfg: TrainConfig, info, ctx: RunContext, norm: dict | None = No
     """(model_without_ddp, model (DDP-wrapped under torchrun), forward (compiled with --compile), log notes)."""
     notes = []
     arch_options: dict[str, Any] = {} if cfg.output_stride is None else {"output_stride": cfg.output_stride}
-    model = create_model(cfg.model, backbone=cfg.backbone, num_classes=info.num_classes, weights=cfg.weights,
-                         in_channels=cfg.in_channels, **(norm or {}), **arch_options)
+    model = create_model(
+        cfg.model,
+        backbone=cfg.backbone,
+        num_classes=info.num_classes,
+        weights=cfg.weights,
+        in_channels=cfg.in_channels,
+        **(norm or {}),
+        **arch_options,
+    )
     if norm and cfg.in_channels != 3:
-        notes.append("input normalisation from the training split: mean " + ", ".join(f"{v:.4f}" for v in norm["mean"])
-                     + " | std " + ", ".join(f"{v:.4f}" for v in norm["std"]))
+        notes.append(
+            "input normalisation from the training split: mean "
+            + ", ".join(f"{v:.4f}" for v in norm["mean"])
+            + " | std "
+            + ", ".join(f"{v:.4f}" for v in norm["std"])
+        )
     freeze = cfg.freeze_encoder  # "auto", True or False (config.parse_tristate)
     if freeze == "auto":
         freeze = bool(model.pretrained)
         if not model.pretrained:
-            notes.append("encoder: random init (no pretrained weights), so it is trained, not frozen "
-                         "(freezing a random encoder is pointless; pass --freeze-encoder yes to force it)")
+            notes.append(
+                "encoder: random init (no pretrained weights), so it is trained, not frozen "
+                "(freezing a random encoder is pointless; pass --freeze-encoder yes to force it)"
+            )
     model.set_encoder_frozen(bool(freeze))
     if cfg.freeze_encoder_bn and not freeze:
         model.encoder_bn_frozen = True
         model.train(model.training)
     if not freeze and model.pretrained and (cfg.encoder_lr_mult != 1.0 or cfg.freeze_encoder_bn):
-        notes.append(f"pretrained encoder trained at {cfg.encoder_lr_mult:g} x lr"
-                     + (", its BatchNorm on the pretrained statistics" if cfg.freeze_encoder_bn else ""))
+        notes.append(
+            f"pretrained encoder trained at {cfg.encoder_lr_mult:g} x lr"
+            + (", its BatchNorm on the pretrained statistics" if cfg.freeze_encoder_bn else "")
+        )
     model.to(ctx.device)
     if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -541,17 +689,22 @@ def _build_model(cfg: TrainConfig, info, ctx: RunContext, norm: dict | None = No
     notes.append(f"allocator: {tune_malloc()}")
     if cfg.sync_bn:
         if not ctx.dist.enabled:
-            raise PixelsegError("--sync-bn needs several processes (launch with torchrun --nproc_per_node=N); "
-                                "with one process plain BatchNorm is already exact")
+            raise PixelsegError(
+                "--sync-bn needs several processes (launch with torchrun --nproc_per_node=N); "
+                "with one process plain BatchNorm is already exact"
+            )
         if ctx.device.type != "cuda":
-            raise PixelsegError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); on CPU use "
-                                "--freeze-bn or a larger per-process batch")
+            raise PixelsegError(
+                "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); on CPU use "
+                "--freeze-bn or a larger per-process batch"
+            )
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
     wrapped: torch.nn.Module = model
     if ctx.dist.enabled:
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     return model_without_ddp, wrapped, forward, notes
 
@@ -568,11 +721,14 @@ def _open_run_dir(run_dir: Path, ctx: RunContext, resuming: bool = False) -> Non
 def _build_criterion(cfg: TrainConfig, data: RunData, ctx: RunContext):
     info, weight = data.info, None
     if cfg.class_weighting != "none":
-        counts = np.stack([np.bincount(m.ravel(), minlength=256)[: info.num_classes]
-                           for m in data.train_ds.iter_masks()])
+        counts = np.stack(
+            [np.bincount(m.ravel(), minlength=256)[: info.num_classes] for m in data.train_ds.iter_masks()]
+        )
         weight = class_weights(counts, cfg.class_weighting).to(ctx.device)
-        log.info(f"class weights ({cfg.class_weighting}): " + ", ".join(
-            f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist(), strict=True)))
+        log.info(
+            f"class weights ({cfg.class_weighting}): "
+            + ", ".join(f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist(), strict=True))
+        )
     return build_loss(cfg.loss, info.num_classes, ignore_index=info.ignore_index, weight=weight)
 
 
@@ -581,18 +737,24 @@ def _log_header(cfg, model, data: RunData, ctx: RunContext, per_rank_batch: int,
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = model.encoder_frozen
     world = ctx.dist.world_size
-    log.info(f"pixelseg {__version__} | {cfg.model}/{model.backbone} | {n_params / 1e6:.2f}M params "
-             f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if frozen else 'trained'}) | device {ctx.device} | "
-             f"precision {ctx.amp_dtype or torch.float32} | channels_last {cfg.channels_last} | world {world}")
+    log.info(
+        f"pixelseg {__version__} | {cfg.model}/{model.backbone} | {n_params / 1e6:.2f}M params "
+        f"({n_train / 1e6:.2f}M trainable, encoder {'frozen' if frozen else 'trained'}) | device {ctx.device} | "
+        f"precision {ctx.amp_dtype or torch.float32} | channels_last {cfg.channels_last} | world {world}"
+    )
     skipped = len(data.train_ds.skipped) + len(data.val_ds.skipped)
-    log.info(f"data: {data.info.name} train={getattr(data.train_ds, 'split_name', cfg.train_split)} "
-             f"({len(data.train_ds)} images) val={getattr(data.val_ds, 'split_name', cfg.val_split)} "
-             f"({len(data.val_ds)} images) at "
-             f"{'×'.join(map(str, sizes.size_hw(cfg.image_size)))}"
-             f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg.cache}; DataLoader "
-             f"workers {data.workers}; unreadable files skipped: {skipped}")
-    log.info(f"batch: global {cfg.batch_size} = {per_rank_batch} per rank × {world} ranks × "
-             f"{cfg.accumulate} accumulation steps; {steps_per_epoch} optimiser steps per epoch")
+    log.info(
+        f"data: {data.info.name} train={getattr(data.train_ds, 'split_name', cfg.train_split)} "
+        f"({len(data.train_ds)} images) val={getattr(data.val_ds, 'split_name', cfg.val_split)} "
+        f"({len(data.val_ds)} images) at "
+        f"{'×'.join(map(str, sizes.size_hw(cfg.image_size)))}"
+        f"{' (crops of the source resolution)' if data.full_res else ''}; cache {cfg.cache}; DataLoader "
+        f"workers {data.workers}; unreadable files skipped: {skipped}"
+    )
+    log.info(
+        f"batch: global {cfg.batch_size} = {per_rank_batch} per rank × {world} ranks × "
+        f"{cfg.accumulate} accumulation steps; {steps_per_epoch} optimiser steps per epoch"
+    )
 
 
 def _epoch_row(epoch: int, stats, val_cm, val_loss: float, optimizer, info, epoch_time: float) -> dict:
@@ -614,8 +776,18 @@ def _epoch_row(epoch: int, stats, val_cm, val_loss: float, optimizer, info, epoc
     }
 
 
-def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: TrainConfig, model, data: RunData,
-                  ctx: RunContext, tracker, epochs: int) -> None:
+def _end_of_epoch(
+    row: dict,
+    state: TrainState,
+    save,
+    run_dir: Path,
+    cfg: TrainConfig,
+    model,
+    data: RunData,
+    ctx: RunContext,
+    tracker,
+    epochs: int,
+) -> None:
     """Rank 0: checkpoints, metrics files, curves, the prediction figure, the log line, the tracker."""
     epoch = row["epoch"]
     is_best = row["val_miou"] > state.best_miou
@@ -626,12 +798,21 @@ def _end_of_epoch(row: dict, state: TrainState, save, run_dir: Path, cfg: TrainC
     _write_history(run_dir, state.history)
     viz.training_curves(state.history, run_dir / "curves.png")
     figure = run_dir / "figures" / f"epoch_{epoch:03d}.png"
-    _epoch_figure(model, data.val_ds, data.figure_idx, ctx, figure, f"epoch {epoch}: val mIoU {row['val_miou']:.3f}",
-                  cfg.rgb_bands)
-    log.info(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} | "
-             f"val mIoU {row['val_miou']:.4f} | pixel acc {row['val_pixel_acc']:.4f} | "
-             f"{row['train_images_per_s']:.1f} img/s | data {100 * row['data_time_frac']:.1f}% | "
-             f"{row['epoch_time_s']:.1f}s" + (" | best" if is_best else ""))
+    _epoch_figure(
+        model,
+        data.val_ds,
+        data.figure_idx,
+        ctx,
+        figure,
+        f"epoch {epoch}: val mIoU {row['val_miou']:.3f}",
+        cfg.rgb_bands,
+    )
+    log.info(
+        f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} | "
+        f"val mIoU {row['val_miou']:.4f} | pixel acc {row['val_pixel_acc']:.4f} | "
+        f"{row['train_images_per_s']:.1f} img/s | data {100 * row['data_time_frac']:.1f}% | "
+        f"{row['epoch_time_s']:.1f}s" + (" | best" if is_best else "")
+    )
     tracker.log_epoch(row, epoch)
     if figure.is_file():
         tracker.log_figure("predictions", figure, epoch)
@@ -649,8 +830,16 @@ def _skipped_files(data: RunData, dist_info: DistInfo) -> list[str]:
     return list(dict.fromkeys(mine))
 
 
-def _finish(run_dir: Path, cfg: TrainConfig, state: TrainState, data: RunData, dist_info: DistInfo, t_start: float,
-            pacer: Pacer, epochs_done: int | None = None) -> dict:
+def _finish(
+    run_dir: Path,
+    cfg: TrainConfig,
+    state: TrainState,
+    data: RunData,
+    dist_info: DistInfo,
+    t_start: float,
+    pacer: Pacer,
+    epochs_done: int | None = None,
+) -> dict:
     history = state.history
     skipped = _skipped_files(data, dist_info)
     summary = {
@@ -668,8 +857,11 @@ def _finish(run_dir: Path, cfg: TrainConfig, state: TrainState, data: RunData, d
         spent = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_s"].items())
         log.info(f"stopped after {summary['epochs_done']} epochs: {summary['stop_reason']}; time: {spent}")
         if skipped:
-            log.warning(f"{len(skipped)} unreadable sample(s) skipped during the run (listed in summary.json): "
-                        + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+            log.warning(
+                f"{len(skipped)} unreadable sample(s) skipped during the run (listed in summary.json): "
+                + ", ".join(skipped[:3])
+                + (" ..." if len(skipped) > 3 else "")
+            )
         log.info(f"done: best val mIoU {summary['best_val_miou']:.4f}; run directory {run_dir}")
     return summary
 
@@ -678,8 +870,12 @@ def _finish(run_dir: Path, cfg: TrainConfig, state: TrainState, data: RunData, d
 def _rng_state() -> dict:
     np_state = np.random.get_state(legacy=True)  # the default: the MT19937 tuple
     assert isinstance(np_state, tuple)
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "python": repr(random.getstate())}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": repr(random.getstate()),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -693,13 +889,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, step_in_epoch, state: TrainState,
-                full: bool = True):
+def _checkpoint(
+    path, model, optimizer, scheduler, scaler, cfg, info, epoch, step_in_epoch, state: TrainState, full: bool = True
+):
     """last.pt (``full``) holds everything --resume needs; best.pt only the model and what describes it: the
     optimiser state (Adam's two moments) would triple its size for no use at inference."""
     out = model_checkpoint(
-        model, info, cfg.to_dict(),
-        epoch=epoch,                     # completed epochs
+        model,
+        info,
+        cfg.to_dict(),
+        epoch=epoch,  # completed epochs
         global_step=state.global_step,
         best_miou=state.best_miou,
         metrics=state.history[-1] if state.history else None,
@@ -707,20 +906,29 @@ def _checkpoint(path, model, optimizer, scheduler, scaler, cfg, info, epoch, ste
         timing=dict(state.timing),
     )
     if full:
-        out.update({
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step_in_epoch": step_in_epoch,  # optimiser steps done inside `epoch` (0 at epoch end)
-            "history": state.history,
-            "rng": _rng_state(),
-        })
+        out.update(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step_in_epoch": step_in_epoch,  # optimiser steps done inside `epoch` (0 at epoch end)
+                "history": state.history,
+                "rng": _rng_state(),
+            }
+        )
     atomic_save(out, path)
 
 
 def _train_state(ckpt: dict) -> TrainState:
-    return TrainState(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["history"], ckpt["best_miou"],
-                      ckpt.get("time_used_s", 0.0), dict(ckpt.get("timing", {})))
+    return TrainState(
+        ckpt["epoch"],
+        ckpt["step_in_epoch"],
+        ckpt["global_step"],
+        ckpt["history"],
+        ckpt["best_miou"],
+        ckpt.get("time_used_s", 0.0),
+        dict(ckpt.get("timing", {})),
+    )
 
 
 def _restore(ckpt: dict, model, optimizer, scheduler, scaler) -> None:
@@ -742,6 +950,7 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
             elif not isinstance(v, list):
                 out[k] = v
         return out
+
     rows = [flat(r) for r in history]
     keys = list(rows[-1])
     buf = io.StringIO()
@@ -765,8 +974,10 @@ def _epoch_figure(model, ds, idx: list, ctx: RunContext, path: Path, title: str,
 def train_auto(options: dict, probe: Machine | None = None) -> dict:
     """`train --auto`: plan, save the plan as RUN/plan.yaml, train it with the user's options on top."""
     if options.get("resume"):
-        raise PixelsegError(f"--auto with --resume: the run {options['resume']} already holds its recipe "
-                            "(config.yaml, plan.yaml); drop --auto to continue it")
+        raise PixelsegError(
+            f"--auto with --resume: the run {options['resume']} already holds its recipe "
+            "(config.yaml, plan.yaml); drop --auto to continue it"
+        )
     t_plan = time.time()  # the fingerprint and the speed probe are part of the run's time and --time-budget
     plan = plan_from_options(options, probe)
     overrides = {**plan.overrides(), **options}  # the user's options win (the plan has recorded them)
