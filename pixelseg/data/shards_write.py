@@ -97,13 +97,18 @@ def write_shards(
             shutil.rmtree(staging, ignore_errors=True)
     if n == 0:
         raise PixelsegError(f"dataset {dataset} split {split!r}: no readable samples to write")
+    return _publish_index(out, split, dataset, ds.info, n, shards, skipped)
+
+
+def _publish_index(out, split: str, dataset: str, info, count: int, shards: list, skipped: list) -> dict:
+    """SPLIT.json, written last (atomically, or as one S3 object): readers see a complete set or none."""
     index = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
         "dataset": dataset,
         "split": split,
-        "info": ds.info.to_dict(),
-        "count": n,
+        "info": info.to_dict(),
+        "count": count,
         "shards": shards,
         "skipped": skipped,
     }

@@ -101,7 +101,7 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
     """Everything checked before any work: the run (folds or plain), its data and classes, the fold of
     each image. Bad input is one PixelsegError line."""
     from ..core.checkpoint import MANIFEST, load_checkpoint
-    from ..data import dataset_info, dataset_options, get_dataset_module, load_split
+    from ..data import dataset_info, dataset_options, get_dataset_module
     from ..training.folds import pool_splits
     from .loading import model_channels, recorded_data_root
 
@@ -149,20 +149,33 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
         [],
         folds=is_folds,
     )
+    _collect_entries(src, module, splits, opts, cfg.get("limit"), fold_of, fix)
+    if limit:
+        src.entries = src.entries[:limit]
+    if not src.entries:
+        raise PixelsegError(f"{run}: no images to audit in dataset {dataset} {'+'.join(splits)} at {root}")
+    return src
+
+
+def _collect_entries(src: Source, module, splits: list, opts: dict, limit, fold_of: dict | None, fix: str) -> None:
+    """src.entries: every image of the pool's splits with the fold that held it out; a run's folds.csv and the
+    data as it is now must agree (images gone: one line; images added since: left out, with a warning)."""
+    from ..data import load_split
+
     seen, extra = set(), 0
     for split in splits:
         if hasattr(module, "full_res_samples"):
-            samples, src.read_target = module.full_res_samples(Path(root) if root else None, split, **opts)
+            samples, src.read_target = module.full_res_samples(Path(src.root) if src.root else None, split, **opts)
             items = [(s.name, s.image, s) for s in samples]
         else:
             from .loading import input_size
 
             ds = load_split(
-                dataset,
-                root,
+                src.dataset,
+                src.root,
                 split,
-                input_size(ckpt),
-                cfg.get("limit"),
+                input_size(src.ckpt),
+                limit,
                 use_cache="none",
                 channels=src.channels,
                 **opts,
@@ -172,7 +185,7 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
         for name, image, sample in items:
             if image is not None and not Path(image).is_file():
                 raise PixelsegError(
-                    f"{image}: listed by dataset {dataset} at {root} but not found; the data moved "
+                    f"{image}: listed by dataset {src.dataset} at {src.root} but not found; the data moved "
                     f"or changed since the run: {fix}"
                 )
             fold = fold_of.get((split, name)) if fold_of is not None else None
@@ -185,20 +198,15 @@ def open_run(run, data_root=None, limit: int | None = None) -> Source:
         missing = [f"{s}/{n}" for (s, n) in fold_of if (s, n) not in seen]
         if missing:
             raise PixelsegError(
-                f"{run / 'folds.csv'}: {len(missing)} of its {len(fold_of)} images are not in dataset "
-                f"{dataset} at {root} (e.g. {missing[0]}); the data moved or changed since the run: "
+                f"{src.run / 'folds.csv'}: {len(missing)} of its {len(fold_of)} images are not in dataset "
+                f"{src.dataset} at {src.root} (e.g. {missing[0]}); the data moved or changed since the run: "
                 f"{fix}, or train the folds again on the data as it is now"
             )
         if extra:
             log.warning(
-                f"{extra} image(s) of the dataset are not in {run / 'folds.csv'} (added after training?): "
+                f"{extra} image(s) of the dataset are not in {src.run / 'folds.csv'} (added after training?): "
                 "no fold held them out, so they are left out of the audit"
             )
-    if limit:
-        src.entries = src.entries[:limit]
-    if not src.entries:
-        raise PixelsegError(f"{run}: no images to audit in dataset {dataset} {'+'.join(splits)} at {root}")
-    return src
 
 
 def _read_folds_csv(path: Path) -> dict:
@@ -274,19 +282,7 @@ def audit(
             raise PixelsegError(f"{src.run}: none of the {len(src.entries)} images could be read")
         t = thresholds.values()
         bg = background_ids(src.class_names)
-        # pass 2: suspects and scores, per image
-        records = []
-        for i in progress_bar(
-            [i for i in range(len(src.entries)) if i in shapes], desc="audit: suspects", unit="img", enabled=progress
-        ):
-            e = src.entries[i]
-            target = src.target(e)
-            probs = _probs(logits[i], target.shape)
-            h, w = target.shape
-            sus = find_suspects(probs, target, t, bg, src.ignore_index, band, min_area)
-            labelled = int(((target != src.ignore_index) & (target < c)).sum())
-            records.append((i, label_quality(sus, labelled), sus, labelled, (h, w)))
-        records.sort(key=lambda r: (r[1], src.entries[r[0]].split, src.entries[r[0]].name))
+        records = _suspects_pass(src, logits, sorted(shapes), t, bg, band, min_area, progress)
         report = _report(src, records, t, bg, band, min_area, skipped)
         made = make_output_dir(out, "--out")
         files = _write_tables(report, made)
@@ -297,6 +293,23 @@ def audit(
             files += _write_next(src, records, new_files, fmt, made, dev, amp, next_top, progress, report)
     report["files"] = [str(f) for f in files]
     return report
+
+
+def _suspects_pass(src: Source, logits, readable: list, t, bg: set, band, min_area, progress: bool) -> list:
+    """Pass 2: each readable image's suspects and label quality, worst first: (index, quality, suspects,
+    labelled pixels, (h, w)) records."""
+    from ..core.progress import progress as progress_bar
+
+    c = len(src.class_names)
+    records = []
+    for i in progress_bar(readable, desc="audit: suspects", unit="img", enabled=progress):
+        target = src.target(src.entries[i])
+        probs = _probs(logits[i], target.shape)
+        sus = find_suspects(probs, target, t, bg, src.ignore_index, band, min_area)
+        labelled = int(((target != src.ignore_index) & (target < c)).sum())
+        records.append((i, label_quality(sus, labelled), sus, labelled, target.shape))
+    records.sort(key=lambda r: (r[1], src.entries[r[0]].split, src.entries[r[0]].name))
+    return records
 
 
 def _check_unlabelled(src: Source, unlabelled, fmt: str, next_top) -> list | None:

@@ -252,6 +252,47 @@ def resolve_ignored(ov_model, ignore: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _quantize(ov_model, calib: torch.Tensor, ignore: list[str] | None):
+    """NNCF post-training int8 on the calibration images, the `ignore`d layers (names or groups) kept as they are."""
+    import nncf
+
+    data = nncf.Dataset([calib[i : i + 1].numpy() for i in range(len(calib))])
+    names = resolve_ignored(ov_model, list(ignore)) if ignore else []
+    scope = nncf.IgnoredScope(names=names, validate=False) if names else None
+    kwargs = {"ignored_scope": scope} if scope else {}
+    return nncf.quantize(ov_model, data, subset_size=len(calib), **kwargs)
+
+
+def _int8_hint(ov_model, ignore: list[str] | None) -> str:
+    """What to try after an int8 export failed its gate: the next --int8-ignore group, or the fp32 export."""
+    tried = set(ignore or ())
+    if not tried:
+        return (
+            " Keep layers in higher precision with NNCF's ignored scope: --int8-ignore ends (the first "
+            "and last convolutions, " + ",".join(sensitive_layers(ov_model)) + "), or "
+            "--int8-ignore encoder (only the decoder in int8)"
+        )
+    if "encoder" not in tried:
+        return " Try --int8-ignore encoder (the encoder in fp32, only the decoder in int8)"
+    return " Even with those layers kept in higher precision it fails: use the fp32 export."
+
+
+def _convert(ov, model, ckpt: dict, meta: dict, tmp: Path, calib: torch.Tensor | None, ignore: list[str] | None):
+    """TMP/model.onnx (fp32, the fallback) and TMP/model.xml/.bin: OpenVINO's model, int8 when `calib` is given."""
+    from .export import _export_onnx
+    from .loading import input_size, model_channels
+
+    onnx_path = tmp / "model.onnx"
+    example = torch.rand(1, model_channels(ckpt), *input_size(ckpt), generator=torch.Generator().manual_seed(0))
+    _export_onnx(model, example, onnx_path, meta, 17)
+    ov_model = ov.convert_model(str(onnx_path))
+    if calib is not None:
+        ov_model = _quantize(ov_model, calib, ignore)
+    ov_model.set_rt_info(json.dumps(meta), [METADATA_KEY])
+    ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
+    return ov_model
+
+
 def export_openvino(
     checkpoint,
     out,
@@ -268,8 +309,8 @@ def export_openvino(
     ov = require_openvino()
     from ..core.checkpoint import load_checkpoint
     from ..core.files import check_output_dir, make_output_dir
-    from .export import _export_onnx, _metadata
-    from .loading import input_size, load_model, model_channels
+    from .export import _metadata
+    from .loading import load_model
 
     out = Path(out)
     if out.suffix.lower() != ".xml":
@@ -292,21 +333,7 @@ def export_openvino(
     tmp.mkdir(exist_ok=True)
     t0 = time.time()
     try:
-        onnx_path = tmp / "model.onnx"
-        example = torch.rand(1, model_channels(ckpt), *input_size(ckpt), generator=torch.Generator().manual_seed(0))
-        _export_onnx(model, example, onnx_path, meta, 17)
-        ov_model = ov.convert_model(str(onnx_path))
-        if int8:
-            import nncf
-
-            assert calib is not None  # read above for int8
-            data = nncf.Dataset([calib[i : i + 1].numpy() for i in range(len(calib))])
-            names = resolve_ignored(ov_model, list(ignore)) if ignore else []
-            scope = nncf.IgnoredScope(names=names, validate=False) if names else None
-            kwargs = {"ignored_scope": scope} if scope else {}
-            ov_model = nncf.quantize(ov_model, data, subset_size=len(calib), **kwargs)
-        ov_model.set_rt_info(json.dumps(meta), [METADATA_KEY])
-        ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
+        ov_model = _convert(ov, model, ckpt, meta, tmp, calib, ignore)
         candidate = OpenVinoModel(tmp / "model.xml")
         if candidate.fallback is not None:
             raise PixelsegError(
@@ -321,22 +348,10 @@ def export_openvino(
             precision="int8" if int8 else "fp32",
         )
         if not g["ok"]:
-            hint = ""
-            if int8:
-                tried = set(ignore or ())
-                if not tried:
-                    hint = (
-                        " Keep layers in higher precision with NNCF's ignored scope: --int8-ignore ends (the first "
-                        "and last convolutions, " + ",".join(sensitive_layers(ov_model)) + "), or "
-                        "--int8-ignore encoder (only the decoder in int8)"
-                    )
-                elif "encoder" not in tried:
-                    hint = " Try --int8-ignore encoder (the encoder in fp32, only the decoder in int8)"
-                else:
-                    hint = " Even with those layers kept in higher precision it fails: use the fp32 export."
             raise PixelsegError(
                 f"{name} exported to OpenVINO ({g['precision']}) fails the gate on "
-                f"{cfg['dataset']}/{check_split}: {format_gate(g)}; nothing written to {out}.{hint}"
+                f"{cfg['dataset']}/{check_split}: {format_gate(g)}; nothing written to {out}."
+                + (_int8_hint(ov_model, ignore) if int8 else "")
             )
         os.replace(tmp / "model.onnx", out.with_suffix(".onnx"))
         os.replace(tmp / "model.bin", out.with_suffix(".bin"))
@@ -345,14 +360,8 @@ def export_openvino(
         for f in tmp.glob("*"):
             f.unlink()
         tmp.rmdir()
-    return {
-        "out": str(out),
-        "format": "openvino",
-        "model": name,
-        "export_s": time.time() - t0,
-        "bytes": out.with_suffix(".bin").stat().st_size,
-        **g,
-    }
+    size = out.with_suffix(".bin").stat().st_size
+    return {"out": str(out), "format": "openvino", "model": name, "export_s": time.time() - t0, "bytes": size, **g}
 
 
 def require_nncf():

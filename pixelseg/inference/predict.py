@@ -72,15 +72,7 @@ def predict(
     backend = resolve_backend(backend, run_or_ckpt)
     check_output_dir(out_dir, "--out")  # before any work; created only once every input has been read
     pre.check_options(format, shapes, min_area)
-    if rank not in (None, "uncertainty"):
-        raise PixelsegError(f"--rank {rank}: the one ranking is 'uncertainty'")
-    mc = bool(mc_samples and mc_samples > 1)
-    if mc and (backend != "torch" or tile or tta):
-        raise PixelsegError(
-            "--mc-samples runs the PyTorch model with dropout on, at the training resolution; it "
-            "cannot be combined with "
-            + ("--backend onnx (the exported graph has no dropout)" if backend == "onnx" else "--tile or --tta")
-        )
+    mc = _check_options(backend, mc_samples, tile, tta, rank)
     runner = open_model(run_or_ckpt, device, precision, tile, overlap, tta, backend)
     info, size, model, predictor = runner.info, runner.size, runner.model, runner.predictor
     dev, amp, window = runner.device, runner.amp, predictor.tile
@@ -88,12 +80,7 @@ def predict(
     decoded = _decode_all(files, channels=runner.channels, exif_transpose=not keep_exif_grid)
     if rank and not mc and not (tile or tta) and runner.mc_dropout:
         mc_samples, mc = RANK_MC_SAMPLES, True  # rank by MC dropout where the model can sample
-    largest = max(
-        ((img.shape[0], img.shape[1]) for img in decoded if img is not None), default=None, key=lambda hw: hw[0] * hw[1]
-    )
-    warning = tile_scale_warning(largest, size, window) if largest else None
-    if warning:
-        print(warning, file=sys.stderr)
+    _warn_tile_scale(decoded, size, window)
     out = make_output_dir(out_dir, "--out")
     results, regions = [], []
     for f, img in progress_bar(list(zip(files, decoded, strict=True)), desc="predict", unit="img", enabled=progress):
@@ -125,6 +112,29 @@ def predict(
         results[0]["ranking"] = [str(p) for p in pre.write_ranking(regions, out, method)]
         results[0]["rank_method"] = method
     return results
+
+
+def _check_options(backend: str, mc_samples, tile, tta: bool, rank) -> bool:
+    """One line for option combinations predict cannot run; whether MC dropout samples."""
+    if rank not in (None, "uncertainty"):
+        raise PixelsegError(f"--rank {rank}: the one ranking is 'uncertainty'")
+    mc = bool(mc_samples and mc_samples > 1)
+    if mc and (backend != "torch" or tile or tta):
+        raise PixelsegError(
+            "--mc-samples runs the PyTorch model with dropout on, at the training resolution; it cannot be "
+            "combined with "
+            + ("--backend onnx (the exported graph has no dropout)" if backend == "onnx" else "--tile or --tta")
+        )
+    return mc
+
+
+def _warn_tile_scale(decoded: list, size, window) -> None:
+    """On stderr: images so much larger than the training size that resizing (or these tiles) loses detail."""
+    shapes = [(img.shape[0], img.shape[1]) for img in decoded if img is not None]
+    largest = max(shapes, default=None, key=lambda hw: hw[0] * hw[1])
+    warning = tile_scale_warning(largest, size, window) if largest else None
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _write_pre_annotations(

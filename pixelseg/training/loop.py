@@ -10,6 +10,7 @@ instead of ``num_classes`` / ``ignore_index`` scalars. ``train.train`` orchestra
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -162,18 +163,8 @@ def train_one_epoch(
         x, y = ctx.to_input(images), ctx.to_target(masks)
         last_micro = (micro + 1) % accumulate == 0 or micro + 1 == micro_per_epoch
         sync = model.no_sync() if ctx.dist.enabled and not last_micro else contextlib.nullcontext()
-        logits, loss = train_step(
-            forward,
-            criterion,
-            optimizer,
-            scaler,
-            x,
-            y,
-            ctx,
-            accumulate=accumulate,
-            optimizer_step=last_micro,
-            sync=sync,
-        )
+        step = functools.partial(train_step, accumulate=accumulate, optimizer_step=last_micro, sync=sync)
+        logits, loss = step(forward, criterion, optimizer, scaler, x, y, ctx)
         if last_micro:
             scheduler.step()
             step_in_epoch += 1
@@ -189,7 +180,13 @@ def train_one_epoch(
             break
         t_data = time.time()
     bar.close()
-    train_time = time.time() - t_epoch
+    return _epoch_result(confusion, loss_sum, seen, ctx, time.time() - t_epoch, data_time)
+
+
+def _epoch_result(
+    confusion, loss_sum: torch.Tensor, seen: int, ctx: RunContext, train_time: float, data_time: float
+) -> EpochResult:
+    """The epoch's loss, confusion and image count summed over the ranks."""
     all_reduce_sum(confusion.mat, ctx.dist)
     loss_sum = all_reduce_sum(loss_sum.to(ctx.device), ctx.dist).cpu()
     seen_t = all_reduce_sum(torch.tensor([seen], dtype=torch.float64, device=ctx.device), ctx.dist)

@@ -485,17 +485,9 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     crop = bool(user.get("crop", True))
     scale_hi = float(config.parse_value("scale_range", user["scale_range"])[1]) if user.get("scale_range") else ZOOM[1]
     pretrained = user.get("weights", c["weights"].value) not in (None, "none")
+    min_epochs = MIN_EPOCHS_PRETRAINED if pretrained else MIN_EPOCHS
     hw, size_why, obj_px = choose_size(
-        fp,
-        machine,
-        budget,
-        model,
-        backbone,
-        eff_batch,
-        crop,
-        scale_hi,
-        MIN_EPOCHS_PRETRAINED if pretrained else MIN_EPOCHS,
-        pretrained,
+        fp, machine, budget, model, backbone, eff_batch, crop, scale_hi, min_epochs, pretrained
     )
     if pretrained:
         size_why += (
@@ -527,13 +519,8 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
             "measures slow)"
         )
     epochs = max(1, min(epochs, 300))
-    put("optimizer", "adam", "Adam: forgiving of the learning rate on small datasets and from scratch")
-    put("lr", 1e-3, "Adam's well-tried 1e-3 for batches of 8-64")
-    put("weight_decay", 0.0, "none: with short schedules and augmentation it costs more than it regularises")
-    put("schedule", "cosine", "cosine decay to 0 over the run: the last epochs refine at a small lr")
-    eff_epochs = int(user.get("epochs", epochs))
-    warm = 2.0 if eff_epochs >= 20 else round(eff_epochs / 10, 1)
-    put("warmup_epochs", warm, f"{warm:g} epoch(s) of linear warm-up: random BatchNorm statistics settle first")
+    for key, value, why in choose_optimisation(int(user.get("epochs", epochs))):
+        put(key, value, why)
     estimate = (
         f"~{epoch_s:.0f}s per epoch measured on this machine (training, PreciseBN, val) fits ~{epochs} "
         f"in {'the' if given else 'an assumed'} {budget / 60:g} min budget"
@@ -548,13 +535,30 @@ def make_plan(fp: Fingerprint, machine: Machine, budget_s: float | None = None, 
     notes = _split_notes(fp, c)
     if fp.channels != 3:
         put("in_channels", fp.channels, f"the images have {fp.channels} channel(s) ({fp.bit_depth}-bit)")
-    for key, value in user.items():  # the user's options win; the plan says what it would have done
+    _apply_user(c, user)
+    return Plan(c, fp, machine, budget, given, epoch_s, notes)
+
+
+def choose_optimisation(epochs: int) -> list[tuple[str, object, str]]:
+    """The schedule that works on small data, pretrained or not; warm-up scaled to short runs."""
+    warm = 2.0 if epochs >= 20 else round(epochs / 10, 1)
+    return [
+        ("optimizer", "adam", "Adam: forgiving of the learning rate on small datasets and from scratch"),
+        ("lr", 1e-3, "Adam's well-tried 1e-3 for batches of 8-64"),
+        ("weight_decay", 0.0, "none: with short schedules and augmentation it costs more than it regularises"),
+        ("schedule", "cosine", "cosine decay to 0 over the run: the last epochs refine at a small lr"),
+        ("warmup_epochs", warm, f"{warm:g} epoch(s) of linear warm-up: random BatchNorm statistics settle first"),
+    ]
+
+
+def _apply_user(c: dict, user: dict) -> None:
+    """The user's options win; the plan says what it would have done (and that it was overridden)."""
+    for key, value in user.items():
         old = c.get(key)
         reason = "set by you" + (f" (the plan chose {_show(old.value)}: {old.reason})" if old else "")
         c[key] = Choice(value, reason, overridden=old is not None and _show(old.value) != _show(value))
         if old and not c[key].overridden:
             c[key] = Choice(value, old.reason)
-    return Plan(c, fp, machine, budget, given, epoch_s, notes)
 
 
 def _show(value) -> str:

@@ -225,79 +225,64 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
     with run_log(run_dir, ctx.is_main):
         for note in model_notes:
             log.info(note)
-        criterion = _build_criterion(cfg, data, ctx)
-        optimizer = build_optimizer(
-            model_without_ddp, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.encoder_lr_mult
-        )
-        steps_per_epoch = math.ceil(data.micro_per_epoch / cfg.accumulate)
-        state = TrainState() if ckpt is None else _train_state(ckpt)
-        if ckpt is None and spent_s > 0:  # train --auto's planning: part of the run's time (and budget)
-            state.time_used_s, state.timing = spent_s, {"planning": spent_s}
-        pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing, t_start)
-        pacer.last_val_epoch = state.history[-1]["epoch"] if state.history else 0
-        scheduler = build_scheduler(
-            optimizer, cfg.schedule, total_steps=pacer.total, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch)
-        )
-        scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
-        if ckpt is not None:
-            _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
-            pacer.resumed(scheduler, state, run_dir)
-            why = ckpt.get("_resumed_because")
-            log.info(
-                f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}"
-                + (f" ({why}: continued from its last.pt by itself)" if why else "")
-            )
-        if ctx.is_main:
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            _log_header(cfg, model_without_ddp, data, ctx, per_rank_batch, steps_per_epoch)
-            warn_recipe(cfg, data, steps_per_epoch)  # recipes that cannot work (1 step per epoch, ...)
-        tracker = open_tracker(cfg.logger if ctx.is_main else "none", run_dir, cfg.to_dict())
-
-        def save(name: str, epoch: int, step_in_epoch: int) -> None:
-            t_save = time.time()
-            state.time_used_s, state.timing = pacer.elapsed(), pacer.timing
-            _checkpoint(
-                run_dir / name,
-                model_without_ddp,
-                optimizer,
-                scheduler,
-                scaler,
-                cfg,
-                data.info,
-                epoch,
-                step_in_epoch,
-                state,
-                full=name != "best.pt",
-            )
-            pacer.add("checkpoints", time.time() - t_save)
-
-        pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
-        loop = EpochLoop(
-            cfg,
-            ctx,
-            data,
-            model,
-            model_without_ddp,
-            forward,
-            criterion,
-            optimizer,
-            scheduler,
-            scaler,
-            run_dir,
-            steps_per_epoch,
-            state,
-            pacer,
-            stop,
-            save,
-            tracker,
+        loop = _make_loop(
+            cfg, ckpt, run_dir, ctx, data, model, model_without_ddp, forward, per_rank_batch, stop, spent_s, t_start
         )
         try:
             epoch = loop.run()
         finally:
-            tracker.close()
+            loop.tracker.close()
         if ctx.is_main:  # last.pt records the time of the whole run, validation and figures included
-            save("last.pt", epoch, 0)
-        return _finish(run_dir, cfg, state, data, dist_info, t_start, pacer, epoch)
+            loop.save("last.pt", epoch, 0)
+        return _finish(run_dir, cfg, loop.state, data, dist_info, t_start, loop.pacer, epoch)
+
+
+def _make_loop(
+    cfg: TrainConfig,
+    ckpt: dict | None,
+    run_dir: Path,
+    ctx: RunContext,
+    data: RunData,
+    model,
+    model_without_ddp,
+    forward,
+    per_rank_batch: int,
+    stop: StopSignal,
+    spent_s: float,
+    t_start: float,
+) -> EpochLoop:
+    """Loss, optimiser, pacer, schedule and scaler (restored from `ckpt` on --resume), config.yaml and the run
+    header written: the epoch loop ready to run."""
+    criterion = _build_criterion(cfg, data, ctx)
+    optimizer = build_optimizer(
+        model_without_ddp, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.encoder_lr_mult
+    )
+    steps_per_epoch = math.ceil(data.micro_per_epoch / cfg.accumulate)
+    state = TrainState() if ckpt is None else _train_state(ckpt)
+    if ckpt is None and spent_s > 0:  # train --auto's planning: part of the run's time (and budget)
+        state.time_used_s, state.timing = spent_s, {"planning": spent_s}
+    pacer = Pacer(cfg, steps_per_epoch, len(data.val_ds), per_rank_batch, state.time_used_s, state.timing, t_start)
+    pacer.last_val_epoch = state.history[-1]["epoch"] if state.history else 0
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, total_steps=pacer.total, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch)
+    )
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
+    if ckpt is not None:
+        _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
+        pacer.resumed(scheduler, state, run_dir)
+        why = ckpt.get("_resumed_because")
+        log.info(
+            f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} of {steps_per_epoch}"
+            + (f" ({why}: continued from its last.pt by itself)" if why else "")
+        )
+    if ctx.is_main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _log_header(cfg, model_without_ddp, data, ctx, per_rank_batch, steps_per_epoch)
+        warn_recipe(cfg, data, steps_per_epoch)  # recipes that cannot work (1 step per epoch, ...)
+    tracker = open_tracker(cfg.logger if ctx.is_main else "none", run_dir, cfg.to_dict())
+    pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
+    parts = (model, model_without_ddp, forward, criterion, optimizer, scheduler, scaler)
+    return EpochLoop(cfg, ctx, data, *parts, run_dir, steps_per_epoch, state, pacer, stop, tracker)
 
 
 @dataclass
@@ -320,8 +305,18 @@ class EpochLoop:
     state: TrainState
     pacer: Pacer
     stop: StopSignal
-    save: Callable[[str, int, int], None]
     tracker: Any
+
+    def save(self, name: str, epoch: int, step_in_epoch: int) -> None:
+        """best.pt (the model) or last.pt (everything --resume needs), with the time used so far."""
+        t_save = time.time()
+        state, pacer = self.state, self.pacer
+        state.time_used_s, state.timing = pacer.elapsed(), pacer.timing
+        parts = (self.model_without_ddp, self.optimizer, self.scheduler, self.scaler)
+        _checkpoint(
+            self.run_dir / name, *parts, self.cfg, self.data.info, epoch, step_in_epoch, state, full=name != "best.pt"
+        )
+        pacer.add("checkpoints", time.time() - t_save)
 
     def run(self) -> int:
         """Train and validate epoch by epoch until the plan, the budget, early stopping or a SIGTERM ends the
