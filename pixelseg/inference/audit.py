@@ -71,7 +71,7 @@ class Source:
     run: Path
     ckpt: dict  # the run's checkpoint dict (a folds run: fold 0's, with ``members``)
     dataset: str
-    root: object
+    root: str | Path | None  # a path, or a URL (s3://) for shards
     class_names: list
     palette: list
     ignore_index: int

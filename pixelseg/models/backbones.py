@@ -16,7 +16,7 @@ import contextlib
 import difflib
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -175,16 +175,19 @@ def adapt_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> No
 
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     # torch types Conv2d's attributes tuple[int, ...] and its constructor's arguments tuple[int, int]
+    kernel, stride, padding, dilation = (
+        cast("tuple[int, int]", t) for t in (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    )
     new = nn.Conv2d(
         in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,  # type: ignore[arg-type]
-        conv.dilation,
+        kernel,
+        stride,
+        padding,
+        dilation,
         conv.groups,
         conv.bias is not None,
-        conv.padding_mode,  # type: ignore[arg-type]
+        conv.padding_mode,
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
