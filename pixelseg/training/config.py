@@ -344,8 +344,8 @@ class TrainConfig:
     loss: str = option("ce", "ce, dice, focal, or a weighted sum like ce+dice or ce:1+dice:0.5", "optimisation",
                       metavar="SPEC")
     class_weighting: str = option("none", "cross-entropy class weights: none, uniform, inverse, median (SegNet's "
-                                  "median frequency)", "optimisation", parse=_lower,
-                                  choices=("none", "uniform", "inverse", "median"))
+                                  "median frequency), sqrt_median (its square root: softer)", "optimisation",
+                                  parse=_lower, choices=("none", "uniform", "inverse", "median", "sqrt_median"))
     # augmentation
     hflip: bool = option(True, "random horizontal flip of image and mask together (the tutorial's augmentation)",
                          "augmentation", parse=parse_bool)
