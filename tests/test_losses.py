@@ -280,6 +280,24 @@ def test_median_weights_2d_uses_images_where_class_present():
     assert not torch.allclose(class_weights(counts.sum(0), "median"), torch.tensor(expected, dtype=torch.float32))
 
 
+def test_sqrt_median_weights_are_the_root_of_median_ones():
+    # freq .1 .3 .6 -> median weights 3, 1, .5 -> sqrt
+    w = class_weights(np.array([10, 30, 60]), "sqrt_median")
+    assert w.dtype == torch.float32
+    assert torch.allclose(w, torch.tensor([3.0, 1.0, 0.5]).sqrt())
+    counts = torch.tensor([[10, 0, 90], [0, 120, 80], [20, 30, 50]])
+    assert torch.allclose(w := class_weights(counts, "sqrt_median"), class_weights(counts, "median").sqrt())
+    assert w[2] > class_weights(counts, "median")[2]  # the common class is pushed down less
+    with pytest.warns(UserWarning):
+        w = class_weights([10, 0, 30], "sqrt_median")
+    assert w[1] == 0.0
+
+
+def test_sqrt_median_is_a_config_choice():
+    from pixelseg.training.config import TrainConfig
+    assert "sqrt_median" in TrainConfig.__dataclass_fields__["class_weighting"].metadata.get("choices", ())
+
+
 def test_absent_class_gets_zero_and_warns():
     with pytest.warns(UserWarning, match=r"\[1\]"):
         w = class_weights([10, 0, 30], "inverse")

@@ -528,10 +528,11 @@ class TrainConfig:
     )
     class_weighting: str = option(
         "none",
-        "cross-entropy class weights: none, uniform, inverse, median (SegNet's median frequency)",
+        "cross-entropy class weights: none, uniform, inverse, median (SegNet's median frequency), sqrt_median "
+        "(its square root: softer)",
         "optimisation",
         parse=_lower,
-        choices=("none", "uniform", "inverse", "median"),
+        choices=("none", "uniform", "inverse", "median", "sqrt_median"),
     )
     # augmentation
     hflip: bool = option(

@@ -6,7 +6,7 @@ pixels (CamVid's "Unlabelled", augmentation padding) and computes in float32 eve
 autocast, because softmax, log and Dice sums lose too much precision in half types.
 
 `class_weights` turns pixel counts into per-class weights for the ``weight`` argument
-(uniform, inverse frequency, or median frequency balancing as in the SegNet paper).
+(uniform, inverse frequency, median frequency balancing as in the SegNet paper, or its square root).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = [
     "class_weights",
 ]
 
-WEIGHT_METHODS = ("uniform", "inverse", "median")
+WEIGHT_METHODS = ("uniform", "inverse", "median", "sqrt_median")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,6 +54,9 @@ def class_weights(pixel_counts, method: str) -> torch.Tensor:
       definition: pixels of class c divided by the total pixels of the images in which c is present.
       With a 1-D vector the per-image totals are unknown, so ``freq_c = count_c / total``. The median
       is taken over the classes that occur (numpy convention: mean of the two middle values).
+    - ``"sqrt_median"``: the square root of the median-frequency weights, a softer balance: a class 100×
+      rarer than the median weighs 10×, not 100×, so the dominant class (background) is not pushed down
+      as hard (coco-cardamage: median weights kept background IoU at 0.69-0.79).
 
     Classes with no pixels get weight 0 (and a warning): they cannot be learned from this data, and a
     weight of infinity would be meaningless.
@@ -98,6 +101,8 @@ def class_weights(pixel_counts, method: str) -> torch.Tensor:
     median = torch.quantile(freq[present], 0.5)
     weights = torch.zeros(num_classes, dtype=torch.float64)
     weights[present] = median / freq[present]
+    if method == "sqrt_median":
+        weights = weights.sqrt()
     return weights.float()
 
 
