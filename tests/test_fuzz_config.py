@@ -66,7 +66,7 @@ def test_config_yaml(tmp_path, doc, raw):
         except PixelsegError as exc:
             one_line_naming(exc, path, "--")
             return
-        assert set(cfg) >= set(OPTIONS)
+        assert set(cfg.to_dict()) >= set(OPTIONS)
 
 
 @examples(60)
