@@ -370,3 +370,15 @@ def test_a_pretrained_encoder_gets_the_largest_input_that_still_holds_its_epochs
     monkeypatch.setattr(plan, "_pretrained", lambda backbone: backbone == "efficientnet_lite0")
     c = plan.make_plan(fp, machine, 600).choices
     assert c["image_size"].value == hw[0] and "224 px" in c["image_size"].reason
+
+
+def test_classes_in_few_images_are_named_with_the_oversampling_option():
+    common = plan.choose_oversampling(synthetic_fp())
+    assert common[:2] == ("oversample_rare", 0.0) and "every class" in common[2]
+    fp = synthetic_fp()
+    fp.class_names, fp.image_freq, fp.pixel_freq = ["bg", "thing", "airbag"], [1.0, 0.5, 0.03], [0.8, 0.19, 0.01]
+    key, value, why = plan.choose_oversampling(fp)
+    # named with the option, left off (measured within noise on coco-cardamage)
+    assert key == "oversample_rare" and value == 0.0 and "airbag 3%" in why and "thing" not in why
+    assert f"{plan.RARE_IMAGES:g} would draw" in why
+    assert ("oversample_rare", value, why) in plan.choose_loss(fp)

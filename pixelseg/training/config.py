@@ -534,6 +534,15 @@ class TrainConfig:
         parse=_lower,
         choices=("none", "uniform", "inverse", "median", "sqrt_median"),
     )
+    oversample_rare: float = option(
+        0.0,
+        "repeat-factor sampling (LVIS's): an image holding a class that is in fewer than this share of the "
+        "training images is drawn sqrt(share/f) times as often (its rarest class decides), e.g. 0.3; "
+        "epochs keep their length; 0 = every image once per epoch",
+        "optimisation",
+        parse=_float(0.0, 1.0),
+        metavar="SHARE",
+    )
     # augmentation
     hflip: bool = option(
         True,

@@ -50,6 +50,8 @@ MIN_EPOCHS_PRETRAINED = 12  # a pretrained encoder is most of the way there: the
 RARE_FREQ = 0.15  # a class under this share of the pixels is "rare": add Dice to CE (nnU-Net
 # uses CE+Dice everywhere; thin classes such as borders gain most)
 IMBALANCE = 10.0  # max/min class frequency above this: median-frequency class weights
+RARE_IMAGES = 0.3  # a class in fewer than this share of the images: the plan names --oversample-rare 0.3
+# (repeat-factor sampling) but leaves it off: on coco-cardamage it measured within noise, docs/training.md
 DEFAULT_BUDGET_S = 15 * 60  # what the plan assumes when no --time-budget is given
 CACHE_MEMORY_SHARE = 0.4  # the decoded training split (--crop caches source resolution) may take this share of
 # the host's RAM: the mmap store is read through the page cache, which must hold it
@@ -323,7 +325,26 @@ def choose_loss(fp: Fingerprint) -> list[tuple[str, object, str]]:
                 f"class frequencies within {ratio:.1f}× ({hi[1]} vs {lo[1]}): no weights needed",
             )
         )
+    out.append(choose_oversampling(fp))
     return out
+
+
+def choose_oversampling(fp: Fingerprint) -> tuple[str, object, str]:
+    few = sorted((f, n) for f, n in zip(fp.image_freq, fp.class_names, strict=True) if 0 < f < RARE_IMAGES)
+    if not few:
+        return (
+            "oversample_rare",
+            0.0,
+            f"every class is in >= {100 * RARE_IMAGES:.0f}% of the images: each image once an epoch",
+        )
+    names = ", ".join(f"{n} {100 * f:.0f}%" for f, n in few[:4])
+    return (
+        "oversample_rare",
+        0.0,
+        f"classes in few images ({names} of them): {RARE_IMAGES:g} would draw their images up to "
+        f"sqrt({RARE_IMAGES:g} / share) times as often (repeat-factor sampling); off, as on coco-cardamage it "
+        "scored within noise of not oversampling",
+    )
 
 
 def choose_augmentation(fp: Fingerprint, obj_px: float) -> list[tuple[str, object, str]]:

@@ -223,7 +223,7 @@ def _train(overrides: dict, dist_info: DistInfo, status: dict | None = None, spe
     if status is not None:
         status["run_dir"] = run_dir
     with run_log(run_dir, ctx.is_main):
-        for note in model_notes:
+        for note in data.notes + model_notes:
             log.info(note)
         loop = _make_loop(
             cfg, ckpt, run_dir, ctx, data, model, model_without_ddp, forward, per_rank_batch, stop, spent_s, t_start
@@ -530,6 +530,8 @@ class RunData:
     workers: int  # training DataLoader workers
     figure_idx: list = field(default_factory=list)  # validation samples shown in the epoch figures
     micro_per_epoch: int = 0  # training batches per rank per epoch (streamed shards: from their index)
+    pixel_counts: np.ndarray | None = None  # (images, classes) of the training masks, where something needs them
+    notes: list[str] = field(default_factory=list)  # logged once the run's log file is open
 
     @property
     def info(self):
@@ -565,22 +567,8 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     else:
         assert cfg.train_split is not None and cfg.val_split is not None  # resolve_config names them
         train_ds, val_ds = load(cfg.train_split, train_spec), load(cfg.val_split, val_spec)
-    # The tutorial's flip runs on the whole batch inside the loop (no per-sample Python); anything
-    # richer goes through the per-sample torchvision.transforms.v2 pipeline.
-    flip_in_loop = cfg.hflip
-    if cfg.scale_range or cfg.crop or cfg.vflip or cfg.color_jitter or train_ds.full_res:
-        from ..data.augment import build_train_transform
-
-        train_ds.transform = build_train_transform(
-            sizes.size_hw(size),
-            scale=tuple(cfg.scale_range) if cfg.scale_range else None,
-            crop=cfg.crop,
-            hflip=cfg.hflip,
-            vflip=cfg.vflip,
-            color_jitter=cfg.color_jitter,
-            ignore_index=train_ds.info.ignore_index,
-        )
-        flip_in_loop = False
+    flip_in_loop = _set_train_transform(cfg, train_ds, size)
+    counts = _pixel_counts(train_ds) if cfg.oversample_rare or cfg.class_weighting != "none" else None
     dist_info = ctx.dist
     # data.protocol.SplitDataset: every split answers these, whichever class holds it
     workers = resolve_workers(cfg.workers, train_ds.transform is not None or train_ds.reads_files)
@@ -591,7 +579,10 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
     loader = functools.partial(
         make_loader, dist=dist_info, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signal_in_worker
     )
-    train_loader, train_sampler = loader(train_ds, per_rank_batch, train=True, workers=workers, seed=cfg.seed)
+    repeat, notes = _repeat_factors(cfg, counts, train_ds.info) if cfg.oversample_rare else (None, [])
+    train_loader, train_sampler = loader(
+        train_ds, per_rank_batch, train=True, workers=workers, seed=cfg.seed, repeat=repeat
+    )
     val_loader, _ = loader(val_ds, max(per_rank_batch, 16), workers=val_workers)  # each sample once
     # Spread over the split and its classes (the first images are often one breed or consecutive frames);
     # streamed shards have no random access: their first samples.
@@ -613,7 +604,51 @@ def _build_data(cfg: TrainConfig, ctx: RunContext, per_rank_batch: int) -> RunDa
         workers,
         figure_idx,
         micro_per_epoch,
+        counts,
+        notes,
     )
+
+
+def _set_train_transform(cfg: TrainConfig, train_ds, size) -> bool:
+    """Give the training split its augmentation; True where the flip is left to the loop instead: the
+    tutorial's flip runs on the whole batch there (no per-sample Python), anything richer goes through
+    the per-sample torchvision.transforms.v2 pipeline."""
+    if not (cfg.scale_range or cfg.crop or cfg.vflip or cfg.color_jitter or train_ds.full_res):
+        return cfg.hflip
+    from ..data.augment import build_train_transform
+
+    train_ds.transform = build_train_transform(
+        sizes.size_hw(size),
+        scale=tuple(cfg.scale_range) if cfg.scale_range else None,
+        crop=cfg.crop,
+        hflip=cfg.hflip,
+        vflip=cfg.vflip,
+        color_jitter=cfg.color_jitter,
+        ignore_index=train_ds.info.ignore_index,
+    )
+    return False
+
+
+def _pixel_counts(train_ds) -> np.ndarray:
+    """(images, classes) pixel counts of the training masks: class weights and oversampling read them."""
+    n = train_ds.info.num_classes
+    return np.stack([np.bincount(m.ravel(), minlength=256)[:n] for m in train_ds.iter_masks()])
+
+
+def _repeat_factors(cfg: TrainConfig, counts, info) -> tuple[np.ndarray, list[str]]:
+    from ..data.loader import repeat_factors
+
+    present = counts > 0  # a class in nearly every image (a background) gets factor 1: it never makes one rare
+    factors, per_class = repeat_factors(present, cfg.oversample_rare)
+    boosted = [
+        f"{name} in {present[:, c].sum()} images x{per_class[c]:.2f}"
+        for c, name in enumerate(info.class_names)
+        if per_class[c] > 1.005
+    ]
+    note = f"oversampling rare classes (--oversample-rare {cfg.oversample_rare:g}): " + (
+        ", ".join(boosted) if boosted else "no class is that rare; every image once per epoch"
+    )
+    return factors, [note]
 
 
 def resolve_workers(workers, per_sample_work: bool) -> int:
@@ -716,10 +751,7 @@ def _open_run_dir(run_dir: Path, ctx: RunContext, resuming: bool = False) -> Non
 def _build_criterion(cfg: TrainConfig, data: RunData, ctx: RunContext):
     info, weight = data.info, None
     if cfg.class_weighting != "none":
-        counts = np.stack(
-            [np.bincount(m.ravel(), minlength=256)[: info.num_classes] for m in data.train_ds.iter_masks()]
-        )
-        weight = class_weights(counts, cfg.class_weighting).to(ctx.device)
+        weight = class_weights(data.pixel_counts, cfg.class_weighting).to(ctx.device)
         log.info(
             f"class weights ({cfg.class_weighting}): "
             + ", ".join(f"{n}={w:.3f}" for n, w in zip(info.class_names, weight.tolist(), strict=True))
