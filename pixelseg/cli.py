@@ -48,6 +48,30 @@ def _add_resolution_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of neighbouring windows (default: 0.25)")
     p.add_argument("--tta", action="store_true", help="also run the horizontally flipped image and average")
+    p.add_argument(
+        "--tta-scales",
+        type=_tta_scales,
+        default=None,
+        metavar="S[,S...]",
+        help="also run the image rescaled by each factor (e.g. 1,1.25,1.5) and average the probabilities; "
+        "helps thin objects, can hurt large ones: measure it with `pixelseg evaluate` first",
+    )
+
+
+def _tta_scales(text: str) -> tuple[float, ...]:
+    from .inference.tiling import parse_scales
+
+    try:
+        return parse_scales(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _tta(args):
+    """--tta and --tta-scales as one test-time augmentation."""
+    from .inference.tiling import TTA
+
+    return TTA(flip=args.tta, scales=args.tta_scales or (1.0,))
 
 
 class _TopParser(argparse.ArgumentParser):
@@ -599,7 +623,7 @@ def _run_evaluate(args) -> int:
         full_res=args.full_res,
         tile=args.tile,
         overlap=args.tile_overlap,
-        tta=args.tta,
+        tta=_tta(args),
         uncertainty=args.uncertainty,
         mc_samples=args.mc_samples,
         backend=args.backend,
@@ -623,7 +647,7 @@ def _run_predict(args) -> int:
         mc_samples=args.mc_samples,
         tile=args.tile,
         overlap=args.tile_overlap,
-        tta=args.tta,
+        tta=_tta(args),
         backend=args.backend,
         format=args.format,
         shapes=args.shapes,
@@ -698,7 +722,7 @@ def _run_serve(args) -> int:
         precision=args.precision,
         tile=args.tile,
         overlap=args.tile_overlap,
-        tta=args.tta,
+        tta=_tta(args),
         keep_exif_grid=args.keep_exif_grid,
         backend=args.backend,
         label_studio=_label_studio_options(args),

@@ -12,7 +12,8 @@ from pixelseg.core.errors import PixelsegError
 from pixelseg.inference.evaluate import evaluate
 from pixelseg.inference.predict import predict
 from pixelseg.inference.runner import tile_size
-from pixelseg.inference.tiling import FlipTTA, Predictor, flip_tta, sliding_window, window_starts
+from pixelseg.inference.tiling import (TTA, FlipTTA, Predictor, flip_tta, parse_scales, sliding_window, tta_fn,
+                                       window_starts)
 from conftest import tiny_run
 
 
@@ -81,6 +82,39 @@ def test_flip_tta_averages_the_mirrored_prediction():
     conv = pixelwise_fn()
     with torch.no_grad():
         torch.testing.assert_close(FlipTTA(conv)(x).softmax(1), conv(x).softmax(1), atol=1e-5, rtol=1e-5)
+
+
+def test_multi_scale_tta_averages_each_scale_at_the_input_size():
+    def fn(x):  # scale-dependent on purpose: class 1 only where the input is taller than 12 rows
+        logit = torch.full((x.shape[0], 1, *x.shape[-2:]), 4.0 if x.shape[-2] > 12 else -4.0)
+        return torch.cat([torch.zeros_like(logit), logit], 1)
+
+    x = torch.rand(2, 3, 8, 10)
+    out = tta_fn(fn, TTA(scales=(1.0, 2.0)))(x)
+    assert out.shape == (2, 2, 8, 10)                       # back at the input's size
+    p_small, p_big = torch.tensor([0.0, -4.0]).softmax(0), torch.tensor([0.0, 4.0]).softmax(0)
+    expected = (p_small + p_big) / 2
+    torch.testing.assert_close(out.softmax(1)[0, :, 3, 4], expected)
+    # the flip and the scales compose; no augmentation hands back fn itself
+    both = tta_fn(fn, TTA(flip=True, scales=(1.0, 2.0)))(x).softmax(1)
+    torch.testing.assert_close(both, out.softmax(1))        # fn ignores left/right, so the flip changes nothing
+    assert tta_fn(fn, TTA()) is fn and tta_fn(fn, False) is fn and not TTA() and TTA(scales=(1.0, 1.5))
+
+
+def test_tta_scales_are_checked():
+    assert parse_scales("1,1.25,1.5") == (1.0, 1.25, 1.5) and parse_scales(None) == (1.0,)
+    for bad in ("1,x", "", "0,1", "1,9"):
+        with pytest.raises(ValueError, match="--tta-scales"):
+            parse_scales(bad)
+    assert TTA(flip=True, scales=(1.0, 1.25)).tag() == "_tta_ms1-1.25"
+    assert TTA(flip=True, scales=(1.0, 1.25)).describe() == "flip + scales 1, 1.25 TTA"
+
+
+def test_predictor_with_scales_returns_probabilities_at_the_image_size():
+    img = (np.random.default_rng(1).random((45, 61, 3)) * 255).astype(np.uint8)
+    probs = Predictor(pixelwise_fn(3), (32, 32), tta=TTA(flip=True, scales=(0.75, 1.0, 1.5)))(img)
+    assert probs.shape == (1, 3, 45, 61)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 45, 61))
 
 
 def test_resize_mode_returns_the_input_size():
@@ -235,6 +269,14 @@ def test_evaluate_default_stays_at_training_resolution_and_says_so(fullres_run, 
     assert (tmp_path / "eval_val_fullres_tile_tta.json").is_file()
     assert (tmp_path / "confusion_val_fullres_tile_tta.png").is_file()
     assert (tmp_path / "eval_val.json").is_file()          # the training-resolution score is kept beside it
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path), "--tta-scales", "1,1.5"]) == 0
+    assert "scales 1, 1.5 TTA" in capsys.readouterr().out
+    res = json.loads((tmp_path / "eval_val_ms1-1.5.json").read_text())
+    assert res["tta_scales"] == [1.0, 1.5] and res["tta"] is False and 0 <= res["miou"] <= 1
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run), "--device", "cpu", "--tta-scales", "1,0"])
+    assert e.value.code == 2
+    assert "every scale must be in (0, 4]" in capsys.readouterr().err
 
 
 def test_evaluate_tile_without_full_res_is_refused(fullres_run, capsys):

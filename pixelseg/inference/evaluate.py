@@ -26,7 +26,7 @@ from ..training import loop
 from ..training.loop import RunContext
 from .loading import input_size, load_model, model_channels, recorded_data_root
 from .runner import resolve_backend, tile_size
-from .tiling import FlipTTA, Predictor, tile_scale_warning, torch_logits_fn
+from .tiling import TTA, Predictor, TTAModel, as_tta, tile_scale_warning, torch_logits_fn
 
 
 @dataclass
@@ -45,7 +45,7 @@ class EvalOptions:
     full_res: bool = False
     tile: object = None
     overlap: float = 0.25
-    tta: bool = False
+    tta: bool | TTA = False  # True: the flip alone
     uncertainty: bool = False
     mc_samples: int = 0
     backend: str = "torch"
@@ -94,20 +94,22 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
     uncertainty = bool(o.uncertainty or mc_samples)
     if mc_samples < 0:
         raise PixelsegError(f"--mc-samples {mc_samples}: must be >= 0")
-    if uncertainty and (o.full_res or o.tta):
+    tta = as_tta(o.tta)
+    if uncertainty and (o.full_res or tta):
         raise PixelsegError(
-            "--uncertainty/--mc-samples are measured at the training resolution without TTA; drop --full-res/--tta"
+            "--uncertainty/--mc-samples are measured at the training resolution without TTA; "
+            "drop --full-res/--tta/--tta-scales"
         )
     unc = None
     if o.full_res:
         cm, info, n_images, skipped, resolution = _score_full_res(ckpt, runner, data, ctx, size, window, o)
-        tag = f"{split}_fullres" + ("_tile" if window else "") + ("_tta" if o.tta else "")
+        tag = f"{split}_fullres" + ("_tile" if window else "") + tta.tag()
     else:
         cm, unc, info, n_images, skipped = _score_at_training_size(
             ckpt, runner, data, ctx, size, o, uncertainty, mc_samples
         )
-        resolution = f"{size[0]}x{size[1]} (training resolution{', flip TTA' if o.tta else ''})"
-        tag = split + ("_tta" if o.tta else "")
+        resolution = f"{size[0]}x{size[1]} (training resolution{', ' + tta.describe() if tta else ''})"
+        tag = split + tta.tag()
     scores = cm.compute()
     result = {
         "checkpoint": ckpt["path"],
@@ -117,7 +119,8 @@ def evaluate(run_or_ckpt, options: EvalOptions | None = None, **fields) -> dict:
         "resolution": resolution,
         "full_res": bool(o.full_res),
         "tile": list(window) if window else None,
-        "tta": bool(o.tta),
+        "tta": tta.flip,
+        "tta_scales": list(tta.scales),
         "skipped_files": skipped,
         "pixel_acc": scores["pixel_acc"],
         "mean_class_acc": scores["mean_class_acc"],
@@ -207,7 +210,12 @@ def _score_at_training_size(
         cm, unc = _uncertainty_pass(model, loader, ctx, info, mc_samples, o.progress, ckpt["path"], data.split)
     else:
         cm, _ = loop.evaluate_loader(
-            FlipTTA(model) if o.tta else model, loader, ctx, info, progress=o.progress, desc=f"evaluate {data.split}"
+            TTAModel(model, o.tta) if as_tta(o.tta) else model,
+            loader,
+            ctx,
+            info,
+            progress=o.progress,
+            desc=f"evaluate {data.split}",
         )
     return cm, unc, info, n_images, skipped
 
@@ -239,7 +247,7 @@ def _write_eval(result: dict, ckpt, cm, info, scores, tag: str, unc, mc_samples:
         out / f"confusion_{tag}.png",
         f"{dataset} {split}: mIoU {scores['miou']:.3f}"
         + (" (full resolution)" if o.full_res else "")
-        + (" with flip TTA" if o.tta else "")
+        + (f" with {as_tta(o.tta).describe()}" if as_tta(o.tta) else "")
         + (f", tiles {window[0]}x{window[1]}" if window else ""),
     )
     result["out_dir"] = str(out)

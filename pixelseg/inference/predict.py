@@ -61,9 +61,10 @@ def predict(
     (+ uncertainty heatmaps with --mc-samples). All inputs are checked before anything is written.
 
     Resolution: resize to the training size and back (default), or sliding windows at native scale
-    (`tile`), optionally averaged with the flipped image (`tta`). `backend="onnx"` runs a file written
-    by `pixelseg export` under onnxruntime instead of the checkpoint under PyTorch. Photos are turned
-    upright as their EXIF Orientation says (masks fit the image as people see it) unless `keep_exif_grid`.
+    (`tile`), optionally averaged over test-time augmentations (`tta`: True for the flip, or a `TTA`).
+    `backend="onnx"` runs a file written by `pixelseg export` under onnxruntime instead of the checkpoint
+    under PyTorch. Photos are turned upright as their EXIF Orientation says (masks fit the image as people
+    see it) unless `keep_exif_grid`.
 
     `format` (coco, cvat, labelstudio, yolo) also writes the masks as pre-annotations for that tool, and
     `rank="uncertainty"` writes ranking.csv/json, the images most uncertain first (pixelseg.labels.write)."""
@@ -114,7 +115,7 @@ def predict(
     return results
 
 
-def _check_options(backend: str, mc_samples, tile, tta: bool, rank) -> bool:
+def _check_options(backend: str, mc_samples, tile, tta, rank) -> bool:
     """One line for option combinations predict cannot run; whether MC dropout samples."""
     if rank not in (None, "uncertainty"):
         raise PixelsegError(f"--rank {rank}: the one ranking is 'uncertainty'")
@@ -123,7 +124,11 @@ def _check_options(backend: str, mc_samples, tile, tta: bool, rank) -> bool:
         raise PixelsegError(
             "--mc-samples runs the PyTorch model with dropout on, at the training resolution; it cannot be "
             "combined with "
-            + ("--backend onnx (the exported graph has no dropout)" if backend == "onnx" else "--tile or --tta")
+            + (
+                "--backend onnx (the exported graph has no dropout)"
+                if backend == "onnx"
+                else "--tile, --tta or --tta-scales"
+            )
         )
     return mc
 

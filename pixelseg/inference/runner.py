@@ -45,7 +45,7 @@ class Runner:
 
 
 def open_model(
-    source, device="auto", precision="auto", tile=None, overlap: float = 0.25, tta: bool = False, backend: str = "auto"
+    source, device="auto", precision="auto", tile=None, overlap: float = 0.25, tta=False, backend: str = "auto"
 ) -> Runner:
     """`source`: a checkpoint, a run directory (its best.pt, or a `--folds` run's ensemble), or an exported
     .onnx/.xml; `backend` auto picks by the suffix. Bad combinations fail in one line before any loading."""

@@ -400,7 +400,9 @@ def mc_samples_asked(engine: Engine, limits: Limits, format: str, uncertainty: b
         if format != "json":
             raise HTTPProblem(422, "uncertainty maps come back in format=json only")
         if engine.predictor.tile or engine.predictor.tta:
-            raise HTTPProblem(422, "uncertainty runs at the training size; this server was started with --tile/--tta")
+            raise HTTPProblem(
+                422, "uncertainty runs at the training size; this server was started with --tile/--tta/--tta-scales"
+            )
     return mc
 
 
@@ -565,7 +567,7 @@ def serve(
     precision: str = "auto",
     tile=None,
     overlap: float = 0.25,
-    tta: bool = False,
+    tta=False,
     log_level: str = "info",
     keep_exif_grid: bool = False,
     backend: str = "auto",

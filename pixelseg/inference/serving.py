@@ -95,7 +95,7 @@ class Engine:
         precision: str = "auto",
         tile=None,
         overlap: float = 0.25,
-        tta: bool = False,
+        tta=False,
         backend: str = "auto",
     ):
         from .runner import open_model

@@ -12,13 +12,18 @@ probabilities at the input's H×W.
   network lacks context, count less. Memory is one batch of windows plus the C×H×W result, so
   a 4000×3000 photo fits, and no detail is lost to downscaling. Right for models trained on
   native-scale images or crops (CamVid at 360×480, aerial tiles).
-- tta: also run the horizontally flipped input and average the two probability maps.
+- tta: also run the horizontally flipped input (`TTA.flip`) and/or the input rescaled by each of
+  `TTA.scales`, and average the probability maps at the input's size (mmsegmentation's "aug test").
+  Larger scales help thin objects (CamVid's poles, +2 points val mIoU at 1, 1.25, 1.5) and can hurt
+  where context matters more than detail (coco-cardamage, -1 point): measure before you serve it
+  (docs/inference.md, "Test-time augmentation").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,28 +32,100 @@ from torch import nn
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: the horizontal flip and/or the input rescaled by each of `scales`
+    (1.0 = as given). The default does nothing."""
+
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        if not self.scales or any(not (0 < s <= 4) for s in self.scales):
+            raise ValueError(f"TTA scales must be in (0, 4], got {self.scales!r}")
+
+    def __bool__(self) -> bool:
+        return self.flip or self.scales != (1.0,)
+
+    def describe(self) -> str:
+        parts = (["flip"] if self.flip else []) + (
+            ["scales " + ", ".join(f"{s:g}" for s in self.scales)] if self.scales != (1.0,) else []
+        )
+        return " + ".join(parts) + " TTA" if parts else "no TTA"
+
+    def tag(self) -> str:
+        """File-name suffix: _tta for the flip (as before scales existed), _ms1-1.25-1.5 for scales."""
+        return ("_tta" if self.flip else "") + (
+            "_ms" + "-".join(f"{s:g}" for s in self.scales) if self.scales != (1.0,) else ""
+        )
+
+
+def as_tta(tta: bool | TTA | None) -> TTA:
+    """`True` (the --tta flag alone) means the flip; a `TTA` passes through."""
+    return tta if isinstance(tta, TTA) else TTA(flip=bool(tta))
+
+
+def parse_scales(text: str | Sequence[float] | None) -> tuple[float, ...]:
+    """'1,1.25,1.5' -> (1.0, 1.25, 1.5); None -> (1.0,). ValueError names what is wrong."""
+    if text is None:
+        return (1.0,)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        scales = tuple(float(s) for s in items)
+    except ValueError:
+        raise ValueError(f"--tta-scales {text!r}: expected numbers separated by commas, e.g. 1,1.25,1.5") from None
+    if not scales or any(not (0 < s <= 4) for s in scales):
+        raise ValueError(f"--tta-scales {text!r}: every scale must be in (0, 4]")
+    return scales
+
+
+def tta_fn(fn: LogitsFn, tta: bool | TTA | None) -> LogitsFn:
+    """fn averaged over the test-time augmentations (fn itself when there are none); returns the log of
+    the mean softmax at the input's size, so a later softmax (or argmax) sees the averaged probabilities.
+    The flipped copy runs in the same batch as its original; each scale is one more call (the models pad
+    any size to their output stride)."""
+    tta = as_tta(tta)
+    if not tta:
+        return fn
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        n, hw = x.shape[0], tuple(x.shape[-2:])
+        total = None
+        for s in tta.scales:
+            xs = x
+            if s != 1.0:
+                size = (max(1, round(hw[0] * s)), max(1, round(hw[1] * s)))
+                xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+            logits = fn(torch.cat([xs, xs.flip(-1)]) if tta.flip else xs).float()
+            if tuple(logits.shape[-2:]) != hw:
+                logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+            p = logits.softmax(1)
+            p = (p[:n] + p[n:].flip(-1)) / 2 if tta.flip else p
+            total = p if total is None else total + p
+        assert total is not None  # at least one scale
+        return (total / len(tta.scales)).clamp_min(1e-12).log()
+
+    return run
+
+
 def flip_tta(fn: LogitsFn) -> LogitsFn:
-    """fn on x and on x flipped left-right, in one batch; returns log of the mean softmax, so a later
-    softmax (or argmax) sees the averaged probabilities."""
-
-    def tta(x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        p = fn(torch.cat([x, x.flip(-1)])).float().softmax(1)
-        return ((p[:n] + p[n:].flip(-1)) / 2).clamp_min(1e-12).log()
-
-    return tta
+    """fn on x and on x flipped left-right, in one batch (`tta_fn` with the flip alone)."""
+    return tta_fn(fn, TTA(flip=True))
 
 
-class FlipTTA(nn.Module):
-    """A model wrapped with horizontal-flip TTA, usable wherever the model is (evaluate, predict, serve)."""
+class TTAModel(nn.Module):
+    """A model wrapped with test-time augmentation, usable wherever the model is (evaluate, predict, serve)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tta: bool | TTA = True):
         super().__init__()
         self.model = model
-        self._fn = flip_tta(model)
+        self._fn = tta_fn(model, tta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
+
+
+FlipTTA = TTAModel  # the name before scales existed
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -108,21 +185,21 @@ class Predictor:
         train_size: tuple[int, int],
         tile: tuple[int, int] | None = None,
         overlap: float = 0.25,
-        tta: bool = False,
+        tta: bool | TTA = False,
         batch_size: int = 8,
         device="cpu",
     ):
         self.train_size = (train_size[0], train_size[1])  # a tuple, whatever sequence was given
-        self.tile, self.overlap, self.tta = ((tile[0], tile[1]) if tile else None), overlap, tta
+        self.tile, self.overlap, self.tta = ((tile[0], tile[1]) if tile else None), overlap, as_tta(tta)
         self.batch_size, self.device = batch_size, torch.device(device)
-        self.fn = flip_tta(fn) if tta else fn
+        self.fn = tta_fn(fn, self.tta)
 
     def describe(self) -> str:
         if self.tile:
             s = f"sliding window {self.tile[0]}x{self.tile[1]}, overlap {self.overlap:g}"
         else:
             s = f"resized to {self.train_size[0]}x{self.train_size[1]} and back"
-        return s + (", flip TTA" if self.tta else "")
+        return s + (f", {self.tta.describe()}" if self.tta else "")
 
     @torch.no_grad()
     def batch(self, images, probs: bool = True) -> list[torch.Tensor]:
