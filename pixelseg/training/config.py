@@ -543,6 +543,15 @@ class TrainConfig:
         parse=_float(0.0, 1.0),
         metavar="SHARE",
     )
+    ema: float = option(
+        0.0,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as timm's "
+        "ModelEmaV3 does, so short runs average their last few epochs); validation, best.pt and the figures "
+        "use it; 0 = off",
+        "optimisation",
+        parse=_float(0.0, 0.99999),
+        metavar="DECAY",
+    )
     # augmentation
     hflip: bool = option(
         True,

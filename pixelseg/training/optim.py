@@ -173,3 +173,18 @@ def set_total_steps(scheduler: LambdaLR, total_steps: int) -> None:
     step = max(scheduler.last_epoch, 0)
     for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * fn(step)
+
+
+def build_ema(model: torch.nn.Module, decay: float):
+    """An exponential moving average of `model`'s weights (and BatchNorm buffers), or None when `decay` is 0.
+
+    timm's ModelEmaV3 with its warm-up: the decay grows as 1 - (1 + step)^(-2/3) up to `decay`, so a run of
+    a thousand steps averages its last hundred or so (decay ~0.99) instead of dragging its random start
+    along, as a fixed 0.999 would. Update it with the step count after each optimiser step."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+    ema.module.requires_grad_(False)
+    return ema

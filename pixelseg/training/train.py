@@ -56,7 +56,7 @@ from .budget import Pacer
 from .config import TrainConfig
 from .loop import RunContext, _batches, evaluate_loader, precise_bn, predict_batch, set_train_mode, train_one_epoch
 from .losses import build_loss, class_weights
-from .optim import build_optimizer, build_scheduler
+from .optim import build_ema, build_optimizer, build_scheduler
 from .plan import plan_from_options, to_yaml, warn_recipe
 from .probe import Machine
 from .tracking import open_tracker
@@ -267,8 +267,9 @@ def _make_loop(
         optimizer, cfg.schedule, total_steps=pacer.total, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch)
     )
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
+    ema = build_ema(model_without_ddp, cfg.ema)
     if ckpt is not None:
-        _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler)
+        _restore(ckpt, model_without_ddp, optimizer, scheduler, scaler, ema)
         pacer.resumed(scheduler, state, run_dir)
         why = ckpt.get("_resumed_because")
         log.info(
@@ -282,7 +283,7 @@ def _make_loop(
     tracker = open_tracker(cfg.logger if ctx.is_main else "none", run_dir, cfg.to_dict())
     pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
     parts = (model, model_without_ddp, forward, criterion, optimizer, scheduler, scaler)
-    return EpochLoop(cfg, ctx, data, *parts, run_dir, steps_per_epoch, state, pacer, stop, tracker)
+    return EpochLoop(cfg, ctx, data, *parts, run_dir, steps_per_epoch, state, pacer, stop, tracker, ema)
 
 
 @dataclass
@@ -306,16 +307,23 @@ class EpochLoop:
     pacer: Pacer
     stop: StopSignal
     tracker: Any
+    ema: Any = None  # timm ModelEmaV3 with --ema: what validation, best.pt and the figures use
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation scores: the moving average with --ema, else the trained model."""
+        return self.ema.module if self.ema is not None else self.model_without_ddp
 
     def save(self, name: str, epoch: int, step_in_epoch: int) -> None:
-        """best.pt (the model) or last.pt (everything --resume needs), with the time used so far."""
+        """best.pt (the validated model: the average with --ema) or last.pt (everything --resume needs, the
+        average included), with the time used so far."""
         t_save = time.time()
         state, pacer = self.state, self.pacer
         state.time_used_s, state.timing = pacer.elapsed(), pacer.timing
-        parts = (self.model_without_ddp, self.optimizer, self.scheduler, self.scaler)
-        _checkpoint(
-            self.run_dir / name, *parts, self.cfg, self.data.info, epoch, step_in_epoch, state, full=name != "best.pt"
-        )
+        best = name == "best.pt"
+        parts = (self.eval_model if best else self.model_without_ddp, self.optimizer, self.scheduler, self.scaler)
+        extra = {"ema": self.ema.module.state_dict()} if self.ema is not None and not best else None
+        _checkpoint(self.run_dir / name, *parts, self.cfg, self.data.info, epoch, step_in_epoch, state, not best, extra)
         pacer.add("checkpoints", time.time() - t_save)
 
     def run(self) -> int:
@@ -378,6 +386,8 @@ class EpochLoop:
         epoch when --iterations or the budget are reached or a SIGTERM arrived (then saved here)."""
         state, ctx, cfg = self.state, self.ctx, self.cfg
         state.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.model_without_ddp, step=state.global_step)
         if (
             ctx.is_main
             and cfg.checkpoint_every
@@ -395,8 +405,11 @@ class EpochLoop:
         pacer, ctx, data = self.pacer, self.ctx, self.data
         t_val = time.time()
         if self.cfg.precise_bn:
-            precise_bn(self.model_without_ddp, data.train_loader, self.cfg.precise_bn, ctx)
-        val_cm, val_loss = evaluate_loader(self.forward, data.val_loader, ctx, data.info, self.criterion)
+            if self.ema is not None:  # statistics for the averaged weights, not an average of statistics
+                set_train_mode(self.ema.module, self.cfg.freeze_bn)
+            precise_bn(self.eval_model, data.train_loader, self.cfg.precise_bn, ctx)
+        forward = self.forward if self.ema is None else self.ema.module
+        val_cm, val_loss = evaluate_loader(forward, data.val_loader, ctx, data.info, self.criterion)
         pacer.add("validation", time.time() - t_val)
         row = _epoch_row(epoch, stats, val_cm, val_loss, self.optimizer, data.info, time.time() - t_epoch)
         self.state.history.append(row)
@@ -408,7 +421,7 @@ class EpochLoop:
                 self.save,
                 self.run_dir,
                 self.cfg,
-                self.model_without_ddp,
+                self.eval_model,
                 data,
                 ctx,
                 self.tracker,
@@ -917,7 +930,18 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _checkpoint(
-    path, model, optimizer, scheduler, scaler, cfg, info, epoch, step_in_epoch, state: TrainState, full: bool = True
+    path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    cfg,
+    info,
+    epoch,
+    step_in_epoch,
+    state: TrainState,
+    full: bool = True,
+    extra: dict | None = None,
 ):
     """last.pt (``full``) holds everything --resume needs; best.pt only the model and what describes it: the
     optimiser state (Adam's two moments) would triple its size for no use at inference."""
@@ -941,6 +965,7 @@ def _checkpoint(
                 "step_in_epoch": step_in_epoch,  # optimiser steps done inside `epoch` (0 at epoch end)
                 "history": state.history,
                 "rng": _rng_state(),
+                **(extra or {}),
             }
         )
     atomic_save(out, path)
@@ -958,8 +983,10 @@ def _train_state(ckpt: dict) -> TrainState:
     )
 
 
-def _restore(ckpt: dict, model, optimizer, scheduler, scaler) -> None:
+def _restore(ckpt: dict, model, optimizer, scheduler, scaler, ema=None) -> None:
     model.load_state_dict(ckpt["model"])
+    if ema is not None:  # a run that had no average starts one from the weights it resumes
+        ema.module.load_state_dict(ckpt.get("ema", ckpt["model"]))
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
