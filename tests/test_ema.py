@@ -32,6 +32,7 @@ def test_best_pt_holds_the_average_and_last_pt_both(tmp_path):
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
     assert last["config"]["ema"] == 0.9 and set(last["ema"]) == set(last["model"])
     assert "ema" not in best
+    assert "weights averaged (--ema 0.9, warmed up): validation, best.pt and figures use it" in (run / "train.log").read_text()
     floats = [k for k, v in last["model"].items() if v.is_floating_point() and "running" not in k]
     # the trained weights moved away from their average, and best.pt (or an earlier best) is the average
     assert any(not torch.equal(last["model"][k], last["ema"][k]) for k in floats)

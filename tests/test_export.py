@@ -84,10 +84,11 @@ def test_onnx_export_prints_parity_and_is_dynamic(run, onnx_run):
 
 def test_predict_backend_onnx_matches_pytorch(run, onnx_run, images, tmp_path):
     onnx_file = onnx_run[0]
+    # the export's H and W are dynamic, so multi-scale TTA runs on it as on the checkpoint
     assert main(["predict", str(onnx_file), str(images), "--out", str(tmp_path / "a"), "--backend", "onnx",
-                 "--tta"]) == 0
+                 "--tta", "--tta-scales", "0.75,1,1.25"]) == 0
     assert main(["predict", str(run), str(images), "--out", str(tmp_path / "b"), "--precision", "fp32",
-                 "--device", "cpu", "--tta"]) == 0
+                 "--device", "cpu", "--tta", "--tta-scales", "0.75,1,1.25"]) == 0
     agree = total = 0
     for p in sorted(images.iterdir()):
         a = np.asarray(Image.open(tmp_path / "a" / f"{p.stem}.png"))

@@ -26,6 +26,7 @@ from pixelseg.data import synthetic  # noqa: E402
 from pixelseg.inference.server import create_app  # noqa: E402
 from pixelseg.labels.rle import coco_rle_decode, coco_rle_encode as rle_encode  # noqa: E402
 from pixelseg.inference.serving import Engine  # noqa: E402
+from pixelseg.inference.tiling import TTA  # noqa: E402
 from pixelseg.core.sizes import Limits  # noqa: E402
 
 from _fakes import fake_checkpoint  # noqa: E402
@@ -178,6 +179,15 @@ def test_tile_and_tta_match_cli_predict(ckpt, images, tmp_path):
         for name in ("tall", "odd"):
             got = mask_of(httpx.post(u + "/v1/predict", content=(images / f"{name}.png").read_bytes()))
             np.testing.assert_array_equal(got, np.array(Image.open(out / f"{name}.png")))
+
+
+def test_multi_scale_tta_matches_cli_predict(ckpt, images, tmp_path):
+    out = tmp_path / "preds"
+    assert main(["predict", str(ckpt), str(images / "odd.png"), "--out", str(out), "--tta-scales", "1,1.5"]) == 0
+    with running(Engine(ckpt, tta=TTA(scales=(1.0, 1.5)))) as u:
+        assert "scales 1, 1.5 TTA" in httpx.get(u + "/v1/model").json()["mode"]
+        got = mask_of(httpx.post(u + "/v1/predict", content=(images / "odd.png").read_bytes()))
+        np.testing.assert_array_equal(got, np.array(Image.open(out / "odd.png")))
 
 
 def test_an_onnx_file_is_served_like_predict_backend_onnx(ckpt, images, tmp_path):

@@ -279,6 +279,8 @@ def _make_loop(
     if ctx.is_main:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _log_header(cfg, model_without_ddp, data, ctx, per_rank_batch, steps_per_epoch)
+        if ema is not None:
+            log.info(f"weights averaged (--ema {cfg.ema:g}, warmed up): validation, best.pt and figures use it")
         warn_recipe(cfg, data, steps_per_epoch)  # recipes that cannot work (1 step per epoch, ...)
     tracker = open_tracker(cfg.logger if ctx.is_main else "none", run_dir, cfg.to_dict())
     pacer.add("setup", time.time() - t_start)  # data decode and cache, model build
