@@ -70,6 +70,7 @@ def test_plan_is_deterministic_every_choice_has_a_reason_and_train_reads_it(tmp_
     path.write_text(texts[0])
     loaded = config.load_yaml(path)  # what `train --config plan.yaml` reads
     assert loaded["dataset"] == "folder" and loaded["crop"] is True and loaded["schedule"] == "cosine"
+    assert loaded["ema"] == 0.0 and "--ema 0.999 scored" in lines[lines.index("ema: 0.0") - 1]  # measured, off
     config.resolve_config(loaded)
 
 
