@@ -279,6 +279,20 @@ def test_evaluate_default_stays_at_training_resolution_and_says_so(fullres_run, 
     assert "every scale must be in (0, 4]" in capsys.readouterr().err
 
 
+def test_bench_tta_times_every_setting_on_a_run(fullres_run, tmp_path):
+    import subprocess
+    import sys
+    run, data = fullres_run
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "bench_tta.py"
+    out = tmp_path / "tta.json"
+    r = subprocess.run([sys.executable, str(bench), str(run), "--images", str(data / "images"), "--limit", "2",
+                        "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert list(res["ms_per_image"]) == ["none", "flip", "flip + 0.75,1,1.25", "flip + 1,1.25,1.5"]
+    assert res["images"] == 2 and res["ratio"]["none"] == 1.0 and all(v > 0 for v in res["ms_per_image"].values())
+
+
 def test_evaluate_tile_without_full_res_is_refused(fullres_run, capsys):
     run, _ = fullres_run
     assert main(["evaluate", str(run), "--device", "cpu", "--tile"]) == 2
