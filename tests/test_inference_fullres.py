@@ -12,7 +12,7 @@ from pixelseg.core.errors import PixelsegError
 from pixelseg.inference.evaluate import evaluate
 from pixelseg.inference.predict import predict
 from pixelseg.inference.runner import tile_size
-from pixelseg.inference.tiling import (TTA, FlipTTA, Predictor, flip_tta, parse_scales, sliding_window, tta_fn,
+from pixelseg.inference.tiling import (TTA, Predictor, TTAModel, parse_scales, sliding_window, tta_fn,
                                        window_starts)
 from conftest import tiny_run
 
@@ -76,12 +76,12 @@ def test_flip_tta_averages_the_mirrored_prediction():
     x = torch.rand(2, 3, 8, 10)
     p = fn(x).softmax(1)
     expected = (p + fn(x.flip(-1)).softmax(1).flip(-1)) / 2
-    torch.testing.assert_close(flip_tta(fn)(x).softmax(1), expected)
+    torch.testing.assert_close(tta_fn(fn, True)(x).softmax(1), expected)
     # a symmetric field: TTA makes left and right equally likely
     torch.testing.assert_close(expected[:, 0], torch.full_like(expected[:, 0], 0.5))
     conv = pixelwise_fn()
     with torch.no_grad():
-        torch.testing.assert_close(FlipTTA(conv)(x).softmax(1), conv(x).softmax(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(TTAModel(conv)(x).softmax(1), conv(x).softmax(1), atol=1e-5, rtol=1e-5)
 
 
 def test_multi_scale_tta_averages_each_scale_at_the_input_size():

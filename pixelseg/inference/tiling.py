@@ -16,13 +16,13 @@ probabilities at the input's H×W.
   `TTA.scales`, and average the probability maps at the input's size (mmsegmentation's "aug test").
   Larger scales help thin objects (CamVid's poles, +2 points val mIoU at 1, 1.25, 1.5) and can hurt
   where context matters more than detail (coco-cardamage, -1 point): measure before you serve it
-  (docs/inference.md, "Test-time augmentation").
+  (docs/datasets.md, "Test-time augmentation: which scales").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+MAX_SCALE = 4.0  # a TTA scale above this would mostly run out of memory on a photo
+
+
+def _bad_scales(scales: tuple[float, ...]) -> bool:
+    return not scales or any(not (0 < s <= MAX_SCALE) for s in scales)
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,8 @@ class TTA:
     scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
-        if not self.scales or any(not (0 < s <= 4) for s in self.scales):
-            raise ValueError(f"TTA scales must be in (0, 4], got {self.scales!r}")
+        if _bad_scales(self.scales):
+            raise ValueError(f"TTA scales must be in (0, {MAX_SCALE:g}], got {self.scales!r}")
 
     def __bool__(self) -> bool:
         return self.flip or self.scales != (1.0,)
@@ -65,17 +70,16 @@ def as_tta(tta: bool | TTA | None) -> TTA:
     return tta if isinstance(tta, TTA) else TTA(flip=bool(tta))
 
 
-def parse_scales(text: str | Sequence[float] | None) -> tuple[float, ...]:
+def parse_scales(text: str | None) -> tuple[float, ...]:
     """'1,1.25,1.5' -> (1.0, 1.25, 1.5); None -> (1.0,). ValueError names what is wrong."""
     if text is None:
         return (1.0,)
-    items = text.split(",") if isinstance(text, str) else list(text)
     try:
-        scales = tuple(float(s) for s in items)
+        scales = tuple(float(s) for s in text.split(","))
     except ValueError:
         raise ValueError(f"--tta-scales {text!r}: expected numbers separated by commas, e.g. 1,1.25,1.5") from None
-    if not scales or any(not (0 < s <= 4) for s in scales):
-        raise ValueError(f"--tta-scales {text!r}: every scale must be in (0, 4]")
+    if _bad_scales(scales):
+        raise ValueError(f"--tta-scales {text!r}: every scale must be in (0, {MAX_SCALE:g}]")
     return scales
 
 
@@ -108,11 +112,6 @@ def tta_fn(fn: LogitsFn, tta: bool | TTA | None) -> LogitsFn:
     return run
 
 
-def flip_tta(fn: LogitsFn) -> LogitsFn:
-    """fn on x and on x flipped left-right, in one batch (`tta_fn` with the flip alone)."""
-    return tta_fn(fn, TTA(flip=True))
-
-
 class TTAModel(nn.Module):
     """A model wrapped with test-time augmentation, usable wherever the model is (evaluate, predict, serve)."""
 
@@ -123,9 +122,6 @@ class TTAModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
-
-
-FlipTTA = TTAModel  # the name before scales existed
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
